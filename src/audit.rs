@@ -1,0 +1,218 @@
+//! The audit log: one JSON object per line, for every session that got as
+//! far as a first packet.
+//!
+//! Events carry what a reviewer needs to answer "who connected, to what,
+//! over which protection, and how did it end" — and never a password, key or
+//! cancel key: the types written here have no field that could hold one.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+
+use serde::Serialize;
+
+use crate::config::AuditTarget;
+use crate::tls::TlsInfo;
+
+/// How the client leg was protected.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(tag = "mode", rename_all = "lowercase")]
+pub enum ClientTransport {
+    Tls(TlsInfo),
+    Plaintext,
+}
+
+/// Where the client came from.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ClientAddress {
+    /// IP address, or "unix" for a Unix-socket client.
+    pub addr: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+impl ClientAddress {
+    pub fn tcp(a: SocketAddr) -> Self {
+        ClientAddress {
+            addr: a.ip().to_string(),
+            port: Some(a.port()),
+        }
+    }
+    pub fn unix() -> Self {
+        ClientAddress {
+            addr: "unix".into(),
+            port: None,
+        }
+    }
+}
+
+impl std::fmt::Display for ClientAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.port {
+            Some(p) if self.addr.contains(':') => write!(f, "[{}]:{p}", self.addr),
+            Some(p) => write!(f, "{}:{p}", self.addr),
+            None => f.write_str(&self.addr),
+        }
+    }
+}
+
+/// What the client asked for in its StartupMessage.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct Requested {
+    pub user: String,
+    pub database: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub application_name: Option<String>,
+    pub protocol: String,
+}
+
+/// The upstream a session used.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct UpstreamFacts {
+    pub name: String,
+    pub addr: String,
+    pub tls: TlsInfo,
+}
+
+/// What the server said about authentication.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum AuthOutcome {
+    /// The server sent AuthenticationOk.
+    Ok,
+    /// The server sent an ErrorResponse before AuthenticationOk.
+    Error { sqlstate: String },
+    /// pgbastion ended the exchange (e.g. channel binding was chosen).
+    RefusedByProxy { sqlstate: String },
+    /// Neither happened: the connection ended or timed out first.
+    Incomplete,
+}
+
+/// The facts every event of one session shares.
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionFacts {
+    pub session_id: String,
+    pub listener: String,
+    pub client: ClientAddress,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_tls: Option<ClientTransport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requested: Option<Requested>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(tag = "event")]
+pub enum Event<'a> {
+    #[serde(rename = "session.start")]
+    Start {
+        #[serde(flatten)]
+        facts: &'a SessionFacts,
+        upstream: &'a UpstreamFacts,
+        auth: &'a AuthOutcome,
+    },
+    #[serde(rename = "session.end")]
+    End {
+        #[serde(flatten)]
+        facts: &'a SessionFacts,
+        upstream: &'a UpstreamFacts,
+        auth: &'a AuthOutcome,
+        bytes_client_to_server: u64,
+        bytes_server_to_client: u64,
+        duration_ms: u64,
+        end_reason: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        detail: Option<&'a str>,
+    },
+    #[serde(rename = "session.rejected")]
+    Rejected {
+        #[serde(flatten)]
+        facts: &'a SessionFacts,
+        reason: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        sqlstate: Option<&'a str>,
+        message: String,
+        duration_ms: u64,
+    },
+}
+
+/// The destination of audit events. Writes are whole lines under a lock,
+/// so concurrent sessions never interleave within a line.
+pub struct AuditLog {
+    sink: Mutex<Box<dyn Write + Send>>,
+}
+
+impl AuditLog {
+    pub fn open(target: &AuditTarget) -> std::io::Result<AuditLog> {
+        let sink: Box<dyn Write + Send> = match target {
+            AuditTarget::Stdout => Box::new(std::io::stdout()),
+            AuditTarget::File(path) => Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)?,
+            ),
+        };
+        Ok(AuditLog {
+            sink: Mutex::new(sink),
+        })
+    }
+
+    /// Writes one event. A failing audit sink is logged, not fatal: the
+    /// operator sees the error in pgbastion's log.
+    pub fn emit(&self, event: &Event<'_>) {
+        let mut line = match serde_json::to_vec(&TimedEvent {
+            ts: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            event,
+        }) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot serialise audit event");
+                return;
+            }
+        };
+        line.push(b'\n');
+        let mut sink = match self.sink.lock() {
+            Ok(s) => s,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Err(e) = sink.write_all(&line).and_then(|()| sink.flush()) {
+            tracing::error!(error = %e, "cannot write audit log");
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct TimedEvent<'a> {
+    ts: String,
+    #[serde(flatten)]
+    event: &'a Event<'a>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejected_event_shape() {
+        let facts = SessionFacts {
+            session_id: "abc".into(),
+            listener: "l".into(),
+            client: ClientAddress::tcp("127.0.0.1:5000".parse().unwrap()),
+            client_tls: Some(ClientTransport::Plaintext),
+            requested: None,
+        };
+        let v = serde_json::to_value(Event::Rejected {
+            facts: &facts,
+            reason: "tls_required",
+            sqlstate: Some("28000"),
+            message: "m".into(),
+            duration_ms: 3,
+        })
+        .unwrap();
+        assert_eq!(v["event"], "session.rejected");
+        assert_eq!(v["client"]["addr"], "127.0.0.1");
+        assert_eq!(v["client"]["port"], 5000);
+        assert_eq!(v["client_tls"]["mode"], "plaintext");
+        assert_eq!(v["sqlstate"], "28000");
+    }
+}

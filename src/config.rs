@@ -1,0 +1,687 @@
+//! The one configuration model, read from TOML or built from command-line
+//! flags, and validated up front.
+//!
+//! `RawConfig` mirrors the file (unknown keys are refused, so a typo never
+//! silently becomes a default); `Config` is the validated form the rest of
+//! pgbastion uses, with strong types instead of strings. Files named in the
+//! config (certificates, keys) are read later by `tls`, but `check-config`
+//! runs that step too, so every mistake is found before `run`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn invalid(msg: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid(msg.into())
+}
+
+/// Whether a listener insists on TLS from its clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientTlsMode {
+    /// Plaintext StartupMessages are refused with SQLSTATE 28000.
+    Require,
+    /// Plaintext is accepted: for Unix sockets, loopback and overlay
+    /// networks that already protect the client leg.
+    Allow,
+}
+
+/// How pgbastion starts TLS with an upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsNegotiation {
+    /// SSLRequest first, then TLS (every PostgreSQL version).
+    #[default]
+    Postgres,
+    /// TLS straight away with ALPN `postgresql` (PostgreSQL 17+).
+    Direct,
+}
+
+/// The lowest TLS version accepted on a leg.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub enum TlsVersion {
+    #[default]
+    #[serde(rename = "1.2")]
+    Tls12,
+    #[serde(rename = "1.3")]
+    Tls13,
+}
+
+// ---------------------------------------------------------------------------
+// The file format.
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    tls: Option<RawTls>,
+    #[serde(default, rename = "listener")]
+    listeners: Vec<RawListener>,
+    #[serde(default, rename = "upstream")]
+    upstreams: Vec<RawUpstream>,
+    #[serde(default)]
+    limits: Limits,
+    #[serde(default)]
+    timeouts: Timeouts,
+    #[serde(default)]
+    audit: RawAudit,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: PathBuf,
+    key: PathBuf,
+    #[serde(default)]
+    min_version: TlsVersion,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    name: Option<String>,
+    listen: Option<String>,
+    unix_dir: Option<PathBuf>,
+    port: Option<u16>,
+    client_tls: Option<ClientTlsMode>,
+    upstream: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    name: Option<String>,
+    address: String,
+    server_name: Option<String>,
+    ca_file: Option<PathBuf>,
+    ca_dir: Option<PathBuf>,
+    #[serde(default)]
+    system_roots: bool,
+    client_cert: Option<PathBuf>,
+    client_key: Option<PathBuf>,
+    #[serde(default)]
+    tls_negotiation: TlsNegotiation,
+    #[serde(default)]
+    min_tls_version: TlsVersion,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    /// A file path, or "-" for standard output.
+    log: Option<String>,
+}
+
+/// Resource limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Sessions past the startup packet; one more gets SQLSTATE 53300.
+    pub max_sessions: usize,
+    /// Connections still negotiating (before their StartupMessage); past
+    /// this, new connections are closed at once so a flood of idle sockets
+    /// cannot starve real clients.
+    pub max_pending: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_sessions: 1000,
+            max_pending: 256,
+        }
+    }
+}
+
+/// Deadlines for each phase that happens before the relay. After the relay
+/// starts, a session may be idle for as long as client and server like.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// From accept to a complete StartupMessage, TLS handshake included.
+    #[serde(with = "humantime_serde")]
+    pub client_startup: Duration,
+    /// TCP connect to one upstream address.
+    #[serde(with = "humantime_serde")]
+    pub upstream_connect: Duration,
+    /// SSL negotiation and TLS handshake with the upstream.
+    #[serde(with = "humantime_serde")]
+    pub upstream_tls: Duration,
+    /// From the StartupMessage sent upstream to ReadyForQuery (covers the
+    /// client typing a password into psql's prompt, hence generous).
+    #[serde(with = "humantime_serde")]
+    pub authentication: Duration,
+    /// After SIGTERM/SIGINT: how long open sessions may finish.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_drain: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            client_startup: Duration::from_secs(10),
+            upstream_connect: Duration::from_secs(5),
+            upstream_tls: Duration::from_secs(10),
+            authentication: Duration::from_secs(60),
+            shutdown_drain: Duration::from_secs(30),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The validated form.
+
+/// pgbastion's certificate for the client leg.
+#[derive(Debug, Clone)]
+pub struct ClientTlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub min_version: TlsVersion,
+}
+
+/// Where a listener accepts connections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BindAddress {
+    Tcp(SocketAddr),
+    /// The full socket path, named `.s.PGSQL.<port>` inside the directory so
+    /// `psql -h DIR -p PORT` finds it.
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for BindAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BindAddress::Tcp(a) => write!(f, "{a}"),
+            BindAddress::Unix(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub bind: BindAddress,
+    pub client_tls: ClientTlsMode,
+    /// Index into `Config::upstreams`.
+    pub upstream: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub name: String,
+    /// Host (DNS name or IP) and port, as written: resolved per connection
+    /// so DNS changes (failovers of managed databases) are followed.
+    pub host: String,
+    pub port: u16,
+    /// The name the upstream certificate must carry: `server_name` if set,
+    /// else the host.
+    pub server_name: String,
+    pub roots: RootSources,
+    pub client_identity: Option<(PathBuf, PathBuf)>,
+    pub tls_negotiation: TlsNegotiation,
+    pub min_tls_version: TlsVersion,
+}
+
+/// Where trusted root certificates for an upstream come from. At least one
+/// source is required: pgbastion never connects without verification.
+#[derive(Debug, Clone, Default)]
+pub struct RootSources {
+    pub ca_file: Option<PathBuf>,
+    pub ca_dir: Option<PathBuf>,
+    pub system: bool,
+}
+
+/// Where audit events go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditTarget {
+    Stdout,
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub tls: Option<ClientTlsConfig>,
+    pub listeners: Vec<ListenerConfig>,
+    pub upstreams: Vec<UpstreamConfig>,
+    pub limits: Limits,
+    pub timeouts: Timeouts,
+    pub audit: AuditTarget,
+}
+
+/// The flag-only form of `pgbastion run`, for the one-upstream case.
+#[derive(Debug, Clone, Default)]
+pub struct Flags {
+    pub listen: Vec<String>,
+    pub unix_dir: Option<PathBuf>,
+    pub port: Option<u16>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub upstream: Option<String>,
+    pub upstream_ca: Option<PathBuf>,
+    pub upstream_ca_dir: Option<PathBuf>,
+    pub upstream_system_roots: bool,
+    pub upstream_server_name: Option<String>,
+    pub upstream_client_cert: Option<PathBuf>,
+    pub upstream_client_key: Option<PathBuf>,
+    pub upstream_direct_tls: bool,
+    pub client_tls: Option<ClientTlsMode>,
+    pub audit_log: Option<String>,
+    pub max_sessions: Option<usize>,
+}
+
+impl Config {
+    /// Reads and validates a TOML config file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::from_toml(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("<config>"),
+            message: e.to_string(),
+        })?;
+        raw.validate()
+    }
+
+    /// Builds a config from `pgbastion run` flags.
+    pub fn from_flags(flags: Flags) -> Result<Config, ConfigError> {
+        let upstream = flags
+            .upstream
+            .ok_or_else(|| invalid("--upstream HOST:PORT is required (or use --config FILE)"))?;
+        let mut listeners: Vec<RawListener> = flags
+            .listen
+            .into_iter()
+            .map(|listen| RawListener {
+                name: None,
+                listen: Some(listen),
+                unix_dir: None,
+                port: None,
+                client_tls: flags.client_tls,
+                upstream: None,
+            })
+            .collect();
+        if let Some(dir) = flags.unix_dir {
+            listeners.push(RawListener {
+                name: Some("unix".into()),
+                listen: None,
+                unix_dir: Some(dir),
+                port: flags.port,
+                client_tls: None,
+                upstream: None,
+            });
+        }
+        let tls = match (flags.tls_cert, flags.tls_key) {
+            (Some(cert), Some(key)) => Some(RawTls {
+                cert,
+                key,
+                min_version: TlsVersion::default(),
+            }),
+            (None, None) => None,
+            _ => return Err(invalid("--tls-cert and --tls-key go together")),
+        };
+        let raw = RawConfig {
+            tls,
+            listeners,
+            upstreams: vec![RawUpstream {
+                name: Some("upstream".into()),
+                address: upstream,
+                server_name: flags.upstream_server_name,
+                ca_file: flags.upstream_ca,
+                ca_dir: flags.upstream_ca_dir,
+                system_roots: flags.upstream_system_roots,
+                client_cert: flags.upstream_client_cert,
+                client_key: flags.upstream_client_key,
+                tls_negotiation: if flags.upstream_direct_tls {
+                    TlsNegotiation::Direct
+                } else {
+                    TlsNegotiation::Postgres
+                },
+                min_tls_version: TlsVersion::default(),
+            }],
+            limits: Limits {
+                max_sessions: flags.max_sessions.unwrap_or(Limits::default().max_sessions),
+                ..Limits::default()
+            },
+            timeouts: Timeouts::default(),
+            audit: RawAudit {
+                log: flags.audit_log,
+            },
+        };
+        raw.validate()
+    }
+}
+
+impl RawConfig {
+    fn validate(self) -> Result<Config, ConfigError> {
+        let upstreams = self
+            .upstreams
+            .into_iter()
+            .enumerate()
+            .map(|(i, u)| u.validate(i))
+            .collect::<Result<Vec<_>, _>>()?;
+        if upstreams.is_empty() {
+            return Err(invalid("at least one [[upstream]] is required"));
+        }
+        check_unique(upstreams.iter().map(|u| u.name.as_str()), "upstream")?;
+
+        if self.listeners.is_empty() {
+            return Err(invalid("at least one [[listener]] is required"));
+        }
+        let listeners = self
+            .listeners
+            .into_iter()
+            .enumerate()
+            .map(|(i, l)| l.validate(i, &upstreams))
+            .collect::<Result<Vec<_>, _>>()?;
+        check_unique(listeners.iter().map(|l| l.name.as_str()), "listener")?;
+        let tls = self.tls.map(|t| ClientTlsConfig {
+            cert: t.cert,
+            key: t.key,
+            min_version: t.min_version,
+        });
+        if tls.is_none() {
+            if let Some(l) = listeners
+                .iter()
+                .find(|l| l.client_tls == ClientTlsMode::Require)
+            {
+                return Err(invalid(format!(
+                    "listener {:?} requires client TLS but no certificate is configured: \
+                     set [tls] cert and key (--tls-cert/--tls-key), or client_tls = \"allow\" \
+                     for a listener whose network already protects clients",
+                    l.name
+                )));
+            }
+        }
+        if self.limits.max_sessions == 0 || self.limits.max_pending == 0 {
+            return Err(invalid(
+                "limits.max_sessions and limits.max_pending must be at least 1",
+            ));
+        }
+        let t = &self.timeouts;
+        for (name, d) in [
+            ("client_startup", t.client_startup),
+            ("upstream_connect", t.upstream_connect),
+            ("upstream_tls", t.upstream_tls),
+            ("authentication", t.authentication),
+        ] {
+            if d.is_zero() {
+                return Err(invalid(format!(
+                    "timeouts.{name} must be greater than zero"
+                )));
+            }
+        }
+        let audit = match self.audit.log.as_deref() {
+            None | Some("-") => AuditTarget::Stdout,
+            Some("") => return Err(invalid("audit.log must be a file path or \"-\" for stdout")),
+            Some(p) => AuditTarget::File(PathBuf::from(p)),
+        };
+        Ok(Config {
+            tls,
+            listeners,
+            upstreams,
+            limits: self.limits,
+            timeouts: self.timeouts,
+            audit,
+        })
+    }
+}
+
+fn check_unique<'a>(names: impl Iterator<Item = &'a str>, what: &str) -> Result<(), ConfigError> {
+    let mut seen = std::collections::HashSet::new();
+    for n in names {
+        if !seen.insert(n) {
+            return Err(invalid(format!(
+                "two {what}s are named {n:?}: names must be unique"
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl RawListener {
+    fn validate(
+        self,
+        index: usize,
+        upstreams: &[UpstreamConfig],
+    ) -> Result<ListenerConfig, ConfigError> {
+        let name = self.name.unwrap_or_else(|| format!("listener{index}"));
+        let bind = match (self.listen, self.unix_dir) {
+            (Some(addr), None) => {
+                if self.port.is_some() {
+                    return Err(invalid(format!(
+                        "listener {name:?}: `port` is only for unix_dir; put the port in `listen`"
+                    )));
+                }
+                BindAddress::Tcp(addr.parse().map_err(|_| {
+                    invalid(format!(
+                        "listener {name:?}: listen = {addr:?} is not IP:PORT \
+                         (e.g. \"127.0.0.1:6432\" or \"[::]:6432\")"
+                    ))
+                })?)
+            }
+            (None, Some(dir)) => {
+                let port = self.port.unwrap_or(5432);
+                BindAddress::Unix(dir.join(format!(".s.PGSQL.{port}")))
+            }
+            (Some(_), Some(_)) => {
+                return Err(invalid(format!(
+                    "listener {name:?}: set either `listen` (TCP) or `unix_dir` (Unix socket), not both"
+                )))
+            }
+            (None, None) => {
+                return Err(invalid(format!(
+                    "listener {name:?}: set `listen` (TCP IP:PORT) or `unix_dir` (Unix socket directory)"
+                )))
+            }
+        };
+        // Clients on a Unix socket are local processes, and libpq never
+        // uses TLS there, so `allow` is the only useful default.
+        let client_tls = self.client_tls.unwrap_or(match bind {
+            BindAddress::Tcp(_) => ClientTlsMode::Require,
+            BindAddress::Unix(_) => ClientTlsMode::Allow,
+        });
+        let upstream = match self.upstream {
+            Some(u) => upstreams
+                .iter()
+                .position(|x| x.name == u)
+                .ok_or_else(|| invalid(format!("listener {name:?}: no upstream named {u:?}")))?,
+            None if upstreams.len() == 1 => 0,
+            None => {
+                return Err(invalid(format!(
+                    "listener {name:?}: several upstreams exist, so set `upstream = \"NAME\"`"
+                )))
+            }
+        };
+        Ok(ListenerConfig {
+            name,
+            bind,
+            client_tls,
+            upstream,
+        })
+    }
+}
+
+impl RawUpstream {
+    fn validate(self, index: usize) -> Result<UpstreamConfig, ConfigError> {
+        let name = self.name.unwrap_or_else(|| format!("upstream{index}"));
+        let (host, port) = split_host_port(&self.address).ok_or_else(|| {
+            invalid(format!(
+                "upstream {name:?}: address = {:?} is not HOST:PORT (IPv6 as \"[::1]:5432\")",
+                self.address
+            ))
+        })?;
+        let server_name = self.server_name.unwrap_or_else(|| host.clone());
+        if rustls::pki_types::ServerName::try_from(server_name.as_str()).is_err() {
+            return Err(invalid(format!(
+                "upstream {name:?}: server_name {server_name:?} is neither a DNS name nor an IP address"
+            )));
+        }
+        let roots = RootSources {
+            ca_file: self.ca_file,
+            ca_dir: self.ca_dir,
+            system: self.system_roots,
+        };
+        if roots.ca_file.is_none() && roots.ca_dir.is_none() && !roots.system {
+            return Err(invalid(format!(
+                "upstream {name:?}: no trusted roots: set ca_file, ca_dir and/or system_roots = true \
+                 (pgbastion always verifies the upstream certificate)"
+            )));
+        }
+        let client_identity = match (self.client_cert, self.client_key) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            _ => {
+                return Err(invalid(format!(
+                    "upstream {name:?}: client_cert and client_key go together"
+                )))
+            }
+        };
+        Ok(UpstreamConfig {
+            name,
+            host,
+            port,
+            server_name,
+            roots,
+            client_identity,
+            tls_negotiation: self.tls_negotiation,
+            min_tls_version: self.min_tls_version,
+        })
+    }
+}
+
+/// Splits "host:port", "1.2.3.4:port" or "[v6]:port".
+fn split_host_port(s: &str) -> Option<(String, u16)> {
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (h, p) = rest.split_once("]:")?;
+        (h, p)
+    } else {
+        let (h, p) = s.rsplit_once(':')?;
+        if h.contains(':') {
+            return None;
+        }
+        (h, p)
+    };
+    if host.is_empty() {
+        return None;
+    }
+    Some((host.to_owned(), port.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [tls]
+        cert = "proxy.crt"
+        key = "proxy.key"
+
+        [[listener]]
+        listen = "127.0.0.1:6432"
+
+        [[upstream]]
+        address = "db.example.com:5432"
+        ca_file = "ca.pem"
+    "#;
+
+    #[test]
+    fn minimal_config_gets_secure_defaults() {
+        let c = Config::from_toml(MINIMAL).unwrap();
+        assert_eq!(c.listeners[0].client_tls, ClientTlsMode::Require);
+        assert_eq!(c.upstreams[0].server_name, "db.example.com");
+        assert_eq!(c.upstreams[0].tls_negotiation, TlsNegotiation::Postgres);
+        assert_eq!(c.audit, AuditTarget::Stdout);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let text = MINIMAL.replace("ca_file", "ca_fiel");
+        let err = Config::from_toml(&text).unwrap_err().to_string();
+        assert!(err.contains("ca_fiel"), "{err}");
+    }
+
+    #[test]
+    fn upstream_without_roots_is_refused() {
+        let text = MINIMAL.replace("ca_file = \"ca.pem\"", "");
+        let err = Config::from_toml(&text).unwrap_err().to_string();
+        assert!(err.contains("no trusted roots"), "{err}");
+    }
+
+    #[test]
+    fn require_without_certificate_is_refused() {
+        let text = MINIMAL.replace(
+            "[tls]\n        cert = \"proxy.crt\"\n        key = \"proxy.key\"",
+            "",
+        );
+        let err = Config::from_toml(&text).unwrap_err().to_string();
+        assert!(err.contains("requires client TLS"), "{err}");
+    }
+
+    #[test]
+    fn unix_listener_is_named_like_postgres() {
+        let text = MINIMAL.replace(
+            "listen = \"127.0.0.1:6432\"",
+            "unix_dir = \"/run/pgb\"\nport = 7000",
+        );
+        let c = Config::from_toml(&text).unwrap();
+        assert_eq!(
+            c.listeners[0].bind,
+            BindAddress::Unix("/run/pgb/.s.PGSQL.7000".into())
+        );
+        assert_eq!(c.listeners[0].client_tls, ClientTlsMode::Allow);
+    }
+
+    #[test]
+    fn host_port_forms() {
+        assert_eq!(split_host_port("db:5432"), Some(("db".into(), 5432)));
+        assert_eq!(split_host_port("[::1]:5432"), Some(("::1".into(), 5432)));
+        assert_eq!(split_host_port("::1:5432"), None);
+        assert_eq!(split_host_port("db"), None);
+        assert_eq!(split_host_port(":5432"), None);
+        assert_eq!(split_host_port("db:99999"), None);
+    }
+
+    #[test]
+    fn server_name_accepts_ip_and_refuses_garbage() {
+        let ip = MINIMAL.replace("ca_file", "server_name = \"10.0.0.5\"\nca_file");
+        assert_eq!(
+            Config::from_toml(&ip).unwrap().upstreams[0].server_name,
+            "10.0.0.5"
+        );
+        let bad = MINIMAL.replace("ca_file", "server_name = \"not a name!\"\nca_file");
+        assert!(Config::from_toml(&bad).is_err());
+    }
+
+    #[test]
+    fn durations_are_human() {
+        let text = format!("{MINIMAL}\n[timeouts]\nupstream_connect = \"2s 500ms\"\n");
+        let c = Config::from_toml(&text).unwrap();
+        assert_eq!(c.timeouts.upstream_connect, Duration::from_millis(2500));
+    }
+}

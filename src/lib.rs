@@ -1,0 +1,27 @@
+//! pgbastion: a security proxy for the PostgreSQL wire protocol.
+//!
+//! Map of the crate, in the order a connection meets it:
+//! - `server`: listeners, accept loop, limits, shutdown.
+//! - `session`: one connection's state machine, from accept to audit end.
+//! - `protocol`: the wire format, pure parsing and building.
+//! - `tls`: the client-facing acceptor and the verify-full upstream connector.
+//! - `upstream`: dialing an upstream and negotiating TLS with it.
+//! - `relay`: the byte copy after authentication, and teardown.
+//! - `audit`: the JSON-lines audit log.
+//! - `config`: the one configuration model.
+//! - `localpg`, `devcerts`: a throwaway local PostgreSQL and a private CA,
+//!   for `pgbastion demo` and the tests.
+
+#![forbid(unsafe_code)]
+
+pub mod audit;
+pub mod config;
+pub mod devcerts;
+pub mod localpg;
+pub mod protocol;
+pub mod relay;
+pub mod server;
+pub mod session;
+pub mod stream;
+pub mod tls;
+pub mod upstream;

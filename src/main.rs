@@ -1,0 +1,303 @@
+//! The `pgbastion` command: `run`, `demo` and `check-config`.
+
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use pgbastion::config::{ClientTlsMode, Config, Flags};
+use pgbastion::server::{self, Server};
+
+#[derive(Parser)]
+#[command(
+    name = "pgbastion",
+    version,
+    about = "A security proxy for PostgreSQL: TLS enforced toward clients, verify-full TLS toward the database, every session audited.",
+    long_about = "pgbastion sits between PostgreSQL clients and a PostgreSQL server. Clients reach it over TLS \
+                  (or a listener you allow plaintext on); it reaches the server only over TLS with full \
+                  certificate verification, and writes a JSON audit line for every session.\n\n\
+                  Logs go to stderr (level from RUST_LOG, default info); audit events go where `audit.log` says \
+                  (stdout by default)."
+)]
+struct Cli {
+    /// Log line format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy, from a config file or from flags (one upstream).
+    Run(RunArgs),
+    /// Start a throwaway local PostgreSQL with TLS and pgbastion in front
+    /// of it, and print how to connect. Ctrl-C stops and removes both.
+    Demo(DemoArgs),
+    /// Validate a config file (including every certificate, key and CA
+    /// bundle it names) and explain what is wrong.
+    CheckConfig {
+        /// The TOML config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// TOML config file (see examples/pgbastion.toml). Excludes the flags below.
+    #[arg(long, short, conflicts_with_all = ["listen", "unix_dir", "upstream"])]
+    config: Option<PathBuf>,
+    /// TCP address to listen on, IP:PORT (repeatable), e.g. 127.0.0.1:6432 or [::]:6432.
+    #[arg(long)]
+    listen: Vec<String>,
+    /// Also listen on a Unix socket DIR/.s.PGSQL.PORT (psql -h DIR -p PORT).
+    #[arg(long)]
+    unix_dir: Option<PathBuf>,
+    /// Port number in the Unix socket's name (default 5432).
+    #[arg(long, requires = "unix_dir")]
+    port: Option<u16>,
+    /// pgbastion's certificate chain for clients (PEM).
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
+    /// Whether TCP listeners insist on client TLS.
+    #[arg(long, value_enum)]
+    client_tls: Option<ClientTlsArg>,
+    /// The database server, HOST:PORT.
+    #[arg(long)]
+    upstream: Option<String>,
+    /// CA bundle (PEM) that the database server's certificate must chain to.
+    #[arg(long)]
+    upstream_ca: Option<PathBuf>,
+    /// Directory of CA certificates (PEM) to trust for the database server.
+    #[arg(long)]
+    upstream_ca_dir: Option<PathBuf>,
+    /// Also trust the operating system's root certificates.
+    #[arg(long)]
+    upstream_system_roots: bool,
+    /// Name (DNS or IP) the database certificate must be valid for; default: the upstream host.
+    #[arg(long)]
+    upstream_server_name: Option<String>,
+    /// Client certificate (PEM) for mutual TLS with the database server.
+    #[arg(long, requires = "upstream_client_key")]
+    upstream_client_cert: Option<PathBuf>,
+    /// Key of --upstream-client-cert.
+    #[arg(long, requires = "upstream_client_cert")]
+    upstream_client_key: Option<PathBuf>,
+    /// Use direct TLS (PostgreSQL 17+) instead of SSLRequest toward the server.
+    #[arg(long)]
+    upstream_direct_tls: bool,
+    /// Audit log: a file to append JSON lines to, or - for stdout (default).
+    #[arg(long)]
+    audit_log: Option<String>,
+    /// Maximum concurrent sessions (default 1000).
+    #[arg(long)]
+    max_sessions: Option<usize>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ClientTlsArg {
+    Require,
+    Allow,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Port for pgbastion's TCP listener on 127.0.0.1 (0 = any free port).
+    #[arg(long, default_value_t = 6432)]
+    port: u16,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Completes on SIGTERM or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM; only Ctrl-C will stop pgbastion");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::Run(args) => run(args).await,
+        Command::Demo(args) => demo(args).await,
+        Command::CheckConfig { config } => check_config(config),
+    }
+}
+
+fn load_run_config(args: RunArgs) -> Result<Config> {
+    if let Some(path) = args.config {
+        return Ok(Config::from_file(&path)?);
+    }
+    let flags = Flags {
+        listen: args.listen,
+        unix_dir: args.unix_dir,
+        port: args.port,
+        tls_cert: args.tls_cert,
+        tls_key: args.tls_key,
+        upstream: args.upstream,
+        upstream_ca: args.upstream_ca,
+        upstream_ca_dir: args.upstream_ca_dir,
+        upstream_system_roots: args.upstream_system_roots,
+        upstream_server_name: args.upstream_server_name,
+        upstream_client_cert: args.upstream_client_cert,
+        upstream_client_key: args.upstream_client_key,
+        upstream_direct_tls: args.upstream_direct_tls,
+        client_tls: args.client_tls.map(|c| match c {
+            ClientTlsArg::Require => ClientTlsMode::Require,
+            ClientTlsArg::Allow => ClientTlsMode::Allow,
+        }),
+        audit_log: args.audit_log,
+        max_sessions: args.max_sessions,
+    };
+    if flags.listen.is_empty() && flags.unix_dir.is_none() {
+        anyhow::bail!(
+            "nothing to listen on: give --listen IP:PORT and/or --unix-dir DIR (or --config FILE)"
+        );
+    }
+    Ok(Config::from_flags(flags)?)
+}
+
+async fn run(args: RunArgs) -> Result<()> {
+    let config = load_run_config(args)?;
+    let server = Server::bind(config).await?;
+    for (name, addr) in server.local_addrs() {
+        tracing::info!(listener = %name, address = %addr, "bound");
+    }
+    server.run(shutdown_signal()).await;
+    Ok(())
+}
+
+fn check_config(path: PathBuf) -> Result<()> {
+    let config = Config::from_file(&path)?;
+    server::check(&config).with_context(|| format!("{} is not usable", path.display()))?;
+    println!("{}: OK", path.display());
+    for l in &config.listeners {
+        println!(
+            "  listener {:?} on {} (client TLS: {:?}) -> upstream {:?}",
+            l.name, l.bind, l.client_tls, config.upstreams[l.upstream].name
+        );
+    }
+    for u in &config.upstreams {
+        println!(
+            "  upstream {:?} at {}:{} verified as {:?}",
+            u.name, u.host, u.port, u.server_name
+        );
+    }
+    Ok(())
+}
+
+async fn demo(args: DemoArgs) -> Result<()> {
+    use pgbastion::devcerts::Ca;
+    use pgbastion::localpg::{LocalPg, LocalPgOptions};
+
+    eprintln!("starting a throwaway PostgreSQL (initdb, TLS, SCRAM)...");
+    let pg = LocalPg::start(LocalPgOptions::default())?;
+    let dir = pg.dir().to_owned();
+    let ca = Ca::new("pgbastion demo CA")?;
+    let proxy_ca = ca.write_cert(&dir, "pgbastion-ca")?;
+    let (cert, key) = ca
+        .server_cert(&["localhost", "127.0.0.1"])?
+        .write(&dir, "pgbastion")?;
+    // One port number serves both listeners, so the Unix socket is
+    // .s.PGSQL.<port> like the TCP port.
+    let port = if args.port != 0 && std::net::TcpListener::bind(("127.0.0.1", args.port)).is_ok() {
+        args.port
+    } else {
+        if args.port != 0 {
+            eprintln!("port {} is in use; picking a free one", args.port);
+        }
+        pgbastion::localpg::free_port()?
+    };
+    let toml = format!(
+        r#"
+        [tls]
+        cert = "{cert}"
+        key = "{key}"
+        [[listener]]
+        name = "tcp"
+        listen = "127.0.0.1:{port}"
+        [[listener]]
+        name = "unix"
+        unix_dir = "{dir}"
+        port = {port}
+        [[upstream]]
+        name = "local"
+        address = "localhost:{pg_port}"
+        ca_file = "{ca}"
+        [timeouts]
+        shutdown_drain = "2s"
+        "#,
+        cert = cert.display(),
+        key = key.display(),
+        dir = dir.display(),
+        port = port,
+        pg_port = pg.port,
+        ca = pg.ca_cert.display(),
+    );
+    let server = Server::bind(Config::from_toml(&toml)?).await?;
+    println!(
+        r#"
+pgbastion demo is running. Everything lives in {dir} and is removed on Ctrl-C.
+
+  export PGPASSWORD='{password}'
+
+Through pgbastion (TLS verified against pgbastion's CA; pgbastion verifies the server):
+  psql "host=localhost port={port} user=postgres dbname=postgres sslmode=verify-full sslrootcert={proxy_ca} channel_binding=disable"
+
+Through pgbastion's Unix socket (plaintext is allowed on the local socket):
+  psql "host={dir} port={port} user=postgres dbname=postgres"
+
+Directly to PostgreSQL, for comparison:
+  psql "{direct}"
+
+Try without channel_binding=disable to see why it is needed, or without TLS
+(sslmode=disable) to see pgbastion refuse. Audit events follow on stdout.
+"#,
+        dir = dir.display(),
+        password = pg.password,
+        proxy_ca = proxy_ca.display(),
+        direct = pg.direct_conninfo("postgres"),
+    );
+    server.run(shutdown_signal()).await;
+    drop(pg);
+    eprintln!(
+        "demo stopped; PostgreSQL stopped and {} removed",
+        dir.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,323 @@
+//! Tagged messages (a type byte, a 4-byte length, a body): framing, the
+//! ErrorResponse pgbastion sends, and the few messages it reads while a
+//! session authenticates (Authentication*, SASLInitialResponse,
+//! ErrorResponse, ReadyForQuery).
+//!
+//! After authentication pgbastion does not parse messages at all; the relay
+//! copies bytes.
+
+use thiserror::Error;
+
+pub mod tag {
+    //! Message type bytes, by direction.
+    /// Backend: an Authentication* request or AuthenticationOk.
+    pub const AUTHENTICATION: u8 = b'R';
+    /// Backend: ErrorResponse.
+    pub const ERROR_RESPONSE: u8 = b'E';
+    /// Backend: ReadyForQuery, which ends the startup phase.
+    pub const READY_FOR_QUERY: u8 = b'Z';
+    /// Backend: BackendKeyData.
+    pub const BACKEND_KEY_DATA: u8 = b'K';
+    /// Frontend: PasswordMessage, SASLInitialResponse, SASLResponse (the
+    /// meaning depends on which Authentication request came before).
+    pub const PASSWORD: u8 = b'p';
+    /// Frontend: Terminate.
+    pub const TERMINATE: u8 = b'X';
+}
+
+/// Authentication request codes (the first 4 bytes of an 'R' body).
+const AUTH_OK: u32 = 0;
+const AUTH_SASL: u32 = 10;
+
+/// The SASL mechanism that binds to the TLS channel, which cannot work
+/// through a TLS-terminating proxy.
+pub const SCRAM_PLUS: &str = "SCRAM-SHA-256-PLUS";
+
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum MessageError {
+    #[error("message length {0} is invalid (must be at least 4)")]
+    BadLength(u32),
+    #[error("message of {len} bytes exceeds the limit of {max} bytes during startup")]
+    TooLong { len: usize, max: usize },
+    #[error("malformed {0} message")]
+    Malformed(&'static str),
+}
+
+/// If `buf` starts with a complete message, returns its type byte and its
+/// total size (type byte and length included). `Ok(None)` means "read more".
+pub fn frame(buf: &[u8], max_len: usize) -> Result<Option<(u8, usize)>, MessageError> {
+    let Some(header) = buf.get(..5) else {
+        return Ok(None);
+    };
+    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]);
+    if len < 4 {
+        return Err(MessageError::BadLength(len));
+    }
+    let total = usize::try_from(len)
+        .ok()
+        .and_then(|l| l.checked_add(1))
+        .ok_or(MessageError::BadLength(len))?;
+    if total > max_len {
+        return Err(MessageError::TooLong {
+            len: total,
+            max: max_len,
+        });
+    }
+    Ok((buf.len() >= total).then_some((header[0], total)))
+}
+
+/// Builds a tagged message from a type byte and a body.
+pub fn build(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + 5);
+    out.push(tag);
+    let len = u32::try_from(body.len() + 4).unwrap_or(u32::MAX);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+/// An ErrorResponse as pgbastion sends it: always FATAL, since every error
+/// pgbastion reports ends the connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorResponse {
+    pub code: &'static str,
+    pub message: String,
+    pub detail: Option<String>,
+    pub hint: Option<String>,
+}
+
+impl ErrorResponse {
+    pub fn new(code: &'static str, message: impl Into<String>) -> Self {
+        ErrorResponse {
+            code,
+            message: message.into(),
+            detail: None,
+            hint: None,
+        }
+    }
+
+    pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(detail.into());
+        self
+    }
+
+    pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut body = Vec::new();
+        let mut field = |t: u8, v: &str| {
+            body.push(t);
+            // A NUL inside a field would end it early and corrupt the
+            // message; messages built here never contain one, but be safe.
+            body.extend(v.bytes().filter(|&b| b != 0));
+            body.push(0);
+        };
+        field(b'S', "FATAL");
+        field(b'V', "FATAL");
+        field(b'C', self.code);
+        field(b'M', &self.message);
+        if let Some(d) = &self.detail {
+            field(b'D', d);
+        }
+        if let Some(h) = &self.hint {
+            field(b'H', h);
+        }
+        body.push(0);
+        build(tag::ERROR_RESPONSE, &body)
+    }
+}
+
+/// The fields of an ErrorResponse or NoticeResponse that pgbastion reads.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ErrorFields {
+    pub severity: String,
+    pub code: String,
+    pub message: String,
+}
+
+impl ErrorFields {
+    /// Parses an ErrorResponse body (after the type byte and length).
+    pub fn parse(body: &[u8]) -> Result<Self, MessageError> {
+        let mut out = ErrorFields::default();
+        let mut rest = body;
+        loop {
+            let (&t, after) = rest
+                .split_first()
+                .ok_or(MessageError::Malformed("ErrorResponse"))?;
+            if t == 0 {
+                return Ok(out);
+            }
+            let nul = after
+                .iter()
+                .position(|&b| b == 0)
+                .ok_or(MessageError::Malformed("ErrorResponse"))?;
+            let value = String::from_utf8_lossy(&after[..nul]).into_owned();
+            match t {
+                b'V' => out.severity = value,
+                b'S' if out.severity.is_empty() => out.severity = value,
+                b'C' => out.code = value,
+                b'M' => out.message = value,
+                _ => {}
+            }
+            rest = &after[nul + 1..];
+        }
+    }
+}
+
+/// What an 'R' message asks of the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthRequest {
+    Ok,
+    /// AuthenticationSASL with the mechanisms the server offers.
+    Sasl(Vec<String>),
+    /// Any other request (password, SASL continue/final, GSS, ...): the
+    /// code is kept for the audit log.
+    Other(u32),
+}
+
+impl AuthRequest {
+    pub fn parse(body: &[u8]) -> Result<Self, MessageError> {
+        let (code, rest) = body
+            .split_first_chunk::<4>()
+            .ok_or(MessageError::Malformed("Authentication"))?;
+        Ok(match u32::from_be_bytes(*code) {
+            AUTH_OK => AuthRequest::Ok,
+            AUTH_SASL => {
+                let mut mechanisms = Vec::new();
+                let mut rest = rest;
+                loop {
+                    let nul = rest
+                        .iter()
+                        .position(|&b| b == 0)
+                        .ok_or(MessageError::Malformed("AuthenticationSASL"))?;
+                    if nul == 0 {
+                        break;
+                    }
+                    mechanisms.push(String::from_utf8_lossy(&rest[..nul]).into_owned());
+                    rest = &rest[nul + 1..];
+                }
+                AuthRequest::Sasl(mechanisms)
+            }
+            other => AuthRequest::Other(other),
+        })
+    }
+}
+
+/// Builds an AuthenticationSASL message offering `mechanisms`.
+pub fn authentication_sasl(mechanisms: &[String]) -> Vec<u8> {
+    let mut body = AUTH_SASL.to_be_bytes().to_vec();
+    for m in mechanisms {
+        body.extend_from_slice(m.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    build(tag::AUTHENTICATION, &body)
+}
+
+/// The mechanism a client chose in its SASLInitialResponse (the 'p' message
+/// that follows AuthenticationSASL): a NUL-terminated name first.
+pub fn sasl_initial_mechanism(body: &[u8]) -> Result<&[u8], MessageError> {
+    let nul = body
+        .iter()
+        .position(|&b| b == 0)
+        .ok_or(MessageError::Malformed("SASLInitialResponse"))?;
+    Ok(&body[..nul])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn framing() {
+        let msg = build(b'Z', b"I");
+        assert_eq!(frame(&msg, 100), Ok(Some((b'Z', 6))));
+        assert_eq!(frame(&msg[..5], 100), Ok(None));
+        assert_eq!(frame(&msg[..2], 100), Ok(None));
+        assert_eq!(
+            frame(&[b'Z', 0, 0, 0, 3], 100),
+            Err(MessageError::BadLength(3))
+        );
+        assert_eq!(
+            frame(&[b'Z', 0xff, 0xff, 0xff, 0xff], 100),
+            Err(MessageError::TooLong {
+                len: 1 << 32,
+                max: 100
+            })
+        );
+    }
+
+    #[test]
+    fn error_response_round_trip() {
+        let e = ErrorResponse::new("28000", "no")
+            .with_detail("because")
+            .with_hint("try again");
+        let bytes = e.encode();
+        let (t, total) = frame(&bytes, 1000).unwrap().unwrap();
+        assert_eq!((t, total), (b'E', bytes.len()));
+        let fields = ErrorFields::parse(&bytes[5..]).unwrap();
+        assert_eq!(fields.code, "28000");
+        assert_eq!(fields.message, "no");
+        assert_eq!(fields.severity, "FATAL");
+        assert!(ErrorFields::parse(b"Cabc").is_err());
+        assert!(ErrorFields::parse(b"").is_err());
+    }
+
+    #[test]
+    fn authentication_requests() {
+        assert_eq!(AuthRequest::parse(&[0, 0, 0, 0]), Ok(AuthRequest::Ok));
+        let mut sasl = 10u32.to_be_bytes().to_vec();
+        sasl.extend_from_slice(b"SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0");
+        assert_eq!(
+            AuthRequest::parse(&sasl),
+            Ok(AuthRequest::Sasl(vec![
+                SCRAM_PLUS.into(),
+                "SCRAM-SHA-256".into()
+            ]))
+        );
+        assert_eq!(
+            AuthRequest::parse(&[0, 0, 0, 11, 1]),
+            Ok(AuthRequest::Other(11))
+        );
+        let rebuilt = authentication_sasl(&["SCRAM-SHA-256".into()]);
+        assert_eq!(
+            AuthRequest::parse(&rebuilt[5..]),
+            Ok(AuthRequest::Sasl(vec!["SCRAM-SHA-256".into()]))
+        );
+        assert!(AuthRequest::parse(&[0, 0]).is_err());
+        assert!(AuthRequest::parse(&[0, 0, 0, 10, b'a']).is_err());
+        assert_eq!(
+            sasl_initial_mechanism(b"SCRAM-SHA-256-PLUS\0\0\0\0\x05"),
+            Ok(SCRAM_PLUS.as_bytes())
+        );
+        assert!(sasl_initial_mechanism(b"SCRAM").is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn build_then_frame(t in any::<u8>(), body in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let msg = build(t, &body);
+            prop_assert_eq!(frame(&msg, 1000), Ok(Some((t, body.len() + 5))));
+        }
+
+        #[test]
+        fn error_fields_round_trip(message in "[^\u{0}]{0,40}", hint in "[^\u{0}]{0,40}") {
+            let encoded = ErrorResponse::new("08P01", message.clone()).with_hint(hint).encode();
+            let parsed = ErrorFields::parse(&encoded[5..]).unwrap();
+            prop_assert_eq!(parsed.message, message);
+            prop_assert_eq!(parsed.code, "08P01");
+        }
+
+        #[test]
+        fn parsers_never_panic(body in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = frame(&body, 64);
+            let _ = ErrorFields::parse(&body);
+            let _ = AuthRequest::parse(&body);
+            let _ = sasl_initial_mechanism(&body);
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! The Postgres wire format, as pure functions over byte slices.
+//!
+//! Nothing here does I/O or decides policy: the session feeds bytes in and
+//! gets typed values (or typed errors) out, which is what makes these parsers
+//! easy to test exhaustively. `startup` owns the untagged packets a client
+//! sends first; `message` owns the tagged messages exchanged afterwards.
+
+pub mod message;
+pub mod startup;

@@ -1,0 +1,267 @@
+//! The relay: after authentication, bytes are copied both ways without
+//! parsing, and the session ends as soon as either side does.
+//!
+//! `tokio::io::copy_bidirectional` waits for *both* directions to finish,
+//! which leaves a session half-open when one peer stops reading. Postgres
+//! has no use for half-closed connections (the server treats EOF as "client
+//! gone"), so this relay shuts the other side down (TLS close_notify, then
+//! FIN) the moment one direction ends, and then the session is over.
+
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+/// Each direction's buffer. One TLS record carries up to 16 KiB of
+/// plaintext, so a 16 KiB read takes a whole record at a time.
+const BUF_SIZE: usize = 16 * 1024;
+
+/// How long the final shutdown of the surviving side may take before the
+/// socket is simply dropped.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// Sets TCP_NODELAY (Postgres messages are small and latency-bound) and
+/// keepalive (so a peer that vanishes without a FIN is noticed) on a socket.
+pub fn tune_tcp(tcp: &TcpStream) {
+    let sock = socket2::SockRef::from(tcp);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(60))
+        .with_interval(Duration::from_secs(10))
+        .with_retries(3);
+    // Both are best effort: a socket that refuses them still works.
+    let _ = sock.set_nodelay(true);
+    let _ = sock.set_tcp_keepalive(&keepalive);
+}
+
+/// Whether a read error is just the peer closing. A TCP close without TLS
+/// close_notify surfaces as `UnexpectedEof`; many clients end that way, and
+/// Postgres's own Terminate message (not TLS) is what marks a clean end, so
+/// it counts as a close, not an error.
+pub fn is_close(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+    )
+}
+
+/// Which side ended the relay, and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RelayEnd {
+    ClientClosed,
+    ServerClosed,
+    ClientError(String),
+    ServerError(String),
+}
+
+impl RelayEnd {
+    /// A short stable name for the audit log.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            RelayEnd::ClientClosed => "client_closed",
+            RelayEnd::ServerClosed => "server_closed",
+            RelayEnd::ClientError(_) => "client_error",
+            RelayEnd::ServerError(_) => "server_error",
+        }
+    }
+}
+
+/// Bytes copied by the relay, per direction.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ByteCounts {
+    pub client_to_server: u64,
+    pub server_to_client: u64,
+}
+
+/// One direction of the copy.
+struct Pipe {
+    buf: Box<[u8]>,
+    pos: usize,
+    cap: usize,
+    eof: bool,
+    need_flush: bool,
+    copied: u64,
+}
+
+enum PipeError {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+impl Pipe {
+    fn new() -> Self {
+        Pipe {
+            buf: vec![0; BUF_SIZE].into_boxed_slice(),
+            pos: 0,
+            cap: 0,
+            eof: false,
+            need_flush: false,
+            copied: 0,
+        }
+    }
+
+    /// Copies until the reader reaches EOF (Ready(Ok)) or would block.
+    fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut r: Pin<&mut R>,
+        mut w: Pin<&mut W>,
+    ) -> Poll<Result<(), PipeError>>
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        loop {
+            if self.pos == self.cap && !self.eof {
+                let mut rb = ReadBuf::new(&mut self.buf);
+                match r.as_mut().poll_read(cx, &mut rb) {
+                    Poll::Ready(Ok(())) => {
+                        let n = rb.filled().len();
+                        if n == 0 {
+                            self.eof = true;
+                        } else {
+                            self.pos = 0;
+                            self.cap = n;
+                        }
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(PipeError::Read(e))),
+                    Poll::Pending => {
+                        // Nothing more to read for now: push out what the
+                        // writer buffered (TLS records) before sleeping.
+                        if self.need_flush {
+                            ready!(w.as_mut().poll_flush(cx)).map_err(PipeError::Write)?;
+                            self.need_flush = false;
+                        }
+                        return Poll::Pending;
+                    }
+                }
+            }
+            while self.pos < self.cap {
+                let n = ready!(w.as_mut().poll_write(cx, &self.buf[self.pos..self.cap]))
+                    .map_err(PipeError::Write)?;
+                if n == 0 {
+                    return Poll::Ready(Err(PipeError::Write(io::ErrorKind::WriteZero.into())));
+                }
+                self.pos += n;
+                self.copied += n as u64;
+                self.need_flush = true;
+            }
+            if self.eof {
+                ready!(w.as_mut().poll_flush(cx)).map_err(PipeError::Write)?;
+                return Poll::Ready(Ok(()));
+            }
+        }
+    }
+}
+
+/// Copies both ways until one side ends, then shuts the other down.
+pub async fn relay<C, S>(client: &mut C, server: &mut S) -> (RelayEnd, ByteCounts)
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    S: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let mut up = Pipe::new();
+    let mut down = Pipe::new();
+    let end = poll_fn(|cx| {
+        // Server -> client first: when both sides end in the same wake-up
+        // (the server's FATAL makes the client hang up), the server's end
+        // is the cause worth recording.
+        if let Poll::Ready(res) = down.poll_copy(cx, Pin::new(&mut *server), Pin::new(&mut *client))
+        {
+            return Poll::Ready(match res {
+                Ok(()) => RelayEnd::ServerClosed,
+                Err(PipeError::Read(e)) if is_close(&e) => RelayEnd::ServerClosed,
+                Err(PipeError::Read(e)) => RelayEnd::ServerError(e.to_string()),
+                Err(PipeError::Write(e)) if is_close(&e) => RelayEnd::ClientClosed,
+                Err(PipeError::Write(e)) => RelayEnd::ClientError(e.to_string()),
+            });
+        }
+        // Client -> server.
+        if let Poll::Ready(res) = up.poll_copy(cx, Pin::new(&mut *client), Pin::new(&mut *server)) {
+            return Poll::Ready(match res {
+                Ok(()) => RelayEnd::ClientClosed,
+                Err(PipeError::Read(e)) if is_close(&e) => RelayEnd::ClientClosed,
+                Err(PipeError::Read(e)) => RelayEnd::ClientError(e.to_string()),
+                Err(PipeError::Write(e)) if is_close(&e) => RelayEnd::ServerClosed,
+                Err(PipeError::Write(e)) => RelayEnd::ServerError(e.to_string()),
+            });
+        }
+        Poll::Pending
+    })
+    .await;
+    // Whoever ended, both sides are told now; a peer that does not take the
+    // close_notify within the grace period is dropped anyway.
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        let _ = server.shutdown().await;
+        let _ = client.shutdown().await;
+    })
+    .await;
+    let counts = ByteCounts {
+        client_to_server: up.copied,
+        server_to_client: down.copied,
+    };
+    (end, counts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{duplex, AsyncReadExt};
+
+    #[tokio::test]
+    async fn copies_both_ways_and_ends_when_one_side_closes() {
+        let (mut client_far, mut client_near) = duplex(1024);
+        let (mut server_near, mut server_far) = duplex(1024);
+        let task = tokio::spawn(async move { relay(&mut client_near, &mut server_near).await });
+
+        client_far.write_all(b"query").await.unwrap();
+        let mut got = [0u8; 5];
+        server_far.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"query");
+
+        server_far.write_all(b"result!").await.unwrap();
+        let mut got = [0u8; 7];
+        client_far.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"result!");
+
+        // The server goes away: the client must see EOF, even though the
+        // client never closes its side.
+        drop(server_far);
+        let mut rest = Vec::new();
+        client_far.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+        let (end, counts) = task.await.unwrap();
+        assert_eq!(end, RelayEnd::ServerClosed);
+        assert_eq!(
+            counts,
+            ByteCounts {
+                client_to_server: 5,
+                server_to_client: 7
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn large_transfer_is_complete() {
+        let (mut client_far, mut client_near) = duplex(4096);
+        let (mut server_near, mut server_far) = duplex(4096);
+        let task = tokio::spawn(async move { relay(&mut client_near, &mut server_near).await });
+        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+        let expected = data.clone();
+        let writer = tokio::spawn(async move {
+            server_far.write_all(&data).await.unwrap();
+            server_far.shutdown().await.unwrap();
+            server_far
+        });
+        let mut got = Vec::new();
+        client_far.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, expected);
+        let _ = writer.await.unwrap();
+        let (end, counts) = task.await.unwrap();
+        assert_eq!(end, RelayEnd::ServerClosed);
+        assert_eq!(counts.server_to_client, 1_000_000);
+    }
+}

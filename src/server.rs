@@ -1,0 +1,274 @@
+//! Listeners, the accept loop, connection limits, and graceful shutdown.
+//!
+//! `Server::bind` does everything that can fail at start-up (TLS files,
+//! upstream CA bundles, the audit log, binding sockets) so a misconfigured
+//! pgbastion stops before it accepts anyone. `Server::run` then accepts until
+//! told to stop, and drains open sessions with a deadline.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, info, warn};
+
+use crate::audit::{AuditLog, ClientAddress};
+use crate::config::{BindAddress, ClientTlsMode, Config, Timeouts};
+use crate::stream::BoxedIo;
+use crate::tls::{self, TlsConfigError};
+use crate::upstream::Upstream;
+
+#[derive(Debug, Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Tls(#[from] TlsConfigError),
+    #[error("upstream {name:?}: {source}")]
+    Upstream {
+        name: String,
+        source: TlsConfigError,
+    },
+    #[error("cannot open audit log: {0}")]
+    Audit(std::io::Error),
+    #[error("listener {name:?}: cannot listen on {addr}: {source}")]
+    Bind {
+        name: String,
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("listener {name:?}: {path} is in use by another running server")]
+    SocketInUse { name: String, path: PathBuf },
+}
+
+/// What every session of the process shares.
+pub(crate) struct Shared {
+    pub timeouts: Timeouts,
+    pub acceptor: Option<TlsAcceptor>,
+    pub upstreams: Vec<Upstream>,
+    pub audit: AuditLog,
+    pub sessions: Arc<Semaphore>,
+    pub max_sessions: usize,
+}
+
+/// What a session needs to know about the listener it arrived on.
+pub(crate) struct ListenerInfo {
+    pub name: String,
+    pub client_tls: ClientTlsMode,
+    pub upstream: usize,
+}
+
+enum Socket {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+struct Listener {
+    info: Arc<ListenerInfo>,
+    socket: Socket,
+}
+
+/// Validates a config completely (reading every certificate, key and CA
+/// bundle) without binding anything: what `check-config` runs.
+pub fn check(config: &Config) -> Result<(), ServerError> {
+    prepare_tls(config).map(|_| ())
+}
+
+fn prepare_tls(config: &Config) -> Result<(Option<TlsAcceptor>, Vec<Upstream>), ServerError> {
+    let acceptor = config.tls.as_ref().map(tls::client_acceptor).transpose()?;
+    let upstreams = config
+        .upstreams
+        .iter()
+        .map(|u| {
+            Upstream::new(u.clone()).map_err(|source| ServerError::Upstream {
+                name: u.name.clone(),
+                source,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((acceptor, upstreams))
+}
+
+pub struct Server {
+    shared: Arc<Shared>,
+    listeners: Vec<Listener>,
+    pending: Arc<Semaphore>,
+    drain: Duration,
+}
+
+impl Server {
+    pub async fn bind(config: Config) -> Result<Server, ServerError> {
+        let (acceptor, upstreams) = prepare_tls(&config)?;
+        let audit = AuditLog::open(&config.audit).map_err(ServerError::Audit)?;
+        let mut listeners = Vec::new();
+        for l in &config.listeners {
+            let socket = match &l.bind {
+                BindAddress::Tcp(addr) => {
+                    Socket::Tcp(TcpListener::bind(addr).await.map_err(|source| {
+                        ServerError::Bind {
+                            name: l.name.clone(),
+                            addr: addr.to_string(),
+                            source,
+                        }
+                    })?)
+                }
+                BindAddress::Unix(path) => {
+                    Socket::Unix(bind_unix(&l.name, path).await?, path.clone())
+                }
+            };
+            listeners.push(Listener {
+                info: Arc::new(ListenerInfo {
+                    name: l.name.clone(),
+                    client_tls: l.client_tls,
+                    upstream: l.upstream,
+                }),
+                socket,
+            });
+        }
+        Ok(Server {
+            shared: Arc::new(Shared {
+                timeouts: config.timeouts.clone(),
+                acceptor,
+                upstreams,
+                audit,
+                sessions: Arc::new(Semaphore::new(config.limits.max_sessions)),
+                max_sessions: config.limits.max_sessions,
+            }),
+            listeners,
+            pending: Arc::new(Semaphore::new(config.limits.max_pending)),
+            drain: config.timeouts.shutdown_drain,
+        })
+    }
+
+    /// The addresses actually bound (a configured port 0 becomes the real
+    /// port), by listener name.
+    pub fn local_addrs(&self) -> Vec<(String, BindAddress)> {
+        self.listeners
+            .iter()
+            .filter_map(|l| {
+                let addr = match &l.socket {
+                    Socket::Tcp(t) => BindAddress::Tcp(t.local_addr().ok()?),
+                    Socket::Unix(_, p) => BindAddress::Unix(p.clone()),
+                };
+                Some((l.info.name.clone(), addr))
+            })
+            .collect()
+    }
+
+    /// Accepts until `shutdown` completes, then stops accepting and waits
+    /// up to the drain timeout for open sessions to end.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let stop = CancellationToken::new();
+        let sessions = TaskTracker::new();
+        let mut loops = Vec::new();
+        let mut unix_paths = Vec::new();
+        for l in self.listeners {
+            if let Socket::Unix(_, p) = &l.socket {
+                unix_paths.push(p.clone());
+            }
+            info!(listener = %l.info.name, "listening");
+            loops.push(tokio::spawn(accept_loop(
+                l,
+                self.shared.clone(),
+                self.pending.clone(),
+                sessions.clone(),
+                stop.clone(),
+            )));
+        }
+        shutdown.await;
+        info!("shutting down: no new connections; draining open sessions");
+        stop.cancel();
+        for l in loops {
+            let _ = l.await;
+        }
+        for p in unix_paths {
+            let _ = std::fs::remove_file(p);
+        }
+        sessions.close();
+        if tokio::time::timeout(self.drain, sessions.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                remaining = sessions.len(),
+                "drain timeout reached; closing the remaining sessions"
+            );
+        } else {
+            info!("all sessions ended");
+        }
+    }
+}
+
+/// Binds a Unix socket, replacing a stale socket file left by a crashed
+/// process but never one a live server is listening on.
+async fn bind_unix(name: &str, path: &Path) -> Result<UnixListener, ServerError> {
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            return Err(ServerError::SocketInUse {
+                name: name.into(),
+                path: path.into(),
+            });
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    UnixListener::bind(path).map_err(|source| ServerError::Bind {
+        name: name.into(),
+        addr: path.display().to_string(),
+        source,
+    })
+}
+
+async fn accept_loop(
+    l: Listener,
+    shared: Arc<Shared>,
+    pending: Arc<Semaphore>,
+    sessions: TaskTracker,
+    stop: CancellationToken,
+) {
+    loop {
+        let accepted: std::io::Result<(BoxedIo, ClientAddress)> = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = accept(&l.socket) => r,
+        };
+        let (io, client) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // EMFILE/ENFILE/ENOBUFS and friends are transient: back off
+                // briefly so a full fd table does not spin the CPU, and go on.
+                error!(listener = %l.info.name, error = %e, "accept failed; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = pending.clone().try_acquire_owned() else {
+            warn!(listener = %l.info.name, %client, "too many connections still negotiating; closing");
+            continue;
+        };
+        debug!(listener = %l.info.name, %client, "accepted");
+        sessions.spawn(crate::session::handle(
+            io,
+            client,
+            l.info.clone(),
+            shared.clone(),
+            permit,
+        ));
+    }
+}
+
+async fn accept(socket: &Socket) -> std::io::Result<(BoxedIo, ClientAddress)> {
+    match socket {
+        Socket::Tcp(t) => {
+            let (tcp, addr) = t.accept().await?;
+            crate::relay::tune_tcp(&tcp);
+            Ok((Box::new(tcp), ClientAddress::tcp(addr)))
+        }
+        Socket::Unix(u, _) => {
+            let (s, _) = u.accept().await?;
+            Ok((Box::new(s), ClientAddress::unix()))
+        }
+    }
+}

@@ -1,0 +1,257 @@
+//! TLS on both legs: the acceptor clients talk to, and the connector that
+//! verifies upstreams (chain and host name, what libpq calls `verify-full`).
+//!
+//! Also owns reading certificates and keys from PEM files, and turning a
+//! failed upstream handshake into a `CertificateProblem` a human can act on.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use serde::Serialize;
+use thiserror::Error;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use crate::config::{ClientTlsConfig, RootSources, TlsVersion, UpstreamConfig};
+
+/// The ALPN protocol name PostgreSQL uses (required for direct TLS).
+pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
+
+#[derive(Debug, Error)]
+pub enum TlsConfigError {
+    #[error("cannot read {what} {path}: {reason}")]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("{what} {path} contains no PEM certificate")]
+    NoCertificates { what: &'static str, path: PathBuf },
+    #[error("CA directory {0} contains no usable PEM certificate")]
+    EmptyCaDir(PathBuf),
+    #[error("no system root certificates could be loaded: {0}")]
+    SystemRoots(String),
+    #[error("{what}: {source}")]
+    Rustls { what: String, source: rustls::Error },
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn versions(min: TlsVersion) -> &'static [&'static rustls::SupportedProtocolVersion] {
+    static BOTH: &[&rustls::SupportedProtocolVersion] =
+        &[&rustls::version::TLS13, &rustls::version::TLS12];
+    static ONLY_13: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+    match min {
+        TlsVersion::Tls12 => BOTH,
+        TlsVersion::Tls13 => ONLY_13,
+    }
+}
+
+/// Reads every certificate in a PEM file (a chain: leaf first).
+pub fn load_certs(
+    path: &Path,
+    what: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, TlsConfigError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| TlsConfigError::Read {
+            what,
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsConfigError::NoCertificates {
+            what,
+            path: path.to_owned(),
+        });
+    }
+    Ok(certs)
+}
+
+/// Reads a private key in PKCS#8, PKCS#1 (RSA) or SEC1 (EC) PEM form.
+pub fn load_key(path: &Path, what: &'static str) -> Result<PrivateKeyDer<'static>, TlsConfigError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsConfigError::Read {
+        what,
+        path: path.to_owned(),
+        // The error never contains key material, only what went wrong.
+        reason: e.to_string(),
+    })
+}
+
+/// Builds the acceptor for the client leg. ALPN `postgresql` is advertised;
+/// a client that offers ALPN without it is refused by the handshake.
+pub fn client_acceptor(cfg: &ClientTlsConfig) -> Result<TlsAcceptor, TlsConfigError> {
+    let certs = load_certs(&cfg.cert, "TLS certificate")?;
+    let key = load_key(&cfg.key, "TLS key")?;
+    let mut server = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(versions(cfg.min_version))
+        .map_err(|source| TlsConfigError::Rustls {
+            what: "client TLS versions".into(),
+            source,
+        })?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|source| TlsConfigError::Rustls {
+            what: format!(
+                "TLS certificate {} and key {}",
+                cfg.cert.display(),
+                cfg.key.display()
+            ),
+            source,
+        })?;
+    server.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(server)))
+}
+
+/// Builds the verify-full connector for one upstream.
+pub fn upstream_connector(up: &UpstreamConfig) -> Result<TlsConnector, TlsConfigError> {
+    let roots = root_store(&up.roots)?;
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(versions(up.min_tls_version))
+        .map_err(|source| TlsConfigError::Rustls {
+            what: format!("upstream {:?} TLS versions", up.name),
+            source,
+        })?
+        .with_root_certificates(roots);
+    let mut client = match &up.client_identity {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                load_certs(cert, "upstream client certificate")?,
+                load_key(key, "upstream client key")?,
+            )
+            .map_err(|source| TlsConfigError::Rustls {
+                what: format!("upstream {:?} client certificate", up.name),
+                source,
+            })?,
+        None => builder.with_no_client_auth(),
+    };
+    if up.tls_negotiation == crate::config::TlsNegotiation::Direct {
+        client.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
+    }
+    Ok(TlsConnector::from(Arc::new(client)))
+}
+
+fn root_store(src: &RootSources) -> Result<RootCertStore, TlsConfigError> {
+    let mut store = RootCertStore::empty();
+    if let Some(file) = &src.ca_file {
+        for cert in load_certs(file, "CA file")? {
+            store.add(cert).map_err(|source| TlsConfigError::Rustls {
+                what: format!("CA file {}", file.display()),
+                source,
+            })?;
+        }
+    }
+    if let Some(dir) = &src.ca_dir {
+        let entries = std::fs::read_dir(dir).map_err(|e| TlsConfigError::Read {
+            what: "CA directory",
+            path: dir.clone(),
+            reason: e.to_string(),
+        })?;
+        let before = store.len();
+        for entry in entries.flatten() {
+            // A CA directory (like /etc/ssl/certs) holds other files too;
+            // take every PEM certificate that parses and skip the rest.
+            if let Ok(certs) = CertificateDer::pem_file_iter(entry.path()) {
+                for cert in certs.flatten() {
+                    let _ = store.add(cert);
+                }
+            }
+        }
+        if store.len() == before {
+            return Err(TlsConfigError::EmptyCaDir(dir.clone()));
+        }
+    }
+    if src.system {
+        let found = rustls_native_certs::load_native_certs();
+        if found.certs.is_empty() {
+            let reasons: Vec<String> = found.errors.iter().map(|e| e.to_string()).collect();
+            return Err(TlsConfigError::SystemRoots(if reasons.is_empty() {
+                "none found".into()
+            } else {
+                reasons.join("; ")
+            }));
+        }
+        store.add_parsable_certificates(found.certs);
+    }
+    Ok(store)
+}
+
+/// The facts about one TLS session that go into the audit log.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct TlsInfo {
+    pub version: String,
+    pub cipher: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alpn: Option<String>,
+}
+
+impl TlsInfo {
+    pub fn from_connection(conn: &rustls::CommonState, sni: Option<&str>) -> TlsInfo {
+        TlsInfo {
+            version: match conn.protocol_version() {
+                Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".into(),
+                Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".into(),
+                Some(other) => format!("{other:?}"),
+                None => "unknown".into(),
+            },
+            cipher: conn
+                .negotiated_cipher_suite()
+                .map(|s| format!("{:?}", s.suite()))
+                .unwrap_or_else(|| "unknown".into()),
+            sni: sni.map(str::to_owned),
+            alpn: conn
+                .alpn_protocol()
+                .map(|a| String::from_utf8_lossy(a).into_owned()),
+        }
+    }
+}
+
+/// Why an upstream's certificate was not accepted, in the terms a person
+/// fixing it needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CertificateProblem {
+    UnknownIssuer,
+    NameMismatch,
+    Expired,
+    NotYetValid,
+    Other(String),
+}
+
+impl std::fmt::Display for CertificateProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CertificateProblem::UnknownIssuer => {
+                f.write_str("it is not signed by a trusted CA (unknown issuer)")
+            }
+            CertificateProblem::NameMismatch => {
+                f.write_str("it is not valid for the expected host name")
+            }
+            CertificateProblem::Expired => f.write_str("it has expired"),
+            CertificateProblem::NotYetValid => f.write_str("it is not yet valid"),
+            CertificateProblem::Other(s) => write!(f, "{s}"),
+        }
+    }
+}
+
+/// Finds the certificate problem behind a failed handshake, if that is
+/// what failed.
+pub fn certificate_problem(err: &std::io::Error) -> Option<CertificateProblem> {
+    use rustls::CertificateError as C;
+    let rustls_err = err.get_ref()?.downcast_ref::<rustls::Error>()?;
+    let rustls::Error::InvalidCertificate(cert_err) = rustls_err else {
+        return None;
+    };
+    Some(match cert_err {
+        C::UnknownIssuer => CertificateProblem::UnknownIssuer,
+        C::NotValidForName | C::NotValidForNameContext { .. } => CertificateProblem::NameMismatch,
+        C::Expired | C::ExpiredContext { .. } => CertificateProblem::Expired,
+        C::NotValidYet | C::NotValidYetContext { .. } => CertificateProblem::NotYetValid,
+        other => CertificateProblem::Other(format!("{other:?}")),
+    })
+}

@@ -1,0 +1,195 @@
+//! Reaching an upstream: resolve, connect with a deadline trying every
+//! address, negotiate TLS (SSLRequest then exactly `S`, or direct TLS), and
+//! verify its certificate.
+//!
+//! Nothing of the client's is sent here. The session sends the
+//! StartupMessage only on the verified stream this returns, so a server that
+//! refuses TLS or presents the wrong certificate never sees a user name, let
+//! alone a password.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use rustls::pki_types::ServerName;
+use thiserror::Error;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use crate::config::{TlsNegotiation, UpstreamConfig};
+use crate::protocol::startup::ssl_request;
+use crate::tls::{self, CertificateProblem, TlsConfigError, TlsInfo};
+
+#[derive(Debug, Error)]
+pub enum UpstreamError {
+    #[error("could not resolve upstream host {host:?}: {reason}")]
+    Resolve { host: String, reason: String },
+    #[error("could not connect to upstream {target}: {attempts}")]
+    Unreachable { target: String, attempts: String },
+    #[error("upstream {addr} refused TLS (answered 'N' to SSLRequest)")]
+    RefusedTls { addr: SocketAddr },
+    #[error("upstream {addr} answered SSLRequest with an error message instead of 'S'")]
+    ErrorBeforeTls { addr: SocketAddr },
+    #[error("upstream {addr} answered SSLRequest with unexpected byte 0x{byte:02x}")]
+    UnexpectedReply { addr: SocketAddr, byte: u8 },
+    #[error("upstream {addr} closed the connection during TLS negotiation")]
+    Closed { addr: SocketAddr },
+    #[error("upstream {addr} presented a certificate that is not trusted for {server_name:?}: {problem}")]
+    Certificate {
+        addr: SocketAddr,
+        server_name: String,
+        problem: CertificateProblem,
+    },
+    #[error("TLS handshake with upstream {addr} failed: {reason}")]
+    Handshake { addr: SocketAddr, reason: String },
+    #[error("TLS negotiation with upstream {addr} timed out after {after:?}")]
+    TlsTimeout { addr: SocketAddr, after: Duration },
+}
+
+/// One upstream, ready to dial: its config and its verify-full connector.
+pub struct Upstream {
+    pub config: UpstreamConfig,
+    connector: TlsConnector,
+    server_name: ServerName<'static>,
+}
+
+/// A verified TLS connection to an upstream.
+pub struct UpstreamConn {
+    pub stream: TlsStream<TcpStream>,
+    pub addr: SocketAddr,
+    pub tls: TlsInfo,
+}
+
+impl Upstream {
+    pub fn new(config: UpstreamConfig) -> Result<Upstream, TlsConfigError> {
+        let connector = tls::upstream_connector(&config)?;
+        // Validated in config; re-checked here so this type cannot exist
+        // without a valid name.
+        let server_name =
+            ServerName::try_from(config.server_name.clone()).map_err(|e| TlsConfigError::Read {
+                what: "upstream server_name",
+                path: config.server_name.clone().into(),
+                reason: e.to_string(),
+            })?;
+        Ok(Upstream {
+            config,
+            connector,
+            server_name,
+        })
+    }
+
+    /// `host:port` as configured, for messages.
+    pub fn target(&self) -> String {
+        if self.config.host.contains(':') {
+            format!("[{}]:{}", self.config.host, self.config.port)
+        } else {
+            format!("{}:{}", self.config.host, self.config.port)
+        }
+    }
+
+    pub async fn connect(
+        &self,
+        connect_timeout: Duration,
+        tls_timeout: Duration,
+    ) -> Result<UpstreamConn, UpstreamError> {
+        let (tcp, addr) = self.dial(connect_timeout).await?;
+        crate::relay::tune_tcp(&tcp);
+        match timeout(tls_timeout, self.negotiate(tcp, addr)).await {
+            Ok(result) => result,
+            Err(_) => Err(UpstreamError::TlsTimeout {
+                addr,
+                after: tls_timeout,
+            }),
+        }
+    }
+
+    /// Resolves the host on every call and tries each address in turn.
+    async fn dial(
+        &self,
+        connect_timeout: Duration,
+    ) -> Result<(TcpStream, SocketAddr), UpstreamError> {
+        let host = self.config.host.as_str();
+        let addrs: Vec<SocketAddr> = match timeout(
+            connect_timeout,
+            tokio::net::lookup_host((host, self.config.port)),
+        )
+        .await
+        {
+            Ok(Ok(addrs)) => addrs.collect(),
+            Ok(Err(e)) => {
+                return Err(UpstreamError::Resolve {
+                    host: host.into(),
+                    reason: e.to_string(),
+                })
+            }
+            Err(_) => {
+                return Err(UpstreamError::Resolve {
+                    host: host.into(),
+                    reason: format!("timed out after {connect_timeout:?}"),
+                })
+            }
+        };
+        if addrs.is_empty() {
+            return Err(UpstreamError::Resolve {
+                host: host.into(),
+                reason: "no addresses".into(),
+            });
+        }
+        let mut attempts = Vec::new();
+        for addr in addrs {
+            match timeout(connect_timeout, TcpStream::connect(addr)).await {
+                Ok(Ok(tcp)) => return Ok((tcp, addr)),
+                Ok(Err(e)) => attempts.push(format!("{addr}: {e}")),
+                Err(_) => attempts.push(format!("{addr}: timed out after {connect_timeout:?}")),
+            }
+        }
+        Err(UpstreamError::Unreachable {
+            target: self.target(),
+            attempts: attempts.join("; "),
+        })
+    }
+
+    async fn negotiate(
+        &self,
+        mut tcp: TcpStream,
+        addr: SocketAddr,
+    ) -> Result<UpstreamConn, UpstreamError> {
+        if self.config.tls_negotiation == TlsNegotiation::Postgres {
+            let closed = |_| UpstreamError::Closed { addr };
+            tcp.write_all(&ssl_request()).await.map_err(closed)?;
+            // Exactly one byte: anything the server sends after `S` must be
+            // TLS, and rustls will reject it if it is not.
+            let reply = tcp.read_u8().await.map_err(closed)?;
+            match reply {
+                b'S' => {}
+                b'N' => return Err(UpstreamError::RefusedTls { addr }),
+                // Never read or show a pre-TLS error message: it is
+                // unauthenticated (CVE-2024-10977).
+                b'E' => return Err(UpstreamError::ErrorBeforeTls { addr }),
+                byte => return Err(UpstreamError::UnexpectedReply { addr, byte }),
+            }
+        }
+        let stream = self
+            .connector
+            .connect(self.server_name.clone(), tcp)
+            .await
+            .map_err(|e| match tls::certificate_problem(&e) {
+                Some(problem) => UpstreamError::Certificate {
+                    addr,
+                    server_name: self.config.server_name.clone(),
+                    problem,
+                },
+                None if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    UpstreamError::Closed { addr }
+                }
+                None => UpstreamError::Handshake {
+                    addr,
+                    reason: e.to_string(),
+                },
+            })?;
+        let tls = TlsInfo::from_connection(stream.get_ref().1, None);
+        Ok(UpstreamConn { stream, addr, tls })
+    }
+}

@@ -1,0 +1,352 @@
+//! The integration-test harness: a real PostgreSQL (TLS, SCRAM, its own CA,
+//! random port) from `pgbastion::localpg`, pgbastion running in-process on
+//! its own runtime thread, and real clients (psql and tokio-postgres).
+//! Everything started here stops when its value is dropped.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pgbastion::config::{BindAddress, Config};
+use pgbastion::devcerts::Ca;
+use pgbastion::localpg::{LocalPg, LocalPgOptions};
+use pgbastion::server::Server;
+use tokio::net::TcpStream;
+
+/// A PostgreSQL server plus pgbastion's own CA and certificate.
+pub struct Env {
+    pub pg: LocalPg,
+    pub dir: tempfile::TempDir,
+    pub proxy_ca: PathBuf,
+    pub proxy_cert: PathBuf,
+    pub proxy_key: PathBuf,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        let pg = LocalPg::start(LocalPgOptions::default()).expect("start PostgreSQL");
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::new("pgbastion test proxy CA").unwrap();
+        let proxy_ca = ca.write_cert(dir.path(), "proxy-ca").unwrap();
+        let (proxy_cert, proxy_key) = ca
+            .server_cert(&["localhost", "127.0.0.1"])
+            .unwrap()
+            .write(dir.path(), "proxy")
+            .unwrap();
+        Env {
+            pg,
+            dir,
+            proxy_ca,
+            proxy_cert,
+            proxy_key,
+        }
+    }
+
+    /// The `[tls]` section for pgbastion's certificate.
+    pub fn tls_toml(&self) -> String {
+        format!(
+            "[tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+            self.proxy_cert.display(),
+            self.proxy_key.display()
+        )
+    }
+
+    /// The `[[upstream]]` section for this environment's PostgreSQL.
+    pub fn upstream_toml(&self) -> String {
+        format!(
+            "[[upstream]]\nname = \"pg\"\naddress = \"localhost:{}\"\nca_file = \"{}\"\n",
+            self.pg.port,
+            self.pg.ca_cert.display()
+        )
+    }
+
+    /// pgbastion with one TCP listener (`client_tls` as given) in front of
+    /// this environment's PostgreSQL, plus any extra TOML.
+    pub fn proxy(&self, client_tls: &str, extra: &str) -> Proxy {
+        let toml = format!(
+            "{}\n[[listener]]\nname = \"tcp\"\nlisten = \"127.0.0.1:0\"\nclient_tls = \"{client_tls}\"\n{}\n{extra}",
+            self.tls_toml(),
+            self.upstream_toml()
+        );
+        Proxy::start_toml(&toml)
+    }
+
+    /// A libpq connection string to pgbastion at `addr`, verifying
+    /// pgbastion's certificate.
+    pub fn via_proxy(&self, addr: SocketAddr, extra: &str) -> String {
+        format!(
+            "host=localhost port={} user=postgres dbname=postgres sslmode=verify-full sslrootcert={} {extra}",
+            addr.port(),
+            self.proxy_ca.display()
+        )
+    }
+
+    /// A direct (verify-full) tokio-postgres connection to PostgreSQL.
+    pub async fn direct_client(&self) -> tokio_postgres::Client {
+        let tls = tls_connector(&self.pg.ca_cert);
+        let (client, conn) = tokio_postgres::connect(
+            &format!(
+                "host=localhost port={} user=postgres password={} dbname=postgres sslmode=require",
+                self.pg.port, self.pg.password
+            ),
+            tls,
+        )
+        .await
+        .expect("direct connection");
+        tokio::spawn(conn);
+        client
+    }
+
+    /// Runs psql with the server's password; returns its output.
+    pub fn psql(&self, conninfo: &str, sql: &str) -> Output {
+        psql(conninfo, &self.pg.password, sql)
+    }
+}
+
+pub fn psql(conninfo: &str, password: &str, sql: &str) -> Output {
+    Command::new("psql")
+        .args([
+            "-X",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            conninfo,
+            "-c",
+            sql,
+        ])
+        .env("PGPASSWORD", password)
+        .env("PGCONNECT_TIMEOUT", "15")
+        .output()
+        .expect("psql must be installed")
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).trim().to_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).trim().to_owned()
+}
+
+/// A tokio-postgres TLS connector trusting one CA file.
+pub fn tls_connector(ca: &Path) -> tokio_postgres_rustls::MakeRustlsConnect {
+    tokio_postgres_rustls::MakeRustlsConnect::new(client_tls_config(ca, &[]))
+}
+
+/// A rustls client config trusting one CA file, with optional ALPN.
+pub fn client_tls_config(ca: &Path, alpn: &[&[u8]]) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in pgbastion::tls::load_certs(ca, "CA").unwrap() {
+        roots.add(cert).unwrap();
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    cfg
+}
+
+/// pgbastion running on a thread of its own, so tests may block (run psql)
+/// without stalling it. Dropping it shuts it down and joins the thread.
+pub struct Proxy {
+    pub addrs: Vec<(String, BindAddress)>,
+    pub audit_log: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Proxy {
+    /// Starts pgbastion from TOML. Unless the TOML sets them, the audit log
+    /// goes to a file in a temporary directory and the drain is short.
+    pub fn start_toml(toml: &str) -> Proxy {
+        let dir = tempfile::tempdir().unwrap();
+        let audit_log = dir.path().join("audit.jsonl");
+        let mut toml = toml.to_owned();
+        if !toml.contains("[audit]") {
+            toml.push_str(&format!("\n[audit]\nlog = \"{}\"\n", audit_log.display()));
+        }
+        if !toml.contains("[timeouts]") {
+            toml.push_str("\n[timeouts]\nshutdown_drain = \"1s\"\n");
+        }
+        let config =
+            Config::from_toml(&toml).unwrap_or_else(|e| panic!("test config: {e}\n{toml}"));
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                match Server::bind(config).await {
+                    Ok(server) => {
+                        let _ = addr_tx.send(Ok(server.local_addrs()));
+                        server
+                            .run(async {
+                                let _ = stop_rx.await;
+                            })
+                            .await;
+                    }
+                    Err(e) => {
+                        let _ = addr_tx.send(Err(e.to_string()));
+                    }
+                }
+            });
+        });
+        let addrs = addr_rx
+            .recv()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("pgbastion failed to start: {e}"));
+        Proxy {
+            addrs,
+            audit_log,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+            _dir: dir,
+        }
+    }
+
+    /// The first TCP listener's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addrs
+            .iter()
+            .find_map(|(_, a)| match a {
+                BindAddress::Tcp(a) => Some(*a),
+                BindAddress::Unix(_) => None,
+            })
+            .expect("a TCP listener")
+    }
+
+    /// The audit events written so far, parsed.
+    pub fn audit_events(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.audit_log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| {
+                serde_json::from_str(l)
+                    .unwrap_or_else(|e| panic!("audit line is not JSON ({e}): {l}"))
+            })
+            .collect()
+    }
+
+    /// Waits until an audit event matching `pred` is written.
+    pub fn wait_audit(
+        &self,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        wait_for(what, Duration::from_secs(10), || {
+            self.audit_events().into_iter().find(|e| pred(e))
+        })
+    }
+
+    /// A tokio-postgres connection through pgbastion with TLS.
+    pub async fn client(
+        &self,
+        env: &Env,
+        extra: &str,
+    ) -> Result<
+        (
+            tokio_postgres::Client,
+            tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+        ),
+        tokio_postgres::Error,
+    > {
+        let conninfo = format!(
+            "host=localhost port={} user=postgres password={} dbname=postgres sslmode=require channel_binding=disable {extra}",
+            self.addr().port(),
+            env.pg.password
+        );
+        let (client, conn) =
+            tokio_postgres::connect(&conninfo, tls_connector(&env.proxy_ca)).await?;
+        Ok((client, tokio::spawn(conn)))
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Polls `check` until it returns Some, or panics after `limit`.
+pub fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        if start.elapsed() > limit {
+            panic!("timed out after {limit:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Async form of `wait_for`.
+pub async fn wait_for_async<T, F: std::future::Future<Output = Option<T>>>(
+    what: &str,
+    limit: Duration,
+    mut check: impl FnMut() -> F,
+) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if start.elapsed() > limit {
+            panic!("timed out after {limit:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Connects a raw TCP socket.
+pub async fn raw(addr: SocketAddr) -> TcpStream {
+    TcpStream::connect(addr).await.unwrap()
+}
+
+/// Reads one backend message (type byte, body) from a raw stream.
+pub async fn read_message<S: tokio::io::AsyncRead + Unpin>(
+    s: &mut S,
+) -> std::io::Result<(u8, Vec<u8>)> {
+    use tokio::io::AsyncReadExt;
+    let t = s.read_u8().await?;
+    let len = s.read_u32().await? as usize;
+    let mut body = vec![0; len.saturating_sub(4)];
+    s.read_exact(&mut body).await?;
+    Ok((t, body))
+}
+
+/// Reads until an ErrorResponse and returns its SQLSTATE and message.
+pub async fn read_error<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> (String, String) {
+    loop {
+        let (t, body) = read_message(s).await.expect("an ErrorResponse before EOF");
+        if t == b'E' {
+            let f = pgbastion::protocol::message::ErrorFields::parse(&body).unwrap();
+            return (f.code, f.message);
+        }
+    }
+}
+
+/// The SQLSTATE of a tokio-postgres error, if the server (or pgbastion) sent one.
+pub fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
+    e.as_db_error().map(|d| d.code().code().to_owned())
+}
