@@ -37,7 +37,7 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Run the proxy, from a config file or from flags (one upstream).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Start a throwaway local PostgreSQL with TLS and pgbastion in front
     /// of it, and print how to connect. Ctrl-C stops and removes both.
     Demo(DemoArgs),
@@ -153,7 +153,7 @@ async fn main() -> Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command {
-        Command::Run(args) => run(args).await,
+        Command::Run(args) => run(*args).await,
         Command::Demo(args) => demo(args).await,
         Command::CheckConfig { config } => check_config(config),
     }

@@ -443,10 +443,10 @@ impl Session {
         drop(pending);
         let startup = match negotiated {
             Ok(Negotiated::Startup(m)) => m,
-            Ok(Negotiated::Cancel(_)) => {
+            Ok(Negotiated::Cancel(c)) => {
                 // Forwarding cancel requests is not implemented yet; like
                 // Postgres with an unknown key, say nothing and close.
-                debug!("cancel request dropped");
+                debug!(process_id = c.process_id, "cancel request dropped");
                 return;
             }
             Err(e) => return self.reject(&mut conn, e).await,

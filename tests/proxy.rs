@@ -325,11 +325,9 @@ async fn too_many_sessions_gets_53300() {
     let env = Env::new();
     let proxy = env.proxy("require", "[limits]\nmax_sessions = 1\n");
     let (first, _conn) = proxy.client(&env, "").await.unwrap();
-    let err = proxy
-        .client(&env, "")
-        .await
-        .err()
-        .expect("second session refused");
+    let Err(err) = proxy.client(&env, "").await else {
+        panic!("the second session must be refused");
+    };
     assert_eq!(sqlstate(&err).as_deref(), Some("53300"), "{err}");
     // The first session is unaffected, and its slot frees on close.
     first.simple_query("select 1").await.unwrap();

@@ -17,18 +17,16 @@ use pgbastion::localpg::{LocalPg, LocalPgOptions};
 use pgbastion::server::Server;
 use tokio::net::TcpStream;
 
-/// A PostgreSQL server plus pgbastion's own CA and certificate.
-pub struct Env {
-    pub pg: LocalPg,
+/// pgbastion's own CA and certificate (for localhost), made per test.
+pub struct ProxyCerts {
     pub dir: tempfile::TempDir,
     pub proxy_ca: PathBuf,
     pub proxy_cert: PathBuf,
     pub proxy_key: PathBuf,
 }
 
-impl Env {
-    pub fn new() -> Env {
-        let pg = LocalPg::start(LocalPgOptions::default()).expect("start PostgreSQL");
+impl ProxyCerts {
+    pub fn new() -> ProxyCerts {
         let dir = tempfile::tempdir().unwrap();
         let ca = Ca::new("pgbastion test proxy CA").unwrap();
         let proxy_ca = ca.write_cert(dir.path(), "proxy-ca").unwrap();
@@ -37,8 +35,7 @@ impl Env {
             .unwrap()
             .write(dir.path(), "proxy")
             .unwrap();
-        Env {
-            pg,
+        ProxyCerts {
             dir,
             proxy_ca,
             proxy_cert,
@@ -53,6 +50,29 @@ impl Env {
             self.proxy_cert.display(),
             self.proxy_key.display()
         )
+    }
+}
+
+/// A PostgreSQL server plus pgbastion's own CA and certificate.
+pub struct Env {
+    pub pg: LocalPg,
+    pub certs: ProxyCerts,
+}
+
+impl std::ops::Deref for Env {
+    type Target = ProxyCerts;
+    fn deref(&self) -> &ProxyCerts {
+        &self.certs
+    }
+}
+
+impl Env {
+    pub fn new() -> Env {
+        let pg = LocalPg::start(LocalPgOptions::default()).expect("start PostgreSQL");
+        Env {
+            pg,
+            certs: ProxyCerts::new(),
+        }
     }
 
     /// The `[[upstream]]` section for this environment's PostgreSQL.
@@ -156,6 +176,12 @@ pub fn client_tls_config(ca: &Path, alpn: &[&[u8]]) -> rustls::ClientConfig {
     cfg
 }
 
+/// A tokio-postgres client and its connection task.
+pub type PgConn = (
+    tokio_postgres::Client,
+    tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+);
+
 /// pgbastion running on a thread of its own, so tests may block (run psql)
 /// without stalling it. Dropping it shuts it down and joins the thread.
 pub struct Proxy {
@@ -253,24 +279,23 @@ impl Proxy {
     }
 
     /// A tokio-postgres connection through pgbastion with TLS.
-    pub async fn client(
+    pub async fn client(&self, env: &Env, extra: &str) -> Result<PgConn, tokio_postgres::Error> {
+        self.client_with(&env.certs, &env.pg.password, extra).await
+    }
+
+    /// Like `client`, for tests without an `Env`.
+    pub async fn client_with(
         &self,
-        env: &Env,
+        certs: &ProxyCerts,
+        password: &str,
         extra: &str,
-    ) -> Result<
-        (
-            tokio_postgres::Client,
-            tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
-        ),
-        tokio_postgres::Error,
-    > {
+    ) -> Result<PgConn, tokio_postgres::Error> {
         let conninfo = format!(
-            "host=localhost port={} user=postgres password={} dbname=postgres sslmode=require channel_binding=disable {extra}",
+            "host=localhost port={} user=postgres password={password} dbname=postgres sslmode=require channel_binding=disable connect_timeout=20 {extra}",
             self.addr().port(),
-            env.pg.password
         );
         let (client, conn) =
-            tokio_postgres::connect(&conninfo, tls_connector(&env.proxy_ca)).await?;
+            tokio_postgres::connect(&conninfo, tls_connector(&certs.proxy_ca)).await?;
         Ok((client, tokio::spawn(conn)))
     }
 }

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The test command (README, and what CI runs through .ci/run).
+#
+# Installs what the tests need when it is missing (PostgreSQL server and
+# client from Debian packages), then checks formatting and lints, and runs
+# every test. The tests start real PostgreSQL servers; a missing part makes
+# them fail, never skip.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+have_server() {
+    command -v initdb >/dev/null 2>&1 || compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null
+}
+
+missing=()
+have_server || missing+=(postgresql)
+command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
+command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
+if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
+    # The server refuses to run as root; the package creates its user.
+    missing+=(postgresql)
+fi
+if [ "${#missing[@]}" -gt 0 ]; then
+    if [ "$(id -u)" != 0 ]; then
+        echo "missing: ${missing[*]} (install them, e.g. sudo apt-get install -y ${missing[*]})" >&2
+        exit 1
+    fi
+    echo "installing: ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+cargo fmt --all -- --check
+cargo clippy --all-targets --locked -- -D warnings
+if command -v cargo-nextest >/dev/null 2>&1; then
+    cargo nextest run --locked --no-fail-fast
+else
+    cargo test --locked --no-fail-fast
+fi

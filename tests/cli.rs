@@ -1,0 +1,268 @@
+//! The `pgbastion` binary itself: the flag-only `run` form against a real
+//! PostgreSQL, graceful shutdown on SIGTERM, and `check-config`.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_pgbastion");
+
+/// Kills the child on drop, so a failing test leaves no process behind.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flag_form_serves_and_sigterm_drains() {
+    let env = Env::new();
+    let port = pgbastion::localpg::free_port().unwrap();
+    let audit = env.dir.path().join("audit.jsonl");
+    let mut proc = Running(
+        Command::new(BIN)
+            .args(["run", "--listen", &format!("127.0.0.1:{port}")])
+            .arg("--tls-cert")
+            .arg(&env.proxy_cert)
+            .arg("--tls-key")
+            .arg(&env.proxy_key)
+            .args(["--upstream", &format!("localhost:{}", env.pg.port)])
+            .arg("--upstream-ca")
+            .arg(&env.pg.ca_cert)
+            .arg("--audit-log")
+            .arg(&audit)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    wait_for_async("pgbastion to listen", Duration::from_secs(10), || async {
+        tokio::net::TcpStream::connect(addr).await.ok().map(|_| ())
+    })
+    .await;
+
+    let conninfo = env.via_proxy(addr, "channel_binding=disable");
+    let out = env.psql(&conninfo, "select 'flags work'");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "flags work");
+
+    // An open session, then SIGTERM.
+    let conn = format!(
+        "host=localhost port={port} user=postgres password={} dbname=postgres sslmode=require channel_binding=disable",
+        env.pg.password
+    );
+    let (client, task) = tokio_postgres::connect(&conn, tls_connector(&env.proxy_ca))
+        .await
+        .unwrap();
+    tokio::spawn(task);
+    signal(proc.0.id(), "-TERM");
+    // New connections are refused once the listener closes...
+    wait_for_async("the listener to close", Duration::from_secs(10), || async {
+        tokio::net::TcpStream::connect(addr)
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    // ...while the open session keeps working.
+    let v: i32 = client.query_one("select 5", &[]).await.unwrap().get(0);
+    assert_eq!(v, 5);
+    assert!(proc.0.try_wait().unwrap().is_none(), "still draining");
+    // Once it ends, the process exits cleanly.
+    drop(client);
+    let status = wait_for("pgbastion to exit", Duration::from_secs(10), || {
+        proc.0.try_wait().unwrap()
+    });
+    assert!(status.success(), "{status}");
+
+    let events = std::fs::read_to_string(&audit).unwrap();
+    assert_eq!(
+        events
+            .lines()
+            .filter(|l| l.contains("\"session.end\""))
+            .count(),
+        2
+    );
+}
+
+#[test]
+fn drain_deadline_ends_lingering_sessions() {
+    let env = Env::new();
+    let port = pgbastion::localpg::free_port().unwrap();
+    let config = env.dir.path().join("drain.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{}\n[[listener]]\nlisten = \"127.0.0.1:{port}\"\n{}\n[timeouts]\nshutdown_drain = \"1s\"\n[audit]\nlog = \"{}\"\n",
+            env.tls_toml(),
+            env.upstream_toml(),
+            env.dir.path().join("a.jsonl").display()
+        ),
+    )
+    .unwrap();
+    let mut proc = Running(
+        Command::new(BIN)
+            .arg("run")
+            .arg("--config")
+            .arg(&config)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    wait_for("pgbastion to listen", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(addr).ok()
+    });
+    // An idle psql session that would stay forever.
+    let mut psql = Running(
+        Command::new("psql")
+            .args([
+                "-X",
+                "-d",
+                &env.via_proxy(addr, "channel_binding=disable application_name=idle"),
+            ])
+            .env("PGPASSWORD", &env.pg.password)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("the session to start", Duration::from_secs(10), || {
+        std::fs::read_to_string(env.dir.path().join("a.jsonl"))
+            .ok()
+            .filter(|s| s.contains("session.start"))
+    });
+    signal(proc.0.id(), "-INT");
+    let status = wait_for(
+        "pgbastion to exit after the drain deadline",
+        Duration::from_secs(10),
+        || proc.0.try_wait().unwrap(),
+    );
+    assert!(status.success());
+    // psql sees its connection close.
+    let _ = psql.0.kill();
+}
+
+#[test]
+fn check_config_explains_mistakes() {
+    let certs = ProxyCerts::new();
+    let dir = certs.dir.path();
+    let good = format!(
+        "{}\n[[listener]]\nlisten = \"127.0.0.1:6432\"\n[[upstream]]\naddress = \"db.internal:5432\"\nca_file = \"{}\"\n",
+        certs.tls_toml(),
+        certs.proxy_ca.display()
+    );
+    let write = |name: &str, text: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg("--config")
+        .arg(write("good.toml", &good))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("OK"));
+    assert!(stdout(&out).contains("\"db.internal\""), "{}", stdout(&out));
+
+    let cases = [
+        (
+            "typo.toml",
+            good.replace("ca_file", "cafile"),
+            "unknown field `cafile`",
+        ),
+        (
+            "nofile.toml",
+            good.replace(&certs.proxy_ca.display().to_string(), "/nonexistent/ca.pem"),
+            "/nonexistent/ca.pem",
+        ),
+        (
+            "noroots.toml",
+            good.replace(&format!("ca_file = \"{}\"", certs.proxy_ca.display()), ""),
+            "no trusted roots",
+        ),
+        (
+            "badlisten.toml",
+            good.replace("127.0.0.1:6432", "localhost"),
+            "is not IP:PORT",
+        ),
+        (
+            "badkey.toml",
+            good.replace(
+                &certs.proxy_key.display().to_string(),
+                &certs.proxy_ca.display().to_string(),
+            ),
+            "TLS key",
+        ),
+    ];
+    for (name, text, expect) in cases {
+        let out = Command::new(BIN)
+            .arg("check-config")
+            .arg("--config")
+            .arg(write(name, &text))
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{name} must be refused");
+        assert!(stderr(&out).contains(expect), "{name}: {}", stderr(&out));
+    }
+}
+
+#[test]
+fn run_without_anything_to_do_says_so() {
+    let out = Command::new(BIN)
+        .args(["run", "--upstream", "db:5432", "--upstream-ca", "/x"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("nothing to listen on"),
+        "{}",
+        stderr(&out)
+    );
+    let help = Command::new(BIN).args(["run", "--help"]).output().unwrap();
+    let help = stdout(&help);
+    for flag in [
+        "--upstream-ca",
+        "--upstream-server-name",
+        "--client-tls",
+        "--audit-log",
+        "--config",
+    ] {
+        assert!(help.contains(flag), "run --help documents {flag}");
+    }
+}
+
+#[test]
+fn example_config_is_valid_toml_for_pgbastion() {
+    // Every key in the annotated example must be one pgbastion knows; the
+    // files it names do not exist here, so only parsing is checked.
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/pgbastion.toml"
+    ))
+    .unwrap();
+    let config = pgbastion::config::Config::from_toml(&text).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.listeners.len(), 2);
+    assert_eq!(
+        config.upstreams[0].server_name,
+        "mydb.abc123.eu-west-1.rds.amazonaws.com"
+    );
+}
