@@ -84,6 +84,8 @@ struct Pipe {
     eof: bool,
     need_flush: bool,
     copied: u64,
+    /// When this direction last moved bytes, on the relay's shared clock.
+    last_active: u64,
 }
 
 enum PipeError {
@@ -100,6 +102,7 @@ impl Pipe {
             eof: false,
             need_flush: false,
             copied: 0,
+            last_active: 0,
         }
     }
 
@@ -107,6 +110,7 @@ impl Pipe {
     fn poll_copy<R, W>(
         &mut self,
         cx: &mut Context<'_>,
+        clock: &mut u64,
         mut r: Pin<&mut R>,
         mut w: Pin<&mut W>,
     ) -> Poll<Result<(), PipeError>>
@@ -125,6 +129,8 @@ impl Pipe {
                         } else {
                             self.pos = 0;
                             self.cap = n;
+                            *clock += 1;
+                            self.last_active = *clock;
                         }
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(PipeError::Read(e))),
@@ -157,6 +163,28 @@ impl Pipe {
     }
 }
 
+/// How the server -> client direction ended, as a relay end.
+fn server_side_end(res: Result<(), PipeError>) -> RelayEnd {
+    match res {
+        Ok(()) => RelayEnd::ServerClosed,
+        Err(PipeError::Read(e)) if is_close(&e) => RelayEnd::ServerClosed,
+        Err(PipeError::Read(e)) => RelayEnd::ServerError(e.to_string()),
+        Err(PipeError::Write(e)) if is_close(&e) => RelayEnd::ClientClosed,
+        Err(PipeError::Write(e)) => RelayEnd::ClientError(e.to_string()),
+    }
+}
+
+/// How the client -> server direction ended, as a relay end.
+fn client_side_end(res: Result<(), PipeError>) -> RelayEnd {
+    match res {
+        Ok(()) => RelayEnd::ClientClosed,
+        Err(PipeError::Read(e)) if is_close(&e) => RelayEnd::ClientClosed,
+        Err(PipeError::Read(e)) => RelayEnd::ClientError(e.to_string()),
+        Err(PipeError::Write(e)) if is_close(&e) => RelayEnd::ServerClosed,
+        Err(PipeError::Write(e)) => RelayEnd::ServerError(e.to_string()),
+    }
+}
+
 /// Copies both ways until one side ends, then shuts the other down.
 pub async fn relay<C, S>(client: &mut C, server: &mut S) -> (RelayEnd, ByteCounts)
 where
@@ -165,31 +193,32 @@ where
 {
     let mut up = Pipe::new();
     let mut down = Pipe::new();
+    let mut clock = 0u64;
     let end = poll_fn(|cx| {
-        // Server -> client first: when both sides end in the same wake-up
-        // (the server's FATAL makes the client hang up), the server's end
-        // is the cause worth recording.
-        if let Poll::Ready(res) = down.poll_copy(cx, Pin::new(&mut *server), Pin::new(&mut *client))
-        {
-            return Poll::Ready(match res {
-                Ok(()) => RelayEnd::ServerClosed,
-                Err(PipeError::Read(e)) if is_close(&e) => RelayEnd::ServerClosed,
-                Err(PipeError::Read(e)) => RelayEnd::ServerError(e.to_string()),
-                Err(PipeError::Write(e)) if is_close(&e) => RelayEnd::ClientClosed,
-                Err(PipeError::Write(e)) => RelayEnd::ClientError(e.to_string()),
-            });
+        let down_done = down.poll_copy(
+            cx,
+            &mut clock,
+            Pin::new(&mut *server),
+            Pin::new(&mut *client),
+        );
+        let up_done = up.poll_copy(
+            cx,
+            &mut clock,
+            Pin::new(&mut *client),
+            Pin::new(&mut *server),
+        );
+        match (down_done, up_done) {
+            (Poll::Pending, Poll::Pending) => Poll::Pending,
+            (Poll::Ready(d), Poll::Pending) => Poll::Ready(server_side_end(d)),
+            (Poll::Pending, Poll::Ready(u)) => Poll::Ready(client_side_end(u)),
+            // Both ended in one wake-up: the side that spoke last caused it
+            // (a client's Terminate, or the server's FATAL).
+            (Poll::Ready(d), Poll::Ready(u)) => Poll::Ready(if down.last_active > up.last_active {
+                server_side_end(d)
+            } else {
+                client_side_end(u)
+            }),
         }
-        // Client -> server.
-        if let Poll::Ready(res) = up.poll_copy(cx, Pin::new(&mut *client), Pin::new(&mut *server)) {
-            return Poll::Ready(match res {
-                Ok(()) => RelayEnd::ClientClosed,
-                Err(PipeError::Read(e)) if is_close(&e) => RelayEnd::ClientClosed,
-                Err(PipeError::Read(e)) => RelayEnd::ClientError(e.to_string()),
-                Err(PipeError::Write(e)) if is_close(&e) => RelayEnd::ServerClosed,
-                Err(PipeError::Write(e)) => RelayEnd::ServerError(e.to_string()),
-            });
-        }
-        Poll::Pending
     })
     .await;
     // Whoever ended, both sides are told now; a peer that does not take the
