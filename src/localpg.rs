@@ -64,6 +64,9 @@ pub struct LocalPgOptions {
     pub server_names: Vec<String>,
     /// Extra `postgresql.conf` lines, e.g. `max_connections = 400`.
     pub extra_conf: Vec<String>,
+    /// A CA (PEM) whose client certificates the server then requires on
+    /// every TCP connection, in addition to the password.
+    pub client_ca_pem: Option<String>,
 }
 
 impl Default for LocalPgOptions {
@@ -71,6 +74,7 @@ impl Default for LocalPgOptions {
         LocalPgOptions {
             server_names: vec!["localhost".into(), "127.0.0.1".into()],
             extra_conf: Vec::new(),
+            client_ca_pem: None,
         }
     }
 }
@@ -248,6 +252,13 @@ impl LocalPg {
             cert_path.display(),
             key_path.display()
         );
+        let mut hostssl_options = "";
+        if let Some(pem) = &opts.client_ca_pem {
+            let path = data.join("client-ca.crt");
+            fs::write(&path, pem).map_err(io_err("writing the client CA"))?;
+            conf.push_str(&format!("ssl_ca_file = '{}'\n", path.display()));
+            hostssl_options = " clientcert=verify-ca";
+        }
         for line in &opts.extra_conf {
             conf.push_str(line);
             conf.push('\n');
@@ -255,10 +266,12 @@ impl LocalPg {
         append(&data.join("postgresql.conf"), &conf)?;
         fs::write(
             data.join("pg_hba.conf"),
-            "local all all scram-sha-256\n\
-             hostssl all all 127.0.0.1/32 scram-sha-256\n\
-             hostssl all all ::1/128 scram-sha-256\n\
-             hostnossl all all all reject\n",
+            format!(
+                "local all all scram-sha-256\n\
+                 hostssl all all 127.0.0.1/32 scram-sha-256{hostssl_options}\n\
+                 hostssl all all ::1/128 scram-sha-256{hostssl_options}\n\
+                 hostnossl all all all reject\n"
+            ),
         )
         .map_err(io_err("writing pg_hba.conf"))?;
         if let Some((uid, gid)) = user {

@@ -266,3 +266,60 @@ fn example_config_is_valid_toml_for_pgbastion() {
         "mydb.abc123.eu-west-1.rds.amazonaws.com"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_out_of_file_descriptors_does_not_end_the_process() {
+    let env = Env::new();
+    let port = pgbastion::localpg::free_port().unwrap();
+    let log = env.dir.path().join("stderr.log");
+    // A tiny descriptor limit, so accept() fails with EMFILE.
+    let mut proc = Running(
+        Command::new("prlimit")
+            .args(["--nofile=32:32", "--"])
+            .arg(BIN)
+            .args(["run", "--listen", &format!("127.0.0.1:{port}")])
+            .arg("--tls-cert")
+            .arg(&env.proxy_cert)
+            .arg("--tls-key")
+            .arg(&env.proxy_key)
+            .args(["--upstream", &format!("localhost:{}", env.pg.port)])
+            .arg("--upstream-ca")
+            .arg(&env.pg.ca_cert)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    wait_for_async("pgbastion to listen", Duration::from_secs(10), || async {
+        tokio::net::TcpStream::connect(addr).await.ok().map(|_| ())
+    })
+    .await;
+    // Idle connections until the descriptor table is full.
+    let mut idle = Vec::new();
+    for _ in 0..60 {
+        idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    wait_for(
+        "an accept error in the log",
+        Duration::from_secs(10),
+        || {
+            std::fs::read_to_string(&log)
+                .ok()
+                .filter(|l| l.contains("accept failed"))
+        },
+    );
+    assert!(
+        proc.0.try_wait().unwrap().is_none(),
+        "the process survives EMFILE"
+    );
+    drop(idle);
+    // Once descriptors are free again, it serves as before.
+    let conninfo = env.via_proxy(addr, "channel_binding=disable");
+    let out = wait_for("a query to succeed again", Duration::from_secs(15), || {
+        let out = env.psql(&conninfo, "select 'recovered'");
+        out.status.success().then_some(out)
+    });
+    assert_eq!(stdout(&out), "recovered");
+    assert!(proc.0.try_wait().unwrap().is_none());
+}

@@ -527,3 +527,26 @@ async fn bad_startup_packets_never_hurt_the_proxy() {
         .count();
     assert_eq!(timeouts, 2);
 }
+
+#[test]
+fn ipv6_listener() {
+    let env = Env::new();
+    let proxy = Proxy::start_toml(&format!(
+        "{}\n[[listener]]\nlisten = \"[::1]:0\"\n{}",
+        env.tls_toml(),
+        env.upstream_toml()
+    ));
+    let addr = proxy.addr();
+    assert!(addr.is_ipv6());
+    // Verify pgbastion's certificate by name while connecting to ::1.
+    let conninfo = format!(
+        "host=localhost hostaddr=::1 port={} user=postgres dbname=postgres sslmode=verify-full sslrootcert={} channel_binding=disable",
+        addr.port(),
+        env.proxy_ca.display()
+    );
+    let out = env.psql(&conninfo, "select 'v6'");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "v6");
+    let ev = proxy.wait_audit("start", |e| e["event"] == "session.start");
+    assert_eq!(ev["client"]["addr"], "::1");
+}
