@@ -2,7 +2,8 @@
 # The test command (README, and what CI runs through .ci/run).
 #
 # Installs what the tests need when it is missing (PostgreSQL server and
-# client from Debian packages), then checks formatting and lints, and runs
+# client from Debian packages, psycopg from PyPI), then checks formatting and
+# lints, and runs
 # every test. The tests start real PostgreSQL servers; a missing part makes
 # them fail, never skip.
 set -euo pipefail
@@ -28,6 +29,13 @@ if [ "${#missing[@]}" -gt 0 ]; then
     echo "installing: ${missing[*]}"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# A libpq 18 client for the cancel, protocol 3.2 and direct TLS tests:
+# psycopg's binary wheel bundles its own libpq.
+if ! python3 -c 'import psycopg' >/dev/null 2>&1; then
+    echo "installing psycopg[binary] (bundles libpq 18)"
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "psycopg[binary]>=3.2"
 fi
 
 cargo fmt --all -- --check

@@ -123,6 +123,19 @@ pub enum Event<'a> {
         #[serde(skip_serializing_if = "Option::is_none")]
         detail: Option<&'a str>,
     },
+    /// A CancelRequest and what became of it.
+    #[serde(rename = "session.cancel")]
+    Cancel {
+        #[serde(flatten)]
+        facts: &'a SessionFacts,
+        /// The session it matched, or "unmatched".
+        target_session_id: &'a str,
+        /// forwarded, unmatched, rate_limited, plaintext_refused or
+        /// upstream_failed.
+        outcome: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        detail: Option<String>,
+    },
     #[serde(rename = "session.rejected")]
     Rejected {
         #[serde(flatten)]

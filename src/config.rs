@@ -42,6 +42,18 @@ pub enum ClientTlsMode {
     Allow,
 }
 
+/// Whether a listener accepts CancelRequests sent without TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CancelPlaintext {
+    /// Accepted: libpq before 17 (psql's Ctrl-C) and most drivers always
+    /// send cancels in plaintext, and a cancel carries no credentials.
+    #[default]
+    Allow,
+    /// Refused: only cancels inside TLS are honoured.
+    Deny,
+}
+
 /// How pgbastion starts TLS with an upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -100,6 +112,8 @@ struct RawListener {
     unix_dir: Option<PathBuf>,
     port: Option<u16>,
     client_tls: Option<ClientTlsMode>,
+    #[serde(default)]
+    cancel_plaintext: CancelPlaintext,
     upstream: Option<String>,
 }
 
@@ -138,6 +152,10 @@ pub struct Limits {
     /// this, new connections are closed at once so a flood of idle sockets
     /// cannot starve real clients.
     pub max_pending: usize,
+    /// Cancel requests per second allowed from one client address.
+    pub cancel_rate: f64,
+    /// How many cancel requests one address may send in a burst.
+    pub cancel_burst: f64,
 }
 
 impl Default for Limits {
@@ -145,6 +163,8 @@ impl Default for Limits {
         Limits {
             max_sessions: 1000,
             max_pending: 256,
+            cancel_rate: 5.0,
+            cancel_burst: 20.0,
         }
     }
 }
@@ -167,6 +187,9 @@ pub struct Timeouts {
     /// client typing a password into psql's prompt, hence generous).
     #[serde(with = "humantime_serde")]
     pub authentication: Duration,
+    /// Forwarding one cancel request: connect, TLS, send.
+    #[serde(with = "humantime_serde")]
+    pub cancel: Duration,
     /// After SIGTERM/SIGINT: how long open sessions may finish.
     #[serde(with = "humantime_serde")]
     pub shutdown_drain: Duration,
@@ -179,6 +202,7 @@ impl Default for Timeouts {
             upstream_connect: Duration::from_secs(5),
             upstream_tls: Duration::from_secs(10),
             authentication: Duration::from_secs(60),
+            cancel: Duration::from_secs(5),
             shutdown_drain: Duration::from_secs(30),
         }
     }
@@ -218,6 +242,7 @@ pub struct ListenerConfig {
     pub name: String,
     pub bind: BindAddress,
     pub client_tls: ClientTlsMode,
+    pub cancel_plaintext: CancelPlaintext,
     /// Index into `Config::upstreams`.
     pub upstream: usize,
 }
@@ -323,6 +348,7 @@ impl Config {
                 unix_dir: None,
                 port: None,
                 client_tls: flags.client_tls,
+                cancel_plaintext: CancelPlaintext::default(),
                 upstream: None,
             })
             .collect();
@@ -333,6 +359,7 @@ impl Config {
                 unix_dir: Some(dir),
                 port: flags.port,
                 client_tls: None,
+                cancel_plaintext: CancelPlaintext::default(),
                 upstream: None,
             });
         }
@@ -429,6 +456,7 @@ impl RawConfig {
             ("upstream_connect", t.upstream_connect),
             ("upstream_tls", t.upstream_tls),
             ("authentication", t.authentication),
+            ("cancel", t.cancel),
         ] {
             if d.is_zero() {
                 return Err(invalid(format!(
@@ -522,6 +550,7 @@ impl RawListener {
             name,
             bind,
             client_tls,
+            cancel_plaintext: self.cancel_plaintext,
             upstream,
         })
     }

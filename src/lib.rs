@@ -7,6 +7,7 @@
 //! - `tls`: the client-facing acceptor and the verify-full upstream connector.
 //! - `upstream`: dialing an upstream and negotiating TLS with it.
 //! - `relay`: the byte copy after authentication, and teardown.
+//! - `cancel`: pgbastion's own cancel keys and their forwarding.
 //! - `audit`: the JSON-lines audit log.
 //! - `config`: the one configuration model.
 //! - `localpg`, `devcerts`: a throwaway local PostgreSQL and a private CA,
@@ -15,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod cancel;
 pub mod config;
 pub mod devcerts;
 pub mod localpg;

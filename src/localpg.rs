@@ -67,6 +67,9 @@ pub struct LocalPgOptions {
     /// A CA (PEM) whose client certificates the server then requires on
     /// every TCP connection, in addition to the password.
     pub client_ca_pem: Option<String>,
+    /// Roles that may log in over TLS without a password (for tests that
+    /// speak the protocol by hand). The roles must still be created.
+    pub trust_users: Vec<String>,
 }
 
 impl Default for LocalPgOptions {
@@ -75,6 +78,7 @@ impl Default for LocalPgOptions {
             server_names: vec!["localhost".into(), "127.0.0.1".into()],
             extra_conf: Vec::new(),
             client_ca_pem: None,
+            trust_users: Vec::new(),
         }
     }
 }
@@ -264,10 +268,15 @@ impl LocalPg {
             conf.push('\n');
         }
         append(&data.join("postgresql.conf"), &conf)?;
+        let trusted: String = opts
+            .trust_users
+            .iter()
+            .map(|u| format!("hostssl all {u} 127.0.0.1/32 trust\n"))
+            .collect();
         fs::write(
             data.join("pg_hba.conf"),
             format!(
-                "local all all scram-sha-256\n\
+                "{trusted}local all all scram-sha-256\n\
                  hostssl all all 127.0.0.1/32 scram-sha-256{hostssl_options}\n\
                  hostssl all all ::1/128 scram-sha-256{hostssl_options}\n\
                  hostnossl all all all reject\n"

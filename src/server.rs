@@ -19,7 +19,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
 use crate::audit::{AuditLog, ClientAddress};
-use crate::config::{BindAddress, ClientTlsMode, Config, Timeouts};
+use crate::cancel::CancelRegistry;
+use crate::config::{BindAddress, CancelPlaintext, ClientTlsMode, Config, Timeouts};
 use crate::stream::BoxedIo;
 use crate::tls::{self, TlsConfigError};
 use crate::upstream::Upstream;
@@ -53,12 +54,14 @@ pub(crate) struct Shared {
     pub audit: AuditLog,
     pub sessions: Arc<Semaphore>,
     pub max_sessions: usize,
+    pub cancels: Arc<CancelRegistry>,
 }
 
 /// What a session needs to know about the listener it arrived on.
 pub(crate) struct ListenerInfo {
     pub name: String,
     pub client_tls: ClientTlsMode,
+    pub cancel_plaintext: CancelPlaintext,
     pub upstream: usize,
 }
 
@@ -124,6 +127,7 @@ impl Server {
                 info: Arc::new(ListenerInfo {
                     name: l.name.clone(),
                     client_tls: l.client_tls,
+                    cancel_plaintext: l.cancel_plaintext,
                     upstream: l.upstream,
                 }),
                 socket,
@@ -137,6 +141,7 @@ impl Server {
                 audit,
                 sessions: Arc::new(Semaphore::new(config.limits.max_sessions)),
                 max_sessions: config.limits.max_sessions,
+                cancels: CancelRegistry::new(config.limits.cancel_rate, config.limits.cancel_burst),
             }),
             listeners,
             pending: Arc::new(Semaphore::new(config.limits.max_pending)),

@@ -10,6 +10,9 @@
 //!    watching for the outcome and for channel binding.
 //! 5. `relay::relay` until either side ends; then `session.end`.
 //!
+//! A connection whose first packet is a CancelRequest takes the short path
+//! in `Session::cancel` instead.
+//!
 //! Every failure is a `SessionError`; `SessionError::client_error` is the one
 //! place that decides what the client is told.
 
@@ -26,9 +29,10 @@ use tracing::{debug, info, warn, Instrument};
 use crate::audit::{
     AuthOutcome, ClientAddress, ClientTransport, Event, Requested, SessionFacts, UpstreamFacts,
 };
-use crate::config::ClientTlsMode;
+use crate::cancel::{CancelRegistry, CancelTarget, Registration};
+use crate::config::{CancelPlaintext, ClientTlsMode};
 use crate::protocol::message::{
-    self, tag, AuthRequest, ErrorFields, ErrorResponse, MessageError, SCRAM_PLUS,
+    self, tag, AuthRequest, BackendKeyData, ErrorFields, ErrorResponse, MessageError, SCRAM_PLUS,
 };
 use crate::protocol::startup::{self, CancelRequest, StartupError, StartupMessage, StartupPacket};
 use crate::relay::{self, ByteCounts};
@@ -443,12 +447,7 @@ impl Session {
         drop(pending);
         let startup = match negotiated {
             Ok(Negotiated::Startup(m)) => m,
-            Ok(Negotiated::Cancel(c)) => {
-                // Forwarding cancel requests is not implemented yet; like
-                // Postgres with an unknown key, say nothing and close.
-                debug!(process_id = c.process_id, "cancel request dropped");
-                return;
-            }
+            Ok(Negotiated::Cancel(c)) => return self.cancel(conn, c).await,
             Err(e) => return self.reject(&mut conn, e).await,
         };
         self.facts.requested = Some(Requested {
@@ -482,7 +481,16 @@ impl Session {
         }
 
         let auth_deadline = tokio::time::Instant::now() + t.authentication;
-        let mut auth = AuthPhase::new(std::mem::take(&mut conn.buf), !conn.is_tls());
+        let mut auth = AuthPhase::new(
+            std::mem::take(&mut conn.buf),
+            !conn.is_tls(),
+            CancelContext {
+                registry: self.shared.cancels.clone(),
+                session_id: self.facts.session_id.clone(),
+                upstream: self.listener.upstream,
+                addr: up.addr,
+            },
+        );
         auth.counts.client_to_server = startup.as_bytes().len() as u64;
         let auth_result = timeout_at(auth_deadline, auth.run(&mut conn.io, &mut up.stream))
             .await
@@ -554,6 +562,50 @@ impl Session {
         );
     }
 
+    /// Handles a CancelRequest: honoured only with a key pgbastion issued to
+    /// a live session, forwarded to that session's server with the real key.
+    /// Like PostgreSQL, the client is told nothing either way.
+    async fn cancel(self, conn: ClientConn, req: CancelRequest) {
+        // The client may close now: nothing more will be said to it.
+        drop(conn);
+        let client_ip = self.facts.client.addr.parse().ok();
+        let (target, outcome, detail) = if !self.shared.cancels.allow(client_ip) {
+            (None, "rate_limited", None)
+        } else if self.facts.client_tls == Some(ClientTransport::Plaintext)
+            && self.listener.cancel_plaintext == CancelPlaintext::Deny
+        {
+            (None, "plaintext_refused", None)
+        } else {
+            match self.shared.cancels.lookup(&req) {
+                None => (None, "unmatched", None),
+                Some(target) => {
+                    let upstream = &self.shared.upstreams[target.upstream];
+                    let real = CancelRequest {
+                        process_id: target.real.process_id,
+                        secret_key: target.real.secret_key.clone(),
+                    };
+                    match upstream
+                        .cancel(target.addr, &real, self.shared.timeouts.cancel)
+                        .await
+                    {
+                        Ok(()) => (Some(target), "forwarded", None),
+                        Err(e) => (Some(target), "upstream_failed", Some(e.to_string())),
+                    }
+                }
+            }
+        };
+        let target_id = target
+            .as_ref()
+            .map_or("unmatched", |t| t.session_id.as_str());
+        info!(target = target_id, outcome, "cancel request");
+        self.shared.audit.emit(&Event::Cancel {
+            facts: &self.facts,
+            target_session_id: target_id,
+            outcome,
+            detail,
+        });
+    }
+
     /// Refuses a session before any upstream was used: tells the client
     /// (when there is a channel), logs, and audits.
     async fn reject(self, conn: &mut ClientConn, err: SessionError) {
@@ -598,15 +650,28 @@ struct AuthPhase {
     client_plaintext: bool,
     outcome: AuthOutcome,
     counts: ByteCounts,
+    cancel: CancelContext,
+    /// The session's cancel key mapping; dropped with the session.
+    registration: Option<Registration>,
+}
+
+/// What the authentication phase needs to issue the session's cancel key.
+struct CancelContext {
+    registry: Arc<CancelRegistry>,
+    session_id: String,
+    upstream: usize,
+    addr: std::net::SocketAddr,
 }
 
 impl AuthPhase {
-    fn new(client_leftover: Vec<u8>, client_plaintext: bool) -> Self {
+    fn new(client_leftover: Vec<u8>, client_plaintext: bool, cancel: CancelContext) -> Self {
         AuthPhase {
             client_buf: client_leftover,
             server_buf: Vec::with_capacity(1024),
             expect_sasl_initial: false,
             client_plaintext,
+            cancel,
+            registration: None,
             outcome: AuthOutcome::Incomplete,
             counts: ByteCounts::default(),
         }
@@ -742,6 +807,23 @@ impl AuthPhase {
                     self.outcome = AuthOutcome::Error {
                         sqlstate: fields.code,
                     };
+                }
+                tag::BACKEND_KEY_DATA => {
+                    // The client gets pgbastion's key, never the server's.
+                    let real = BackendKeyData::parse(body).map_err(|error| AuthEnd::Protocol {
+                        side: "server",
+                        error,
+                    })?;
+                    let (ours, registration) = self.cancel.registry.register(CancelTarget {
+                        session_id: self.cancel.session_id.clone(),
+                        upstream: self.cancel.upstream,
+                        addr: self.cancel.addr,
+                        real,
+                    });
+                    self.registration = Some(registration);
+                    let replacement = ours.encode();
+                    at = start + replacement.len();
+                    self.server_buf.splice(start..start + len, replacement);
                 }
                 tag::READY_FOR_QUERY => return Ok((at, true)),
                 _ => {}

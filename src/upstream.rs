@@ -19,7 +19,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use crate::config::{TlsNegotiation, UpstreamConfig};
-use crate::protocol::startup::ssl_request;
+use crate::protocol::startup::{ssl_request, CancelRequest};
 use crate::tls::{self, CertificateProblem, TlsConfigError, TlsInfo};
 
 #[derive(Debug, Error)]
@@ -102,6 +102,41 @@ impl Upstream {
                 addr,
                 after: tls_timeout,
             }),
+        }
+    }
+
+    /// Forwards a cancel request to the server at `addr` (the address of
+    /// the session being cancelled) over a new, verified TLS connection, and
+    /// waits for the server to close it, as it does once the request is
+    /// processed.
+    pub async fn cancel(
+        &self,
+        addr: SocketAddr,
+        req: &CancelRequest,
+        limit: Duration,
+    ) -> Result<(), UpstreamError> {
+        let work = async {
+            let tcp = match TcpStream::connect(addr).await {
+                Ok(tcp) => tcp,
+                Err(e) => {
+                    return Err(UpstreamError::Unreachable {
+                        target: addr.to_string(),
+                        attempts: e.to_string(),
+                    })
+                }
+            };
+            let mut conn = self.negotiate(tcp, addr).await?;
+            let closed = |_| UpstreamError::Closed { addr };
+            conn.stream.write_all(&req.encode()).await.map_err(closed)?;
+            conn.stream.flush().await.map_err(closed)?;
+            let mut sink = Vec::new();
+            // The server answers nothing; EOF means it has the request.
+            let _ = conn.stream.read_to_end(&mut sink).await;
+            Ok(())
+        };
+        match timeout(limit, work).await {
+            Ok(r) => r,
+            Err(_) => Err(UpstreamError::TlsTimeout { addr, after: limit }),
         }
     }
 

@@ -301,25 +301,6 @@ async fn client_close_notify_without_terminate_ends_the_upstream_session() {
     .await;
 }
 
-/// SSLRequest, `S`, then a TLS handshake verifying pgbastion's certificate.
-pub async fn ssl_request_then_tls(
-    mut tcp: tokio::net::TcpStream,
-    env: &Env,
-) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    tcp.write_all(&pgbastion::protocol::startup::ssl_request())
-        .await
-        .unwrap();
-    assert_eq!(tcp.read_u8().await.unwrap(), b'S');
-    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client_tls_config(
-        &env.proxy_ca,
-        &[],
-    )));
-    connector
-        .connect("localhost".try_into().unwrap(), tcp)
-        .await
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn too_many_sessions_gets_53300() {
     let env = Env::new();

@@ -217,6 +217,50 @@ pub fn authentication_sasl(mechanisms: &[String]) -> Vec<u8> {
     build(tag::AUTHENTICATION, &body)
 }
 
+/// BackendKeyData: the process id and secret key a client needs to cancel
+/// its queries. The key is 4 bytes in protocol 3.0 and up to 256 bytes in
+/// 3.2 (PostgreSQL 18 sends 32).
+#[derive(Clone, PartialEq, Eq)]
+pub struct BackendKeyData {
+    pub process_id: u32,
+    pub secret_key: Vec<u8>,
+}
+
+impl std::fmt::Debug for BackendKeyData {
+    /// The key is a credential for cancelling queries: never print it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackendKeyData")
+            .field("process_id", &self.process_id)
+            .field(
+                "secret_key",
+                &format_args!("<{} bytes>", self.secret_key.len()),
+            )
+            .finish()
+    }
+}
+
+impl BackendKeyData {
+    /// Parses a 'K' body, with the key length bounded as in CancelRequest.
+    pub fn parse(body: &[u8]) -> Result<Self, MessageError> {
+        let (pid, key) = body
+            .split_first_chunk::<4>()
+            .ok_or(MessageError::Malformed("BackendKeyData"))?;
+        if !(4..=crate::protocol::startup::MAX_CANCEL_KEY_LEN).contains(&key.len()) {
+            return Err(MessageError::Malformed("BackendKeyData"));
+        }
+        Ok(BackendKeyData {
+            process_id: u32::from_be_bytes(*pid),
+            secret_key: key.to_vec(),
+        })
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut body = self.process_id.to_be_bytes().to_vec();
+        body.extend_from_slice(&self.secret_key);
+        build(tag::BACKEND_KEY_DATA, &body)
+    }
+}
+
 /// The mechanism a client chose in its SASLInitialResponse (the 'p' message
 /// that follows AuthenticationSASL): a NUL-terminated name first.
 pub fn sasl_initial_mechanism(body: &[u8]) -> Result<&[u8], MessageError> {
@@ -297,7 +341,46 @@ mod tests {
         assert!(sasl_initial_mechanism(b"SCRAM").is_err());
     }
 
+    #[test]
+    fn backend_key_data_bounds() {
+        let v30 = BackendKeyData {
+            process_id: 42,
+            secret_key: vec![1, 2, 3, 4],
+        };
+        assert_eq!(BackendKeyData::parse(&v30.encode()[5..]), Ok(v30.clone()));
+        let v32 = BackendKeyData {
+            process_id: 7,
+            secret_key: vec![9; 32],
+        };
+        assert_eq!(BackendKeyData::parse(&v32.encode()[5..]), Ok(v32));
+        let max = BackendKeyData {
+            process_id: 7,
+            secret_key: vec![9; 256],
+        };
+        assert_eq!(BackendKeyData::parse(&max.encode()[5..]), Ok(max));
+        assert!(
+            BackendKeyData::parse(&[0, 0, 0, 1, 2, 3, 4]).is_err(),
+            "3-byte key"
+        );
+        assert!(BackendKeyData::parse(&[0, 0, 0]).is_err());
+        let mut too_long = vec![0, 0, 0, 1];
+        too_long.extend_from_slice(&[0; 257]);
+        assert!(BackendKeyData::parse(&too_long).is_err());
+        assert!(
+            !format!("{v30:?}").contains("[1, 2, 3, 4]"),
+            "Debug hides the key"
+        );
+    }
+
     proptest! {
+        #[test]
+        fn backend_key_data_round_trip(pid in any::<u32>(), key in proptest::collection::vec(any::<u8>(), 4..=256)) {
+            let k = BackendKeyData { process_id: pid, secret_key: key };
+            let bytes = k.encode();
+            prop_assert_eq!(frame(&bytes, 1000), Ok(Some((b'K', bytes.len()))));
+            prop_assert_eq!(BackendKeyData::parse(&bytes[5..]), Ok(k));
+        }
+
         #[test]
         fn build_then_frame(t in any::<u8>(), body in proptest::collection::vec(any::<u8>(), 0..300)) {
             let msg = build(t, &body);
@@ -318,6 +401,7 @@ mod tests {
             let _ = ErrorFields::parse(&body);
             let _ = AuthRequest::parse(&body);
             let _ = sasl_initial_mechanism(&body);
+            let _ = BackendKeyData::parse(&body);
         }
     }
 }

@@ -375,3 +375,25 @@ pub async fn read_error<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> (String, 
 pub fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
     e.as_db_error().map(|d| d.code().code().to_owned())
 }
+
+/// SSLRequest, `S`, then a TLS handshake verifying pgbastion's certificate.
+pub async fn ssl_request_then_tls(
+    mut tcp: tokio::net::TcpStream,
+    certs: &ProxyCerts,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    tokio::io::AsyncWriteExt::write_all(&mut tcp, &pgbastion::protocol::startup::ssl_request())
+        .await
+        .unwrap();
+    assert_eq!(
+        tokio::io::AsyncReadExt::read_u8(&mut tcp).await.unwrap(),
+        b'S'
+    );
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client_tls_config(
+        &certs.proxy_ca,
+        &[],
+    )));
+    connector
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap()
+}

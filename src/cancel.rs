@@ -1,0 +1,275 @@
+//! Cancel keys: pgbastion hands every client a key of its own and keeps the
+//! mapping to the upstream's real key, for as long as the session lives.
+//!
+//! Why not pass the server's key through? Because then any client could
+//! cancel any session it learned the key of, by asking the server directly
+//! or through pgbastion; and the real backend pid would leak. Here a
+//! CancelRequest is honoured only if it carries a key pgbastion issued, and
+//! it is forwarded (with the real key) to the very server address the
+//! session is connected to, over verified TLS. Unknown keys are dropped
+//! silently, as PostgreSQL does.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Instant;
+
+use rand::RngCore;
+use subtle::ConstantTimeEq;
+
+use crate::protocol::message::BackendKeyData;
+use crate::protocol::startup::CancelRequest;
+
+/// Key length pgbastion issues to protocol 3.2 sessions (PostgreSQL 18 uses
+/// the same); 3.0 sessions get 4 bytes, all that protocol allows.
+const KEY_LEN_3_2: usize = 32;
+const KEY_LEN_3_0: usize = 4;
+
+/// How many client addresses the rate limiter remembers before it forgets
+/// the idlest ones.
+const MAX_TRACKED_CLIENTS: usize = 10_000;
+
+/// Where a matched cancel request must go.
+#[derive(Debug, Clone)]
+pub struct CancelTarget {
+    pub session_id: String,
+    /// Index of the upstream in the server's list.
+    pub upstream: usize,
+    /// The address the session is connected to: with several addresses
+    /// behind one name, only that server knows the backend.
+    pub addr: SocketAddr,
+    /// The server's real key.
+    pub real: BackendKeyData,
+}
+
+struct Entry {
+    key: Vec<u8>,
+    target: CancelTarget,
+}
+
+/// All live sessions' cancel keys, and the per-address rate limit.
+pub struct CancelRegistry {
+    entries: Mutex<HashMap<u32, Entry>>,
+    limiter: Mutex<RateLimiter>,
+}
+
+/// A session's hold on its mapping: dropping it (the session ended) removes
+/// the mapping, so a late cancel finds nothing.
+pub struct Registration {
+    registry: Weak<CancelRegistry>,
+    process_id: u32,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Some(r) = self.registry.upgrade() {
+            r.lock_entries().remove(&self.process_id);
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing here can leave the maps inconsistent mid-update, so a
+    // poisoned lock (a panic elsewhere) is still safe to use.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl CancelRegistry {
+    pub fn new(rate_per_sec: f64, burst: f64) -> Arc<Self> {
+        Arc::new(CancelRegistry {
+            entries: Mutex::new(HashMap::new()),
+            limiter: Mutex::new(RateLimiter::new(rate_per_sec, burst)),
+        })
+    }
+
+    fn lock_entries(&self) -> MutexGuard<'_, HashMap<u32, Entry>> {
+        lock(&self.entries)
+    }
+
+    /// Issues pgbastion's own BackendKeyData for a session whose server sent
+    /// `target.real`. The key is as long as the protocol the session speaks
+    /// allows: 4 bytes if the server's is 4 (protocol 3.0, including a 3.2
+    /// client that the server downgraded), else 32.
+    pub fn register(self: &Arc<Self>, target: CancelTarget) -> (BackendKeyData, Registration) {
+        let key_len = if target.real.secret_key.len() == KEY_LEN_3_0 {
+            KEY_LEN_3_0
+        } else {
+            KEY_LEN_3_2
+        };
+        let mut rng = rand::thread_rng();
+        let mut key = vec![0u8; key_len];
+        rng.fill_bytes(&mut key);
+        let mut entries = self.lock_entries();
+        let process_id = loop {
+            // Positive like a real pid (some clients treat it as signed).
+            let candidate = rng.next_u32() & 0x7fff_ffff;
+            if candidate != 0 && !entries.contains_key(&candidate) {
+                break candidate;
+            }
+        };
+        entries.insert(
+            process_id,
+            Entry {
+                key: key.clone(),
+                target,
+            },
+        );
+        (
+            BackendKeyData {
+                process_id,
+                secret_key: key,
+            },
+            Registration {
+                registry: Arc::downgrade(self),
+                process_id,
+            },
+        )
+    }
+
+    /// The target of a cancel request, if it carries a key pgbastion issued
+    /// to a live session. The key is compared in constant time.
+    pub fn lookup(&self, req: &CancelRequest) -> Option<CancelTarget> {
+        let entries = self.lock_entries();
+        let entry = entries.get(&req.process_id)?;
+        let same =
+            entry.key.len() == req.secret_key.len() && bool::from(entry.key.ct_eq(&req.secret_key));
+        same.then(|| entry.target.clone())
+    }
+
+    /// Whether a client address may send another cancel request now.
+    pub fn allow(&self, client: Option<IpAddr>) -> bool {
+        lock(&self.limiter).allow(client, Instant::now())
+    }
+
+    pub fn live_sessions(&self) -> usize {
+        self.lock_entries().len()
+    }
+}
+
+/// A token bucket per client address (Unix-socket clients share one).
+struct RateLimiter {
+    rate: f64,
+    burst: f64,
+    buckets: HashMap<Option<IpAddr>, (f64, Instant)>,
+}
+
+impl RateLimiter {
+    fn new(rate: f64, burst: f64) -> Self {
+        RateLimiter {
+            rate,
+            burst,
+            buckets: HashMap::new(),
+        }
+    }
+
+    fn allow(&mut self, client: Option<IpAddr>, now: Instant) -> bool {
+        if self.buckets.len() >= MAX_TRACKED_CLIENTS && !self.buckets.contains_key(&client) {
+            // Forget buckets that have refilled completely: they carry no
+            // information. Under a flood of distinct addresses, forget all.
+            let (rate, burst) = (self.rate, self.burst);
+            self.buckets.retain(|_, (tokens, at)| {
+                *tokens + now.duration_since(*at).as_secs_f64() * rate < burst
+            });
+            if self.buckets.len() >= MAX_TRACKED_CLIENTS {
+                self.buckets.clear();
+            }
+        }
+        let (tokens, at) = self.buckets.entry(client).or_insert((self.burst, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.rate).min(self.burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn target(key_len: usize) -> CancelTarget {
+        CancelTarget {
+            session_id: "s".into(),
+            upstream: 0,
+            addr: "127.0.0.1:5432".parse().unwrap(),
+            real: BackendKeyData {
+                process_id: 1234,
+                secret_key: vec![7; key_len],
+            },
+        }
+    }
+
+    #[test]
+    fn issued_keys_match_the_protocol_and_hide_the_real_ones() {
+        let reg = CancelRegistry::new(10.0, 10.0);
+        let (k30, _r30) = reg.register(target(4));
+        assert_eq!(k30.secret_key.len(), 4);
+        let (k32, _r32) = reg.register(target(32));
+        assert_eq!(k32.secret_key.len(), 32);
+        let (k_other, _r) = reg.register(target(100));
+        assert_eq!(k_other.secret_key.len(), 32);
+        for k in [&k30, &k32] {
+            assert_ne!(k.process_id, 1234);
+            assert_ne!(k.secret_key, vec![7; k.secret_key.len()]);
+        }
+    }
+
+    #[test]
+    fn lookup_needs_the_exact_key_and_ends_with_the_session() {
+        let reg = CancelRegistry::new(10.0, 10.0);
+        let (issued, registration) = reg.register(target(4));
+        let req = |key: Vec<u8>| CancelRequest {
+            process_id: issued.process_id,
+            secret_key: key,
+        };
+        let found = reg
+            .lookup(&req(issued.secret_key.clone()))
+            .expect("issued key matches");
+        assert_eq!(found.real.process_id, 1234);
+        let mut wrong = issued.secret_key.clone();
+        wrong[0] ^= 1;
+        assert!(reg.lookup(&req(wrong)).is_none());
+        let mut longer = issued.secret_key.clone();
+        longer.push(0);
+        assert!(reg.lookup(&req(longer)).is_none());
+        assert!(reg
+            .lookup(&CancelRequest {
+                process_id: issued.process_id ^ 1,
+                secret_key: issued.secret_key.clone()
+            })
+            .is_none());
+        drop(registration);
+        assert!(reg.lookup(&req(issued.secret_key.clone())).is_none());
+        assert_eq!(reg.live_sessions(), 0);
+    }
+
+    #[test]
+    fn rate_limit_per_address_refills() {
+        let mut l = RateLimiter::new(2.0, 3.0);
+        let a = Some(IpAddr::from([10, 0, 0, 1]));
+        let b = Some(IpAddr::from([10, 0, 0, 2]));
+        let t0 = Instant::now();
+        assert!((0..3).all(|_| l.allow(a, t0)));
+        assert!(!l.allow(a, t0), "burst used up");
+        assert!(l.allow(b, t0), "another address has its own bucket");
+        assert!(
+            l.allow(a, t0 + Duration::from_millis(500)),
+            "refilled by one"
+        );
+        assert!(!l.allow(a, t0 + Duration::from_millis(500)));
+    }
+
+    #[test]
+    fn rate_limiter_memory_is_bounded() {
+        let mut l = RateLimiter::new(1.0, 1.0);
+        let t0 = Instant::now();
+        for i in 0..(MAX_TRACKED_CLIENTS as u32 + 10) {
+            l.allow(Some(IpAddr::from(i.to_be_bytes())), t0);
+        }
+        assert!(l.buckets.len() <= MAX_TRACKED_CLIENTS);
+    }
+}
