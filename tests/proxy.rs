@@ -207,7 +207,14 @@ async fn server_side_terminate_reaches_client_at_once() {
     assert_eq!(sqlstate(&err).as_deref(), Some("57P01"), "{err}");
     assert!(client.is_closed());
     let end = proxy.wait_audit("end", |e| e["event"] == "session.end");
-    assert_eq!(end["end_reason"], "server_closed");
+    // The server sends FATAL and then exits; a fast client may hang up
+    // before the server's FIN arrives, so either side may be seen closing
+    // first. Never an error.
+    let reason = end["end_reason"].as_str().unwrap();
+    assert!(
+        reason == "server_closed" || reason == "client_closed",
+        "{reason}"
+    );
 }
 
 /// Counts the server backends with the given application_name.
