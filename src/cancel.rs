@@ -4,7 +4,7 @@
 //! Why not pass the server's key through? Because then any client could
 //! cancel any session it learned the key of, by asking the server directly
 //! or through pgbastion; and the real backend pid would leak. Here a
-//! CancelRequest is honoured only if it carries a key pgbastion issued, and
+//! CancelKey is honoured only if it carries a key pgbastion issued, and
 //! it is forwarded (with the real key) to the very server address the
 //! session is connected to, over verified TLS. Unknown keys are dropped
 //! silently, as PostgreSQL does.
@@ -17,8 +17,7 @@ use std::time::Instant;
 use rand::RngCore;
 use subtle::ConstantTimeEq;
 
-use crate::protocol::message::BackendKeyData;
-use crate::protocol::startup::CancelRequest;
+use crate::protocol::startup::CancelKey;
 
 /// Key length pgbastion issues to protocol 3.2 sessions (PostgreSQL 18 uses
 /// the same); 3.0 sessions get 4 bytes, all that protocol allows.
@@ -39,7 +38,7 @@ pub struct CancelTarget {
     /// behind one name, only that server knows the backend.
     pub addr: SocketAddr,
     /// The server's real key.
-    pub real: BackendKeyData,
+    pub real: CancelKey,
 }
 
 struct Entry {
@@ -86,11 +85,11 @@ impl CancelRegistry {
         lock(&self.entries)
     }
 
-    /// Issues pgbastion's own BackendKeyData for a session whose server sent
+    /// Issues pgbastion's own CancelKey for a session whose server sent
     /// `target.real`. The key is as long as the protocol the session speaks
     /// allows: 4 bytes if the server's is 4 (protocol 3.0, including a 3.2
     /// client that the server downgraded), else 32.
-    pub fn register(self: &Arc<Self>, target: CancelTarget) -> (BackendKeyData, Registration) {
+    pub fn register(self: &Arc<Self>, target: CancelTarget) -> (CancelKey, Registration) {
         let key_len = if target.real.secret_key.len() == KEY_LEN_3_0 {
             KEY_LEN_3_0
         } else {
@@ -115,7 +114,7 @@ impl CancelRegistry {
             },
         );
         (
-            BackendKeyData {
+            CancelKey {
                 process_id,
                 secret_key: key,
             },
@@ -128,7 +127,7 @@ impl CancelRegistry {
 
     /// The target of a cancel request, if it carries a key pgbastion issued
     /// to a live session. The key is compared in constant time.
-    pub fn lookup(&self, req: &CancelRequest) -> Option<CancelTarget> {
+    pub fn lookup(&self, req: &CancelKey) -> Option<CancelTarget> {
         let entries = self.lock_entries();
         let entry = entries.get(&req.process_id)?;
         let same =
@@ -196,7 +195,7 @@ mod tests {
             session_id: "s".into(),
             upstream: 0,
             addr: "127.0.0.1:5432".parse().unwrap(),
-            real: BackendKeyData {
+            real: CancelKey {
                 process_id: 1234,
                 secret_key: vec![7; key_len],
             },
@@ -222,7 +221,7 @@ mod tests {
     fn lookup_needs_the_exact_key_and_ends_with_the_session() {
         let reg = CancelRegistry::new(10.0, 10.0);
         let (issued, registration) = reg.register(target(4));
-        let req = |key: Vec<u8>| CancelRequest {
+        let req = |key: Vec<u8>| CancelKey {
             process_id: issued.process_id,
             secret_key: key,
         };
@@ -237,7 +236,7 @@ mod tests {
         longer.push(0);
         assert!(reg.lookup(&req(longer)).is_none());
         assert!(reg
-            .lookup(&CancelRequest {
+            .lookup(&CancelKey {
                 process_id: issued.process_id ^ 1,
                 secret_key: issued.secret_key.clone()
             })

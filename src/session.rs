@@ -2,7 +2,7 @@
 //!
 //! The steps, each with its own deadline and its own way to fail:
 //! 1. `negotiate`: read first packets (SSLRequest, GSSENCRequest, direct
-//!    TLS, CancelRequest, StartupMessage) and upgrade the client leg to TLS.
+//!    TLS, CancelKey, StartupMessage) and upgrade the client leg to TLS.
 //! 2. Admission: the session limit.
 //! 3. Upstream: dial and verify (see `upstream`), then forward the
 //!    StartupMessage — only now does the server learn anything.
@@ -10,7 +10,7 @@
 //!    watching for the outcome and for channel binding.
 //! 5. `relay::relay` until either side ends; then `session.end`.
 //!
-//! A connection whose first packet is a CancelRequest takes the short path
+//! A connection whose first packet is a CancelKey takes the short path
 //! in `Session::cancel` instead.
 //!
 //! Every failure is a `SessionError`; `SessionError::client_error` is the one
@@ -32,9 +32,9 @@ use crate::audit::{
 use crate::cancel::{CancelRegistry, CancelTarget, Registration};
 use crate::config::{CancelPlaintext, ClientTlsMode};
 use crate::protocol::message::{
-    self, tag, AuthRequest, BackendKeyData, ErrorFields, ErrorResponse, MessageError, SCRAM_PLUS,
+    self, tag, AuthRequest, ErrorFields, ErrorResponse, MessageError, SCRAM_PLUS,
 };
-use crate::protocol::startup::{self, CancelRequest, StartupError, StartupMessage, StartupPacket};
+use crate::protocol::startup::{self, CancelKey, StartupError, StartupMessage, StartupPacket};
 use crate::relay::{self, ByteCounts};
 use crate::server::{ListenerInfo, Shared};
 use crate::stream::{BoxedIo, Prefixed};
@@ -251,7 +251,7 @@ impl AuthEnd {
 /// What the client's first packets settled.
 enum Negotiated {
     Startup(StartupMessage),
-    Cancel(CancelRequest),
+    Cancel(CancelKey),
 }
 
 /// The client side during negotiation: the stream, bytes read but not yet
@@ -562,10 +562,10 @@ impl Session {
         );
     }
 
-    /// Handles a CancelRequest: honoured only with a key pgbastion issued to
+    /// Handles a CancelKey: honoured only with a key pgbastion issued to
     /// a live session, forwarded to that session's server with the real key.
     /// Like PostgreSQL, the client is told nothing either way.
-    async fn cancel(self, conn: ClientConn, req: CancelRequest) {
+    async fn cancel(self, conn: ClientConn, req: CancelKey) {
         // The client may close now: nothing more will be said to it.
         drop(conn);
         let client_ip = self.facts.client.addr.parse().ok();
@@ -580,12 +580,8 @@ impl Session {
                 None => (None, "unmatched", None),
                 Some(target) => {
                     let upstream = &self.shared.upstreams[target.upstream];
-                    let real = CancelRequest {
-                        process_id: target.real.process_id,
-                        secret_key: target.real.secret_key.clone(),
-                    };
                     match upstream
-                        .cancel(target.addr, &real, self.shared.timeouts.cancel)
+                        .cancel(target.addr, &target.real, self.shared.timeouts.cancel)
                         .await
                     {
                         Ok(()) => (Some(target), "forwarded", None),
@@ -810,9 +806,11 @@ impl AuthPhase {
                 }
                 tag::BACKEND_KEY_DATA => {
                     // The client gets pgbastion's key, never the server's.
-                    let real = BackendKeyData::parse(body).map_err(|error| AuthEnd::Protocol {
-                        side: "server",
-                        error,
+                    let real = message::parse_backend_key_data(body).map_err(|error| {
+                        AuthEnd::Protocol {
+                            side: "server",
+                            error,
+                        }
                     })?;
                     let (ours, registration) = self.cancel.registry.register(CancelTarget {
                         session_id: self.cancel.session_id.clone(),
@@ -821,7 +819,7 @@ impl AuthPhase {
                         real,
                     });
                     self.registration = Some(registration);
-                    let replacement = ours.encode();
+                    let replacement = message::backend_key_data(&ours);
                     at = start + replacement.len();
                     self.server_buf.splice(start..start + len, replacement);
                 }

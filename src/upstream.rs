@@ -19,7 +19,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use crate::config::{TlsNegotiation, UpstreamConfig};
-use crate::protocol::startup::{ssl_request, CancelRequest};
+use crate::protocol::startup::{ssl_request, CancelKey};
 use crate::tls::{self, CertificateProblem, TlsConfigError, TlsInfo};
 
 #[derive(Debug, Error)]
@@ -112,7 +112,7 @@ impl Upstream {
     pub async fn cancel(
         &self,
         addr: SocketAddr,
-        req: &CancelRequest,
+        req: &CancelKey,
         limit: Duration,
     ) -> Result<(), UpstreamError> {
         let work = async {
@@ -127,7 +127,10 @@ impl Upstream {
             };
             let mut conn = self.negotiate(tcp, addr).await?;
             let closed = |_| UpstreamError::Closed { addr };
-            conn.stream.write_all(&req.encode()).await.map_err(closed)?;
+            conn.stream
+                .write_all(&req.cancel_request())
+                .await
+                .map_err(closed)?;
             conn.stream.flush().await.map_err(closed)?;
             let mut sink = Vec::new();
             // The server answers nothing; EOF means it has the request.

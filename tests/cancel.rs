@@ -6,8 +6,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use pgbastion::protocol::message::{self, BackendKeyData};
-use pgbastion::protocol::startup::{CancelRequest, ProtocolVersion, StartupMessage};
+use pgbastion::protocol::message;
+use pgbastion::protocol::startup::{CancelKey, ProtocolVersion, StartupMessage};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Waits until the server runs a query for `app`; returns its server pid.
@@ -40,39 +40,31 @@ async fn still_active(direct: &tokio_postgres::Client, pid: i32) -> bool {
         .get(0)
 }
 
-/// Sends a CancelRequest in plaintext, as libpq's PQcancel does.
-async fn plaintext_cancel(proxy: &Proxy, key: &BackendKeyData) {
+/// Sends a CancelKey in plaintext, as libpq's PQcancel does.
+async fn plaintext_cancel(proxy: &Proxy, key: &CancelKey) {
     let mut tcp = raw(proxy.addr()).await;
-    let req = CancelRequest {
-        process_id: key.process_id,
-        secret_key: key.secret_key.clone(),
-    };
-    tcp.write_all(&req.encode()).await.unwrap();
+    tcp.write_all(&key.cancel_request()).await.unwrap();
     let mut rest = Vec::new();
     tcp.read_to_end(&mut rest).await.unwrap();
     assert!(rest.is_empty(), "nothing is answered to a cancel request");
 }
 
-/// Sends a CancelRequest inside TLS, as libpq 17+ and tokio-postgres do.
-async fn tls_cancel(proxy: &Proxy, certs: &ProxyCerts, key: &BackendKeyData) {
+/// Sends a CancelKey inside TLS, as libpq 17+ and tokio-postgres do.
+async fn tls_cancel(proxy: &Proxy, certs: &ProxyCerts, key: &CancelKey) {
     let mut tls = ssl_request_then_tls(raw(proxy.addr()).await, certs).await;
-    let req = CancelRequest {
-        process_id: key.process_id,
-        secret_key: key.secret_key.clone(),
-    };
-    tls.write_all(&req.encode()).await.unwrap();
+    tls.write_all(&key.cancel_request()).await.unwrap();
     let mut rest = Vec::new();
     let _ = tls.read_to_end(&mut rest).await;
     assert!(rest.is_empty(), "nothing is answered to a cancel request");
 }
 
-/// A tokio-postgres session through pgbastion (TLS) whose BackendKeyData,
+/// A tokio-postgres session through pgbastion (TLS) whose CancelKey,
 /// as the client received it, is captured on the way.
 async fn sniffed_session(
     proxy: &Proxy,
     env: &Env,
     app: &str,
-) -> (tokio_postgres::Client, BackendKeyData) {
+) -> (tokio_postgres::Client, CancelKey) {
     let tls = ssl_request_then_tls(raw(proxy.addr()).await, env).await;
     let (local, remote) = tokio::io::duplex(64 * 1024);
     let (key_tx, key_rx) = tokio::sync::oneshot::channel();
@@ -94,7 +86,8 @@ async fn sniffed_session(
                     let mut at = 0;
                     while let Ok(Some((t, len))) = message::frame(&seen[at..], 1 << 20) {
                         if t == b'K' {
-                            let key = BackendKeyData::parse(&seen[at + 5..at + len]).unwrap();
+                            let key =
+                                message::parse_backend_key_data(&seen[at + 5..at + len]).unwrap();
                             let _ = key_tx.take().unwrap().send(key);
                             break;
                         }
@@ -335,7 +328,7 @@ async fn protocol_3_2_client_downgraded_by_the_server_can_still_cancel() {
         let (t, body) = read_message(&mut tls).await.unwrap();
         match t {
             b'v' => negotiated = Some(body),
-            b'K' => key = Some(BackendKeyData::parse(&body).unwrap()),
+            b'K' => key = Some(message::parse_backend_key_data(&body).unwrap()),
             b'Z' => break,
             b'E' => panic!("{:?}", message::ErrorFields::parse(&body)),
             _ => {}
@@ -347,7 +340,7 @@ async fn protocol_3_2_client_downgraded_by_the_server_can_still_cancel() {
     assert_eq!(&v[..4], &[0, 3, 0, 0], "the server offers 3.0");
     assert_eq!(&v[4..8], &1u32.to_be_bytes());
     assert_eq!(&v[8..], b"_pq_.grease_option\0");
-    let key = key.expect("BackendKeyData");
+    let key = key.expect("CancelKey");
     assert_eq!(
         key.secret_key.len(),
         4,

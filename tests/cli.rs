@@ -20,6 +20,38 @@ impl Drop for Running {
     }
 }
 
+/// `pgbastion run` in its flag-only form in front of `env`'s PostgreSQL,
+/// listening on 127.0.0.1:`port`, optionally under a wrapper command
+/// (e.g. `prlimit`).
+fn flag_form(env: &Env, port: u16, wrapper: &[&str]) -> Command {
+    let mut cmd = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(BIN);
+            c
+        }
+        None => Command::new(BIN),
+    };
+    cmd.args(["run", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--tls-cert")
+        .arg(&env.proxy_cert)
+        .arg("--tls-key")
+        .arg(&env.proxy_key)
+        .args(["--upstream", &format!("localhost:{}", env.pg.port)])
+        .arg("--upstream-ca")
+        .arg(&env.pg.ca_cert);
+    cmd
+}
+
+/// Waits until pgbastion accepts connections on 127.0.0.1:`port`.
+fn wait_listening(port: u16) -> std::net::SocketAddr {
+    let addr = ([127, 0, 0, 1], port).into();
+    wait_for("pgbastion to listen", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(addr).ok()
+    });
+    addr
+}
+
 fn signal(pid: u32, sig: &str) {
     let ok = Command::new("kill")
         .args([sig, &pid.to_string()])
@@ -35,15 +67,7 @@ async fn flag_form_serves_and_sigterm_drains() {
     let port = pgbastion::localpg::free_port().unwrap();
     let audit = env.dir.path().join("audit.jsonl");
     let mut proc = Running(
-        Command::new(BIN)
-            .args(["run", "--listen", &format!("127.0.0.1:{port}")])
-            .arg("--tls-cert")
-            .arg(&env.proxy_cert)
-            .arg("--tls-key")
-            .arg(&env.proxy_key)
-            .args(["--upstream", &format!("localhost:{}", env.pg.port)])
-            .arg("--upstream-ca")
-            .arg(&env.pg.ca_cert)
+        flag_form(&env, port, &[])
             .arg("--audit-log")
             .arg(&audit)
             .stdout(Stdio::null())
@@ -51,11 +75,7 @@ async fn flag_form_serves_and_sigterm_drains() {
             .spawn()
             .unwrap(),
     );
-    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
-    wait_for_async("pgbastion to listen", Duration::from_secs(10), || async {
-        tokio::net::TcpStream::connect(addr).await.ok().map(|_| ())
-    })
-    .await;
+    let addr = wait_listening(port);
 
     let conninfo = env.via_proxy(addr, "channel_binding=disable");
     let out = env.psql(&conninfo, "select 'flags work'");
@@ -125,10 +145,7 @@ fn drain_deadline_ends_lingering_sessions() {
             .spawn()
             .unwrap(),
     );
-    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
-    wait_for("pgbastion to listen", Duration::from_secs(10), || {
-        std::net::TcpStream::connect(addr).ok()
-    });
+    let addr = wait_listening(port);
     // An idle psql session that would stay forever.
     let mut psql = Running(
         Command::new("psql")
@@ -274,27 +291,13 @@ async fn running_out_of_file_descriptors_does_not_end_the_process() {
     let log = env.dir.path().join("stderr.log");
     // A tiny descriptor limit, so accept() fails with EMFILE.
     let mut proc = Running(
-        Command::new("prlimit")
-            .args(["--nofile=32:32", "--"])
-            .arg(BIN)
-            .args(["run", "--listen", &format!("127.0.0.1:{port}")])
-            .arg("--tls-cert")
-            .arg(&env.proxy_cert)
-            .arg("--tls-key")
-            .arg(&env.proxy_key)
-            .args(["--upstream", &format!("localhost:{}", env.pg.port)])
-            .arg("--upstream-ca")
-            .arg(&env.pg.ca_cert)
+        flag_form(&env, port, &["prlimit", "--nofile=32:32", "--"])
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap(),
     );
-    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
-    wait_for_async("pgbastion to listen", Duration::from_secs(10), || async {
-        tokio::net::TcpStream::connect(addr).await.ok().map(|_| ())
-    })
-    .await;
+    let addr = wait_listening(port);
     // Idle connections until the descriptor table is full.
     let mut idle = Vec::new();
     for _ in 0..60 {

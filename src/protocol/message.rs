@@ -8,6 +8,8 @@
 
 use thiserror::Error;
 
+use crate::protocol::startup::CancelKey;
+
 pub mod tag {
     //! Message type bytes, by direction.
     /// Backend: an Authentication* request or AuthenticationOk.
@@ -217,48 +219,17 @@ pub fn authentication_sasl(mechanisms: &[String]) -> Vec<u8> {
     build(tag::AUTHENTICATION, &body)
 }
 
-/// BackendKeyData: the process id and secret key a client needs to cancel
-/// its queries. The key is 4 bytes in protocol 3.0 and up to 256 bytes in
-/// 3.2 (PostgreSQL 18 sends 32).
-#[derive(Clone, PartialEq, Eq)]
-pub struct BackendKeyData {
-    pub process_id: u32,
-    pub secret_key: Vec<u8>,
+/// Parses a BackendKeyData body, with the key length bounded as in a
+/// CancelRequest.
+pub fn parse_backend_key_data(body: &[u8]) -> Result<CancelKey, MessageError> {
+    CancelKey::from_bytes(body).ok_or(MessageError::Malformed("BackendKeyData"))
 }
 
-impl std::fmt::Debug for BackendKeyData {
-    /// The key is a credential for cancelling queries: never print it.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BackendKeyData")
-            .field("process_id", &self.process_id)
-            .field(
-                "secret_key",
-                &format_args!("<{} bytes>", self.secret_key.len()),
-            )
-            .finish()
-    }
-}
-
-impl BackendKeyData {
-    /// Parses a 'K' body, with the key length bounded as in CancelRequest.
-    pub fn parse(body: &[u8]) -> Result<Self, MessageError> {
-        let (pid, key) = body
-            .split_first_chunk::<4>()
-            .ok_or(MessageError::Malformed("BackendKeyData"))?;
-        if !(4..=crate::protocol::startup::MAX_CANCEL_KEY_LEN).contains(&key.len()) {
-            return Err(MessageError::Malformed("BackendKeyData"));
-        }
-        Ok(BackendKeyData {
-            process_id: u32::from_be_bytes(*pid),
-            secret_key: key.to_vec(),
-        })
-    }
-
-    pub fn encode(&self) -> Vec<u8> {
-        let mut body = self.process_id.to_be_bytes().to_vec();
-        body.extend_from_slice(&self.secret_key);
-        build(tag::BACKEND_KEY_DATA, &body)
-    }
+/// Builds a BackendKeyData message.
+pub fn backend_key_data(key: &CancelKey) -> Vec<u8> {
+    let mut body = key.process_id.to_be_bytes().to_vec();
+    body.extend_from_slice(&key.secret_key);
+    build(tag::BACKEND_KEY_DATA, &body)
 }
 
 /// The mechanism a client chose in its SASLInitialResponse (the 'p' message
@@ -343,42 +314,39 @@ mod tests {
 
     #[test]
     fn backend_key_data_bounds() {
-        let v30 = BackendKeyData {
-            process_id: 42,
-            secret_key: vec![1, 2, 3, 4],
+        let key = |pid, key: Vec<u8>| CancelKey {
+            process_id: pid,
+            secret_key: key,
         };
-        assert_eq!(BackendKeyData::parse(&v30.encode()[5..]), Ok(v30.clone()));
-        let v32 = BackendKeyData {
-            process_id: 7,
-            secret_key: vec![9; 32],
-        };
-        assert_eq!(BackendKeyData::parse(&v32.encode()[5..]), Ok(v32));
-        let max = BackendKeyData {
-            process_id: 7,
-            secret_key: vec![9; 256],
-        };
-        assert_eq!(BackendKeyData::parse(&max.encode()[5..]), Ok(max));
+        for k in [
+            key(42, vec![1, 2, 3, 4]),
+            key(7, vec![9; 32]),
+            key(7, vec![9; 256]),
+        ] {
+            assert_eq!(parse_backend_key_data(&backend_key_data(&k)[5..]), Ok(k));
+        }
         assert!(
-            BackendKeyData::parse(&[0, 0, 0, 1, 2, 3, 4]).is_err(),
+            parse_backend_key_data(&[0, 0, 0, 1, 2, 3, 4]).is_err(),
             "3-byte key"
         );
-        assert!(BackendKeyData::parse(&[0, 0, 0]).is_err());
+        assert!(parse_backend_key_data(&[0, 0, 0]).is_err());
         let mut too_long = vec![0, 0, 0, 1];
         too_long.extend_from_slice(&[0; 257]);
-        assert!(BackendKeyData::parse(&too_long).is_err());
+        assert!(parse_backend_key_data(&too_long).is_err());
+        let shown = format!("{:?}", key(42, vec![1, 2, 3, 4]));
         assert!(
-            !format!("{v30:?}").contains("[1, 2, 3, 4]"),
-            "Debug hides the key"
+            !shown.contains("[1, 2, 3, 4]"),
+            "Debug hides the key: {shown}"
         );
     }
 
     proptest! {
         #[test]
         fn backend_key_data_round_trip(pid in any::<u32>(), key in proptest::collection::vec(any::<u8>(), 4..=256)) {
-            let k = BackendKeyData { process_id: pid, secret_key: key };
-            let bytes = k.encode();
+            let k = CancelKey { process_id: pid, secret_key: key };
+            let bytes = backend_key_data(&k);
             prop_assert_eq!(frame(&bytes, 1000), Ok(Some((b'K', bytes.len()))));
-            prop_assert_eq!(BackendKeyData::parse(&bytes[5..]), Ok(k));
+            prop_assert_eq!(parse_backend_key_data(&bytes[5..]), Ok(k));
         }
 
         #[test]
@@ -401,7 +369,7 @@ mod tests {
             let _ = ErrorFields::parse(&body);
             let _ = AuthRequest::parse(&body);
             let _ = sasl_initial_mechanism(&body);
-            let _ = BackendKeyData::parse(&body);
+            let _ = parse_backend_key_data(&body);
         }
     }
 }

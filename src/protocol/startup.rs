@@ -132,18 +132,19 @@ impl StartupMessage {
     }
 }
 
-/// A CancelRequest: the backend process id and the secret key, whose length
-/// depends on the protocol version of the session being cancelled.
+/// A backend's process id and secret key: what BackendKeyData gives a
+/// client and a CancelRequest sends back. The key is 4 bytes in protocol 3.0
+/// and up to 256 bytes in 3.2 (PostgreSQL 18 sends 32).
 #[derive(Clone, PartialEq, Eq)]
-pub struct CancelRequest {
+pub struct CancelKey {
     pub process_id: u32,
     pub secret_key: Vec<u8>,
 }
 
-impl std::fmt::Debug for CancelRequest {
+impl std::fmt::Debug for CancelKey {
     /// The key is a credential for cancelling a query: never print it.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CancelRequest")
+        f.debug_struct("CancelKey")
             .field("process_id", &self.process_id)
             .field(
                 "secret_key",
@@ -153,8 +154,22 @@ impl std::fmt::Debug for CancelRequest {
     }
 }
 
-impl CancelRequest {
-    pub fn encode(&self) -> Vec<u8> {
+impl CancelKey {
+    /// Reads a process id and a key (what follows the code in a
+    /// CancelRequest, and the body of a BackendKeyData), the key bounded to
+    /// 4..=256 bytes.
+    pub fn from_bytes(bytes: &[u8]) -> Option<CancelKey> {
+        let (pid, key) = bytes.split_first_chunk::<4>()?;
+        (4..=MAX_CANCEL_KEY_LEN)
+            .contains(&key.len())
+            .then(|| CancelKey {
+                process_id: u32::from_be_bytes(*pid),
+                secret_key: key.to_vec(),
+            })
+    }
+
+    /// The CancelRequest packet carrying this key.
+    pub fn cancel_request(&self) -> Vec<u8> {
         let mut body = Vec::with_capacity(8 + self.secret_key.len());
         body.extend_from_slice(&CANCEL_REQUEST_CODE.to_be_bytes());
         body.extend_from_slice(&self.process_id.to_be_bytes());
@@ -168,7 +183,7 @@ impl CancelRequest {
 pub enum StartupPacket {
     SslRequest,
     GssEncRequest,
-    Cancel(CancelRequest),
+    Cancel(CancelKey),
     Startup(StartupMessage),
 }
 
@@ -221,16 +236,9 @@ fn exact_request(
 }
 
 fn parse_cancel(rest: &[u8]) -> Result<StartupPacket, StartupError> {
-    let (pid, key) = rest
-        .split_first_chunk::<4>()
-        .ok_or(StartupError::BadCancelKey(0))?;
-    if !(4..=MAX_CANCEL_KEY_LEN).contains(&key.len()) {
-        return Err(StartupError::BadCancelKey(key.len()));
-    }
-    Ok(StartupPacket::Cancel(CancelRequest {
-        process_id: u32::from_be_bytes(*pid),
-        secret_key: key.to_vec(),
-    }))
+    CancelKey::from_bytes(rest)
+        .map(StartupPacket::Cancel)
+        .ok_or(StartupError::BadCancelKey(rest.len().saturating_sub(4)))
 }
 
 fn parse_startup(code: u32, rest: &[u8], packet: &[u8]) -> Result<StartupPacket, StartupError> {
@@ -354,7 +362,7 @@ mod tests {
         let short = packet(CANCEL_REQUEST_CODE, &[0, 0, 0, 7, 1, 2, 3, 4]);
         assert_eq!(
             parse(&short),
-            Ok(StartupPacket::Cancel(CancelRequest {
+            Ok(StartupPacket::Cancel(CancelKey {
                 process_id: 7,
                 secret_key: vec![1, 2, 3, 4]
             }))
@@ -450,8 +458,8 @@ mod tests {
 
         #[test]
         fn cancel_round_trip(pid in any::<u32>(), key in proptest::collection::vec(any::<u8>(), 4..=256)) {
-            let req = CancelRequest { process_id: pid, secret_key: key };
-            prop_assert_eq!(parse(&req.encode()), Ok(StartupPacket::Cancel(req)));
+            let req = CancelKey { process_id: pid, secret_key: key };
+            prop_assert_eq!(parse(&req.cancel_request()), Ok(StartupPacket::Cancel(req)));
         }
 
         #[test]
