@@ -12,6 +12,7 @@ use std::sync::Mutex;
 use serde::Serialize;
 
 use crate::config::AuditTarget;
+use crate::identity::Identity;
 use crate::tls::TlsInfo;
 
 /// How the client leg was protected.
@@ -98,6 +99,12 @@ pub struct SessionFacts {
     pub client_tls: Option<ClientTransport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub requested: Option<Requested>,
+    /// Who the client is (see `identity`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<Identity>,
+    /// The policy rule that admitted (or refused) the session.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -213,6 +220,8 @@ mod tests {
             client: ClientAddress::tcp("127.0.0.1:5000".parse().unwrap()),
             client_tls: Some(ClientTransport::Plaintext),
             requested: None,
+            identity: None,
+            rule: None,
         };
         let v = serde_json::to_value(Event::Rejected {
             facts: &facts,

@@ -14,6 +14,10 @@ use std::time::Duration;
 use serde::Deserialize;
 use thiserror::Error;
 
+use crate::identity::cert::{CertName, DEFAULT_ORDER};
+use crate::identity::IdentitySource;
+use crate::policy::{Policy, Rule};
+
 #[derive(Debug, Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -93,6 +97,27 @@ struct RawConfig {
     timeouts: Timeouts,
     #[serde(default)]
     audit: RawAudit,
+    #[serde(default, rename = "rule")]
+    rules: Vec<Rule>,
+    #[serde(default)]
+    tailscale: Option<RawTailscale>,
+    #[serde(default)]
+    forward: RawForward,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTailscale {
+    socket: Option<PathBuf>,
+    capability: Option<String>,
+    #[serde(default, with = "humantime_serde::option")]
+    timeout: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawForward {
+    application_name: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -115,6 +140,21 @@ struct RawListener {
     #[serde(default)]
     cancel_plaintext: CancelPlaintext,
     upstream: Option<String>,
+    #[serde(default)]
+    identity: IdentitySource,
+    client_ca: Option<PathBuf>,
+    client_cert: Option<ClientCertMode>,
+    cert_identity: Option<Vec<CertName>>,
+}
+
+/// Whether a `client_cert` listener insists on a certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientCertMode {
+    /// No certificate, no connection (the TLS handshake fails).
+    Required,
+    /// Clients without one are identified by their address.
+    Optional,
 }
 
 #[derive(Debug, Deserialize)]
@@ -243,6 +283,7 @@ pub struct ListenerConfig {
     pub bind: BindAddress,
     pub client_tls: ClientTlsMode,
     pub cancel_plaintext: CancelPlaintext,
+    pub identity: ListenerIdentity,
     /// Index into `Config::upstreams`.
     pub upstream: usize,
 }
@@ -262,6 +303,36 @@ pub struct UpstreamConfig {
     pub tls_negotiation: TlsNegotiation,
     pub min_tls_version: TlsVersion,
 }
+
+/// How a listener establishes who its clients are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenerIdentity {
+    Network,
+    ClientCert {
+        ca_file: PathBuf,
+        mode: ClientCertMode,
+        order: Vec<CertName>,
+    },
+    Tailscale,
+}
+
+/// Where tailscaled's LocalAPI is, and which peer capability carries
+/// pgbastion's grants.
+#[derive(Debug, Clone)]
+pub struct TailscaleConfig {
+    pub socket: PathBuf,
+    pub capability: Option<String>,
+    pub timeout: Duration,
+}
+
+/// The placeholders `[forward] application_name` may use.
+pub const APPLICATION_NAME_PLACEHOLDERS: &[&str] = &[
+    "{application_name}",
+    "{identity}",
+    "{node}",
+    "{source}",
+    "{session_id}",
+];
 
 /// Where trusted root certificates for an upstream come from. At least one
 /// source is required: pgbastion never connects without verification.
@@ -287,6 +358,10 @@ pub struct Config {
     pub limits: Limits,
     pub timeouts: Timeouts,
     pub audit: AuditTarget,
+    pub policy: Policy,
+    pub tailscale: Option<TailscaleConfig>,
+    /// Template for the application_name sent upstream; None: unchanged.
+    pub application_name: Option<String>,
 }
 
 /// The flag-only form of `pgbastion run`, for the one-upstream case.
@@ -350,6 +425,10 @@ impl Config {
                 client_tls: flags.client_tls,
                 cancel_plaintext: CancelPlaintext::default(),
                 upstream: None,
+                identity: IdentitySource::Network,
+                client_ca: None,
+                client_cert: None,
+                cert_identity: None,
             })
             .collect();
         if let Some(dir) = flags.unix_dir {
@@ -361,6 +440,10 @@ impl Config {
                 client_tls: None,
                 cancel_plaintext: CancelPlaintext::default(),
                 upstream: None,
+                identity: IdentitySource::Network,
+                client_ca: None,
+                client_cert: None,
+                cert_identity: None,
             });
         }
         let tls = match (flags.tls_cert, flags.tls_key) {
@@ -399,6 +482,9 @@ impl Config {
             audit: RawAudit {
                 log: flags.audit_log,
             },
+            rules: Vec::new(),
+            tailscale: None,
+            forward: RawForward::default(),
         };
         raw.validate()
     }
@@ -469,6 +555,74 @@ impl RawConfig {
             Some("") => return Err(invalid("audit.log must be a file path or \"-\" for stdout")),
             Some(p) => AuditTarget::File(PathBuf::from(p)),
         };
+        if let Some(l) = listeners
+            .iter()
+            .find(|l| matches!(l.identity, ListenerIdentity::ClientCert { .. }))
+        {
+            if l.client_tls != ClientTlsMode::Require || tls.is_none() {
+                return Err(invalid(format!(
+                    "listener {:?}: identity = \"client_cert\" needs client_tls = \"require\" and a [tls] certificate",
+                    l.name
+                )));
+            }
+        }
+        let tailscale = self.tailscale.map(|t| TailscaleConfig {
+            socket: t
+                .socket
+                .unwrap_or_else(|| PathBuf::from("/var/run/tailscale/tailscaled.sock")),
+            capability: t.capability,
+            timeout: t.timeout.unwrap_or(Duration::from_secs(2)),
+        });
+        for l in &listeners {
+            if l.identity == ListenerIdentity::Tailscale && !matches!(l.bind, BindAddress::Tcp(_)) {
+                return Err(invalid(format!(
+                    "listener {:?}: identity = \"tailscale\" needs a TCP listener (WhoIs asks about the peer's address)",
+                    l.name
+                )));
+            }
+        }
+        for r in &self.rules {
+            for name in r.listeners.iter().flatten() {
+                if !listeners.iter().any(|l| &l.name == name) {
+                    return Err(invalid(format!(
+                        "rule {:?}: no listener named {name:?}",
+                        r.name
+                    )));
+                }
+            }
+            for name in r.upstreams.iter().flatten() {
+                if !upstreams.iter().any(|u| &u.name == name) {
+                    return Err(invalid(format!(
+                        "rule {:?}: no upstream named {name:?}",
+                        r.name
+                    )));
+                }
+            }
+            if r.from_grants
+                && tailscale
+                    .as_ref()
+                    .and_then(|t| t.capability.as_ref())
+                    .is_none()
+            {
+                return Err(invalid(format!(
+                    "rule {:?}: from_grants needs [tailscale] capability = \"...\" (the peer capability that carries the grants)",
+                    r.name
+                )));
+            }
+        }
+        let policy = Policy::new(self.rules).map_err(invalid)?;
+        if let Some(template) = &self.forward.application_name {
+            let mut rest = template.clone();
+            for p in APPLICATION_NAME_PLACEHOLDERS {
+                rest = rest.replace(p, "");
+            }
+            if rest.contains('{') || rest.contains('}') {
+                return Err(invalid(format!(
+                    "forward.application_name {template:?}: unknown placeholder; use {}",
+                    APPLICATION_NAME_PLACEHOLDERS.join(", ")
+                )));
+            }
+        }
         Ok(Config {
             tls,
             listeners,
@@ -476,6 +630,9 @@ impl RawConfig {
             limits: self.limits,
             timeouts: self.timeouts,
             audit,
+            policy,
+            tailscale,
+            application_name: self.forward.application_name,
         })
     }
 }
@@ -546,11 +703,38 @@ impl RawListener {
                 )))
             }
         };
+        let identity = match self.identity {
+            IdentitySource::Network => {
+                if self.client_ca.is_some() || self.client_cert.is_some() || self.cert_identity.is_some() {
+                    return Err(invalid(format!(
+                        "listener {name:?}: client_ca, client_cert and cert_identity need identity = \"client_cert\""
+                    )));
+                }
+                ListenerIdentity::Network
+            }
+            IdentitySource::Tailscale => ListenerIdentity::Tailscale,
+            IdentitySource::ClientCert => ListenerIdentity::ClientCert {
+                ca_file: self.client_ca.ok_or_else(|| {
+                    invalid(format!(
+                        "listener {name:?}: identity = \"client_cert\" needs client_ca (the CA that issues client certificates)"
+                    ))
+                })?,
+                mode: self.client_cert.unwrap_or(ClientCertMode::Required),
+                order: match self.cert_identity {
+                    Some(order) if order.is_empty() => {
+                        return Err(invalid(format!("listener {name:?}: cert_identity must name at least one kind")))
+                    }
+                    Some(order) => order,
+                    None => DEFAULT_ORDER.to_vec(),
+                },
+            },
+        };
         Ok(ListenerConfig {
             name,
             bind,
             client_tls,
             cancel_plaintext: self.cancel_plaintext,
+            identity,
             upstream,
         })
     }

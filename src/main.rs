@@ -193,13 +193,43 @@ fn load_run_config(args: RunArgs) -> Result<Config> {
 }
 
 async fn run(args: RunArgs) -> Result<()> {
+    let config_path = args.config.clone();
     let config = load_run_config(args)?;
     let server = Server::bind(config).await?;
     for (name, addr) in server.local_addrs() {
         tracing::info!(listener = %name, address = %addr, "bound");
     }
+    if let Some(path) = config_path {
+        tokio::spawn(reload_on_sighup(path, server.policy_handle()));
+    }
     server.run(shutdown_signal()).await;
     Ok(())
+}
+
+/// SIGHUP re-reads the config file and replaces the policy ([[rule]]);
+/// a file that does not validate is refused and the running policy stays.
+/// Other sections (listeners, upstreams, TLS files) take a restart.
+async fn reload_on_sighup(path: PathBuf, handle: server::PolicyHandle) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGHUP; the policy cannot be reloaded");
+            return;
+        }
+    };
+    while hup.recv().await.is_some() {
+        match Config::from_file(&path) {
+            Ok(config) => {
+                let rules = config.policy.len();
+                handle.replace(config.policy);
+                tracing::info!(path = %path.display(), rules, "policy reloaded ([[rule]] sections; other changes need a restart)");
+            }
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "reload refused; keeping the current policy")
+            }
+        }
+    }
 }
 
 fn check_config(path: PathBuf) -> Result<()> {
@@ -217,6 +247,10 @@ fn check_config(path: PathBuf) -> Result<()> {
             "  upstream {:?} at {}:{} verified as {:?}",
             u.name, u.host, u.port, u.server_name
         );
+    }
+    match config.policy.len() {
+        0 => println!("  no [[rule]]: every client that passes TLS is admitted"),
+        n => println!("  {n} policy rule(s); requests no rule matches are denied"),
     }
     Ok(())
 }

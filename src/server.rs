@@ -6,8 +6,9 @@
 //! told to stop, and drains open sessions with a deadline.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use thiserror::Error;
@@ -20,15 +21,22 @@ use tracing::{debug, error, info, warn};
 
 use crate::audit::{AuditLog, ClientAddress};
 use crate::cancel::CancelRegistry;
-use crate::config::{BindAddress, CancelPlaintext, ClientTlsMode, Config, Timeouts};
+use crate::config::{
+    BindAddress, CancelPlaintext, ClientCertMode, ClientTlsMode, Config, ListenerIdentity, Timeouts,
+};
+use crate::identity::tailscale::WhoIsClient;
+use crate::policy::Policy;
 use crate::stream::BoxedIo;
 use crate::tls::{self, TlsConfigError};
 use crate::upstream::Upstream;
 
 #[derive(Debug, Error)]
 pub enum ServerError {
-    #[error(transparent)]
-    Tls(#[from] TlsConfigError),
+    #[error("listener {name:?}: {source}")]
+    Listener {
+        name: String,
+        source: TlsConfigError,
+    },
     #[error("upstream {name:?}: {source}")]
     Upstream {
         name: String,
@@ -49,17 +57,45 @@ pub enum ServerError {
 /// What every session of the process shares.
 pub(crate) struct Shared {
     pub timeouts: Timeouts,
-    pub acceptor: Option<TlsAcceptor>,
     pub upstreams: Vec<Upstream>,
     pub audit: AuditLog,
     pub sessions: Arc<Semaphore>,
     pub max_sessions: usize,
     pub cancels: Arc<CancelRegistry>,
+    /// Replaced as a whole on reload; sessions decide with the one current
+    /// when their StartupMessage arrived.
+    pub policy: RwLock<Arc<Policy>>,
+    pub whois: Option<WhoIsClient>,
+    pub application_name: Option<String>,
+}
+
+impl Shared {
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// Replaces the running policy (SIGHUP). Sessions already admitted keep
+/// running; new ones follow the new rules.
+#[derive(Clone)]
+pub struct PolicyHandle(Arc<Shared>);
+
+impl PolicyHandle {
+    pub fn replace(&self, policy: Policy) {
+        *self.0.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policy);
+    }
 }
 
 /// What a session needs to know about the listener it arrived on.
 pub(crate) struct ListenerInfo {
     pub name: String,
+    /// This listener's TLS acceptor (it differs per listener when client
+    /// certificates are verified).
+    pub acceptor: Option<TlsAcceptor>,
+    pub identity: ListenerIdentity,
     pub client_tls: ClientTlsMode,
     pub cancel_plaintext: CancelPlaintext,
     pub upstream: usize,
@@ -81,8 +117,32 @@ pub fn check(config: &Config) -> Result<(), ServerError> {
     prepare_tls(config).map(|_| ())
 }
 
-fn prepare_tls(config: &Config) -> Result<(Option<TlsAcceptor>, Vec<Upstream>), ServerError> {
-    let acceptor = config.tls.as_ref().map(tls::client_acceptor).transpose()?;
+/// Each listener's acceptor (None: no [tls]), and every upstream.
+type PreparedTls = (Vec<Option<TlsAcceptor>>, Vec<Upstream>);
+
+fn prepare_tls(config: &Config) -> Result<PreparedTls, ServerError> {
+    let acceptors = config
+        .listeners
+        .iter()
+        .map(|l| {
+            let Some(tls_cfg) = &config.tls else {
+                return Ok(None);
+            };
+            let auth = match &l.identity {
+                ListenerIdentity::ClientCert { ca_file, mode, .. } => Some(tls::ClientAuth {
+                    ca_file,
+                    required: *mode == ClientCertMode::Required,
+                }),
+                _ => None,
+            };
+            tls::client_acceptor(tls_cfg, auth)
+                .map(Some)
+                .map_err(|source| ServerError::Listener {
+                    name: l.name.clone(),
+                    source,
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let upstreams = config
         .upstreams
         .iter()
@@ -93,7 +153,7 @@ fn prepare_tls(config: &Config) -> Result<(Option<TlsAcceptor>, Vec<Upstream>), 
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    Ok((acceptor, upstreams))
+    Ok((acceptors, upstreams))
 }
 
 pub struct Server {
@@ -105,10 +165,10 @@ pub struct Server {
 
 impl Server {
     pub async fn bind(config: Config) -> Result<Server, ServerError> {
-        let (acceptor, upstreams) = prepare_tls(&config)?;
+        let (acceptors, upstreams) = prepare_tls(&config)?;
         let audit = AuditLog::open(&config.audit).map_err(ServerError::Audit)?;
         let mut listeners = Vec::new();
-        for l in &config.listeners {
+        for (l, acceptor) in config.listeners.iter().zip(acceptors) {
             let socket = match &l.bind {
                 BindAddress::Tcp(addr) => {
                     Socket::Tcp(TcpListener::bind(addr).await.map_err(|source| {
@@ -126,6 +186,8 @@ impl Server {
             listeners.push(Listener {
                 info: Arc::new(ListenerInfo {
                     name: l.name.clone(),
+                    acceptor,
+                    identity: l.identity.clone(),
                     client_tls: l.client_tls,
                     cancel_plaintext: l.cancel_plaintext,
                     upstream: l.upstream,
@@ -136,17 +198,28 @@ impl Server {
         Ok(Server {
             shared: Arc::new(Shared {
                 timeouts: config.timeouts.clone(),
-                acceptor,
                 upstreams,
                 audit,
                 sessions: Arc::new(Semaphore::new(config.limits.max_sessions)),
                 max_sessions: config.limits.max_sessions,
                 cancels: CancelRegistry::new(config.limits.cancel_rate, config.limits.cancel_burst),
+                policy: RwLock::new(Arc::new(config.policy.clone())),
+                whois: config.tailscale.as_ref().map(|t| WhoIsClient {
+                    socket: t.socket.clone(),
+                    capability: t.capability.clone(),
+                    timeout: t.timeout,
+                }),
+                application_name: config.application_name.clone(),
             }),
             listeners,
             pending: Arc::new(Semaphore::new(config.limits.max_pending)),
             drain: config.timeouts.shutdown_drain,
         })
+    }
+
+    /// A handle to replace the policy while the server runs.
+    pub fn policy_handle(&self) -> PolicyHandle {
+        PolicyHandle(self.shared.clone())
     }
 
     /// The addresses actually bound (a configured port 0 becomes the real
@@ -235,11 +308,11 @@ async fn accept_loop(
     stop: CancellationToken,
 ) {
     loop {
-        let accepted: std::io::Result<(BoxedIo, ClientAddress)> = tokio::select! {
+        let accepted: std::io::Result<(BoxedIo, Option<SocketAddr>)> = tokio::select! {
             _ = stop.cancelled() => return,
             r = accept(&l.socket) => r,
         };
-        let (io, client) = match accepted {
+        let (io, peer) = match accepted {
             Ok(a) => a,
             Err(e) => {
                 // EMFILE/ENFILE/ENOBUFS and friends are transient: back off
@@ -249,6 +322,7 @@ async fn accept_loop(
                 continue;
             }
         };
+        let client = peer.map_or_else(ClientAddress::unix, ClientAddress::tcp);
         let Ok(permit) = pending.clone().try_acquire_owned() else {
             warn!(listener = %l.info.name, %client, "too many connections still negotiating; closing");
             continue;
@@ -256,7 +330,7 @@ async fn accept_loop(
         debug!(listener = %l.info.name, %client, "accepted");
         sessions.spawn(crate::session::handle(
             io,
-            client,
+            peer,
             l.info.clone(),
             shared.clone(),
             permit,
@@ -264,16 +338,17 @@ async fn accept_loop(
     }
 }
 
-async fn accept(socket: &Socket) -> std::io::Result<(BoxedIo, ClientAddress)> {
+/// Accepts one connection; the peer address is None for Unix sockets.
+async fn accept(socket: &Socket) -> std::io::Result<(BoxedIo, Option<SocketAddr>)> {
     match socket {
         Socket::Tcp(t) => {
             let (tcp, addr) = t.accept().await?;
             crate::relay::tune_tcp(&tcp);
-            Ok((Box::new(tcp), ClientAddress::tcp(addr)))
+            Ok((Box::new(tcp), Some(addr)))
         }
         Socket::Unix(u, _) => {
             let (s, _) = u.accept().await?;
-            Ok((Box::new(s), ClientAddress::unix()))
+            Ok((Box::new(s), None))
         }
     }
 }

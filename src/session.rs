@@ -30,7 +30,9 @@ use crate::audit::{
     AuthOutcome, ClientAddress, ClientTransport, Event, Requested, SessionFacts, UpstreamFacts,
 };
 use crate::cancel::{CancelRegistry, CancelTarget, Registration};
-use crate::config::{CancelPlaintext, ClientTlsMode};
+use crate::config::{CancelPlaintext, ClientTlsMode, ListenerIdentity};
+use crate::identity::{cert, Identity, IdentityError, IdentitySource};
+use crate::policy::Request;
 use crate::protocol::message::{
     self, tag, AuthRequest, ErrorFields, ErrorResponse, MessageError, SCRAM_PLUS,
 };
@@ -76,6 +78,18 @@ pub enum SessionError {
     ClientTimeout(Duration),
     #[error("too many sessions (limit {0})")]
     TooManySessions(usize),
+    #[error("could not establish the client's identity: {0}")]
+    Identity(#[from] IdentityError),
+    #[error(
+        "policy does not allow {identity} to use database {database:?} as user {user:?} ({rule})"
+    )]
+    PolicyDenied {
+        identity: String,
+        database: String,
+        user: String,
+        /// "rule NAME" or "no rule matched".
+        rule: String,
+    },
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
     #[error("sending the startup packet upstream failed: {0}")]
@@ -97,6 +111,8 @@ impl SessionError {
             SessionError::ClientIo(_) => "client_io_error",
             SessionError::ClientTimeout(_) => "client_timeout",
             SessionError::TooManySessions(_) => "too_many_sessions",
+            SessionError::Identity(_) => "identity_failed",
+            SessionError::PolicyDenied { .. } => "policy_denied",
             SessionError::Upstream(e) => match e {
                 UpstreamError::Certificate { .. } => "upstream_certificate_untrusted",
                 UpstreamError::RefusedTls { .. } | UpstreamError::ErrorBeforeTls { .. } => {
@@ -141,6 +157,17 @@ impl SessionError {
             ),
             SessionError::TooManySessions(_) => ErrorResponse::new("53300", "sorry, too many clients already")
                 .with_hint("pgbastion's limits.max_sessions is reached; try again later or raise the limit."),
+            SessionError::Identity(e) => ErrorResponse::new(
+                "28000",
+                format!("pgbastion could not establish who you are: {e}"),
+            )
+            .with_hint("pgbastion admits only clients it can identify; see pgbastion's log for this session."),
+            SessionError::PolicyDenied { identity, database, user, rule } => ErrorResponse::new(
+                "28000",
+                format!("pgbastion policy does not allow {identity} to use database \"{database}\" as user \"{user}\""),
+            )
+            .with_detail(format!("Decided by {rule}."))
+            .with_hint("Connect as a database and user the policy allows you, or ask the administrator of pgbastion's policy."),
             SessionError::Upstream(e) => upstream_client_error(e),
             SessionError::UpstreamIo(_) => ErrorResponse::new("08006", "the connection to the database server failed"),
             SessionError::TlsUnavailable
@@ -260,6 +287,8 @@ struct ClientConn {
     io: BoxedIo,
     buf: Vec<u8>,
     transport: ClientTransport,
+    /// The verified client certificate (leaf), when one was presented.
+    peer_cert: Option<Vec<u8>>,
 }
 
 impl ClientConn {
@@ -294,6 +323,10 @@ impl ClientConn {
             .map_err(SessionError::ClientTlsHandshake)?;
         let conn = tls.get_ref().1;
         self.transport = ClientTransport::Tls(TlsInfo::from_connection(conn, conn.server_name()));
+        self.peer_cert = conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| c.to_vec());
         self.io = Box::new(tls);
         Ok(())
     }
@@ -394,11 +427,12 @@ fn new_session_id() -> String {
 /// Runs one accepted connection to completion.
 pub(crate) async fn handle(
     io: BoxedIo,
-    client: ClientAddress,
+    peer: Option<std::net::SocketAddr>,
     listener: Arc<ListenerInfo>,
     shared: Arc<Shared>,
     pending: OwnedSemaphorePermit,
 ) {
+    let client = peer.map_or_else(ClientAddress::unix, ClientAddress::tcp);
     let id = new_session_id();
     let span =
         tracing::info_span!("session", id = %id, client = %client, listener = %listener.name);
@@ -410,7 +444,10 @@ pub(crate) async fn handle(
             client,
             client_tls: None,
             requested: None,
+            identity: None,
+            rule: None,
         },
+        peer,
         listener,
         shared,
     };
@@ -420,6 +457,7 @@ pub(crate) async fn handle(
 struct Session {
     started: Instant,
     facts: SessionFacts,
+    peer: Option<std::net::SocketAddr>,
     listener: Arc<ListenerInfo>,
     shared: Arc<Shared>,
 }
@@ -434,12 +472,13 @@ impl Session {
             io,
             buf: Vec::new(),
             transport: ClientTransport::Plaintext,
+            peer_cert: None,
         };
         let t = self.shared.timeouts.clone();
         let deadline = tokio::time::Instant::now() + t.client_startup;
         let negotiated = timeout_at(
             deadline,
-            conn.negotiate(self.shared.acceptor.as_ref(), self.listener.client_tls),
+            conn.negotiate(self.listener.acceptor.as_ref(), self.listener.client_tls),
         )
         .await
         .unwrap_or(Err(SessionError::ClientTimeout(t.client_startup)));
@@ -457,6 +496,36 @@ impl Session {
             protocol: startup.version.to_string(),
         });
 
+        // Who is this, and may they? Decided before any upstream is used.
+        let identity = match self.identify(conn.peer_cert.as_deref()).await {
+            Ok(identity) => identity,
+            Err(e) => return self.reject(&mut conn, e.into()).await,
+        };
+        let upstream = &self.shared.upstreams[self.listener.upstream];
+        let decision = self.shared.policy().decide(&Request {
+            identity: &identity,
+            client_ip: self.peer.map(|p| p.ip()),
+            listener: &self.listener.name,
+            upstream: &upstream.config.name,
+            database: startup.database(),
+            user: startup.user(),
+        });
+        self.facts.rule = decision.rule.clone();
+        let identity_text = identity.to_string();
+        self.facts.identity = Some(identity);
+        if !decision.allowed {
+            let err = SessionError::PolicyDenied {
+                identity: identity_text,
+                database: startup.database().to_owned(),
+                user: startup.user().to_owned(),
+                rule: decision
+                    .rule
+                    .map_or_else(|| "no rule matched".to_owned(), |r| format!("rule \"{r}\"")),
+            };
+            return self.reject(&mut conn, err).await;
+        }
+        let startup = self.forwarded_startup(startup);
+
         let Ok(_permit) = self.shared.sessions.clone().try_acquire_owned() else {
             let limit = self.shared.max_sessions;
             return self
@@ -464,7 +533,6 @@ impl Session {
                 .await;
         };
 
-        let upstream = &self.shared.upstreams[self.listener.upstream];
         let mut up = match upstream.connect(t.upstream_connect, t.upstream_tls).await {
             Ok(up) => up,
             Err(e) => return self.reject(&mut conn, e.into()).await,
@@ -562,7 +630,65 @@ impl Session {
         );
     }
 
-    /// Handles a CancelKey: honoured only with a key pgbastion issued to
+    /// Establishes who the client is, by the listener's identity source.
+    async fn identify(&self, peer_cert: Option<&[u8]>) -> Result<Identity, IdentityError> {
+        let ip = self.peer.map(|p| p.ip());
+        match &self.listener.identity {
+            ListenerIdentity::Network => Ok(Identity::network(ip)),
+            ListenerIdentity::ClientCert { order, .. } => match peer_cert {
+                Some(der) => {
+                    let (name, cert_names) = cert::names(der, order)?;
+                    Ok(Identity {
+                        source: IdentitySource::ClientCert,
+                        name,
+                        cert_names,
+                        ..Identity::network(ip)
+                    })
+                }
+                // `optional` and no certificate: known by address only.
+                None => Ok(Identity::network(ip)),
+            },
+            ListenerIdentity::Tailscale => {
+                let peer = self.peer.ok_or(IdentityError::NotTcp)?;
+                let whois = self.shared.whois.as_ref().ok_or_else(|| {
+                    IdentityError::LocalApiUnreachable {
+                        socket: "(none configured)".into(),
+                        reason: "no [tailscale] section in the configuration".into(),
+                    }
+                })?;
+                whois.whois(peer).await
+            }
+        }
+    }
+
+    /// The StartupMessage as it goes upstream: unchanged, unless an
+    /// application_name template adds the identity (for visibility in
+    /// pg_stat_activity and server logs; the client can change it later, so
+    /// it is not a security boundary).
+    fn forwarded_startup(&self, startup: StartupMessage) -> StartupMessage {
+        let (Some(template), Some(identity)) =
+            (&self.shared.application_name, &self.facts.identity)
+        else {
+            return startup;
+        };
+        let source = match identity.source {
+            IdentitySource::Network => "network",
+            IdentitySource::ClientCert => "client_cert",
+            IdentitySource::Tailscale => "tailscale",
+        };
+        let value = template
+            .replace(
+                "{application_name}",
+                startup.application_name().unwrap_or(""),
+            )
+            .replace("{identity}", &identity.name)
+            .replace("{node}", identity.node.as_deref().unwrap_or(""))
+            .replace("{source}", source)
+            .replace("{session_id}", &self.facts.session_id);
+        startup.with_param("application_name", &value)
+    }
+
+    /// Handles a CancelRequest: honoured only with a key pgbastion issued to
     /// a live session, forwarded to that session's server with the real key.
     /// Like PostgreSQL, the client is told nothing either way.
     async fn cancel(self, conn: ClientConn, req: CancelKey) {

@@ -82,27 +82,64 @@ pub fn load_key(path: &Path, what: &'static str) -> Result<PrivateKeyDer<'static
     })
 }
 
+/// Client certificates a listener asks for: which CA must have issued
+/// them, and whether a client without one may continue.
+pub struct ClientAuth<'a> {
+    pub ca_file: &'a Path,
+    pub required: bool,
+}
+
 /// Builds the acceptor for the client leg. ALPN `postgresql` is advertised;
-/// a client that offers ALPN without it is refused by the handshake.
-pub fn client_acceptor(cfg: &ClientTlsConfig) -> Result<TlsAcceptor, TlsConfigError> {
+/// a client that offers ALPN without it is refused by the handshake. With
+/// `client_auth`, client certificates are verified against its CA.
+pub fn client_acceptor(
+    cfg: &ClientTlsConfig,
+    client_auth: Option<ClientAuth<'_>>,
+) -> Result<TlsAcceptor, TlsConfigError> {
     let certs = load_certs(&cfg.cert, "TLS certificate")?;
     let key = load_key(&cfg.key, "TLS key")?;
-    let mut server = ServerConfig::builder_with_provider(provider())
+    let builder = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(versions(cfg.min_version))
         .map_err(|source| TlsConfigError::Rustls {
             what: "client TLS versions".into(),
             source,
-        })?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|source| TlsConfigError::Rustls {
-            what: format!(
-                "TLS certificate {} and key {}",
-                cfg.cert.display(),
-                cfg.key.display()
-            ),
-            source,
         })?;
+    let builder = match client_auth {
+        None => builder.with_no_client_auth(),
+        Some(auth) => {
+            let roots = root_store(&RootSources {
+                ca_file: Some(auth.ca_file.to_owned()),
+                ca_dir: None,
+                system: false,
+            })?;
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider(),
+            );
+            let verifier = if auth.required {
+                verifier
+            } else {
+                verifier.allow_unauthenticated()
+            };
+            builder.with_client_cert_verifier(verifier.build().map_err(|e| {
+                TlsConfigError::Rustls {
+                    what: format!("client CA {}", auth.ca_file.display()),
+                    source: rustls::Error::General(e.to_string()),
+                }
+            })?)
+        }
+    };
+    let mut server =
+        builder
+            .with_single_cert(certs, key)
+            .map_err(|source| TlsConfigError::Rustls {
+                what: format!(
+                    "TLS certificate {} and key {}",
+                    cfg.cert.display(),
+                    cfg.key.display()
+                ),
+                source,
+            })?;
     server.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
     Ok(TlsAcceptor::from(Arc::new(server)))
 }

@@ -21,11 +21,14 @@ fn openssl(dir: &Path, args: &[&str]) {
 }
 
 fn acceptor(dir: &Path, cert: &str, key: &str) -> Result<(), String> {
-    pgbastion::tls::client_acceptor(&ClientTlsConfig {
-        cert: dir.join(cert),
-        key: dir.join(key),
-        min_version: TlsVersion::Tls12,
-    })
+    pgbastion::tls::client_acceptor(
+        &ClientTlsConfig {
+            cert: dir.join(cert),
+            key: dir.join(key),
+            min_version: TlsVersion::Tls12,
+        },
+        None,
+    )
     .map(|_| ())
     .map_err(|e| e.to_string())
 }

@@ -105,6 +105,16 @@ impl StartupMessage {
         }
     }
 
+    /// The same message with one parameter set (added if absent).
+    pub fn with_param(&self, name: &str, value: &str) -> StartupMessage {
+        let mut params = self.params.clone();
+        match params.iter_mut().find(|(k, _)| k == name) {
+            Some((_, v)) => *v = value.to_owned(),
+            None => params.push((name.to_owned(), value.to_owned())),
+        }
+        StartupMessage::new(self.version, params)
+    }
+
     pub fn param(&self, name: &str) -> Option<&str> {
         self.params
             .iter()
@@ -413,6 +423,27 @@ mod tests {
             parse(&packet((1234 << 16) | 5555, &[])),
             Err(StartupError::UnsupportedProtocol { major: 1234, .. })
         ));
+    }
+
+    #[test]
+    fn with_param_replaces_or_adds() {
+        let m = StartupMessage::new(
+            ProtocolVersion { major: 3, minor: 0 },
+            vec![
+                ("user".into(), "u".into()),
+                ("application_name".into(), "psql".into()),
+            ],
+        );
+        let changed = m.with_param("application_name", "psql via x");
+        assert_eq!(changed.application_name(), Some("psql via x"));
+        assert_eq!(changed.user(), "u");
+        assert_eq!(
+            parse(changed.as_bytes()),
+            Ok(StartupPacket::Startup(changed.clone()))
+        );
+        let added = StartupMessage::new(m.version, vec![("user".into(), "u".into())])
+            .with_param("application_name", "a");
+        assert_eq!(added.application_name(), Some("a"));
     }
 
     #[test]

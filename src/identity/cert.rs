@@ -1,0 +1,123 @@
+//! Names from a verified client certificate (rustls has already checked the
+//! chain against the listener's client CA; this only reads names).
+
+use serde::Deserialize;
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use super::IdentityError;
+
+/// The kinds of certificate names, in the order `cert_identity` lists
+/// them to choose the identity name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CertName {
+    /// SAN URI, e.g. a SPIFFE id `spiffe://example.org/ns/app`.
+    Uri,
+    /// SAN DNS name.
+    Dns,
+    /// SAN email address (rfc822Name).
+    Email,
+    /// Subject common name.
+    Cn,
+}
+
+/// The default order: the most specific kinds first.
+pub const DEFAULT_ORDER: [CertName; 4] =
+    [CertName::Uri, CertName::Dns, CertName::Email, CertName::Cn];
+
+/// Returns the identity name (the first name of the first kind in `order`
+/// the certificate has) and every name it carries.
+pub fn names(der: &[u8], order: &[CertName]) -> Result<(String, Vec<String>), IdentityError> {
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
+    let mut found: Vec<(CertName, String)> = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            match name {
+                GeneralName::URI(u) => found.push((CertName::Uri, (*u).to_owned())),
+                GeneralName::DNSName(d) => found.push((CertName::Dns, (*d).to_owned())),
+                GeneralName::RFC822Name(e) => found.push((CertName::Email, (*e).to_owned())),
+                _ => {}
+            }
+        }
+    }
+    for cn in cert.subject().iter_common_name() {
+        if let Ok(s) = cn.as_str() {
+            found.push((CertName::Cn, s.to_owned()));
+        }
+    }
+    let primary = order
+        .iter()
+        .find_map(|kind| {
+            found
+                .iter()
+                .find(|(k, _)| k == kind)
+                .map(|(_, n)| n.clone())
+        })
+        .ok_or(IdentityError::NoCertificateName)?;
+    let mut all: Vec<String> = Vec::new();
+    for (_, n) in found {
+        if !all.contains(&n) {
+            all.push(n);
+        }
+    }
+    Ok((primary, all))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devcerts::Ca;
+    use rcgen::{CertificateParams, DnType, SanType};
+    use rustls::pki_types::pem::PemObject;
+
+    fn der_of(params: CertificateParams) -> Vec<u8> {
+        let ca = Ca::new("test").unwrap();
+        let issued = ca.issue(params).unwrap();
+        rustls::pki_types::CertificateDer::from_pem_slice(issued.cert_pem.as_bytes())
+            .unwrap()
+            .to_vec()
+    }
+
+    #[test]
+    fn order_chooses_the_identity_name() {
+        let mut p = CertificateParams::default();
+        p.distinguished_name
+            .push(DnType::CommonName, "Alice Example");
+        p.subject_alt_names = vec![
+            SanType::Rfc822Name("alice@example.com".try_into().unwrap()),
+            SanType::DnsName("alice.example.com".try_into().unwrap()),
+            SanType::URI("spiffe://example.com/user/alice".try_into().unwrap()),
+        ];
+        let der = der_of(p);
+        let (name, all) = names(&der, &DEFAULT_ORDER).unwrap();
+        assert_eq!(name, "spiffe://example.com/user/alice");
+        assert_eq!(all.len(), 4);
+        assert!(all.contains(&"Alice Example".to_owned()));
+        assert_eq!(
+            names(&der, &[CertName::Email]).unwrap().0,
+            "alice@example.com"
+        );
+        assert_eq!(
+            names(&der, &[CertName::Cn, CertName::Uri]).unwrap().0,
+            "Alice Example"
+        );
+    }
+
+    #[test]
+    fn missing_kinds_and_garbage() {
+        let mut p = CertificateParams::default();
+        p.distinguished_name.push(DnType::CommonName, "bob");
+        let der = der_of(p);
+        assert!(matches!(
+            names(&der, &[CertName::Uri]),
+            Err(IdentityError::NoCertificateName)
+        ));
+        assert_eq!(names(&der, &DEFAULT_ORDER).unwrap().0, "bob");
+        assert!(matches!(
+            names(b"not a certificate", &DEFAULT_ORDER),
+            Err(IdentityError::BadCertificate(_))
+        ));
+    }
+}
