@@ -70,6 +70,7 @@ impl std::fmt::Display for Identity {
         let source = match self.source {
             IdentitySource::Network => "address",
             IdentitySource::ClientCert => "certificate",
+            IdentitySource::Tailscale if !self.tags.is_empty() => "tailnet tags",
             IdentitySource::Tailscale => "tailnet user",
         };
         write!(f, "{source} {:?}", self.name)?;

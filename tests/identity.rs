@@ -1,0 +1,530 @@
+//! Who is connecting, and whether policy lets them in: client
+//! certificates, tailnet identity from a LocalAPI stand-in (the one allowed
+//! stand-in: tailscaled cannot run here; it serves WhoIs JSON in the shape
+//! Tailscale documents), source networks, and policy reload on SIGHUP.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use pgbastion::devcerts::Ca;
+use rcgen::{CertificateParams, DnType, SanType};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Creates `app`, and the roles `app_rw` and `app_ro` with the superuser's
+/// password (so one PGPASSWORD serves every test client).
+async fn create_app_roles(env: &Env) {
+    let direct = env.direct_client().await;
+    for role in ["app_rw", "app_ro"] {
+        direct
+            .batch_execute(&format!(
+                "create role {role} login password '{}'",
+                env.pg.password
+            ))
+            .await
+            .unwrap();
+    }
+    direct.batch_execute("create database app").await.unwrap();
+}
+
+/// A client certificate for a person.
+fn person(ca: &Ca, dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let mut p = CertificateParams::default();
+    p.distinguished_name.push(DnType::CommonName, name);
+    p.subject_alt_names = vec![SanType::Rfc822Name(
+        format!("{name}@example.com").try_into().unwrap(),
+    )];
+    ca.issue(p).unwrap().write(dir, name).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificates_and_per_person_rules() {
+    let env = Env::new();
+    create_app_roles(&env).await;
+    let dir = env.dir.path();
+    let people = Ca::new("people CA").unwrap();
+    let people_ca = people.write_cert(dir, "people-ca").unwrap();
+    let alice = person(&people, dir, "alice");
+    let bob = person(&people, dir, "bob");
+    let mallory = person(&Ca::new("someone else's CA").unwrap(), dir, "mallory");
+    let proxy = Proxy::start_toml(&format!(
+        r#"{tls}
+[[listener]]
+name = "mtls"
+listen = "127.0.0.1:0"
+identity = "client_cert"
+client_ca = "{ca}"
+cert_identity = ["email", "cn"]
+{upstream}
+[[rule]]
+name = "alice-rw"
+names = ["alice@example.com"]
+databases = ["app"]
+users = ["app_rw"]
+[[rule]]
+name = "bob-ro"
+names = ["bob@example.com"]
+databases = ["app"]
+users = ["app_ro"]
+"#,
+        tls = env.tls_toml(),
+        ca = people_ca.display(),
+        upstream = env.upstream_toml()
+    ));
+    let conn = |who: &(PathBuf, PathBuf), user: &str| {
+        format!(
+            "host=localhost port={} dbname=app user={user} sslmode=verify-full sslrootcert={} channel_binding=disable sslcert={} sslkey={}",
+            proxy.addr().port(),
+            env.proxy_ca.display(),
+            who.0.display(),
+            who.1.display()
+        )
+    };
+    for (who, name, user, allowed) in [
+        (&alice, "alice", "app_rw", true),
+        (&alice, "alice", "app_ro", false),
+        (&bob, "bob", "app_ro", true),
+        (&bob, "bob", "app_rw", false),
+    ] {
+        let out = env.psql(&conn(who, user), "select current_user");
+        if allowed {
+            assert!(out.status.success(), "{name} as {user}: {}", stderr(&out));
+            assert_eq!(stdout(&out), user);
+        } else {
+            let err = stderr(&out);
+            assert!(!out.status.success(), "{name} as {user} must be refused");
+            assert!(
+                err.contains(&format!(
+                    "policy does not allow certificate \"{name}@example.com\""
+                )) && err.contains(&format!("as user \"{user}\""))
+                    && err.contains("no rule matched"),
+                "{err}"
+            );
+        }
+    }
+    let start = proxy.wait_audit("alice's session", |e| {
+        e["event"] == "session.start" && e["identity"]["name"] == "alice@example.com"
+    });
+    assert_eq!(start["identity"]["source"], "client_cert");
+    assert_eq!(start["rule"], "alice-rw");
+    let names = start["identity"]["cert_names"].as_array().unwrap();
+    assert!(names.contains(&serde_json::json!("alice")));
+    let denied = proxy.wait_audit("bob's refusal", |e| {
+        e["event"] == "session.rejected" && e["identity"]["name"] == "bob@example.com"
+    });
+    assert_eq!(denied["reason"], "policy_denied");
+    assert_eq!(denied["sqlstate"], "28000");
+
+    // A certificate from another CA, and no certificate: no TLS session.
+    let out = env.psql(&conn(&mallory, "app_rw"), "select 1");
+    assert!(!out.status.success());
+    let without = format!(
+        "host=localhost port={} dbname=app user=app_rw sslmode=verify-full sslrootcert={} channel_binding=disable",
+        proxy.addr().port(),
+        env.proxy_ca.display()
+    );
+    let out = env.psql(&without, "select 1");
+    assert!(!out.status.success());
+    let failures = wait_for("two handshake failures", Duration::from_secs(10), || {
+        let n = proxy
+            .audit_events()
+            .iter()
+            .filter(|e| e["reason"] == "client_tls_handshake_failed")
+            .count();
+        (n == 2).then_some(n)
+    });
+    assert_eq!(failures, 2);
+}
+
+/// A LocalAPI stand-in: answers `GET /localapi/v0/whois?addr=IP:PORT` with
+/// the WhoIs JSON for the peer's IP, 404 for unknown peers, and 403 when
+/// the request lacks the headers tailscaled insists on.
+struct LocalApi {
+    socket: PathBuf,
+    requests: Arc<Mutex<Vec<String>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl LocalApi {
+    async fn start(peers: HashMap<IpAddr, serde_json::Value>) -> LocalApi {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("tailscaled.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let seen = requests.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                let peers = peers.clone();
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let mut req = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let n = s.read(&mut buf).await.unwrap();
+                        if n == 0 {
+                            return;
+                        }
+                        req.extend_from_slice(&buf[..n]);
+                    }
+                    let req = String::from_utf8(req).unwrap();
+                    seen.lock().unwrap().push(req.clone());
+                    let line = req.lines().next().unwrap_or_default().to_owned();
+                    let addr = line
+                        .strip_prefix("GET /localapi/v0/whois?addr=")
+                        .and_then(|r| r.split(' ').next())
+                        .map(|a| {
+                            a.replace("%3A", ":")
+                                .replace("%5B", "[")
+                                .replace("%5D", "]")
+                        });
+                    let ok_headers = req.contains("\r\nHost: local-tailscaled.sock\r\n")
+                        && req.contains("\r\nSec-Tailscale: localapi\r\n");
+                    let (status, body) = match addr.and_then(|a| a.parse::<SocketAddr>().ok()) {
+                        _ if !ok_headers => {
+                            ("403 Forbidden", "missing LocalAPI headers\n".to_owned())
+                        }
+                        Some(a) => match peers.get(&a.ip()) {
+                            Some(json) => ("200 OK", json.to_string()),
+                            None => ("404 Not Found", "no match for IP:port\n".to_owned()),
+                        },
+                        None => ("400 Bad Request", "bad addr\n".to_owned()),
+                    };
+                    let resp = format!(
+                        "HTTP/1.0 {status}\r\nContent-Type: application/json\r\n\r\n{body}"
+                    );
+                    let _ = s.write_all(resp.as_bytes()).await;
+                });
+            }
+        });
+        LocalApi {
+            socket,
+            requests,
+            _dir: dir,
+        }
+    }
+}
+
+fn user_node(login: &str, node: &str, cap: Option<serde_json::Value>) -> serde_json::Value {
+    let mut v = serde_json::json!({
+        "Node": {"ID": 1, "StableID": "nStable1", "Name": format!("{node}.tail1234.ts.net."), "Tags": null,
+                 "Addresses": ["100.64.0.1/32"], "Hostinfo": {"OS": "linux"}},
+        "UserProfile": {"ID": 7, "LoginName": login, "DisplayName": login, "ProfilePicURL": ""},
+    });
+    if let Some(cap) = cap {
+        v["CapMap"] = serde_json::json!({ "example.com/cap/pgbastion": [cap] });
+    }
+    v
+}
+
+/// Connects through pgbastion from a chosen loopback address (the
+/// listener allows plaintext: the tailnet or LAN protects this leg).
+async fn connect_from(
+    proxy: SocketAddr,
+    from: &str,
+    user: &str,
+    db: &str,
+    password: &str,
+    app: &str,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    let stream = sock.connect(proxy).await.unwrap();
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.user(user)
+        .password(password)
+        .dbname(db)
+        .application_name(app)
+        .ssl_mode(tokio_postgres::config::SslMode::Disable);
+    let (client, conn) = cfg.connect_raw(stream, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+fn refusal_text(e: &tokio_postgres::Error) -> String {
+    let db = e
+        .as_db_error()
+        .unwrap_or_else(|| panic!("expected an ErrorResponse: {e}"));
+    assert_eq!(db.code().code(), "28000", "{}", db.message());
+    db.message().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tailnet_identity_users_tags_and_grants() {
+    let env = Env::new();
+    create_app_roles(&env).await;
+    let mut peers = HashMap::new();
+    peers.insert(
+        "127.0.0.2".parse().unwrap(),
+        user_node("alice@example.com", "alice-laptop", None),
+    );
+    peers.insert(
+        "127.0.0.3".parse().unwrap(),
+        serde_json::json!({
+            "Node": {"Name": "ci-runner.tail1234.ts.net.", "Tags": ["tag:ci"]},
+            "UserProfile": {"LoginName": "tagged-devices"},
+        }),
+    );
+    peers.insert(
+        "127.0.0.4".parse().unwrap(),
+        user_node(
+            "carol@example.com",
+            "carol-desktop",
+            Some(serde_json::json!({"databases": ["app"], "users": ["app_ro"]})),
+        ),
+    );
+    let api = LocalApi::start(peers).await;
+    let toml = format!(
+        r#"{tls}
+[[listener]]
+name = "tailnet"
+listen = "127.0.0.1:0"
+client_tls = "allow"
+identity = "tailscale"
+{upstream}
+[tailscale]
+socket = "{socket}"
+capability = "example.com/cap/pgbastion"
+[forward]
+application_name = "{{application_name}} [{{identity}} on {{node}}]"
+[[rule]]
+name = "alice"
+names = ["alice@example.com"]
+databases = ["postgres"]
+users = ["postgres"]
+[[rule]]
+name = "ci"
+tags = ["tag:ci"]
+databases = ["app"]
+users = ["app_rw"]
+[[rule]]
+name = "granted"
+from_grants = true
+"#,
+        tls = env.tls_toml(),
+        upstream = env.upstream_toml(),
+        socket = api.socket.display()
+    );
+    let proxy = Proxy::start_toml(&toml);
+    let pw = env.pg.password.as_str();
+    let addr = proxy.addr();
+
+    // A user rule.
+    let alice = connect_from(addr, "127.0.0.2", "postgres", "postgres", pw, "report")
+        .await
+        .unwrap();
+    let app: String = alice
+        .query_one(
+            "select application_name from pg_stat_activity where pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        app, "report [alice@example.com on alice-laptop.tail1234.ts.net]",
+        "identity shown to Postgres"
+    );
+    let e = connect_from(addr, "127.0.0.2", "app_ro", "app", pw, "x")
+        .await
+        .err()
+        .unwrap();
+    assert!(refusal_text(&e)
+        .contains("tailnet user \"alice@example.com\" on node \"alice-laptop.tail1234.ts.net\""));
+
+    // A tag rule.
+    connect_from(addr, "127.0.0.3", "app_rw", "app", pw, "ci")
+        .await
+        .unwrap();
+    let e = connect_from(addr, "127.0.0.3", "postgres", "postgres", pw, "ci")
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        refusal_text(&e).contains("tailnet tags \"tag:ci\" on node \"ci-runner.tail1234.ts.net\"")
+    );
+
+    // A rule whose databases and users come from the tailnet's grants.
+    connect_from(addr, "127.0.0.4", "app_ro", "app", pw, "grafana")
+        .await
+        .unwrap();
+    let e = connect_from(addr, "127.0.0.4", "app_rw", "app", pw, "grafana")
+        .await
+        .err()
+        .unwrap();
+    refusal_text(&e);
+    assert_eq!(
+        e.as_db_error().unwrap().detail(),
+        Some("Decided by no rule matched.")
+    );
+
+    // An unknown peer is refused.
+    let e = connect_from(addr, "127.0.0.5", "postgres", "postgres", pw, "x")
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        refusal_text(&e).contains("does not know the peer 127.0.0.5"),
+        "{e}"
+    );
+
+    let start = proxy.wait_audit("alice's start", |e| {
+        e["event"] == "session.start" && e["rule"] == "alice"
+    });
+    assert_eq!(start["identity"]["source"], "tailscale");
+    assert_eq!(start["identity"]["name"], "alice@example.com");
+    assert_eq!(start["identity"]["node"], "alice-laptop.tail1234.ts.net");
+    let ci = proxy.wait_audit("ci's start", |e| {
+        e["event"] == "session.start" && e["rule"] == "ci"
+    });
+    assert_eq!(ci["identity"]["tags"], serde_json::json!(["tag:ci"]));
+    let unknown = proxy.wait_audit("the unknown peer", |e| e["reason"] == "identity_failed");
+    assert_eq!(unknown["client"]["addr"], "127.0.0.5");
+    // WhoIs asked about the exact peer address and port.
+    let asked = api.requests.lock().unwrap().clone();
+    assert!(
+        asked
+            .iter()
+            .any(|r| r.starts_with("GET /localapi/v0/whois?addr=127.0.0.2%3A")),
+        "{asked:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn localapi_down_means_refusal() {
+    let env = Env::new();
+    let toml = format!(
+        "{}\n[[listener]]\nlisten = \"127.0.0.1:0\"\nclient_tls = \"allow\"\nidentity = \"tailscale\"\n{}\n[tailscale]\nsocket = \"{}\"\n",
+        env.tls_toml(),
+        env.upstream_toml(),
+        env.dir.path().join("no-such.sock").display()
+    );
+    let proxy = Proxy::start_toml(&toml);
+    let e = connect_from(
+        proxy.addr(),
+        "127.0.0.2",
+        "postgres",
+        "postgres",
+        &env.pg.password,
+        "x",
+    )
+    .await
+    .err()
+    .unwrap();
+    let msg = refusal_text(&e);
+    assert!(
+        msg.contains("could not establish who you are") && msg.contains("unreachable"),
+        "{msg}"
+    );
+    let ev = proxy.wait_audit("refusal", |e| e["event"] == "session.rejected");
+    assert_eq!(ev["reason"], "identity_failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_rules_by_cidr() {
+    let env = Env::new();
+    let toml = format!(
+        "{}\n[[listener]]\nlisten = \"127.0.0.1:0\"\nclient_tls = \"allow\"\n{}\n[[rule]]\nname = \"office\"\nnetworks = [\"127.0.0.2/32\", \"10.0.0.0/8\"]\n",
+        env.tls_toml(),
+        env.upstream_toml()
+    );
+    let proxy = Proxy::start_toml(&toml);
+    let pw = env.pg.password.as_str();
+    connect_from(proxy.addr(), "127.0.0.2", "postgres", "postgres", pw, "x")
+        .await
+        .unwrap();
+    let e = connect_from(proxy.addr(), "127.0.0.3", "postgres", "postgres", pw, "x")
+        .await
+        .err()
+        .unwrap();
+    assert!(refusal_text(&e).contains("address \"127.0.0.3\""));
+    let ok = proxy.wait_audit("admitted", |e| e["event"] == "session.start");
+    assert_eq!(
+        ok["identity"],
+        serde_json::json!({"source": "network", "name": "127.0.0.2"})
+    );
+    assert_eq!(ok["rule"], "office");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_policy() {
+    let env = Env::new();
+    let port = pgbastion::localpg::free_port().unwrap();
+    let config = env.dir.path().join("reload.toml");
+    let log = env.dir.path().join("stderr.log");
+    let base = format!(
+        "{}\n[[listener]]\nlisten = \"127.0.0.1:{port}\"\nclient_tls = \"allow\"\n{}\n[audit]\nlog = \"{}\"\n",
+        env.tls_toml(),
+        env.upstream_toml(),
+        env.dir.path().join("audit.jsonl").display()
+    );
+    let write = |rules: &str| std::fs::write(&config, format!("{base}\n{rules}")).unwrap();
+    write("[[rule]]\nname = \"v1\"\nusers = [\"postgres\"]\n");
+    /// Kills pgbastion when the test ends, pass or fail.
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let proc = Kill(
+        std::process::Command::new(env!("CARGO_BIN_EXE_pgbastion"))
+            .arg("run")
+            .arg("--config")
+            .arg(&config)
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = proc.0.id();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    wait_for("pgbastion to listen", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(addr).ok()
+    });
+    let pw = env.pg.password.as_str();
+    let open = connect_from(addr, "127.0.0.1", "postgres", "postgres", pw, "kept")
+        .await
+        .unwrap();
+
+    let hup = |what: &'static str| {
+        let ok = std::process::Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+        wait_for(what, Duration::from_secs(10), || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            text.contains(what).then_some(())
+        });
+    };
+    // A new policy that admits nobody as postgres.
+    write("[[rule]]\nname = \"v2\"\nusers = [\"someone_else\"]\n");
+    hup("policy reloaded");
+    let e = connect_from(addr, "127.0.0.1", "postgres", "postgres", pw, "new")
+        .await
+        .err()
+        .unwrap();
+    assert!(refusal_text(&e).contains("policy does not allow"));
+    open.simple_query("select 1")
+        .await
+        .expect("an admitted session stays open");
+
+    // A broken file is refused; the v2 policy stays.
+    write("[[rule]]\nname = \"v3\"\nusers = [\"postgres\"]\nbogus_key = 1\n");
+    hup("reload refused");
+    let e = connect_from(addr, "127.0.0.1", "postgres", "postgres", pw, "new")
+        .await
+        .err()
+        .unwrap();
+    refusal_text(&e);
+    open.simple_query("select 1").await.unwrap();
+}
