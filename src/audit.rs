@@ -89,6 +89,17 @@ pub enum AuthOutcome {
     Incomplete,
 }
 
+/// A PROXY protocol header as received: the balancer that sent it (the
+/// socket's peer; `client` then holds the address the header states).
+#[derive(Debug, Clone, Serialize)]
+pub struct ProxyFacts {
+    pub via: ClientAddress,
+    pub version: u8,
+    pub command: crate::protocol::proxy::Command,
+    #[serde(flatten)]
+    pub tlvs: crate::protocol::proxy::Tlvs,
+}
+
 /// The facts every event of one session shares.
 #[derive(Debug, Clone, Serialize)]
 pub struct SessionFacts {
@@ -102,6 +113,9 @@ pub struct SessionFacts {
     /// Who the client is (see `identity`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub identity: Option<Identity>,
+    /// What the load balancer's PROXY header said, when there was one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<ProxyFacts>,
     /// The policy rule that admitted (or refused) the session.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rule: Option<String>,
@@ -221,6 +235,7 @@ mod tests {
             client_tls: Some(ClientTransport::Plaintext),
             requested: None,
             identity: None,
+            proxy: None,
             rule: None,
         };
         let v = serde_json::to_value(Event::Rejected {

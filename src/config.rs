@@ -58,6 +58,29 @@ pub enum CancelPlaintext {
     Deny,
 }
 
+/// Whether a listener expects a PROXY protocol header (never guessed: the
+/// specification forbids detecting it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyProtocol {
+    #[default]
+    Off,
+    /// Every connection must start with a v1 or v2 header, from a trusted
+    /// source network.
+    Required,
+}
+
+/// Which PROXY protocol header pgbastion sends to an upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SendProxyProtocol {
+    /// None: stock PostgreSQL fails connections that start with one.
+    #[default]
+    Off,
+    V1,
+    V2,
+}
+
 /// How pgbastion starts TLS with an upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -145,6 +168,10 @@ struct RawListener {
     client_ca: Option<PathBuf>,
     client_cert: Option<ClientCertMode>,
     cert_identity: Option<Vec<CertName>>,
+    #[serde(default)]
+    proxy_protocol: ProxyProtocol,
+    #[serde(default)]
+    proxy_trusted: Vec<ipnet::IpNet>,
 }
 
 /// Whether a `client_cert` listener insists on a certificate.
@@ -173,6 +200,8 @@ struct RawUpstream {
     tls_negotiation: TlsNegotiation,
     #[serde(default)]
     min_tls_version: TlsVersion,
+    #[serde(default)]
+    send_proxy_protocol: SendProxyProtocol,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -227,6 +256,9 @@ pub struct Timeouts {
     /// client typing a password into psql's prompt, hence generous).
     #[serde(with = "humantime_serde")]
     pub authentication: Duration,
+    /// Reading an inbound PROXY protocol header.
+    #[serde(with = "humantime_serde")]
+    pub proxy_header: Duration,
     /// Forwarding one cancel request: connect, TLS, send.
     #[serde(with = "humantime_serde")]
     pub cancel: Duration,
@@ -242,6 +274,7 @@ impl Default for Timeouts {
             upstream_connect: Duration::from_secs(5),
             upstream_tls: Duration::from_secs(10),
             authentication: Duration::from_secs(60),
+            proxy_header: Duration::from_secs(3),
             cancel: Duration::from_secs(5),
             shutdown_drain: Duration::from_secs(30),
         }
@@ -284,6 +317,9 @@ pub struct ListenerConfig {
     pub client_tls: ClientTlsMode,
     pub cancel_plaintext: CancelPlaintext,
     pub identity: ListenerIdentity,
+    pub proxy_protocol: ProxyProtocol,
+    /// Networks a PROXY header is accepted from (TCP listeners).
+    pub proxy_trusted: Vec<ipnet::IpNet>,
     /// Index into `Config::upstreams`.
     pub upstream: usize,
 }
@@ -302,6 +338,7 @@ pub struct UpstreamConfig {
     pub client_identity: Option<(PathBuf, PathBuf)>,
     pub tls_negotiation: TlsNegotiation,
     pub min_tls_version: TlsVersion,
+    pub send_proxy_protocol: SendProxyProtocol,
 }
 
 /// How a listener establishes who its clients are.
@@ -429,6 +466,8 @@ impl Config {
                 client_ca: None,
                 client_cert: None,
                 cert_identity: None,
+                proxy_protocol: ProxyProtocol::Off,
+                proxy_trusted: Vec::new(),
             })
             .collect();
         if let Some(dir) = flags.unix_dir {
@@ -444,6 +483,8 @@ impl Config {
                 client_ca: None,
                 client_cert: None,
                 cert_identity: None,
+                proxy_protocol: ProxyProtocol::Off,
+                proxy_trusted: Vec::new(),
             });
         }
         let tls = match (flags.tls_cert, flags.tls_key) {
@@ -473,6 +514,7 @@ impl Config {
                     TlsNegotiation::Postgres
                 },
                 min_tls_version: TlsVersion::default(),
+                send_proxy_protocol: SendProxyProtocol::Off,
             }],
             limits: Limits {
                 max_sessions: flags.max_sessions.unwrap_or(Limits::default().max_sessions),
@@ -543,6 +585,7 @@ impl RawConfig {
             ("upstream_tls", t.upstream_tls),
             ("authentication", t.authentication),
             ("cancel", t.cancel),
+            ("proxy_header", t.proxy_header),
         ] {
             if d.is_zero() {
                 return Err(invalid(format!(
@@ -574,9 +617,13 @@ impl RawConfig {
             timeout: t.timeout.unwrap_or(Duration::from_secs(2)),
         });
         for l in &listeners {
-            if l.identity == ListenerIdentity::Tailscale && !matches!(l.bind, BindAddress::Tcp(_)) {
+            if l.identity == ListenerIdentity::Tailscale
+                && !matches!(l.bind, BindAddress::Tcp(_))
+                && l.proxy_protocol != ProxyProtocol::Required
+            {
                 return Err(invalid(format!(
-                    "listener {:?}: identity = \"tailscale\" needs a TCP listener (WhoIs asks about the peer's address)",
+                    "listener {:?}: identity = \"tailscale\" needs the peer's address: a TCP listener, \
+                     or proxy_protocol = \"required\" (e.g. behind `tailscale serve --proxy-protocol`)",
                     l.name
                 )));
             }
@@ -729,12 +776,33 @@ impl RawListener {
                 },
             },
         };
+        match (self.proxy_protocol, &bind) {
+            (ProxyProtocol::Required, BindAddress::Tcp(_)) if self.proxy_trusted.is_empty() => {
+                return Err(invalid(format!(
+                    "listener {name:?}: proxy_protocol = \"required\" needs proxy_trusted = [\"CIDR\", ...]: \
+                     the networks of the load balancers allowed to state client addresses"
+                )))
+            }
+            (ProxyProtocol::Off, _) if !self.proxy_trusted.is_empty() => {
+                return Err(invalid(format!(
+                    "listener {name:?}: proxy_trusted is set but proxy_protocol is \"off\""
+                )))
+            }
+            (ProxyProtocol::Required, BindAddress::Unix(_)) if !self.proxy_trusted.is_empty() => {
+                return Err(invalid(format!(
+                    "listener {name:?}: proxy_trusted does not apply to a Unix socket (its file permissions decide who may connect)"
+                )))
+            }
+            _ => {}
+        }
         Ok(ListenerConfig {
             name,
             bind,
             client_tls,
             cancel_plaintext: self.cancel_plaintext,
             identity,
+            proxy_protocol: self.proxy_protocol,
+            proxy_trusted: self.proxy_trusted,
             upstream,
         })
     }
@@ -784,6 +852,7 @@ impl RawUpstream {
             client_identity,
             tls_negotiation: self.tls_negotiation,
             min_tls_version: self.min_tls_version,
+            send_proxy_protocol: self.send_proxy_protocol,
         })
     }
 }

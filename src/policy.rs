@@ -12,6 +12,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::identity::{Identity, IdentitySource};
+use crate::protocol::proxy::Tlvs;
 
 /// What a rule does when it matches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
@@ -42,6 +43,12 @@ pub struct Rule {
     /// The client address must be in one of these networks.
     pub networks: Option<Vec<IpNet>>,
     pub listeners: Option<Vec<String>>,
+    /// Through a PROXY header: the AWS VPC endpoint id (globs).
+    pub aws_vpce_ids: Option<Vec<String>>,
+    /// Through a PROXY header: the Azure Private Link id.
+    pub azure_link_ids: Option<Vec<u32>>,
+    /// Through a PROXY header: the GCP Private Service Connect id.
+    pub gcp_psc_ids: Option<Vec<u64>>,
     // What.
     pub upstreams: Option<Vec<String>>,
     /// Globs on the requested database.
@@ -64,6 +71,8 @@ pub struct Request<'a> {
     pub upstream: &'a str,
     pub database: &'a str,
     pub user: &'a str,
+    /// The TLVs of the connection's PROXY header, if it had one.
+    pub proxy: Option<&'a Tlvs>,
 }
 
 /// The outcome, with the rule that decided it (None: no rule matched, or
@@ -254,6 +263,7 @@ mod tests {
             upstream: "main",
             database: db,
             user,
+            proxy: None,
         }
     }
 
@@ -361,6 +371,27 @@ mod tests {
             "database and user from the same grant"
         );
         assert!(!p.decide(&req(&granted, "app", "app_rw")).allowed);
+    }
+
+    #[test]
+    fn proxy_tlv_conditions() {
+        let p = rules("[[rule]]\nname = \"vpce\"\naws_vpce_ids = [\"vpce-0abc*\"]\n[[rule]]\nname = \"psc\"\ngcp_psc_ids = [42]\n");
+        let anyone = id("x");
+        assert!(!p.decide(&req(&anyone, "db", "u")).allowed, "no PROXY header: no TLVs");
+        let tlvs = Tlvs {
+            aws_vpce_id: Some("vpce-0abc123".into()),
+            ..Tlvs::default()
+        };
+        let mut r = req(&anyone, "db", "u");
+        r.proxy = Some(&tlvs);
+        assert_eq!(p.decide(&r).rule.as_deref(), Some("vpce"));
+        let other = Tlvs {
+            aws_vpce_id: Some("vpce-0def".into()),
+            gcp_psc_id: Some(42),
+            ..Tlvs::default()
+        };
+        r.proxy = Some(&other);
+        assert_eq!(p.decide(&r).rule.as_deref(), Some("psc"));
     }
 
     #[test]

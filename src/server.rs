@@ -22,7 +22,8 @@ use tracing::{debug, error, info, warn};
 use crate::audit::{AuditLog, ClientAddress};
 use crate::cancel::CancelRegistry;
 use crate::config::{
-    BindAddress, CancelPlaintext, ClientCertMode, ClientTlsMode, Config, ListenerIdentity, Timeouts,
+    BindAddress, CancelPlaintext, ClientCertMode, ClientTlsMode, Config, ListenerIdentity, ProxyProtocol,
+    Timeouts,
 };
 use crate::identity::tailscale::WhoIsClient;
 use crate::policy::Policy;
@@ -96,6 +97,8 @@ pub(crate) struct ListenerInfo {
     /// certificates are verified).
     pub acceptor: Option<TlsAcceptor>,
     pub identity: ListenerIdentity,
+    pub proxy_protocol: ProxyProtocol,
+    pub proxy_trusted: Vec<ipnet::IpNet>,
     pub client_tls: ClientTlsMode,
     pub cancel_plaintext: CancelPlaintext,
     pub upstream: usize,
@@ -188,6 +191,8 @@ impl Server {
                     name: l.name.clone(),
                     acceptor,
                     identity: l.identity.clone(),
+                    proxy_protocol: l.proxy_protocol,
+                    proxy_trusted: l.proxy_trusted.clone(),
                     client_tls: l.client_tls,
                     cancel_plaintext: l.cancel_plaintext,
                     upstream: l.upstream,
@@ -308,11 +313,11 @@ async fn accept_loop(
     stop: CancellationToken,
 ) {
     loop {
-        let accepted: std::io::Result<(BoxedIo, Option<SocketAddr>)> = tokio::select! {
+        let accepted: std::io::Result<Accepted> = tokio::select! {
             _ = stop.cancelled() => return,
             r = accept(&l.socket) => r,
         };
-        let (io, peer) = match accepted {
+        let Accepted { io, peer, local } = match accepted {
             Ok(a) => a,
             Err(e) => {
                 // EMFILE/ENFILE/ENOBUFS and friends are transient: back off
@@ -331,6 +336,7 @@ async fn accept_loop(
         sessions.spawn(crate::session::handle(
             io,
             peer,
+            local,
             l.info.clone(),
             shared.clone(),
             permit,
@@ -338,17 +344,33 @@ async fn accept_loop(
     }
 }
 
-/// Accepts one connection; the peer address is None for Unix sockets.
-async fn accept(socket: &Socket) -> std::io::Result<(BoxedIo, Option<SocketAddr>)> {
+/// One accepted connection; the addresses are None for Unix sockets.
+struct Accepted {
+    io: BoxedIo,
+    peer: Option<SocketAddr>,
+    /// The address the client connected to (PROXY headers carry it on).
+    local: Option<SocketAddr>,
+}
+
+async fn accept(socket: &Socket) -> std::io::Result<Accepted> {
     match socket {
         Socket::Tcp(t) => {
             let (tcp, addr) = t.accept().await?;
             crate::relay::tune_tcp(&tcp);
-            Ok((Box::new(tcp), Some(addr)))
+            let local = tcp.local_addr().ok();
+            Ok(Accepted {
+                io: Box::new(tcp),
+                peer: Some(addr),
+                local,
+            })
         }
         Socket::Unix(u, _) => {
             let (s, _) = u.accept().await?;
-            Ok((Box::new(s), None))
+            Ok(Accepted {
+                io: Box::new(s),
+                peer: None,
+                local: None,
+            })
         }
     }
 }

@@ -30,7 +30,10 @@ use crate::audit::{
     AuthOutcome, ClientAddress, ClientTransport, Event, Requested, SessionFacts, UpstreamFacts,
 };
 use crate::cancel::{CancelRegistry, CancelTarget, Registration};
-use crate::config::{CancelPlaintext, ClientTlsMode, ListenerIdentity};
+use crate::audit::ProxyFacts;
+use crate::config::{CancelPlaintext, ClientTlsMode, ListenerIdentity, ProxyProtocol, SendProxyProtocol};
+use crate::protocol::proxy::{self, Addresses, ProxyError, SslInfo};
+use crate::upstream::Upstream;
 use crate::identity::{cert, Identity, IdentityError, IdentitySource};
 use crate::policy::Request;
 use crate::protocol::message::{
@@ -78,6 +81,12 @@ pub enum SessionError {
     ClientTimeout(Duration),
     #[error("too many sessions (limit {0})")]
     TooManySessions(usize),
+    #[error("PROXY protocol header from {0}, which is not in proxy_trusted")]
+    ProxyUntrusted(String),
+    #[error("invalid PROXY protocol header: {0}")]
+    ProxyHeader(ProxyError),
+    #[error("no complete PROXY protocol header within {0:?}")]
+    ProxyTimeout(Duration),
     #[error("could not establish the client's identity: {0}")]
     Identity(#[from] IdentityError),
     #[error(
@@ -111,6 +120,9 @@ impl SessionError {
             SessionError::ClientIo(_) => "client_io_error",
             SessionError::ClientTimeout(_) => "client_timeout",
             SessionError::TooManySessions(_) => "too_many_sessions",
+            SessionError::ProxyUntrusted(_) => "proxy_untrusted_source",
+            SessionError::ProxyHeader(_) => "bad_proxy_header",
+            SessionError::ProxyTimeout(_) => "proxy_header_timeout",
             SessionError::Identity(_) => "identity_failed",
             SessionError::PolicyDenied { .. } => "policy_denied",
             SessionError::Upstream(e) => match e {
@@ -170,6 +182,16 @@ impl SessionError {
             .with_hint("Connect as a database and user the policy allows you, or ask the administrator of pgbastion's policy."),
             SessionError::Upstream(e) => upstream_client_error(e),
             SessionError::UpstreamIo(_) => ErrorResponse::new("08006", "the connection to the database server failed"),
+            // Most likely a PostgreSQL client that reached pgbastion without
+            // going through the load balancer: tell it.
+            SessionError::ProxyHeader(ProxyError::Missing) => ErrorResponse::new(
+                "08P01",
+                "this listener accepts connections only through a load balancer that sends a PROXY protocol header",
+            )
+            .with_hint("Connect through the load balancer's address."),
+            // A balancer that sends a bad header, or a source that may not
+            // send one at all, is not a Postgres client: just close.
+            SessionError::ProxyHeader(_) | SessionError::ProxyUntrusted(_) | SessionError::ProxyTimeout(_) => return None,
             SessionError::TlsUnavailable
             | SessionError::ClientTlsHandshake(_)
             | SessionError::ClientClosedEarly
@@ -428,6 +450,7 @@ fn new_session_id() -> String {
 pub(crate) async fn handle(
     io: BoxedIo,
     peer: Option<std::net::SocketAddr>,
+    local: Option<std::net::SocketAddr>,
     listener: Arc<ListenerInfo>,
     shared: Arc<Shared>,
     pending: OwnedSemaphorePermit,
@@ -445,9 +468,11 @@ pub(crate) async fn handle(
             client_tls: None,
             requested: None,
             identity: None,
+            proxy: None,
             rule: None,
         },
         peer,
+        local,
         listener,
         shared,
     };
@@ -457,7 +482,11 @@ pub(crate) async fn handle(
 struct Session {
     started: Instant,
     facts: SessionFacts,
+    /// The client's address: the socket's peer, or what a PROXY header
+    /// says it is.
     peer: Option<std::net::SocketAddr>,
+    /// The address the client connected to (likewise).
+    local: Option<std::net::SocketAddr>,
     listener: Arc<ListenerInfo>,
     shared: Arc<Shared>,
 }
@@ -474,6 +503,11 @@ impl Session {
             transport: ClientTransport::Plaintext,
             peer_cert: None,
         };
+        if self.listener.proxy_protocol == ProxyProtocol::Required {
+            if let Err(e) = self.read_proxy_header(&mut conn).await {
+                return self.reject(&mut conn, e).await;
+            }
+        }
         let t = self.shared.timeouts.clone();
         let deadline = tokio::time::Instant::now() + t.client_startup;
         let negotiated = timeout_at(
@@ -509,6 +543,7 @@ impl Session {
             upstream: &upstream.config.name,
             database: startup.database(),
             user: startup.user(),
+            proxy: self.facts.proxy.as_ref().map(|p| &p.tlvs),
         });
         self.facts.rule = decision.rule.clone();
         let identity_text = identity.to_string();
@@ -533,7 +568,11 @@ impl Session {
                 .await;
         };
 
-        let mut up = match upstream.connect(t.upstream_connect, t.upstream_tls).await {
+        let proxy_header = self.outbound_proxy_header(upstream, conn.peer_cert.as_deref());
+        let mut up = match upstream
+            .connect(t.upstream_connect, t.upstream_tls, proxy_header.as_deref())
+            .await
+        {
             Ok(up) => up,
             Err(e) => return self.reject(&mut conn, e.into()).await,
         };
@@ -630,6 +669,93 @@ impl Session {
         );
     }
 
+    /// Reads the load balancer's PROXY header, refusing untrusted sources
+    /// before reading a byte. Afterwards the header's source is the client
+    /// address everywhere (policy, audit, logs, rate limits).
+    async fn read_proxy_header(&mut self, conn: &mut ClientConn) -> Result<(), SessionError> {
+        if let Some(peer) = self.peer {
+            if !self.listener.proxy_trusted.iter().any(|n| n.contains(&peer.ip())) {
+                return Err(SessionError::ProxyUntrusted(peer.ip().to_string()));
+            }
+        }
+        let limit = self.shared.timeouts.proxy_header;
+        let header = tokio::time::timeout(limit, async {
+            loop {
+                match proxy::parse(&conn.buf) {
+                    // Bytes after the header stay in the buffer for the
+                    // Postgres negotiation.
+                    Ok(Some((header, len))) => {
+                        conn.buf.drain(..len);
+                        return Ok(header);
+                    }
+                    Ok(None) => conn.fill(conn.buf.len() + 1).await?,
+                    Err(e) => return Err(SessionError::ProxyHeader(e)),
+                }
+            }
+        })
+        .await
+        .unwrap_or(Err(SessionError::ProxyTimeout(limit)))?;
+        let via = self.facts.client.clone();
+        if let Some(src) = header.source() {
+            self.peer = Some(src);
+            self.facts.client = ClientAddress::tcp(src);
+            if let Addresses::Tcp { dst, .. } = header.addresses {
+                self.local = Some(dst);
+            }
+            debug!(client = %self.facts.client, %via, "client address from PROXY header");
+        }
+        self.facts.proxy = Some(ProxyFacts {
+            via,
+            version: header.version,
+            command: header.command,
+            tlvs: header.tlvs,
+        });
+        Ok(())
+    }
+
+    /// The PROXY header for an upstream that wants one: the client's real
+    /// address and, in v2, the client leg's TLS facts (SSL TLV with version,
+    /// cipher and certificate CN; SNI as AUTHORITY), the session id as
+    /// UNIQUE_ID, and pgbastion's identity of the client as JSON in TLV
+    /// 0xE4.
+    fn outbound_proxy_header(&self, upstream: &Upstream, peer_cert: Option<&[u8]>) -> Option<Vec<u8>> {
+        match upstream.config.send_proxy_protocol {
+            SendProxyProtocol::Off => None,
+            SendProxyProtocol::V1 => Some(proxy::encode_v1(self.peer, self.local)),
+            SendProxyProtocol::V2 => {
+                let mut tlvs = vec![(proxy::tlv::UNIQUE_ID, self.facts.session_id.as_bytes().to_vec())];
+                if let Some(ClientTransport::Tls(info)) = &self.facts.client_tls {
+                    if let Some(sni) = &info.sni {
+                        tlvs.push((proxy::tlv::AUTHORITY, sni.as_bytes().to_vec()));
+                    }
+                    if let Some(alpn) = &info.alpn {
+                        tlvs.push((proxy::tlv::ALPN, alpn.as_bytes().to_vec()));
+                    }
+                    let cert_flags = if peer_cert.is_some() {
+                        proxy::tlv::CLIENT_CERT_CONN | proxy::tlv::CLIENT_CERT_SESS
+                    } else {
+                        0
+                    };
+                    let ssl = SslInfo {
+                        client: proxy::tlv::CLIENT_SSL | cert_flags,
+                        verify: 0,
+                        version: Some(info.version.clone()),
+                        cipher: Some(info.cipher.clone()),
+                        cn: peer_cert.and_then(cert::common_name),
+                        ..SslInfo::default()
+                    };
+                    tlvs.push((proxy::tlv::SSL, proxy::ssl_tlv(&ssl)));
+                }
+                if let Some(identity) = &self.facts.identity {
+                    if let Ok(json) = serde_json::to_vec(identity) {
+                        tlvs.push((proxy::tlv::PGBASTION_IDENTITY, json));
+                    }
+                }
+                Some(proxy::encode_v2(self.peer, self.local, &tlvs))
+            }
+        }
+    }
+
     /// Establishes who the client is, by the listener's identity source.
     async fn identify(&self, peer_cert: Option<&[u8]>) -> Result<Identity, IdentityError> {
         let ip = self.peer.map(|p| p.ip());
@@ -707,7 +833,12 @@ impl Session {
                 Some(target) => {
                     let upstream = &self.shared.upstreams[target.upstream];
                     match upstream
-                        .cancel(target.addr, &target.real, self.shared.timeouts.cancel)
+                        .cancel(
+                            target.addr,
+                            &target.real,
+                            self.shared.timeouts.cancel,
+                            self.outbound_proxy_header(upstream, None).as_deref(),
+                        )
                         .await
                     {
                         Ok(()) => (Some(target), "forwarded", None),

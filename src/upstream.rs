@@ -89,14 +89,17 @@ impl Upstream {
         }
     }
 
+    /// Connects and verifies. `proxy_header`, when given, is written first
+    /// (for upstreams configured with `send_proxy_protocol`).
     pub async fn connect(
         &self,
         connect_timeout: Duration,
         tls_timeout: Duration,
+        proxy_header: Option<&[u8]>,
     ) -> Result<UpstreamConn, UpstreamError> {
         let (tcp, addr) = self.dial(connect_timeout).await?;
         crate::relay::tune_tcp(&tcp);
-        match timeout(tls_timeout, self.negotiate(tcp, addr)).await {
+        match timeout(tls_timeout, self.negotiate(tcp, addr, proxy_header)).await {
             Ok(result) => result,
             Err(_) => Err(UpstreamError::TlsTimeout {
                 addr,
@@ -114,6 +117,7 @@ impl Upstream {
         addr: SocketAddr,
         req: &CancelKey,
         limit: Duration,
+        proxy_header: Option<&[u8]>,
     ) -> Result<(), UpstreamError> {
         let work = async {
             let tcp = match TcpStream::connect(addr).await {
@@ -125,7 +129,7 @@ impl Upstream {
                     })
                 }
             };
-            let mut conn = self.negotiate(tcp, addr).await?;
+            let mut conn = self.negotiate(tcp, addr, proxy_header).await?;
             let closed = |_| UpstreamError::Closed { addr };
             conn.stream
                 .write_all(&req.cancel_request())
@@ -193,9 +197,13 @@ impl Upstream {
         &self,
         mut tcp: TcpStream,
         addr: SocketAddr,
+        proxy_header: Option<&[u8]>,
     ) -> Result<UpstreamConn, UpstreamError> {
+        let closed = |_| UpstreamError::Closed { addr };
+        if let Some(header) = proxy_header {
+            tcp.write_all(header).await.map_err(closed)?;
+        }
         if self.config.tls_negotiation == TlsNegotiation::Postgres {
-            let closed = |_| UpstreamError::Closed { addr };
             tcp.write_all(&ssl_request()).await.map_err(closed)?;
             // Exactly one byte: anything the server sends after `S` must be
             // TLS, and rustls will reject it if it is not.

@@ -65,6 +65,13 @@ pub fn names(der: &[u8], order: &[CertName]) -> Result<(String, Vec<String>), Id
     Ok((primary, all))
 }
 
+/// The subject common name, if any (for the PROXY protocol's SSL TLV).
+pub fn common_name(der: &[u8]) -> Option<String> {
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    let cn = cert.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_owned)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
