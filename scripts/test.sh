@@ -15,6 +15,7 @@ have_server() {
 
 missing=()
 have_server || missing+=(postgresql)
+command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
 command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
 command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
 if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then

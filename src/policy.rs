@@ -174,7 +174,22 @@ impl Rule {
             && self
                 .listeners
                 .as_ref()
-                .is_none_or(|ls| ls.iter().any(|l| l == req.listener));
+                .is_none_or(|ls| ls.iter().any(|l| l == req.listener))
+            && self.aws_vpce_ids.as_ref().is_none_or(|ps| {
+                req.proxy
+                    .and_then(|t| t.aws_vpce_id.as_deref())
+                    .is_some_and(|id| ps.iter().any(|p| glob(p, id)))
+            })
+            && self.azure_link_ids.as_ref().is_none_or(|ids| {
+                req.proxy
+                    .and_then(|t| t.azure_link_id)
+                    .is_some_and(|id| ids.contains(&id))
+            })
+            && self.gcp_psc_ids.as_ref().is_none_or(|ids| {
+                req.proxy
+                    .and_then(|t| t.gcp_psc_id)
+                    .is_some_and(|id| ids.contains(&id))
+            });
         let what = self
             .upstreams
             .as_ref()
@@ -377,7 +392,10 @@ mod tests {
     fn proxy_tlv_conditions() {
         let p = rules("[[rule]]\nname = \"vpce\"\naws_vpce_ids = [\"vpce-0abc*\"]\n[[rule]]\nname = \"psc\"\ngcp_psc_ids = [42]\n");
         let anyone = id("x");
-        assert!(!p.decide(&req(&anyone, "db", "u")).allowed, "no PROXY header: no TLVs");
+        assert!(
+            !p.decide(&req(&anyone, "db", "u")).allowed,
+            "no PROXY header: no TLVs"
+        );
         let tlvs = Tlvs {
             aws_vpce_id: Some("vpce-0abc123".into()),
             ..Tlvs::default()

@@ -22,8 +22,8 @@ use tracing::{debug, error, info, warn};
 use crate::audit::{AuditLog, ClientAddress};
 use crate::cancel::CancelRegistry;
 use crate::config::{
-    BindAddress, CancelPlaintext, ClientCertMode, ClientTlsMode, Config, ListenerIdentity, ProxyProtocol,
-    Timeouts,
+    BindAddress, CancelPlaintext, ClientCertMode, ClientTlsMode, Config, ListenerIdentity,
+    ProxyProtocol, Timeouts,
 };
 use crate::identity::tailscale::WhoIsClient;
 use crate::policy::Policy;

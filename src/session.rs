@@ -26,24 +26,26 @@ use tokio::time::timeout_at;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn, Instrument};
 
+use crate::audit::ProxyFacts;
 use crate::audit::{
     AuthOutcome, ClientAddress, ClientTransport, Event, Requested, SessionFacts, UpstreamFacts,
 };
 use crate::cancel::{CancelRegistry, CancelTarget, Registration};
-use crate::audit::ProxyFacts;
-use crate::config::{CancelPlaintext, ClientTlsMode, ListenerIdentity, ProxyProtocol, SendProxyProtocol};
-use crate::protocol::proxy::{self, Addresses, ProxyError, SslInfo};
-use crate::upstream::Upstream;
+use crate::config::{
+    CancelPlaintext, ClientTlsMode, ListenerIdentity, ProxyProtocol, SendProxyProtocol,
+};
 use crate::identity::{cert, Identity, IdentityError, IdentitySource};
 use crate::policy::Request;
 use crate::protocol::message::{
     self, tag, AuthRequest, ErrorFields, ErrorResponse, MessageError, SCRAM_PLUS,
 };
+use crate::protocol::proxy::{self, Addresses, ProxyError, SslInfo};
 use crate::protocol::startup::{self, CancelKey, StartupError, StartupMessage, StartupPacket};
 use crate::relay::{self, ByteCounts};
 use crate::server::{ListenerInfo, Shared};
 use crate::stream::{BoxedIo, Prefixed};
 use crate::tls::{CertificateProblem, TlsInfo, ALPN_POSTGRESQL};
+use crate::upstream::Upstream;
 use crate::upstream::UpstreamError;
 
 /// The largest message accepted in either direction while authenticating
@@ -674,7 +676,12 @@ impl Session {
     /// address everywhere (policy, audit, logs, rate limits).
     async fn read_proxy_header(&mut self, conn: &mut ClientConn) -> Result<(), SessionError> {
         if let Some(peer) = self.peer {
-            if !self.listener.proxy_trusted.iter().any(|n| n.contains(&peer.ip())) {
+            if !self
+                .listener
+                .proxy_trusted
+                .iter()
+                .any(|n| n.contains(&peer.ip()))
+            {
                 return Err(SessionError::ProxyUntrusted(peer.ip().to_string()));
             }
         }
@@ -718,12 +725,19 @@ impl Session {
     /// cipher and certificate CN; SNI as AUTHORITY), the session id as
     /// UNIQUE_ID, and pgbastion's identity of the client as JSON in TLV
     /// 0xE4.
-    fn outbound_proxy_header(&self, upstream: &Upstream, peer_cert: Option<&[u8]>) -> Option<Vec<u8>> {
+    fn outbound_proxy_header(
+        &self,
+        upstream: &Upstream,
+        peer_cert: Option<&[u8]>,
+    ) -> Option<Vec<u8>> {
         match upstream.config.send_proxy_protocol {
             SendProxyProtocol::Off => None,
             SendProxyProtocol::V1 => Some(proxy::encode_v1(self.peer, self.local)),
             SendProxyProtocol::V2 => {
-                let mut tlvs = vec![(proxy::tlv::UNIQUE_ID, self.facts.session_id.as_bytes().to_vec())];
+                let mut tlvs = vec![(
+                    proxy::tlv::UNIQUE_ID,
+                    self.facts.session_id.as_bytes().to_vec(),
+                )];
                 if let Some(ClientTransport::Tls(info)) = &self.facts.client_tls {
                     if let Some(sni) = &info.sni {
                         tlvs.push((proxy::tlv::AUTHORITY, sni.as_bytes().to_vec()));

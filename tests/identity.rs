@@ -224,30 +224,6 @@ fn user_node(login: &str, node: &str, cap: Option<serde_json::Value>) -> serde_j
     v
 }
 
-/// Connects through pgbastion from a chosen loopback address (the
-/// listener allows plaintext: the tailnet or LAN protects this leg).
-async fn connect_from(
-    proxy: SocketAddr,
-    from: &str,
-    user: &str,
-    db: &str,
-    password: &str,
-    app: &str,
-) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.bind(format!("{from}:0").parse().unwrap()).unwrap();
-    let stream = sock.connect(proxy).await.unwrap();
-    let mut cfg = tokio_postgres::Config::new();
-    cfg.user(user)
-        .password(password)
-        .dbname(db)
-        .application_name(app)
-        .ssl_mode(tokio_postgres::config::SslMode::Disable);
-    let (client, conn) = cfg.connect_raw(stream, tokio_postgres::NoTls).await?;
-    tokio::spawn(conn);
-    Ok(client)
-}
-
 fn refusal_text(e: &tokio_postgres::Error) -> String {
     let db = e
         .as_db_error()

@@ -79,9 +79,15 @@ pub enum Command {
 pub enum Addresses {
     /// Unknown or unspecified (v1 `UNKNOWN`, v2 `AF_UNSPEC`).
     Unspec,
-    Tcp { src: SocketAddr, dst: SocketAddr },
+    Tcp {
+        src: SocketAddr,
+        dst: SocketAddr,
+    },
     /// Unix socket paths (up to 108 bytes each, NUL-padded in v2).
-    Unix { src: Vec<u8>, dst: Vec<u8> },
+    Unix {
+        src: Vec<u8>,
+        dst: Vec<u8>,
+    },
 }
 
 /// The SSL TLV: how the client reached the balancer.
@@ -152,11 +158,19 @@ pub fn parse(buf: &[u8]) -> Result<Option<(ProxyHeader, usize)>, ProxyError> {
     // Decide the version from as few bytes as can tell them apart.
     let v2_prefix = buf.len().min(V2_SIGNATURE.len());
     if buf[..v2_prefix] == V2_SIGNATURE[..v2_prefix] {
-        return if buf.len() < 16 { Ok(None) } else { parse_v2(buf) };
+        return if buf.len() < 16 {
+            Ok(None)
+        } else {
+            parse_v2(buf)
+        };
     }
     let v1_prefix = buf.len().min(V1_PREFIX.len());
     if buf[..v1_prefix] == V1_PREFIX[..v1_prefix] {
-        return if buf.len() < V1_PREFIX.len() { Ok(None) } else { parse_v1(buf) };
+        return if buf.len() < V1_PREFIX.len() {
+            Ok(None)
+        } else {
+            parse_v1(buf)
+        };
     }
     Err(ProxyError::Missing)
 }
@@ -170,7 +184,8 @@ fn parse_v1(buf: &[u8]) -> Result<Option<(ProxyHeader, usize)>, ProxyError> {
             Ok(None)
         };
     };
-    let line = std::str::from_utf8(&buf[V1_PREFIX.len()..cr]).map_err(|_| ProxyError::V1Malformed("not ASCII"))?;
+    let line = std::str::from_utf8(&buf[V1_PREFIX.len()..cr])
+        .map_err(|_| ProxyError::V1Malformed("not ASCII"))?;
     let mut parts = line.split(' ');
     let proto = parts.next().ok_or(ProxyError::V1Malformed("no protocol"))?;
     let addresses = match proto {
@@ -183,14 +198,21 @@ fn parse_v1(buf: &[u8]) -> Result<Option<(ProxyHeader, usize)>, ProxyError> {
                 return Err(ProxyError::V1Malformed("extra fields"));
             }
             let ip = |s: &str| -> Result<IpAddr, ProxyError> {
-                let ip: IpAddr = s.parse().map_err(|_| ProxyError::V1Malformed("bad address"))?;
+                let ip: IpAddr = s
+                    .parse()
+                    .map_err(|_| ProxyError::V1Malformed("bad address"))?;
                 match (proto, ip) {
                     ("TCP4", IpAddr::V4(_)) | ("TCP6", IpAddr::V6(_)) => Ok(ip),
-                    _ => Err(ProxyError::V1Malformed("address does not match the protocol")),
+                    _ => Err(ProxyError::V1Malformed(
+                        "address does not match the protocol",
+                    )),
                 }
             };
             let port = |s: &str| -> Result<u16, ProxyError> {
-                if s.is_empty() || (s.len() > 1 && s.starts_with('0')) || !s.bytes().all(|b| b.is_ascii_digit()) {
+                if s.is_empty()
+                    || (s.len() > 1 && s.starts_with('0'))
+                    || !s.bytes().all(|b| b.is_ascii_digit())
+                {
                     return Err(ProxyError::V1Malformed("bad port"));
                 }
                 s.parse().map_err(|_| ProxyError::V1Malformed("bad port"))
@@ -242,7 +264,14 @@ fn parse_v2(buf: &[u8]) -> Result<Option<(ProxyHeader, usize)>, ProxyError> {
         // LOCAL: the receiver must ignore the address block.
         (Command::Local, _) | (_, 0x00) => Addresses::Unspec,
         (_, 0x11) => {
-            let ip = |o: usize| IpAddr::V4(Ipv4Addr::new(addr[o], addr[o + 1], addr[o + 2], addr[o + 3]));
+            let ip = |o: usize| {
+                IpAddr::V4(Ipv4Addr::new(
+                    addr[o],
+                    addr[o + 1],
+                    addr[o + 2],
+                    addr[o + 3],
+                ))
+            };
             Addresses::Tcp {
                 src: SocketAddr::new(ip(0), u16::from_be_bytes([addr[8], addr[9]])),
                 dst: SocketAddr::new(ip(4), u16::from_be_bytes([addr[10], addr[11]])),
@@ -324,7 +353,9 @@ fn parse_tlvs(bytes: &[u8], header: &[u8], tlv_start: usize) -> Result<Tlvs, Pro
                 out.unique_id = Some(String::from_utf8_lossy(v).into_owned());
             }
             tlv::CRC32C => {
-                let got: [u8; 4] = v.try_into().map_err(|_| ProxyError::BadTlv("CRC32C is not 4 bytes"))?;
+                let got: [u8; 4] = v
+                    .try_into()
+                    .map_err(|_| ProxyError::BadTlv("CRC32C is not 4 bytes"))?;
                 let mut copy = header.to_vec();
                 let value_at = tlv_start + at + 3;
                 copy[value_at..value_at + 4].fill(0);
@@ -342,15 +373,21 @@ fn parse_tlvs(bytes: &[u8], header: &[u8], tlv_start: usize) -> Result<Tlvs, Pro
             }
             tlv::AZURE => {
                 if let Some((&0x01, id)) = v.split_first() {
-                    let id: [u8; 4] = id.try_into().map_err(|_| ProxyError::BadTlv("Azure link id is not 4 bytes"))?;
+                    let id: [u8; 4] = id
+                        .try_into()
+                        .map_err(|_| ProxyError::BadTlv("Azure link id is not 4 bytes"))?;
                     out.azure_link_id = Some(u32::from_le_bytes(id));
                 }
             }
             tlv::GCP => {
-                let id: [u8; 8] = v.try_into().map_err(|_| ProxyError::BadTlv("GCP PSC id is not 8 bytes"))?;
+                let id: [u8; 8] = v
+                    .try_into()
+                    .map_err(|_| ProxyError::BadTlv("GCP PSC id is not 8 bytes"))?;
                 out.gcp_psc_id = Some(u64::from_be_bytes(id));
             }
-            tlv::PGBASTION_IDENTITY => out.pgbastion_identity = Some(text(v, "identity TLV is not UTF-8")?),
+            tlv::PGBASTION_IDENTITY => {
+                out.pgbastion_identity = Some(text(v, "identity TLV is not UTF-8")?)
+            }
             _ => {}
         }
     }
@@ -387,7 +424,14 @@ pub fn encode_v1(src: Option<SocketAddr>, dst: Option<SocketAddr>) -> Vec<u8> {
         (Some(s), Some(d)) => {
             let (s, d) = same_family(s, d);
             let proto = if s.is_ipv4() { "TCP4" } else { "TCP6" };
-            format!("PROXY {proto} {} {} {} {}\r\n", s.ip(), d.ip(), s.port(), d.port()).into_bytes()
+            format!(
+                "PROXY {proto} {} {} {} {}\r\n",
+                s.ip(),
+                d.ip(),
+                s.port(),
+                d.port()
+            )
+            .into_bytes()
         }
         _ => b"PROXY UNKNOWN\r\n".to_vec(),
     }
@@ -407,7 +451,11 @@ fn same_family(s: SocketAddr, d: SocketAddr) -> (SocketAddr, SocketAddr) {
 
 /// Builds a v2 PROXY header with the given TLVs (type, value), and a
 /// CRC32C over the whole header so the receiver can check it.
-pub fn encode_v2(src: Option<SocketAddr>, dst: Option<SocketAddr>, tlvs: &[(u8, Vec<u8>)]) -> Vec<u8> {
+pub fn encode_v2(
+    src: Option<SocketAddr>,
+    dst: Option<SocketAddr>,
+    tlvs: &[(u8, Vec<u8>)],
+) -> Vec<u8> {
     let mut addr = Vec::new();
     let fam = match (src, dst) {
         (Some(s), Some(d)) => {
@@ -488,7 +536,11 @@ pub fn crc32c(data: &[u8]) -> u32 {
             let mut c = i as u32;
             let mut k = 0;
             while k < 8 {
-                c = if c & 1 != 0 { 0x82F6_3B78 ^ (c >> 1) } else { c >> 1 };
+                c = if c & 1 != 0 {
+                    0x82F6_3B78 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
                 k += 1;
             }
             table[i] = c;
@@ -525,7 +577,10 @@ mod tests {
         assert_eq!(n, h.len() - 4);
         assert_eq!(p.source(), Some(sa("192.168.0.1:56324")));
         let h = b"PROXY TCP6 2001:db8::1 2001:db8::2 1 2\r\n";
-        assert_eq!(parse(h).unwrap().unwrap().0.source(), Some(sa("[2001:db8::1]:1")));
+        assert_eq!(
+            parse(h).unwrap().unwrap().0.source(),
+            Some(sa("[2001:db8::1]:1"))
+        );
         let (p, _) = parse(b"PROXY UNKNOWN whatever\r\n").unwrap().unwrap();
         assert_eq!(p.addresses, Addresses::Unspec);
         assert_eq!(p.source(), None);
@@ -548,7 +603,10 @@ mod tests {
     #[test]
     fn missing_header_is_recognised_early() {
         // A Postgres SSLRequest where a header should be.
-        assert_eq!(parse(&[0, 0, 0, 8, 4, 210, 22, 47]), Err(ProxyError::Missing));
+        assert_eq!(
+            parse(&[0, 0, 0, 8, 4, 210, 22, 47]),
+            Err(ProxyError::Missing)
+        );
         assert_eq!(parse(b"PRO"), Ok(None));
         assert_eq!(parse(&V2_SIGNATURE[..5]), Ok(None));
     }
@@ -580,7 +638,11 @@ mod tests {
             (tlv::GCP, 42u64.to_be_bytes().to_vec()),
             (tlv::PGBASTION_IDENTITY, br#"{"name":"alice"}"#.to_vec()),
         ];
-        for (s, d) in [("10.1.2.3:4000", "10.9.9.9:5432"), ("[2001:db8::7]:1", "[2001:db8::8]:2"), ("10.1.2.3:4000", "[::1]:5432")] {
+        for (s, d) in [
+            ("10.1.2.3:4000", "10.9.9.9:5432"),
+            ("[2001:db8::7]:1", "[2001:db8::8]:2"),
+            ("10.1.2.3:4000", "[::1]:5432"),
+        ] {
             let bytes = encode_v2(Some(sa(s)), Some(sa(d)), &tlvs);
             let (p, n) = parse(&bytes).unwrap().unwrap();
             assert_eq!(n, bytes.len());
@@ -611,7 +673,10 @@ mod tests {
         assert_eq!(p.command, Command::Local);
         assert_eq!(p.source(), None, "LOCAL: the socket's own addresses count");
         let unspec = encode_v2(None, None, &[]);
-        assert_eq!(parse(&unspec).unwrap().unwrap().0.addresses, Addresses::Unspec);
+        assert_eq!(
+            parse(&unspec).unwrap().unwrap().0.addresses,
+            Addresses::Unspec
+        );
         let mut unix = V2_SIGNATURE.to_vec();
         unix.extend_from_slice(&[0x21, 0x31]);
         unix.extend_from_slice(&216u16.to_be_bytes());
@@ -619,12 +684,22 @@ mod tests {
         block[..5].copy_from_slice(b"/a/b\0");
         unix.extend_from_slice(&block);
         let (p, _) = parse(&unix).unwrap().unwrap();
-        assert_eq!(p.addresses, Addresses::Unix { src: b"/a/b".to_vec(), dst: vec![] });
+        assert_eq!(
+            p.addresses,
+            Addresses::Unix {
+                src: b"/a/b".to_vec(),
+                dst: vec![]
+            }
+        );
     }
 
     #[test]
     fn v2_refusals() {
-        let good = encode_v2(Some(sa("1.2.3.4:5")), Some(sa("6.7.8.9:10")), &[(tlv::AUTHORITY, b"x".to_vec())]);
+        let good = encode_v2(
+            Some(sa("1.2.3.4:5")),
+            Some(sa("6.7.8.9:10")),
+            &[(tlv::AUTHORITY, b"x".to_vec())],
+        );
         // A CRC that does not match.
         let mut bad_crc = good.clone();
         let last = bad_crc.len() - 1;
@@ -637,7 +712,10 @@ mod tests {
         // A length too short for the family.
         let mut short = V2_SIGNATURE.to_vec();
         short.extend_from_slice(&[0x21, 0x11, 0, 4, 1, 2, 3, 4]);
-        assert_eq!(parse(&short), Err(ProxyError::V2TooShort { len: 4, need: 12 }));
+        assert_eq!(
+            parse(&short),
+            Err(ProxyError::V2TooShort { len: 4, need: 12 })
+        );
         // A TLV that claims more than the header holds.
         let mut tlv_over = V2_SIGNATURE.to_vec();
         tlv_over.extend_from_slice(&[0x21, 0x11, 0, 15]);

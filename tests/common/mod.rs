@@ -397,3 +397,83 @@ pub async fn ssl_request_then_tls(
         .await
         .unwrap()
 }
+
+/// Connects through pgbastion from a chosen loopback address (the
+/// listener allows plaintext: the tailnet or LAN protects this leg).
+pub async fn connect_from(
+    proxy: SocketAddr,
+    from: &str,
+    user: &str,
+    db: &str,
+    password: &str,
+    app: &str,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    let stream = sock.connect(proxy).await.unwrap();
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.user(user)
+        .password(password)
+        .dbname(db)
+        .application_name(app)
+        .ssl_mode(tokio_postgres::config::SslMode::Disable);
+    let (client, conn) = cfg.connect_raw(stream, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+/// HAProxy from Debian's package as a real peer, in the foreground with its
+/// log on stdout (captured to a file). Killed on drop.
+pub struct Haproxy {
+    child: std::process::Child,
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Haproxy {
+    /// Starts HAProxy with `body` (frontends and backends) after a common
+    /// global/defaults section, and waits until `port` accepts connections.
+    pub fn start(body: &str, port: u16) -> Haproxy {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("haproxy.cfg");
+        let log = dir.path().join("haproxy.log");
+        std::fs::write(
+            &cfg,
+            format!(
+                "global\n  log stdout format raw local0\n\ndefaults\n  mode tcp\n  log global\n  \
+                 timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\n{body}\n"
+            ),
+        )
+        .unwrap();
+        let child = std::process::Command::new("haproxy")
+            .args(["-db", "-f"])
+            .arg(&cfg)
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("haproxy must be installed (the test command installs it)");
+        let mut h = Haproxy {
+            child,
+            log,
+            _dir: dir,
+        };
+        wait_for("haproxy to listen", Duration::from_secs(10), || {
+            if let Ok(Some(status)) = h.child.try_wait() {
+                panic!("haproxy exited: {status}");
+            }
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+        h
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
