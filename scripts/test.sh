@@ -2,10 +2,10 @@
 # The test command (README, and what CI runs through .ci/run).
 #
 # Installs what the tests need when it is missing (PostgreSQL server and
-# client from Debian packages, psycopg from PyPI), then checks formatting and
-# lints, and runs
-# every test. The tests start real PostgreSQL servers; a missing part makes
-# them fail, never skip.
+# client, HAProxy and PgBouncer from Debian packages, psycopg from PyPI), then
+# checks formatting and lints, runs every test, and smoke-runs the benchmark
+# harness. The tests start real PostgreSQL servers; a missing part makes them
+# fail, never skip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +16,7 @@ have_server() {
 missing=()
 have_server || missing+=(postgresql)
 command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
+command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || missing+=(pgbouncer)
 command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
 command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
 if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
@@ -46,3 +47,12 @@ if command -v cargo-nextest >/dev/null 2>&1; then
 else
     cargo test --locked --no-fail-fast
 fi
+
+# The benchmark harness must keep working: a quick smoke run of the debug
+# build (its figures mean nothing; bench/run.sh is the real benchmark).
+cargo build --locked --bin pgbastion --example bench
+smoke="$(mktemp)"
+target/debug/examples/bench --quick --output "$smoke" >/dev/null
+grep -q "pgbench -S, 8 client(s): TPS" "$smoke"
+rm -f "$smoke"
+echo "benchmark harness smoke run: ok"

@@ -385,6 +385,9 @@ pub struct RootSources {
 pub enum AuditTarget {
     Stdout,
     File(PathBuf),
+    /// No audit log (`log = "off"`): for benchmarks, or where another
+    /// layer audits; never the default.
+    Off,
 }
 
 #[derive(Debug, Clone)]
@@ -595,6 +598,7 @@ impl RawConfig {
         }
         let audit = match self.audit.log.as_deref() {
             None | Some("-") => AuditTarget::Stdout,
+            Some("off") => AuditTarget::Off,
             Some("") => return Err(invalid("audit.log must be a file path or \"-\" for stdout")),
             Some(p) => AuditTarget::File(PathBuf::from(p)),
         };

@@ -9,6 +9,7 @@
 
 use std::future::poll_fn;
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -16,8 +17,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
-/// Each direction's buffer. One TLS record carries up to 16 KiB of
-/// plaintext, so a 16 KiB read takes a whole record at a time.
+/// The most read at once. One TLS record carries up to 16 KiB of plaintext,
+/// so a 16 KiB read takes a whole record at a time.
 const BUF_SIZE: usize = 16 * 1024;
 
 /// How long the final shutdown of the surviving side may take before the
@@ -76,11 +77,14 @@ pub struct ByteCounts {
     pub server_to_client: u64,
 }
 
-/// One direction of the copy.
+/// One direction of the copy. It owns no buffer while idle: data is read
+/// into a buffer on the stack of the poll and written straight on; only what
+/// a writer does not take at once is kept, on the heap, until it is written.
+/// An idle session thus costs no relay memory at all.
 struct Pipe {
-    buf: Box<[u8]>,
+    /// Read but not yet written (usually empty).
+    pending: Vec<u8>,
     pos: usize,
-    cap: usize,
     eof: bool,
     need_flush: bool,
     copied: u64,
@@ -96,14 +100,36 @@ enum PipeError {
 impl Pipe {
     fn new() -> Self {
         Pipe {
-            buf: vec![0; BUF_SIZE].into_boxed_slice(),
+            pending: Vec::new(),
             pos: 0,
-            cap: 0,
             eof: false,
             need_flush: false,
             copied: 0,
             last_active: 0,
         }
+    }
+
+    /// Writes `data` until the writer would block; returns how much it took.
+    fn write_some<W: AsyncWrite + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        w: &mut Pin<&mut W>,
+        data: &[u8],
+    ) -> Result<usize, PipeError> {
+        let mut off = 0;
+        while off < data.len() {
+            match w.as_mut().poll_write(cx, &data[off..]) {
+                Poll::Ready(Ok(0)) => return Err(PipeError::Write(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => {
+                    off += n;
+                    self.copied += n as u64;
+                    self.need_flush = true;
+                }
+                Poll::Ready(Err(e)) => return Err(PipeError::Write(e)),
+                Poll::Pending => break,
+            }
+        }
+        Ok(off)
     }
 
     /// Copies until the reader reaches EOF (Ready(Ok)) or would block.
@@ -119,45 +145,50 @@ impl Pipe {
         W: AsyncWrite + ?Sized,
     {
         loop {
-            if self.pos == self.cap && !self.eof {
-                let mut rb = ReadBuf::new(&mut self.buf);
-                match r.as_mut().poll_read(cx, &mut rb) {
-                    Poll::Ready(Ok(())) => {
-                        let n = rb.filled().len();
-                        if n == 0 {
-                            self.eof = true;
-                        } else {
-                            self.pos = 0;
-                            self.cap = n;
-                            *clock += 1;
-                            self.last_active = *clock;
-                        }
-                    }
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(PipeError::Read(e))),
-                    Poll::Pending => {
-                        // Nothing more to read for now: push out what the
-                        // writer buffered (TLS records) before sleeping.
-                        if self.need_flush {
-                            ready!(w.as_mut().poll_flush(cx)).map_err(PipeError::Write)?;
-                            self.need_flush = false;
-                        }
-                        return Poll::Pending;
-                    }
+            // Leftovers first, so bytes stay in order.
+            if self.pos < self.pending.len() {
+                let pending = std::mem::take(&mut self.pending);
+                let taken = self.write_some(cx, &mut w, &pending[self.pos..]);
+                self.pending = pending;
+                self.pos += taken?;
+                if self.pos < self.pending.len() {
+                    return Poll::Pending;
                 }
-            }
-            while self.pos < self.cap {
-                let n = ready!(w.as_mut().poll_write(cx, &self.buf[self.pos..self.cap]))
-                    .map_err(PipeError::Write)?;
-                if n == 0 {
-                    return Poll::Ready(Err(PipeError::Write(io::ErrorKind::WriteZero.into())));
-                }
-                self.pos += n;
-                self.copied += n as u64;
-                self.need_flush = true;
+                self.pending = Vec::new();
+                self.pos = 0;
             }
             if self.eof {
                 ready!(w.as_mut().poll_flush(cx)).map_err(PipeError::Write)?;
                 return Poll::Ready(Ok(()));
+            }
+            let mut stack = [MaybeUninit::<u8>::uninit(); BUF_SIZE];
+            let mut rb = ReadBuf::uninit(&mut stack);
+            match r.as_mut().poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) => {
+                    let data = rb.filled();
+                    if data.is_empty() {
+                        self.eof = true;
+                        continue;
+                    }
+                    *clock += 1;
+                    self.last_active = *clock;
+                    let taken = self.write_some(cx, &mut w, data)?;
+                    if taken < data.len() {
+                        self.pending = data[taken..].to_vec();
+                        self.pos = 0;
+                        return Poll::Pending;
+                    }
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(PipeError::Read(e))),
+                Poll::Pending => {
+                    // Nothing more to read for now: push out what the
+                    // writer buffered (TLS records) before sleeping.
+                    if self.need_flush {
+                        ready!(w.as_mut().poll_flush(cx)).map_err(PipeError::Write)?;
+                        self.need_flush = false;
+                    }
+                    return Poll::Pending;
+                }
             }
         }
     }

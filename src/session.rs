@@ -624,6 +624,10 @@ impl Session {
 
         let (end_reason, detail, counts) = match auth_result {
             Ok(()) => {
+                // The authentication buffers are not needed any more; an
+                // idle session should hold as little memory as possible.
+                auth.client_buf = Vec::new();
+                auth.server_buf = Vec::new();
                 let (end, counts) = relay::relay(&mut *conn.io, &mut up.stream).await;
                 let detail = match &end {
                     relay::RelayEnd::ClientError(d) | relay::RelayEnd::ServerError(d) => {

@@ -1,0 +1,637 @@
+//! pgbastion's benchmark harness: one run sets up PostgreSQL (TLS, SCRAM),
+//! pgbastion (client TLS, verify-full upstream TLS, audit log on), PgBouncer
+//! (session mode, client TLS, verify-full server TLS) and HAProxy (TCP
+//! passthrough: the client's TLS goes to PostgreSQL end to end), all on
+//! loopback, then runs every workload against every target interleaved
+//! (A B C D, A B C D, ...) so the machine's drift hits all alike, and prints
+//! medians with each target's ratio to the direct connection.
+//!
+//! Run: `bash bench/run.sh` (see BENCHMARKS.md).
+//! Only same-run ratios mean anything: client, proxies and server share the
+//! machine's cores.
+
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use pgbastion::devcerts::Ca;
+use pgbastion::localpg::{free_port, LocalPg, LocalPgOptions};
+
+#[derive(Parser)]
+#[command(about = "Benchmark pgbastion against a direct connection, PgBouncer and HAProxy, side by side.")]
+struct Args {
+    /// Seconds per pgbench run.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Interleaved rounds; medians are taken over them.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Rows in the COPY workload (1,000,000 rows of 1,000 bytes = 1 GB).
+    #[arg(long, default_value_t = 1_000_000)]
+    copy_rows: u64,
+    /// Idle sessions held open for the memory measurement.
+    #[arg(long, default_value_t = 300)]
+    idle_sessions: usize,
+    /// A fast smoke run (1 round, 2 s runs, small COPY, 50 idle sessions).
+    #[arg(long)]
+    quick: bool,
+    /// The report is appended to this file (the history of runs is the
+    /// record of what each change bought).
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    output: PathBuf,
+    /// A label for this run in the report (what was being tried).
+    #[arg(long, default_value = "")]
+    label: String,
+    /// Tokio worker threads for pgbastion (TOKIO_WORKER_THREADS); default:
+    /// pgbastion's own default.
+    #[arg(long)]
+    workers: Option<usize>,
+}
+
+/// What is measured through.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Target {
+    Direct,
+    Pgbastion,
+    PgBouncer,
+    HAProxy,
+    /// pgbastion with the audit log off, for the audit-cost comparison.
+    PgbastionNoAudit,
+}
+
+impl Target {
+    fn name(self) -> &'static str {
+        match self {
+            Target::Direct => "direct",
+            Target::Pgbastion => "pgbastion",
+            Target::PgBouncer => "pgbouncer",
+            Target::HAProxy => "haproxy",
+            Target::PgbastionNoAudit => "pgbastion (audit off)",
+        }
+    }
+}
+
+/// A process started for the benchmark, killed on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Bench {
+    pg: LocalPg,
+    ports: BTreeMap<Target, u16>,
+    pids: BTreeMap<Target, u32>,
+    _procs: Vec<Proc>,
+}
+
+fn main() -> Result<()> {
+    let mut args = Args::parse();
+    if args.quick {
+        args.duration = 2;
+        args.rounds = 1;
+        args.copy_rows = 50_000;
+        args.idle_sessions = 50;
+    }
+    for tool in ["pgbench", "psql", "pgbouncer", "haproxy"] {
+        if which(tool).is_none() {
+            bail!("{tool} is not installed; on Debian/Ubuntu: apt-get install -y postgresql postgresql-client pgbouncer haproxy");
+        }
+    }
+    eprintln!("setting up PostgreSQL, pgbastion, PgBouncer and HAProxy...");
+    let bench = Bench::setup(&args)?;
+    let results = bench.run(&args)?;
+    let report = report(&args, &results)?;
+    print!("{report}");
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&args.output)
+            .with_context(|| format!("opening {}", args.output.display()))?;
+        writeln!(f, "\n{report}")?;
+    }
+    eprintln!("written to {}", args.output.display());
+    Ok(())
+}
+
+fn which(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+        .map(|d| d.join(tool))
+        .find(|p| p.exists())
+}
+
+/// The uid/gid of the directory the server runs in: PgBouncer, like
+/// PostgreSQL, refuses to run as root, so it runs as the same user.
+fn owner(dir: &Path) -> Result<(u32, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(dir)?;
+    Ok((m.uid(), m.gid()))
+}
+
+fn wait_port(port: u16, what: &str) -> Result<()> {
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if start.elapsed() > Duration::from_secs(15) {
+            bail!("{what} did not listen on port {port}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+impl Bench {
+    fn setup(args: &Args) -> Result<Bench> {
+        // PgBouncer keeps its pooled server connections after its clients
+        // leave, so leave room for two sets of idle sessions at once.
+        let max_conn = 2 * args.idle_sessions + 200;
+        let pg = LocalPg::start(LocalPgOptions {
+            extra_conf: vec![format!("max_connections = {max_conn}"), "shared_buffers = '128MB'".into()],
+            ..LocalPgOptions::default()
+        })?;
+        let dir = pg.dir().to_owned();
+        let (uid, gid) = owner(&dir)?;
+        let conn = format!(
+            "host=localhost port={} user=postgres dbname=postgres sslmode=require",
+            pg.port
+        );
+        run_ok(
+            Command::new("pgbench")
+                .args(["-i", "-q", "-s", "10", &conn])
+                .env("PGPASSWORD", &pg.password),
+            "pgbench -i",
+        )?;
+
+        let ca = Ca::new("pgbastion bench CA")?;
+        let (cert, key) = ca.server_cert(&["localhost", "127.0.0.1"])?.write(&dir, "proxy")?;
+        for p in [&cert, &key] {
+            std::os::unix::fs::chown(p, Some(uid), Some(gid))?;
+        }
+        let mut ports = BTreeMap::new();
+        let mut pids = BTreeMap::new();
+        let mut procs = Vec::new();
+        ports.insert(Target::Direct, pg.port);
+
+        // pgbastion, as its own process (release build beside this one).
+        // target/release/examples/bench -> target/release/pgbastion
+        let exe = std::env::current_exe()?
+            .parent()
+            .and_then(Path::parent)
+            .context("the harness lives in target/<profile>/examples")?
+            .join("pgbastion");
+        for (target, audit) in [
+            (Target::Pgbastion, dir.join("audit.jsonl").display().to_string()),
+            (Target::PgbastionNoAudit, "off".to_owned()),
+        ] {
+            let port = free_port()?;
+            let cfg = dir.join(format!("pgbastion-{port}.toml"));
+            std::fs::write(
+                &cfg,
+                format!(
+                    "[tls]\ncert = \"{}\"\nkey = \"{}\"\n[[listener]]\nlisten = \"127.0.0.1:{port}\"\n\
+                     [[upstream]]\naddress = \"localhost:{}\"\nca_file = \"{}\"\n[audit]\nlog = \"{audit}\"\n\
+                     [limits]\nmax_sessions = 2000\nmax_pending = 2000\n",
+                    cert.display(),
+                    key.display(),
+                    pg.port,
+                    pg.ca_cert.display()
+                ),
+            )?;
+            let mut cmd = Command::new(&exe);
+            if let Some(n) = args.workers {
+                cmd.env("TOKIO_WORKER_THREADS", n.to_string());
+            }
+            let child = cmd
+                .args(["run", "--config"])
+                .arg(&cfg)
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .with_context(|| format!("starting {}", exe.display()))?;
+            pids.insert(target, child.id());
+            procs.push(Proc(child));
+            wait_port(port, "pgbastion")?;
+            ports.insert(target, port);
+        }
+
+        // PgBouncer: session pooling, TLS both ways, verify-full upstream.
+        let port = free_port()?;
+        let userlist = dir.join("userlist.txt");
+        std::fs::write(&userlist, format!("\"postgres\" \"{}\"\n", pg.password))?;
+        let ini = dir.join("pgbouncer.ini");
+        std::fs::write(
+            &ini,
+            format!(
+                "[databases]\npostgres = host=localhost port={pgport} dbname=postgres\n\
+                 [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
+                 auth_type = scram-sha-256\nauth_file = {userlist}\npool_mode = session\n\
+                 max_client_conn = 2000\ndefault_pool_size = {pool}\nmax_db_connections = {pool}\n\
+                 client_tls_sslmode = require\nclient_tls_cert_file = {cert}\nclient_tls_key_file = {key}\n\
+                 server_tls_sslmode = verify-full\nserver_tls_ca_file = {ca}\n\
+                 logfile = {dir}/pgbouncer.log\n",
+                pgport = pg.port,
+                userlist = userlist.display(),
+                pool = args.idle_sessions + 80,
+                cert = cert.display(),
+                key = key.display(),
+                ca = pg.ca_cert.display(),
+                dir = dir.display(),
+            ),
+        )?;
+        for p in [&userlist, &ini] {
+            std::os::unix::fs::chown(p, Some(uid), Some(gid))?;
+        }
+        let child = Command::new(which("pgbouncer").context("pgbouncer")?)
+            .arg(&ini)
+            .uid(uid)
+            .gid(gid)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting pgbouncer")?;
+        pids.insert(Target::PgBouncer, child.id());
+        procs.push(Proc(child));
+        wait_port(port, "pgbouncer")?;
+        ports.insert(Target::PgBouncer, port);
+
+        // HAProxy: plain TCP passthrough to PostgreSQL.
+        let port = free_port()?;
+        let cfg = dir.join("haproxy.cfg");
+        std::fs::write(
+            &cfg,
+            format!(
+                "global\n  maxconn 4000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n  \
+                 timeout server 1h\nfrontend fe\n  bind 127.0.0.1:{port}\n  default_backend be\n\
+                 backend be\n  server pg 127.0.0.1:{}\n",
+                pg.port
+            ),
+        )?;
+        let child = Command::new(which("haproxy").context("haproxy")?)
+            .args(["-db", "-f"])
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting haproxy")?;
+        pids.insert(Target::HAProxy, child.id());
+        procs.push(Proc(child));
+        wait_port(port, "haproxy")?;
+        ports.insert(Target::HAProxy, port);
+
+        Ok(Bench {
+            pg,
+            ports,
+            pids,
+            _procs: procs,
+        })
+    }
+
+    fn conninfo(&self, target: Target) -> String {
+        format!(
+            "host=localhost port={} user=postgres dbname=postgres sslmode=require channel_binding=disable",
+            self.ports[&target]
+        )
+    }
+
+    fn run(&self, args: &Args) -> Result<Results> {
+        let mut r = Results::default();
+        let main = [Target::Direct, Target::Pgbastion, Target::PgBouncer, Target::HAProxy];
+        // Every target answers before anything is measured.
+        for t in main.iter().chain([&Target::PgbastionNoAudit]) {
+            self.pgbench(*t, &["-S", "-c", "1", "-t", "10"])
+                .with_context(|| format!("{} does not work", t.name()))?;
+        }
+        // Memory first, while every pool is fresh (PgBouncer last: it keeps
+        // its server connections after the clients leave).
+        for t in [Target::Pgbastion, Target::HAProxy, Target::PgBouncer] {
+            match self.idle_memory(t, args.idle_sessions) {
+                Ok(kib) => r.add("memory", t, "kib_per_session", kib),
+                Err(e) => eprintln!("memory measurement through {} failed: {e:#}", t.name()),
+            }
+        }
+        let d = args.duration.to_string();
+        for round in 0..args.rounds {
+            eprintln!("round {} of {}", round + 1, args.rounds);
+            for (clients, jobs) in [(1, 1), (8, 2), (64, 2)] {
+                let workload = format!("select {clients}");
+                let mut targets = main.to_vec();
+                if clients == 8 {
+                    targets.push(Target::PgbastionNoAudit);
+                }
+                for &t in &targets {
+                    let cpu_before = cpu_ticks(self.pids.get(&t).copied());
+                    let out = self.pgbench(t, &["-S", "-c", &clients.to_string(), "-j", &jobs.to_string(), "-T", &d])?;
+                    let cpu_after = cpu_ticks(self.pids.get(&t).copied());
+                    r.add(&workload, t, "tps", out.tps);
+                    r.add(&workload, t, "latency_ms", out.latency_ms);
+                    if let (Some((ua, sa)), Some((ub, sb))) = (cpu_before, cpu_after) {
+                        if out.transactions > 0 {
+                            let per_txn = |ticks: u64| ticks as f64 * 1e6 / clk_tck() / out.transactions as f64;
+                            r.add(&workload, t, "cpu_us_per_txn", per_txn((ub - ua) + (sb - sa)));
+                            r.add(&workload, t, "sys_us_per_txn", per_txn(sb - sa));
+                        }
+                    }
+                }
+            }
+            for &t in &main {
+                let out = self.pgbench(t, &["-S", "-C", "-c", "8", "-j", "2", "-T", &d])?;
+                r.add("connect", t, "tps", out.tps);
+            }
+            for &t in &main {
+                let secs = self.copy(t, args.copy_rows)?;
+                let mb = args.copy_rows as f64 * 1001.0 / 1e6;
+                r.add("copy", t, "seconds", secs);
+                r.add("copy", t, "mb_per_s", mb / secs);
+            }
+        }
+        Ok(r)
+    }
+
+    fn pgbench(&self, target: Target, extra: &[&str]) -> Result<PgbenchOut> {
+        let out = Command::new("pgbench")
+            .arg("-n")
+            .args(extra)
+            .arg(self.conninfo(target))
+            .env("PGPASSWORD", &self.pg.password)
+            .output()
+            .context("running pgbench")?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            bail!(
+                "pgbench against {} failed: {}{}",
+                target.name(),
+                text,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        PgbenchOut::parse(&text).with_context(|| format!("reading pgbench output:\n{text}"))
+    }
+
+    fn copy(&self, target: Target, rows: u64) -> Result<f64> {
+        let sql = format!("COPY (SELECT repeat('x', 1000) FROM generate_series(1, {rows})) TO STDOUT");
+        let start = Instant::now();
+        let out = Command::new("psql")
+            .args(["-X", "-q", "-d", &self.conninfo(target), "-c", &sql])
+            .env("PGPASSWORD", &self.pg.password)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output()?;
+        let secs = start.elapsed().as_secs_f64();
+        if !out.status.success() {
+            bail!("COPY via {} failed: {}", target.name(), String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(secs)
+    }
+
+    /// Holds `n` authenticated idle TLS sessions through a proxy and
+    /// returns its RSS increase per session, in KiB.
+    fn idle_memory(&self, target: Target, n: usize) -> Result<f64> {
+        let pid = self.pids[&target];
+        let before = rss_kib(pid)?;
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let conninfo = format!("{} password={}", self.conninfo(target), self.pg.password);
+        let after = rt.block_on(async {
+            let mut held = Vec::with_capacity(n);
+            for _ in 0..n {
+                let (client, conn) = tokio_postgres::connect(&conninfo, insecure_tls()).await?;
+                let task = tokio::spawn(conn);
+                client.simple_query("select 1").await?;
+                held.push((client, task));
+            }
+            // Let the proxy settle, then read its RSS while all are open.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let after = rss_kib(pid);
+            drop(held);
+            anyhow::Ok(after)
+        })??;
+        Ok((after.saturating_sub(before)) as f64 / n as f64)
+    }
+}
+
+/// TLS for the memory clients: encrypted like the pgbench clients'
+/// sslmode=require, without verification (what is measured is the proxy).
+fn insecure_tls() -> tokio_postgres_rustls::MakeRustlsConnect {
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    #[derive(Debug)]
+    struct AcceptAny(std::sync::Arc<rustls::crypto::CryptoProvider>);
+    impl ServerCertVerifier for AcceptAny {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &rustls::DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+        }
+        fn verify_tls13_signature(
+            &self,
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &rustls::DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default versions")
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(AcceptAny(provider)))
+        .with_no_client_auth();
+    tokio_postgres_rustls::MakeRustlsConnect::new(config)
+}
+
+fn run_ok(cmd: &mut Command, what: &str) -> Result<()> {
+    let out = cmd.output().with_context(|| format!("running {what}"))?;
+    if !out.status.success() {
+        bail!("{what} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+struct PgbenchOut {
+    tps: f64,
+    latency_ms: f64,
+    transactions: u64,
+}
+
+impl PgbenchOut {
+    fn parse(text: &str) -> Result<PgbenchOut> {
+        let find = |prefix: &str| -> Option<&str> {
+            text.lines()
+                .find_map(|l| l.trim().strip_prefix(prefix))
+                .map(|rest| rest.trim_start_matches([' ', '=', ':']).split_whitespace().next().unwrap_or(""))
+        };
+        Ok(PgbenchOut {
+            tps: find("tps").context("no tps line")?.parse()?,
+            latency_ms: find("latency average").context("no latency line")?.parse()?,
+            transactions: find("number of transactions actually processed")
+                .context("no transactions line")?
+                .split('/')
+                .next()
+                .unwrap_or("0")
+                .parse()?,
+        })
+    }
+}
+
+/// (user, system) CPU ticks of a process (all threads), from /proc/PID/stat.
+fn cpu_ticks(pid: Option<u32>) -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid?)).ok()?;
+    // Fields after the command name, which is in parentheses.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    Some((f.get(11)?.parse().ok()?, f.get(12)?.parse().ok()?))
+}
+
+fn clk_tck() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("no VmRSS")
+}
+
+/// Samples by workload, target and metric.
+#[derive(Default)]
+struct Results(BTreeMap<(String, Target, &'static str), Vec<f64>>);
+
+impl Results {
+    fn add(&mut self, workload: &str, t: Target, metric: &'static str, v: f64) {
+        self.0.entry((workload.to_owned(), t, metric)).or_default().push(v);
+    }
+
+    fn median(&self, workload: &str, t: Target, metric: &'static str) -> Option<f64> {
+        let mut v = self.0.get(&(workload.to_owned(), t, metric))?.clone();
+        v.sort_by(|a, b| a.total_cmp(b));
+        Some(v[v.len() / 2])
+    }
+}
+
+fn version(cmd: &str, arg: &str) -> String {
+    Command::new(cmd)
+        .arg(arg)
+        .output()
+        .map(|o| {
+            let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+            text.lines().next().unwrap_or("").trim().to_owned()
+        })
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn report(args: &Args, r: &Results) -> Result<String> {
+    use std::fmt::Write;
+    let main = [Target::Direct, Target::Pgbastion, Target::PgBouncer, Target::HAProxy];
+    let mut s = String::new();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| c.lines().find_map(|l| l.strip_prefix("model name")).map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned()))
+        .unwrap_or_else(|| "unknown".into());
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    writeln!(
+        s,
+        "## Run of {}{}\n",
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now()),
+        if args.label.is_empty() { String::new() } else { format!(": {}", args.label) }
+    )?;
+    writeln!(s, "- machine: {cores} cores, {cpu}; client, proxies and server share them")?;
+    writeln!(
+        s,
+        "- versions: pgbastion {}; {}; {}; {}; {}",
+        env!("CARGO_PKG_VERSION"),
+        version("postgres", "--version").replace("postgres (PostgreSQL)", "PostgreSQL"),
+        version("pgbench", "--version"),
+        version(which("pgbouncer").map(|p| p.display().to_string()).as_deref().unwrap_or("pgbouncer"), "--version"),
+        version(which("haproxy").map(|p| p.display().to_string()).as_deref().unwrap_or("haproxy"), "-v"),
+    )?;
+    writeln!(
+        s,
+        "- {} round(s), {} s per pgbench run, medians; TLS on every client leg (sslmode=require, channel_binding=disable)\n",
+        args.rounds, args.duration
+    )?;
+    writeln!(s, "| workload | metric | direct | pgbastion | pgbouncer | haproxy |")?;
+    writeln!(s, "|---|---|---|---|---|---|")?;
+    let row = |s: &mut String, workload: &str, label: &str, metric: &'static str| -> Result<()> {
+        let base = r.median(workload, Target::Direct, metric);
+        let mut cells = Vec::new();
+        for t in main {
+            cells.push(match (r.median(workload, t, metric), base) {
+                (Some(v), Some(b)) if t != Target::Direct && b > 0.0 => format!("{v:.1} ({:.2}x)", v / b),
+                (Some(v), _) => format!("{v:.1}"),
+                (None, _) => "—".into(),
+            });
+        }
+        writeln!(s, "| {workload} | {label} | {} |", cells.join(" | "))?;
+        Ok(())
+    };
+    for c in [1, 8, 64] {
+        let w = format!("select {c}");
+        row(&mut s, &w, &format!("pgbench -S, {c} client(s): TPS"), "tps")?;
+        row(&mut s, &w, "avg latency, ms", "latency_ms")?;
+    }
+    row(&mut s, "connect", "pgbench -S -C, 8 clients: connections/s", "tps")?;
+    row(&mut s, "copy", &format!("COPY {} MB: seconds", args.copy_rows * 1001 / 1_000_000), "seconds")?;
+    row(&mut s, "copy", "COPY: MB/s", "mb_per_s")?;
+    row(&mut s, "select 8", "proxy CPU per transaction (8 clients), µs", "cpu_us_per_txn")?;
+    row(&mut s, "select 8", "... of which kernel (system) time, µs", "sys_us_per_txn")?;
+    row(&mut s, "memory", &format!("RSS per idle TLS session ({}), KiB", args.idle_sessions), "kib_per_session")?;
+
+    writeln!(s)?;
+    let m = |w: &str, t, k| r.median(w, t, k).unwrap_or(f64::NAN);
+    let on = m("select 8", Target::Pgbastion, "tps");
+    let off = m("select 8", Target::PgbastionNoAudit, "tps");
+    writeln!(s, "Audit log cost (8 clients): {on:.0} TPS with the audit log on, {off:.0} off ({:+.1}%).", (on / off - 1.0) * 100.0)?;
+    let d1 = m("select 1", Target::Direct, "latency_ms");
+    writeln!(
+        s,
+        "Added latency at 1 client: pgbastion {:.0} µs, PgBouncer {:.0} µs, HAProxy {:.0} µs.",
+        (m("select 1", Target::Pgbastion, "latency_ms") - d1) * 1000.0,
+        (m("select 1", Target::PgBouncer, "latency_ms") - d1) * 1000.0,
+        (m("select 1", Target::HAProxy, "latency_ms") - d1) * 1000.0
+    )?;
+    writeln!(
+        s,
+        "pgbastion vs PgBouncer at 8 clients: {:.2}x TPS.",
+        on / m("select 8", Target::PgBouncer, "tps")
+    )?;
+    Ok(s)
+}
