@@ -24,7 +24,9 @@ use pgbastion::devcerts::Ca;
 use pgbastion::localpg::{free_port, LocalPg, LocalPgOptions};
 
 #[derive(Parser)]
-#[command(about = "Benchmark pgbastion against a direct connection, PgBouncer and HAProxy, side by side.")]
+#[command(
+    about = "Benchmark pgbastion against a direct connection, PgBouncer and HAProxy, side by side."
+)]
 struct Args {
     /// Seconds per pgbench run.
     #[arg(long, default_value_t = 10)]
@@ -158,7 +160,10 @@ impl Bench {
         // leave, so leave room for two sets of idle sessions at once.
         let max_conn = 2 * args.idle_sessions + 200;
         let pg = LocalPg::start(LocalPgOptions {
-            extra_conf: vec![format!("max_connections = {max_conn}"), "shared_buffers = '128MB'".into()],
+            extra_conf: vec![
+                format!("max_connections = {max_conn}"),
+                "shared_buffers = '128MB'".into(),
+            ],
             ..LocalPgOptions::default()
         })?;
         let dir = pg.dir().to_owned();
@@ -175,7 +180,9 @@ impl Bench {
         )?;
 
         let ca = Ca::new("pgbastion bench CA")?;
-        let (cert, key) = ca.server_cert(&["localhost", "127.0.0.1"])?.write(&dir, "proxy")?;
+        let (cert, key) = ca
+            .server_cert(&["localhost", "127.0.0.1"])?
+            .write(&dir, "proxy")?;
         for p in [&cert, &key] {
             std::os::unix::fs::chown(p, Some(uid), Some(gid))?;
         }
@@ -192,7 +199,10 @@ impl Bench {
             .context("the harness lives in target/<profile>/examples")?
             .join("pgbastion");
         for (target, audit) in [
-            (Target::Pgbastion, dir.join("audit.jsonl").display().to_string()),
+            (
+                Target::Pgbastion,
+                dir.join("audit.jsonl").display().to_string(),
+            ),
             (Target::PgbastionNoAudit, "off".to_owned()),
         ] {
             let port = free_port()?;
@@ -308,7 +318,12 @@ impl Bench {
 
     fn run(&self, args: &Args) -> Result<Results> {
         let mut r = Results::default();
-        let main = [Target::Direct, Target::Pgbastion, Target::PgBouncer, Target::HAProxy];
+        let main = [
+            Target::Direct,
+            Target::Pgbastion,
+            Target::PgBouncer,
+            Target::HAProxy,
+        ];
         // Every target answers before anything is measured.
         for t in main.iter().chain([&Target::PgbastionNoAudit]) {
             self.pgbench(*t, &["-S", "-c", "1", "-t", "10"])
@@ -333,14 +348,32 @@ impl Bench {
                 }
                 for &t in &targets {
                     let cpu_before = cpu_ticks(self.pids.get(&t).copied());
-                    let out = self.pgbench(t, &["-S", "-c", &clients.to_string(), "-j", &jobs.to_string(), "-T", &d])?;
+                    let out = self.pgbench(
+                        t,
+                        &[
+                            "-S",
+                            "-c",
+                            &clients.to_string(),
+                            "-j",
+                            &jobs.to_string(),
+                            "-T",
+                            &d,
+                        ],
+                    )?;
                     let cpu_after = cpu_ticks(self.pids.get(&t).copied());
                     r.add(&workload, t, "tps", out.tps);
                     r.add(&workload, t, "latency_ms", out.latency_ms);
                     if let (Some((ua, sa)), Some((ub, sb))) = (cpu_before, cpu_after) {
                         if out.transactions > 0 {
-                            let per_txn = |ticks: u64| ticks as f64 * 1e6 / clk_tck() / out.transactions as f64;
-                            r.add(&workload, t, "cpu_us_per_txn", per_txn((ub - ua) + (sb - sa)));
+                            let per_txn = |ticks: u64| {
+                                ticks as f64 * 1e6 / clk_tck() / out.transactions as f64
+                            };
+                            r.add(
+                                &workload,
+                                t,
+                                "cpu_us_per_txn",
+                                per_txn((ub - ua) + (sb - sa)),
+                            );
                             r.add(&workload, t, "sys_us_per_txn", per_txn(sb - sa));
                         }
                     }
@@ -381,7 +414,8 @@ impl Bench {
     }
 
     fn copy(&self, target: Target, rows: u64) -> Result<f64> {
-        let sql = format!("COPY (SELECT repeat('x', 1000) FROM generate_series(1, {rows})) TO STDOUT");
+        let sql =
+            format!("COPY (SELECT repeat('x', 1000) FROM generate_series(1, {rows})) TO STDOUT");
         let start = Instant::now();
         let out = Command::new("psql")
             .args(["-X", "-q", "-d", &self.conninfo(target), "-c", &sql])
@@ -391,7 +425,11 @@ impl Bench {
             .output()?;
         let secs = start.elapsed().as_secs_f64();
         if !out.status.success() {
-            bail!("COPY via {} failed: {}", target.name(), String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "COPY via {} failed: {}",
+                target.name(),
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(secs)
     }
@@ -401,7 +439,9 @@ impl Bench {
     fn idle_memory(&self, target: Target, n: usize) -> Result<f64> {
         let pid = self.pids[&target];
         let before = rss_kib(pid)?;
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         let conninfo = format!("{} password={}", self.conninfo(target), self.pg.password);
         let after = rt.block_on(async {
             let mut held = Vec::with_capacity(n);
@@ -445,7 +485,12 @@ fn insecure_tls() -> tokio_postgres_rustls::MakeRustlsConnect {
             c: &CertificateDer<'_>,
             d: &rustls::DigitallySignedStruct,
         ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+            rustls::crypto::verify_tls12_signature(
+                m,
+                c,
+                d,
+                &self.0.signature_verification_algorithms,
+            )
         }
         fn verify_tls13_signature(
             &self,
@@ -453,7 +498,12 @@ fn insecure_tls() -> tokio_postgres_rustls::MakeRustlsConnect {
             c: &CertificateDer<'_>,
             d: &rustls::DigitallySignedStruct,
         ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+            rustls::crypto::verify_tls13_signature(
+                m,
+                c,
+                d,
+                &self.0.signature_verification_algorithms,
+            )
         }
         fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
             self.0.signature_verification_algorithms.supported_schemes()
@@ -488,11 +538,18 @@ impl PgbenchOut {
         let find = |prefix: &str| -> Option<&str> {
             text.lines()
                 .find_map(|l| l.trim().strip_prefix(prefix))
-                .map(|rest| rest.trim_start_matches([' ', '=', ':']).split_whitespace().next().unwrap_or(""))
+                .map(|rest| {
+                    rest.trim_start_matches([' ', '=', ':'])
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or("")
+                })
         };
         Ok(PgbenchOut {
             tps: find("tps").context("no tps line")?.parse()?,
-            latency_ms: find("latency average").context("no latency line")?.parse()?,
+            latency_ms: find("latency average")
+                .context("no latency line")?
+                .parse()?,
             transactions: find("number of transactions actually processed")
                 .context("no transactions line")?
                 .split('/')
@@ -537,7 +594,10 @@ struct Results(BTreeMap<(String, Target, &'static str), Vec<f64>>);
 
 impl Results {
     fn add(&mut self, workload: &str, t: Target, metric: &'static str, v: f64) {
-        self.0.entry((workload.to_owned(), t, metric)).or_default().push(v);
+        self.0
+            .entry((workload.to_owned(), t, metric))
+            .or_default()
+            .push(v);
     }
 
     fn median(&self, workload: &str, t: Target, metric: &'static str) -> Option<f64> {
@@ -552,7 +612,11 @@ fn version(cmd: &str, arg: &str) -> String {
         .arg(arg)
         .output()
         .map(|o| {
-            let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
             text.lines().next().unwrap_or("").trim().to_owned()
         })
         .unwrap_or_else(|_| "unknown".into())
@@ -560,42 +624,77 @@ fn version(cmd: &str, arg: &str) -> String {
 
 fn report(args: &Args, r: &Results) -> Result<String> {
     use std::fmt::Write;
-    let main = [Target::Direct, Target::Pgbastion, Target::PgBouncer, Target::HAProxy];
+    let main = [
+        Target::Direct,
+        Target::Pgbastion,
+        Target::PgBouncer,
+        Target::HAProxy,
+    ];
     let mut s = String::new();
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| c.lines().find_map(|l| l.strip_prefix("model name")).map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned()))
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
         .unwrap_or_else(|| "unknown".into());
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     writeln!(
         s,
         "## Run of {}{}\n",
         humantime::format_rfc3339_seconds(std::time::SystemTime::now()),
-        if args.label.is_empty() { String::new() } else { format!(": {}", args.label) }
+        if args.label.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", args.label)
+        }
     )?;
-    writeln!(s, "- machine: {cores} cores, {cpu}; client, proxies and server share them")?;
+    writeln!(
+        s,
+        "- machine: {cores} cores, {cpu}; client, proxies and server share them"
+    )?;
     writeln!(
         s,
         "- versions: pgbastion {}; {}; {}; {}; {}",
         env!("CARGO_PKG_VERSION"),
         version("postgres", "--version").replace("postgres (PostgreSQL)", "PostgreSQL"),
         version("pgbench", "--version"),
-        version(which("pgbouncer").map(|p| p.display().to_string()).as_deref().unwrap_or("pgbouncer"), "--version"),
-        version(which("haproxy").map(|p| p.display().to_string()).as_deref().unwrap_or("haproxy"), "-v"),
+        version(
+            which("pgbouncer")
+                .map(|p| p.display().to_string())
+                .as_deref()
+                .unwrap_or("pgbouncer"),
+            "--version"
+        ),
+        version(
+            which("haproxy")
+                .map(|p| p.display().to_string())
+                .as_deref()
+                .unwrap_or("haproxy"),
+            "-v"
+        ),
     )?;
     writeln!(
         s,
         "- {} round(s), {} s per pgbench run, medians; TLS on every client leg (sslmode=require, channel_binding=disable)\n",
         args.rounds, args.duration
     )?;
-    writeln!(s, "| workload | metric | direct | pgbastion | pgbouncer | haproxy |")?;
+    writeln!(
+        s,
+        "| workload | metric | direct | pgbastion | pgbouncer | haproxy |"
+    )?;
     writeln!(s, "|---|---|---|---|---|---|")?;
     let row = |s: &mut String, workload: &str, label: &str, metric: &'static str| -> Result<()> {
         let base = r.median(workload, Target::Direct, metric);
         let mut cells = Vec::new();
         for t in main {
             cells.push(match (r.median(workload, t, metric), base) {
-                (Some(v), Some(b)) if t != Target::Direct && b > 0.0 => format!("{v:.1} ({:.2}x)", v / b),
+                (Some(v), Some(b)) if t != Target::Direct && b > 0.0 => {
+                    format!("{v:.1} ({:.2}x)", v / b)
+                }
                 (Some(v), _) => format!("{v:.1}"),
                 (None, _) => "—".into(),
             });
@@ -605,21 +704,55 @@ fn report(args: &Args, r: &Results) -> Result<String> {
     };
     for c in [1, 8, 64] {
         let w = format!("select {c}");
-        row(&mut s, &w, &format!("pgbench -S, {c} client(s): TPS"), "tps")?;
+        row(
+            &mut s,
+            &w,
+            &format!("pgbench -S, {c} client(s): TPS"),
+            "tps",
+        )?;
         row(&mut s, &w, "avg latency, ms", "latency_ms")?;
     }
-    row(&mut s, "connect", "pgbench -S -C, 8 clients: connections/s", "tps")?;
-    row(&mut s, "copy", &format!("COPY {} MB: seconds", args.copy_rows * 1001 / 1_000_000), "seconds")?;
+    row(
+        &mut s,
+        "connect",
+        "pgbench -S -C, 8 clients: connections/s",
+        "tps",
+    )?;
+    row(
+        &mut s,
+        "copy",
+        &format!("COPY {} MB: seconds", args.copy_rows * 1001 / 1_000_000),
+        "seconds",
+    )?;
     row(&mut s, "copy", "COPY: MB/s", "mb_per_s")?;
-    row(&mut s, "select 8", "proxy CPU per transaction (8 clients), µs", "cpu_us_per_txn")?;
-    row(&mut s, "select 8", "... of which kernel (system) time, µs", "sys_us_per_txn")?;
-    row(&mut s, "memory", &format!("RSS per idle TLS session ({}), KiB", args.idle_sessions), "kib_per_session")?;
+    row(
+        &mut s,
+        "select 8",
+        "proxy CPU per transaction (8 clients), µs",
+        "cpu_us_per_txn",
+    )?;
+    row(
+        &mut s,
+        "select 8",
+        "... of which kernel (system) time, µs",
+        "sys_us_per_txn",
+    )?;
+    row(
+        &mut s,
+        "memory",
+        &format!("RSS per idle TLS session ({}), KiB", args.idle_sessions),
+        "kib_per_session",
+    )?;
 
     writeln!(s)?;
     let m = |w: &str, t, k| r.median(w, t, k).unwrap_or(f64::NAN);
     let on = m("select 8", Target::Pgbastion, "tps");
     let off = m("select 8", Target::PgbastionNoAudit, "tps");
-    writeln!(s, "Audit log cost (8 clients): {on:.0} TPS with the audit log on, {off:.0} off ({:+.1}%).", (on / off - 1.0) * 100.0)?;
+    writeln!(
+        s,
+        "Audit log cost (8 clients): {on:.0} TPS with the audit log on, {off:.0} off ({:+.1}%).",
+        (on / off - 1.0) * 100.0
+    )?;
     let d1 = m("select 1", Target::Direct, "latency_ms");
     writeln!(
         s,

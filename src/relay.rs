@@ -119,7 +119,9 @@ impl Pipe {
         let mut off = 0;
         while off < data.len() {
             match w.as_mut().poll_write(cx, &data[off..]) {
-                Poll::Ready(Ok(0)) => return Err(PipeError::Write(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(0)) => {
+                    return Err(PipeError::Write(io::ErrorKind::WriteZero.into()))
+                }
                 Poll::Ready(Ok(n)) => {
                     off += n;
                     self.copied += n as u64;
