@@ -152,7 +152,7 @@ struct RawTls {
     min_version: TlsVersion,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawListener {
     name: Option<String>,
@@ -458,36 +458,17 @@ impl Config {
             .listen
             .into_iter()
             .map(|listen| RawListener {
-                name: None,
                 listen: Some(listen),
-                unix_dir: None,
-                port: None,
                 client_tls: flags.client_tls,
-                cancel_plaintext: CancelPlaintext::default(),
-                upstream: None,
-                identity: IdentitySource::Network,
-                client_ca: None,
-                client_cert: None,
-                cert_identity: None,
-                proxy_protocol: ProxyProtocol::Off,
-                proxy_trusted: Vec::new(),
+                ..RawListener::default()
             })
             .collect();
         if let Some(dir) = flags.unix_dir {
             listeners.push(RawListener {
                 name: Some("unix".into()),
-                listen: None,
                 unix_dir: Some(dir),
                 port: flags.port,
-                client_tls: None,
-                cancel_plaintext: CancelPlaintext::default(),
-                upstream: None,
-                identity: IdentitySource::Network,
-                client_ca: None,
-                client_cert: None,
-                cert_identity: None,
-                proxy_protocol: ProxyProtocol::Off,
-                proxy_trusted: Vec::new(),
+                ..RawListener::default()
             });
         }
         let tls = match (flags.tls_cert, flags.tls_key) {

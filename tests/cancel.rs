@@ -102,14 +102,7 @@ async fn sniffed_session(
         };
         tokio::select! { _ = up => {}, _ = down => {} }
     });
-    let mut cfg = tokio_postgres::Config::new();
-    cfg.user("postgres")
-        .password(env.pg.password.as_str())
-        .dbname("postgres")
-        .application_name(app)
-        .ssl_mode(tokio_postgres::config::SslMode::Disable);
-    let (client, conn) = cfg.connect_raw(local, tokio_postgres::NoTls).await.unwrap();
-    tokio::spawn(conn);
+    let client = pg_over(local, &env.pg.password, app).await.unwrap();
     (client, key_rx.await.unwrap())
 }
 

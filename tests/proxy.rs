@@ -288,14 +288,7 @@ async fn client_close_notify_without_terminate_ends_the_upstream_session() {
             }
         }
     });
-    let mut cfg = tokio_postgres::Config::new();
-    cfg.user("postgres")
-        .password(env.pg.password.as_str())
-        .dbname("postgres")
-        .application_name("notifier")
-        .ssl_mode(tokio_postgres::config::SslMode::Disable);
-    let (client, conn) = cfg.connect_raw(local, tokio_postgres::NoTls).await.unwrap();
-    tokio::spawn(conn);
+    let client = pg_over(local, &env.pg.password, "notifier").await.unwrap();
     client.simple_query("select 1").await.unwrap();
     assert_eq!(backends(&direct, "notifier").await, 1);
     stop_tx.send(()).unwrap();
@@ -336,13 +329,7 @@ async fn gssenc_then_ssl_on_one_socket() {
     tcp.write_all(&gss).await.unwrap();
     assert_eq!(tcp.read_u8().await.unwrap(), b'N');
     let tls = ssl_request_then_tls(tcp, &env).await;
-    let mut cfg = tokio_postgres::Config::new();
-    cfg.user("postgres")
-        .password(env.pg.password.as_str())
-        .dbname("postgres")
-        .ssl_mode(tokio_postgres::config::SslMode::Disable);
-    let (client, conn) = cfg.connect_raw(tls, tokio_postgres::NoTls).await.unwrap();
-    tokio::spawn(conn);
+    let client = pg_over(tls, &env.pg.password, "test").await.unwrap();
     let row = client
         .query_one(
             "select ssl from pg_stat_ssl where pid = pg_backend_pid()",
@@ -357,11 +344,6 @@ async fn gssenc_then_ssl_on_one_socket() {
 async fn direct_tls_requires_alpn_postgresql() {
     let env = Env::new();
     let proxy = env.proxy("require", "");
-    let mut cfg = tokio_postgres::Config::new();
-    cfg.user("postgres")
-        .password(env.pg.password.as_str())
-        .dbname("postgres")
-        .ssl_mode(tokio_postgres::config::SslMode::Disable);
 
     // With ALPN "postgresql": works.
     let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client_tls_config(
@@ -373,8 +355,7 @@ async fn direct_tls_requires_alpn_postgresql() {
         .await
         .unwrap();
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"postgresql"[..]));
-    let (client, conn) = cfg.connect_raw(tls, tokio_postgres::NoTls).await.unwrap();
-    tokio::spawn(conn);
+    let client = pg_over(tls, &env.pg.password, "direct").await.unwrap();
     let v: i32 = client.query_one("select 7", &[]).await.unwrap().get(0);
     assert_eq!(v, 7);
 

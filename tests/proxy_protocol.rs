@@ -87,16 +87,7 @@ async fn pgbastion_sends_proxy_v2_that_haproxy_reads() {
     sock.bind("127.0.0.5:0".parse().unwrap()).unwrap();
     let stream = sock.connect(pgb.addr()).await.unwrap();
     let local = stream.local_addr().unwrap();
-    let mut cfg = tokio_postgres::Config::new();
-    cfg.user("postgres")
-        .password(env.pg.password.as_str())
-        .dbname("postgres")
-        .ssl_mode(tokio_postgres::config::SslMode::Disable);
-    let (client, conn) = cfg
-        .connect_raw(stream, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    let task = tokio::spawn(conn);
+    let client = pg_over(stream, &env.pg.password, "via-lb").await.unwrap();
     // The server still sees verified TLS through the balancer.
     let ssl: bool = client
         .query_one(
@@ -107,8 +98,8 @@ async fn pgbastion_sends_proxy_v2_that_haproxy_reads() {
         .unwrap()
         .get(0);
     assert!(ssl);
+    // HAProxy logs the connection when it ends.
     drop(client);
-    let _ = task.await;
     let logged = wait_for("haproxy's log line", Duration::from_secs(10), || {
         let text = lb.log_text();
         text.contains("client=").then_some(text)
@@ -169,13 +160,7 @@ async fn pgbastion_to_pgbastion_carries_client_tls_and_identity() {
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
     sock.bind("127.0.0.6:0".parse().unwrap()).unwrap();
     let tls = ssl_request_then_tls(sock.connect(first.addr()).await.unwrap(), &env).await;
-    let mut cfg = tokio_postgres::Config::new();
-    cfg.user("postgres")
-        .password(env.pg.password.as_str())
-        .dbname("postgres")
-        .ssl_mode(tokio_postgres::config::SslMode::Disable);
-    let (client, conn) = cfg.connect_raw(tls, tokio_postgres::NoTls).await.unwrap();
-    tokio::spawn(conn);
+    let client = pg_over(tls, &env.pg.password, "test").await.unwrap();
     client.simple_query("select 1").await.unwrap();
 
     let a = first.wait_audit("first start", |e| e["event"] == "session.start");
@@ -287,13 +272,7 @@ async fn bad_headers_and_sources_are_refused_and_serving_goes_on() {
     ))
     .await
     .unwrap();
-    let mut cfg = tokio_postgres::Config::new();
-    cfg.user("postgres")
-        .password(env.pg.password.as_str())
-        .dbname("postgres")
-        .ssl_mode(tokio_postgres::config::SslMode::Disable);
-    let (client, conn) = cfg.connect_raw(s, tokio_postgres::NoTls).await.unwrap();
-    tokio::spawn(conn);
+    let client = pg_over(s, &env.pg.password, "test").await.unwrap();
     client.simple_query("select 1").await.unwrap();
     let ok = pgb.wait_audit("the v1 session", |e| e["event"] == "session.start");
     assert_eq!(ok["client"]["addr"], "198.51.100.4");

@@ -411,15 +411,7 @@ pub async fn connect_from(
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
     sock.bind(format!("{from}:0").parse().unwrap()).unwrap();
     let stream = sock.connect(proxy).await.unwrap();
-    let mut cfg = tokio_postgres::Config::new();
-    cfg.user(user)
-        .password(password)
-        .dbname(db)
-        .application_name(app)
-        .ssl_mode(tokio_postgres::config::SslMode::Disable);
-    let (client, conn) = cfg.connect_raw(stream, tokio_postgres::NoTls).await?;
-    tokio::spawn(conn);
-    Ok(client)
+    pg_over_as(stream, user, db, password, app).await
 }
 
 /// HAProxy from Debian's package as a real peer, in the foreground with its
@@ -476,4 +468,39 @@ impl Drop for Haproxy {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// tokio-postgres as `postgres` over a stream that is already set up (plain
+/// TCP, or TLS the test negotiated itself), with an application_name.
+pub async fn pg_over<S>(
+    stream: S,
+    password: &str,
+    app: &str,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    pg_over_as(stream, "postgres", "postgres", password, app).await
+}
+
+/// Like `pg_over`, as another user and database.
+pub async fn pg_over_as<S>(
+    stream: S,
+    user: &str,
+    db: &str,
+    password: &str,
+    app: &str,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.user(user)
+        .password(password)
+        .dbname(db)
+        .application_name(app)
+        .ssl_mode(tokio_postgres::config::SslMode::Disable);
+    let (client, conn) = cfg.connect_raw(stream, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    Ok(client)
 }
