@@ -252,11 +252,10 @@ async fn cancel_after_the_session_ended_does_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plaintext_cancel_can_be_denied_and_attempts_are_rate_limited() {
     let env = Env::new();
-    let proxy = Proxy::start_toml(&format!(
-        "{}\n[[listener]]\nlisten = \"127.0.0.1:0\"\ncancel_plaintext = \"deny\"\n{}\n[limits]\ncancel_rate = 0.001\ncancel_burst = 4\n",
-        env.tls_toml(),
-        env.upstream_toml()
-    ));
+    let proxy = env.proxy_with(
+        "cancel_plaintext = \"deny\"",
+        "[limits]\ncancel_rate = 0.001\ncancel_burst = 4\n",
+    );
     let direct = env.direct_client().await;
     let (client, key) = sniffed_session(&proxy, &env, "guarded").await;
     let query = tokio::spawn(async move { client.simple_query("select pg_sleep(60)").await });
@@ -276,15 +275,9 @@ async fn plaintext_cancel_can_be_denied_and_attempts_are_rate_limited() {
     for _ in 0..4 {
         plaintext_cancel(&proxy, &key).await;
     }
-    let limited = wait_for("rate-limited events", Duration::from_secs(10), || {
-        let n = proxy
-            .audit_events()
-            .iter()
-            .filter(|e| e["outcome"] == "rate_limited")
-            .count();
-        (n == 2).then_some(n)
+    proxy.wait_audit_count("two rate-limited events", 2, |e| {
+        e["outcome"] == "rate_limited"
     });
-    assert_eq!(limited, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

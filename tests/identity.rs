@@ -130,15 +130,9 @@ users = ["app_ro"]
     );
     let out = env.psql(&without, "select 1");
     assert!(!out.status.success());
-    let failures = wait_for("two handshake failures", Duration::from_secs(10), || {
-        let n = proxy
-            .audit_events()
-            .iter()
-            .filter(|e| e["reason"] == "client_tls_handshake_failed")
-            .count();
-        (n == 2).then_some(n)
+    proxy.wait_audit_count("two handshake failures", 2, |e| {
+        e["reason"] == "client_tls_handshake_failed"
     });
-    assert_eq!(failures, 2);
 }
 
 /// A LocalAPI stand-in: answers `GET /localapi/v0/whois?addr=IP:PORT` with
@@ -376,13 +370,13 @@ from_grants = true
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn localapi_down_means_refusal() {
     let env = Env::new();
-    let toml = format!(
-        "{}\n[[listener]]\nlisten = \"127.0.0.1:0\"\nclient_tls = \"allow\"\nidentity = \"tailscale\"\n{}\n[tailscale]\nsocket = \"{}\"\n",
-        env.tls_toml(),
-        env.upstream_toml(),
-        env.dir.path().join("no-such.sock").display()
+    let proxy = env.proxy_with(
+        "client_tls = \"allow\"\nidentity = \"tailscale\"",
+        &format!(
+            "[tailscale]\nsocket = \"{}\"\n",
+            env.dir.path().join("no-such.sock").display()
+        ),
     );
-    let proxy = Proxy::start_toml(&toml);
     let e = connect_from(
         proxy.addr(),
         "127.0.0.2",
@@ -406,12 +400,10 @@ async fn localapi_down_means_refusal() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn network_rules_by_cidr() {
     let env = Env::new();
-    let toml = format!(
-        "{}\n[[listener]]\nlisten = \"127.0.0.1:0\"\nclient_tls = \"allow\"\n{}\n[[rule]]\nname = \"office\"\nnetworks = [\"127.0.0.2/32\", \"10.0.0.0/8\"]\n",
-        env.tls_toml(),
-        env.upstream_toml()
+    let proxy = env.proxy_with(
+        "client_tls = \"allow\"",
+        "[[rule]]\nname = \"office\"\nnetworks = [\"127.0.0.2/32\", \"10.0.0.0/8\"]\n",
     );
-    let proxy = Proxy::start_toml(&toml);
     let pw = env.pg.password.as_str();
     connect_from(proxy.addr(), "127.0.0.2", "postgres", "postgres", pw, "x")
         .await

@@ -10,13 +10,12 @@ use common::*;
 use pgbastion::protocol::proxy::{self, tlv};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// A plaintext-allowed listener that requires a PROXY header from 127.0.0.1.
 fn proxied_listener(env: &Env, extra: &str) -> Proxy {
-    Proxy::start_toml(&format!(
-        "{}\n[[listener]]\nname = \"behind-lb\"\nlisten = \"127.0.0.1:0\"\nclient_tls = \"allow\"\n\
-         proxy_protocol = \"required\"\nproxy_trusted = [\"127.0.0.1/32\"]\n{}\n{extra}",
-        env.tls_toml(),
-        env.upstream_toml()
-    ))
+    env.proxy_with(
+        "client_tls = \"allow\"\nproxy_protocol = \"required\"\nproxy_trusted = [\"127.0.0.1/32\"]",
+        extra,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -144,11 +143,10 @@ async fn pgbastion_sends_proxy_v2_that_haproxy_reads() {
 async fn pgbastion_to_pgbastion_carries_client_tls_and_identity() {
     let env = Env::new();
     // The second pgbastion wants a header from 127.0.0.1, then TLS as usual.
-    let second = Proxy::start_toml(&format!(
-        "{}\n[[listener]]\nlisten = \"127.0.0.1:0\"\nproxy_protocol = \"required\"\nproxy_trusted = [\"127.0.0.1/32\"]\n{}",
-        env.tls_toml(),
-        env.upstream_toml()
-    ));
+    let second = env.proxy_with(
+        "proxy_protocol = \"required\"\nproxy_trusted = [\"127.0.0.1/32\"]",
+        "",
+    );
     let first = Proxy::start_toml(&format!(
         "{}\n[[listener]]\nlisten = \"127.0.0.1:0\"\n[[upstream]]\naddress = \"localhost:{}\"\n\
          ca_file = \"{}\"\nsend_proxy_protocol = \"v2\"\n",
@@ -243,15 +241,11 @@ async fn bad_headers_and_sources_are_refused_and_serving_goes_on() {
     assert!(answer_to(addr, "127.0.0.1", &good[..10]).await.is_empty());
     assert!(started.elapsed() < Duration::from_secs(5));
 
-    let reasons: Vec<String> = wait_for("six refusals", Duration::from_secs(10), || {
-        let r: Vec<String> = pgb
-            .audit_events()
-            .iter()
-            .filter(|e| e["event"] == "session.rejected")
-            .map(|e| e["reason"].as_str().unwrap().to_owned())
-            .collect();
-        (r.len() == 6).then_some(r)
-    });
+    let reasons: Vec<String> = pgb
+        .wait_audit_count("six refusals", 6, |e| e["event"] == "session.rejected")
+        .iter()
+        .map(|e| e["reason"].as_str().unwrap().to_owned())
+        .collect();
     for (reason, n) in [
         ("proxy_untrusted_source", 1),
         ("bad_proxy_header", 4),

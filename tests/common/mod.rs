@@ -87,8 +87,14 @@ impl Env {
     /// pgbastion with one TCP listener (`client_tls` as given) in front of
     /// this environment's PostgreSQL, plus any extra TOML.
     pub fn proxy(&self, client_tls: &str, extra: &str) -> Proxy {
+        self.proxy_with(&format!("client_tls = \"{client_tls}\""), extra)
+    }
+
+    /// pgbastion with one TCP listener named "tcp" carrying `listener_keys`
+    /// (TOML lines), in front of this environment's PostgreSQL, plus `extra`.
+    pub fn proxy_with(&self, listener_keys: &str, extra: &str) -> Proxy {
         let toml = format!(
-            "{}\n[[listener]]\nname = \"tcp\"\nlisten = \"127.0.0.1:0\"\nclient_tls = \"{client_tls}\"\n{}\n{extra}",
+            "{}\n[[listener]]\nname = \"tcp\"\nlisten = \"127.0.0.1:0\"\n{listener_keys}\n{}\n{extra}",
             self.tls_toml(),
             self.upstream_toml()
         );
@@ -265,6 +271,23 @@ impl Proxy {
                     .unwrap_or_else(|e| panic!("audit line is not JSON ({e}): {l}"))
             })
             .collect()
+    }
+
+    /// Waits until exactly `n` audit events match `pred`, and returns them.
+    pub fn wait_audit_count(
+        &self,
+        what: &str,
+        n: usize,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Vec<serde_json::Value> {
+        wait_for(what, Duration::from_secs(10), || {
+            let found: Vec<serde_json::Value> = self
+                .audit_events()
+                .into_iter()
+                .filter(|e| pred(e))
+                .collect();
+            (found.len() == n).then_some(found)
+        })
     }
 
     /// Waits until an audit event matching `pred` is written.
