@@ -10,25 +10,6 @@ use pgbastion::protocol::message;
 use pgbastion::protocol::startup::{CancelKey, ProtocolVersion, StartupMessage};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Waits until the server runs a query for `app`; returns its server pid.
-async fn wait_active(direct: &tokio_postgres::Client, app: &str) -> i32 {
-    wait_for_async(
-        "the query to run on the server",
-        Duration::from_secs(15),
-        || async {
-            direct
-            .query_opt(
-                "select pid from pg_stat_activity where application_name = $1 and state = 'active'",
-                &[&app],
-            )
-            .await
-            .unwrap()
-            .map(|r| r.get::<_, i32>(0))
-        },
-    )
-    .await
-}
-
 async fn still_active(direct: &tokio_postgres::Client, pid: i32) -> bool {
     direct
         .query_one(

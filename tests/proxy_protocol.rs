@@ -117,14 +117,7 @@ async fn pgbastion_sends_proxy_v2_that_haproxy_reads() {
         .unwrap();
     let token = client.cancel_token();
     let query = tokio::spawn(async move { client.simple_query("select pg_sleep(60)").await });
-    wait_for_async("the query to run", Duration::from_secs(10), || async {
-        direct
-            .query_opt("select 1 from pg_stat_activity where application_name = 'lb-sleeper' and state = 'active'", &[])
-            .await
-            .unwrap()
-            .map(|_| ())
-    })
-    .await;
+    wait_active(&direct, "lb-sleeper").await;
     token
         .cancel_query(tls_connector(&env.proxy_ca))
         .await
