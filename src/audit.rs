@@ -11,7 +11,8 @@ use std::sync::Mutex;
 
 use serde::Serialize;
 
-use crate::config::AuditTarget;
+use crate::auth::login::LegAuth;
+use crate::config::{AuditTarget, AuthMode};
 use crate::identity::Identity;
 use crate::tls::TlsInfo;
 
@@ -89,6 +90,32 @@ pub enum AuthOutcome {
     Incomplete,
 }
 
+/// How a session authenticated: the mode, what the server said, and for
+/// each leg the SASL mechanism and whether it was bound to its TLS channel.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct AuthFacts {
+    pub mode: AuthMode,
+    #[serde(flatten)]
+    pub outcome: AuthOutcome,
+    /// Client to pgbastion (scram) or client to server (passthrough).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client: Option<LegAuth>,
+    /// pgbastion to server (scram mode).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server: Option<LegAuth>,
+}
+
+impl AuthFacts {
+    pub fn new(mode: AuthMode) -> AuthFacts {
+        AuthFacts {
+            mode,
+            outcome: AuthOutcome::Incomplete,
+            client: None,
+            server: None,
+        }
+    }
+}
+
 /// A PROXY protocol header as received: the balancer that sent it (the
 /// socket's peer; `client` then holds the address the header states).
 #[derive(Debug, Clone, Serialize)]
@@ -129,14 +156,14 @@ pub enum Event<'a> {
         #[serde(flatten)]
         facts: &'a SessionFacts,
         upstream: &'a UpstreamFacts,
-        auth: &'a AuthOutcome,
+        auth: &'a AuthFacts,
     },
     #[serde(rename = "session.end")]
     End {
         #[serde(flatten)]
         facts: &'a SessionFacts,
         upstream: &'a UpstreamFacts,
-        auth: &'a AuthOutcome,
+        auth: &'a AuthFacts,
         bytes_client_to_server: u64,
         bytes_server_to_client: u64,
         duration_ms: u64,
@@ -166,6 +193,9 @@ pub enum Event<'a> {
         sqlstate: Option<&'a str>,
         message: String,
         duration_ms: u64,
+        /// scram mode: how far authentication got.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        auth: Option<&'a AuthFacts>,
     },
 }
 
@@ -251,6 +281,7 @@ mod tests {
             sqlstate: Some("28000"),
             message: "m".into(),
             duration_ms: 3,
+            auth: None,
         })
         .unwrap();
         assert_eq!(v["event"], "session.rejected");
@@ -258,5 +289,21 @@ mod tests {
         assert_eq!(v["client"]["port"], 5000);
         assert_eq!(v["client_tls"]["mode"], "plaintext");
         assert_eq!(v["sqlstate"], "28000");
+    }
+
+    #[test]
+    fn auth_facts_shape() {
+        let mut auth = AuthFacts::new(AuthMode::Scram);
+        auth.outcome = AuthOutcome::Ok;
+        auth.client = Some(LegAuth {
+            mechanism: "SCRAM-SHA-256-PLUS".into(),
+            channel_binding: true,
+        });
+        let v = serde_json::to_value(&auth).unwrap();
+        assert_eq!(v["mode"], "scram");
+        assert_eq!(v["result"], "ok");
+        assert_eq!(v["client"]["mechanism"], "SCRAM-SHA-256-PLUS");
+        assert_eq!(v["client"]["channel_binding"], true);
+        assert!(v.get("server").is_none());
     }
 }

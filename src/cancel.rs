@@ -18,15 +18,12 @@ use rand::RngCore;
 use subtle::ConstantTimeEq;
 
 use crate::protocol::startup::CancelKey;
+use crate::ratelimit::KeyedBuckets;
 
 /// Key length pgbastion issues to protocol 3.2 sessions (PostgreSQL 18 uses
 /// the same); 3.0 sessions get 4 bytes, all that protocol allows.
 const KEY_LEN_3_2: usize = 32;
 const KEY_LEN_3_0: usize = 4;
-
-/// How many client addresses the rate limiter remembers before it forgets
-/// the idlest ones.
-const MAX_TRACKED_CLIENTS: usize = 10_000;
 
 /// Where a matched cancel request must go.
 #[derive(Debug, Clone)]
@@ -49,7 +46,8 @@ struct Entry {
 /// All live sessions' cancel keys, and the per-address rate limit.
 pub struct CancelRegistry {
     entries: Mutex<HashMap<u32, Entry>>,
-    limiter: Mutex<RateLimiter>,
+    /// Cancel requests per client address (Unix-socket clients share one).
+    limiter: Mutex<KeyedBuckets<Option<IpAddr>>>,
 }
 
 /// A session's hold on its mapping: dropping it (the session ended) removes
@@ -77,7 +75,7 @@ impl CancelRegistry {
     pub fn new(rate_per_sec: f64, burst: f64) -> Arc<Self> {
         Arc::new(CancelRegistry {
             entries: Mutex::new(HashMap::new()),
-            limiter: Mutex::new(RateLimiter::new(rate_per_sec, burst)),
+            limiter: Mutex::new(KeyedBuckets::new(rate_per_sec, burst)),
         })
     }
 
@@ -137,7 +135,7 @@ impl CancelRegistry {
 
     /// Whether a client address may send another cancel request now.
     pub fn allow(&self, client: Option<IpAddr>) -> bool {
-        lock(&self.limiter).allow(client, Instant::now())
+        lock(&self.limiter).try_take(&client, Instant::now())
     }
 
     pub fn live_sessions(&self) -> usize {
@@ -145,50 +143,9 @@ impl CancelRegistry {
     }
 }
 
-/// A token bucket per client address (Unix-socket clients share one).
-struct RateLimiter {
-    rate: f64,
-    burst: f64,
-    buckets: HashMap<Option<IpAddr>, (f64, Instant)>,
-}
-
-impl RateLimiter {
-    fn new(rate: f64, burst: f64) -> Self {
-        RateLimiter {
-            rate,
-            burst,
-            buckets: HashMap::new(),
-        }
-    }
-
-    fn allow(&mut self, client: Option<IpAddr>, now: Instant) -> bool {
-        if self.buckets.len() >= MAX_TRACKED_CLIENTS && !self.buckets.contains_key(&client) {
-            // Forget buckets that have refilled completely: they carry no
-            // information. Under a flood of distinct addresses, forget all.
-            let (rate, burst) = (self.rate, self.burst);
-            self.buckets.retain(|_, (tokens, at)| {
-                *tokens + now.duration_since(*at).as_secs_f64() * rate < burst
-            });
-            if self.buckets.len() >= MAX_TRACKED_CLIENTS {
-                self.buckets.clear();
-            }
-        }
-        let (tokens, at) = self.buckets.entry(client).or_insert((self.burst, now));
-        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.rate).min(self.burst);
-        *at = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn target(key_len: usize) -> CancelTarget {
         CancelTarget {
@@ -244,31 +201,5 @@ mod tests {
         drop(registration);
         assert!(reg.lookup(&req(issued.secret_key.clone())).is_none());
         assert_eq!(reg.live_sessions(), 0);
-    }
-
-    #[test]
-    fn rate_limit_per_address_refills() {
-        let mut l = RateLimiter::new(2.0, 3.0);
-        let a = Some(IpAddr::from([10, 0, 0, 1]));
-        let b = Some(IpAddr::from([10, 0, 0, 2]));
-        let t0 = Instant::now();
-        assert!((0..3).all(|_| l.allow(a, t0)));
-        assert!(!l.allow(a, t0), "burst used up");
-        assert!(l.allow(b, t0), "another address has its own bucket");
-        assert!(
-            l.allow(a, t0 + Duration::from_millis(500)),
-            "refilled by one"
-        );
-        assert!(!l.allow(a, t0 + Duration::from_millis(500)));
-    }
-
-    #[test]
-    fn rate_limiter_memory_is_bounded() {
-        let mut l = RateLimiter::new(1.0, 1.0);
-        let t0 = Instant::now();
-        for i in 0..(MAX_TRACKED_CLIENTS as u32 + 10) {
-            l.allow(Some(IpAddr::from(i.to_be_bytes())), t0);
-        }
-        assert!(l.buckets.len() <= MAX_TRACKED_CLIENTS);
     }
 }

@@ -92,6 +92,19 @@ pub enum TlsNegotiation {
     Direct,
 }
 
+/// Who authenticates the client to the database (see `auth`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// The client authenticates to the server end to end; pgbastion only
+    /// watches. SCRAM channel binding cannot work.
+    #[default]
+    Passthrough,
+    /// pgbastion terminates SCRAM on both legs, channel-bound, with the
+    /// user's verifier.
+    Scram,
+}
+
 /// The lowest TLS version accepted on a leg.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 pub enum TlsVersion {
@@ -202,6 +215,13 @@ struct RawUpstream {
     min_tls_version: TlsVersion,
     #[serde(default)]
     send_proxy_protocol: SendProxyProtocol,
+    #[serde(default)]
+    auth: AuthMode,
+    secrets_file: Option<PathBuf>,
+    auth_user: Option<String>,
+    auth_password_file: Option<PathBuf>,
+    auth_database: Option<String>,
+    auth_query: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -225,6 +245,16 @@ pub struct Limits {
     pub cancel_rate: f64,
     /// How many cancel requests one address may send in a burst.
     pub cancel_burst: f64,
+    /// scram mode: failed logins one client address may have per
+    /// `failed_login_window` before its logins are refused for a while.
+    pub failed_logins_per_address: u32,
+    /// scram mode: the same per user name, across addresses (higher, so
+    /// that a guessing run cannot lock a real user out cheaply).
+    pub failed_logins_per_user: u32,
+    /// The window over which those failures are counted: the budget
+    /// refills at `n / window`.
+    #[serde(with = "humantime_serde")]
+    pub failed_login_window: Duration,
 }
 
 impl Default for Limits {
@@ -234,6 +264,9 @@ impl Default for Limits {
             max_pending: 256,
             cancel_rate: 5.0,
             cancel_burst: 20.0,
+            failed_logins_per_address: 10,
+            failed_logins_per_user: 30,
+            failed_login_window: Duration::from_secs(60),
         }
     }
 }
@@ -339,7 +372,38 @@ pub struct UpstreamConfig {
     pub tls_negotiation: TlsNegotiation,
     pub min_tls_version: TlsVersion,
     pub send_proxy_protocol: SendProxyProtocol,
+    /// None: passthrough.
+    pub scram: Option<ScramConfig>,
 }
+
+impl UpstreamConfig {
+    pub fn auth_mode(&self) -> AuthMode {
+        match self.scram {
+            Some(_) => AuthMode::Scram,
+            None => AuthMode::Passthrough,
+        }
+    }
+}
+
+/// Where scram mode finds verifiers: at least one of the two.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScramConfig {
+    /// PgBouncer-format userlist; re-read on SIGHUP.
+    pub secrets_file: Option<PathBuf>,
+    pub auth_query: Option<AuthQueryConfig>,
+}
+
+/// Looking verifiers up on the server as a dedicated role.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthQueryConfig {
+    pub user: String,
+    pub password_file: PathBuf,
+    pub database: String,
+    pub query: String,
+}
+
+/// The default `auth_query`: the lookup function the README installs.
+pub const DEFAULT_AUTH_QUERY: &str = "SELECT usename, passwd FROM pgbastion.lookup($1)";
 
 /// How a listener establishes who its clients are.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -423,6 +487,10 @@ pub struct Flags {
     pub client_tls: Option<ClientTlsMode>,
     pub audit_log: Option<String>,
     pub max_sessions: Option<usize>,
+    pub auth: Option<AuthMode>,
+    pub secrets_file: Option<PathBuf>,
+    pub auth_user: Option<String>,
+    pub auth_password_file: Option<PathBuf>,
 }
 
 impl Config {
@@ -499,6 +567,12 @@ impl Config {
                 },
                 min_tls_version: TlsVersion::default(),
                 send_proxy_protocol: SendProxyProtocol::Off,
+                auth: flags.auth.unwrap_or_default(),
+                secrets_file: flags.secrets_file,
+                auth_user: flags.auth_user,
+                auth_password_file: flags.auth_password_file,
+                auth_database: None,
+                auth_query: None,
             }],
             limits: Limits {
                 max_sessions: flags.max_sessions.unwrap_or(Limits::default().max_sessions),
@@ -560,6 +634,14 @@ impl RawConfig {
         if self.limits.max_sessions == 0 || self.limits.max_pending == 0 {
             return Err(invalid(
                 "limits.max_sessions and limits.max_pending must be at least 1",
+            ));
+        }
+        if self.limits.failed_logins_per_address == 0
+            || self.limits.failed_logins_per_user == 0
+            || self.limits.failed_login_window.is_zero()
+        {
+            return Err(invalid(
+                "limits.failed_logins_per_address, failed_logins_per_user and failed_login_window must be greater than zero",
             ));
         }
         let t = &self.timeouts;
@@ -828,6 +910,50 @@ impl RawUpstream {
                 )))
             }
         };
+        let auth_query = match (self.auth_user, self.auth_password_file) {
+            (Some(user), Some(password_file)) => Some(AuthQueryConfig {
+                user,
+                password_file,
+                database: self.auth_database.unwrap_or_else(|| "postgres".into()),
+                query: self.auth_query.unwrap_or_else(|| DEFAULT_AUTH_QUERY.into()),
+            }),
+            (None, None) if self.auth_database.is_some() || self.auth_query.is_some() => {
+                return Err(invalid(format!(
+                    "upstream {name:?}: auth_database and auth_query need auth_user and auth_password_file"
+                )))
+            }
+            (None, None) => None,
+            _ => {
+                return Err(invalid(format!(
+                    "upstream {name:?}: auth_user and auth_password_file go together \
+                     (the role pgbastion logs in as to look verifiers up, and the file holding its password)"
+                )))
+            }
+        };
+        let scram = match self.auth {
+            AuthMode::Passthrough => {
+                if self.secrets_file.is_some() || auth_query.is_some() {
+                    return Err(invalid(format!(
+                        "upstream {name:?}: secrets_file and auth_user are for auth = \"scram\"; \
+                         this upstream uses auth = \"passthrough\""
+                    )));
+                }
+                None
+            }
+            AuthMode::Scram => {
+                if self.secrets_file.is_none() && auth_query.is_none() {
+                    return Err(invalid(format!(
+                        "upstream {name:?}: auth = \"scram\" needs a source of SCRAM verifiers: \
+                         secrets_file = \"FILE\" (PgBouncer's auth_file format), and/or \
+                         auth_user + auth_password_file (a role that may run auth_query on the server)"
+                    )));
+                }
+                Some(ScramConfig {
+                    secrets_file: self.secrets_file,
+                    auth_query,
+                })
+            }
+        };
         Ok(UpstreamConfig {
             name,
             host,
@@ -838,6 +964,7 @@ impl RawUpstream {
             tls_negotiation: self.tls_negotiation,
             min_tls_version: self.min_tls_version,
             send_proxy_protocol: self.send_proxy_protocol,
+            scram,
         })
     }
 }
@@ -943,6 +1070,36 @@ mod tests {
         );
         let bad = MINIMAL.replace("ca_file", "server_name = \"not a name!\"\nca_file");
         assert!(Config::from_toml(&bad).is_err());
+    }
+
+    #[test]
+    fn scram_mode_needs_a_verifier_source() {
+        let scram = |keys: &str| {
+            Config::from_toml(&MINIMAL.replace("ca_file", &format!("{keys}\nca_file")))
+        };
+        let err = scram("auth = \"scram\"").unwrap_err().to_string();
+        assert!(err.contains("needs a source of SCRAM verifiers"), "{err}");
+        let c = scram("auth = \"scram\"\nsecrets_file = \"users.txt\"").unwrap();
+        assert_eq!(c.upstreams[0].auth_mode(), AuthMode::Scram);
+        let c = scram("auth = \"scram\"\nauth_user = \"pgbastion\"\nauth_password_file = \"pw\"")
+            .unwrap();
+        let q = c.upstreams[0].scram.clone().unwrap().auth_query.unwrap();
+        assert_eq!(q.database, "postgres");
+        assert_eq!(q.query, DEFAULT_AUTH_QUERY);
+        let err = scram("auth = \"scram\"\nauth_user = \"pgbastion\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("go together"), "{err}");
+        let err = scram("secrets_file = \"users.txt\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("are for auth = \"scram\""), "{err}");
+        let err = scram("auth = \"kerberos\"").unwrap_err().to_string();
+        assert!(err.contains("kerberos"), "{err}");
+        assert_eq!(
+            Config::from_toml(MINIMAL).unwrap().upstreams[0].auth_mode(),
+            AuthMode::Passthrough
+        );
     }
 
     #[test]

@@ -4,11 +4,13 @@
 //! - `server`: listeners, accept loop, limits, shutdown.
 //! - `session`: one connection's state machine, from accept to audit end.
 //! - `protocol`: the wire format, pure parsing and building.
+//! - `auth`: passthrough observation, or SCRAM termination on both legs.
 //! - `tls`: the client-facing acceptor and the verify-full upstream connector.
 //! - `upstream`: dialing an upstream and negotiating TLS with it.
 //! - `relay`: the byte copy after authentication, and teardown.
 //! - `cancel`: pgbastion's own cancel keys and their forwarding.
 //! - `audit`: the JSON-lines audit log.
+//! - `ratelimit`: keyed token buckets (cancel requests, failed logins).
 //! - `config`: the one configuration model.
 //! - `localpg`, `devcerts`: a throwaway local PostgreSQL and a private CA,
 //!   for `pgbastion demo` and the tests.
@@ -16,6 +18,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod auth;
 pub mod cancel;
 pub mod config;
 pub mod devcerts;
@@ -23,6 +26,7 @@ pub mod identity;
 pub mod localpg;
 pub mod policy;
 pub mod protocol;
+pub mod ratelimit;
 pub mod relay;
 pub mod server;
 pub mod session;

@@ -350,6 +350,27 @@ impl LocalPg {
         self.dir.path()
     }
 
+    /// Runs SQL as the superuser over the server's Unix socket (with the
+    /// `psql` beside the server binaries), stopping at the first error.
+    pub fn run_sql(&self, sql: &str) -> Result<(), LocalPgError> {
+        let mut psql = Command::new(bin_dir()?.join("psql"));
+        psql.args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h"])
+            .arg(&self.socket_dir)
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                &self.user,
+                "-d",
+                "postgres",
+                "-c",
+                sql,
+            ])
+            .env("PGPASSWORD", &self.password)
+            .stdin(Stdio::null());
+        run(psql, "psql")
+    }
+
     /// A libpq connection string for a direct, fully verified connection.
     pub fn direct_conninfo(&self, dbname: &str) -> String {
         format!(

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use pgbastion::config::{ClientTlsMode, Config, Flags};
+use pgbastion::config::{AuthMode, ClientTlsMode, Config, Flags};
 use pgbastion::server::{self, Server};
 
 #[derive(Parser)]
@@ -103,6 +103,29 @@ struct RunArgs {
     /// Maximum concurrent sessions (default 1000).
     #[arg(long)]
     max_sessions: Option<usize>,
+    /// Who authenticates clients: `passthrough` (default: the client logs in to the server
+    /// through pgbastion; SCRAM channel binding cannot work) or `scram` (pgbastion terminates
+    /// SCRAM on both legs, channel-bound, so clients need no special settings; needs
+    /// --secrets-file and/or --auth-user with --auth-password-file).
+    #[arg(long, value_enum)]
+    auth: Option<AuthArg>,
+    /// scram: a PgBouncer-format userlist of SCRAM verifiers ("user" "SCRAM-SHA-256$..."),
+    /// re-read on SIGHUP.
+    #[arg(long)]
+    secrets_file: Option<PathBuf>,
+    /// scram: a role pgbastion logs in as to look verifiers up with auth_query
+    /// (default query: SELECT usename, passwd FROM pgbastion.lookup($1); see the README).
+    #[arg(long, requires = "auth_password_file")]
+    auth_user: Option<String>,
+    /// The file holding --auth-user's password.
+    #[arg(long, requires = "auth_user")]
+    auth_password_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum AuthArg {
+    Passthrough,
+    Scram,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -183,6 +206,13 @@ fn load_run_config(args: RunArgs) -> Result<Config> {
         }),
         audit_log: args.audit_log,
         max_sessions: args.max_sessions,
+        auth: args.auth.map(|a| match a {
+            AuthArg::Passthrough => AuthMode::Passthrough,
+            AuthArg::Scram => AuthMode::Scram,
+        }),
+        secrets_file: args.secrets_file,
+        auth_user: args.auth_user,
+        auth_password_file: args.auth_password_file,
     };
     if flags.listen.is_empty() && flags.unix_dir.is_none() {
         anyhow::bail!(
@@ -199,30 +229,38 @@ async fn run(args: RunArgs) -> Result<()> {
     for (name, addr) in server.local_addrs() {
         tracing::info!(listener = %name, address = %addr, "bound");
     }
-    if let Some(path) = config_path {
-        tokio::spawn(reload_on_sighup(path, server.policy_handle()));
-    }
+    tokio::spawn(reload_on_sighup(config_path, server.reload_handle()));
     server.run(shutdown_signal()).await;
     Ok(())
 }
 
-/// SIGHUP re-reads the config file and replaces the policy ([[rule]]);
-/// a file that does not validate is refused and the running policy stays.
-/// Other sections (listeners, upstreams, TLS files) take a restart.
-async fn reload_on_sighup(path: PathBuf, handle: server::PolicyHandle) {
+/// SIGHUP re-reads the scram secrets files and, when pgbastion runs from a
+/// config file, the file's [[rule]]s. Anything that does not validate is
+/// refused with a log line and what is in use stays. Other sections
+/// (listeners, upstreams, TLS files) take a restart.
+async fn reload_on_sighup(path: Option<PathBuf>, handle: server::ReloadHandle) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = match signal(SignalKind::hangup()) {
         Ok(s) => s,
         Err(e) => {
-            tracing::error!(error = %e, "cannot listen for SIGHUP; the policy cannot be reloaded");
+            tracing::error!(error = %e, "cannot listen for SIGHUP; nothing can be reloaded");
             return;
         }
     };
     while hup.recv().await.is_some() {
-        match Config::from_file(&path) {
+        for (upstream, result) in handle.reload_secrets() {
+            match result {
+                Ok(users) => tracing::info!(%upstream, users, "secrets file reloaded"),
+                Err(e) => {
+                    tracing::error!(%upstream, error = %e, "secrets file reload refused; keeping the entries in use")
+                }
+            }
+        }
+        let Some(path) = &path else { continue };
+        match Config::from_file(path) {
             Ok(config) => {
                 let rules = config.policy.len();
-                handle.replace(config.policy);
+                handle.replace_policy(config.policy);
                 tracing::info!(path = %path.display(), rules, "policy reloaded ([[rule]] sections; other changes need a restart)");
             }
             Err(e) => {
@@ -247,6 +285,23 @@ fn check_config(path: PathBuf) -> Result<()> {
             "  upstream {:?} at {}:{} verified as {:?}",
             u.name, u.host, u.port, u.server_name
         );
+        match &u.scram {
+            None => println!("    auth: passthrough (clients must set channel_binding=disable)"),
+            Some(s) => {
+                println!(
+                    "    auth: scram (pgbastion terminates SCRAM, channel-bound on both legs)"
+                );
+                if let Some(f) = &s.secrets_file {
+                    println!("    verifiers from secrets_file {}", f.display());
+                }
+                if let Some(q) = &s.auth_query {
+                    println!(
+                        "    verifiers from auth_query as {:?} in database {:?}: {}",
+                        q.user, q.database, q.query
+                    );
+                }
+            }
+        }
     }
     match config.policy.len() {
         0 => println!("  no [[rule]]: every client that passes TLS is admitted"),
@@ -269,6 +324,15 @@ async fn demo(args: DemoArgs) -> Result<()> {
         .write(&dir, "pgbastion")?;
     // One port number serves both listeners, so the Unix socket is
     // .s.PGSQL.<port> like the TCP port.
+    // scram mode with verifiers looked up on the server: the role and the
+    // lookup function of the README.
+    let auth_password = format!("{:032x}", rand::random::<u128>());
+    pg.run_sql(&format!(
+        "CREATE ROLE pgbastion_auth LOGIN PASSWORD '{auth_password}';\n{}",
+        pgbastion::auth::auth_query::LOOKUP_FUNCTION_SQL
+    ))?;
+    let auth_password_file = dir.join("pgbastion-auth-password");
+    pgbastion::devcerts::write_private(&auth_password_file, auth_password.as_bytes())?;
     let port = if args.port != 0 && std::net::TcpListener::bind(("127.0.0.1", args.port)).is_ok() {
         args.port
     } else {
@@ -293,6 +357,9 @@ async fn demo(args: DemoArgs) -> Result<()> {
         name = "local"
         address = "localhost:{pg_port}"
         ca_file = "{ca}"
+        auth = "scram"
+        auth_user = "pgbastion_auth"
+        auth_password_file = "{auth_password_file}"
         [timeouts]
         shutdown_drain = "2s"
         "#,
@@ -302,6 +369,7 @@ async fn demo(args: DemoArgs) -> Result<()> {
         port = port,
         pg_port = pg.port,
         ca = pg.ca_cert.display(),
+        auth_password_file = auth_password_file.display(),
     );
     let server = Server::bind(Config::from_toml(&toml)?).await?;
     println!(
@@ -310,8 +378,12 @@ pgbastion demo is running. Everything lives in {dir} and is removed on Ctrl-C.
 
   export PGPASSWORD='{password}'
 
-Through pgbastion (TLS verified against pgbastion's CA; pgbastion verifies the server):
-  psql "host=localhost port={port} user=postgres dbname=postgres sslmode=verify-full sslrootcert={proxy_ca} channel_binding=disable"
+Through pgbastion (TLS verified against pgbastion's CA; pgbastion verifies the server,
+and terminates SCRAM: both legs channel-bound, no client setting needed):
+  psql "host=localhost port={port} user=postgres dbname=postgres sslmode=verify-full sslrootcert={proxy_ca}"
+
+With libpq's defaults only (encrypted, channel-bound to pgbastion's certificate):
+  psql "host=localhost port={port} user=postgres dbname=postgres"
 
 Through pgbastion's Unix socket (plaintext is allowed on the local socket):
   psql "host={dir} port={port} user=postgres dbname=postgres"
@@ -319,8 +391,10 @@ Through pgbastion's Unix socket (plaintext is allowed on the local socket):
 Directly to PostgreSQL, for comparison:
   psql "{direct}"
 
-Try without channel_binding=disable to see why it is needed, or without TLS
-(sslmode=disable) to see pgbastion refuse. Audit events follow on stdout.
+Try a wrong password (28P01, and after 10 failures a minute your address is
+throttled), or sslmode=disable to see pgbastion refuse plaintext on TCP.
+Audit events follow on stdout: "auth" shows mode "scram" and each leg's
+mechanism and channel binding.
 "#,
         dir = dir.display(),
         password = pg.password,

@@ -20,6 +20,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
 use crate::audit::{AuditLog, ClientAddress};
+use crate::auth::channel_binding::tls_server_end_point;
+use crate::auth::source::ScramAuth;
+use crate::auth::throttle::LoginThrottle;
 use crate::cancel::CancelRegistry;
 use crate::config::{
     BindAddress, CancelPlaintext, ClientCertMode, ClientTlsMode, Config, ListenerIdentity,
@@ -42,6 +45,11 @@ pub enum ServerError {
     Upstream {
         name: String,
         source: TlsConfigError,
+    },
+    #[error("upstream {name:?}: {source}")]
+    Auth {
+        name: String,
+        source: crate::auth::source::SourceError,
     },
     #[error("cannot open audit log: {0}")]
     Audit(std::io::Error),
@@ -68,6 +76,12 @@ pub(crate) struct Shared {
     pub policy: RwLock<Arc<Policy>>,
     pub whois: Option<WhoIsClient>,
     pub application_name: Option<String>,
+    /// scram mode: failed logins per address and per user.
+    pub login_throttle: LoginThrottle,
+    /// `tls-server-end-point` data of pgbastion's own certificate: what a
+    /// TLS client binds to with SCRAM-SHA-256-PLUS (None: no certificate,
+    /// or one whose signature algorithm defines no binding).
+    pub client_binding: Option<Vec<u8>>,
 }
 
 impl Shared {
@@ -79,14 +93,27 @@ impl Shared {
     }
 }
 
-/// Replaces the running policy (SIGHUP). Sessions already admitted keep
-/// running; new ones follow the new rules.
+/// What SIGHUP changes while the server runs: the policy, and the scram
+/// secrets files. Sessions already admitted keep running; new ones follow.
 #[derive(Clone)]
-pub struct PolicyHandle(Arc<Shared>);
+pub struct ReloadHandle(Arc<Shared>);
 
-impl PolicyHandle {
-    pub fn replace(&self, policy: Policy) {
+impl ReloadHandle {
+    pub fn replace_policy(&self, policy: Policy) {
         *self.0.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policy);
+    }
+
+    /// Re-reads every upstream's secrets file. A file that does not parse
+    /// keeps its previous contents in use; the error says which.
+    pub fn reload_secrets(&self) -> Vec<(String, Result<usize, crate::auth::source::SourceError>)> {
+        self.0
+            .upstreams
+            .iter()
+            .filter_map(|u| {
+                let result = u.scram.as_ref()?.reload().transpose()?;
+                Some((u.config.name.clone(), result))
+            })
+            .collect()
     }
 }
 
@@ -150,12 +177,21 @@ fn prepare_tls(config: &Config) -> Result<PreparedTls, ServerError> {
         .upstreams
         .iter()
         .map(|u| {
-            Upstream::new(u.clone()).map_err(|source| ServerError::Upstream {
-                name: u.name.clone(),
-                source,
-            })
+            let mut upstream =
+                Upstream::new(u.clone()).map_err(|source| ServerError::Upstream {
+                    name: u.name.clone(),
+                    source,
+                })?;
+            if let Some(scram) = &u.scram {
+                upstream.scram =
+                    Some(ScramAuth::new(scram).map_err(|source| ServerError::Auth {
+                        name: u.name.clone(),
+                        source,
+                    })?);
+            }
+            Ok(upstream)
         })
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<Result<Vec<_>, ServerError>>()?;
     Ok((acceptors, upstreams))
 }
 
@@ -169,6 +205,12 @@ pub struct Server {
 impl Server {
     pub async fn bind(config: Config) -> Result<Server, ServerError> {
         let (acceptors, upstreams) = prepare_tls(&config)?;
+        // The certificate already loaded fine for the acceptors.
+        let client_binding = config
+            .tls
+            .as_ref()
+            .and_then(|t| tls::load_certs(&t.cert, "TLS certificate").ok())
+            .and_then(|certs| certs.first().and_then(|c| tls_server_end_point(c)));
         let audit = AuditLog::open(&config.audit).map_err(ServerError::Audit)?;
         let mut listeners = Vec::new();
         for (l, acceptor) in config.listeners.iter().zip(acceptors) {
@@ -215,6 +257,8 @@ impl Server {
                     timeout: t.timeout,
                 }),
                 application_name: config.application_name.clone(),
+                login_throttle: LoginThrottle::new(&config.limits),
+                client_binding,
             }),
             listeners,
             pending: Arc::new(Semaphore::new(config.limits.max_pending)),
@@ -222,9 +266,9 @@ impl Server {
         })
     }
 
-    /// A handle to replace the policy while the server runs.
-    pub fn policy_handle(&self) -> PolicyHandle {
-        PolicyHandle(self.shared.clone())
+    /// A handle to reload the policy and secrets while the server runs.
+    pub fn reload_handle(&self) -> ReloadHandle {
+        ReloadHandle(self.shared.clone())
     }
 
     /// The addresses actually bound (a configured port 0 becomes the real

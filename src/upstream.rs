@@ -18,7 +18,9 @@ use tokio::time::timeout;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-use crate::config::{TlsNegotiation, UpstreamConfig};
+use crate::auth::source::ScramAuth;
+use crate::config::{SendProxyProtocol, TlsNegotiation, UpstreamConfig};
+use crate::protocol::proxy;
 use crate::protocol::startup::{ssl_request, CancelKey};
 use crate::tls::{self, CertificateProblem, TlsConfigError, TlsInfo};
 
@@ -53,6 +55,8 @@ pub struct Upstream {
     pub config: UpstreamConfig,
     connector: TlsConnector,
     server_name: ServerName<'static>,
+    /// scram mode: where verifiers come from (None: passthrough).
+    pub scram: Option<ScramAuth>,
 }
 
 /// A verified TLS connection to an upstream.
@@ -60,6 +64,15 @@ pub struct UpstreamConn {
     pub stream: TlsStream<TcpStream>,
     pub addr: SocketAddr,
     pub tls: TlsInfo,
+}
+
+impl UpstreamConn {
+    /// The verified server certificate's `tls-server-end-point` data, for
+    /// SCRAM-SHA-256-PLUS toward the server.
+    pub fn channel_binding(&self) -> Option<Vec<u8>> {
+        let leaf = self.stream.get_ref().1.peer_certificates()?.first()?;
+        crate::auth::channel_binding::tls_server_end_point(leaf)
+    }
 }
 
 impl Upstream {
@@ -77,7 +90,19 @@ impl Upstream {
             config,
             connector,
             server_name,
+            scram: None,
         })
+    }
+
+    /// The PROXY header for a connection pgbastion makes on its own behalf
+    /// (auth_query lookups): one without addresses (v1 `UNKNOWN`, v2
+    /// `UNSPEC`), since no client is behind it.
+    pub fn local_proxy_header(&self) -> Option<Vec<u8>> {
+        match self.config.send_proxy_protocol {
+            SendProxyProtocol::Off => None,
+            SendProxyProtocol::V1 => Some(proxy::encode_v1(None, None)),
+            SendProxyProtocol::V2 => Some(proxy::encode_v2(None, None, &[])),
+        }
     }
 
     /// `host:port` as configured, for messages.

@@ -25,15 +25,38 @@ pub mod tag {
     pub const PASSWORD: u8 = b'p';
     /// Frontend: Terminate.
     pub const TERMINATE: u8 = b'X';
+    /// Backend: NoticeResponse.
+    pub const NOTICE_RESPONSE: u8 = b'N';
+    /// Backend: NegotiateProtocolVersion.
+    pub const NEGOTIATE_PROTOCOL_VERSION: u8 = b'v';
+    /// Backend: DataRow.
+    pub const DATA_ROW: u8 = b'D';
 }
 
 /// Authentication request codes (the first 4 bytes of an 'R' body).
 const AUTH_OK: u32 = 0;
 const AUTH_SASL: u32 = 10;
+const AUTH_SASL_CONTINUE: u32 = 11;
+const AUTH_SASL_FINAL: u32 = 12;
 
 /// The SASL mechanism that binds to the TLS channel, which cannot work
-/// through a TLS-terminating proxy.
-pub const SCRAM_PLUS: &str = "SCRAM-SHA-256-PLUS";
+/// through a passthrough proxy (see `auth::passthrough`).
+pub const SCRAM_PLUS: &str = crate::auth::scram::SCRAM_SHA_256_PLUS;
+
+/// A human name for an authentication request code, for messages that
+/// say what a server asked for.
+pub fn auth_method_name(code: u32) -> &'static str {
+    match code {
+        AUTH_OK => "no authentication",
+        2 => "Kerberos V5",
+        3 => "a cleartext password",
+        5 => "an MD5 password",
+        7 | 8 => "GSSAPI",
+        9 => "SSPI",
+        AUTH_SASL..=AUTH_SASL_FINAL => "SASL",
+        _ => "an unknown authentication method",
+    }
+}
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum MessageError {
@@ -175,8 +198,12 @@ pub enum AuthRequest {
     Ok,
     /// AuthenticationSASL with the mechanisms the server offers.
     Sasl(Vec<String>),
-    /// Any other request (password, SASL continue/final, GSS, ...): the
-    /// code is kept for the audit log.
+    /// AuthenticationSASLContinue with the server's SASL data.
+    SaslContinue(Vec<u8>),
+    /// AuthenticationSASLFinal with the server's SASL data.
+    SaslFinal(Vec<u8>),
+    /// Any other request (password, GSS, ...): the code is kept for
+    /// messages (`auth_method_name`).
     Other(u32),
 }
 
@@ -203,6 +230,8 @@ impl AuthRequest {
                 }
                 AuthRequest::Sasl(mechanisms)
             }
+            AUTH_SASL_CONTINUE => AuthRequest::SaslContinue(rest.to_vec()),
+            AUTH_SASL_FINAL => AuthRequest::SaslFinal(rest.to_vec()),
             other => AuthRequest::Other(other),
         })
     }
@@ -217,6 +246,115 @@ pub fn authentication_sasl(mechanisms: &[String]) -> Vec<u8> {
     }
     body.push(0);
     build(tag::AUTHENTICATION, &body)
+}
+
+/// AuthenticationOk.
+pub fn authentication_ok() -> Vec<u8> {
+    build(tag::AUTHENTICATION, &AUTH_OK.to_be_bytes())
+}
+
+/// AuthenticationSASLContinue (server-first message) or, with `last`,
+/// AuthenticationSASLFinal (server-final message).
+pub fn authentication_sasl_data(last: bool, data: &[u8]) -> Vec<u8> {
+    let code = if last {
+        AUTH_SASL_FINAL
+    } else {
+        AUTH_SASL_CONTINUE
+    };
+    let mut body = code.to_be_bytes().to_vec();
+    body.extend_from_slice(data);
+    build(tag::AUTHENTICATION, &body)
+}
+
+/// SASLInitialResponse: the chosen mechanism and the client-first message.
+pub fn sasl_initial_response(mechanism: &str, data: &[u8]) -> Vec<u8> {
+    let mut body = mechanism.as_bytes().to_vec();
+    body.push(0);
+    let len = i32::try_from(data.len()).unwrap_or(i32::MAX);
+    body.extend_from_slice(&len.to_be_bytes());
+    body.extend_from_slice(data);
+    build(tag::PASSWORD, &body)
+}
+
+/// SASLResponse, or a PasswordMessage: the body as it is (a password
+/// message's body must end with a NUL; see `password_message`).
+pub fn sasl_response(data: &[u8]) -> Vec<u8> {
+    build(tag::PASSWORD, data)
+}
+
+/// PasswordMessage (cleartext), NUL-terminated.
+pub fn password_message(password: &[u8]) -> Vec<u8> {
+    let mut body = password.to_vec();
+    body.push(0);
+    build(tag::PASSWORD, &body)
+}
+
+/// Parses a SASLInitialResponse body: the mechanism name and the initial
+/// response (`None` when the client sent length -1).
+pub fn parse_sasl_initial_response(body: &[u8]) -> Result<(&str, Option<&[u8]>), MessageError> {
+    let bad = MessageError::Malformed("SASLInitialResponse");
+    let mechanism = sasl_initial_mechanism(body)?;
+    let rest = &body[mechanism.len() + 1..];
+    let (len, data) = rest.split_first_chunk::<4>().ok_or(bad.clone())?;
+    let mechanism = std::str::from_utf8(mechanism).map_err(|_| bad.clone())?;
+    match i32::from_be_bytes(*len) {
+        -1 if data.is_empty() => Ok((mechanism, None)),
+        n if usize::try_from(n).ok() == Some(data.len()) => Ok((mechanism, Some(data))),
+        _ => Err(bad),
+    }
+}
+
+/// The frontend messages of one extended-protocol query with text
+/// parameters and text results: Parse, Bind, Execute, Sync (unnamed
+/// statement and portal).
+pub fn extended_query(sql: &str, params: &[&str]) -> Vec<u8> {
+    let mut parse = sql.as_bytes().to_vec();
+    parse.insert(0, 0);
+    parse.push(0);
+    parse.extend_from_slice(&0u16.to_be_bytes());
+    let mut bind = vec![0, 0];
+    bind.extend_from_slice(&0u16.to_be_bytes());
+    bind.extend_from_slice(
+        &u16::try_from(params.len())
+            .unwrap_or(u16::MAX)
+            .to_be_bytes(),
+    );
+    for p in params {
+        bind.extend_from_slice(&i32::try_from(p.len()).unwrap_or(i32::MAX).to_be_bytes());
+        bind.extend_from_slice(p.as_bytes());
+    }
+    bind.extend_from_slice(&0u16.to_be_bytes());
+    let mut out = build(b'P', &parse);
+    out.extend(build(b'B', &bind));
+    out.extend(build(b'E', &[0, 0, 0, 0, 0]));
+    out.extend(build(b'S', &[]));
+    out
+}
+
+/// Parses a DataRow body into its columns (`None`: SQL NULL).
+pub fn parse_data_row(body: &[u8]) -> Result<Vec<Option<&[u8]>>, MessageError> {
+    let bad = MessageError::Malformed("DataRow");
+    let (count, mut rest) = body.split_first_chunk::<2>().ok_or(bad.clone())?;
+    let mut columns = Vec::new();
+    for _ in 0..u16::from_be_bytes(*count) {
+        let (len, after) = rest.split_first_chunk::<4>().ok_or(bad.clone())?;
+        match i32::from_be_bytes(*len) {
+            -1 => {
+                columns.push(None);
+                rest = after;
+            }
+            n => {
+                let n = usize::try_from(n).map_err(|_| bad.clone())?;
+                let value = after.get(..n).ok_or(bad.clone())?;
+                columns.push(Some(value));
+                rest = &after[n..];
+            }
+        }
+    }
+    if !rest.is_empty() {
+        return Err(bad);
+    }
+    Ok(columns)
 }
 
 /// Parses a BackendKeyData body, with the key length bounded as in a
@@ -295,8 +433,8 @@ mod tests {
             ]))
         );
         assert_eq!(
-            AuthRequest::parse(&[0, 0, 0, 11, 1]),
-            Ok(AuthRequest::Other(11))
+            AuthRequest::parse(&[0, 0, 0, 7, 1]),
+            Ok(AuthRequest::Other(7))
         );
         let rebuilt = authentication_sasl(&["SCRAM-SHA-256".into()]);
         assert_eq!(
@@ -310,6 +448,59 @@ mod tests {
             Ok(SCRAM_PLUS.as_bytes())
         );
         assert!(sasl_initial_mechanism(b"SCRAM").is_err());
+    }
+
+    #[test]
+    fn sasl_messages() {
+        let mut none = b"SCRAM-SHA-256\0".to_vec();
+        none.extend_from_slice(&(-1i32).to_be_bytes());
+        assert_eq!(
+            parse_sasl_initial_response(&none),
+            Ok(("SCRAM-SHA-256", None))
+        );
+        let mut wrong_len = b"SCRAM-SHA-256\0".to_vec();
+        wrong_len.extend_from_slice(&5i32.to_be_bytes());
+        wrong_len.extend_from_slice(b"abc");
+        assert!(parse_sasl_initial_response(&wrong_len).is_err());
+        assert!(parse_sasl_initial_response(b"SCRAM\0\0\0").is_err());
+        let cont = authentication_sasl_data(false, b"r=abc");
+        assert_eq!(
+            AuthRequest::parse(&cont[5..]),
+            Ok(AuthRequest::SaslContinue(b"r=abc".to_vec()))
+        );
+        let fin = authentication_sasl_data(true, b"v=x");
+        assert_eq!(
+            AuthRequest::parse(&fin[5..]),
+            Ok(AuthRequest::SaslFinal(b"v=x".to_vec()))
+        );
+        assert_eq!(
+            AuthRequest::parse(&authentication_ok()[5..]),
+            Ok(AuthRequest::Ok)
+        );
+        assert_eq!(auth_method_name(5), "an MD5 password");
+        assert_eq!(auth_method_name(3), "a cleartext password");
+    }
+
+    #[test]
+    fn data_rows() {
+        let mut body = 2u16.to_be_bytes().to_vec();
+        body.extend_from_slice(&3i32.to_be_bytes());
+        body.extend_from_slice(b"bob");
+        body.extend_from_slice(&(-1i32).to_be_bytes());
+        assert_eq!(parse_data_row(&body), Ok(vec![Some(&b"bob"[..]), None]));
+        assert!(parse_data_row(&body[..body.len() - 1]).is_err());
+        let mut long = body.clone();
+        long.push(0);
+        assert!(parse_data_row(&long).is_err());
+        let q = extended_query("select $1", &["x"]);
+        let mut at = 0;
+        let mut tags = Vec::new();
+        while let Some((t, len)) = frame(&q[at..], 1000).unwrap() {
+            tags.push(t);
+            at += len;
+        }
+        assert_eq!(tags, b"PBES");
+        assert_eq!(at, q.len());
     }
 
     #[test]
@@ -370,6 +561,14 @@ mod tests {
             let _ = AuthRequest::parse(&body);
             let _ = sasl_initial_mechanism(&body);
             let _ = parse_backend_key_data(&body);
+            let _ = parse_sasl_initial_response(&body);
+            let _ = parse_data_row(&body);
+        }
+
+        #[test]
+        fn sasl_initial_response_round_trip(mech in "[A-Z0-9-]{1,20}", data in proptest::collection::vec(any::<u8>(), 0..100)) {
+            let msg = sasl_initial_response(&mech, &data);
+            prop_assert_eq!(parse_sasl_initial_response(&msg[5..]), Ok((mech.as_str(), Some(&data[..]))));
         }
     }
 }

@@ -1,0 +1,183 @@
+//! pgbastion logging in to a database server as a SCRAM client: for a
+//! terminated session (with the ClientKey a client just proved it holds)
+//! and for the auth_query role (with its password).
+//!
+//! The server must prove itself too: its final SCRAM message is checked,
+//! so a server (or anything posing as one past TLS) that accepts any proof
+//! is refused. Every login is bound to the server's certificate whenever
+//! the server offers `SCRAM-SHA-256-PLUS`.
+
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::auth::scram::{self, ClientExchange, Credential, ScramError};
+use crate::auth::wire::{self, WireError};
+use crate::protocol::message::{self, tag, AuthRequest, ErrorFields};
+
+/// The largest message a server sends while pgbastion logs in.
+const MAX_LOGIN_MESSAGE: usize = 64 * 1024;
+
+#[derive(Debug, Error)]
+pub enum LoginError {
+    #[error("connection to the database server failed during login: {0}")]
+    Wire(#[from] WireError),
+    #[error("SCRAM with the database server failed: {0}")]
+    Scram(#[from] ScramError),
+    #[error("the database server asked for {}, which pgbastion cannot answer here", message::auth_method_name(*.0))]
+    UnsupportedMethod(u32),
+    /// The server refused: its ErrorResponse, kept whole so it can be
+    /// passed on to the client.
+    #[error("the database server refused the login: {} ({})", .fields.message, .fields.code)]
+    Refused { fields: ErrorFields, raw: Vec<u8> },
+    #[error("the database server sent AuthenticationOk without proving it knows the verifier")]
+    NoServerProof,
+    #[error("unexpected message {0:?} from the database server during login")]
+    Unexpected(char),
+}
+
+/// How one leg authenticated, for the audit log.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LegAuth {
+    /// `SCRAM-SHA-256-PLUS`, `SCRAM-SHA-256`, `password` (cleartext, for
+    /// the auth_query role only) or `none` (the server asked for nothing).
+    pub mechanism: String,
+    pub channel_binding: bool,
+}
+
+/// Reads what the server sends after a StartupMessage up to its first
+/// authentication request, handing NegotiateProtocolVersion and notices to
+/// `pass_on` (they belong to the client). A server ErrorResponse (too many
+/// clients, database starting up, ...) is returned as `Refused`.
+pub async fn first_request<S, F>(
+    server: &mut S,
+    buf: &mut Vec<u8>,
+    mut pass_on: F,
+) -> Result<AuthRequest, LoginError>
+where
+    S: AsyncRead + Unpin + ?Sized,
+    F: FnMut(Vec<u8>),
+{
+    loop {
+        let (t, body) = wire::read_message(server, buf, MAX_LOGIN_MESSAGE).await?;
+        match t {
+            tag::AUTHENTICATION => return Ok(AuthRequest::parse(&body).map_err(WireError::from)?),
+            tag::NEGOTIATE_PROTOCOL_VERSION | tag::NOTICE_RESPONSE => {
+                pass_on(message::build(t, &body))
+            }
+            tag::ERROR_RESPONSE => return Err(refused(body)),
+            other => return Err(LoginError::Unexpected(char::from(other))),
+        }
+    }
+}
+
+fn refused(body: Vec<u8>) -> LoginError {
+    LoginError::Refused {
+        fields: ErrorFields::parse(&body).unwrap_or_default(),
+        raw: message::build(tag::ERROR_RESPONSE, &body),
+    }
+}
+
+/// Answers `request` and what follows until AuthenticationOk. `binding` is
+/// the server certificate's `tls-server-end-point` data. Bytes after
+/// AuthenticationOk stay in `buf`.
+pub async fn complete<S>(
+    server: &mut S,
+    buf: &mut Vec<u8>,
+    request: AuthRequest,
+    binding: Option<Vec<u8>>,
+    credential: &Credential<'_>,
+) -> Result<LegAuth, LoginError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let mut exchange = None;
+    let mut awaiting = None;
+    let mut leg = LegAuth {
+        mechanism: "none".into(),
+        channel_binding: false,
+    };
+    let mut request = request;
+    loop {
+        match request {
+            AuthRequest::Ok => {
+                if exchange.is_some() || awaiting.is_some() {
+                    // Started SCRAM but never saw a valid server-final.
+                    return Err(LoginError::NoServerProof);
+                }
+                return Ok(leg);
+            }
+            AuthRequest::Sasl(offered) if exchange.is_none() && awaiting.is_none() => {
+                let (ex, first) =
+                    ClientExchange::start(&offered, binding.clone(), &scram::new_nonce())?;
+                leg = LegAuth {
+                    mechanism: ex.mechanism.into(),
+                    channel_binding: ex.channel_bound(),
+                };
+                wire::send(
+                    server,
+                    &message::sasl_initial_response(ex.mechanism, first.as_bytes()),
+                )
+                .await?;
+                exchange = Some(ex);
+            }
+            AuthRequest::SaslContinue(data) => {
+                let ex = exchange.take().ok_or(LoginError::Unexpected('R'))?;
+                let (waiting, reply) = ex.respond(&data, credential)?;
+                wire::send(server, &message::sasl_response(reply.as_bytes())).await?;
+                awaiting = Some(waiting);
+            }
+            AuthRequest::SaslFinal(data) => {
+                let waiting = awaiting.take().ok_or(LoginError::Unexpected('R'))?;
+                waiting.verify(&data)?;
+                // Proven; AuthenticationOk must follow.
+                return expect_ok(server, buf).await.map(|()| leg);
+            }
+            // Cleartext over verified TLS: only for a password pgbastion
+            // holds (the auth_query role), never for a session.
+            AuthRequest::Other(3) if exchange.is_none() && awaiting.is_none() => match credential {
+                Credential::Password(p) => {
+                    wire::send(server, &message::password_message(p)).await?;
+                    expect_ok(server, buf).await?;
+                    return Ok(LegAuth {
+                        mechanism: "password".into(),
+                        channel_binding: false,
+                    });
+                }
+                Credential::Keys { .. } => return Err(LoginError::UnsupportedMethod(3)),
+            },
+            AuthRequest::Other(code) => return Err(LoginError::UnsupportedMethod(code)),
+            AuthRequest::Sasl(_) => return Err(LoginError::Unexpected('R')),
+        }
+        let (t, body) = wire::read_message(server, buf, MAX_LOGIN_MESSAGE).await?;
+        request = match t {
+            tag::AUTHENTICATION => AuthRequest::parse(&body).map_err(WireError::from)?,
+            tag::ERROR_RESPONSE => return Err(refused(body)),
+            tag::NOTICE_RESPONSE => continue_after_notice(server, buf).await?,
+            other => return Err(LoginError::Unexpected(char::from(other))),
+        };
+    }
+}
+
+/// Reads the AuthenticationOk that must come next.
+async fn expect_ok<S>(server: &mut S, buf: &mut Vec<u8>) -> Result<(), LoginError>
+where
+    S: AsyncRead + Unpin + ?Sized,
+{
+    let (t, body) = wire::read_message(server, buf, MAX_LOGIN_MESSAGE).await?;
+    match (t, AuthRequest::parse(&body)) {
+        (tag::AUTHENTICATION, Ok(AuthRequest::Ok)) => Ok(()),
+        (tag::ERROR_RESPONSE, _) => Err(refused(body)),
+        _ => Err(LoginError::Unexpected(char::from(t))),
+    }
+}
+
+/// Skips notices until the next authentication request.
+async fn continue_after_notice<S>(
+    server: &mut S,
+    buf: &mut Vec<u8>,
+) -> Result<AuthRequest, LoginError>
+where
+    S: AsyncRead + Unpin + ?Sized,
+{
+    first_request(server, buf, |_| {}).await
+}

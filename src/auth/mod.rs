@@ -1,0 +1,26 @@
+//! Authentication: how a session's client gets logged in to the database.
+//!
+//! Two modes, chosen per upstream (`auth` in `[[upstream]]`):
+//! - `passthrough` (default): the client authenticates to the server end to
+//!   end; pgbastion watches (`passthrough`). SCRAM channel binding cannot
+//!   survive that, so a client choosing it is told why.
+//! - `scram`: pgbastion terminates SCRAM (`terminate`): the SCRAM server to
+//!   the client with the user's verifier (`source`: a secrets file in
+//!   PgBouncer's format, `secrets`, or an `auth_query` on the server), and
+//!   the SCRAM client to the server with the ClientKey the client's proof
+//!   reveals (`login`). Both legs channel-bound (`channel_binding`); no
+//!   password ever known to pgbastion; failed logins throttled (`throttle`).
+//!
+//! `scram` holds the SCRAM messages themselves, pure and exhaustively
+//! tested; `wire` reads and writes whole messages for the I/O steps.
+
+pub mod auth_query;
+pub mod channel_binding;
+pub mod login;
+pub mod passthrough;
+pub mod scram;
+pub mod secrets;
+pub mod source;
+pub mod terminate;
+pub mod throttle;
+pub mod wire;

@@ -1,0 +1,202 @@
+//! Where scram mode gets the verifier of the user logging in: a secrets
+//! file (PgBouncer's format, re-read on SIGHUP), the database itself
+//! (auth_query), or both (the file first). Users found in neither get a
+//! mock verifier, so the exchange looks the same for a user who does not
+//! exist as for a wrong password.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use thiserror::Error;
+
+use crate::auth::auth_query::{AuthQuery, AuthQueryError};
+use crate::auth::scram::{self, Key, Verifier};
+use crate::auth::secrets::{self, SecretsFileError, StoredSecret};
+use crate::config::{ScramConfig, Timeouts};
+use crate::upstream::Upstream;
+
+#[derive(Debug, Error)]
+pub enum SourceError {
+    #[error("cannot read {what} {path}: {source}")]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("secrets file {path}: {source}")]
+    SecretsFile {
+        path: PathBuf,
+        source: SecretsFileError,
+    },
+    #[error("auth_password_file {0} is empty")]
+    EmptyPassword(PathBuf),
+}
+
+/// Which source answered, for the message that asks an operator to
+/// refresh it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceName {
+    SecretsFile(PathBuf),
+    AuthQuery { user: String },
+}
+
+impl std::fmt::Display for SourceName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SourceName::SecretsFile(p) => write!(f, "secrets_file {}", p.display()),
+            SourceName::AuthQuery { user } => write!(f, "auth_query (as {user})"),
+        }
+    }
+}
+
+/// The outcome of looking a user up.
+#[derive(Debug)]
+pub enum Lookup {
+    Found(Verifier, SourceName),
+    /// Known, but with no SCRAM verifier (MD5, none, expired, plain text).
+    Unusable(StoredSecret, SourceName),
+    /// In no source (or not allowed to log in).
+    Unknown,
+}
+
+struct SecretsFile {
+    path: PathBuf,
+    entries: RwLock<Arc<HashMap<String, StoredSecret>>>,
+}
+
+impl SecretsFile {
+    fn read(path: &Path) -> Result<HashMap<String, StoredSecret>, SourceError> {
+        let text = std::fs::read_to_string(path).map_err(|source| SourceError::Read {
+            what: "secrets file",
+            path: path.to_owned(),
+            source,
+        })?;
+        secrets::parse_secrets_file(&text).map_err(|source| SourceError::SecretsFile {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    fn get(&self, user: &str) -> Option<StoredSecret> {
+        self.entries
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(user)
+            .cloned()
+    }
+}
+
+/// One upstream's verifier sources.
+pub struct ScramAuth {
+    secrets: Option<SecretsFile>,
+    query: Option<AuthQuery>,
+    /// Makes mock verifiers: the same fake salt for the same unknown user
+    /// for as long as this process runs, as PostgreSQL does per cluster.
+    mock_key: Key,
+}
+
+impl ScramAuth {
+    /// Reads the secrets file and the auth password file: a mistake in
+    /// either stops pgbastion at start (and `check-config`).
+    pub fn new(cfg: &ScramConfig) -> Result<ScramAuth, SourceError> {
+        let secrets = match &cfg.secrets_file {
+            Some(path) => Some(SecretsFile {
+                entries: RwLock::new(Arc::new(SecretsFile::read(path)?)),
+                path: path.clone(),
+            }),
+            None => None,
+        };
+        let query = match &cfg.auth_query {
+            Some(q) => {
+                let text = std::fs::read_to_string(&q.password_file).map_err(|source| {
+                    SourceError::Read {
+                        what: "auth_password_file",
+                        path: q.password_file.clone(),
+                        source,
+                    }
+                })?;
+                let password = text.strip_suffix('\n').unwrap_or(&text);
+                let password = password.strip_suffix('\r').unwrap_or(password);
+                if password.is_empty() {
+                    return Err(SourceError::EmptyPassword(q.password_file.clone()));
+                }
+                Some(AuthQuery::new(
+                    q.user.clone(),
+                    password.to_owned(),
+                    q.database.clone(),
+                    q.query.clone(),
+                ))
+            }
+            None => None,
+        };
+        let mut mock_key = [0u8; scram::KEY_LEN];
+        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut mock_key);
+        Ok(ScramAuth {
+            secrets,
+            query,
+            mock_key,
+        })
+    }
+
+    /// Re-reads the secrets file (SIGHUP). On error the entries in use
+    /// stay. Returns how many users it now holds (None: no file).
+    pub fn reload(&self) -> Result<Option<usize>, SourceError> {
+        let Some(file) = &self.secrets else {
+            return Ok(None);
+        };
+        let entries = SecretsFile::read(&file.path)?;
+        let n = entries.len();
+        *file.entries.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(entries);
+        Ok(Some(n))
+    }
+
+    /// Finds `user`'s verifier: the secrets file first, then auth_query.
+    pub async fn lookup(
+        &self,
+        user: &str,
+        upstream: &Upstream,
+        timeouts: &Timeouts,
+    ) -> Result<Lookup, AuthQueryError> {
+        if let Some(file) = &self.secrets {
+            if let Some(secret) = file.get(user) {
+                return Ok(classified(
+                    secret,
+                    SourceName::SecretsFile(file.path.clone()),
+                ));
+            }
+        }
+        if let Some(q) = &self.query {
+            if let Some(stored) = q.lookup(upstream, timeouts, user).await? {
+                return Ok(classified(
+                    StoredSecret::classify(stored.as_deref()),
+                    SourceName::AuthQuery {
+                        user: q.user().to_owned(),
+                    },
+                ));
+            }
+        }
+        Ok(Lookup::Unknown)
+    }
+
+    /// A verifier for a user who does not exist: deterministic per user
+    /// (a prober asking twice sees the same salt, as for a real user) and
+    /// matching no password.
+    pub fn mock_verifier(&self, user: &str) -> Verifier {
+        let derive =
+            |label: &str| scram::hmac(&self.mock_key, format!("{label}\0{user}").as_bytes());
+        Verifier {
+            iterations: scram::DEFAULT_ITERATIONS,
+            salt: derive("salt")[..16].to_vec(),
+            stored_key: derive("stored"),
+            server_key: derive("server"),
+        }
+    }
+}
+
+fn classified(secret: StoredSecret, source: SourceName) -> Lookup {
+    match secret {
+        StoredSecret::Scram(v) => Lookup::Found(v, source),
+        other => Lookup::Unusable(other, source),
+    }
+}

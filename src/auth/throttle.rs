@@ -1,0 +1,125 @@
+//! Failed-login throttling, which only a proxy that checks passwords itself
+//! can do: failures are counted per client address and per user, and once
+//! either runs out, logins from that address (or for that user) are refused
+//! before any exchange until the bucket refills. Successful logins cost
+//! nothing and are never delayed.
+
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::config::Limits;
+use crate::ratelimit::KeyedBuckets;
+
+/// What ran out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThrottledBy {
+    Address,
+    User,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Throttled {
+    pub by: ThrottledBy,
+    pub retry_after: Duration,
+}
+
+pub struct LoginThrottle {
+    by_address: Mutex<KeyedBuckets<Option<IpAddr>>>,
+    by_user: Mutex<KeyedBuckets<String>>,
+}
+
+impl LoginThrottle {
+    pub fn new(limits: &Limits) -> LoginThrottle {
+        let window = limits
+            .failed_login_window
+            .as_secs_f64()
+            .max(f64::MIN_POSITIVE);
+        let (a, u) = (
+            f64::from(limits.failed_logins_per_address),
+            f64::from(limits.failed_logins_per_user),
+        );
+        LoginThrottle {
+            by_address: Mutex::new(KeyedBuckets::new(a / window, a)),
+            by_user: Mutex::new(KeyedBuckets::new(u / window, u)),
+        }
+    }
+
+    /// Whether a login may be tried now.
+    pub fn check(&self, addr: Option<IpAddr>, user: &str) -> Result<(), Throttled> {
+        let now = Instant::now();
+        let wait = lock(&self.by_address).wait(&addr, now);
+        if !wait.is_zero() {
+            return Err(Throttled {
+                by: ThrottledBy::Address,
+                retry_after: wait,
+            });
+        }
+        let wait = lock(&self.by_user).wait(&user.to_owned(), now);
+        if !wait.is_zero() {
+            return Err(Throttled {
+                by: ThrottledBy::User,
+                retry_after: wait,
+            });
+        }
+        Ok(())
+    }
+
+    /// Counts a failed login against the address and the user.
+    pub fn failed(&self, addr: Option<IpAddr>, user: &str) {
+        let now = Instant::now();
+        lock(&self.by_address).take(&addr, now);
+        lock(&self.by_user).take(&user.to_owned(), now);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(addr: u32, user: u32) -> Limits {
+        Limits {
+            failed_logins_per_address: addr,
+            failed_logins_per_user: user,
+            failed_login_window: Duration::from_secs(60),
+            ..Limits::default()
+        }
+    }
+
+    #[test]
+    fn address_runs_out_first_and_others_are_unaffected() {
+        let t = LoginThrottle::new(&limits(3, 100));
+        let a = Some(IpAddr::from([10, 0, 0, 1]));
+        let b = Some(IpAddr::from([10, 0, 0, 2]));
+        for _ in 0..3 {
+            assert_eq!(t.check(a, "app"), Ok(()));
+            t.failed(a, "app");
+        }
+        let e = t.check(a, "app").unwrap_err();
+        assert_eq!(e.by, ThrottledBy::Address);
+        assert!(
+            e.retry_after > Duration::from_secs(19) && e.retry_after <= Duration::from_secs(20)
+        );
+        assert_eq!(t.check(b, "app"), Ok(()), "another address");
+        assert!(
+            t.check(a, "other").is_err(),
+            "the address is throttled for every user"
+        );
+    }
+
+    #[test]
+    fn user_throttle_spans_addresses() {
+        let t = LoginThrottle::new(&limits(100, 2));
+        t.failed(Some(IpAddr::from([10, 0, 0, 1])), "app");
+        t.failed(Some(IpAddr::from([10, 0, 0, 2])), "app");
+        let e = t
+            .check(Some(IpAddr::from([10, 0, 0, 3])), "app")
+            .unwrap_err();
+        assert_eq!(e.by, ThrottledBy::User);
+        assert_eq!(t.check(Some(IpAddr::from([10, 0, 0, 3])), "other"), Ok(()));
+    }
+}

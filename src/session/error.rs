@@ -1,0 +1,211 @@
+//! Every way a session can be refused or end early, and the one place
+//! that decides what the client is told about it (`client_message`).
+
+use std::io;
+use std::time::Duration;
+
+use crate::auth::terminate::AuthError;
+use crate::identity::IdentityError;
+use crate::protocol::message::ErrorResponse;
+use crate::protocol::proxy::ProxyError;
+use crate::protocol::startup::StartupError;
+use crate::tls::CertificateProblem;
+use crate::upstream::UpstreamError;
+
+/// Why a session was refused or ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("invalid startup packet: {0}")]
+    Startup(#[from] StartupError),
+    #[error("plaintext StartupMessage on a listener that requires TLS")]
+    TlsRequired,
+    #[error("client sent bytes after SSLRequest before the TLS handshake")]
+    PipelinedAfterSslRequest,
+    #[error("unexpected {0}")]
+    UnexpectedPacket(&'static str),
+    #[error("direct TLS connection without ALPN \"postgresql\"")]
+    DirectTlsWithoutAlpn,
+    #[error("client started TLS but this listener has no certificate configured")]
+    TlsUnavailable,
+    #[error("client TLS handshake failed: {0}")]
+    ClientTlsHandshake(io::Error),
+    #[error("client closed the connection before sending a startup packet")]
+    ClientClosedEarly,
+    #[error("client connection failed: {0}")]
+    ClientIo(io::Error),
+    #[error("client did not complete its startup packet within {0:?}")]
+    ClientTimeout(Duration),
+    #[error("too many sessions (limit {0})")]
+    TooManySessions(usize),
+    #[error("PROXY protocol header from {0}, which is not in proxy_trusted")]
+    ProxyUntrusted(String),
+    #[error("invalid PROXY protocol header: {0}")]
+    ProxyHeader(ProxyError),
+    #[error("no complete PROXY protocol header within {0:?}")]
+    ProxyTimeout(Duration),
+    #[error("could not establish the client's identity: {0}")]
+    Identity(#[from] IdentityError),
+    #[error(
+        "policy does not allow {identity} to use database {database:?} as user {user:?} ({rule})"
+    )]
+    PolicyDenied {
+        identity: String,
+        database: String,
+        user: String,
+        /// "rule NAME" or "no rule matched".
+        rule: String,
+    },
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error("sending the startup packet upstream failed: {0}")]
+    UpstreamIo(io::Error),
+    /// scram mode: pgbastion authenticating the client or itself.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+}
+
+impl SessionError {
+    /// A short stable name for the audit log and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            SessionError::Startup(_) => "bad_startup_packet",
+            SessionError::TlsRequired => "tls_required",
+            SessionError::PipelinedAfterSslRequest => "pipelined_after_sslrequest",
+            SessionError::UnexpectedPacket(_) => "unexpected_packet",
+            SessionError::DirectTlsWithoutAlpn => "direct_tls_without_alpn",
+            SessionError::TlsUnavailable => "tls_unavailable",
+            SessionError::ClientTlsHandshake(_) => "client_tls_handshake_failed",
+            SessionError::ClientClosedEarly => "client_closed",
+            SessionError::ClientIo(_) => "client_io_error",
+            SessionError::ClientTimeout(_) => "client_timeout",
+            SessionError::TooManySessions(_) => "too_many_sessions",
+            SessionError::ProxyUntrusted(_) => "proxy_untrusted_source",
+            SessionError::ProxyHeader(_) => "bad_proxy_header",
+            SessionError::ProxyTimeout(_) => "proxy_header_timeout",
+            SessionError::Identity(_) => "identity_failed",
+            SessionError::PolicyDenied { .. } => "policy_denied",
+            SessionError::Upstream(e) => match e {
+                UpstreamError::Certificate { .. } => "upstream_certificate_untrusted",
+                UpstreamError::RefusedTls { .. } | UpstreamError::ErrorBeforeTls { .. } => {
+                    "upstream_refused_tls"
+                }
+                UpstreamError::Resolve { .. } | UpstreamError::Unreachable { .. } => {
+                    "upstream_unreachable"
+                }
+                UpstreamError::TlsTimeout { .. } => "upstream_timeout",
+                UpstreamError::Closed { .. }
+                | UpstreamError::UnexpectedReply { .. }
+                | UpstreamError::Handshake { .. } => "upstream_tls_failed",
+            },
+            SessionError::UpstreamIo(_) => "upstream_io_error",
+            SessionError::Auth(e) => e.reason(),
+        }
+    }
+
+    /// The bytes the client is sent (an ErrorResponse), or `None` where
+    /// nothing can be said (no usable channel, or the client is gone).
+    pub fn client_message(&self) -> Option<Vec<u8>> {
+        match self {
+            SessionError::Auth(e) => e.client_message(),
+            other => other.client_error().map(|e| e.encode()),
+        }
+    }
+
+    /// What the client is told, or `None` where nothing can be said (no
+    /// usable channel, or the client is gone). Messages name the cause and
+    /// what to do; upstream addresses stay in pgbastion's own log.
+    pub fn client_error(&self) -> Option<ErrorResponse> {
+        Some(match self {
+            SessionError::Startup(e) => ErrorResponse::new("08P01", format!("invalid startup packet: {e}")),
+            SessionError::TlsRequired => ErrorResponse::new("28000", "this server requires TLS")
+                .with_hint("Connect with sslmode=verify-full (and sslrootcert set to the CA of pgbastion's certificate) or at least sslmode=require."),
+            SessionError::PipelinedAfterSslRequest => ErrorResponse::new(
+                "08P01",
+                "received unencrypted data after SSLRequest",
+            )
+            .with_detail("This could be either a client-software bug or evidence of an attempted man-in-the-middle attack."),
+            SessionError::UnexpectedPacket(what) => {
+                ErrorResponse::new("08P01", format!("protocol violation: unexpected {what}"))
+            }
+            SessionError::DirectTlsWithoutAlpn => ErrorResponse::new(
+                "08P01",
+                "direct TLS connection without the ALPN protocol \"postgresql\"",
+            )
+            .with_hint("Clients using sslnegotiation=direct must offer ALPN \"postgresql\" (libpq 17+ does)."),
+            SessionError::ClientTimeout(d) => ErrorResponse::new(
+                "08006",
+                format!("timed out after {} waiting for the startup packet", humantime::format_duration(*d)),
+            ),
+            SessionError::TooManySessions(_) => ErrorResponse::new("53300", "sorry, too many clients already")
+                .with_hint("pgbastion's limits.max_sessions is reached; try again later or raise the limit."),
+            SessionError::Identity(e) => ErrorResponse::new(
+                "28000",
+                format!("pgbastion could not establish who you are: {e}"),
+            )
+            .with_hint("pgbastion admits only clients it can identify; see pgbastion's log for this session."),
+            SessionError::PolicyDenied { identity, database, user, rule } => ErrorResponse::new(
+                "28000",
+                format!("pgbastion policy does not allow {identity} to use database \"{database}\" as user \"{user}\""),
+            )
+            .with_detail(format!("Decided by {rule}."))
+            .with_hint("Connect as a database and user the policy allows you, or ask the administrator of pgbastion's policy."),
+            SessionError::Upstream(e) => upstream_client_error(e),
+            SessionError::UpstreamIo(_) => ErrorResponse::new("08006", "the connection to the database server failed"),
+            // Most likely a PostgreSQL client that reached pgbastion without
+            // going through the load balancer: tell it.
+            SessionError::ProxyHeader(ProxyError::Missing) => ErrorResponse::new(
+                "08P01",
+                "this listener accepts connections only through a load balancer that sends a PROXY protocol header",
+            )
+            .with_hint("Connect through the load balancer's address."),
+            // A balancer that sends a bad header, or a source that may not
+            // send one at all, is not a Postgres client: just close.
+            SessionError::ProxyHeader(_) | SessionError::ProxyUntrusted(_) | SessionError::ProxyTimeout(_) => return None,
+            SessionError::TlsUnavailable
+            | SessionError::ClientTlsHandshake(_)
+            | SessionError::ClientClosedEarly
+            | SessionError::ClientIo(_) => return None,
+            SessionError::Auth(_) => return None,
+        })
+    }
+}
+
+fn upstream_client_error(e: &UpstreamError) -> ErrorResponse {
+    match e {
+        UpstreamError::Certificate { problem, .. } => ErrorResponse::new(
+            "08001",
+            format!("pgbastion did not connect to the database server: its TLS certificate is not trusted: {problem}"),
+        )
+        .with_detail("pgbastion verifies the database server's certificate (chain and host name) so that no one in between can read or change this session.")
+        .with_hint(match problem {
+            CertificateProblem::UnknownIssuer => "If the server uses a private CA (RDS, Cloud SQL, Azure, your own), set the upstream's ca_file in pgbastion's configuration to that CA bundle.",
+            CertificateProblem::NameMismatch => "Set the upstream's server_name to a name the server's certificate is issued for, or address the upstream by that name.",
+            CertificateProblem::Expired => "The database server's certificate has expired and must be renewed (or pgbastion's clock is wrong).",
+            CertificateProblem::NotYetValid => "The database server's certificate is not valid yet: check the clocks of the server and of pgbastion.",
+            CertificateProblem::Other(_) => "See pgbastion's log for the certificate error.",
+        }),
+        UpstreamError::RefusedTls { .. } | UpstreamError::ErrorBeforeTls { .. } => ErrorResponse::new(
+            "08001",
+            "the database server refused TLS, and pgbastion never connects to it without TLS",
+        )
+        .with_hint("Enable TLS on the database server (ssl = on)."),
+        UpstreamError::Resolve { .. } | UpstreamError::Unreachable { .. } => {
+            ErrorResponse::new("08001", "pgbastion could not reach the database server")
+                .with_hint("Check that the database server is running and reachable from pgbastion; pgbastion's log names the address.")
+        }
+        UpstreamError::TlsTimeout { .. } => ErrorResponse::new(
+            "08001",
+            "timed out negotiating TLS with the database server",
+        )
+        .with_hint("Check that the upstream address points at a PostgreSQL server."),
+        UpstreamError::Closed { .. } | UpstreamError::UnexpectedReply { .. } => ErrorResponse::new(
+            "08001",
+            "the database server closed the connection during TLS negotiation",
+        )
+        .with_hint("Check that the upstream is a PostgreSQL server with TLS enabled; for direct TLS (PostgreSQL 17+) set tls_negotiation = \"direct\"."),
+        UpstreamError::Handshake { reason, .. } => ErrorResponse::new(
+            "08001",
+            format!("the TLS handshake with the database server failed: {reason}"),
+        ),
+    }
+}

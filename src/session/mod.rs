@@ -1,0 +1,699 @@
+//! One client connection, from accept to its last audit event.
+//!
+//! The steps, each with its own deadline and its own way to fail:
+//! 1. `negotiate`: read first packets (SSLRequest, GSSENCRequest, direct
+//!    TLS, CancelKey, StartupMessage) and upgrade the client leg to TLS.
+//! 2. Admission: the session limit.
+//! 3. Upstream: dial and verify (see `upstream`), then forward the
+//!    StartupMessage — only now does the server learn anything.
+//! 4. `authenticate`: relay message by message until ReadyForQuery,
+//!    watching for the outcome and for channel binding.
+//! 5. `relay::relay` until either side ends; then `session.end`.
+//!
+//! A connection whose first packet is a CancelKey takes the short path
+//! in `Session::cancel` instead.
+//!
+//! Every failure is a `SessionError`; `SessionError::client_error` is the one
+//! place that decides what the client is told.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::io::AsyncWriteExt;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::timeout_at;
+use tracing::{debug, error, info, warn, Instrument};
+
+use crate::audit::{
+    AuthFacts, AuthOutcome, ClientAddress, ClientTransport, Event, ProxyFacts, Requested,
+    SessionFacts, UpstreamFacts,
+};
+use crate::auth::login::{self, LegAuth};
+use crate::auth::passthrough::{AuthEnd, AuthPhase, CancelContext};
+use crate::auth::scram::{Credential, Offer, Verifier};
+use crate::auth::source::{Lookup, ScramAuth, SourceName};
+use crate::auth::terminate::{self, AuthError};
+use crate::auth::wire;
+use crate::config::{
+    AuthMode, CancelPlaintext, ListenerIdentity, ProxyProtocol, SendProxyProtocol,
+};
+use crate::identity::{cert, Identity, IdentityError, IdentitySource};
+use crate::policy::Request;
+use crate::protocol::message::{AuthRequest, ErrorFields};
+use crate::protocol::proxy::{self, Addresses, SslInfo};
+use crate::protocol::startup::{CancelKey, StartupMessage};
+use crate::relay::{self, ByteCounts};
+use crate::server::{ListenerInfo, Shared};
+use crate::stream::BoxedIo;
+use crate::upstream::{Upstream, UpstreamConn};
+
+mod client;
+mod error;
+
+pub use error::SessionError;
+
+use client::{ClientConn, Negotiated, ERROR_WRITE_TIMEOUT};
+
+/// The SQLSTATE of an encoded ErrorResponse, for the audit log.
+fn sqlstate_of(bytes: &[u8]) -> Option<String> {
+    let body = bytes.get(5..)?;
+    ErrorFields::parse(body).ok().map(|f| f.code)
+}
+
+/// A verifier found for the user logging in; `source` is None for the mock
+/// verifier of an unknown user.
+struct FoundVerifier {
+    verifier: Verifier,
+    source: Option<SourceName>,
+}
+
+/// A random id that ties log lines, audit events and client messages of one
+/// session together.
+fn new_session_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+/// Runs one accepted connection to completion.
+pub(crate) async fn handle(
+    io: BoxedIo,
+    peer: Option<std::net::SocketAddr>,
+    local: Option<std::net::SocketAddr>,
+    listener: Arc<ListenerInfo>,
+    shared: Arc<Shared>,
+    pending: OwnedSemaphorePermit,
+) {
+    let client = peer.map_or_else(ClientAddress::unix, ClientAddress::tcp);
+    let id = new_session_id();
+    let span =
+        tracing::info_span!("session", id = %id, client = %client, listener = %listener.name);
+    let session = Session {
+        started: Instant::now(),
+        facts: SessionFacts {
+            session_id: id,
+            listener: listener.name.clone(),
+            client,
+            client_tls: None,
+            requested: None,
+            identity: None,
+            proxy: None,
+            rule: None,
+        },
+        peer,
+        local,
+        listener,
+        shared,
+    };
+    session.run(io, pending).instrument(span).await
+}
+
+struct Session {
+    started: Instant,
+    facts: SessionFacts,
+    /// The client's address: the socket's peer, or what a PROXY header
+    /// says it is.
+    peer: Option<std::net::SocketAddr>,
+    /// The address the client connected to (likewise).
+    local: Option<std::net::SocketAddr>,
+    listener: Arc<ListenerInfo>,
+    shared: Arc<Shared>,
+}
+
+impl Session {
+    fn elapsed_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    async fn run(mut self, io: BoxedIo, pending: OwnedSemaphorePermit) {
+        let mut conn = ClientConn {
+            io,
+            buf: Vec::new(),
+            transport: ClientTransport::Plaintext,
+            peer_cert: None,
+        };
+        if self.listener.proxy_protocol == ProxyProtocol::Required {
+            if let Err(e) = self.read_proxy_header(&mut conn).await {
+                return self.reject(&mut conn, e).await;
+            }
+        }
+        let t = self.shared.timeouts.clone();
+        let deadline = tokio::time::Instant::now() + t.client_startup;
+        let negotiated = timeout_at(
+            deadline,
+            conn.negotiate(self.listener.acceptor.as_ref(), self.listener.client_tls),
+        )
+        .await
+        .unwrap_or(Err(SessionError::ClientTimeout(t.client_startup)));
+        self.facts.client_tls = Some(conn.transport.clone());
+        drop(pending);
+        let startup = match negotiated {
+            Ok(Negotiated::Startup(m)) => m,
+            Ok(Negotiated::Cancel(c)) => return self.cancel(conn, c).await,
+            Err(e) => return self.reject(&mut conn, e).await,
+        };
+        self.facts.requested = Some(Requested {
+            user: startup.user().to_owned(),
+            database: startup.database().to_owned(),
+            application_name: startup.application_name().map(str::to_owned),
+            protocol: startup.version.to_string(),
+        });
+
+        // Who is this, and may they? Decided before any upstream is used.
+        let identity = match self.identify(conn.peer_cert.as_deref()).await {
+            Ok(identity) => identity,
+            Err(e) => return self.reject(&mut conn, e.into()).await,
+        };
+        let upstream = &self.shared.upstreams[self.listener.upstream];
+        let decision = self.shared.policy().decide(&Request {
+            identity: &identity,
+            client_ip: self.peer.map(|p| p.ip()),
+            listener: &self.listener.name,
+            upstream: &upstream.config.name,
+            database: startup.database(),
+            user: startup.user(),
+            proxy: self.facts.proxy.as_ref().map(|p| &p.tlvs),
+        });
+        self.facts.rule = decision.rule.clone();
+        let identity_text = identity.to_string();
+        self.facts.identity = Some(identity);
+        if !decision.allowed {
+            let err = SessionError::PolicyDenied {
+                identity: identity_text,
+                database: startup.database().to_owned(),
+                user: startup.user().to_owned(),
+                rule: decision
+                    .rule
+                    .map_or_else(|| "no rule matched".to_owned(), |r| format!("rule \"{r}\"")),
+            };
+            return self.reject(&mut conn, err).await;
+        }
+        let startup = self.forwarded_startup(startup);
+
+        let Ok(_permit) = self.shared.sessions.clone().try_acquire_owned() else {
+            let limit = self.shared.max_sessions;
+            return self
+                .reject(&mut conn, SessionError::TooManySessions(limit))
+                .await;
+        };
+
+        // scram mode: the verifier first, so that a throttled client or a
+        // user without a usable verifier costs no server connection.
+        let auth_deadline = tokio::time::Instant::now() + t.authentication;
+        let mut auth_facts = AuthFacts::new(upstream.config.auth_mode());
+        let verifier = match &upstream.scram {
+            None => None,
+            Some(scram) => match timeout_at(
+                auth_deadline,
+                self.find_verifier(scram, upstream, startup.user()),
+            )
+            .await
+            .unwrap_or(Err(AuthError::Timeout(t.authentication)))
+            {
+                Ok(found) => Some(found),
+                Err(e) => return self.reject_auth(&mut conn, e, &auth_facts).await,
+            },
+        };
+
+        let proxy_header = self.outbound_proxy_header(upstream, conn.peer_cert.as_deref());
+        let mut up = match upstream
+            .connect(t.upstream_connect, t.upstream_tls, proxy_header.as_deref())
+            .await
+        {
+            Ok(up) => up,
+            Err(e) => return self.reject(&mut conn, e.into()).await,
+        };
+        let upstream_facts = UpstreamFacts {
+            name: upstream.config.name.clone(),
+            addr: up.addr.to_string(),
+            tls: up.tls.clone(),
+        };
+        // Only now, on a verified connection, does the server see anything
+        // the client sent.
+        if let Err(e) = up.stream.write_all(startup.as_bytes()).await {
+            return self.reject(&mut conn, SessionError::UpstreamIo(e)).await;
+        }
+
+        let cancel = CancelContext {
+            registry: self.shared.cancels.clone(),
+            session_id: self.facts.session_id.clone(),
+            upstream: self.listener.upstream,
+            addr: up.addr,
+        };
+        let mut auth = match verifier {
+            None => AuthPhase::new(std::mem::take(&mut conn.buf), !conn.is_tls(), cancel),
+            Some(found) => {
+                let login = timeout_at(
+                    auth_deadline,
+                    self.terminate(&mut conn, &mut up, startup.user(), found, &mut auth_facts),
+                )
+                .await
+                .unwrap_or(Err(AuthError::Timeout(t.authentication)));
+                match login {
+                    Ok(server_leftover) => AuthPhase::after_login(
+                        std::mem::take(&mut conn.buf),
+                        server_leftover,
+                        cancel,
+                    ),
+                    Err(e) => return self.reject_auth(&mut conn, e, &auth_facts).await,
+                }
+            }
+        };
+        auth.counts.client_to_server = startup.as_bytes().len() as u64;
+        let auth_result = timeout_at(auth_deadline, auth.run(&mut conn.io, &mut up.stream))
+            .await
+            .unwrap_or(Err(AuthEnd::Timeout(t.authentication)));
+        if let Err(AuthEnd::ChannelBinding) = auth_result {
+            auth.outcome = AuthOutcome::RefusedByProxy {
+                sqlstate: "28000".into(),
+            };
+        }
+        auth_facts.outcome = auth.outcome.clone();
+        if auth_facts.mode == AuthMode::Passthrough {
+            // One exchange, end to end: the same mechanism on both legs,
+            // never bound (pgbastion refuses -PLUS in this mode).
+            let leg = auth.mechanism.take().map(|mechanism| LegAuth {
+                mechanism,
+                channel_binding: false,
+            });
+            auth_facts.server = leg.clone();
+            auth_facts.client = leg;
+        }
+        self.shared.audit.emit(&Event::Start {
+            facts: &self.facts,
+            upstream: &upstream_facts,
+            auth: &auth_facts,
+        });
+        info!(
+            user = %startup.user(),
+            database = %startup.database(),
+            upstream = %upstream_facts.addr,
+            auth = ?auth_facts.outcome,
+            mode = ?auth_facts.mode,
+            "session started"
+        );
+
+        let (end_reason, detail, counts) = match auth_result {
+            Ok(()) => {
+                // The authentication buffers are not needed any more; an
+                // idle session should hold as little memory as possible.
+                auth.client_buf = Vec::new();
+                auth.server_buf = Vec::new();
+                let (end, counts) = relay::relay(&mut *conn.io, &mut up.stream).await;
+                let detail = match &end {
+                    relay::RelayEnd::ClientError(d) | relay::RelayEnd::ServerError(d) => {
+                        Some(d.clone())
+                    }
+                    _ => None,
+                };
+                (end.as_str(), detail, counts)
+            }
+            Err(end) => {
+                if let Some(err) = end.client_error() {
+                    conn.send_error(&err.encode()).await;
+                }
+                let _ = tokio::time::timeout(ERROR_WRITE_TIMEOUT, async {
+                    let _ = up.stream.shutdown().await;
+                    let _ = conn.io.shutdown().await;
+                })
+                .await;
+                warn!(
+                    reason = end.reason(),
+                    "session ended during authentication: {end}"
+                );
+                (end.reason(), Some(end.to_string()), ByteCounts::default())
+            }
+        };
+        let total = ByteCounts {
+            client_to_server: auth.counts.client_to_server + counts.client_to_server,
+            server_to_client: auth.counts.server_to_client + counts.server_to_client,
+        };
+        self.shared.audit.emit(&Event::End {
+            facts: &self.facts,
+            upstream: &upstream_facts,
+            auth: &auth_facts,
+            bytes_client_to_server: total.client_to_server,
+            bytes_server_to_client: total.server_to_client,
+            duration_ms: self.elapsed_ms(),
+            end_reason,
+            detail: detail.as_deref(),
+        });
+        info!(
+            reason = end_reason,
+            bytes_in = total.client_to_server,
+            bytes_out = total.server_to_client,
+            "session ended"
+        );
+    }
+
+    /// scram mode, before any server connection: is this client throttled,
+    /// and which verifier does its user have? Unknown users get a mock one.
+    async fn find_verifier(
+        &self,
+        scram: &ScramAuth,
+        upstream: &Upstream,
+        user: &str,
+    ) -> Result<FoundVerifier, AuthError> {
+        self.shared
+            .login_throttle
+            .check(self.peer.map(|p| p.ip()), user)
+            .map_err(AuthError::Throttled)?;
+        match scram.lookup(user, upstream, &self.shared.timeouts).await {
+            Ok(Lookup::Found(verifier, source)) => Ok(FoundVerifier {
+                verifier,
+                source: Some(source),
+            }),
+            Ok(Lookup::Unknown) => Ok(FoundVerifier {
+                verifier: scram.mock_verifier(user),
+                source: None,
+            }),
+            Ok(Lookup::Unusable(secret, from)) => Err(AuthError::NotScram {
+                user: user.to_owned(),
+                secret,
+                from,
+            }),
+            Err(source) => Err(AuthError::VerifierUnavailable {
+                user: user.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    /// scram mode, on a verified server connection that has the
+    /// StartupMessage: prove the client against the verifier, log in to the
+    /// server with the key it revealed, and let the client in once the
+    /// server has proved itself. Returns the server bytes read past its
+    /// AuthenticationOk.
+    async fn terminate(
+        &self,
+        conn: &mut ClientConn,
+        up: &mut UpstreamConn,
+        user: &str,
+        found: FoundVerifier,
+        facts: &mut AuthFacts,
+    ) -> Result<Vec<u8>, AuthError> {
+        let mut server_buf = Vec::new();
+        // What the server says before asking for authentication
+        // (NegotiateProtocolVersion, notices) belongs to the client.
+        let mut early = Vec::new();
+        let first = login::first_request(&mut up.stream, &mut server_buf, |m| early.extend(m))
+            .await
+            .map_err(AuthError::before_proof)?;
+        if !early.is_empty() {
+            wire::send(&mut conn.io, &early).await?;
+        }
+        // A server that wants what pgbastion cannot give is found out
+        // before the client is asked for anything.
+        if let AuthRequest::Other(code) = first {
+            return Err(AuthError::ServerMethod(code));
+        }
+        let offer = Offer {
+            binding: conn
+                .is_tls()
+                .then_some(self.shared.client_binding.as_deref())
+                .flatten(),
+        };
+        let proved = terminate::prove_client(
+            &mut conn.io,
+            &mut conn.buf,
+            offer,
+            user,
+            &found.verifier,
+            found.source.is_some(),
+        )
+        .await;
+        let (proven, client_leg) = match proved {
+            Ok(p) => p,
+            Err(e) => {
+                if e.is_failed_attempt() {
+                    self.shared
+                        .login_throttle
+                        .failed(self.peer.map(|p| p.ip()), user);
+                }
+                return Err(e);
+            }
+        };
+        facts.client = Some(client_leg);
+        let Some(source) = &found.source else {
+            // prove_client never succeeds for a mock verifier.
+            return Err(AuthError::Failed {
+                user: user.to_owned(),
+                known: false,
+            });
+        };
+        let credential = Credential::Keys {
+            client_key: &proven.client_key,
+            verifier: &found.verifier,
+        };
+        let binding = up.channel_binding();
+        let server_leg =
+            login::complete(&mut up.stream, &mut server_buf, first, binding, &credential)
+                .await
+                .map_err(|e| AuthError::from_server(e, user, source))?;
+        facts.server = Some(server_leg);
+        terminate::welcome_client(&mut conn.io, &proven).await?;
+        facts.outcome = AuthOutcome::Ok;
+        Ok(server_buf)
+    }
+
+    /// Refuses a scram-mode login: like `reject`, with how far
+    /// authentication got in the audit event.
+    async fn reject_auth(self, conn: &mut ClientConn, err: AuthError, facts: &AuthFacts) {
+        if let AuthError::VerifierStale { user, from, .. } = &err {
+            error!(%user, source = %from, "the database server does not accept pgbastion's verifier for this user: refresh the source");
+        }
+        self.reject_with(conn, err.into(), Some(facts)).await
+    }
+
+    /// Reads the load balancer's PROXY header, refusing untrusted sources
+    /// before reading a byte. Afterwards the header's source is the client
+    /// address everywhere (policy, audit, logs, rate limits).
+    async fn read_proxy_header(&mut self, conn: &mut ClientConn) -> Result<(), SessionError> {
+        if let Some(peer) = self.peer {
+            if !self
+                .listener
+                .proxy_trusted
+                .iter()
+                .any(|n| n.contains(&peer.ip()))
+            {
+                return Err(SessionError::ProxyUntrusted(peer.ip().to_string()));
+            }
+        }
+        let limit = self.shared.timeouts.proxy_header;
+        let header = tokio::time::timeout(limit, async {
+            loop {
+                match proxy::parse(&conn.buf) {
+                    // Bytes after the header stay in the buffer for the
+                    // Postgres negotiation.
+                    Ok(Some((header, len))) => {
+                        conn.buf.drain(..len);
+                        return Ok(header);
+                    }
+                    Ok(None) => conn.fill(conn.buf.len() + 1).await?,
+                    Err(e) => return Err(SessionError::ProxyHeader(e)),
+                }
+            }
+        })
+        .await
+        .unwrap_or(Err(SessionError::ProxyTimeout(limit)))?;
+        let via = self.facts.client.clone();
+        if let Some(src) = header.source() {
+            self.peer = Some(src);
+            self.facts.client = ClientAddress::tcp(src);
+            if let Addresses::Tcp { dst, .. } = header.addresses {
+                self.local = Some(dst);
+            }
+            debug!(client = %self.facts.client, %via, "client address from PROXY header");
+        }
+        self.facts.proxy = Some(ProxyFacts {
+            via,
+            version: header.version,
+            command: header.command,
+            tlvs: header.tlvs,
+        });
+        Ok(())
+    }
+
+    /// The PROXY header for an upstream that wants one: the client's real
+    /// address and, in v2, the client leg's TLS facts (SSL TLV with version,
+    /// cipher and certificate CN; SNI as AUTHORITY), the session id as
+    /// UNIQUE_ID, and pgbastion's identity of the client as JSON in TLV
+    /// 0xE4.
+    fn outbound_proxy_header(
+        &self,
+        upstream: &Upstream,
+        peer_cert: Option<&[u8]>,
+    ) -> Option<Vec<u8>> {
+        match upstream.config.send_proxy_protocol {
+            SendProxyProtocol::Off => None,
+            SendProxyProtocol::V1 => Some(proxy::encode_v1(self.peer, self.local)),
+            SendProxyProtocol::V2 => {
+                let mut tlvs = vec![(
+                    proxy::tlv::UNIQUE_ID,
+                    self.facts.session_id.as_bytes().to_vec(),
+                )];
+                if let Some(ClientTransport::Tls(info)) = &self.facts.client_tls {
+                    if let Some(sni) = &info.sni {
+                        tlvs.push((proxy::tlv::AUTHORITY, sni.as_bytes().to_vec()));
+                    }
+                    if let Some(alpn) = &info.alpn {
+                        tlvs.push((proxy::tlv::ALPN, alpn.as_bytes().to_vec()));
+                    }
+                    let cert_flags = if peer_cert.is_some() {
+                        proxy::tlv::CLIENT_CERT_CONN | proxy::tlv::CLIENT_CERT_SESS
+                    } else {
+                        0
+                    };
+                    let ssl = SslInfo {
+                        client: proxy::tlv::CLIENT_SSL | cert_flags,
+                        verify: 0,
+                        version: Some(info.version.clone()),
+                        cipher: Some(info.cipher.clone()),
+                        cn: peer_cert.and_then(cert::common_name),
+                        ..SslInfo::default()
+                    };
+                    tlvs.push((proxy::tlv::SSL, proxy::ssl_tlv(&ssl)));
+                }
+                if let Some(identity) = &self.facts.identity {
+                    if let Ok(json) = serde_json::to_vec(identity) {
+                        tlvs.push((proxy::tlv::PGBASTION_IDENTITY, json));
+                    }
+                }
+                Some(proxy::encode_v2(self.peer, self.local, &tlvs))
+            }
+        }
+    }
+
+    /// Establishes who the client is, by the listener's identity source.
+    async fn identify(&self, peer_cert: Option<&[u8]>) -> Result<Identity, IdentityError> {
+        let ip = self.peer.map(|p| p.ip());
+        match &self.listener.identity {
+            ListenerIdentity::Network => Ok(Identity::network(ip)),
+            ListenerIdentity::ClientCert { order, .. } => match peer_cert {
+                Some(der) => {
+                    let (name, cert_names) = cert::names(der, order)?;
+                    Ok(Identity {
+                        source: IdentitySource::ClientCert,
+                        name,
+                        cert_names,
+                        ..Identity::network(ip)
+                    })
+                }
+                // `optional` and no certificate: known by address only.
+                None => Ok(Identity::network(ip)),
+            },
+            ListenerIdentity::Tailscale => {
+                let peer = self.peer.ok_or(IdentityError::NotTcp)?;
+                let whois = self.shared.whois.as_ref().ok_or_else(|| {
+                    IdentityError::LocalApiUnreachable {
+                        socket: "(none configured)".into(),
+                        reason: "no [tailscale] section in the configuration".into(),
+                    }
+                })?;
+                whois.whois(peer).await
+            }
+        }
+    }
+
+    /// The StartupMessage as it goes upstream: unchanged, unless an
+    /// application_name template adds the identity (for visibility in
+    /// pg_stat_activity and server logs; the client can change it later, so
+    /// it is not a security boundary).
+    fn forwarded_startup(&self, startup: StartupMessage) -> StartupMessage {
+        let (Some(template), Some(identity)) =
+            (&self.shared.application_name, &self.facts.identity)
+        else {
+            return startup;
+        };
+        let source = match identity.source {
+            IdentitySource::Network => "network",
+            IdentitySource::ClientCert => "client_cert",
+            IdentitySource::Tailscale => "tailscale",
+        };
+        let value = template
+            .replace(
+                "{application_name}",
+                startup.application_name().unwrap_or(""),
+            )
+            .replace("{identity}", &identity.name)
+            .replace("{node}", identity.node.as_deref().unwrap_or(""))
+            .replace("{source}", source)
+            .replace("{session_id}", &self.facts.session_id);
+        startup.with_param("application_name", &value)
+    }
+
+    /// Handles a CancelRequest: honoured only with a key pgbastion issued to
+    /// a live session, forwarded to that session's server with the real key.
+    /// Like PostgreSQL, the client is told nothing either way.
+    async fn cancel(self, conn: ClientConn, req: CancelKey) {
+        // The client may close now: nothing more will be said to it.
+        drop(conn);
+        let client_ip = self.facts.client.addr.parse().ok();
+        let (target, outcome, detail) = if !self.shared.cancels.allow(client_ip) {
+            (None, "rate_limited", None)
+        } else if self.facts.client_tls == Some(ClientTransport::Plaintext)
+            && self.listener.cancel_plaintext == CancelPlaintext::Deny
+        {
+            (None, "plaintext_refused", None)
+        } else {
+            match self.shared.cancels.lookup(&req) {
+                None => (None, "unmatched", None),
+                Some(target) => {
+                    let upstream = &self.shared.upstreams[target.upstream];
+                    match upstream
+                        .cancel(
+                            target.addr,
+                            &target.real,
+                            self.shared.timeouts.cancel,
+                            self.outbound_proxy_header(upstream, None).as_deref(),
+                        )
+                        .await
+                    {
+                        Ok(()) => (Some(target), "forwarded", None),
+                        Err(e) => (Some(target), "upstream_failed", Some(e.to_string())),
+                    }
+                }
+            }
+        };
+        let target_id = target
+            .as_ref()
+            .map_or("unmatched", |t| t.session_id.as_str());
+        info!(target = target_id, outcome, "cancel request");
+        self.shared.audit.emit(&Event::Cancel {
+            facts: &self.facts,
+            target_session_id: target_id,
+            outcome,
+            detail,
+        });
+    }
+
+    /// Refuses a session before any upstream was used: tells the client
+    /// (when there is a channel), logs, and audits.
+    async fn reject(self, conn: &mut ClientConn, err: SessionError) {
+        self.reject_with(conn, err, None).await
+    }
+
+    async fn reject_with(self, conn: &mut ClientConn, err: SessionError, auth: Option<&AuthFacts>) {
+        // A connection that closed without sending anything (a port probe,
+        // a load balancer's health check) is not worth an audit event.
+        if matches!(err, SessionError::ClientClosedEarly)
+            && self.facts.requested.is_none()
+            && conn.buf.is_empty()
+        {
+            debug!("connection closed before a startup packet");
+            return;
+        }
+        let response = err.client_message();
+        if let Some(bytes) = &response {
+            conn.send_error(bytes).await;
+        }
+        let sqlstate = response.as_deref().and_then(sqlstate_of);
+        warn!(reason = err.reason(), "session refused: {err}");
+        self.shared.audit.emit(&Event::Rejected {
+            facts: &self.facts,
+            reason: err.reason(),
+            sqlstate: sqlstate.as_deref(),
+            message: err.to_string(),
+            duration_ms: self.elapsed_ms(),
+            auth,
+        });
+    }
+}
