@@ -335,20 +335,6 @@ async fn protocol_3_2_client_downgraded_by_the_server_can_still_cancel() {
     assert_eq!(code, "57014");
 }
 
-fn libpq18(conninfo: &str, mode: &str) -> serde_json::Value {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/libpq18.py");
-    let out = std::process::Command::new("python3")
-        .args([script, conninfo, mode])
-        .output()
-        .expect("python3 must be installed");
-    assert!(
-        out.status.success(),
-        "libpq18.py failed (the test command installs psycopg[binary]): {}",
-        stderr(&out)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 #[test]
 fn libpq_18_encrypted_cancel_protocol_3_2_and_direct_tls() {
     let env = Env::new();

@@ -3,22 +3,10 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-
-const BIN: &str = env!("CARGO_BIN_EXE_pgbastion");
-
-/// Kills the child on drop, so a failing test leaves no process behind.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// `pgbastion run` in its flag-only form in front of `env`'s PostgreSQL,
 /// listening on 127.0.0.1:`port`, optionally under a wrapper command
@@ -41,24 +29,6 @@ fn flag_form(env: &Env, port: u16, wrapper: &[&str]) -> Command {
         .arg("--upstream-ca")
         .arg(&env.pg.ca_cert);
     cmd
-}
-
-/// Waits until pgbastion accepts connections on 127.0.0.1:`port`.
-fn wait_listening(port: u16) -> std::net::SocketAddr {
-    let addr = ([127, 0, 0, 1], port).into();
-    wait_for("pgbastion to listen", Duration::from_secs(10), || {
-        std::net::TcpStream::connect(addr).ok()
-    });
-    addr
-}
-
-fn signal(pid: u32, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill {sig} {pid}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

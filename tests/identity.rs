@@ -435,16 +435,8 @@ async fn sighup_reloads_the_policy() {
     );
     let write = |rules: &str| std::fs::write(&config, format!("{base}\n{rules}")).unwrap();
     write("[[rule]]\nname = \"v1\"\nusers = [\"postgres\"]\n");
-    /// Kills pgbastion when the test ends, pass or fail.
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let proc = Kill(
-        std::process::Command::new(env!("CARGO_BIN_EXE_pgbastion"))
+    let proc = Running(
+        std::process::Command::new(BIN)
             .arg("run")
             .arg("--config")
             .arg(&config)

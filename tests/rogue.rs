@@ -139,20 +139,6 @@ impl Rogue {
     }
 }
 
-fn rogue_tls(issued: &pgbastion::devcerts::Issued) -> rustls::ServerConfig {
-    use rustls::pki_types::pem::PemObject;
-    let certs = rustls::pki_types::CertificateDer::pem_slice_iter(issued.cert_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap();
-    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(issued.key_pem.as_bytes()).unwrap();
-    rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .unwrap()
-}
-
 /// pgbastion trusting `trusted_ca` for an upstream at `addr` named localhost.
 fn proxy_to(
     certs: &ProxyCerts,
@@ -205,7 +191,7 @@ fn setup() -> Setup {
 
 async fn check_rogue_cert(issued: pgbastion::devcerts::Issued, expect_in_message: &str) {
     let s = setup();
-    let rogue = Rogue::start(Answer::Tls, Some(rogue_tls(&issued))).await;
+    let rogue = Rogue::start(Answer::Tls, Some(tls_server_config(&issued))).await;
     let proxy = proxy_to(&s.certs, rogue.addr, &s.trusted_path, "");
     let (code, text) = refused(&proxy, &s.certs).await;
     assert_eq!(code, "08001", "{text}");
@@ -232,7 +218,7 @@ async fn certificate_for_another_name() {
     // Signed by the CA pgbastion trusts, but for another host.
     let s = setup();
     let issued_by_trusted = s.trusted.server_cert(&["other.example.com"]).unwrap();
-    let rogue = Rogue::start(Answer::Tls, Some(rogue_tls(&issued_by_trusted))).await;
+    let rogue = Rogue::start(Answer::Tls, Some(tls_server_config(&issued_by_trusted))).await;
     let proxy = proxy_to(&s.certs, rogue.addr, &s.trusted_path, "");
     let (code, text) = refused(&proxy, &s.certs).await;
     assert_eq!(code, "08001");
@@ -274,7 +260,7 @@ async fn expired_and_not_yet_valid_certificates() {
             .trusted
             .issue(with_validity(&["localhost"], from, to))
             .unwrap();
-        let rogue = Rogue::start(Answer::Tls, Some(rogue_tls(&issued))).await;
+        let rogue = Rogue::start(Answer::Tls, Some(tls_server_config(&issued))).await;
         let proxy = proxy_to(&s.certs, rogue.addr, &s.trusted_path, "");
         let (code, text) = refused(&proxy, &s.certs).await;
         assert_eq!(code, "08001");

@@ -546,3 +546,68 @@ pub async fn wait_active(direct: &tokio_postgres::Client, app: &str) -> i32 {
     )
     .await
 }
+
+/// The pgbastion binary built for these tests.
+pub const BIN: &str = env!("CARGO_BIN_EXE_pgbastion");
+
+/// A child process (pgbastion, a client) killed when the test ends, pass
+/// or fail.
+pub struct Running(pub std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits until something accepts connections on 127.0.0.1:`port`.
+pub fn wait_listening(port: u16) -> SocketAddr {
+    let addr = ([127, 0, 0, 1], port).into();
+    wait_for("pgbastion to listen", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(addr).ok()
+    });
+    addr
+}
+
+/// Sends a signal (`-HUP`, `-TERM`, ...) with kill(1).
+pub fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
+/// Runs the libpq 18 client (tests/clients/libpq18.py, psycopg's bundled
+/// libpq) and returns its JSON report.
+pub fn libpq18(conninfo: &str, mode: &str) -> serde_json::Value {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/libpq18.py");
+    let out = Command::new("python3")
+        .args([script, conninfo, mode])
+        .output()
+        .expect("python3 must be installed");
+    assert!(
+        out.status.success(),
+        "libpq18.py failed (the test command installs psycopg[binary]): {}",
+        stderr(&out)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A rustls server config presenting an issued certificate (rogue and
+/// fake upstreams).
+pub fn tls_server_config(issued: &pgbastion::devcerts::Issued) -> rustls::ServerConfig {
+    use rustls::pki_types::pem::PemObject;
+    let certs = rustls::pki_types::CertificateDer::pem_slice_iter(issued.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(issued.key_pem.as_bytes()).unwrap();
+    rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap()
+}
