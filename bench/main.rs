@@ -65,6 +65,9 @@ enum Target {
     HAProxy,
     /// pgbastion with the audit log off, for the audit-cost comparison.
     PgbastionNoAudit,
+    /// pgbastion terminating SCRAM (auth = "scram", verifier from a
+    /// secrets file), clients at libpq's defaults: both legs channel-bound.
+    PgbastionScram,
 }
 
 impl Target {
@@ -75,6 +78,7 @@ impl Target {
             Target::PgBouncer => "pgbouncer",
             Target::HAProxy => "haproxy",
             Target::PgbastionNoAudit => "pgbastion (audit off)",
+            Target::PgbastionScram => "pgbastion (scram)",
         }
     }
 }
@@ -198,12 +202,28 @@ impl Bench {
             .and_then(Path::parent)
             .context("the harness lives in target/<profile>/examples")?
             .join("pgbastion");
-        for (target, audit) in [
-            (
-                Target::Pgbastion,
-                dir.join("audit.jsonl").display().to_string(),
-            ),
-            (Target::PgbastionNoAudit, "off".to_owned()),
+        // scram mode reads the server's own verifier from a secrets file.
+        let secrets = dir.join("pgbastion-userlist.txt");
+        let verifier = Command::new("psql")
+            .args(["-X", "-A", "-t", "-d", &conn, "-c"])
+            .arg("select rolpassword from pg_authid where rolname = 'postgres'")
+            .env("PGPASSWORD", &pg.password)
+            .output()
+            .context("reading the postgres verifier")?;
+        let verifier = String::from_utf8_lossy(&verifier.stdout).trim().to_owned();
+        if !verifier.starts_with("SCRAM-SHA-256$") {
+            bail!("the postgres role has no SCRAM verifier: {verifier:?}");
+        }
+        std::fs::write(&secrets, format!("\"postgres\" \"{verifier}\"\n"))?;
+        let audit_file = dir.join("audit.jsonl").display().to_string();
+        let scram = format!(
+            "auth = \"scram\"\nsecrets_file = \"{}\"\n",
+            secrets.display()
+        );
+        for (target, audit, upstream_keys) in [
+            (Target::Pgbastion, audit_file.clone(), String::new()),
+            (Target::PgbastionNoAudit, "off".to_owned(), String::new()),
+            (Target::PgbastionScram, audit_file.clone(), scram),
         ] {
             let port = free_port()?;
             let cfg = dir.join(format!("pgbastion-{port}.toml"));
@@ -211,7 +231,7 @@ impl Bench {
                 &cfg,
                 format!(
                     "[tls]\ncert = \"{}\"\nkey = \"{}\"\n[[listener]]\nlisten = \"127.0.0.1:{port}\"\n\
-                     [[upstream]]\naddress = \"localhost:{}\"\nca_file = \"{}\"\n[audit]\nlog = \"{audit}\"\n\
+                     [[upstream]]\naddress = \"localhost:{}\"\nca_file = \"{}\"\n{upstream_keys}[audit]\nlog = \"{audit}\"\n\
                      [limits]\nmax_sessions = 2000\nmax_pending = 2000\n",
                     cert.display(),
                     key.display(),
@@ -310,8 +330,14 @@ impl Bench {
     }
 
     fn conninfo(&self, target: Target) -> String {
+        // scram mode needs no client setting: libpq's default
+        // channel_binding=prefer binds to pgbastion's certificate.
+        let binding = match target {
+            Target::PgbastionScram => "",
+            _ => " channel_binding=disable",
+        };
         format!(
-            "host=localhost port={} user=postgres dbname=postgres sslmode=require channel_binding=disable",
+            "host=localhost port={} user=postgres dbname=postgres sslmode=require{binding}",
             self.ports[&target]
         )
     }
@@ -325,7 +351,10 @@ impl Bench {
             Target::HAProxy,
         ];
         // Every target answers before anything is measured.
-        for t in main.iter().chain([&Target::PgbastionNoAudit]) {
+        for t in main
+            .iter()
+            .chain([&Target::PgbastionNoAudit, &Target::PgbastionScram])
+        {
             self.pgbench(*t, &["-S", "-c", "1", "-t", "10"])
                 .with_context(|| format!("{} does not work", t.name()))?;
         }
@@ -379,7 +408,7 @@ impl Bench {
                     }
                 }
             }
-            for &t in &main {
+            for &t in main.iter().chain([&Target::PgbastionScram]) {
                 let out = self.pgbench(t, &["-S", "-C", "-c", "8", "-j", "2", "-T", &d])?;
                 r.add("connect", t, "tps", out.tps);
             }
@@ -679,7 +708,7 @@ fn report(args: &Args, r: &Results) -> Result<String> {
     )?;
     writeln!(
         s,
-        "- {} round(s), {} s per pgbench run, medians; TLS on every client leg (sslmode=require, channel_binding=disable)\n",
+        "- {} round(s), {} s per pgbench run, medians; TLS on every client leg (sslmode=require; channel_binding=disable, except pgbastion (scram) at libpq's default: bound on both legs)\n",
         args.rounds, args.duration
     )?;
     writeln!(
@@ -765,6 +794,16 @@ fn report(args: &Args, r: &Results) -> Result<String> {
         s,
         "pgbastion vs PgBouncer at 8 clients: {:.2}x TPS.",
         on / m("select 8", Target::PgBouncer, "tps")
+    )?;
+    let c = |t| m("connect", t, "tps");
+    let scram = c(Target::PgbastionScram);
+    writeln!(
+        s,
+        "Connections/s in scram mode (pgbench -S -C, 8 clients, libpq defaults, both legs \
+         channel-bound): {scram:.0}, {:.2}x of passthrough, {:.2}x of PgBouncer, {:.2}x of direct.",
+        scram / c(Target::Pgbastion),
+        scram / c(Target::PgBouncer),
+        scram / c(Target::Direct)
     )?;
     Ok(s)
 }

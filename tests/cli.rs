@@ -199,6 +199,32 @@ fn check_config_explains_mistakes() {
             ),
             "TLS key",
         ),
+        (
+            "scram-nosource.toml",
+            format!("{good}auth = \"scram\"\n"),
+            "needs a source of SCRAM verifiers",
+        ),
+        (
+            "scram-nofile.toml",
+            format!("{good}auth = \"scram\"\nsecrets_file = \"/nonexistent/userlist.txt\"\n"),
+            "cannot read secrets file /nonexistent/userlist.txt",
+        ),
+        (
+            "scram-badfile.toml",
+            format!(
+                "{good}auth = \"scram\"\nsecrets_file = \"{}\"\n",
+                write("userlist.txt", "; ok\n\"alice\" hunter2\n").display()
+            ),
+            "line 2: expected \"user\" \"SCRAM-SHA-256$...\"",
+        ),
+        (
+            "scram-nopassword.toml",
+            format!(
+                "{good}auth = \"scram\"\nauth_user = \"pgbastion_auth\"\nauth_password_file = \"{}\"\n",
+                write("empty-password", "\n").display()
+            ),
+            "is empty",
+        ),
     ];
     for (name, text, expect) in cases {
         let out = Command::new(BIN)
@@ -209,7 +235,22 @@ fn check_config_explains_mistakes() {
             .unwrap();
         assert!(!out.status.success(), "{name} must be refused");
         assert!(stderr(&out).contains(expect), "{name}: {}", stderr(&out));
+        assert!(!stderr(&out).contains("hunter2"), "a secret is never shown");
     }
+
+    // A good scram config says where verifiers come from.
+    let scram = format!(
+        "{good}auth = \"scram\"\nsecrets_file = \"{}\"\n",
+        write("users.txt", "").display()
+    );
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg("--config")
+        .arg(write("scram.toml", &scram))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("auth: scram"), "{}", stdout(&out));
 }
 
 #[test]
@@ -252,6 +293,10 @@ fn example_config_is_valid_toml_for_pgbastion() {
     assert_eq!(
         config.upstreams[0].server_name,
         "mydb.abc123.eu-west-1.rds.amazonaws.com"
+    );
+    assert_eq!(
+        config.upstreams[0].auth_mode(),
+        pgbastion::config::AuthMode::Scram
     );
 }
 

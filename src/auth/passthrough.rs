@@ -65,12 +65,12 @@ impl AuthEnd {
         Some(match self {
             AuthEnd::ChannelBinding => ErrorResponse::new(
                 "28000",
-                "channel binding (SCRAM-SHA-256-PLUS) cannot work through pgbastion",
+                "channel binding (SCRAM-SHA-256-PLUS) cannot work through pgbastion in passthrough mode",
             )
             .with_detail(
                 "pgbastion terminates TLS: your client would bind to pgbastion's certificate while the database server binds to its own, so the server would reject the login. Your connection is still protected: the client leg uses TLS, and pgbastion verifies the database server's certificate itself.",
             )
-            .with_hint("Connect with channel_binding=disable (in the connection string, or PGCHANNELBINDING=disable)."),
+            .with_hint("Connect with channel_binding=disable (in the connection string, or PGCHANNELBINDING=disable), or ask pgbastion's administrator to set auth = \"scram\" for this upstream, which binds both legs."),
             AuthEnd::Protocol { .. } => ErrorResponse::new("08P01", self.to_string()),
             AuthEnd::Timeout(d) => ErrorResponse::new(
                 "08006",

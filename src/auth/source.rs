@@ -200,3 +200,32 @@ fn classified(secret: StoredSecret, source: SourceName) -> Lookup {
         other => Lookup::Unusable(other, source),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mock_verifiers_are_stable_per_user_and_differ_between_users() {
+        let auth = ScramAuth::new(&ScramConfig {
+            secrets_file: None,
+            auth_query: None,
+        })
+        .unwrap();
+        let ghost = auth.mock_verifier("ghost");
+        assert_eq!(ghost, auth.mock_verifier("ghost"), "asked twice, same salt");
+        assert_ne!(ghost.salt, auth.mock_verifier("ghost2").salt);
+        assert_eq!(ghost.salt.len(), 16);
+        assert_eq!(ghost.iterations, scram::DEFAULT_ITERATIONS);
+        let other = ScramAuth::new(&ScramConfig {
+            secrets_file: None,
+            auth_query: None,
+        })
+        .unwrap();
+        assert_ne!(
+            ghost,
+            other.mock_verifier("ghost"),
+            "a secret of each process"
+        );
+    }
+}

@@ -39,10 +39,6 @@ const AUTH_SASL: u32 = 10;
 const AUTH_SASL_CONTINUE: u32 = 11;
 const AUTH_SASL_FINAL: u32 = 12;
 
-/// The SASL mechanism that binds to the TLS channel, which cannot work
-/// through a passthrough proxy (see `auth::passthrough`).
-pub const SCRAM_PLUS: &str = crate::auth::scram::SCRAM_SHA_256_PLUS;
-
 /// A human name for an authentication request code, for messages that
 /// say what a server asked for.
 pub fn auth_method_name(code: u32) -> &'static str {
@@ -383,6 +379,7 @@ pub fn sasl_initial_mechanism(body: &[u8]) -> Result<&[u8], MessageError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::scram::SCRAM_SHA_256_PLUS as SCRAM_PLUS;
     use proptest::prelude::*;
 
     #[test]

@@ -1,20 +1,26 @@
 //! One client connection, from accept to its last audit event.
 //!
-//! The steps, each with its own deadline and its own way to fail:
-//! 1. `negotiate`: read first packets (SSLRequest, GSSENCRequest, direct
-//!    TLS, CancelKey, StartupMessage) and upgrade the client leg to TLS.
-//! 2. Admission: the session limit.
-//! 3. Upstream: dial and verify (see `upstream`), then forward the
+//! The steps, each with its own deadline and its own way to fail (`run`
+//! reads top to bottom in this order):
+//! 1. `negotiate` (in `client`): read first packets (SSLRequest,
+//!    GSSENCRequest, direct TLS, CancelRequest, StartupMessage) and upgrade
+//!    the client leg to TLS.
+//! 2. Identity and policy, then the session limit.
+//! 3. scram mode only: `find_verifier` (throttle check, verifier lookup).
+//! 4. Upstream: dial and verify (see `upstream`), then forward the
 //!    StartupMessage — only now does the server learn anything.
-//! 4. `authenticate`: relay message by message until ReadyForQuery,
-//!    watching for the outcome and for channel binding.
-//! 5. `relay::relay` until either side ends; then `session.end`.
+//! 5. scram mode only: `terminate` proves the client against the
+//!    verifier and logs in to the server with the key it revealed.
+//! 6. `AuthPhase` (in `auth::passthrough`) relays the rest of startup
+//!    message by message until ReadyForQuery: in passthrough mode the whole
+//!    authentication, watched for its outcome and for channel binding.
+//! 7. `relay::relay` until either side ends; then `session.end`.
 //!
-//! A connection whose first packet is a CancelKey takes the short path
+//! A connection whose first packet is a CancelRequest takes the short path
 //! in `Session::cancel` instead.
 //!
-//! Every failure is a `SessionError`; `SessionError::client_error` is the one
-//! place that decides what the client is told.
+//! Every failure is a `SessionError` (in `error`), whose `client_message`
+//! is the one place that decides what the client is told.
 
 use std::sync::Arc;
 use std::time::Instant;
