@@ -16,7 +16,10 @@ use pgbastion::server::{self, Server};
     about = "A security proxy for PostgreSQL: TLS enforced toward clients, verify-full TLS toward the database, every session audited.",
     long_about = "pgbastion sits between PostgreSQL clients and a PostgreSQL server. Clients reach it over TLS \
                   (or a listener you allow plaintext on); it reaches the server only over TLS with full \
-                  certificate verification, and writes a JSON audit line for every session.\n\n\
+                  certificate verification, and writes a JSON audit line for every session. With \
+                  `--auth scram` (or auth = \"scram\" per upstream) it terminates SCRAM itself, channel-bound on \
+                  both legs, so clients connect with their default settings.\n\n\
+                  Signals: SIGHUP re-reads secrets files (and the policy of --config); SIGTERM/SIGINT drain and stop.\n\n\
                   Logs go to stderr (level from RUST_LOG, default info); audit events go where `audit.log` says \
                   (stdout by default)."
 )]

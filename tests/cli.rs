@@ -8,29 +8,6 @@ use std::time::Duration;
 
 use common::*;
 
-/// `pgbastion run` in its flag-only form in front of `env`'s PostgreSQL,
-/// listening on 127.0.0.1:`port`, optionally under a wrapper command
-/// (e.g. `prlimit`).
-fn flag_form(env: &Env, port: u16, wrapper: &[&str]) -> Command {
-    let mut cmd = match wrapper.split_first() {
-        Some((program, args)) => {
-            let mut c = Command::new(program);
-            c.args(args).arg(BIN);
-            c
-        }
-        None => Command::new(BIN),
-    };
-    cmd.args(["run", "--listen", &format!("127.0.0.1:{port}")])
-        .arg("--tls-cert")
-        .arg(&env.proxy_cert)
-        .arg("--tls-key")
-        .arg(&env.proxy_key)
-        .args(["--upstream", &format!("localhost:{}", env.pg.port)])
-        .arg("--upstream-ca")
-        .arg(&env.pg.ca_cert);
-    cmd
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flag_form_serves_and_sigterm_drains() {
     let env = Env::new();
@@ -297,6 +274,16 @@ fn example_config_is_valid_toml_for_pgbastion() {
     assert_eq!(
         config.upstreams[0].auth_mode(),
         pgbastion::config::AuthMode::Scram
+    );
+}
+
+#[test]
+fn readme_shows_the_lookup_function_pgbastion_installs() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    assert!(
+        readme.contains(pgbastion::auth::auth_query::LOOKUP_FUNCTION_SQL),
+        "README.md must show LOOKUP_FUNCTION_SQL verbatim"
     );
 }
 

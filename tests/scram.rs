@@ -305,15 +305,7 @@ async fn secrets_file_stale_verifier_and_sighup_reload_from_flags() {
     let port = pgbastion::localpg::free_port().unwrap();
     let log = env.dir.path().join("stderr.log");
     let proc = Running(
-        std::process::Command::new(BIN)
-            .args(["run", "--listen", &format!("127.0.0.1:{port}")])
-            .arg("--tls-cert")
-            .arg(&env.proxy_cert)
-            .arg("--tls-key")
-            .arg(&env.proxy_key)
-            .args(["--upstream", &format!("localhost:{}", env.pg.port)])
-            .arg("--upstream-ca")
-            .arg(&env.pg.ca_cert)
+        flag_form(&env, port, &[])
             .args(["--auth", "scram", "--secrets-file"])
             .arg(&secrets)
             .args(["--audit-log", "off"])

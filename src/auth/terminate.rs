@@ -208,7 +208,9 @@ impl AuthError {
 /// Runs the SCRAM server role toward the client: offers the mechanisms of
 /// `offer`, and checks the client's proof against `verifier`. For an
 /// unknown user (`known == false`, mock verifier) the exchange runs to the
-/// end and then fails exactly like a wrong password.
+/// end and then fails exactly like a wrong password. `leg` learns the
+/// client's mechanism as soon as it is chosen, so a failed login is
+/// audited with it too.
 pub async fn prove_client<C>(
     client: &mut C,
     buf: &mut Vec<u8>,
@@ -216,7 +218,8 @@ pub async fn prove_client<C>(
     user: &str,
     verifier: &Verifier,
     known: bool,
-) -> Result<(Proven, LegAuth), AuthError>
+    leg: &mut Option<LegAuth>,
+) -> Result<Proven, AuthError>
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
@@ -232,7 +235,11 @@ where
         verifier.iterations,
         &scram::new_nonce(),
     )?;
-    let leg_mechanism = mechanism.to_owned();
+    // `start` has checked that PLUS comes with binding data and only then.
+    *leg = Some(LegAuth {
+        mechanism: mechanism.to_owned(),
+        channel_binding: mechanism == scram::SCRAM_SHA_256_PLUS,
+    });
     wire::send(
         client,
         &message::authentication_sasl_data(false, server_first.as_bytes()),
@@ -245,15 +252,8 @@ where
     };
     match exchange.finish(&body, &verifier.stored_key, &verifier.server_key) {
         Ok(_) if !known => Err(failed()),
-        Ok(proven) => {
-            let leg = LegAuth {
-                mechanism: leg_mechanism,
-                channel_binding: proven.channel_bound,
-            };
-            Ok((proven, leg))
-        }
         Err(ScramError::InvalidProof) => Err(failed()),
-        Err(e) => Err(e.into()),
+        other => other.map_err(AuthError::from),
     }
 }
 

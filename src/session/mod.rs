@@ -424,9 +424,10 @@ impl Session {
             user,
             &found.verifier,
             found.source.is_some(),
+            &mut facts.client,
         )
         .await;
-        let (proven, client_leg) = match proved {
+        let proven = match proved {
             Ok(p) => p,
             Err(e) => {
                 if e.is_failed_attempt() {
@@ -437,7 +438,6 @@ impl Session {
                 return Err(e);
             }
         };
-        facts.client = Some(client_leg);
         let Some(source) = &found.source else {
             // prove_client never succeeds for a mock verifier.
             return Err(AuthError::Failed {

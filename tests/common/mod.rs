@@ -611,3 +611,26 @@ pub fn tls_server_config(issued: &pgbastion::devcerts::Issued) -> rustls::Server
         .with_single_cert(certs, key)
         .unwrap()
 }
+
+/// `pgbastion run` in its flag-only form in front of `env`'s PostgreSQL,
+/// listening on 127.0.0.1:`port`, optionally under a wrapper command
+/// (e.g. `prlimit`).
+pub fn flag_form(env: &Env, port: u16, wrapper: &[&str]) -> Command {
+    let mut cmd = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(BIN);
+            c
+        }
+        None => Command::new(BIN),
+    };
+    cmd.args(["run", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--tls-cert")
+        .arg(&env.proxy_cert)
+        .arg("--tls-key")
+        .arg(&env.proxy_key)
+        .args(["--upstream", &format!("localhost:{}", env.pg.port)])
+        .arg("--upstream-ca")
+        .arg(&env.pg.ca_cert);
+    cmd
+}
