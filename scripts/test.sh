@@ -2,7 +2,8 @@
 # The test command (README, and what CI runs through .ci/run).
 #
 # Installs what the tests need when it is missing (PostgreSQL server and
-# client, HAProxy and PgBouncer from Debian packages, psycopg from PyPI), then
+# client, HAProxy, PgBouncer and OpenSSL from Debian packages, psycopg from
+# PyPI), then
 # checks formatting and lints, runs every test, and smoke-runs the benchmark
 # harness. The tests start real PostgreSQL servers; a missing part makes them
 # fail, never skip.
@@ -19,6 +20,7 @@ command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
 command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || missing+=(pgbouncer)
 command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
 command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
     # The server refuses to run as root; the package creates its user.
     missing+=(postgresql)

@@ -133,12 +133,23 @@ fn stock_clients_connect_with_default_settings_and_both_legs_are_bound() {
     );
     assert_eq!(r["ssl"], true, "{r}");
     assert!(r["libpq"].as_i64().unwrap() >= 180000, "{r}");
+    // Asking for protocol 3.2: PostgreSQL 15's NegotiateProtocolVersion
+    // reaches the client before pgbastion's SASL offer, untouched.
+    let r = libpq18(
+        &format!(
+            "{} password={APP_PASSWORD} max_protocol_version=3.2",
+            defaults(&proxy, "app")
+        ),
+        "query",
+    );
+    assert_eq!(r["ssl"], true, "{r}");
 
-    let starts = proxy.wait_audit_count("three sessions", 3, |e| e["event"] == "session.start");
+    let starts = proxy.wait_audit_count("four sessions", 4, |e| e["event"] == "session.start");
     for start in &starts {
         assert_both_legs_bound(start);
         assert_eq!(start["requested"]["user"], "app");
     }
+    assert!(starts.iter().any(|e| e["requested"]["protocol"] == "3.2"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
