@@ -295,6 +295,10 @@ pub struct Timeouts {
     /// Forwarding one cancel request: connect, TLS, send.
     #[serde(with = "humantime_serde")]
     pub cancel: Duration,
+    /// After a client closes its sending side: how long the server's reply
+    /// to what it sent last is still relayed before the session ends.
+    #[serde(with = "humantime_serde")]
+    pub half_close: Duration,
     /// After SIGTERM/SIGINT: how long open sessions may finish.
     #[serde(with = "humantime_serde")]
     pub shutdown_drain: Duration,
@@ -309,6 +313,7 @@ impl Default for Timeouts {
             authentication: Duration::from_secs(60),
             proxy_header: Duration::from_secs(3),
             cancel: Duration::from_secs(5),
+            half_close: Duration::from_secs(10),
             shutdown_drain: Duration::from_secs(30),
         }
     }
@@ -652,6 +657,7 @@ impl RawConfig {
             ("authentication", t.authentication),
             ("cancel", t.cancel),
             ("proxy_header", t.proxy_header),
+            ("half_close", t.half_close),
         ] {
             if d.is_zero() {
                 return Err(invalid(format!(

@@ -1,11 +1,16 @@
 //! The relay: after authentication, bytes are copied both ways without
-//! parsing, and the session ends as soon as either side does.
+//! parsing, until the session is over.
 //!
 //! `tokio::io::copy_bidirectional` waits for *both* directions to finish,
-//! which leaves a session half-open when one peer stops reading. Postgres
-//! has no use for half-closed connections (the server treats EOF as "client
-//! gone"), so this relay shuts the other side down (TLS close_notify, then
-//! FIN) the moment one direction ends, and then the session is over.
+//! which leaves a session half-open for as long as one peer likes. This
+//! relay ends sessions promptly and loses nothing:
+//! - the server closing ends the session at once (the client is shut down:
+//!   TLS close_notify, then FIN);
+//! - the client closing its sending side (FIN, or close_notify) is passed on
+//!   to the server, and the server's reply to what the client sent last is
+//!   still relayed, until the server closes or `half_close` passes (a client
+//!   may send a query and `shutdown(SHUT_WR)` at once);
+//! - an error on either side ends the session at once.
 
 use std::future::poll_fn;
 use std::io;
@@ -49,6 +54,10 @@ pub fn is_close(e: &io::Error) -> bool {
     )
 }
 
+/// The Terminate message, which a client sends last when it ends a session
+/// cleanly.
+const TERMINATE: [u8; 5] = [b'X', 0, 0, 0, 4];
+
 /// Which side ended the relay, and how.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RelayEnd {
@@ -90,6 +99,9 @@ struct Pipe {
     copied: u64,
     /// When this direction last moved bytes, on the relay's shared clock.
     last_active: u64,
+    /// The last bytes read ended with a Terminate message (meaningful for
+    /// the client's direction: a server closing after it was asked to).
+    ends_with_terminate: bool,
 }
 
 enum PipeError {
@@ -106,6 +118,7 @@ impl Pipe {
             need_flush: false,
             copied: 0,
             last_active: 0,
+            ends_with_terminate: false,
         }
     }
 
@@ -174,6 +187,7 @@ impl Pipe {
                     }
                     *clock += 1;
                     self.last_active = *clock;
+                    self.ends_with_terminate = data.ends_with(&TERMINATE);
                     let taken = self.write_some(cx, &mut w, data)?;
                     if taken < data.len() {
                         self.pending = data[taken..].to_vec();
@@ -218,8 +232,26 @@ fn client_side_end(res: Result<(), PipeError>) -> RelayEnd {
     }
 }
 
-/// Copies both ways until one side ends, then shuts the other down.
-pub async fn relay<C, S>(client: &mut C, server: &mut S) -> (RelayEnd, ByteCounts)
+/// Whether the client's direction ended by a clean close of its sending
+/// side (after which the server's reply is still wanted), rather than by an
+/// error.
+fn client_half_closed(res: &Result<(), PipeError>) -> bool {
+    match res {
+        Ok(()) => true,
+        // A TCP FIN without TLS close_notify: the same thing, for Postgres.
+        Err(PipeError::Read(e)) => e.kind() == io::ErrorKind::UnexpectedEof,
+        Err(PipeError::Write(_)) => false,
+    }
+}
+
+/// Copies both ways until the session is over (see the module doc), then
+/// shuts both sides down. `half_close` bounds how long the server's reply
+/// is awaited after the client has closed its sending side.
+pub async fn relay<C, S>(
+    client: &mut C,
+    server: &mut S,
+    half_close: Duration,
+) -> (RelayEnd, ByteCounts)
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     S: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -227,7 +259,7 @@ where
     let mut up = Pipe::new();
     let mut down = Pipe::new();
     let mut clock = 0u64;
-    let end = poll_fn(|cx| {
+    let first = poll_fn(|cx| {
         let down_done = down.poll_copy(
             cx,
             &mut clock,
@@ -242,18 +274,58 @@ where
         );
         match (down_done, up_done) {
             (Poll::Pending, Poll::Pending) => Poll::Pending,
-            (Poll::Ready(d), Poll::Pending) => Poll::Ready(server_side_end(d)),
-            (Poll::Pending, Poll::Ready(u)) => Poll::Ready(client_side_end(u)),
+            (Poll::Ready(d), Poll::Pending) => Poll::Ready((Some(d), None)),
+            (Poll::Pending, Poll::Ready(u)) => Poll::Ready((None, Some(u))),
             // Both ended in one wake-up: the side that spoke last caused it
             // (a client's Terminate, or the server's FATAL).
             (Poll::Ready(d), Poll::Ready(u)) => Poll::Ready(if down.last_active > up.last_active {
-                server_side_end(d)
+                (Some(d), None)
             } else {
-                client_side_end(u)
+                (None, Some(u))
             }),
         }
     })
     .await;
+    let end = match first {
+        (Some(d), _) => {
+            // The server closed. After the client's Terminate that is the
+            // client ending the session, whichever EOF arrived first.
+            let end = server_side_end(d);
+            if end == RelayEnd::ServerClosed && up.ends_with_terminate {
+                RelayEnd::ClientClosed
+            } else {
+                end
+            }
+        }
+        (None, Some(u)) if client_half_closed(&u) => {
+            let client_end = client_side_end(u);
+            // Pass the client's EOF on (close_notify, FIN), and relay the
+            // server's answer to what came before it.
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, server.shutdown()).await;
+            let rest = tokio::time::timeout(
+                half_close,
+                poll_fn(|cx| {
+                    down.poll_copy(
+                        cx,
+                        &mut clock,
+                        Pin::new(&mut *server),
+                        Pin::new(&mut *client),
+                    )
+                }),
+            )
+            .await;
+            match rest {
+                // The server's own end after the client's is the client's
+                // doing; only a failure to deliver the reply is worth naming.
+                Ok(Err(PipeError::Write(e))) if !is_close(&e) => {
+                    RelayEnd::ClientError(e.to_string())
+                }
+                _ => client_end,
+            }
+        }
+        (_, Some(u)) => client_side_end(u),
+        (None, None) => RelayEnd::ClientClosed,
+    };
     // Whoever ended, both sides are told now; a peer that does not take the
     // close_notify within the grace period is dropped anyway.
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
@@ -277,7 +349,9 @@ mod tests {
     async fn copies_both_ways_and_ends_when_one_side_closes() {
         let (mut client_far, mut client_near) = duplex(1024);
         let (mut server_near, mut server_far) = duplex(1024);
-        let task = tokio::spawn(async move { relay(&mut client_near, &mut server_near).await });
+        let task = tokio::spawn(async move {
+            relay(&mut client_near, &mut server_near, Duration::from_secs(5)).await
+        });
 
         client_far.write_all(b"query").await.unwrap();
         let mut got = [0u8; 5];
@@ -307,10 +381,79 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_half_closed_client_still_gets_the_reply() {
+        let (mut client_far, mut client_near) = duplex(1024);
+        let (mut server_near, mut server_far) = duplex(1024);
+        let task = tokio::spawn(async move {
+            relay(&mut client_near, &mut server_near, Duration::from_secs(5)).await
+        });
+        client_far.write_all(b"query").await.unwrap();
+        client_far.shutdown().await.unwrap();
+        // The server gets the query, then the client's EOF...
+        let mut got = Vec::new();
+        server_far.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"query");
+        // ...and its reply still reaches the client.
+        server_far.write_all(b"reply").await.unwrap();
+        drop(server_far);
+        let mut reply = Vec::new();
+        client_far.read_to_end(&mut reply).await.unwrap();
+        assert_eq!(reply, b"reply");
+        let (end, counts) = task.await.unwrap();
+        assert_eq!(end, RelayEnd::ClientClosed);
+        assert_eq!(counts.server_to_client, 5);
+    }
+
+    #[tokio::test]
+    async fn a_half_closed_session_ends_at_the_deadline() {
+        let (mut client_far, mut client_near) = duplex(1024);
+        let (mut server_near, mut server_far) = duplex(1024);
+        let task = tokio::spawn(async move {
+            relay(
+                &mut client_near,
+                &mut server_near,
+                Duration::from_millis(200),
+            )
+            .await
+        });
+        client_far.shutdown().await.unwrap();
+        // The server never answers nor closes: the relay ends anyway.
+        let (end, _) = tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("ended by the half-close deadline")
+            .unwrap();
+        assert_eq!(end, RelayEnd::ClientClosed);
+        let mut rest = Vec::new();
+        client_far.read_to_end(&mut rest).await.unwrap();
+        let mut got = Vec::new();
+        server_far.read_to_end(&mut got).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_server_closing_after_terminate_is_the_client_ending() {
+        let (mut client_far, mut client_near) = duplex(1024);
+        let (mut server_near, mut server_far) = duplex(1024);
+        let task = tokio::spawn(async move {
+            relay(&mut client_near, &mut server_near, Duration::from_secs(5)).await
+        });
+        // The client sends Terminate but its FIN has not arrived yet when
+        // the server, having read the Terminate, closes.
+        client_far.write_all(&TERMINATE).await.unwrap();
+        let mut got = [0u8; 5];
+        server_far.read_exact(&mut got).await.unwrap();
+        drop(server_far);
+        let (end, _) = task.await.unwrap();
+        assert_eq!(end, RelayEnd::ClientClosed);
+        drop(client_far);
+    }
+
+    #[tokio::test]
     async fn large_transfer_is_complete() {
         let (mut client_far, mut client_near) = duplex(4096);
         let (mut server_near, mut server_far) = duplex(4096);
-        let task = tokio::spawn(async move { relay(&mut client_near, &mut server_near).await });
+        let task = tokio::spawn(async move {
+            relay(&mut client_near, &mut server_near, Duration::from_secs(5)).await
+        });
         let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
         let expected = data.clone();
         let writer = tokio::spawn(async move {

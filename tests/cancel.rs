@@ -348,6 +348,11 @@ fn libpq_18_encrypted_cancel_protocol_3_2_and_direct_tls() {
     let r = libpq18(&format!("{base} max_protocol_version=3.2"), "cancel");
     assert!(r["libpq"].as_i64().unwrap() >= 170000, "{r}");
     assert_eq!(r["sqlstate"], "57014", "{r}");
+    assert_eq!(
+        r["cancel_error"],
+        serde_json::Value::Null,
+        "libpq's cancel call succeeds too (a clean TLS close, after forwarding): {r}"
+    );
     assert!(r["cancel_seconds"].as_f64().unwrap() < 2.0, "{r}");
     assert_ne!(
         r["backend_pid_seen"], r["server_pid"],

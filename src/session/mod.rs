@@ -303,7 +303,7 @@ impl Session {
                 // idle session should hold as little memory as possible.
                 auth.client_buf = Vec::new();
                 auth.server_buf = Vec::new();
-                let (end, counts) = relay::relay(&mut *conn.io, &mut up.stream).await;
+                let (end, counts) = relay::relay(&mut *conn.io, &mut up.stream, t.half_close).await;
                 let detail = match &end {
                     relay::RelayEnd::ClientError(d) | relay::RelayEnd::ServerError(d) => {
                         Some(d.clone())
@@ -628,10 +628,9 @@ impl Session {
 
     /// Handles a CancelRequest: honoured only with a key pgbastion issued to
     /// a live session, forwarded to that session's server with the real key.
-    /// Like PostgreSQL, the client is told nothing either way.
-    async fn cancel(self, conn: ClientConn, req: CancelKey) {
-        // The client may close now: nothing more will be said to it.
-        drop(conn);
+    /// Like PostgreSQL, the client is told nothing either way, and its
+    /// connection is closed once the request has been dealt with.
+    async fn cancel(self, mut conn: ClientConn, req: CancelKey) {
         let client_ip = self.facts.client.addr.parse().ok();
         let (target, outcome, detail) = if !self.shared.cancels.allow(client_ip) {
             (None, "rate_limited", None)
@@ -659,6 +658,12 @@ impl Session {
                 }
             }
         };
+        // Only now is the client's connection closed, cleanly (TLS
+        // close_notify, then FIN): libpq takes that close as the sign its
+        // cancel was delivered, as PostgreSQL closes once it has acted, and
+        // over TLS a close without close_notify reads as an error.
+        let _ = tokio::time::timeout(ERROR_WRITE_TIMEOUT, conn.io.shutdown()).await;
+        drop(conn);
         let target_id = target
             .as_ref()
             .map_or("unmatched", |t| t.session_id.as_str());

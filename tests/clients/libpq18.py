@@ -6,8 +6,8 @@ Usage: libpq18.py CONNINFO MODE
   MODE "query": connect, run one query, and report.
 Prints one JSON object: libpq version, the protocol version in use, the
 backend pid the client was given (BackendKeyData), the server's real pid,
-and, for "cancel", the SQLSTATE the query ended with and how long the
-cancel took.
+and, for "cancel", the SQLSTATE the query ended with, how long the cancel
+took, and the error libpq's cancel call reported (null when none).
 """
 
 import json
@@ -43,7 +43,12 @@ def main():
                             break
                         time.sleep(0.01)
                     started["at"] = time.monotonic()
-                    conn.cancel_safe(timeout=10)
+                    try:
+                        conn.cancel_safe(timeout=10)
+                        out["cancel_error"] = None
+                    except psycopg.Error as e:
+                        # The cancel may have worked even so; report both.
+                        out["cancel_error"] = str(e)
 
                 t = threading.Thread(target=cancel_when_running)
                 t.start()
