@@ -1,19 +1,20 @@
 //! The audit log: one JSON object per line, for every session that got as
-//! far as a first packet.
+//! far as a first packet, written by a thread of its own (`sink`).
 //!
 //! Events carry what a reviewer needs to answer "who connected, to what,
 //! over which protection, and how did it end" — and never a password, key or
 //! cancel key: the types written here have no field that could hold one.
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
 use crate::auth::login::LegAuth;
-use crate::config::{AuditTarget, AuthMode};
+use crate::config::{AuditOnFailure, AuditTarget, AuthMode};
 use crate::identity::Identity;
+use crate::sink::{Sink, SinkTarget};
 use crate::tls::TlsInfo;
 
 /// How the client leg was protected.
@@ -199,38 +200,49 @@ pub enum Event<'a> {
     },
 }
 
-/// The destination of audit events. Writes are whole lines under a lock,
-/// so concurrent sessions never interleave within a line.
+/// How many audit lines may wait for the writer before new ones are dropped.
+const QUEUE_LINES: usize = 10_000;
+
+/// How often dropped audit events are reported in pgbastion's log.
+const DROP_REPORT_EVERY: Duration = Duration::from_secs(10);
+
+/// The destination of audit events: a writer thread behind a bounded queue
+/// (see `sink`), so a slow or stalled audit reader never blocks a session.
+/// Each event is one whole line, so concurrent sessions never interleave.
 pub struct AuditLog {
-    sink: Mutex<Box<dyn Write + Send>>,
-    /// Nothing is serialised at all when the log is off.
-    off: bool,
+    /// None when the log is off: nothing is serialised at all.
+    sink: Option<Sink>,
+    on_failure: AuditOnFailure,
+    /// When dropped events were last reported, and how many had been.
+    reported: Mutex<(Instant, u64)>,
 }
 
 impl AuditLog {
-    pub fn open(target: &AuditTarget) -> std::io::Result<AuditLog> {
-        let sink: Box<dyn Write + Send> = match target {
-            AuditTarget::Stdout => Box::new(std::io::stdout()),
-            AuditTarget::Off => Box::new(std::io::sink()),
-            AuditTarget::File(path) => Box::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)?,
-            ),
+    pub fn open(target: &AuditTarget, on_failure: AuditOnFailure) -> std::io::Result<AuditLog> {
+        let sink = match target {
+            AuditTarget::Off => None,
+            AuditTarget::Stdout => Some(Sink::spawn("audit", SinkTarget::Stdout, QUEUE_LINES)?),
+            AuditTarget::File(path) => Some(Sink::spawn(
+                "audit",
+                SinkTarget::File(path.clone()),
+                QUEUE_LINES,
+            )?),
         };
         Ok(AuditLog {
-            sink: Mutex::new(sink),
-            off: *target == AuditTarget::Off,
+            sink,
+            on_failure,
+            reported: Mutex::new((Instant::now(), 0)),
         })
     }
 
-    /// Writes one event. A failing audit sink is logged, not fatal: the
-    /// operator sees the error in pgbastion's log.
+    /// Queues one event. A sink that cannot keep up or fails loses events:
+    /// they are counted and reported in pgbastion's log at most every 10 s;
+    /// with `on_failure = "refuse"` no new session is admitted meanwhile
+    /// (see `accepting`).
     pub fn emit(&self, event: &Event<'_>) {
-        if self.off {
+        let Some(sink) = &self.sink else {
             return;
-        }
+        };
         let mut line = match serde_json::to_vec(&TimedEvent {
             ts: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
             event,
@@ -242,12 +254,53 @@ impl AuditLog {
             }
         };
         line.push(b'\n');
-        let mut sink = match self.sink.lock() {
-            Ok(s) => s,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        if let Err(e) = sink.write_all(&line).and_then(|()| sink.flush()) {
-            tracing::error!(error = %e, "cannot write audit log");
+        sink.try_write(line);
+        self.report_drops(sink);
+    }
+
+    fn report_drops(&self, sink: &Sink) {
+        let dropped = sink.dropped();
+        let mut reported = self.reported.lock().unwrap_or_else(|p| p.into_inner());
+        if dropped > reported.1 && reported.0.elapsed() >= DROP_REPORT_EVERY {
+            tracing::error!(
+                dropped = dropped - reported.1,
+                total = dropped,
+                on_failure = ?self.on_failure,
+                "audit events could not be written (the audit log is slow or failing) and were dropped"
+            );
+            *reported = (Instant::now(), dropped);
+        }
+    }
+
+    /// Whether a new session may be admitted: always with `on_failure =
+    /// "continue"`; with `"refuse"`, only while events are being written.
+    pub fn accepting(&self) -> bool {
+        match (&self.sink, self.on_failure) {
+            (Some(sink), AuditOnFailure::Refuse) => {
+                let ok = sink.healthy();
+                if !ok {
+                    self.report_drops(sink);
+                }
+                ok
+            }
+            _ => true,
+        }
+    }
+
+    /// Waits (up to `limit`) until every event emitted so far is written:
+    /// at shutdown, so the last sessions' end events are not lost.
+    pub fn drain(&self, limit: Duration) {
+        if let Some(sink) = &self.sink {
+            if !sink.drain(limit) {
+                tracing::error!("audit events still queued at exit could not all be written");
+            }
+        }
+    }
+
+    /// Reopens an audit file (SIGHUP, after logrotate moved it).
+    pub fn reopen(&self) {
+        if let Some(sink) = &self.sink {
+            sink.reopen();
         }
     }
 }

@@ -229,6 +229,21 @@ struct RawUpstream {
 struct RawAudit {
     /// A file path, or "-" for standard output.
     log: Option<String>,
+    #[serde(default)]
+    on_failure: AuditOnFailure,
+}
+
+/// What pgbastion does while audit events cannot be written (the reader of
+/// stdout stalls, the disk is full, ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditOnFailure {
+    /// Sessions go on; dropped events are counted and reported in the log.
+    #[default]
+    Continue,
+    /// No unaudited session: new sessions are refused (SQLSTATE 08004)
+    /// while events cannot be written, and admitted again once they can.
+    Refuse,
 }
 
 /// Resource limits.
@@ -467,6 +482,7 @@ pub struct Config {
     pub limits: Limits,
     pub timeouts: Timeouts,
     pub audit: AuditTarget,
+    pub audit_on_failure: AuditOnFailure,
     pub policy: Policy,
     pub tailscale: Option<TailscaleConfig>,
     /// Template for the application_name sent upstream; None: unchanged.
@@ -491,6 +507,7 @@ pub struct Flags {
     pub upstream_direct_tls: bool,
     pub client_tls: Option<ClientTlsMode>,
     pub audit_log: Option<String>,
+    pub audit_on_failure: Option<AuditOnFailure>,
     pub max_sessions: Option<usize>,
     pub auth: Option<AuthMode>,
     pub secrets_file: Option<PathBuf>,
@@ -586,6 +603,7 @@ impl Config {
             timeouts: Timeouts::default(),
             audit: RawAudit {
                 log: flags.audit_log,
+                on_failure: flags.audit_on_failure.unwrap_or_default(),
             },
             rules: Vec::new(),
             tailscale: None,
@@ -750,6 +768,7 @@ impl RawConfig {
             limits: self.limits,
             timeouts: self.timeouts,
             audit,
+            audit_on_failure: self.audit.on_failure,
             policy,
             tailscale,
             application_name: self.forward.application_name,

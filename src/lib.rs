@@ -9,7 +9,8 @@
 //! - `upstream`: dialing an upstream and negotiating TLS with it.
 //! - `relay`: the byte copy after authentication, and teardown.
 //! - `cancel`: pgbastion's own cancel keys and their forwarding.
-//! - `audit`: the JSON-lines audit log.
+//! - `audit`: the JSON-lines audit log; `sink`: the writer threads behind
+//!   it and the text log, so a stalled reader never blocks a session.
 //! - `ratelimit`: keyed token buckets (cancel requests, failed logins).
 //! - `config`: the one configuration model.
 //! - `localpg`, `devcerts`: a throwaway local PostgreSQL and a private CA,
@@ -30,6 +31,7 @@ pub mod ratelimit;
 pub mod relay;
 pub mod server;
 pub mod session;
+pub mod sink;
 pub mod stream;
 pub mod tls;
 pub mod upstream;

@@ -6,8 +6,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use pgbastion::config::{AuthMode, ClientTlsMode, Config, Flags};
+use pgbastion::config::{AuditOnFailure, AuthMode, ClientTlsMode, Config, Flags};
 use pgbastion::server::{self, Server};
+use pgbastion::sink::{Sink, SinkTarget};
 
 #[derive(Parser)]
 #[command(
@@ -19,7 +20,7 @@ use pgbastion::server::{self, Server};
                   certificate verification, and writes a JSON audit line for every session. With \
                   `--auth scram` (or auth = \"scram\" per upstream) it terminates SCRAM itself, channel-bound on \
                   both legs, so clients connect with their default settings.\n\n\
-                  Signals: SIGHUP re-reads secrets files (and the policy of --config); SIGTERM/SIGINT drain and stop.\n\n\
+                  Signals: SIGHUP reopens the audit file and re-reads secrets files (and the policy of --config); SIGTERM/SIGINT drain and stop.\n\n\
                   Logs go to stderr (level from RUST_LOG, default info); audit events go where `audit.log` says \
                   (stdout by default)."
 )]
@@ -103,6 +104,10 @@ struct RunArgs {
     /// Audit log: a file to append JSON lines to, or - for stdout (default).
     #[arg(long)]
     audit_log: Option<String>,
+    /// While audit events cannot be written: `continue` (default; dropped events are counted
+    /// and reported) or `refuse` (no new session is admitted until they can be written again).
+    #[arg(long, value_enum)]
+    audit_on_failure: Option<AuditOnFailureArg>,
     /// Maximum concurrent sessions (default 1000).
     #[arg(long)]
     max_sessions: Option<usize>,
@@ -126,6 +131,12 @@ struct RunArgs {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum AuditOnFailureArg {
+    Continue,
+    Refuse,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum AuthArg {
     Passthrough,
     Scram,
@@ -144,17 +155,25 @@ struct DemoArgs {
     port: u16,
 }
 
-fn init_logging(format: LogFormat) {
+/// Log lines waiting for stderr before new ones are dropped.
+const LOG_QUEUE_LINES: usize = 10_000;
+
+/// Logs go to stderr through a writer thread (`sink`), so a stalled reader
+/// of stderr never blocks a session; lines beyond the queue are dropped.
+fn init_logging(format: LogFormat) -> Result<Sink> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let stderr = Sink::spawn("log", SinkTarget::Stderr, LOG_QUEUE_LINES)
+        .context("starting the log writer")?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
+        .with_writer(stderr.clone());
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    Ok(stderr)
 }
 
 /// Completes on SIGTERM or SIGINT (Ctrl-C).
@@ -177,12 +196,15 @@ async fn shutdown_signal() {
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
-    match cli.command {
+    let log = init_logging(cli.log_format)?;
+    let result = match cli.command {
         Command::Run(args) => run(*args).await,
         Command::Demo(args) => demo(args).await,
         Command::CheckConfig { config } => check_config(config),
-    }
+    };
+    // The last log lines (why pgbastion stopped) must not be lost.
+    log.drain(std::time::Duration::from_secs(2));
+    result
 }
 
 fn load_run_config(args: RunArgs) -> Result<Config> {
@@ -208,6 +230,10 @@ fn load_run_config(args: RunArgs) -> Result<Config> {
             ClientTlsArg::Allow => ClientTlsMode::Allow,
         }),
         audit_log: args.audit_log,
+        audit_on_failure: args.audit_on_failure.map(|a| match a {
+            AuditOnFailureArg::Continue => AuditOnFailure::Continue,
+            AuditOnFailureArg::Refuse => AuditOnFailure::Refuse,
+        }),
         max_sessions: args.max_sessions,
         auth: args.auth.map(|a| match a {
             AuthArg::Passthrough => AuthMode::Passthrough,
@@ -237,8 +263,9 @@ async fn run(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
-/// SIGHUP re-reads the scram secrets files and, when pgbastion runs from a
-/// config file, the file's [[rule]]s. Anything that does not validate is
+/// SIGHUP reopens the audit file (for logrotate), re-reads the scram
+/// secrets files and, when pgbastion runs from a config file, the file's
+/// [[rule]]s. Anything that does not validate is
 /// refused with a log line and what is in use stays. Other sections
 /// (listeners, upstreams, TLS files) take a restart.
 async fn reload_on_sighup(path: Option<PathBuf>, handle: server::ReloadHandle) {
@@ -251,6 +278,8 @@ async fn reload_on_sighup(path: Option<PathBuf>, handle: server::ReloadHandle) {
         }
     };
     while hup.recv().await.is_some() {
+        handle.reopen_audit();
+        tracing::info!("audit log reopened");
         for (upstream, result) in handle.reload_secrets() {
             match result {
                 Ok(users) => tracing::info!(%upstream, users, "secrets file reloaded"),

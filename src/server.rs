@@ -103,6 +103,11 @@ impl ReloadHandle {
         *self.0.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policy);
     }
 
+    /// Reopens the audit file (after log rotation moved it).
+    pub fn reopen_audit(&self) {
+        self.0.audit.reopen();
+    }
+
     /// Re-reads every upstream's secrets file. A file that does not parse
     /// keeps its previous contents in use; the error says which.
     pub fn reload_secrets(&self) -> Vec<(String, Result<usize, crate::auth::source::SourceError>)> {
@@ -211,7 +216,8 @@ impl Server {
             .as_ref()
             .and_then(|t| tls::load_certs(&t.cert, "TLS certificate").ok())
             .and_then(|certs| certs.first().and_then(|c| tls_server_end_point(c)));
-        let audit = AuditLog::open(&config.audit).map_err(ServerError::Audit)?;
+        let audit =
+            AuditLog::open(&config.audit, config.audit_on_failure).map_err(ServerError::Audit)?;
         let mut listeners = Vec::new();
         for (l, acceptor) in config.listeners.iter().zip(acceptors) {
             let socket = match &l.bind {
@@ -327,6 +333,8 @@ impl Server {
         } else {
             info!("all sessions ended");
         }
+        // Blocking, but nothing else runs any more.
+        self.shared.audit.drain(Duration::from_secs(5));
     }
 }
 

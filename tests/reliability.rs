@@ -103,3 +103,133 @@ async fn sessions_ended_by_the_client_are_audited_as_client_closed() {
         wrong.len()
     );
 }
+
+/// One session through pgbastion at `port`: connect, `select 1`, close.
+async fn one_session(env: &Env, port: u16) -> Result<(), tokio_postgres::Error> {
+    let conninfo = format!(
+        "host=localhost port={port} user=postgres dbname=postgres password={} sslmode=require channel_binding=disable connect_timeout=10",
+        env.pg.password
+    );
+    let (client, conn) = tokio_postgres::connect(&conninfo, tls_connector(&env.proxy_ca)).await?;
+    let task = tokio::spawn(conn);
+    client.simple_query("select 1").await?;
+    drop(client);
+    let _ = task.await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_audit_and_log_reader_does_not_freeze_the_proxy() {
+    let env = Env::new();
+    let port = pgbastion::localpg::free_port().unwrap();
+    // stdout (the audit log) and stderr (the log, at debug level) go to
+    // pipes that nobody reads: both fill up after a few dozen sessions.
+    let _proc = Running(
+        flag_form(&env, port, &[])
+            .args(["--audit-log", "-"])
+            .env("RUST_LOG", "debug")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    wait_listening(port);
+    let all = async {
+        for i in 0..150 {
+            one_session(&env, port)
+                .await
+                .unwrap_or_else(|e| panic!("session {i}: {e}"));
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(120), all)
+        .await
+        .expect("150 sessions complete although nobody reads the audit log or the log");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_on_failure_refuse_admits_no_session_it_cannot_audit() {
+    let env = Env::new();
+    let port = pgbastion::localpg::free_port().unwrap();
+    let mut proc = Running(
+        flag_form(&env, port, &[])
+            .args(["--audit-log", "-", "--audit-on-failure", "refuse"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_listening(port);
+    // Sessions are admitted until the audit pipe is full and its writer
+    // stuck; then they are refused with a clear error.
+    let refused = wait_for_async("a refusal", Duration::from_secs(60), || async {
+        one_session(&env, port).await.err()
+    })
+    .await;
+    let db = refused.as_db_error().expect("an ErrorResponse");
+    assert_eq!(db.code().code(), "08004");
+    assert!(
+        db.message().contains("audit log cannot be written"),
+        "{}",
+        db.message()
+    );
+
+    // The reader catches up: sessions are admitted again.
+    let mut stdout = proc.0.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut sink = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut stdout, &mut sink);
+        sink
+    });
+    wait_for_async("admission again", Duration::from_secs(30), || async {
+        one_session(&env, port).await.ok()
+    })
+    .await;
+    drop(proc);
+    let audit = String::from_utf8(reader.join().unwrap()).unwrap();
+    assert!(audit.lines().count() > 10, "the queued events were written");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reopens_the_audit_file_for_log_rotation() {
+    let env = Env::new();
+    let port = pgbastion::localpg::free_port().unwrap();
+    let audit = env.dir.path().join("audit.jsonl");
+    let log = env.dir.path().join("stderr.log");
+    let proc = Running(
+        flag_form(&env, port, &[])
+            .arg("--audit-log")
+            .arg(&audit)
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    wait_listening(port);
+    let lines = |p: &std::path::Path| {
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("session.end"))
+            .count()
+    };
+    one_session(&env, port).await.unwrap();
+    wait_for("the first end event", Duration::from_secs(10), || {
+        (lines(&audit) == 1).then_some(())
+    });
+    // logrotate's way: move the file, then SIGHUP.
+    let rotated = env.dir.path().join("audit.jsonl.1");
+    std::fs::rename(&audit, &rotated).unwrap();
+    signal(proc.0.id(), "-HUP");
+    wait_for("the reopen", Duration::from_secs(10), || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("audit log reopened")
+            .then_some(())
+    });
+    one_session(&env, port).await.unwrap();
+    wait_for(
+        "the second end event in the new file",
+        Duration::from_secs(10),
+        || (lines(&audit) == 1).then_some(()),
+    );
+    assert_eq!(lines(&rotated), 1, "the old file keeps what it had");
+}

@@ -59,6 +59,8 @@ pub enum SessionError {
     Upstream(#[from] UpstreamError),
     #[error("sending the startup packet upstream failed: {0}")]
     UpstreamIo(io::Error),
+    #[error("the audit log cannot be written and audit.on_failure is \"refuse\"")]
+    AuditUnavailable,
     /// scram mode: pgbastion authenticating the client or itself.
     #[error(transparent)]
     Auth(#[from] AuthError),
@@ -98,6 +100,7 @@ impl SessionError {
                 | UpstreamError::Handshake { .. } => "upstream_tls_failed",
             },
             SessionError::UpstreamIo(_) => "upstream_io_error",
+            SessionError::AuditUnavailable => "audit_unavailable",
             SessionError::Auth(e) => e.reason(),
         }
     }
@@ -150,6 +153,11 @@ impl SessionError {
             .with_detail(format!("Decided by {rule}."))
             .with_hint("Connect as a database and user the policy allows you, or ask the administrator of pgbastion's policy."),
             SessionError::Upstream(e) => upstream_client_error(e),
+            SessionError::AuditUnavailable => ErrorResponse::new(
+                "08004",
+                "pgbastion is not accepting sessions: its audit log cannot be written",
+            )
+            .with_hint("pgbastion admits no session it cannot audit (audit.on_failure = \"refuse\"); try again shortly. Its administrator must check the audit log's destination."),
             SessionError::UpstreamIo(_) => ErrorResponse::new("08006", "the connection to the database server failed"),
             // Most likely a PostgreSQL client that reached pgbastion without
             // going through the load balancer: tell it.

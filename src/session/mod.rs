@@ -163,6 +163,10 @@ impl Session {
             protocol: startup.version.to_string(),
         });
 
+        if !self.shared.audit.accepting() {
+            return self.reject(&mut conn, SessionError::AuditUnavailable).await;
+        }
+
         // Who is this, and may they? Decided before any upstream is used.
         let identity = match self.identify(conn.peer_cert.as_deref()).await {
             Ok(identity) => identity,

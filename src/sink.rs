@@ -1,0 +1,294 @@
+//! Writing lines (audit events, log lines) off the session path: a thread
+//! per sink behind a bounded queue, so a slow or stalled reader (a pipe
+//! nobody drains, a full disk, a hung NFS mount) never blocks a runtime
+//! thread. Sessions only ever `try_write`; when the queue is full the line is
+//! dropped and counted, and the sink reports itself unhealthy so that the
+//! audit log's `on_failure = "refuse"` can stop admitting sessions.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A write that has not returned after this long means the sink is stuck.
+const STUCK_AFTER: Duration = Duration::from_secs(1);
+
+/// Where a sink's lines go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SinkTarget {
+    Stdout,
+    Stderr,
+    /// Appended to; reopened on `reopen` (log rotation).
+    File(PathBuf),
+}
+
+enum Msg {
+    Line(Vec<u8>),
+    Reopen,
+    /// Answered once everything queued before it is written.
+    Drain(std::sync::mpsc::Sender<()>),
+}
+
+struct State {
+    /// Lines queued and not yet written.
+    queued: AtomicUsize,
+    capacity: usize,
+    /// Lines dropped because the queue was full or the write failed.
+    dropped: AtomicU64,
+    /// The last write failed.
+    failing: AtomicBool,
+    /// Milliseconds since `epoch` when the write in progress began (0: none).
+    writing_since: AtomicU64,
+    epoch: Instant,
+}
+
+impl State {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+}
+
+/// A handle to one writer thread. Cloning shares the thread.
+#[derive(Clone)]
+pub struct Sink {
+    tx: SyncSender<Msg>,
+    state: Arc<State>,
+}
+
+impl Sink {
+    /// Opens the target (a file that cannot be opened is an error now, not
+    /// later) and starts the writer thread.
+    pub fn spawn(name: &str, target: SinkTarget, capacity: usize) -> io::Result<Sink> {
+        let out = open(&target)?;
+        let (tx, rx) = sync_channel(capacity);
+        let state = Arc::new(State {
+            queued: AtomicUsize::new(0),
+            capacity,
+            dropped: AtomicU64::new(0),
+            failing: AtomicBool::new(false),
+            writing_since: AtomicU64::new(0),
+            epoch: Instant::now(),
+        });
+        let thread_state = state.clone();
+        std::thread::Builder::new()
+            .name(format!("pgbastion-{name}"))
+            .spawn(move || write_loop(rx, out, target, thread_state))?;
+        Ok(Sink { tx, state })
+    }
+
+    /// Queues a line (which should end with '\n'). Never blocks: returns
+    /// false, and counts the line as dropped, when the queue is full.
+    pub fn try_write(&self, line: Vec<u8>) -> bool {
+        self.state.queued.fetch_add(1, Ordering::SeqCst);
+        match self.tx.try_send(Msg::Line(line)) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.state.queued.fetch_sub(1, Ordering::SeqCst);
+                self.state.dropped.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    /// Asks the writer to reopen a file target (after log rotation).
+    pub fn reopen(&self) {
+        // A full queue reopens after the lines ahead of it; try until then.
+        let _ = self.tx.try_send(Msg::Reopen);
+    }
+
+    /// Waits up to `limit` for every line queued so far to be written (at
+    /// exit, so the last audit events are not lost). Returns whether they
+    /// were.
+    pub fn drain(&self, limit: Duration) -> bool {
+        let start = Instant::now();
+        let (ack_tx, ack_rx) = std::sync::mpsc::channel();
+        let mut msg = Msg::Drain(ack_tx);
+        loop {
+            match self.tx.try_send(msg) {
+                Ok(()) => break,
+                Err(TrySendError::Full(m)) if start.elapsed() < limit => {
+                    msg = m;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(_) => return false,
+            }
+        }
+        ack_rx
+            .recv_timeout(limit.saturating_sub(start.elapsed()))
+            .is_ok()
+    }
+
+    /// Whether lines are being written: the last write succeeded, none is
+    /// stuck, and the queue has room.
+    pub fn healthy(&self) -> bool {
+        let s = &self.state;
+        let since = s.writing_since.load(Ordering::SeqCst);
+        let stuck = since != 0 && s.now_ms().saturating_sub(since) > STUCK_AFTER.as_millis() as u64;
+        !s.failing.load(Ordering::SeqCst) && !stuck && s.queued.load(Ordering::SeqCst) < s.capacity
+    }
+
+    /// Lines dropped so far.
+    pub fn dropped(&self) -> u64 {
+        self.state.dropped.load(Ordering::Relaxed)
+    }
+}
+
+fn open(target: &SinkTarget) -> io::Result<Box<dyn Write + Send>> {
+    Ok(match target {
+        SinkTarget::Stdout => Box::new(io::stdout()),
+        SinkTarget::Stderr => Box::new(io::stderr()),
+        SinkTarget::File(path) => Box::new(append(path)?),
+    })
+}
+
+fn append(path: &PathBuf) -> io::Result<File> {
+    OpenOptions::new().create(true).append(true).open(path)
+}
+
+fn write_loop(
+    rx: Receiver<Msg>,
+    mut out: Box<dyn Write + Send>,
+    target: SinkTarget,
+    state: Arc<State>,
+) {
+    while let Ok(msg) = rx.recv() {
+        match msg {
+            Msg::Line(line) => {
+                state.writing_since.store(state.now_ms(), Ordering::SeqCst);
+                let ok = out.write_all(&line).and_then(|()| out.flush()).is_ok();
+                state.writing_since.store(0, Ordering::SeqCst);
+                state.queued.fetch_sub(1, Ordering::SeqCst);
+                state.failing.store(!ok, Ordering::SeqCst);
+                if !ok {
+                    state.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Msg::Drain(ack) => {
+                let _ = ack.send(());
+            }
+            Msg::Reopen => {
+                if let SinkTarget::File(path) = &target {
+                    match append(path) {
+                        Ok(f) => out = Box::new(f),
+                        // Keep writing to the old file rather than lose lines.
+                        Err(_) => state.failing.store(true, Ordering::SeqCst),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `tracing_subscriber` writes each log line through one of these; the
+/// line goes to the sink when the writer is dropped.
+pub struct LineWriter {
+    sink: Sink,
+    buf: Vec<u8>,
+}
+
+impl Write for LineWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for LineWriter {
+    fn drop(&mut self) {
+        if !self.buf.is_empty() {
+            self.sink.try_write(std::mem::take(&mut self.buf));
+        }
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Sink {
+    type Writer = LineWriter;
+
+    fn make_writer(&'a self) -> LineWriter {
+        LineWriter {
+            sink: self.clone(),
+            buf: Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_lines_in_order_and_reopens() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.log");
+        let sink = Sink::spawn("test", SinkTarget::File(path.clone()), 16).unwrap();
+        for i in 0..10 {
+            assert!(sink.try_write(format!("line {i}\n").into_bytes()));
+        }
+        let wait = |p: &PathBuf, n: usize| {
+            let start = Instant::now();
+            loop {
+                let text = std::fs::read_to_string(p).unwrap_or_default();
+                if text.lines().count() == n {
+                    return text;
+                }
+                assert!(start.elapsed() < Duration::from_secs(10), "{text}");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        let text = wait(&path, 10);
+        assert!(text.starts_with("line 0\nline 1\n"));
+        let rotated = dir.path().join("out.log.1");
+        std::fs::rename(&path, &rotated).unwrap();
+        sink.reopen();
+        assert!(sink.try_write(b"after\n".to_vec()));
+        assert_eq!(wait(&path, 1), "after\n");
+        assert_eq!(wait(&rotated, 10).lines().count(), 10);
+        assert!(sink.healthy());
+        assert_eq!(sink.dropped(), 0);
+        for i in 0..5 {
+            sink.try_write(format!("more {i}\n").into_bytes());
+        }
+        assert!(sink.drain(Duration::from_secs(10)));
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 6);
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_reports_unhealthy() {
+        // A pipe nobody reads: the writer blocks on it once its buffer is
+        // full, and the queue fills up behind it.
+        let (reader, writer) = std::io::pipe().unwrap();
+        let (tx, rx) = sync_channel(4);
+        let state = Arc::new(State {
+            queued: AtomicUsize::new(0),
+            capacity: 4,
+            dropped: AtomicU64::new(0),
+            failing: AtomicBool::new(false),
+            writing_since: AtomicU64::new(0),
+            epoch: Instant::now(),
+        });
+        let s = state.clone();
+        std::thread::spawn(move || write_loop(rx, Box::new(writer), SinkTarget::Stdout, s));
+        let sink = Sink { tx, state };
+        let big = vec![b'x'; 64 * 1024];
+        let mut refused = 0;
+        let start = Instant::now();
+        while refused == 0 {
+            if !sink.try_write(big.clone()) {
+                refused += 1;
+            }
+            assert!(start.elapsed() < Duration::from_secs(10), "never filled up");
+        }
+        assert!(!sink.healthy());
+        assert!(sink.dropped() >= 1);
+        drop(reader);
+    }
+}
