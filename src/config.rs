@@ -314,7 +314,8 @@ pub struct Timeouts {
     /// to what it sent last is still relayed before the session ends.
     #[serde(with = "humantime_serde")]
     pub half_close: Duration,
-    /// After SIGTERM/SIGINT: how long open sessions may finish.
+    /// After SIGTERM/SIGINT: how long sessions busy in a transaction may
+    /// finish it (idle ones end at once).
     #[serde(with = "humantime_serde")]
     pub shutdown_drain: Duration,
 }

@@ -259,8 +259,28 @@ async fn run(args: RunArgs) -> Result<()> {
         tracing::info!(listener = %name, address = %addr, "bound");
     }
     tokio::spawn(reload_on_sighup(config_path, server.reload_handle()));
-    server.run(shutdown_signal()).await;
+    serve(server).await;
     Ok(())
+}
+
+/// Runs the server until SIGTERM/SIGINT, then drains; a second signal ends
+/// every remaining session at once (each still told and audited).
+async fn serve(server: Server) {
+    let handle = server.shutdown_handle();
+    let (first_tx, first_rx) = tokio::sync::oneshot::channel::<()>();
+    let signals = tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = first_tx.send(());
+        shutdown_signal().await;
+        tracing::warn!("second signal: ending every session now");
+        handle.now();
+    });
+    server
+        .run(async {
+            let _ = first_rx.await;
+        })
+        .await;
+    signals.abort();
 }
 
 /// SIGHUP reopens the audit file (for logrotate), re-reads the scram
@@ -433,7 +453,7 @@ mechanism and channel binding.
         proxy_ca = proxy_ca.display(),
         direct = pg.direct_conninfo("postgres"),
     );
-    server.run(shutdown_signal()).await;
+    serve(server).await;
     drop(pg);
     eprintln!(
         "demo stopped; PostgreSQL stopped and {} removed",

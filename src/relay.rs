@@ -58,6 +58,71 @@ pub fn is_close(e: &io::Error) -> bool {
 /// cleanly.
 const TERMINATE: [u8; 5] = [b'X', 0, 0, 0, 4];
 
+/// Where the process stands in shutting down, as every relay sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ShutdownPhase {
+    #[default]
+    Running,
+    /// SIGTERM: sessions idle between transactions end now; busy ones
+    /// when they become idle.
+    Draining,
+    /// The drain deadline, or a second SIGTERM: every session ends now.
+    Now,
+}
+
+/// Follows the server's messages as they stream past (headers only; the
+/// relay still just copies bytes), so pgbastion knows whether the session
+/// is idle between transactions and where a message of its own may go.
+#[derive(Debug, Default)]
+struct Framer {
+    header: [u8; 5],
+    /// Header bytes of the current message seen so far.
+    have: usize,
+    /// Body bytes of the current message still to come.
+    remaining: usize,
+    /// The last complete message was ReadyForQuery with status 'I'.
+    idle: bool,
+}
+
+impl Framer {
+    fn advance(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            if self.remaining == 0 {
+                let take = (5 - self.have).min(data.len());
+                self.header[self.have..self.have + take].copy_from_slice(&data[..take]);
+                self.have += take;
+                data = &data[take..];
+                if self.have < 5 {
+                    self.idle = false;
+                    return;
+                }
+                self.have = 0;
+                let len = u32::from_be_bytes([
+                    self.header[1],
+                    self.header[2],
+                    self.header[3],
+                    self.header[4],
+                ]);
+                self.remaining = usize::try_from(len).unwrap_or(usize::MAX).saturating_sub(4);
+                self.idle = false;
+            } else {
+                let take = self.remaining.min(data.len());
+                self.remaining -= take;
+                // ReadyForQuery's body is its one status byte.
+                if self.remaining == 0 && self.header[0] == b'Z' && take > 0 {
+                    self.idle = data[take - 1] == b'I';
+                }
+                data = &data[take..];
+            }
+        }
+    }
+
+    /// Between two messages: a message of pgbastion's own may go here.
+    fn at_boundary(&self) -> bool {
+        self.have == 0 && self.remaining == 0
+    }
+}
+
 /// Which side ended the relay, and how.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RelayEnd {
@@ -65,6 +130,8 @@ pub enum RelayEnd {
     ServerClosed,
     ClientError(String),
     ServerError(String),
+    /// pgbastion shut down (SIGTERM): the client was told.
+    Shutdown,
 }
 
 impl RelayEnd {
@@ -75,6 +142,7 @@ impl RelayEnd {
             RelayEnd::ServerClosed => "server_closed",
             RelayEnd::ClientError(_) => "client_error",
             RelayEnd::ServerError(_) => "server_error",
+            RelayEnd::Shutdown => "shutdown",
         }
     }
 }
@@ -102,6 +170,8 @@ struct Pipe {
     /// The last bytes read ended with a Terminate message (meaningful for
     /// the client's direction: a server closing after it was asked to).
     ends_with_terminate: bool,
+    /// The server's direction follows message boundaries.
+    framer: Option<Framer>,
 }
 
 enum PipeError {
@@ -119,7 +189,20 @@ impl Pipe {
             copied: 0,
             last_active: 0,
             ends_with_terminate: false,
+            framer: None,
         }
+    }
+
+    fn framed() -> Self {
+        Pipe {
+            framer: Some(Framer::default()),
+            ..Pipe::new()
+        }
+    }
+
+    /// Everything read has been written and it ended between messages.
+    fn at_boundary(&self) -> bool {
+        self.pos >= self.pending.len() && self.framer.as_ref().is_some_and(Framer::at_boundary)
     }
 
     /// Writes `data` until the writer would block; returns how much it took.
@@ -188,6 +271,9 @@ impl Pipe {
                     *clock += 1;
                     self.last_active = *clock;
                     self.ends_with_terminate = data.ends_with(&TERMINATE);
+                    if let Some(f) = &mut self.framer {
+                        f.advance(data);
+                    }
                     let taken = self.write_some(cx, &mut w, data)?;
                     if taken < data.len() {
                         self.pending = data[taken..].to_vec();
@@ -244,48 +330,97 @@ fn client_half_closed(res: &Result<(), PipeError>) -> bool {
     }
 }
 
+/// What one wake-up of the relay decided.
+enum Step {
+    /// A side ended: the server's result, or the client's.
+    Server(Result<(), PipeError>),
+    Client(Result<(), PipeError>),
+    /// Shutting down and the session is idle: end it now.
+    Idle,
+}
+
 /// Copies both ways until the session is over (see the module doc), then
 /// shuts both sides down. `half_close` bounds how long the server's reply
-/// is awaited after the client has closed its sending side.
+/// is awaited after the client has closed its sending side. `shutdown`
+/// ends the session when pgbastion stops: at once if it is idle between
+/// transactions, else once it is or when told `Now`; the client is then
+/// sent FATAL 57P01, like PostgreSQL's own shutdown.
 pub async fn relay<C, S>(
     client: &mut C,
     server: &mut S,
     half_close: Duration,
+    shutdown: &mut tokio::sync::watch::Receiver<ShutdownPhase>,
 ) -> (RelayEnd, ByteCounts)
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     S: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
     let mut up = Pipe::new();
-    let mut down = Pipe::new();
+    let mut down = Pipe::framed();
     let mut clock = 0u64;
-    let first = poll_fn(|cx| {
-        let down_done = down.poll_copy(
-            cx,
-            &mut clock,
-            Pin::new(&mut *server),
-            Pin::new(&mut *client),
-        );
-        let up_done = up.poll_copy(
-            cx,
-            &mut clock,
-            Pin::new(&mut *client),
-            Pin::new(&mut *server),
-        );
-        match (down_done, up_done) {
-            (Poll::Pending, Poll::Pending) => Poll::Pending,
-            (Poll::Ready(d), Poll::Pending) => Poll::Ready((Some(d), None)),
-            (Poll::Pending, Poll::Ready(u)) => Poll::Ready((None, Some(u))),
-            // Both ended in one wake-up: the side that spoke last caused it
-            // (a client's Terminate, or the server's FATAL).
-            (Poll::Ready(d), Poll::Ready(u)) => Poll::Ready(if down.last_active > up.last_active {
-                (Some(d), None)
-            } else {
-                (None, Some(u))
-            }),
+    let mut watching = true;
+    let step = loop {
+        let phase = *shutdown.borrow_and_update();
+        if phase == ShutdownPhase::Now {
+            break Step::Idle;
         }
-    })
-    .await;
+        let draining = phase == ShutdownPhase::Draining;
+        let copy = poll_fn(|cx| {
+            let down_done = down.poll_copy(
+                cx,
+                &mut clock,
+                Pin::new(&mut *server),
+                Pin::new(&mut *client),
+            );
+            let up_done = up.poll_copy(
+                cx,
+                &mut clock,
+                Pin::new(&mut *client),
+                Pin::new(&mut *server),
+            );
+            match (down_done, up_done) {
+                (Poll::Pending, Poll::Pending) => {
+                    // Idle: the server's last word was ReadyForQuery (not in
+                    // a transaction) and the client has said nothing since.
+                    let idle = down.at_boundary()
+                        && down.framer.as_ref().is_some_and(|f| f.idle)
+                        && up.last_active <= down.last_active
+                        && up.pos >= up.pending.len();
+                    if draining && idle {
+                        Poll::Ready(Step::Idle)
+                    } else {
+                        Poll::Pending
+                    }
+                }
+                (Poll::Ready(d), Poll::Pending) => Poll::Ready(Step::Server(d)),
+                (Poll::Pending, Poll::Ready(u)) => Poll::Ready(Step::Client(u)),
+                // Both ended in one wake-up: the side that spoke last caused
+                // it (a client's Terminate, or the server's FATAL).
+                (Poll::Ready(d), Poll::Ready(u)) => {
+                    Poll::Ready(if down.last_active > up.last_active {
+                        Step::Server(d)
+                    } else {
+                        Step::Client(u)
+                    })
+                }
+            }
+        });
+        if !watching {
+            break copy.await;
+        }
+        tokio::select! {
+            step = copy => break step,
+            changed = shutdown.changed() => {
+                // No sender any more: nobody will shut this relay down.
+                watching = changed.is_ok();
+            }
+        }
+    };
+    let first = match step {
+        Step::Server(d) => (Some(d), None),
+        Step::Client(u) => (None, Some(u)),
+        Step::Idle => (None, None),
+    };
     let end = match first {
         (Some(d), _) => {
             // The server closed. After the client's Terminate that is the
@@ -324,7 +459,24 @@ where
             }
         }
         (_, Some(u)) => client_side_end(u),
-        (None, None) => RelayEnd::ClientClosed,
+        (None, None) => {
+            // Shutdown. A message may only go between two of the server's;
+            // an idle session's server gets a Terminate for a clean end.
+            let idle =
+                down.framer.as_ref().is_some_and(|f| f.idle) && up.last_active <= down.last_active;
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
+                if down.at_boundary() {
+                    let _ = client.write_all(&shutdown_error()).await;
+                    let _ = client.flush().await;
+                }
+                if idle {
+                    let _ = server.write_all(&TERMINATE).await;
+                    let _ = server.flush().await;
+                }
+            })
+            .await;
+            RelayEnd::Shutdown
+        }
     };
     // Whoever ended, both sides are told now; a peer that does not take the
     // close_notify within the grace period is dropped anyway.
@@ -340,17 +492,146 @@ where
     (end, counts)
 }
 
+/// What a client is told when pgbastion shuts its session down: what
+/// PostgreSQL says on its own shutdown, so clients treat it the same way.
+fn shutdown_error() -> Vec<u8> {
+    crate::protocol::message::ErrorResponse::new(
+        "57P01",
+        "terminating connection because pgbastion is shutting down",
+    )
+    .encode()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use tokio::io::{duplex, AsyncReadExt};
+    use tokio::sync::watch;
+
+    /// A shutdown signal that never fires.
+    fn running() -> watch::Receiver<ShutdownPhase> {
+        let (tx, rx) = watch::channel(ShutdownPhase::Running);
+        std::mem::forget(tx);
+        rx
+    }
+
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        crate::protocol::message::build(tag, body)
+    }
+
+    #[test]
+    fn framer_follows_messages_across_chunks() {
+        let mut stream = msg(b'D', b"row data");
+        stream.extend(msg(b'C', b"SELECT 1\0"));
+        stream.extend(msg(b'Z', b"I"));
+        for split in 0..stream.len() {
+            let mut f = Framer::default();
+            f.advance(&stream[..split]);
+            f.advance(&stream[split..]);
+            assert!(f.at_boundary() && f.idle, "split at {split}");
+        }
+        let mut f = Framer::default();
+        f.advance(&msg(b'Z', b"T"));
+        assert!(f.at_boundary() && !f.idle, "in a transaction is not idle");
+        f.advance(&msg(b'Z', b"I")[..3]);
+        assert!(!f.at_boundary() && !f.idle);
+    }
+
+    #[tokio::test]
+    async fn shutdown_ends_an_idle_session_at_once_and_a_busy_one_when_idle() {
+        let (mut client_far, mut client_near) = duplex(1024);
+        let (mut server_near, mut server_far) = duplex(1024);
+        let (tx, mut rx) = watch::channel(ShutdownPhase::Running);
+        let task = tokio::spawn(async move {
+            relay(
+                &mut client_near,
+                &mut server_near,
+                Duration::from_secs(5),
+                &mut rx,
+            )
+            .await
+        });
+        // Busy: the client asked something the server has not answered.
+        server_far.write_all(&msg(b'Z', b"I")).await.unwrap();
+        let mut rfq = [0u8; 6];
+        client_far.read_exact(&mut rfq).await.unwrap();
+        client_far
+            .write_all(&msg(b'Q', b"select 1\0"))
+            .await
+            .unwrap();
+        let mut q = [0u8; 14];
+        server_far.read_exact(&mut q).await.unwrap();
+        tx.send_replace(ShutdownPhase::Draining);
+        // The answer completes the transaction: now the session ends.
+        let mut answer = msg(b'C', b"SELECT 1\0");
+        answer.extend(msg(b'Z', b"I"));
+        server_far.write_all(&answer).await.unwrap();
+        let (end, _) = tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("ends once idle")
+            .unwrap();
+        assert_eq!(end, RelayEnd::Shutdown);
+        let mut got = Vec::new();
+        client_far.read_to_end(&mut got).await.unwrap();
+        assert!(got.starts_with(&answer), "the answer first");
+        let fields =
+            crate::protocol::message::ErrorFields::parse(&got[answer.len() + 5..]).unwrap();
+        assert_eq!(fields.code, "57P01");
+        let mut to_server = Vec::new();
+        server_far.read_to_end(&mut to_server).await.unwrap();
+        assert_eq!(to_server, TERMINATE, "a clean end for the server");
+    }
+
+    #[tokio::test]
+    async fn shutdown_now_ends_a_busy_session() {
+        let (mut client_far, mut client_near) = duplex(1024);
+        let (mut server_near, mut server_far) = duplex(1024);
+        let (tx, mut rx) = watch::channel(ShutdownPhase::Running);
+        let task = tokio::spawn(async move {
+            relay(
+                &mut client_near,
+                &mut server_near,
+                Duration::from_secs(5),
+                &mut rx,
+            )
+            .await
+        });
+        client_far
+            .write_all(&msg(b'Q', b"select pg_sleep(60)\0"))
+            .await
+            .unwrap();
+        let mut q = [0u8; 25];
+        server_far.read_exact(&mut q).await.unwrap();
+        tx.send_replace(ShutdownPhase::Draining);
+        tx.send_replace(ShutdownPhase::Now);
+        let (end, _) = tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("ends at once")
+            .unwrap();
+        assert_eq!(end, RelayEnd::Shutdown);
+        let mut got = Vec::new();
+        client_far.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got[0], b'E');
+        let mut to_server = Vec::new();
+        server_far.read_to_end(&mut to_server).await.unwrap();
+        assert!(
+            to_server.is_empty(),
+            "no Terminate in the middle of a query"
+        );
+    }
 
     #[tokio::test]
     async fn copies_both_ways_and_ends_when_one_side_closes() {
         let (mut client_far, mut client_near) = duplex(1024);
         let (mut server_near, mut server_far) = duplex(1024);
         let task = tokio::spawn(async move {
-            relay(&mut client_near, &mut server_near, Duration::from_secs(5)).await
+            relay(
+                &mut client_near,
+                &mut server_near,
+                Duration::from_secs(5),
+                &mut running(),
+            )
+            .await
         });
 
         client_far.write_all(b"query").await.unwrap();
@@ -385,7 +666,13 @@ mod tests {
         let (mut client_far, mut client_near) = duplex(1024);
         let (mut server_near, mut server_far) = duplex(1024);
         let task = tokio::spawn(async move {
-            relay(&mut client_near, &mut server_near, Duration::from_secs(5)).await
+            relay(
+                &mut client_near,
+                &mut server_near,
+                Duration::from_secs(5),
+                &mut running(),
+            )
+            .await
         });
         client_far.write_all(b"query").await.unwrap();
         client_far.shutdown().await.unwrap();
@@ -413,6 +700,7 @@ mod tests {
                 &mut client_near,
                 &mut server_near,
                 Duration::from_millis(200),
+                &mut running(),
             )
             .await
         });
@@ -434,7 +722,13 @@ mod tests {
         let (mut client_far, mut client_near) = duplex(1024);
         let (mut server_near, mut server_far) = duplex(1024);
         let task = tokio::spawn(async move {
-            relay(&mut client_near, &mut server_near, Duration::from_secs(5)).await
+            relay(
+                &mut client_near,
+                &mut server_near,
+                Duration::from_secs(5),
+                &mut running(),
+            )
+            .await
         });
         // The client sends Terminate but its FIN has not arrived yet when
         // the server, having read the Terminate, closes.
@@ -452,7 +746,13 @@ mod tests {
         let (mut client_far, mut client_near) = duplex(4096);
         let (mut server_near, mut server_far) = duplex(4096);
         let task = tokio::spawn(async move {
-            relay(&mut client_near, &mut server_near, Duration::from_secs(5)).await
+            relay(
+                &mut client_near,
+                &mut server_near,
+                Duration::from_secs(5),
+                &mut running(),
+            )
+            .await
         });
         let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
         let expected = data.clone();

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -30,6 +30,7 @@ use crate::config::{
 };
 use crate::identity::tailscale::WhoIsClient;
 use crate::policy::Policy;
+use crate::relay::ShutdownPhase;
 use crate::stream::BoxedIo;
 use crate::tls::{self, TlsConfigError};
 use crate::upstream::Upstream;
@@ -78,6 +79,8 @@ pub(crate) struct Shared {
     pub application_name: Option<String>,
     /// scram mode: failed logins per address and per user.
     pub login_throttle: LoginThrottle,
+    /// Where shutting down stands; every relaying session watches it.
+    pub shutdown: watch::Sender<ShutdownPhase>,
     /// `tls-server-end-point` data of pgbastion's own certificate: what a
     /// TLS client binds to with SCRAM-SHA-256-PLUS (None: no certificate,
     /// or one whose signature algorithm defines no binding).
@@ -119,6 +122,17 @@ impl ReloadHandle {
                 Some((u.config.name.clone(), result))
             })
             .collect()
+    }
+}
+
+/// Ends every session now (a second SIGTERM during the drain): each is
+/// told 57P01 and audited with `end_reason = "shutdown"`.
+#[derive(Clone)]
+pub struct ShutdownHandle(Arc<Shared>);
+
+impl ShutdownHandle {
+    pub fn now(&self) {
+        self.0.shutdown.send_replace(ShutdownPhase::Now);
     }
 }
 
@@ -200,6 +214,9 @@ fn prepare_tls(config: &Config) -> Result<PreparedTls, ServerError> {
     Ok((acceptors, upstreams))
 }
 
+/// After the drain, how long sessions have to write their last words.
+const FINAL_GRACE: Duration = Duration::from_secs(3);
+
 pub struct Server {
     shared: Arc<Shared>,
     listeners: Vec<Listener>,
@@ -264,12 +281,18 @@ impl Server {
                 }),
                 application_name: config.application_name.clone(),
                 login_throttle: LoginThrottle::new(&config.limits),
+                shutdown: watch::Sender::new(ShutdownPhase::Running),
                 client_binding,
             }),
             listeners,
             pending: Arc::new(Semaphore::new(config.limits.max_pending)),
             drain: config.timeouts.shutdown_drain,
         })
+    }
+
+    /// A handle to end every session at once while draining.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle(self.shared.clone())
     }
 
     /// A handle to reload the policy and secrets while the server runs.
@@ -292,8 +315,9 @@ impl Server {
             .collect()
     }
 
-    /// Accepts until `shutdown` completes, then stops accepting and waits
-    /// up to the drain timeout for open sessions to end.
+    /// Accepts until `shutdown` completes, then stops accepting, ends idle
+    /// sessions at once and lets busy ones finish for up to the drain
+    /// timeout (or until `ShutdownHandle::now`), then ends the rest.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let stop = CancellationToken::new();
         let sessions = TaskTracker::new();
@@ -322,17 +346,38 @@ impl Server {
             let _ = std::fs::remove_file(p);
         }
         sessions.close();
-        if tokio::time::timeout(self.drain, sessions.wait())
-            .await
-            .is_err()
-        {
+        // Idle sessions end now (57P01); busy ones as soon as they are
+        // idle, or at the drain deadline, or at a second signal.
+        self.shared.shutdown.send_if_modified(|p| {
+            std::mem::replace(p, ShutdownPhase::Draining) == ShutdownPhase::Running
+        });
+        let mut phase = self.shared.shutdown.subscribe();
+        let now_requested = async {
+            let _ = phase.wait_for(|p| *p == ShutdownPhase::Now).await;
+        };
+        tokio::select! {
+            _ = tokio::time::timeout(self.drain, sessions.wait()) => {}
+            _ = now_requested => {}
+        }
+        if !sessions.is_empty() {
             warn!(
                 remaining = sessions.len(),
-                "drain timeout reached; closing the remaining sessions"
+                "ending the remaining sessions now"
             );
-        } else {
-            info!("all sessions ended");
+            self.shared.shutdown.send_replace(ShutdownPhase::Now);
+            // Sessions in the relay end at once; this bounds the rest
+            // (those still authenticating have deadlines of their own).
+            if tokio::time::timeout(FINAL_GRACE, sessions.wait())
+                .await
+                .is_err()
+            {
+                warn!(
+                    remaining = sessions.len(),
+                    "sessions still authenticating are dropped"
+                );
+            }
         }
+        info!("all sessions ended");
         // Blocking, but nothing else runs any more.
         self.shared.audit.drain(Duration::from_secs(5));
     }

@@ -29,15 +29,28 @@ async fn flag_form_serves_and_sigterm_drains() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out), "flags work");
 
-    // An open session, then SIGTERM.
-    let conn = format!(
-        "host=localhost port={port} user=postgres password={} dbname=postgres sslmode=require channel_binding=disable",
-        env.pg.password
-    );
-    let (client, task) = tokio_postgres::connect(&conn, tls_connector(&env.proxy_ca))
+    // An idle session and a busy one, then SIGTERM.
+    let conn = |app: &str| {
+        format!(
+            "host=localhost port={port} user=postgres password={} dbname=postgres sslmode=require channel_binding=disable application_name={app}",
+            env.pg.password
+        )
+    };
+    let (idle, idle_task) = tokio_postgres::connect(&conn("idle"), tls_connector(&env.proxy_ca))
         .await
         .unwrap();
-    tokio::spawn(task);
+    let idle_task = tokio::spawn(idle_task);
+    idle.simple_query("select 1").await.unwrap();
+    let (busy, busy_task) = tokio_postgres::connect(&conn("busy"), tls_connector(&env.proxy_ca))
+        .await
+        .unwrap();
+    tokio::spawn(busy_task);
+    let busy_query = tokio::spawn(async move {
+        let row = busy.query_one("select 5 from pg_sleep(1.5)", &[]).await;
+        (busy, row)
+    });
+    let direct = env.direct_client().await;
+    wait_active(&direct, "busy").await;
     signal(proc.0.id(), "-TERM");
     // New connections are refused once the listener closes...
     wait_for_async("the listener to close", Duration::from_secs(10), || async {
@@ -47,43 +60,69 @@ async fn flag_form_serves_and_sigterm_drains() {
             .then_some(())
     })
     .await;
-    // ...while the open session keeps working.
-    let v: i32 = client.query_one("select 5", &[]).await.unwrap().get(0);
+    // ...the idle session is ended at once, told why...
+    let idle_end = tokio::time::timeout(Duration::from_secs(5), idle_task)
+        .await
+        .expect("the idle session ends at once")
+        .unwrap();
+    let e = idle_end.expect_err("ended by pgbastion");
+    assert_eq!(sqlstate(&e).as_deref(), Some("57P01"), "{e}");
+    assert!(
+        proc.0.try_wait().unwrap().is_none(),
+        "still draining the busy one"
+    );
+    // ...and the busy one finishes its transaction first.
+    let (busy, row) = busy_query.await.unwrap();
+    let v: i32 = row.expect("the busy query completes").get(0);
     assert_eq!(v, 5);
-    assert!(proc.0.try_wait().unwrap().is_none(), "still draining");
-    // Once it ends, the process exits cleanly.
-    drop(client);
+    drop(busy);
     let status = wait_for("pgbastion to exit", Duration::from_secs(10), || {
         proc.0.try_wait().unwrap()
     });
     assert!(status.success(), "{status}");
 
-    let events = std::fs::read_to_string(&audit).unwrap();
-    assert_eq!(
-        events
-            .lines()
-            .filter(|l| l.contains("\"session.end\""))
-            .count(),
-        2
-    );
+    let events: Vec<serde_json::Value> = std::fs::read_to_string(&audit)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|e: &serde_json::Value| e["event"] == "session.end")
+        .collect();
+    assert_eq!(events.len(), 3, "psql's, and the two sessions'");
+    for app in ["idle", "busy"] {
+        let end = events
+            .iter()
+            .find(|e| e["requested"]["application_name"] == app)
+            .unwrap_or_else(|| panic!("no end event for {app}"));
+        assert_eq!(end["end_reason"], "shutdown", "{end}");
+    }
 }
 
-#[test]
-fn drain_deadline_ends_lingering_sessions() {
-    let env = Env::new();
+/// pgbastion from a config file with a given drain, and a psql session
+/// busy with `pg_sleep(30)` through it.
+fn busy_session_and_pgbastion(
+    env: &Env,
+    drain: &str,
+) -> (
+    Running,
+    Running,
+    std::path::PathBuf,
+    std::path::PathBuf,
+    std::net::SocketAddr,
+) {
     let port = pgbastion::localpg::free_port().unwrap();
     let config = env.dir.path().join("drain.toml");
+    let audit = env.dir.path().join("a.jsonl");
     std::fs::write(
         &config,
         format!(
-            "{}\n[[listener]]\nlisten = \"127.0.0.1:{port}\"\n{}\n[timeouts]\nshutdown_drain = \"1s\"\n[audit]\nlog = \"{}\"\n",
+            "{}\n[[listener]]\nlisten = \"127.0.0.1:{port}\"\n{}\n[timeouts]\nshutdown_drain = \"{drain}\"\n[audit]\nlog = \"{}\"\n",
             env.tls_toml(),
             env.upstream_toml(),
-            env.dir.path().join("a.jsonl").display()
+            audit.display()
         ),
     )
     .unwrap();
-    let mut proc = Running(
+    let proc = Running(
         Command::new(BIN)
             .arg("run")
             .arg("--config")
@@ -93,25 +132,47 @@ fn drain_deadline_ends_lingering_sessions() {
             .unwrap(),
     );
     let addr = wait_listening(port);
-    // An idle psql session that would stay forever.
-    let mut psql = Running(
+    let psql_err = env.dir.path().join("psql.err");
+    let psql = Running(
         Command::new("psql")
             .args([
                 "-X",
                 "-d",
-                &env.via_proxy(addr, "channel_binding=disable application_name=idle"),
+                &env.via_proxy(addr, "channel_binding=disable application_name=busy"),
+                "-c",
+                "select pg_sleep(30)",
             ])
             .env("PGPASSWORD", &env.pg.password)
-            .stdin(Stdio::piped())
             .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&psql_err).unwrap())
             .spawn()
             .unwrap(),
     );
-    wait_for("the session to start", Duration::from_secs(10), || {
-        std::fs::read_to_string(env.dir.path().join("a.jsonl"))
+    (proc, psql, audit, psql_err, addr)
+}
+
+fn assert_ended_by_shutdown(audit: &std::path::Path, psql_err: &std::path::Path) {
+    let end = std::fs::read_to_string(audit)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|e| e["event"] == "session.end")
+        .expect("an end event");
+    assert_eq!(end["end_reason"], "shutdown", "{end}");
+    let told = wait_for("psql to report", Duration::from_secs(10), || {
+        std::fs::read_to_string(psql_err)
             .ok()
-            .filter(|s| s.contains("session.start"))
+            .filter(|t| t.contains("pgbastion is shutting down"))
     });
+    assert!(told.contains("FATAL"), "{told}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_deadline_ends_busy_sessions_with_an_error() {
+    let env = Env::new();
+    let (mut proc, _psql, audit, psql_err, _) = busy_session_and_pgbastion(&env, "1s");
+    let direct = env.direct_client().await;
+    wait_active(&direct, "busy").await;
     signal(proc.0.id(), "-INT");
     let status = wait_for(
         "pgbastion to exit after the drain deadline",
@@ -119,8 +180,28 @@ fn drain_deadline_ends_lingering_sessions() {
         || proc.0.try_wait().unwrap(),
     );
     assert!(status.success());
-    // psql sees its connection close.
-    let _ = psql.0.kill();
+    assert_ended_by_shutdown(&audit, &psql_err);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_ends_everything_at_once() {
+    let env = Env::new();
+    let (mut proc, _psql, audit, psql_err, addr) = busy_session_and_pgbastion(&env, "60s");
+    let direct = env.direct_client().await;
+    wait_active(&direct, "busy").await;
+    signal(proc.0.id(), "-TERM");
+    // Draining: the busy session may run for up to a minute...
+    wait_for("the listener to close", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(addr).err().map(|_| ())
+    });
+    assert!(proc.0.try_wait().unwrap().is_none());
+    // ...unless told again.
+    signal(proc.0.id(), "-TERM");
+    let status = wait_for("pgbastion to exit at once", Duration::from_secs(8), || {
+        proc.0.try_wait().unwrap()
+    });
+    assert!(status.success());
+    assert_ended_by_shutdown(&audit, &psql_err);
 }
 
 #[test]

@@ -307,7 +307,9 @@ impl Session {
                 // idle session should hold as little memory as possible.
                 auth.client_buf = Vec::new();
                 auth.server_buf = Vec::new();
-                let (end, counts) = relay::relay(&mut *conn.io, &mut up.stream, t.half_close).await;
+                let mut shutdown = self.shared.shutdown.subscribe();
+                let (end, counts) =
+                    relay::relay(&mut *conn.io, &mut up.stream, t.half_close, &mut shutdown).await;
                 let detail = match &end {
                     relay::RelayEnd::ClientError(d) | relay::RelayEnd::ServerError(d) => {
                         Some(d.clone())
