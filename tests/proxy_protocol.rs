@@ -266,3 +266,48 @@ async fn bad_headers_and_sources_are_refused_and_serving_goes_on() {
     assert_eq!(ok["client"]["port"], 5555);
     assert_eq!(ok["proxy"]["version"], 1);
 }
+
+/// The real binary's log: after a PROXY header, the session's log lines
+/// name the client the header states, not the balancer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_lines_name_the_client_from_the_proxy_header() {
+    let env = Env::new();
+    let port = pgbastion::localpg::free_port().unwrap();
+    let config = env.dir.path().join("pp.toml");
+    let log = env.dir.path().join("stderr.log");
+    std::fs::write(
+        &config,
+        format!(
+            "{}\n[[listener]]\nlisten = \"127.0.0.1:{port}\"\nproxy_protocol = \"required\"\n\
+             proxy_trusted = [\"127.0.0.0/8\"]\n{}\n[audit]\nlog = \"off\"\n",
+            env.tls_toml(),
+            env.upstream_toml()
+        ),
+    )
+    .unwrap();
+    let _proc = Running(
+        std::process::Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&config)
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let addr = wait_listening(port);
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"PROXY TCP4 203.0.113.7 127.0.0.1 40000 6432\r\n")
+        .await
+        .unwrap();
+    // Then a packet that is no Postgres packet at all: refused, logged.
+    s.write_all(&[0, 0, 0, 8, 0, 0, 0, 0]).await.unwrap();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest).await;
+    let line = wait_for("the refusal in the log", Duration::from_secs(10), || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.contains("session refused"))
+            .map(str::to_owned)
+    });
+    assert!(line.contains("203.0.113.7"), "{line}");
+}

@@ -450,7 +450,9 @@ fn same_family(s: SocketAddr, d: SocketAddr) -> (SocketAddr, SocketAddr) {
 }
 
 /// Builds a v2 PROXY header with the given TLVs (type, value), and a
-/// CRC32C over the whole header so the receiver can check it.
+/// CRC32C over the whole header so the receiver can check it. The header's
+/// length field is 16 bits: a TLV that would take it past 65535 bytes is
+/// left out whole (never cut, which would corrupt it or the header).
 pub fn encode_v2(
     src: Option<SocketAddr>,
     dst: Option<SocketAddr>,
@@ -484,8 +486,12 @@ pub fn encode_v2(
         _ => 0x00,
     };
     let mut body = addr;
+    // Room for the CRC32C TLV (3 + 4 bytes) is kept at the end.
+    const CRC_TLV: usize = 7;
     for (t, v) in tlvs {
-        push_tlv(&mut body, *t, v);
+        if body.len() + 3 + v.len() + CRC_TLV <= usize::from(u16::MAX) {
+            push_tlv(&mut body, *t, v);
+        }
     }
     let crc_at = 16 + body.len() + 3;
     push_tlv(&mut body, tlv::CRC32C, &[0; 4]);
@@ -558,6 +564,29 @@ pub fn crc32c(data: &[u8]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn oversized_tlvs_are_left_out_whole() {
+        let src: SocketAddr = "10.0.0.1:5000".parse().unwrap();
+        let dst: SocketAddr = "10.0.0.2:6432".parse().unwrap();
+        let huge = vec![b'x'; 70_000];
+        let big = vec![b'y'; 40_000];
+        let header = encode_v2(
+            Some(src),
+            Some(dst),
+            &[
+                (tlv::UNIQUE_ID, b"session".to_vec()),
+                (tlv::PGBASTION_IDENTITY, huge),
+                (0xE5, big.clone()),
+                (0xE6, big),
+            ],
+        );
+        let (parsed, len) = parse(&header).unwrap().unwrap();
+        assert_eq!(len, header.len(), "a well-formed header, CRC included");
+        assert!(header.len() <= 16 + usize::from(u16::MAX));
+        assert_eq!(parsed.source(), Some(src));
+        assert_eq!(parsed.tlvs.unique_id.as_deref(), Some("session"));
+    }
     use proptest::prelude::*;
 
     fn sa(s: &str) -> SocketAddr {

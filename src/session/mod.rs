@@ -513,7 +513,9 @@ impl Session {
             if let Addresses::Tcp { dst, .. } = header.addresses {
                 self.local = Some(dst);
             }
-            debug!(client = %self.facts.client, %via, "client address from PROXY header");
+            // Every later log line of the session names the real client.
+            tracing::Span::current().record("client", tracing::field::display(&self.facts.client));
+            debug!(%via, "client address from PROXY header");
         }
         self.facts.proxy = Some(ProxyFacts {
             via,
