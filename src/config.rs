@@ -252,10 +252,14 @@ pub enum AuditOnFailure {
 pub struct Limits {
     /// Sessions past the startup packet; one more gets SQLSTATE 53300.
     pub max_sessions: usize,
-    /// Connections still negotiating (before their StartupMessage); past
-    /// this, new connections are closed at once so a flood of idle sockets
-    /// cannot starve real clients.
+    /// Connections still negotiating (before their StartupMessage), per
+    /// listener; past this, new connections are closed at once so a flood
+    /// of idle sockets cannot starve real clients (nor other listeners).
     pub max_pending: usize,
+    /// The same, per client address across listeners, so one address
+    /// cannot take every slot (not applied behind a PROXY-protocol
+    /// balancer, where every connection comes from the balancer).
+    pub max_pending_per_address: usize,
     /// Cancel requests per second allowed from one client address.
     pub cancel_rate: f64,
     /// How many cancel requests one address may send in a burst.
@@ -277,6 +281,7 @@ impl Default for Limits {
         Limits {
             max_sessions: 1000,
             max_pending: 256,
+            max_pending_per_address: 64,
             cancel_rate: 5.0,
             cancel_burst: 20.0,
             failed_logins_per_address: 10,
@@ -655,9 +660,12 @@ impl RawConfig {
                 )));
             }
         }
-        if self.limits.max_sessions == 0 || self.limits.max_pending == 0 {
+        if self.limits.max_sessions == 0
+            || self.limits.max_pending == 0
+            || self.limits.max_pending_per_address == 0
+        {
             return Err(invalid(
-                "limits.max_sessions and limits.max_pending must be at least 1",
+                "limits.max_sessions, max_pending and max_pending_per_address must be at least 1",
             ));
         }
         if self.limits.failed_logins_per_address == 0

@@ -5,15 +5,17 @@
 //! pgbastion stops before it accepts anyone. `Server::run` then accepts until
 //! told to stop, and drains open sessions with a deadline.
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::net::IpAddr;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use thiserror::Error;
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -158,6 +160,7 @@ enum Socket {
 struct Listener {
     info: Arc<ListenerInfo>,
     socket: Socket,
+    pending: PendingSlots,
 }
 
 /// Validates a config completely (reading every certificate, key and CA
@@ -214,13 +217,91 @@ fn prepare_tls(config: &Config) -> Result<PreparedTls, ServerError> {
     Ok((acceptors, upstreams))
 }
 
+/// Negotiating connections per client address, shared by every listener.
+type AddressCounts = Arc<Mutex<HashMap<IpAddr, usize>>>;
+
+/// Connections still negotiating (before their StartupMessage): a share
+/// per listener, so a flood on one listener cannot lock out another (the
+/// Unix socket, say), and a cap per client address across listeners, so
+/// one address cannot take every slot.
+pub(crate) struct PendingSlots {
+    per_listener: Arc<Semaphore>,
+    per_address: AddressCounts,
+    max_per_address: usize,
+}
+
+/// One negotiating connection's slot, given back when dropped.
+pub(crate) struct PendingPermit {
+    _listener: OwnedSemaphorePermit,
+    address: Option<(IpAddr, AddressCounts)>,
+}
+
+impl Drop for PendingPermit {
+    fn drop(&mut self) {
+        if let Some((ip, map)) = &self.address {
+            let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(n) = map.get_mut(ip) {
+                *n -= 1;
+                if *n == 0 {
+                    map.remove(ip);
+                }
+            }
+        }
+    }
+}
+
+/// Why a connection got no pending slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PendingRefusal {
+    Listener,
+    Address,
+}
+
+impl PendingSlots {
+    fn new(
+        max_per_listener: usize,
+        max_per_address: usize,
+        per_address: &Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ) -> Self {
+        PendingSlots {
+            per_listener: Arc::new(Semaphore::new(max_per_listener)),
+            per_address: per_address.clone(),
+            max_per_address,
+        }
+    }
+
+    fn try_acquire(&self, ip: Option<IpAddr>) -> Result<PendingPermit, PendingRefusal> {
+        let listener = self
+            .per_listener
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| PendingRefusal::Listener)?;
+        let address = match ip {
+            Some(ip) => {
+                let mut map = self.per_address.lock().unwrap_or_else(|p| p.into_inner());
+                let n = map.entry(ip).or_insert(0);
+                if *n >= self.max_per_address {
+                    return Err(PendingRefusal::Address);
+                }
+                *n += 1;
+                Some((ip, self.per_address.clone()))
+            }
+            // Unix-socket clients: the socket's permissions decide.
+            None => None,
+        };
+        Ok(PendingPermit {
+            _listener: listener,
+            address,
+        })
+    }
+}
+
 /// After the drain, how long sessions have to write their last words.
 const FINAL_GRACE: Duration = Duration::from_secs(3);
 
 pub struct Server {
     shared: Arc<Shared>,
     listeners: Vec<Listener>,
-    pending: Arc<Semaphore>,
     drain: Duration,
 }
 
@@ -236,6 +317,8 @@ impl Server {
         let audit =
             AuditLog::open(&config.audit, config.audit_on_failure).map_err(ServerError::Audit)?;
         let mut listeners = Vec::new();
+        // One count per client address, across every listener.
+        let per_address = Arc::new(Mutex::new(HashMap::new()));
         for (l, acceptor) in config.listeners.iter().zip(acceptors) {
             let socket = match &l.bind {
                 BindAddress::Tcp(addr) => {
@@ -263,6 +346,11 @@ impl Server {
                     upstream: l.upstream,
                 }),
                 socket,
+                pending: PendingSlots::new(
+                    config.limits.max_pending,
+                    config.limits.max_pending_per_address,
+                    &per_address,
+                ),
             });
         }
         Ok(Server {
@@ -285,7 +373,6 @@ impl Server {
                 client_binding,
             }),
             listeners,
-            pending: Arc::new(Semaphore::new(config.limits.max_pending)),
             drain: config.timeouts.shutdown_drain,
         })
     }
@@ -331,7 +418,6 @@ impl Server {
             loops.push(tokio::spawn(accept_loop(
                 l,
                 self.shared.clone(),
-                self.pending.clone(),
                 sessions.clone(),
                 stop.clone(),
             )));
@@ -405,7 +491,6 @@ async fn bind_unix(name: &str, path: &Path) -> Result<UnixListener, ServerError>
 async fn accept_loop(
     l: Listener,
     shared: Arc<Shared>,
-    pending: Arc<Semaphore>,
     sessions: TaskTracker,
     stop: CancellationToken,
 ) {
@@ -425,9 +510,22 @@ async fn accept_loop(
             }
         };
         let client = peer.map_or_else(ClientAddress::unix, ClientAddress::tcp);
-        let Ok(permit) = pending.clone().try_acquire_owned() else {
-            warn!(listener = %l.info.name, %client, "too many connections still negotiating; closing");
-            continue;
+        // Behind a PROXY-protocol balancer every connection comes from the
+        // balancer: only the listener's share applies there.
+        let ip = match l.info.proxy_protocol {
+            ProxyProtocol::Required => None,
+            ProxyProtocol::Off => peer.map(|p| p.ip()),
+        };
+        let permit = match l.pending.try_acquire(ip) {
+            Ok(p) => p,
+            Err(why) => {
+                let limit = match why {
+                    PendingRefusal::Listener => "limits.max_pending",
+                    PendingRefusal::Address => "limits.max_pending_per_address",
+                };
+                warn!(listener = %l.info.name, %client, limit, "too many connections still negotiating; closing");
+                continue;
+            }
         };
         debug!(listener = %l.info.name, %client, "accepted");
         sessions.spawn(crate::session::handle(

@@ -233,3 +233,50 @@ async fn sighup_reopens_the_audit_file_for_log_rotation() {
     );
     assert_eq!(lines(&rotated), 1, "the old file keeps what it had");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_take_every_negotiating_slot() {
+    let env = Env::new();
+    let sock_dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start_toml(&format!(
+        "{}\n[[listener]]\nname = \"tcp\"\nlisten = \"127.0.0.1:0\"\nclient_tls = \"allow\"\n\
+         [[listener]]\nname = \"unix\"\nunix_dir = \"{}\"\nport = 7788\n{}\n\
+         [limits]\nmax_pending = 8\nmax_pending_per_address = 4\n\
+         [timeouts]\nclient_startup = \"60s\"\nshutdown_drain = \"1s\"\n",
+        env.tls_toml(),
+        sock_dir.path().display(),
+        env.upstream_toml()
+    ));
+    let addr = proxy.addr();
+    // Twelve idle sockets from one address: four hold a slot, the rest are
+    // closed at once.
+    let mut idle = Vec::new();
+    for _ in 0..12 {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        idle.push(sock.connect(addr).await.unwrap());
+    }
+    let mut closed = 0;
+    for s in &mut idle {
+        let mut b = [0u8; 1];
+        if let Ok(Ok(0)) = tokio::time::timeout(Duration::from_millis(500), s.read(&mut b)).await {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 8, "all but max_pending_per_address are turned away");
+    // Another address, and the Unix socket, still get in.
+    let pw = env.pg.password.as_str();
+    let client = connect_from(addr, "127.0.0.3", "postgres", "postgres", pw, "other")
+        .await
+        .expect("another address is served");
+    client.simple_query("select 1").await.unwrap();
+    let out = env.psql(
+        &format!(
+            "host={} port=7788 user=postgres dbname=postgres",
+            sock_dir.path().display()
+        ),
+        "select 'unix'",
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    drop(idle);
+}

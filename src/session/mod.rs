@@ -26,7 +26,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::io::AsyncWriteExt;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::timeout_at;
 use tracing::{debug, error, info, warn, Instrument};
 
@@ -49,7 +48,7 @@ use crate::protocol::message::{AuthRequest, ErrorFields};
 use crate::protocol::proxy::{self, Addresses, SslInfo};
 use crate::protocol::startup::{CancelKey, StartupMessage};
 use crate::relay::{self, ByteCounts};
-use crate::server::{ListenerInfo, Shared};
+use crate::server::{ListenerInfo, PendingPermit, Shared};
 use crate::stream::BoxedIo;
 use crate::upstream::{Upstream, UpstreamConn};
 
@@ -86,7 +85,7 @@ pub(crate) async fn handle(
     local: Option<std::net::SocketAddr>,
     listener: Arc<ListenerInfo>,
     shared: Arc<Shared>,
-    pending: OwnedSemaphorePermit,
+    pending: PendingPermit,
 ) {
     let client = peer.map_or_else(ClientAddress::unix, ClientAddress::tcp);
     let id = new_session_id();
@@ -129,7 +128,7 @@ impl Session {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    async fn run(mut self, io: BoxedIo, pending: OwnedSemaphorePermit) {
+    async fn run(mut self, io: BoxedIo, pending: PendingPermit) {
         let mut conn = ClientConn {
             io,
             buf: Vec::new(),
