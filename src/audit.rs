@@ -185,6 +185,15 @@ pub enum Event<'a> {
         #[serde(skip_serializing_if = "Option::is_none")]
         detail: Option<String>,
     },
+    /// Events held back because strangers caused too many of one kind
+    /// (see `warn_limit`): how many, of which kind, in the last window.
+    #[serde(rename = "events.suppressed")]
+    Suppressed {
+        /// The `reason` (rejections) or `outcome` (cancels) held back.
+        kind: &'a str,
+        count: u64,
+        window_s: u64,
+    },
     #[serde(rename = "session.rejected")]
     Rejected {
         #[serde(flatten)]

@@ -11,7 +11,8 @@
 //! - `cancel`: pgbastion's own cancel keys and their forwarding.
 //! - `audit`: the JSON-lines audit log; `sink`: the writer threads behind
 //!   it and the text log, so a stalled reader never blocks a session.
-//! - `ratelimit`: keyed token buckets (cancel requests, failed logins).
+//! - `ratelimit`: keyed token buckets (cancel requests, failed logins);
+//!   `warn_limit`: log and audit lines caused by strangers, summarised.
 //! - `config`: the one configuration model.
 //! - `localpg`, `devcerts`: a throwaway local PostgreSQL and a private CA,
 //!   for `pgbastion demo` and the tests.
@@ -35,3 +36,4 @@ pub mod sink;
 pub mod stream;
 pub mod tls;
 pub mod upstream;
+pub mod warn_limit;

@@ -36,6 +36,7 @@ use crate::relay::ShutdownPhase;
 use crate::stream::BoxedIo;
 use crate::tls::{self, TlsConfigError};
 use crate::upstream::Upstream;
+use crate::warn_limit::{self, WarnLimiter};
 
 #[derive(Debug, Error)]
 pub enum ServerError {
@@ -81,6 +82,10 @@ pub(crate) struct Shared {
     pub application_name: Option<String>,
     /// scram mode: failed logins per address and per user.
     pub login_throttle: LoginThrottle,
+    /// Log lines and audit events caused by strangers, summarised past a
+    /// few per kind and window.
+    pub warn_limit: WarnLimiter,
+    pub audit_limit: WarnLimiter,
     /// Where shutting down stands; every relaying session watches it.
     pub shutdown: watch::Sender<ShutdownPhase>,
     /// `tls-server-end-point` data of pgbastion's own certificate: what a
@@ -296,6 +301,36 @@ impl PendingSlots {
     }
 }
 
+/// Log lines of one kind caused by strangers, per `warn_limit::WINDOW`.
+const WARN_LINES_PER_WINDOW: u32 = 10;
+/// Audit events of one kind for connections that never named a user (and
+/// unmatched or refused cancels), per window.
+const AUDIT_EVENTS_PER_WINDOW: u32 = 100;
+
+/// Writes what the limiters held back, once per window.
+async fn summarise(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(warn_limit::WINDOW);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        for (kind, count) in shared.warn_limit.take_summaries() {
+            warn!(
+                kind,
+                count,
+                "{count} more like the above ({kind}) in the last {} s, not logged one by one",
+                warn_limit::WINDOW.as_secs()
+            );
+        }
+        for (kind, count) in shared.audit_limit.take_summaries() {
+            shared.audit.emit(&crate::audit::Event::Suppressed {
+                kind,
+                count,
+                window_s: warn_limit::WINDOW.as_secs(),
+            });
+        }
+    }
+}
+
 /// After the drain, how long sessions have to write their last words.
 const FINAL_GRACE: Duration = Duration::from_secs(3);
 
@@ -370,6 +405,8 @@ impl Server {
                 application_name: config.application_name.clone(),
                 login_throttle: LoginThrottle::new(&config.limits),
                 shutdown: watch::Sender::new(ShutdownPhase::Running),
+                warn_limit: WarnLimiter::new(WARN_LINES_PER_WINDOW),
+                audit_limit: WarnLimiter::new(AUDIT_EVENTS_PER_WINDOW),
                 client_binding,
             }),
             listeners,
@@ -422,6 +459,7 @@ impl Server {
                 stop.clone(),
             )));
         }
+        let summaries = tokio::spawn(summarise(self.shared.clone()));
         shutdown.await;
         info!("shutting down: no new connections; draining open sessions");
         stop.cancel();
@@ -464,6 +502,20 @@ impl Server {
             }
         }
         info!("all sessions ended");
+        summaries.abort();
+        for (kind, count) in self.shared.warn_limit.take_summaries() {
+            warn!(
+                kind,
+                count, "{count} more like the above ({kind}), not logged one by one"
+            );
+        }
+        for (kind, count) in self.shared.audit_limit.take_summaries() {
+            self.shared.audit.emit(&crate::audit::Event::Suppressed {
+                kind,
+                count,
+                window_s: warn_limit::WINDOW.as_secs(),
+            });
+        }
         // Blocking, but nothing else runs any more.
         self.shared.audit.drain(Duration::from_secs(5));
     }
@@ -523,7 +575,9 @@ async fn accept_loop(
                     PendingRefusal::Listener => "limits.max_pending",
                     PendingRefusal::Address => "limits.max_pending_per_address",
                 };
-                warn!(listener = %l.info.name, %client, limit, "too many connections still negotiating; closing");
+                if shared.warn_limit.allow(limit) {
+                    warn!(listener = %l.info.name, %client, limit, "too many connections still negotiating; closing");
+                }
                 continue;
             }
         };

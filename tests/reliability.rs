@@ -280,3 +280,68 @@ async fn one_address_cannot_take_every_negotiating_slot() {
     assert!(out.status.success(), "{}", stderr(&out));
     drop(idle);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_bad_connections_is_summarised_not_logged_line_by_line() {
+    let env = Env::new();
+    let port = pgbastion::localpg::free_port().unwrap();
+    let audit = env.dir.path().join("audit.jsonl");
+    let log = env.dir.path().join("stderr.log");
+    let _proc = Running(
+        flag_form(&env, port, &[])
+            .arg("--audit-log")
+            .arg(&audit)
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let addr = wait_listening(port);
+    const N: usize = 300;
+    for _ in 0..N {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // No Postgres packet: an unknown request code.
+        s.write_all(&[0, 0, 0, 8, 0, 0, 0, 1]).await.unwrap();
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest).await;
+    }
+    // After the window, one summary line per kind.
+    let text = wait_for("the summary", Duration::from_secs(25), || {
+        std::fs::read_to_string(&log)
+            .ok()
+            .filter(|t| t.contains("more like the above (bad_startup_packet)"))
+    });
+    let refused = text
+        .lines()
+        .filter(|l| l.contains("session refused"))
+        .count();
+    assert!(refused <= 10, "{refused} lines, not {N}");
+    let events: Vec<serde_json::Value> =
+        wait_for("the audit summary", Duration::from_secs(10), || {
+            let events: Vec<serde_json::Value> = std::fs::read_to_string(&audit)
+                .unwrap_or_default()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+            events
+                .iter()
+                .any(|e| e["event"] == "events.suppressed")
+                .then_some(events)
+        });
+    let rejected = events
+        .iter()
+        .filter(|e| e["event"] == "session.rejected")
+        .count();
+    let summary = events
+        .iter()
+        .find(|e| e["event"] == "events.suppressed")
+        .unwrap();
+    assert_eq!(summary["kind"], "bad_startup_packet");
+    assert_eq!(
+        rejected as u64 + summary["count"].as_u64().unwrap(),
+        N as u64,
+        "every refusal is accounted for: {rejected} audited one by one, the rest counted"
+    );
+    assert!(rejected <= 100, "{rejected}");
+    // A session of a real client is logged and audited as ever.
+    one_session(&env, port).await.unwrap();
+}

@@ -674,13 +674,20 @@ impl Session {
         let target_id = target
             .as_ref()
             .map_or("unmatched", |t| t.session_id.as_str());
-        info!(target = target_id, outcome, "cancel request");
-        self.shared.audit.emit(&Event::Cancel {
-            facts: &self.facts,
-            target_session_id: target_id,
-            outcome,
-            detail,
-        });
+        // A forwarded cancel is always logged and audited; the rest
+        // (unknown keys, rate limits) is what a stranger can flood.
+        let forwarded = outcome == "forwarded";
+        if forwarded || self.shared.warn_limit.allow(outcome) {
+            info!(target = target_id, outcome, "cancel request");
+        }
+        if forwarded || self.shared.audit_limit.allow(outcome) {
+            self.shared.audit.emit(&Event::Cancel {
+                facts: &self.facts,
+                target_session_id: target_id,
+                outcome,
+                detail,
+            });
+        }
     }
 
     /// Refuses a session before any upstream was used: tells the client
@@ -704,7 +711,15 @@ impl Session {
             conn.send_error(bytes).await;
         }
         let sqlstate = response.as_deref().and_then(sqlstate_of);
-        warn!(reason = err.reason(), "session refused: {err}");
+        if self.shared.warn_limit.allow(err.reason()) {
+            warn!(reason = err.reason(), "session refused: {err}");
+        }
+        // Refusals before a StartupMessage name no user: a flood of them is
+        // summarised in the audit log too. Every refusal of a session that
+        // asked for a user and database is audited.
+        if self.facts.requested.is_none() && !self.shared.audit_limit.allow(err.reason()) {
+            return;
+        }
         self.shared.audit.emit(&Event::Rejected {
             facts: &self.facts,
             reason: err.reason(),
