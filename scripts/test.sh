@@ -4,8 +4,8 @@
 # Installs what the tests need when it is missing (PostgreSQL server and
 # client, HAProxy, PgBouncer and OpenSSL from Debian packages, psycopg from
 # PyPI), then
-# checks formatting and lints, runs every test, and smoke-runs the benchmark
-# harness. The tests start real PostgreSQL servers; a missing part makes them
+# checks formatting and lints, runs every test, smoke-runs the benchmark
+# harness, and runs every fuzz target briefly (installing cargo-fuzz). The tests start real PostgreSQL servers; a missing part makes them
 # fail, never skip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -58,3 +58,7 @@ target/debug/examples/bench --quick --output "$smoke" >/dev/null
 grep -q "pgbench -S, 8 client(s): TPS" "$smoke"
 rm -f "$smoke"
 echo "benchmark harness smoke run: ok"
+
+# Every fuzz target for a short, bounded time (the long run is
+# `bash scripts/fuzz.sh 600`; see the README).
+bash scripts/fuzz.sh 10
