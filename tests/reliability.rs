@@ -345,3 +345,28 @@ async fn a_flood_of_bad_connections_is_summarised_not_logged_line_by_line() {
     // A session of a real client is logged and audited as ever.
     one_session(&env, port).await.unwrap();
 }
+
+/// An unauthenticated client cannot make pgbastion buffer more than
+/// PostgreSQL's own limit for an authentication message (64 KiB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_authentication_message_is_refused_before_it_is_buffered() {
+    let env = Env::new();
+    let proxy = env.proxy("require", "");
+    let mut tls = ssl_request_then_tls(raw(proxy.addr()).await, &env.certs).await;
+    let startup = StartupMessage::new(
+        ProtocolVersion { major: 3, minor: 0 },
+        vec![("user".into(), "postgres".into())],
+    );
+    tls.write_all(startup.as_bytes()).await.unwrap();
+    let (t, _) = read_message(&mut tls).await.unwrap();
+    assert_eq!(t, b'R', "the server's SASL offer");
+    // A SASL message claiming 100 kB, whose body never comes.
+    let mut header = vec![b'p'];
+    header.extend_from_slice(&100_000u32.to_be_bytes());
+    tls.write_all(&header).await.unwrap();
+    let (code, msg) = tokio::time::timeout(Duration::from_secs(5), read_error(&mut tls))
+        .await
+        .expect("refused at once, not buffered");
+    assert_eq!(code, "08P01");
+    assert!(msg.contains("exceeds the limit of 65540 bytes"), "{msg}");
+}

@@ -21,9 +21,17 @@ use crate::cancel::{CancelRegistry, CancelTarget, Registration};
 use crate::protocol::message::{self, tag, AuthRequest, ErrorFields, ErrorResponse, MessageError};
 use crate::relay::{self, ByteCounts};
 
-/// The largest message accepted in either direction while authenticating
-/// (GSSAPI tokens are the largest legitimate ones).
-const MAX_AUTH_MESSAGE: usize = 1 << 20;
+/// The largest message accepted from a client while it authenticates:
+/// PostgreSQL's own limit for authentication messages (GSSAPI and SSPI
+/// tokens, the largest legitimate ones, are at most 65535 bytes), plus the
+/// tag and length. This bounds what an unauthenticated client can make
+/// pgbastion buffer.
+const MAX_CLIENT_AUTH_MESSAGE: usize = 65_535 + 5;
+
+/// The largest message accepted from the (verified) server before
+/// ReadyForQuery: ParameterStatus, notices and errors are small, but a
+/// server's GSSAPI token or a long notice may be larger than a client's.
+const MAX_SERVER_AUTH_MESSAGE: usize = 1 << 20;
 
 /// How an authentication phase (StartupMessage to ReadyForQuery) ended
 /// other than with ReadyForQuery.
@@ -212,12 +220,11 @@ impl AuthPhase {
     /// messages that may go to the server.
     fn scan_client(&mut self) -> Result<usize, AuthEnd> {
         let mut at = 0;
-        while let Some((t, len)) = message::frame(&self.client_buf[at..], MAX_AUTH_MESSAGE)
+        while let Some((t, len)) = message::frame(&self.client_buf[at..], MAX_CLIENT_AUTH_MESSAGE)
             .map_err(|error| AuthEnd::Protocol {
-                side: "client",
-                error,
-            })?
-        {
+            side: "client",
+            error,
+        })? {
             if t == tag::PASSWORD && self.expect_sasl_initial {
                 self.expect_sasl_initial = false;
                 let body = &self.client_buf[at + 5..at + len];
@@ -240,12 +247,11 @@ impl AuthPhase {
     /// messages, and whether the last of them is ReadyForQuery.
     fn scan_server(&mut self) -> Result<(usize, bool), AuthEnd> {
         let mut at = 0;
-        while let Some((t, len)) = message::frame(&self.server_buf[at..], MAX_AUTH_MESSAGE)
+        while let Some((t, len)) = message::frame(&self.server_buf[at..], MAX_SERVER_AUTH_MESSAGE)
             .map_err(|error| AuthEnd::Protocol {
-                side: "server",
-                error,
-            })?
-        {
+            side: "server",
+            error,
+        })? {
             let body = &self.server_buf[at + 5..at + len];
             let start = at;
             at += len;
