@@ -515,6 +515,28 @@ mod tests {
         rx
     }
 
+    type Far = tokio::io::DuplexStream;
+
+    /// A relay between two in-memory pipes; returns the client's far end,
+    /// the server's far end, and the relay's task.
+    fn spawn_relay(
+        half_close: Duration,
+        mut shutdown: watch::Receiver<ShutdownPhase>,
+    ) -> (Far, Far, tokio::task::JoinHandle<(RelayEnd, ByteCounts)>) {
+        let (client_far, mut client_near) = duplex(1024);
+        let (mut server_near, server_far) = duplex(1024);
+        let task = tokio::spawn(async move {
+            relay(
+                &mut client_near,
+                &mut server_near,
+                half_close,
+                &mut shutdown,
+            )
+            .await
+        });
+        (client_far, server_far, task)
+    }
+
     fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
         crate::protocol::message::build(tag, body)
     }
@@ -539,18 +561,8 @@ mod tests {
 
     #[tokio::test]
     async fn shutdown_ends_an_idle_session_at_once_and_a_busy_one_when_idle() {
-        let (mut client_far, mut client_near) = duplex(1024);
-        let (mut server_near, mut server_far) = duplex(1024);
-        let (tx, mut rx) = watch::channel(ShutdownPhase::Running);
-        let task = tokio::spawn(async move {
-            relay(
-                &mut client_near,
-                &mut server_near,
-                Duration::from_secs(5),
-                &mut rx,
-            )
-            .await
-        });
+        let (tx, rx) = watch::channel(ShutdownPhase::Running);
+        let (mut client_far, mut server_far, task) = spawn_relay(Duration::from_secs(5), rx);
         // Busy: the client asked something the server has not answered.
         server_far.write_all(&msg(b'Z', b"I")).await.unwrap();
         let mut rfq = [0u8; 6];
@@ -584,18 +596,8 @@ mod tests {
 
     #[tokio::test]
     async fn shutdown_now_ends_a_busy_session() {
-        let (mut client_far, mut client_near) = duplex(1024);
-        let (mut server_near, mut server_far) = duplex(1024);
-        let (tx, mut rx) = watch::channel(ShutdownPhase::Running);
-        let task = tokio::spawn(async move {
-            relay(
-                &mut client_near,
-                &mut server_near,
-                Duration::from_secs(5),
-                &mut rx,
-            )
-            .await
-        });
+        let (tx, rx) = watch::channel(ShutdownPhase::Running);
+        let (mut client_far, mut server_far, task) = spawn_relay(Duration::from_secs(5), rx);
         client_far
             .write_all(&msg(b'Q', b"select pg_sleep(60)\0"))
             .await
@@ -622,17 +624,7 @@ mod tests {
 
     #[tokio::test]
     async fn copies_both_ways_and_ends_when_one_side_closes() {
-        let (mut client_far, mut client_near) = duplex(1024);
-        let (mut server_near, mut server_far) = duplex(1024);
-        let task = tokio::spawn(async move {
-            relay(
-                &mut client_near,
-                &mut server_near,
-                Duration::from_secs(5),
-                &mut running(),
-            )
-            .await
-        });
+        let (mut client_far, mut server_far, task) = spawn_relay(Duration::from_secs(5), running());
 
         client_far.write_all(b"query").await.unwrap();
         let mut got = [0u8; 5];
@@ -663,17 +655,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_half_closed_client_still_gets_the_reply() {
-        let (mut client_far, mut client_near) = duplex(1024);
-        let (mut server_near, mut server_far) = duplex(1024);
-        let task = tokio::spawn(async move {
-            relay(
-                &mut client_near,
-                &mut server_near,
-                Duration::from_secs(5),
-                &mut running(),
-            )
-            .await
-        });
+        let (mut client_far, mut server_far, task) = spawn_relay(Duration::from_secs(5), running());
         client_far.write_all(b"query").await.unwrap();
         client_far.shutdown().await.unwrap();
         // The server gets the query, then the client's EOF...
@@ -693,17 +675,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_half_closed_session_ends_at_the_deadline() {
-        let (mut client_far, mut client_near) = duplex(1024);
-        let (mut server_near, mut server_far) = duplex(1024);
-        let task = tokio::spawn(async move {
-            relay(
-                &mut client_near,
-                &mut server_near,
-                Duration::from_millis(200),
-                &mut running(),
-            )
-            .await
-        });
+        let (mut client_far, mut server_far, task) =
+            spawn_relay(Duration::from_millis(200), running());
         client_far.shutdown().await.unwrap();
         // The server never answers nor closes: the relay ends anyway.
         let (end, _) = tokio::time::timeout(Duration::from_secs(5), task)
@@ -719,17 +692,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_server_closing_after_terminate_is_the_client_ending() {
-        let (mut client_far, mut client_near) = duplex(1024);
-        let (mut server_near, mut server_far) = duplex(1024);
-        let task = tokio::spawn(async move {
-            relay(
-                &mut client_near,
-                &mut server_near,
-                Duration::from_secs(5),
-                &mut running(),
-            )
-            .await
-        });
+        let (mut client_far, mut server_far, task) = spawn_relay(Duration::from_secs(5), running());
         // The client sends Terminate but its FIN has not arrived yet when
         // the server, having read the Terminate, closes.
         client_far.write_all(&TERMINATE).await.unwrap();
@@ -743,17 +706,7 @@ mod tests {
 
     #[tokio::test]
     async fn large_transfer_is_complete() {
-        let (mut client_far, mut client_near) = duplex(4096);
-        let (mut server_near, mut server_far) = duplex(4096);
-        let task = tokio::spawn(async move {
-            relay(
-                &mut client_near,
-                &mut server_near,
-                Duration::from_secs(5),
-                &mut running(),
-            )
-            .await
-        });
+        let (mut client_far, mut server_far, task) = spawn_relay(Duration::from_secs(5), running());
         let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
         let expected = data.clone();
         let writer = tokio::spawn(async move {

@@ -104,6 +104,25 @@ async fn sessions_ended_by_the_client_are_audited_as_client_closed() {
     );
 }
 
+/// The pgbastion binary on `port` (flag form), its audit log in a file and
+/// its log on stderr in another; returns the process and both paths.
+fn binary_with_audit_file(
+    env: &Env,
+    port: u16,
+) -> (Running, std::path::PathBuf, std::path::PathBuf) {
+    let audit = env.dir.path().join("audit.jsonl");
+    let log = env.dir.path().join("stderr.log");
+    let proc = Running(
+        flag_form(env, port, &[])
+            .arg("--audit-log")
+            .arg(&audit)
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    (proc, audit, log)
+}
+
 /// One session through pgbastion at `port`: connect, `select 1`, close.
 async fn one_session(env: &Env, port: u16) -> Result<(), tokio_postgres::Error> {
     let conninfo = format!(
@@ -193,16 +212,7 @@ async fn audit_on_failure_refuse_admits_no_session_it_cannot_audit() {
 async fn sighup_reopens_the_audit_file_for_log_rotation() {
     let env = Env::new();
     let port = pgbastion::localpg::free_port().unwrap();
-    let audit = env.dir.path().join("audit.jsonl");
-    let log = env.dir.path().join("stderr.log");
-    let proc = Running(
-        flag_form(&env, port, &[])
-            .arg("--audit-log")
-            .arg(&audit)
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
+    let (proc, audit, log) = binary_with_audit_file(&env, port);
     wait_listening(port);
     let lines = |p: &std::path::Path| {
         std::fs::read_to_string(p)
@@ -285,16 +295,7 @@ async fn one_address_cannot_take_every_negotiating_slot() {
 async fn a_flood_of_bad_connections_is_summarised_not_logged_line_by_line() {
     let env = Env::new();
     let port = pgbastion::localpg::free_port().unwrap();
-    let audit = env.dir.path().join("audit.jsonl");
-    let log = env.dir.path().join("stderr.log");
-    let _proc = Running(
-        flag_form(&env, port, &[])
-            .arg("--audit-log")
-            .arg(&audit)
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
+    let (_proc, audit, log) = binary_with_audit_file(&env, port);
     let addr = wait_listening(port);
     const N: usize = 300;
     for _ in 0..N {
