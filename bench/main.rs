@@ -54,6 +54,12 @@ struct Args {
     /// pgbastion's own default.
     #[arg(long)]
     workers: Option<usize>,
+    /// Instead of the benchmark: a soak of this many minutes. Steady load
+    /// through pgbastion plus reconnect churn through pgbastion (scram),
+    /// RSS and open files of both sampled every 30 s, PostgreSQL stopped
+    /// with SIGSTOP for 20 s a third of the way in; fails on growth.
+    #[arg(long)]
+    soak: Option<u64>,
 }
 
 /// What is measured through.
@@ -115,8 +121,10 @@ fn main() -> Result<()> {
     }
     eprintln!("setting up PostgreSQL, pgbastion, PgBouncer and HAProxy...");
     let bench = Bench::setup(&args)?;
-    let results = bench.run(&args)?;
-    let report = report(&args, &results)?;
+    let (report, soak_failed) = match args.soak {
+        Some(minutes) => bench.soak(minutes, &args.label)?,
+        None => (report(&args, &bench.run(&args)?)?, false),
+    };
     print!("{report}");
     {
         use std::io::Write;
@@ -128,7 +136,37 @@ fn main() -> Result<()> {
         writeln!(f, "\n{report}")?;
     }
     eprintln!("written to {}", args.output.display());
+    if soak_failed {
+        bail!("the soak found growth (see the report)");
+    }
     Ok(())
+}
+
+/// Open file descriptors of a process.
+fn open_fds(pid: u32) -> Result<usize> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
+}
+
+/// A process and its children (PostgreSQL's postmaster and backends).
+fn with_children(pid: u32) -> Vec<u32> {
+    let mut out = vec![pid];
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for e in entries.flatten() {
+            let Some(child) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            let ppid = std::fs::read_to_string(format!("/proc/{child}/stat"))
+                .ok()
+                .and_then(|st| {
+                    let rest = st.get(st.rfind(')')? + 2..)?.to_owned();
+                    rest.split(' ').nth(1)?.parse::<u32>().ok()
+                });
+            if ppid == Some(pid) {
+                out.push(child);
+            }
+        }
+    }
+    out
 }
 
 fn which(tool: &str) -> Option<PathBuf> {
@@ -327,6 +365,185 @@ impl Bench {
             pids,
             _procs: procs,
         })
+    }
+
+    /// The soak (see `Args::soak`). Returns the report and whether it
+    /// found growth.
+    fn soak(&self, minutes: u64, label: &str) -> Result<(String, bool)> {
+        use std::fmt::Write;
+        let secs = (minutes * 60).max(90);
+        let spawn = |target: Target, extra: &[&str], log: &Path, secs: u64| -> Result<Proc> {
+            Ok(Proc(
+                Command::new("pgbench")
+                    .arg("-n")
+                    .args(extra)
+                    .args(["-T", &secs.to_string()])
+                    .arg(self.conninfo(target))
+                    .env("PGPASSWORD", &self.pg.password)
+                    .stdout(std::fs::File::create(log)?)
+                    .stderr(std::fs::File::create(log.with_extension("err"))?)
+                    .spawn()
+                    .context("starting pgbench")?,
+            ))
+        };
+        let dir = self.pg.dir().to_owned();
+        let steady_log = dir.join("soak-steady.log");
+        let churn_args = ["-S", "-C", "-c", "2", "-j", "1"];
+        let churn_log = |n: usize| dir.join(format!("soak-churn-{n}.log"));
+        let mut steady = spawn(
+            Target::Pgbastion,
+            &["-S", "-c", "4", "-j", "2"],
+            &steady_log,
+            secs,
+        )?;
+        let mut churn = spawn(Target::PgbastionScram, &churn_args, &churn_log(0), secs)?;
+        // pgbench gives up on a client whose connection fails (as during
+        // the fault): the churn is started again for the time left.
+        let mut churn_runs = 1;
+        let pids = [
+            ("pgbastion", self.pids[&Target::Pgbastion]),
+            ("pgbastion (scram)", self.pids[&Target::PgbastionScram]),
+        ];
+        let postmaster: u32 = std::fs::read_to_string(dir.join("data/postmaster.pid"))?
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse().ok())
+            .context("postmaster.pid")?;
+        let start = Instant::now();
+        let mut samples: Vec<(u64, Vec<(u64, usize)>)> = Vec::new();
+        let mut stopped = false;
+        let sample = |at: u64| -> Result<(u64, Vec<(u64, usize)>)> {
+            let mut v = Vec::new();
+            for (_, pid) in pids {
+                v.push((rss_kib(pid)?, open_fds(pid)?));
+            }
+            Ok((at, v))
+        };
+        while start.elapsed().as_secs() < secs {
+            std::thread::sleep(
+                Duration::from_secs(30)
+                    .min(Duration::from_secs(secs).saturating_sub(start.elapsed())),
+            );
+            let at = start.elapsed().as_secs();
+            samples.push(sample(at)?);
+            if churn.0.try_wait()?.is_some() && secs.saturating_sub(at) > 15 {
+                churn = spawn(
+                    Target::PgbastionScram,
+                    &churn_args,
+                    &churn_log(churn_runs),
+                    secs - at,
+                )?;
+                churn_runs += 1;
+            }
+            eprintln!("soak: {at} s: {:?}", samples.last().map(|s| &s.1));
+            if !stopped && at >= secs / 3 {
+                stopped = true;
+                let procs = with_children(postmaster);
+                eprintln!(
+                    "soak: stopping PostgreSQL ({} processes) for 20 s",
+                    procs.len()
+                );
+                for p in &procs {
+                    let _ = Command::new("kill")
+                        .args(["-STOP", &p.to_string()])
+                        .status();
+                }
+                std::thread::sleep(Duration::from_secs(20));
+                for p in &procs {
+                    let _ = Command::new("kill")
+                        .args(["-CONT", &p.to_string()])
+                        .status();
+                }
+            }
+        }
+        let _ = steady.0.wait();
+        let _ = churn.0.wait();
+        // The load is over: what is left is what pgbastion keeps.
+        std::thread::sleep(Duration::from_secs(5));
+        let after = sample(start.elapsed().as_secs())?;
+
+        let mut s = String::new();
+        writeln!(
+            s,
+            "## Soak of {}: {minutes} minute(s){}\n",
+            humantime::format_rfc3339_seconds(std::time::SystemTime::now()),
+            if label.is_empty() {
+                String::new()
+            } else {
+                format!(", {label}")
+            }
+        )?;
+        writeln!(s, "Steady load: `pgbench -S -c 4` through pgbastion (passthrough); churn: `pgbench -S -C -c 2` (a new connection per transaction) through pgbastion (scram); PostgreSQL stopped with SIGSTOP for 20 s at {} s.\n", secs / 3)?;
+        writeln!(
+            s,
+            "| t (s) | pgbastion RSS KiB | open files | pgbastion (scram) RSS KiB | open files |"
+        )?;
+        writeln!(s, "|---|---|---|---|---|")?;
+        for (at, v) in samples.iter().chain([&after]) {
+            writeln!(
+                s,
+                "| {at} | {} | {} | {} | {} |",
+                v[0].0, v[0].1, v[1].0, v[1].1
+            )?;
+        }
+        // Growth: the last sample under load against the first one after a
+        // minute of warm-up, and what is left once the load is gone.
+        let base = samples.iter().find(|(at, _)| *at >= 60).or(samples.first());
+        let last = samples.last();
+        let mut failed = false;
+        if let (Some((_, b)), Some((_, l))) = (base, last) {
+            for (i, (name, _)) in pids.iter().enumerate() {
+                let grew = l[i].0 as f64 > b[i].0 as f64 * 1.3 + 4096.0 || l[i].1 > b[i].1 + 16;
+                let leaked = after.1[i].1 > b[i].1 + 16;
+                writeln!(
+                    s,
+                    "\n{name}: RSS {} -> {} KiB under load, {} KiB after; open files {} -> {}, {} after: {}",
+                    b[i].0,
+                    l[i].0,
+                    after.1[i].0,
+                    b[i].1,
+                    l[i].1,
+                    after.1[i].1,
+                    if grew || leaked { "GROWTH" } else { "no growth" }
+                )?;
+                failed |= grew || leaked;
+            }
+        }
+        writeln!(
+            s,
+            "\nchurn ran as {churn_runs} pgbench run(s) (restarted after its clients gave up); the last:"
+        )?;
+        for (what, log) in [
+            ("steady", steady_log.clone()),
+            ("churn", churn_log(churn_runs - 1)),
+        ] {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let errors = std::fs::read_to_string(log.with_extension("err")).unwrap_or_default();
+            let pick = |p: &str| {
+                text.lines()
+                    .find(|l| l.trim_start().starts_with(p))
+                    .map(|l| l.trim().to_owned())
+                    .unwrap_or_default()
+            };
+            let first_error = errors
+                .lines()
+                .find(|l| l.contains("error") || l.contains("abort"));
+            writeln!(
+                s,
+                "\n{what}: {}; {}; {}; error lines: {}{}",
+                pick("number of transactions actually processed"),
+                pick("number of failed transactions"),
+                pick("tps"),
+                errors
+                    .lines()
+                    .filter(|l| l.contains("error") || l.contains("abort"))
+                    .count(),
+                first_error
+                    .map(|e| format!(" (first: `{}`)", e.trim()))
+                    .unwrap_or_default()
+            )?;
+        }
+        Ok((s, failed))
     }
 
     fn conninfo(&self, target: Target) -> String {
