@@ -269,6 +269,11 @@ impl AuditLog {
 
     fn report_drops(&self, sink: &Sink) {
         let dropped = sink.dropped();
+        // The common case, on every event: nothing was ever dropped, so
+        // there is nothing to report and no lock to take.
+        if dropped == 0 {
+            return;
+        }
         let mut reported = self.reported.lock().unwrap_or_else(|p| p.into_inner());
         if dropped > reported.1 && reported.0.elapsed() >= DROP_REPORT_EVERY {
             tracing::error!(
