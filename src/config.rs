@@ -252,9 +252,10 @@ pub enum AuditOnFailure {
 pub struct Limits {
     /// Sessions past the startup packet; one more gets SQLSTATE 53300.
     pub max_sessions: usize,
-    /// Connections still negotiating (before their StartupMessage), per
-    /// listener; past this, new connections are closed at once so a flood
-    /// of idle sockets cannot starve real clients (nor other listeners).
+    /// Connections not yet authenticated (negotiating TLS and startup, or
+    /// authenticating), per listener; past this, new connections are
+    /// closed at once so a flood of idle sockets or stalled logins cannot
+    /// starve real clients (nor other listeners).
     pub max_pending: usize,
     /// The same, per client address across listeners, so one address
     /// cannot take every slot (not applied behind a PROXY-protocol

@@ -13,7 +13,8 @@
 //!   it and the text log, so a stalled reader never blocks a session.
 //! - `ratelimit`: keyed token buckets (cancel requests, failed logins);
 //!   `warn_limit`: log and audit lines caused by strangers, summarised.
-//! - `config`: the one configuration model.
+//! - `config`: the one configuration model; `fd_limit`: the open-files
+//!   limit raised to what the limits need.
 //! - `localpg`, `devcerts`: a throwaway local PostgreSQL and a private CA,
 //!   for `pgbastion demo` and the tests.
 
@@ -24,6 +25,7 @@ pub mod auth;
 pub mod cancel;
 pub mod config;
 pub mod devcerts;
+pub mod fd_limit;
 pub mod identity;
 pub mod localpg;
 pub mod policy;

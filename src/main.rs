@@ -254,6 +254,7 @@ fn load_run_config(args: RunArgs) -> Result<Config> {
 async fn run(args: RunArgs) -> Result<()> {
     let config_path = args.config.clone();
     let config = load_run_config(args)?;
+    check_open_files(&config);
     let server = Server::bind(config).await?;
     for (name, addr) in server.local_addrs() {
         tracing::info!(listener = %name, address = %addr, "bound");
@@ -261,6 +262,27 @@ async fn run(args: RunArgs) -> Result<()> {
     tokio::spawn(reload_on_sighup(config_path, server.reload_handle()));
     serve(server).await;
     Ok(())
+}
+
+/// Raises the open-files limit, and warns when it is still too low for the
+/// configured limits (sessions would fail with "too many open files").
+fn check_open_files(config: &Config) {
+    let needed = pgbastion::fd_limit::needed(
+        config.limits.max_sessions,
+        config.limits.max_pending,
+        config.listeners.len(),
+    );
+    match pgbastion::fd_limit::raise() {
+        Ok(files) => {
+            if files.before != files.now {
+                tracing::debug!(before = ?files.before, now = ?files.now, "open files limit raised");
+            }
+            if let Some(now) = files.now.filter(|&n| n < needed) {
+                tracing::warn!(limit = now, needed, "the open files limit (ulimit -n) is below what limits.max_sessions and max_pending need; raise it (LimitNOFILE= in systemd) or lower those limits");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "could not raise the open files limit"),
+    }
 }
 
 /// Runs the server until SIGTERM/SIGINT, then drains; a second signal ends

@@ -222,20 +222,24 @@ fn prepare_tls(config: &Config) -> Result<PreparedTls, ServerError> {
     Ok((acceptors, upstreams))
 }
 
-/// Negotiating connections per client address, shared by every listener.
+/// Unauthenticated connections per client address, shared by every
+/// listener.
 type AddressCounts = Arc<Mutex<HashMap<IpAddr, usize>>>;
 
-/// Connections still negotiating (before their StartupMessage): a share
-/// per listener, so a flood on one listener cannot lock out another (the
-/// Unix socket, say), and a cap per client address across listeners, so
-/// one address cannot take every slot.
+/// Connections not yet authenticated (negotiating TLS and startup, or in
+/// the middle of authentication): a share per listener, so a flood on one
+/// listener cannot lock out another (the Unix socket, say), and a cap per
+/// client address across listeners, so one address cannot take every slot.
+/// Together with the per-message limits while authenticating, this is what
+/// bounds the memory strangers can make pgbastion hold.
 pub(crate) struct PendingSlots {
     per_listener: Arc<Semaphore>,
     per_address: AddressCounts,
     max_per_address: usize,
 }
 
-/// One negotiating connection's slot, given back when dropped.
+/// One unauthenticated connection's slot, given back when dropped (once
+/// the session is authenticated, or ends).
 pub(crate) struct PendingPermit {
     _listener: OwnedSemaphorePermit,
     address: Option<(IpAddr, AddressCounts)>,
@@ -576,7 +580,7 @@ async fn accept_loop(
                     PendingRefusal::Address => "limits.max_pending_per_address",
                 };
                 if shared.warn_limit.allow(limit) {
-                    warn!(listener = %l.info.name, %client, limit, "too many connections still negotiating; closing");
+                    warn!(listener = %l.info.name, %client, limit, "too many unauthenticated connections; closing");
                 }
                 continue;
             }

@@ -371,3 +371,156 @@ async fn an_oversized_authentication_message_is_refused_before_it_is_buffered() 
     assert_eq!(code, "08P01");
     assert!(msg.contains("exceeds the limit of 65540 bytes"), "{msg}");
 }
+
+/// A stalled login as a hostile client makes it: TLS, a StartupMessage,
+/// then the start of a SASL message as large as pgbastion accepts in scram
+/// mode whose last bytes never come. Returns the connection, held open.
+async fn stalled_login(
+    addr: std::net::SocketAddr,
+    from: std::net::IpAddr,
+    tls: tokio_rustls::TlsConnector,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind((from, 0).into()).unwrap();
+    let mut tcp = sock.connect(addr).await.unwrap();
+    tcp.write_all(&pgbastion::protocol::startup::ssl_request())
+        .await
+        .unwrap();
+    assert_eq!(tcp.read_u8().await.unwrap(), b'S');
+    let mut tls = tls
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    let startup = StartupMessage::new(
+        ProtocolVersion { major: 3, minor: 0 },
+        vec![("user".into(), "postgres".into())],
+    );
+    tls.write_all(startup.as_bytes()).await.unwrap();
+    tls.flush().await.unwrap();
+    let (t, _) = read_message(&mut tls).await.unwrap();
+    assert_eq!(t, b'R', "pgbastion's SASL offer");
+    let limit = pgbastion::auth::terminate::MAX_CLIENT_SASL_MESSAGE;
+    let mut partial = vec![b'p'];
+    partial.extend_from_slice(&(limit as u32 - 1).to_be_bytes());
+    partial.resize(limit - 1, b'x');
+    tls.write_all(&partial).await.unwrap();
+    tls.flush().await.unwrap();
+    tls
+}
+
+/// A `/proc/PID/status` figure in KiB (VmRSS, VmHWM).
+fn proc_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+        .unwrap()
+}
+
+/// Memory held for strangers is bounded, and they cannot crowd real
+/// clients out: 1000 stalled logins (from 20 addresses, each holding the
+/// largest partial message pgbastion accepts while authenticating) keep
+/// pgbastion's peak RSS within 64 MiB, cost the server no connection,
+/// and real clients still log in. The slots are held until a login
+/// completes, so one address gets no more than `max_pending_per_address`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_stalled_logins_fit_in_64_mib_and_real_clients_still_get_in() {
+    pgbastion::fd_limit::raise().unwrap();
+    let env = Env::new();
+    let verifier: String = env
+        .direct_client()
+        .await
+        .query_one(
+            "select rolpassword from pg_authid where rolname = 'postgres'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let secrets = env.dir.path().join("userlist.txt");
+    std::fs::write(&secrets, format!("\"postgres\" \"{verifier}\"\n")).unwrap();
+    let port = pgbastion::localpg::free_port().unwrap();
+    let config = env.dir.path().join("pgbastion.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{}\n[[listener]]\nlisten = \"127.0.0.1:{port}\"\n{}auth = \"scram\"\nsecrets_file = \"{}\"\n\
+             [limits]\nmax_sessions = 1200\nmax_pending = 1100\nmax_pending_per_address = 64\n\
+             [audit]\nlog = \"{}\"\n",
+            env.tls_toml(),
+            env.upstream_toml(),
+            secrets.display(),
+            env.dir.path().join("audit.jsonl").display()
+        ),
+    )
+    .unwrap();
+    let proc = Running(
+        std::process::Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&config)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = proc.0.id();
+    let addr = wait_listening(port);
+    let rss_idle = proc_kib(pid, "VmRSS");
+
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client_tls_config(
+        &env.proxy_ca,
+        &[],
+    )));
+    let mut stalled = Vec::new();
+    for batch in 0..20u8 {
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..50 {
+            let tls = tls.clone();
+            let from = std::net::Ipv4Addr::new(127, 0, 1, batch + 1).into();
+            set.spawn(async move { stalled_login(addr, from, tls).await });
+        }
+        stalled.extend(set.join_all().await);
+    }
+    assert_eq!(stalled.len(), 1000);
+
+    // Real clients keep logging in, from elsewhere.
+    for _ in 0..5 {
+        one_session(&env, port)
+            .await
+            .expect("a real client gets in");
+    }
+    let backends: i64 = env
+        .direct_client()
+        .await
+        .query_one(
+            "select count(*) from pg_stat_activity where backend_type = 'client backend'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        backends < 10,
+        "stalled logins cost the server no connection: {backends} backends"
+    );
+    let (rss, peak) = (proc_kib(pid, "VmRSS"), proc_kib(pid, "VmHWM"));
+    eprintln!("1000 stalled logins: RSS {rss_idle} KiB idle, {rss} KiB now, peak {peak} KiB");
+    assert!(peak <= 64 * 1024, "peak RSS {peak} KiB");
+
+    // One address: its slots end at max_pending_per_address, stalled
+    // logins included; the next connection is closed at once.
+    let from: std::net::IpAddr = std::net::Ipv4Addr::new(127, 0, 2, 1).into();
+    for _ in 0..64 {
+        stalled.push(stalled_login(addr, from, tls.clone()).await);
+    }
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind((from, 0).into()).unwrap();
+    let mut extra = sock.connect(addr).await.unwrap();
+    let mut b = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut b)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "the 65th connection from one address is closed at once: {read:?}"
+    );
+    drop(stalled);
+}

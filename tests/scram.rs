@@ -134,7 +134,7 @@ fn stock_clients_connect_with_default_settings_and_both_legs_are_bound() {
     assert_eq!(r["ssl"], true, "{r}");
     assert!(r["libpq"].as_i64().unwrap() >= 180000, "{r}");
     // Asking for protocol 3.2: PostgreSQL 15's NegotiateProtocolVersion
-    // reaches the client before pgbastion's SASL offer, untouched.
+    // reaches the client (after its SCRAM proof, before AuthenticationOk), untouched.
     let r = libpq18(
         &format!(
             "{} password={APP_PASSWORD} max_protocol_version=3.2",

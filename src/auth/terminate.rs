@@ -3,7 +3,7 @@
 //! channel-bound and a client with default settings just connects.
 //!
 //! The session runs these steps in order (see `session`): throttle check,
-//! verifier lookup, upstream connect, `prove_client` against the verifier,
+//! verifier lookup, `prove_client` against the verifier, upstream connect,
 //! then `login::complete` toward the server with the recovered ClientKey,
 //! and `welcome_client` once the server has proved itself. `AuthError` is
 //! every way that can fail, with what the client is told.

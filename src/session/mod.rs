@@ -6,11 +6,14 @@
 //!    GSSENCRequest, direct TLS, CancelRequest, StartupMessage) and upgrade
 //!    the client leg to TLS.
 //! 2. Identity and policy, then the session limit.
-//! 3. scram mode only: `find_verifier` (throttle check, verifier lookup).
+//! 3. scram mode only: `prove_client` (throttle check, verifier lookup,
+//!    the client's SCRAM exchange), so an unauthenticated client never
+//!    costs a server connection.
 //! 4. Upstream: dial and verify (see `upstream`), then forward the
 //!    StartupMessage — only now does the server learn anything.
-//! 5. scram mode only: `terminate` proves the client against the
-//!    verifier and logs in to the server with the key it revealed.
+//! 5. scram mode only: `log_in` to the server with the key the client
+//!    revealed; the client gets AuthenticationOk once the server proved
+//!    itself.
 //! 6. `AuthPhase` (in `auth::passthrough`) relays the rest of startup
 //!    message by message until ReadyForQuery: in passthrough mode the whole
 //!    authentication, watched for its outcome and for channel binding.
@@ -35,7 +38,7 @@ use crate::audit::{
 };
 use crate::auth::login::{self, LegAuth};
 use crate::auth::passthrough::{AuthEnd, AuthPhase, CancelContext};
-use crate::auth::scram::{Credential, Offer, Verifier};
+use crate::auth::scram::{Credential, Offer, Proven, Verifier};
 use crate::auth::source::{Lookup, ScramAuth, SourceName};
 use crate::auth::terminate::{self, AuthError};
 use crate::auth::wire;
@@ -70,6 +73,14 @@ fn sqlstate_of(bytes: &[u8]) -> Option<String> {
 struct FoundVerifier {
     verifier: Verifier,
     source: Option<SourceName>,
+}
+
+/// A client that proved itself against a real verifier: what logging in
+/// to the server on its behalf needs.
+struct ProvenClient {
+    proven: Proven,
+    verifier: Verifier,
+    source: SourceName,
 }
 
 /// A random id that ties log lines, audit events and client messages of one
@@ -149,7 +160,6 @@ impl Session {
         .await
         .unwrap_or(Err(SessionError::ClientTimeout(t.client_startup)));
         self.facts.client_tls = Some(conn.transport.clone());
-        drop(pending);
         let startup = match negotiated {
             Ok(Negotiated::Startup(m)) => m,
             Ok(Negotiated::Cancel(c)) => return self.cancel(conn, c).await,
@@ -204,20 +214,21 @@ impl Session {
                 .await;
         };
 
-        // scram mode: the verifier first, so that a throttled client or a
-        // user without a usable verifier costs no server connection.
+        // scram mode: the client proves itself before any server connection
+        // is made, so a throttled, wrong or stalling client costs no server
+        // backend (and cannot use up the server's connection slots).
         let auth_deadline = tokio::time::Instant::now() + t.authentication;
         let mut auth_facts = AuthFacts::new(upstream.config.auth_mode());
-        let verifier = match &upstream.scram {
+        let proven = match &upstream.scram {
             None => None,
             Some(scram) => match timeout_at(
                 auth_deadline,
-                self.find_verifier(scram, upstream, startup.user()),
+                self.prove_client(&mut conn, scram, upstream, startup.user(), &mut auth_facts),
             )
             .await
             .unwrap_or(Err(AuthError::Timeout(t.authentication)))
             {
-                Ok(found) => Some(found),
+                Ok(proven) => Some(proven),
                 Err(e) => return self.reject_auth(&mut conn, e, &auth_facts).await,
             },
         };
@@ -247,12 +258,12 @@ impl Session {
             upstream: self.listener.upstream,
             addr: up.addr,
         };
-        let mut auth = match verifier {
+        let mut auth = match proven {
             None => AuthPhase::new(std::mem::take(&mut conn.buf), !conn.is_tls(), cancel),
-            Some(found) => {
+            Some(proven) => {
                 let login = timeout_at(
                     auth_deadline,
-                    self.terminate(&mut conn, &mut up, startup.user(), found, &mut auth_facts),
+                    self.log_in(&mut conn, &mut up, startup.user(), proven, &mut auth_facts),
                 )
                 .await
                 .unwrap_or(Err(AuthError::Timeout(t.authentication)));
@@ -270,6 +281,9 @@ impl Session {
         let auth_result = timeout_at(auth_deadline, auth.run(&mut conn.io, &mut up.stream))
             .await
             .unwrap_or(Err(AuthEnd::Timeout(t.authentication)));
+        // Authenticated (or finished): the connection leaves the pending
+        // slots, which bound what strangers can hold.
+        drop(pending);
         if let Err(AuthEnd::ChannelBinding) = auth_result {
             auth.outcome = AuthOutcome::RefusedByProxy {
                 sqlstate: "28000".into(),
@@ -388,34 +402,18 @@ impl Session {
         }
     }
 
-    /// scram mode, on a verified server connection that has the
-    /// StartupMessage: prove the client against the verifier, log in to the
-    /// server with the key it revealed, and let the client in once the
-    /// server has proved itself. Returns the server bytes read past its
-    /// AuthenticationOk.
-    async fn terminate(
+    /// scram mode, before any server connection: find the user's verifier
+    /// and prove the client against it. A mock verifier (unknown user)
+    /// never proves anyone, with the same answer as a wrong password.
+    async fn prove_client(
         &self,
         conn: &mut ClientConn,
-        up: &mut UpstreamConn,
+        scram: &ScramAuth,
+        upstream: &Upstream,
         user: &str,
-        found: FoundVerifier,
         facts: &mut AuthFacts,
-    ) -> Result<Vec<u8>, AuthError> {
-        let mut server_buf = Vec::new();
-        // What the server says before asking for authentication
-        // (NegotiateProtocolVersion, notices) belongs to the client.
-        let mut early = Vec::new();
-        let first = login::first_request(&mut up.stream, &mut server_buf, |m| early.extend(m))
-            .await
-            .map_err(AuthError::before_proof)?;
-        if !early.is_empty() {
-            wire::send(&mut conn.io, &early).await?;
-        }
-        // A server that wants what pgbastion cannot give is found out
-        // before the client is asked for anything.
-        if let AuthRequest::Other(code) = first {
-            return Err(AuthError::ServerMethod(code));
-        }
+    ) -> Result<ProvenClient, AuthError> {
+        let found = self.find_verifier(scram, upstream, user).await?;
         let offer = Offer {
             binding: conn
                 .is_tls()
@@ -443,24 +441,56 @@ impl Session {
                 return Err(e);
             }
         };
-        let Some(source) = &found.source else {
+        match found.source {
+            Some(source) => Ok(ProvenClient {
+                proven,
+                verifier: found.verifier,
+                source,
+            }),
             // prove_client never succeeds for a mock verifier.
-            return Err(AuthError::Failed {
+            None => Err(AuthError::Failed {
                 user: user.to_owned(),
                 known: false,
-            });
-        };
+            }),
+        }
+    }
+
+    /// scram mode, on a verified server connection that has the
+    /// StartupMessage: log in with the key the client revealed, and let the
+    /// client in once the server has proved itself. Returns the server
+    /// bytes read past its AuthenticationOk.
+    async fn log_in(
+        &self,
+        conn: &mut ClientConn,
+        up: &mut UpstreamConn,
+        user: &str,
+        client: ProvenClient,
+        facts: &mut AuthFacts,
+    ) -> Result<Vec<u8>, AuthError> {
+        let mut server_buf = Vec::new();
+        // What the server says before asking for authentication
+        // (NegotiateProtocolVersion, notices) belongs to the client.
+        let mut early = Vec::new();
+        let first = login::first_request(&mut up.stream, &mut server_buf, |m| early.extend(m))
+            .await
+            .map_err(AuthError::before_proof)?;
+        if !early.is_empty() {
+            wire::send(&mut conn.io, &early).await?;
+        }
+        if let AuthRequest::Other(code) = first {
+            return Err(AuthError::ServerMethod(code));
+        }
         let credential = Credential::Keys {
-            client_key: &proven.client_key,
-            verifier: &found.verifier,
+            client_key: &client.proven.client_key,
+            verifier: &client.verifier,
         };
         let binding = up.channel_binding();
         let server_leg =
             login::complete(&mut up.stream, &mut server_buf, first, binding, &credential)
                 .await
-                .map_err(|e| AuthError::from_server(e, user, source))?;
+                .map_err(|e| AuthError::from_server(e, user, &client.source))?;
         facts.server = Some(server_leg);
-        terminate::welcome_client(&mut conn.io, &proven).await?;
+        terminate::welcome_client(&mut conn.io, &client.proven).await?;
         facts.outcome = AuthOutcome::Ok;
         Ok(server_buf)
     }
