@@ -374,6 +374,33 @@ async fn direct_tls_requires_alpn_postgresql() {
     assert!(message.contains("ALPN"), "{message}");
     let ev = proxy.wait_audit("rejection", |e| e["event"] == "session.rejected");
     assert_eq!(ev["reason"], "direct_tls_without_alpn");
+
+    // ALPN naming another protocol: the handshake fails with the TLS alert
+    // no_application_protocol (RFC 7301), as PostgreSQL's does, so the
+    // client learns why instead of seeing the connection drop.
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client_tls_config(
+        &env.proxy_ca,
+        &[b"http/1.1"],
+    )));
+    let err = connector
+        .connect("localhost".try_into().unwrap(), raw(proxy.addr()).await)
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    let tls_error = err
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>());
+    assert_eq!(
+        tls_error,
+        Some(&rustls::Error::AlertReceived(
+            rustls::AlertDescription::NoApplicationProtocol
+        )),
+        "{err}"
+    );
+    let ev = proxy.wait_audit("handshake failure", |e| {
+        e["event"] == "session.rejected" && e["reason"] != "direct_tls_without_alpn"
+    });
+    assert_eq!(ev["reason"], "client_tls_handshake_failed", "{ev}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
