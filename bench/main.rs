@@ -23,6 +23,8 @@ use clap::Parser;
 use pgbastion::devcerts::Ca;
 use pgbastion::localpg::{free_port, LocalPg, LocalPgOptions};
 
+mod faults;
+
 #[derive(Parser)]
 #[command(
     about = "Benchmark pgbastion against a direct connection, PgBouncer and HAProxy, side by side."
@@ -60,6 +62,11 @@ struct Args {
     /// with SIGSTOP for 20 s a third of the way in; fails on growth.
     #[arg(long)]
     soak: Option<u64>,
+    /// Instead of the benchmark: the fault drills (see bench/faults.rs):
+    /// PostgreSQL restarted and frozen, the LocalAPI and the audit reader
+    /// stalled, and what clients saw during each.
+    #[arg(long, conflicts_with = "soak")]
+    faults: bool,
 }
 
 /// What is measured through.
@@ -119,11 +126,15 @@ fn main() -> Result<()> {
             bail!("{tool} is not installed; on Debian/Ubuntu: apt-get install -y postgresql postgresql-client pgbouncer haproxy");
         }
     }
-    eprintln!("setting up PostgreSQL, pgbastion, PgBouncer and HAProxy...");
-    let bench = Bench::setup(&args)?;
-    let (report, soak_failed) = match args.soak {
-        Some(minutes) => bench.soak(minutes, &args.label)?,
-        None => (report(&args, &bench.run(&args)?)?, false),
+    let (report, soak_failed) = if args.faults {
+        (faults::run(&args.label)?, false)
+    } else {
+        eprintln!("setting up PostgreSQL, pgbastion, PgBouncer and HAProxy...");
+        let bench = Bench::setup(&args)?;
+        match args.soak {
+            Some(minutes) => bench.soak(minutes, &args.label)?,
+            None => (report(&args, &bench.run(&args)?)?, false),
+        }
     };
     print!("{report}");
     {

@@ -136,6 +136,30 @@ pub fn bin_dir() -> Result<PathBuf, LocalPgError> {
         .ok_or(LocalPgError::BinariesMissing)
 }
 
+/// Starts the postmaster of the data directory under `root` as the
+/// unprivileged user, its output appended to `log_file`; it dies with us.
+fn spawn_postgres(root: &Path, log_file: &Path) -> Result<Child, LocalPgError> {
+    let log = fs::OpenOptions::new()
+        .append(true)
+        .open(log_file)
+        .map_err(io_err("opening the server log"))?;
+    let log_err = log.try_clone().map_err(io_err("opening the server log"))?;
+    let mut postgres = Command::new("setpriv");
+    if let Some((uid, gid)) = unprivileged_user()? {
+        postgres.uid(uid).gid(gid);
+    }
+    postgres
+        .current_dir(root)
+        .args(["--pdeathsig", "KILL", "--"])
+        .arg(bin_dir()?.join("postgres"))
+        .arg("-D")
+        .arg(root.join("data"))
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err);
+    postgres.spawn().map_err(io_err("starting postgres"))
+}
+
 /// The uid/gid to run PostgreSQL as: `None` when not root.
 fn unprivileged_user() -> Result<Option<(u32, u32)>, LocalPgError> {
     // /proc/self is owned by the effective uid of the process.
@@ -288,18 +312,8 @@ impl LocalPg {
         }
 
         let log_file = root.join("postgres.log");
-        let log = fs::File::create(&log_file).map_err(io_err("creating the server log"))?;
-        let log_err = log.try_clone().map_err(io_err("opening the server log"))?;
-        let mut postgres = as_user(Path::new("setpriv"));
-        postgres
-            .args(["--pdeathsig", "KILL", "--"])
-            .arg(bin.join("postgres"))
-            .arg("-D")
-            .arg(&data)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err);
-        let child = postgres.spawn().map_err(io_err("starting postgres"))?;
+        fs::File::create(&log_file).map_err(io_err("creating the server log"))?;
+        let child = spawn_postgres(&root, &log_file)?;
         let mut pg = LocalPg {
             child,
             port,
@@ -379,6 +393,16 @@ impl LocalPg {
             self.user,
             self.ca_cert.display()
         )
+    }
+
+    /// Stops the server (fast shutdown: sessions are ended with 57P01) and
+    /// starts it again on the same port and data; blocks until it accepts
+    /// connections. For fault drills (`bench/run.sh --faults`).
+    pub fn restart(&mut self) -> Result<(), LocalPgError> {
+        self.stop();
+        self.child = spawn_postgres(self.dir.path(), &self.log_file)?;
+        let data = self.dir.path().join("data");
+        self.wait_ready(&data)
     }
 
     fn stop(&mut self) {

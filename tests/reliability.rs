@@ -524,3 +524,27 @@ async fn a_thousand_stalled_logins_fit_in_64_mib_and_real_clients_still_get_in()
     );
     drop(stalled);
 }
+
+/// A server restart is passed on as the server says it, and pgbastion
+/// needs no restart itself: the running session ends with PostgreSQL's own
+/// 57P01, audited as the server's doing, and the next session is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_restart_reaches_clients_as_the_servers_message() {
+    let mut env = Env::new();
+    let proxy = env.proxy("require", "");
+    let (client, conn) = proxy.client(&env, "").await.unwrap();
+    client.simple_query("select 1").await.unwrap();
+    let pg = &mut env.pg;
+    tokio::task::block_in_place(|| pg.restart()).expect("restart PostgreSQL");
+    let ended = tokio::time::timeout(Duration::from_secs(10), conn)
+        .await
+        .expect("the session ends with the restart")
+        .unwrap();
+    let err = ended.expect_err("the connection reports why it ended");
+    assert_eq!(sqlstate(&err).as_deref(), Some("57P01"), "{err}");
+    let end = proxy.wait_audit("end", |e| e["event"] == "session.end");
+    assert_eq!(end["end_reason"], "server_closed", "{end}");
+    let (client, _conn) = proxy.client(&env, "").await.expect("served again");
+    let two: i32 = client.query_one("select 2", &[]).await.unwrap().get(0);
+    assert_eq!(two, 2);
+}
