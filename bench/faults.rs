@@ -213,8 +213,8 @@ pub fn run(label: &str) -> Result<String> {
     let log_text = std::fs::read_to_string(&log).unwrap_or_default();
     let dropped = log_text
         .lines()
-        .filter(|l| l.contains("audit events could not be written"))
-        .last()
+        .rev()
+        .find(|l| l.contains("audit events could not be written"))
         .map_or_else(
             || "pgbastion reported no dropped event".to_owned(),
             |l| format!("pgbastion logged: `{}`", l.trim()),
