@@ -42,6 +42,12 @@ if ! python3 -c 'import psycopg' >/dev/null 2>&1; then
     python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "psycopg[binary]>=3.2"
 fi
 
+# boto3, to check pgbastion's RDS IAM auth tokens against AWS's own SDK.
+if ! python3 -c 'import boto3' >/dev/null 2>&1; then
+    echo "installing boto3"
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "boto3>=1.26"
+fi
+
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 if command -v cargo-nextest >/dev/null 2>&1; then

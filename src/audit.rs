@@ -91,11 +91,25 @@ pub enum AuthOutcome {
     Incomplete,
 }
 
+/// Who authenticated the client: the server (passthrough), pgbastion with
+/// SCRAM (scram), or nobody but the identity (identity login).
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LoginMode {
+    Passthrough,
+    Scram,
+    Identity,
+}
+
 /// How a session authenticated: the mode, what the server said, and for
 /// each leg the SASL mechanism and whether it was bound to its TLS channel.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct AuthFacts {
-    pub mode: AuthMode,
+    pub mode: LoginMode,
+    /// Identity login: the kind of credential pgbastion logged in with
+    /// (`password`, `scram_secret`, `client_cert`, `rds_iam`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credential: Option<&'static str>,
     #[serde(flatten)]
     pub outcome: AuthOutcome,
     /// Client to pgbastion (scram) or client to server (passthrough).
@@ -109,7 +123,11 @@ pub struct AuthFacts {
 impl AuthFacts {
     pub fn new(mode: AuthMode) -> AuthFacts {
         AuthFacts {
-            mode,
+            mode: match mode {
+                AuthMode::Passthrough => LoginMode::Passthrough,
+                AuthMode::Scram => LoginMode::Scram,
+            },
+            credential: None,
             outcome: AuthOutcome::Incomplete,
             client: None,
             server: None,

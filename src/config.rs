@@ -16,7 +16,7 @@ use thiserror::Error;
 
 use crate::identity::cert::{CertName, DEFAULT_ORDER};
 use crate::identity::IdentitySource;
-use crate::policy::{Policy, Rule};
+use crate::policy::{Action, Login, Policy, Rule};
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -139,6 +139,128 @@ struct RawConfig {
     tailscale: Option<RawTailscale>,
     #[serde(default)]
     forward: RawForward,
+    #[serde(default, rename = "credential")]
+    credentials: Vec<RawCredential>,
+}
+
+/// A `[[credential]]` section as written: one kind of credential must be
+/// given. Secrets are never inline: every value is a file or a variable
+/// name.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCredential {
+    upstream: Option<String>,
+    user: String,
+    password_file: Option<PathBuf>,
+    password_env: Option<String>,
+    scram_secret: Option<PathBuf>,
+    client_cert: Option<PathBuf>,
+    client_key: Option<PathBuf>,
+    rds_iam: Option<RdsIamConfig>,
+}
+
+/// Amazon RDS / Aurora IAM authentication for a credential.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RdsIamConfig {
+    /// The database's AWS region, e.g. `eu-west-1`.
+    pub region: String,
+}
+
+/// What pgbastion logs in with, for `login = "identity"` sessions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CredentialSource {
+    /// A password in a file (0600), answered to SCRAM (bound to the
+    /// server's certificate) or to a cleartext request over verified TLS.
+    PasswordFile(PathBuf),
+    /// A password in an environment variable of pgbastion's.
+    PasswordEnv(String),
+    /// A file (0600) with the role's SCRAM verifier on its first line and
+    /// the base64 ClientKey on its second: a SCRAM login with no password.
+    ScramSecret(PathBuf),
+    /// A client certificate for the server's `cert` method, presented on
+    /// the session's upstream TLS handshake.
+    ClientCert { cert: PathBuf, key: PathBuf },
+    /// An RDS IAM auth token, made per login from AWS credentials.
+    RdsIam(RdsIamConfig),
+}
+
+impl CredentialSource {
+    /// The kind, as the audit log names it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CredentialSource::PasswordFile(_) | CredentialSource::PasswordEnv(_) => "password",
+            CredentialSource::ScramSecret(_) => "scram_secret",
+            CredentialSource::ClientCert { .. } => "client_cert",
+            CredentialSource::RdsIam(_) => "rds_iam",
+        }
+    }
+}
+
+/// One `[[credential]]`: how pgbastion logs in as `user` on an upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CredentialConfig {
+    /// Index into `Config::upstreams`.
+    pub upstream: usize,
+    pub user: String,
+    pub source: CredentialSource,
+}
+
+impl RawCredential {
+    fn validate(
+        self,
+        upstreams: &[UpstreamConfig],
+        index: usize,
+    ) -> Result<CredentialConfig, ConfigError> {
+        let what = format!("credential {} (user {:?})", index + 1, self.user);
+        let upstream = match &self.upstream {
+            Some(name) => upstreams
+                .iter()
+                .position(|u| &u.name == name)
+                .ok_or_else(|| invalid(format!("{what}: no upstream named {name:?}")))?,
+            None if upstreams.len() == 1 => 0,
+            None => {
+                return Err(invalid(format!(
+                    "{what}: upstream = \"...\" is needed when there is more than one upstream"
+                )))
+            }
+        };
+        if self.user.is_empty() {
+            return Err(invalid(format!("{what}: user must not be empty")));
+        }
+        let source = match (
+            self.password_file,
+            self.password_env,
+            self.scram_secret,
+            self.client_cert,
+            self.client_key,
+            self.rds_iam,
+        ) {
+            (Some(f), None, None, None, None, None) => CredentialSource::PasswordFile(f),
+            (None, Some(v), None, None, None, None) => CredentialSource::PasswordEnv(v),
+            (None, None, Some(f), None, None, None) => CredentialSource::ScramSecret(f),
+            (None, None, None, Some(cert), Some(key), None) => {
+                CredentialSource::ClientCert { cert, key }
+            }
+            (None, None, None, None, None, Some(iam)) => CredentialSource::RdsIam(iam),
+            (None, None, None, Some(_), None, None) | (None, None, None, None, Some(_), None) => {
+                return Err(invalid(format!(
+                    "{what}: client_cert and client_key go together"
+                )))
+            }
+            _ => {
+                return Err(invalid(format!(
+                    "{what}: give exactly one of password_file, password_env, scram_secret, \
+                     client_cert + client_key, rds_iam"
+                )))
+            }
+        };
+        Ok(CredentialConfig {
+            upstream,
+            user: self.user,
+            source,
+        })
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -494,6 +616,8 @@ pub struct Config {
     pub tailscale: Option<TailscaleConfig>,
     /// Template for the application_name sent upstream; None: unchanged.
     pub application_name: Option<String>,
+    /// What pgbastion logs in with for `login = "identity"` rules.
+    pub credentials: Vec<CredentialConfig>,
 }
 
 /// The flag-only form of `pgbastion run`, for the one-upstream case.
@@ -615,6 +739,7 @@ impl Config {
             rules: Vec::new(),
             tailscale: None,
             forward: RawForward::default(),
+            credentials: Vec::new(),
         };
         raw.validate()
     }
@@ -758,6 +883,62 @@ impl RawConfig {
                 )));
             }
         }
+        let credentials = self
+            .credentials
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| c.validate(&upstreams, i))
+            .collect::<Result<Vec<_>, _>>()?;
+        for (i, c) in credentials.iter().enumerate() {
+            if credentials[..i]
+                .iter()
+                .any(|o| o.upstream == c.upstream && o.user == c.user)
+            {
+                return Err(invalid(format!(
+                    "two credentials for user {:?} on upstream {:?}",
+                    c.user, upstreams[c.upstream].name
+                )));
+            }
+        }
+        for r in self.rules.iter().filter(|r| r.login == Login::Identity) {
+            if r.action == Action::Deny {
+                return Err(invalid(format!(
+                    "rule {:?}: login = \"identity\" only makes sense in an allow rule",
+                    r.name
+                )));
+            }
+            // An address is not a person: a rule that can admit a client
+            // known only by its address must not log it in without a
+            // password.
+            let admits_addresses = r
+                .sources
+                .as_ref()
+                .is_none_or(|s| s.contains(&IdentitySource::Network));
+            let by_address = listeners.iter().find(|l| {
+                r.listeners.as_ref().is_none_or(|ls| ls.contains(&l.name))
+                    && match &l.identity {
+                        ListenerIdentity::Network => true,
+                        ListenerIdentity::ClientCert { mode, .. } => {
+                            *mode == ClientCertMode::Optional
+                        }
+                        ListenerIdentity::Tailscale => false,
+                    }
+            });
+            if let (true, Some(l)) = (admits_addresses, by_address) {
+                return Err(invalid(format!(
+                    "rule {:?}: login = \"identity\" could let in a client of listener {:?} known only by its \
+                     address (an address is not a person); limit the rule with listeners = [...] to \
+                     client_cert or tailscale listeners, or with sources = [\"client_cert\", \"tailscale\"]",
+                    r.name, l.name
+                )));
+            }
+            if credentials.is_empty() {
+                return Err(invalid(format!(
+                    "rule {:?}: login = \"identity\" needs [[credential]] sections (what pgbastion logs in with)",
+                    r.name
+                )));
+            }
+        }
         let policy = Policy::new(self.rules).map_err(invalid)?;
         if let Some(template) = &self.forward.application_name {
             let mut rest = template.clone();
@@ -782,6 +963,7 @@ impl RawConfig {
             policy,
             tailscale,
             application_name: self.forward.application_name,
+            credentials,
         })
     }
 }
@@ -1142,5 +1324,104 @@ mod tests {
         let text = format!("{MINIMAL}\n[timeouts]\nupstream_connect = \"2s 500ms\"\n");
         let c = Config::from_toml(&text).unwrap();
         assert_eq!(c.timeouts.upstream_connect, Duration::from_millis(2500));
+    }
+}
+
+#[cfg(test)]
+mod credential_tests {
+    use super::*;
+
+    const BASE: &str = r#"
+        [tls]
+        cert = "proxy.crt"
+        key = "proxy.key"
+        [[listener]]
+        name = "mtls"
+        listen = "127.0.0.1:6432"
+        identity = "client_cert"
+        client_ca = "people.pem"
+        [[listener]]
+        name = "lan"
+        listen = "127.0.0.1:6433"
+        [[upstream]]
+        name = "pg"
+        address = "db.example.com:5432"
+        ca_file = "ca.pem"
+    "#;
+
+    fn with(extra: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(&format!("{BASE}\n{extra}"))
+    }
+
+    #[test]
+    fn identity_login_is_refused_where_an_address_could_match() {
+        let cred = "[[credential]]\nuser = \"app\"\npassword_file = \"pw\"\n";
+        let err = with(&format!(
+            "[[rule]]\nname = \"all\"\nlogin = \"identity\"\n{cred}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("rule \"all\"")
+                && err.contains("listener \"lan\"")
+                && err.contains("not a person"),
+            "{err}"
+        );
+        // Limited to the certificate listener, or to identities that are
+        // people: accepted.
+        let c = with(&format!(
+            "[[rule]]\nlisteners = [\"mtls\"]\nlogin = \"identity\"\n{cred}"
+        ))
+        .unwrap();
+        assert_eq!(c.credentials[0].source.kind(), "password");
+        with(&format!(
+            "[[rule]]\nsources = [\"client_cert\"]\nlogin = \"identity\"\n{cred}"
+        ))
+        .unwrap();
+        let err = with("[[rule]]\nlisteners = [\"mtls\"]\nlogin = \"identity\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("needs [[credential]]"), "{err}");
+        let err = with("[[rule]]\nlisteners = [\"mtls\"]\nlogin = \"magic\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("magic"), "{err}");
+    }
+
+    #[test]
+    fn a_credential_has_exactly_one_kind() {
+        for (body, needle) in [
+            (
+                "password_file = \"a\"\npassword_env = \"B\"",
+                "exactly one of",
+            ),
+            ("", "exactly one of"),
+            ("client_cert = \"c\"", "go together"),
+            ("client_key = \"k\"", "go together"),
+            (
+                "password_file = \"a\"\nupstream = \"nope\"",
+                "no upstream named \"nope\"",
+            ),
+            ("password = \"inline\"", "unknown field `password`"),
+        ] {
+            let err = with(&format!("[[credential]]\nuser = \"app\"\n{body}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{body}: {err}");
+        }
+        let err = with(
+            "[[credential]]\nuser = \"app\"\npassword_file = \"a\"\n[[credential]]\nuser = \"app\"\npassword_env = \"B\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("two credentials for user \"app\""), "{err}");
+        let c =
+            with("[[credential]]\nuser = \"app\"\nrds_iam = { region = \"eu-west-1\" }\n").unwrap();
+        assert_eq!(
+            c.credentials[0].source,
+            CredentialSource::RdsIam(RdsIamConfig {
+                region: "eu-west-1".into()
+            })
+        );
     }
 }

@@ -70,6 +70,10 @@ pub struct LocalPgOptions {
     /// Roles that may log in over TLS without a password (for tests that
     /// speak the protocol by hand). The roles must still be created.
     pub trust_users: Vec<String>,
+    /// Roles that log in with a client certificate only (`hostssl ...
+    /// cert`, the certificate's CN being the role), from `client_ca_pem`'s
+    /// CA. With any, the other roles need no certificate.
+    pub cert_users: Vec<String>,
 }
 
 impl Default for LocalPgOptions {
@@ -79,6 +83,7 @@ impl Default for LocalPgOptions {
             extra_conf: Vec::new(),
             client_ca_pem: None,
             trust_users: Vec::new(),
+            cert_users: Vec::new(),
         }
     }
 }
@@ -285,7 +290,9 @@ impl LocalPg {
             let path = data.join("client-ca.crt");
             fs::write(&path, pem).map_err(io_err("writing the client CA"))?;
             conf.push_str(&format!("ssl_ca_file = '{}'\n", path.display()));
-            hostssl_options = " clientcert=verify-ca";
+            if opts.cert_users.is_empty() {
+                hostssl_options = " clientcert=verify-ca";
+            }
         }
         for line in &opts.extra_conf {
             conf.push_str(line);
@@ -296,6 +303,11 @@ impl LocalPg {
             .trust_users
             .iter()
             .map(|u| format!("hostssl all {u} 127.0.0.1/32 trust\n"))
+            .chain(
+                opts.cert_users
+                    .iter()
+                    .map(|u| format!("hostssl all {u} 127.0.0.1/32 cert\n")),
+            )
             .collect();
         fs::write(
             data.join("pg_hba.conf"),

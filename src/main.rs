@@ -52,6 +52,17 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Turn a role's password (read from standard input) into a
+    /// `scram_secret` file for identity login, printed on standard output:
+    /// the SCRAM verifier to set on the server (`ALTER ROLE ... PASSWORD
+    /// '<first line>'`) and the ClientKey pgbastion logs in with. After
+    /// this, nobody needs the password: write the output to a file with
+    /// mode 0600 and forget the password.
+    ScramSecret {
+        /// PBKDF2 iterations (PostgreSQL's default is 4096).
+        #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(4096..))]
+        iterations: u32,
+    },
 }
 
 #[derive(Args)]
@@ -201,6 +212,7 @@ async fn main() -> Result<()> {
         Command::Run(args) => run(*args).await,
         Command::Demo(args) => demo(args).await,
         Command::CheckConfig { config } => check_config(config),
+        Command::ScramSecret { iterations } => scram_secret(iterations),
     };
     // The last log lines (why pgbastion stopped) must not be lost.
     log.drain(std::time::Duration::from_secs(2));
@@ -307,7 +319,7 @@ async fn serve(server: Server) {
 
 /// SIGHUP reopens the audit file (for logrotate), re-reads the scram
 /// secrets files and, when pgbastion runs from a config file, the file's
-/// [[rule]]s. Anything that does not validate is
+/// [[rule]]s and [[credential]]s (and the files they name). Anything that does not validate is
 /// refused with a log line and what is in use stays. Other sections
 /// (listeners, upstreams, TLS files) take a restart.
 async fn reload_on_sighup(path: Option<PathBuf>, handle: server::ReloadHandle) {
@@ -332,16 +344,36 @@ async fn reload_on_sighup(path: Option<PathBuf>, handle: server::ReloadHandle) {
         }
         let Some(path) = &path else { continue };
         match Config::from_file(path) {
-            Ok(config) => {
-                let rules = config.policy.len();
-                handle.replace_policy(config.policy);
-                tracing::info!(path = %path.display(), rules, "policy reloaded ([[rule]] sections; other changes need a restart)");
-            }
+            Ok(config) => match handle.replace_policy(&config) {
+                Ok(credentials) => {
+                    let rules = config.policy.len();
+                    tracing::info!(path = %path.display(), rules, credentials, "policy and credentials reloaded ([[rule]] and [[credential]] sections; other changes need a restart)");
+                }
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = %e, "reload refused; keeping the current policy and credentials")
+                }
+            },
             Err(e) => {
                 tracing::error!(path = %path.display(), error = %e, "reload refused; keeping the current policy")
             }
         }
     }
+}
+
+fn scram_secret(iterations: u32) -> Result<()> {
+    let mut password = String::new();
+    std::io::stdin()
+        .read_line(&mut password)
+        .context("reading the password from standard input")?;
+    let password = password.trim_end_matches(['\n', '\r']);
+    if password.is_empty() {
+        anyhow::bail!("no password on standard input (e.g. pgbastion scram-secret < password.txt)");
+    }
+    print!(
+        "{}",
+        pgbastion::auth::credentials::scram_secret_for(password.as_bytes(), iterations)
+    );
+    Ok(())
 }
 
 fn check_config(path: PathBuf) -> Result<()> {

@@ -60,6 +60,23 @@ pub struct Rule {
     /// object like `{"databases": ["app"], "users": ["app_ro"]}`.
     #[serde(default)]
     pub from_grants: bool,
+    /// How an admitted client logs in to the database.
+    #[serde(default)]
+    pub login: Login,
+}
+
+/// How a client a rule admits logs in to the database.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Login {
+    /// The client authenticates as it would to the server (passthrough,
+    /// or SCRAM terminated by pgbastion).
+    #[default]
+    Password,
+    /// pgbastion asks the client for nothing more than its identity (as
+    /// PostgreSQL's `cert` method does) and logs in to the server with a
+    /// `[[credential]]` it holds for the requested user.
+    Identity,
 }
 
 /// A connection asking to be let in.
@@ -81,6 +98,8 @@ pub struct Request<'a> {
 pub struct Decision {
     pub allowed: bool,
     pub rule: Option<String>,
+    /// How the client logs in (from the deciding rule).
+    pub login: Login,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -127,6 +146,7 @@ impl Policy {
             return Decision {
                 allowed: true,
                 rule: None,
+                login: Login::Password,
             };
         }
         for rule in &self.rules {
@@ -134,12 +154,14 @@ impl Policy {
                 return Decision {
                     allowed: rule.action == Action::Allow,
                     rule: Some(rule.name.clone()),
+                    login: rule.login,
                 };
             }
         }
         Decision {
             allowed: false,
             rule: None,
+            login: Login::Password,
         }
     }
 }
@@ -312,7 +334,8 @@ mod tests {
             d,
             Decision {
                 allowed: true,
-                rule: Some("app".into())
+                rule: Some("app".into()),
+                login: Login::Password,
             }
         );
         let d = p.decide(&req(&bob, "app", "app_rw"));
@@ -320,7 +343,8 @@ mod tests {
             d,
             Decision {
                 allowed: false,
-                rule: Some("no-bob-rw".into())
+                rule: Some("no-bob-rw".into()),
+                login: Login::Password,
             }
         );
         assert!(p.decide(&req(&bob, "app", "app_ro")).allowed);
@@ -328,7 +352,8 @@ mod tests {
             p.decide(&req(&eve, "app", "app_ro")),
             Decision {
                 allowed: false,
-                rule: None
+                rule: None,
+                login: Login::Password,
             }
         );
         assert!(!p.decide(&req(&alice, "postgres", "app_rw")).allowed);

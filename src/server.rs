@@ -23,6 +23,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::audit::{AuditLog, ClientAddress};
 use crate::auth::channel_binding::tls_server_end_point;
+use crate::auth::credentials::Credentials;
 use crate::auth::source::ScramAuth;
 use crate::auth::throttle::LoginThrottle;
 use crate::cancel::CancelRegistry;
@@ -55,6 +56,8 @@ pub enum ServerError {
         name: String,
         source: crate::auth::source::SourceError,
     },
+    #[error("[[credential]]: {0}")]
+    Credential(#[from] crate::auth::credentials::CredentialError),
     #[error("cannot open audit log: {0}")]
     Audit(std::io::Error),
     #[error("listener {name:?}: cannot listen on {addr}: {source}")]
@@ -78,6 +81,8 @@ pub(crate) struct Shared {
     /// Replaced as a whole on reload; sessions decide with the one current
     /// when their StartupMessage arrived.
     pub policy: RwLock<Arc<Policy>>,
+    /// What identity logins log in with; replaced as a whole on reload.
+    pub credentials: RwLock<Arc<Credentials>>,
     pub whois: Option<WhoIsClient>,
     pub application_name: Option<String>,
     /// scram mode: failed logins per address and per user.
@@ -101,6 +106,13 @@ impl Shared {
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
+
+    pub fn credentials(&self) -> Arc<Credentials> {
+        self.credentials
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
 }
 
 /// What SIGHUP changes while the server runs: the policy, and the scram
@@ -109,8 +121,19 @@ impl Shared {
 pub struct ReloadHandle(Arc<Shared>);
 
 impl ReloadHandle {
-    pub fn replace_policy(&self, policy: Policy) {
-        *self.0.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policy);
+    /// Replaces the policy and the credentials together (rules with
+    /// `login = "identity"` need both). The credentials are read first: if
+    /// any is wrong, nothing changes and the error says which.
+    pub fn replace_policy(&self, config: &Config) -> Result<usize, ServerError> {
+        let credentials = Credentials::load(&config.credentials, &config.upstreams)?;
+        let n = credentials.len();
+        *self
+            .0
+            .credentials
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Arc::new(credentials);
+        *self.0.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config.policy.clone());
+        Ok(n)
     }
 
     /// Reopens the audit file (after log rotation moved it).
@@ -171,7 +194,9 @@ struct Listener {
 /// Validates a config completely (reading every certificate, key and CA
 /// bundle) without binding anything: what `check-config` runs.
 pub fn check(config: &Config) -> Result<(), ServerError> {
-    prepare_tls(config).map(|_| ())
+    prepare_tls(config)?;
+    Credentials::load(&config.credentials, &config.upstreams)?;
+    Ok(())
 }
 
 /// Each listener's acceptor (None: no [tls]), and every upstream.
@@ -347,6 +372,7 @@ pub struct Server {
 impl Server {
     pub async fn bind(config: Config) -> Result<Server, ServerError> {
         let (acceptors, upstreams) = prepare_tls(&config)?;
+        let credentials = Credentials::load(&config.credentials, &config.upstreams)?;
         // The certificate already loaded fine for the acceptors.
         let client_binding = config
             .tls
@@ -401,6 +427,7 @@ impl Server {
                 max_sessions: config.limits.max_sessions,
                 cancels: CancelRegistry::new(config.limits.cancel_rate, config.limits.cancel_burst),
                 policy: RwLock::new(Arc::new(config.policy.clone())),
+                credentials: RwLock::new(Arc::new(credentials)),
                 whois: config.tailscale.as_ref().map(|t| WhoIsClient {
                     socket: t.socket.clone(),
                     capability: t.capability.clone(),

@@ -146,6 +146,21 @@ pub fn client_acceptor(
 
 /// Builds the verify-full connector for one upstream.
 pub fn upstream_connector(up: &UpstreamConfig) -> Result<TlsConnector, TlsConfigError> {
+    upstream_connector_with_identity(
+        up,
+        up.client_identity
+            .as_ref()
+            .map(|(c, k)| (c.as_path(), k.as_path())),
+    )
+}
+
+/// The same, presenting `identity` (certificate and key files) instead of
+/// the upstream's own: a role's certificate for the server's `cert`
+/// method (identity login).
+pub fn upstream_connector_with_identity(
+    up: &UpstreamConfig,
+    identity: Option<(&Path, &Path)>,
+) -> Result<TlsConnector, TlsConfigError> {
     let roots = root_store(&up.roots)?;
     let builder = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(versions(up.min_tls_version))
@@ -154,7 +169,7 @@ pub fn upstream_connector(up: &UpstreamConfig) -> Result<TlsConnector, TlsConfig
             source,
         })?
         .with_root_certificates(roots);
-    let mut client = match &up.client_identity {
+    let mut client = match identity {
         Some((cert, key)) => builder
             .with_client_auth_cert(
                 load_certs(cert, "upstream client certificate")?,

@@ -122,9 +122,29 @@ impl Upstream {
         tls_timeout: Duration,
         proxy_header: Option<&[u8]>,
     ) -> Result<UpstreamConn, UpstreamError> {
+        self.connect_presenting(None, connect_timeout, tls_timeout, proxy_header)
+            .await
+    }
+
+    /// `connect`, presenting the client certificate of `identity` (a
+    /// connector from the same upstream config) instead of the upstream's
+    /// own: identity login with a role's certificate (`cert` method).
+    pub async fn connect_presenting(
+        &self,
+        identity: Option<&TlsConnector>,
+        connect_timeout: Duration,
+        tls_timeout: Duration,
+        proxy_header: Option<&[u8]>,
+    ) -> Result<UpstreamConn, UpstreamError> {
         let (tcp, addr) = self.dial(connect_timeout).await?;
         crate::relay::tune_tcp(&tcp);
-        match timeout(tls_timeout, self.negotiate(tcp, addr, proxy_header)).await {
+        let connector = identity.unwrap_or(&self.connector);
+        match timeout(
+            tls_timeout,
+            self.negotiate(connector, tcp, addr, proxy_header),
+        )
+        .await
+        {
             Ok(result) => result,
             Err(_) => Err(UpstreamError::TlsTimeout {
                 addr,
@@ -154,7 +174,9 @@ impl Upstream {
                     })
                 }
             };
-            let mut conn = self.negotiate(tcp, addr, proxy_header).await?;
+            let mut conn = self
+                .negotiate(&self.connector, tcp, addr, proxy_header)
+                .await?;
             let closed = |_| UpstreamError::Closed { addr };
             conn.stream
                 .write_all(&req.cancel_request())
@@ -220,6 +242,7 @@ impl Upstream {
 
     async fn negotiate(
         &self,
+        connector: &TlsConnector,
         mut tcp: TcpStream,
         addr: SocketAddr,
         proxy_header: Option<&[u8]>,
@@ -242,8 +265,7 @@ impl Upstream {
                 byte => return Err(UpstreamError::UnexpectedReply { addr, byte }),
             }
         }
-        let stream = self
-            .connector
+        let stream = connector
             .connect(self.server_name.clone(), tcp)
             .await
             .map_err(|e| match tls::certificate_problem(&e) {

@@ -11,13 +11,21 @@
 //!   reveals (`login`). Both legs channel-bound (`channel_binding`); no
 //!   password ever known to pgbastion; failed logins throttled (`throttle`).
 //!
+//! Either way, a rule may say `login = "identity"`: a client known by its
+//! certificate or tailnet identity is asked for nothing, and pgbastion logs
+//! in to the server itself with a credential it holds (`credentials`;
+//! RDS IAM tokens from `rds_iam`).
+//!
 //! `scram` holds the SCRAM messages themselves, pure and exhaustively
 //! tested; `wire` reads and writes whole messages for the I/O steps.
 
 pub mod auth_query;
 pub mod channel_binding;
+pub mod credentials;
+pub mod identity_login;
 pub mod login;
 pub mod passthrough;
+pub mod rds_iam;
 pub mod scram;
 pub mod secrets;
 pub mod source;

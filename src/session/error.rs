@@ -4,6 +4,7 @@
 use std::io;
 use std::time::Duration;
 
+use crate::auth::identity_login::IdentityLoginError;
 use crate::auth::terminate::AuthError;
 use crate::identity::IdentityError;
 use crate::protocol::message::ErrorResponse;
@@ -64,6 +65,9 @@ pub enum SessionError {
     /// scram mode: pgbastion authenticating the client or itself.
     #[error(transparent)]
     Auth(#[from] AuthError),
+    /// Identity login: pgbastion logging in with a credential it holds.
+    #[error(transparent)]
+    IdentityLogin(#[from] IdentityLoginError),
 }
 
 impl SessionError {
@@ -102,6 +106,7 @@ impl SessionError {
             SessionError::UpstreamIo(_) => "upstream_io_error",
             SessionError::AuditUnavailable => "audit_unavailable",
             SessionError::Auth(e) => e.reason(),
+            SessionError::IdentityLogin(e) => e.reason(),
         }
     }
 
@@ -110,6 +115,7 @@ impl SessionError {
     pub fn client_message(&self) -> Option<Vec<u8>> {
         match self {
             SessionError::Auth(e) => e.client_message(),
+            SessionError::IdentityLogin(e) => e.client_message(),
             other => other.client_error().map(|e| e.encode()),
         }
     }
@@ -173,7 +179,7 @@ impl SessionError {
             | SessionError::ClientTlsHandshake(_)
             | SessionError::ClientClosedEarly
             | SessionError::ClientIo(_) => return None,
-            SessionError::Auth(_) => return None,
+            SessionError::Auth(_) | SessionError::IdentityLogin(_) => return None,
         })
     }
 }

@@ -33,21 +33,21 @@ use tokio::time::timeout_at;
 use tracing::{debug, error, info, warn, Instrument};
 
 use crate::audit::{
-    AuthFacts, AuthOutcome, ClientAddress, ClientTransport, Event, ProxyFacts, Requested,
-    SessionFacts, UpstreamFacts,
+    AuthFacts, AuthOutcome, ClientAddress, ClientTransport, Event, LoginMode, ProxyFacts,
+    Requested, SessionFacts, UpstreamFacts,
 };
+use crate::auth::credentials::{Found, Held};
+use crate::auth::identity_login::{self, IdentityLoginError, LoginTarget};
 use crate::auth::login::{self, LegAuth};
 use crate::auth::passthrough::{AuthEnd, AuthPhase, CancelContext};
 use crate::auth::scram::{Credential, Offer, Proven, Verifier};
 use crate::auth::source::{Lookup, ScramAuth, SourceName};
 use crate::auth::terminate::{self, AuthError};
 use crate::auth::wire;
-use crate::config::{
-    AuthMode, CancelPlaintext, ListenerIdentity, ProxyProtocol, SendProxyProtocol,
-};
+use crate::config::{CancelPlaintext, ListenerIdentity, ProxyProtocol, SendProxyProtocol};
 use crate::identity::{cert, Identity, IdentityError, IdentitySource};
-use crate::policy::Request;
-use crate::protocol::message::{AuthRequest, ErrorFields};
+use crate::policy::{Login, Request};
+use crate::protocol::message::{self, AuthRequest, ErrorFields};
 use crate::protocol::proxy::{self, Addresses, SslInfo};
 use crate::protocol::startup::{CancelKey, StartupMessage};
 use crate::relay::{self, ByteCounts};
@@ -81,6 +81,19 @@ struct ProvenClient {
     proven: Proven,
     verifier: Verifier,
     source: SourceName,
+}
+
+/// Why a client may hang up right after an identity login, for the log
+/// and the audit: libpq accepts no message but an error before
+/// AuthenticationOk, and a client with channel_binding=require hangs up on
+/// an AuthenticationOk that came without a SCRAM exchange, so this is the
+/// one place that can say so.
+fn identity_hangup(end: &dyn std::fmt::Display) -> String {
+    format!(
+        "{end} right after pgbastion's AuthenticationOk, without a query: a client that requires channel \
+         binding (channel_binding=require) refuses a login without a SCRAM exchange, and identity login has \
+         none; such clients must leave channel_binding at its default (prefer)"
+    )
 }
 
 /// A random id that ties log lines, audit events and client messages of one
@@ -214,14 +227,33 @@ impl Session {
                 .await;
         };
 
+        let auth_deadline = tokio::time::Instant::now() + t.authentication;
+        let mut auth_facts = AuthFacts::new(upstream.config.auth_mode());
+        // Identity login: the policy admitted a person or service and says
+        // pgbastion logs in for it; the client is asked for nothing.
+        let credential = match decision.login {
+            Login::Password => None,
+            Login::Identity => {
+                auth_facts.mode = LoginMode::Identity;
+                match self.identity_credential(upstream, startup.user()) {
+                    Ok(found) => {
+                        auth_facts.credential = Some(found.kind);
+                        Some(found)
+                    }
+                    Err(e) => {
+                        return self
+                            .reject_with(&mut conn, e.into(), Some(&auth_facts))
+                            .await
+                    }
+                }
+            }
+        };
+
         // scram mode: the client proves itself before any server connection
         // is made, so a throttled, wrong or stalling client costs no server
         // backend (and cannot use up the server's connection slots).
-        let auth_deadline = tokio::time::Instant::now() + t.authentication;
-        let mut auth_facts = AuthFacts::new(upstream.config.auth_mode());
-        let proven = match &upstream.scram {
-            None => None,
-            Some(scram) => match timeout_at(
+        let proven = match (&upstream.scram, &credential) {
+            (Some(scram), None) => match timeout_at(
                 auth_deadline,
                 self.prove_client(&mut conn, scram, upstream, startup.user(), &mut auth_facts),
             )
@@ -231,15 +263,29 @@ impl Session {
                 Ok(proven) => Some(proven),
                 Err(e) => return self.reject_auth(&mut conn, e, &auth_facts).await,
             },
+            _ => None,
         };
 
         let proxy_header = self.outbound_proxy_header(upstream, conn.peer_cert.as_deref());
+        let presenting = credential.as_ref().and_then(|f| match &*f.held {
+            Held::ClientCert { connector, .. } => Some(connector),
+            _ => None,
+        });
         let mut up = match upstream
-            .connect(t.upstream_connect, t.upstream_tls, proxy_header.as_deref())
+            .connect_presenting(
+                presenting,
+                t.upstream_connect,
+                t.upstream_tls,
+                proxy_header.as_deref(),
+            )
             .await
         {
             Ok(up) => up,
-            Err(e) => return self.reject(&mut conn, e.into()).await,
+            Err(e) => {
+                return self
+                    .reject_with(&mut conn, e.into(), Some(&auth_facts))
+                    .await
+            }
         };
         let upstream_facts = UpstreamFacts {
             name: upstream.config.name.clone(),
@@ -258,9 +304,36 @@ impl Session {
             upstream: self.listener.upstream,
             addr: up.addr,
         };
-        let mut auth = match proven {
-            None => AuthPhase::new(std::mem::take(&mut conn.buf), !conn.is_tls(), cancel),
-            Some(proven) => {
+        let mut auth = match (proven, credential) {
+            (_, Some(found)) => {
+                let login = timeout_at(
+                    auth_deadline,
+                    self.log_in_for_identity(
+                        &mut conn,
+                        &mut up,
+                        upstream,
+                        startup.user(),
+                        &found,
+                        &mut auth_facts,
+                    ),
+                )
+                .await
+                .unwrap_or(Err(IdentityLoginError::Timeout(t.authentication)));
+                match login {
+                    Ok(server_leftover) => AuthPhase::after_login(
+                        std::mem::take(&mut conn.buf),
+                        server_leftover,
+                        cancel,
+                    ),
+                    Err(e) => {
+                        return self
+                            .reject_with(&mut conn, e.into(), Some(&auth_facts))
+                            .await
+                    }
+                }
+            }
+            (None, None) => AuthPhase::new(std::mem::take(&mut conn.buf), !conn.is_tls(), cancel),
+            (Some(proven), None) => {
                 let login = timeout_at(
                     auth_deadline,
                     self.log_in(&mut conn, &mut up, startup.user(), proven, &mut auth_facts),
@@ -290,7 +363,7 @@ impl Session {
             };
         }
         auth_facts.outcome = auth.outcome.clone();
-        if auth_facts.mode == AuthMode::Passthrough {
+        if auth_facts.mode == LoginMode::Passthrough {
             // One exchange, end to end: the same mechanism on both legs,
             // never bound (pgbastion refuses -PLUS in this mode).
             let leg = auth.mechanism.take().map(|mechanism| LegAuth {
@@ -323,7 +396,14 @@ impl Session {
                 let mut shutdown = self.shared.shutdown.subscribe();
                 let (end, counts) =
                     relay::relay(&mut *conn.io, &mut up.stream, t.half_close, &mut shutdown).await;
+                let hung_up = matches!(
+                    end,
+                    relay::RelayEnd::ClientClosed | relay::RelayEnd::ClientError(_)
+                ) && counts.client_to_server == 0;
                 let detail = match &end {
+                    _ if hung_up && auth_facts.mode == LoginMode::Identity => {
+                        Some(identity_hangup(&end.as_str()))
+                    }
                     relay::RelayEnd::ClientError(d) | relay::RelayEnd::ServerError(d) => {
                         Some(d.clone())
                     }
@@ -340,11 +420,21 @@ impl Session {
                     let _ = conn.io.shutdown().await;
                 })
                 .await;
+                // libpq accepts no message before AuthenticationOk but an
+                // error, and a client with channel_binding=require hangs up
+                // on an AuthenticationOk that came without a SCRAM exchange:
+                // this is the one place that can say so.
+                let detail = match (&end, auth_facts.mode) {
+                    (AuthEnd::ClientClosed | AuthEnd::ClientIo(_), LoginMode::Identity) => {
+                        identity_hangup(&end)
+                    }
+                    _ => end.to_string(),
+                };
                 warn!(
                     reason = end.reason(),
-                    "session ended during authentication: {end}"
+                    "session ended during authentication: {detail}"
                 );
-                (end.reason(), Some(end.to_string()), ByteCounts::default())
+                (end.reason(), Some(detail), ByteCounts::default())
             }
         };
         let total = ByteCounts {
@@ -491,6 +581,92 @@ impl Session {
                 .map_err(|e| AuthError::from_server(e, user, &client.source))?;
         facts.server = Some(server_leg);
         terminate::welcome_client(&mut conn.io, &client.proven).await?;
+        facts.outcome = AuthOutcome::Ok;
+        Ok(server_buf)
+    }
+
+    /// Identity login, before any server connection: the credential for
+    /// `user`, if this client may use one.
+    fn identity_credential(
+        &self,
+        upstream: &Upstream,
+        user: &str,
+    ) -> Result<Found, IdentityLoginError> {
+        // check-config keeps such rules off address-only listeners; this
+        // holds even if it did not.
+        let person = self
+            .facts
+            .identity
+            .as_ref()
+            .is_some_and(|i| i.source != IdentitySource::Network);
+        if !person {
+            return Err(IdentityLoginError::NotAPerson);
+        }
+        let found = self
+            .shared
+            .credentials()
+            .find(self.listener.upstream, user)
+            .ok_or_else(|| IdentityLoginError::NoCredential {
+                user: user.to_owned(),
+                upstream: upstream.config.name.clone(),
+            })?;
+        if let Held::ClientCert {
+            not_after: Some(at),
+            ..
+        } = &*found.held
+        {
+            if *at < std::time::SystemTime::now() {
+                return Err(IdentityLoginError::CertificateExpired {
+                    user: user.to_owned(),
+                    at: humantime::format_rfc3339_seconds(*at).to_string(),
+                });
+            }
+        }
+        Ok(found)
+    }
+
+    /// Identity login, on a verified server connection that has the
+    /// StartupMessage: log in with the credential, then tell the client
+    /// AuthenticationOk. Returns the server bytes read past its own.
+    async fn log_in_for_identity(
+        &self,
+        conn: &mut ClientConn,
+        up: &mut UpstreamConn,
+        upstream: &Upstream,
+        user: &str,
+        found: &Found,
+        facts: &mut AuthFacts,
+    ) -> Result<Vec<u8>, IdentityLoginError> {
+        let mut server_buf = Vec::new();
+        let mut early = Vec::new();
+        let first = login::first_request(&mut up.stream, &mut server_buf, |m| early.extend(m))
+            .await
+            .map_err(|e| identity_login::refusal(e, user, found.kind))?;
+        if !early.is_empty() {
+            wire::send(&mut conn.io, &early)
+                .await
+                .map_err(IdentityLoginError::Client)?;
+        }
+        let target = LoginTarget {
+            host: &upstream.config.host,
+            port: upstream.config.port,
+            user,
+        };
+        let binding = up.channel_binding();
+        let leg = identity_login::log_in(
+            &mut up.stream,
+            &mut server_buf,
+            first,
+            binding,
+            &target,
+            found,
+        )
+        .await?;
+        facts.server = Some(leg);
+        let out = message::authentication_ok();
+        wire::send(&mut conn.io, &out)
+            .await
+            .map_err(IdentityLoginError::Client)?;
         facts.outcome = AuthOutcome::Ok;
         Ok(server_buf)
     }
