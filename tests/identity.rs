@@ -488,3 +488,77 @@ async fn sighup_reloads_the_policy() {
     refusal_text(&e);
     open.simple_query("select 1").await.unwrap();
 }
+
+/// Identity login on the tailnet: a person whose grant names a role logs
+/// in as that role with no password anywhere on their machine, and the
+/// audit names the person next to the shared role.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tailnet_people_log_in_by_identity_as_their_granted_role() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    create_app_roles(&env).await;
+    let mut peers = HashMap::new();
+    peers.insert(
+        "127.0.0.4".parse().unwrap(),
+        user_node(
+            "carol@example.com",
+            "carol-desktop",
+            Some(serde_json::json!({"databases": ["app"], "users": ["app_ro"]})),
+        ),
+    );
+    let api = LocalApi::start(peers).await;
+    let password = env.dir.path().join("app_ro.password");
+    std::fs::write(&password, format!("{}\n", env.pg.password)).unwrap();
+    std::fs::set_permissions(&password, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let proxy = Proxy::start_toml(&format!(
+        r#"{tls}
+[[listener]]
+name = "tailnet"
+listen = "127.0.0.1:0"
+client_tls = "allow"
+identity = "tailscale"
+{upstream}
+[tailscale]
+socket = "{socket}"
+capability = "example.com/cap/pgbastion"
+[[rule]]
+name = "granted"
+from_grants = true
+login = "identity"
+[[credential]]
+user = "app_ro"
+password_file = "{password}"
+"#,
+        tls = env.tls_toml(),
+        upstream = env.upstream_toml(),
+        socket = api.socket.display(),
+        password = password.display()
+    ));
+    // No password: an empty one would be refused by the server if it were
+    // ever asked for.
+    let carol = connect_from(proxy.addr(), "127.0.0.4", "app_ro", "app", "", "psql")
+        .await
+        .expect("carol logs in as app_ro with no password");
+    let who: String = carol
+        .query_one("select current_user::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(who, "app_ro");
+    let start = proxy.wait_audit("carol", |e| e["event"] == "session.start");
+    assert_eq!(start["identity"]["name"], "carol@example.com", "{start}");
+    assert_eq!(start["identity"]["node"], "carol-desktop.tail1234.ts.net", "{start}");
+    assert_eq!(start["requested"]["user"], "app_ro");
+    assert_eq!(start["auth"]["mode"], "identity");
+    assert_eq!(start["auth"]["credential"], "password");
+    // Her grant does not name app_rw.
+    let e = connect_from(proxy.addr(), "127.0.0.4", "app_rw", "app", "", "psql")
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        refusal_text(&e).contains("policy does not allow"),
+        "{}",
+        refusal_text(&e)
+    );
+}
