@@ -447,6 +447,24 @@ async fn demo(args: DemoArgs) -> Result<()> {
         }
         pgbastion::localpg::free_port()?
     };
+    // Identity login: a person with a client certificate from the demo's
+    // "people" CA is logged in as demo_app with no password; pgbastion
+    // holds demo_app's password in a 0600 file.
+    let app_password = format!("{:032x}", rand::random::<u128>());
+    pg.run_sql(&format!(
+        "CREATE ROLE demo_app LOGIN PASSWORD '{app_password}';"
+    ))?;
+    let app_password_file = dir.join("demo_app.password");
+    pgbastion::devcerts::write_private(&app_password_file, app_password.as_bytes())?;
+    let people = Ca::new("pgbastion demo people CA")?;
+    let people_ca = people.write_cert(&dir, "people-ca")?;
+    let (you_cert, you_key) = {
+        let mut p = rcgen::CertificateParams::default();
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "you@example.com");
+        people.issue(p)?.write(&dir, "you")?
+    };
+    let mtls_port = pgbastion::localpg::free_port()?;
     let toml = format!(
         r#"
         [tls]
@@ -459,6 +477,11 @@ async fn demo(args: DemoArgs) -> Result<()> {
         name = "unix"
         unix_dir = "{dir}"
         port = {port}
+        [[listener]]
+        name = "mtls"
+        listen = "127.0.0.1:{mtls_port}"
+        identity = "client_cert"
+        client_ca = "{people_ca}"
         [[upstream]]
         name = "local"
         address = "localhost:{pg_port}"
@@ -466,6 +489,17 @@ async fn demo(args: DemoArgs) -> Result<()> {
         auth = "scram"
         auth_user = "pgbastion_auth"
         auth_password_file = "{auth_password_file}"
+        [[rule]]
+        name = "people-by-certificate"
+        listeners = ["mtls"]
+        users = ["demo_app"]
+        login = "identity"
+        [[rule]]
+        name = "everyone-with-a-password"
+        listeners = ["tcp", "unix"]
+        [[credential]]
+        user = "demo_app"
+        password_file = "{app_password_file}"
         [timeouts]
         shutdown_drain = "2s"
         "#,
@@ -476,6 +510,8 @@ async fn demo(args: DemoArgs) -> Result<()> {
         pg_port = pg.port,
         ca = pg.ca_cert.display(),
         auth_password_file = auth_password_file.display(),
+        people_ca = people_ca.display(),
+        app_password_file = app_password_file.display(),
     );
     let server = Server::bind(Config::from_toml(&toml)?).await?;
     println!(
@@ -494,14 +530,21 @@ With libpq's defaults only (encrypted, channel-bound to pgbastion's certificate)
 Through pgbastion's Unix socket (plaintext is allowed on the local socket):
   psql "host={dir} port={port} user=postgres dbname=postgres"
 
+With no password at all: your client certificate is who you are, and pgbastion
+logs you in as demo_app with the credential it holds (identity login):
+  psql "host=localhost port={mtls_port} user=demo_app dbname=postgres sslmode=verify-full sslrootcert={proxy_ca} sslcert={you_cert} sslkey={you_key}"
+
 Directly to PostgreSQL, for comparison:
   psql "{direct}"
 
 Try a wrong password (28P01, and after 10 failures a minute your address is
 throttled), or sslmode=disable to see pgbastion refuse plaintext on TCP.
 Audit events follow on stdout: "auth" shows mode "scram" and each leg's
-mechanism and channel binding.
+mechanism and channel binding; identity logins show mode "identity", the
+credential kind, and the person ("identity") next to the role.
 "#,
+        you_cert = you_cert.display(),
+        you_key = you_key.display(),
         dir = dir.display(),
         password = pg.password,
         proxy_ca = proxy_ca.display(),

@@ -410,3 +410,88 @@ async fn running_out_of_file_descriptors_does_not_end_the_process() {
     assert_eq!(stdout(&out), "recovered");
     assert!(proc.0.try_wait().unwrap().is_none());
 }
+
+/// The README's first command: `pgbastion demo` starts, prints psql lines
+/// that work as printed (with a password, and with none at all through
+/// identity login), and Ctrl-C (SIGINT) removes everything.
+#[test]
+fn the_demo_prints_psql_lines_that_work() {
+    use std::io::BufRead;
+    let mut demo = Running(
+        Command::new(BIN)
+            .args(["demo", "--port", "0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = demo.0.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap_or_default()).is_err() {
+                return;
+            }
+        }
+    });
+    let mut text = String::new();
+    while !text.contains("Directly to PostgreSQL") {
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("the demo did not print its instructions: {text}"));
+        text.push_str(&line);
+        text.push('\n');
+    }
+    let password = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("export PGPASSWORD='"))
+        .and_then(|p| p.strip_suffix('\''))
+        .expect("the demo prints the password")
+        .to_owned();
+    let psql_lines: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("psql \""))
+        .map(|l| l.trim_end_matches('"').to_owned())
+        .collect();
+    assert!(psql_lines.len() >= 4, "{text}");
+    let dir = psql_lines
+        .iter()
+        .find_map(|l| l.strip_prefix("host=/"))
+        .and_then(|l| l.split(' ').next())
+        .map(|d| std::path::PathBuf::from(format!("/{d}")))
+        .expect("the Unix socket line names the demo's directory");
+    for conninfo in &psql_lines {
+        let identity = conninfo.contains("sslcert=");
+        let mut cmd = Command::new("psql");
+        cmd.args([
+            "-X",
+            "-A",
+            "-t",
+            "-w",
+            "-d",
+            conninfo,
+            "-c",
+            "select current_user",
+        ])
+        .env("PGPASSFILE", "/dev/null");
+        if identity {
+            cmd.env_remove("PGPASSWORD");
+        } else {
+            cmd.env("PGPASSWORD", &password);
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{conninfo}: {}", stderr(&out));
+        let user = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        assert_eq!(
+            user,
+            if identity { "demo_app" } else { "postgres" },
+            "{conninfo}"
+        );
+    }
+    signal(demo.0.id(), "-INT");
+    let status = wait_for("the demo to stop", Duration::from_secs(20), || {
+        demo.0.try_wait().unwrap()
+    });
+    assert!(status.success(), "{status}");
+    assert!(!dir.exists(), "{} is removed", dir.display());
+}

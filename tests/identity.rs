@@ -547,7 +547,10 @@ password_file = "{password}"
     assert_eq!(who, "app_ro");
     let start = proxy.wait_audit("carol", |e| e["event"] == "session.start");
     assert_eq!(start["identity"]["name"], "carol@example.com", "{start}");
-    assert_eq!(start["identity"]["node"], "carol-desktop.tail1234.ts.net", "{start}");
+    assert_eq!(
+        start["identity"]["node"], "carol-desktop.tail1234.ts.net",
+        "{start}"
+    );
     assert_eq!(start["requested"]["user"], "app_ro");
     assert_eq!(start["auth"]["mode"], "identity");
     assert_eq!(start["auth"]["credential"], "password");
