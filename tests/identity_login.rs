@@ -318,3 +318,100 @@ fn a_secret_file_others_can_read_is_refused_at_start() {
         assert!(!err.contains("hunter2"), "{args:?}: {err}");
     }
 }
+
+/// The real binary, logging at debug level: a password from the
+/// environment works, a credential file fixed on disk takes effect on
+/// SIGHUP, and no secret reaches the log or the audit log.
+#[test]
+fn credentials_reload_on_sighup_and_never_reach_the_logs() {
+    let env = Env::new();
+    let dir = env.dir.path().to_owned();
+    env.pg
+        .run_sql(&format!(
+            "CREATE ROLE app_env LOGIN PASSWORD 'env-secret-9Kd';\n\
+             CREATE ROLE app_file LOGIN PASSWORD '{RW_PASSWORD}';"
+        ))
+        .unwrap();
+    let file = secret_file(&dir, "app_file.password", "not-yet-right-4Tc\n");
+    let people = Ca::new("people CA").unwrap();
+    let people_ca = people.write_cert(&dir, "people-ca").unwrap();
+    let alice = person(&people, &dir, "alice");
+    let port = pgbastion::localpg::free_port().unwrap();
+    let audit = dir.join("audit.jsonl");
+    let log = dir.join("pgbastion.log");
+    let cfg = dir.join("pgbastion.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{tls}\n[[listener]]\nname = \"mtls\"\nlisten = \"127.0.0.1:{port}\"\nidentity = \"client_cert\"\n\
+             client_ca = \"{ca}\"\ncert_identity = [\"email\"]\n{upstream}\n\
+             [[rule]]\nlisteners = [\"mtls\"]\nlogin = \"identity\"\n\
+             [[credential]]\nuser = \"app_env\"\npassword_env = \"APP_ENV_PASSWORD\"\n\
+             [[credential]]\nuser = \"app_file\"\npassword_file = \"{file}\"\n\
+             [audit]\nlog = \"{audit}\"\n",
+            tls = env.tls_toml(),
+            ca = people_ca.display(),
+            upstream = env.upstream_toml(),
+            file = file.display(),
+            audit = audit.display()
+        ),
+    )
+    .unwrap();
+    let proc = Running(
+        std::process::Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .env("APP_ENV_PASSWORD", "env-secret-9Kd")
+            .env("RUST_LOG", "debug")
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    wait_listening(port);
+    let conn = |user: &str| {
+        format!(
+            "host=localhost port={port} dbname=postgres user={user} sslmode=verify-full sslrootcert={} sslcert={} sslkey={}",
+            env.proxy_ca.display(),
+            alice.0.display(),
+            alice.1.display()
+        )
+    };
+    let out = psql_without_password(&conn("app_env"), "select current_user");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "app_env");
+    let out = psql_without_password(&conn("app_file"), "select 1");
+    assert!(
+        stderr(&out).contains("refused pgbastion's password credential"),
+        "{}",
+        stderr(&out)
+    );
+    // The administrator fixes the file and sends SIGHUP.
+    std::fs::write(&file, format!("{RW_PASSWORD}\n")).unwrap();
+    signal(proc.0.id(), "-HUP");
+    wait_for("the reload", Duration::from_secs(10), || {
+        std::fs::read_to_string(&log)
+            .ok()
+            .filter(|l| l.contains("policy and credentials reloaded"))
+    });
+    let out = psql_without_password(&conn("app_file"), "select current_user");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "app_file");
+
+    // A reload that would break a credential changes nothing.
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    signal(proc.0.id(), "-HUP");
+    wait_for("the refused reload", Duration::from_secs(10), || {
+        std::fs::read_to_string(&log)
+            .ok()
+            .filter(|l| l.contains("reload refused") && l.contains("mode 0644"))
+    });
+    let out = psql_without_password(&conn("app_file"), "select current_user");
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    drop(proc);
+    let text = std::fs::read_to_string(&log).unwrap() + &std::fs::read_to_string(&audit).unwrap();
+    assert!(text.contains("app_file"), "the logs are there");
+    for secret in ["env-secret-9Kd", RW_PASSWORD, "not-yet-right-4Tc"] {
+        assert!(!text.contains(secret), "{secret} leaked into the logs");
+    }
+}
