@@ -187,6 +187,20 @@ pub fn upstream_connector_with_identity(
     Ok(TlsConnector::from(Arc::new(client)))
 }
 
+/// A verifying HTTPS-style connector (no client certificate, no ALPN) for
+/// services pgbastion calls itself, such as AWS STS.
+pub fn service_connector(roots: &RootSources) -> Result<TlsConnector, TlsConfigError> {
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|source| TlsConfigError::Rustls {
+            what: "service TLS versions".into(),
+            source,
+        })?
+        .with_root_certificates(root_store(roots)?)
+        .with_no_client_auth();
+    Ok(TlsConnector::from(Arc::new(config)))
+}
+
 fn root_store(src: &RootSources) -> Result<RootCertStore, TlsConfigError> {
     let mut store = RootCertStore::empty();
     if let Some(file) = &src.ca_file {

@@ -415,3 +415,104 @@ fn credentials_reload_on_sighup_and_never_reach_the_logs() {
         assert!(!text.contains(secret), "{secret} leaked into the logs");
     }
 }
+
+/// A stand-in STS over TLS: answers AssumeRoleWithWebIdentity with
+/// `status` and `body`, recording each request line.
+async fn fake_sts(
+    ca: &Ca,
+    status: &'static str,
+    body: &'static str,
+) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tls = std::sync::Arc::new(tls_server_config(&ca.server_cert(&["localhost"]).unwrap()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let Ok(mut s) = tokio_rustls::TlsAcceptor::from(tls.clone())
+                .accept(tcp)
+                .await
+            else {
+                continue;
+            };
+            let mut req = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => req.extend_from_slice(&buf[..n]),
+                }
+            }
+            let text = String::from_utf8_lossy(&req).into_owned();
+            record
+                .lock()
+                .unwrap()
+                .push(text.lines().next().unwrap_or("").to_owned());
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(resp.as_bytes()).await;
+            let _ = s.shutdown().await;
+        }
+    });
+    (port, seen)
+}
+
+/// AWS credentials from a web identity token (EKS IRSA and the like): the
+/// token is exchanged with STS over verified TLS, and a refusal says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_identity_credentials_come_from_sts() {
+    use pgbastion::auth::aws_sts::WebIdentity;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("STS stand-in CA").unwrap();
+    let ca_file = ca.write_cert(dir.path(), "sts-ca").unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "eyJ.web-identity.sig\n").unwrap();
+    let answer =
+        "<AssumeRoleWithWebIdentityResponse><AssumeRoleWithWebIdentityResult><Credentials>\
+        <AccessKeyId>ASIASTUB</AccessKeyId><SecretAccessKey>stub-secret</SecretAccessKey>\
+        <SessionToken>stub-session</SessionToken><Expiration>2030-01-01T00:00:00Z</Expiration>\
+        </Credentials></AssumeRoleWithWebIdentityResult></AssumeRoleWithWebIdentityResponse>";
+    let (port, seen) = fake_sts(&ca, "200 OK", answer).await;
+    let web = |port: u16, ca_bundle: Option<PathBuf>| WebIdentity {
+        token_file: token_file.clone(),
+        role_arn: "arn:aws:iam::123456789012:role/pgbastion".into(),
+        session_name: "pgbastion".into(),
+        endpoint: format!("localhost:{port}"),
+        ca_bundle,
+    };
+    let (creds, expires) = web(port, Some(ca_file.clone())).assume().await.unwrap();
+    assert_eq!(creds.access_key_id, "ASIASTUB");
+    assert_eq!(creds.session_token.as_deref(), Some("stub-session"));
+    assert_eq!(
+        expires,
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_893_456_000)
+    );
+    let line = seen.lock().unwrap()[0].clone();
+    for part in [
+        "GET /?Action=AssumeRoleWithWebIdentity&",
+        "RoleArn=arn%3Aaws%3Aiam%3A%3A123456789012%3Arole%2Fpgbastion",
+        "WebIdentityToken=eyJ.web-identity.sig",
+    ] {
+        assert!(line.contains(part), "{part} in {line}");
+    }
+    // The endpoint is verified: without its CA, no credentials.
+    let err = web(port, None).assume().await.unwrap_err().to_string();
+    assert!(err.contains("TLS"), "{err}");
+    // STS says no: its message reaches the error.
+    let (port, _) = fake_sts(
+        &ca,
+        "403 Forbidden",
+        "<ErrorResponse><Error><Code>AccessDenied</Code><Message>Not authorized to perform sts:AssumeRoleWithWebIdentity</Message></Error></ErrorResponse>",
+    )
+    .await;
+    let err = web(port, Some(ca_file))
+        .assume()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("Not authorized to perform"), "{err}");
+}

@@ -20,6 +20,7 @@ use base64::Engine;
 use thiserror::Error;
 use tokio_rustls::TlsConnector;
 
+use crate::auth::aws_sts::CredentialChain;
 use crate::auth::rds_iam::TokenCache;
 use crate::auth::scram::{Credential, Key, Verifier, KEY_LEN};
 use crate::config::{CredentialConfig, CredentialSource, RdsIamConfig, UpstreamConfig};
@@ -92,6 +93,7 @@ pub enum Held {
     },
     RdsIam {
         config: RdsIamConfig,
+        aws: CredentialChain,
         tokens: TokenCache,
     },
 }
@@ -181,6 +183,7 @@ impl Credentials {
                 }
                 CredentialSource::RdsIam(iam) => Held::RdsIam {
                     config: iam.clone(),
+                    aws: CredentialChain::default(),
                     tokens: TokenCache::default(),
                 },
             };

@@ -13,7 +13,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::auth::credentials::{Found, Held};
 use crate::auth::login::{self, LegAuth, LoginError};
-use crate::auth::rds_iam::{AwsCredentials, IamError, TokenTarget};
+use crate::auth::rds_iam::{IamError, TokenTarget};
 use crate::auth::scram::Credential;
 use crate::auth::wire::WireError;
 use crate::protocol::message::{self, AuthRequest, ErrorResponse};
@@ -164,11 +164,18 @@ where
                 }),
             };
         }
-        Held::RdsIam { config, tokens } => {
-            let creds = AwsCredentials::from_env().map_err(|source| IdentityLoginError::Iam {
-                user: user.to_owned(),
-                source,
-            })?;
+        Held::RdsIam {
+            config,
+            aws,
+            tokens,
+        } => {
+            let creds =
+                aws.resolve(&config.region)
+                    .await
+                    .map_err(|source| IdentityLoginError::Iam {
+                        user: user.to_owned(),
+                        source,
+                    })?;
             let t = TokenTarget {
                 host: target.host,
                 port: target.port,

@@ -14,12 +14,13 @@
 //! Either way, a rule may say `login = "identity"`: a client known by its
 //! certificate or tailnet identity is asked for nothing, and pgbastion logs
 //! in to the server itself with a credential it holds (`credentials`;
-//! RDS IAM tokens from `rds_iam`).
+//! RDS IAM tokens from `rds_iam`, AWS credentials via `aws_sts`).
 //!
 //! `scram` holds the SCRAM messages themselves, pure and exhaustively
 //! tested; `wire` reads and writes whole messages for the I/O steps.
 
 pub mod auth_query;
+pub mod aws_sts;
 pub mod channel_binding;
 pub mod credentials;
 pub mod identity_login;

@@ -4,8 +4,8 @@
 //! be granted `rds_iam`). The signing is the `aws-sigv4` crate's, as in
 //! the AWS SDK's own auth-token helper; pgbastion only assembles the URL.
 //!
-//! AWS credentials come from pgbastion's environment (`AWS_ACCESS_KEY_ID`,
-//! `AWS_SECRET_ACCESS_KEY`, optional `AWS_SESSION_TOKEN`), read at each
+//! AWS credentials come from pgbastion's environment (see `aws_sts`: access
+//! keys, or a web identity token exchanged with STS), looked up at each
 //! login so rotated credentials are used at once. A token is reused for
 //! logins of the same user while it has more than `REUSE_MARGIN` left.
 
@@ -27,9 +27,11 @@ pub const REUSE_MARGIN: Duration = Duration::from_secs(5 * 60);
 #[derive(Debug, Error)]
 pub enum IamError {
     #[error(
-        "no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for temporary credentials) in pgbastion's environment"
+        "no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for temporary credentials), or AWS_WEB_IDENTITY_TOKEN_FILE and AWS_ROLE_ARN, in pgbastion's environment"
     )]
     NoCredentials,
+    #[error("AWS web identity: {0}")]
+    WebIdentity(String),
     #[error("signing the RDS IAM token failed: {0}")]
     Signing(String),
 }
@@ -51,7 +53,7 @@ impl std::fmt::Debug for AwsCredentials {
 }
 
 impl AwsCredentials {
-    /// The standard environment variables.
+    /// The access-key environment variables.
     pub fn from_env() -> Result<AwsCredentials, IamError> {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
         match (var("AWS_ACCESS_KEY_ID"), var("AWS_SECRET_ACCESS_KEY")) {
