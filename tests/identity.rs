@@ -468,7 +468,7 @@ async fn sighup_reloads_the_policy() {
     };
     // A new policy that admits nobody as postgres.
     write("[[rule]]\nname = \"v2\"\nusers = [\"someone_else\"]\n");
-    hup("policy reloaded");
+    hup("policy and credentials reloaded");
     let e = connect_from(addr, "127.0.0.1", "postgres", "postgres", pw, "new")
         .await
         .err()
