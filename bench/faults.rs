@@ -435,16 +435,7 @@ fn report(
 ) -> Result<String> {
     use std::fmt::Write;
     let mut s = String::new();
-    writeln!(
-        s,
-        "## Fault drills of {}{}\n",
-        humantime::format_rfc3339_seconds(std::time::SystemTime::now()),
-        if label.is_empty() {
-            String::new()
-        } else {
-            format!(", {label}")
-        }
-    )?;
+    s.push_str(&crate::heading("Fault drills", "", label));
     writeln!(s, "Probers every 100 ms: `session` (one long-lived session, `select 1`, reconnecting when lost), `connect` (a new TLS session each time), `tailnet` (a new session through the tailnet listener, identity from the LocalAPI). Each window runs from the fault's start to {} s after it ended. An attempt gives up after 5 s.\n", QUIET.as_secs())?;
     writeln!(
         s,

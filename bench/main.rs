@@ -153,6 +153,23 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+/// A report's heading: "## KIND of TIME: WHAT, LABEL" and a blank line.
+fn heading(kind: &str, what: &str, label: &str) -> String {
+    let rest: Vec<&str> = [what, label]
+        .into_iter()
+        .filter(|p| !p.is_empty())
+        .collect();
+    format!(
+        "## {kind} of {}{}\n\n",
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now()),
+        if rest.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", rest.join(", "))
+        }
+    )
+}
+
 /// Open file descriptors of a process.
 fn open_fds(pid: u32) -> Result<usize> {
     Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
@@ -474,16 +491,7 @@ impl Bench {
         let after = sample(start.elapsed().as_secs())?;
 
         let mut s = String::new();
-        writeln!(
-            s,
-            "## Soak of {}: {minutes} minute(s){}\n",
-            humantime::format_rfc3339_seconds(std::time::SystemTime::now()),
-            if label.is_empty() {
-                String::new()
-            } else {
-                format!(", {label}")
-            }
-        )?;
+        s.push_str(&heading("Soak", &format!("{minutes} minute(s)"), label));
         writeln!(s, "Steady load: `pgbench -S -c 4` through pgbastion (passthrough); churn: `pgbench -S -C -c 2` (a new connection per transaction) through pgbastion (scram); PostgreSQL stopped with SIGSTOP for 20 s at {} s.\n", secs / 3)?;
         writeln!(
             s,
@@ -899,16 +907,7 @@ fn report(args: &Args, r: &Results) -> Result<String> {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(0);
-    writeln!(
-        s,
-        "## Run of {}{}\n",
-        humantime::format_rfc3339_seconds(std::time::SystemTime::now()),
-        if args.label.is_empty() {
-            String::new()
-        } else {
-            format!(": {}", args.label)
-        }
-    )?;
+    s.push_str(&heading("Run", "", &args.label));
     writeln!(
         s,
         "- machine: {cores} cores, {cpu}; client, proxies and server share them"

@@ -7,13 +7,12 @@ mod common;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
 use pgbastion::devcerts::Ca;
-use rcgen::{CertificateParams, DnType, SanType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Creates `app`, and the roles `app_rw` and `app_ro` with the superuser's
@@ -30,16 +29,6 @@ async fn create_app_roles(env: &Env) {
             .unwrap();
     }
     direct.batch_execute("create database app").await.unwrap();
-}
-
-/// A client certificate for a person.
-fn person(ca: &Ca, dir: &Path, name: &str) -> (PathBuf, PathBuf) {
-    let mut p = CertificateParams::default();
-    p.distinguished_name.push(DnType::CommonName, name);
-    p.subject_alt_names = vec![SanType::Rfc822Name(
-        format!("{name}@example.com").try_into().unwrap(),
-    )];
-    ca.issue(p).unwrap().write(dir, name).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,7 +13,7 @@ use common::*;
 use pgbastion::auth::rds_iam::{auth_token, AwsCredentials, TokenTarget};
 use pgbastion::devcerts::Ca;
 use pgbastion::localpg::{LocalPg, LocalPgOptions};
-use rcgen::{CertificateParams, DnType, SanType};
+use rcgen::{CertificateParams, DnType};
 
 /// The token pgbastion makes equals boto3's `generate_db_auth_token` for
 /// the same credentials, region, host, port, user and time.
@@ -62,44 +62,12 @@ fn rds_iam_tokens_match_boto3() {
     }
 }
 
-/// A client certificate for a person (CN and e-mail).
-fn person(ca: &Ca, dir: &Path, name: &str) -> (PathBuf, PathBuf) {
-    let mut p = CertificateParams::default();
-    p.distinguished_name.push(DnType::CommonName, name);
-    p.subject_alt_names = vec![SanType::Rfc822Name(
-        format!("{name}@example.com").try_into().unwrap(),
-    )];
-    ca.issue(p).unwrap().write(dir, name).unwrap()
-}
-
 /// Writes a secret file with mode 0600.
 fn secret_file(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, text).unwrap();
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
     p
-}
-
-/// psql with no password anywhere (no PGPASSWORD, no password file, never
-/// prompting): it fails if anyone asks for one.
-fn psql_without_password(conninfo: &str, sql: &str) -> std::process::Output {
-    std::process::Command::new("psql")
-        .args([
-            "-X",
-            "-A",
-            "-t",
-            "-w",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-d",
-            conninfo,
-            "-c",
-            sql,
-        ])
-        .env_remove("PGPASSWORD")
-        .env("PGPASSFILE", "/dev/null")
-        .output()
-        .expect("psql")
 }
 
 const RW_PASSWORD: &str = "rw-secret-7Hq";

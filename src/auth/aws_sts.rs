@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::auth::rds_iam::{AwsCredentials, IamError};
+use crate::auth::rds_iam::{uri_encode, AwsCredentials, IamError};
 use crate::config::RootSources;
 
 /// Temporary credentials are replaced once less than this is left.
@@ -74,9 +74,9 @@ impl WebIdentity {
         })?;
         let query = format!(
             "Action=AssumeRoleWithWebIdentity&DurationSeconds=3600&RoleArn={}&RoleSessionName={}&Version=2011-06-15&WebIdentityToken={}",
-            encode(&self.role_arn),
-            encode(&self.session_name),
-            encode(token.trim())
+            uri_encode(&self.role_arn),
+            uri_encode(&self.session_name),
+            uri_encode(token.trim())
         );
         let body = tokio::time::timeout(STS_TIMEOUT, self.get(&query))
             .await
@@ -166,18 +166,6 @@ fn tag<'a>(xml: &'a str, name: &str) -> Option<&'a str> {
     Some(&xml[start..start + len])
 }
 
-fn encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 /// The credentials RDS IAM logins use: access keys from the environment,
 /// else web identity credentials, cached until shortly before expiry.
 #[derive(Debug, Default)]
@@ -244,7 +232,7 @@ mod tests {
         assert_eq!(tag("<a><b>x</b></a>", "b"), Some("x"));
         assert_eq!(tag("<a><b>x</a>", "b"), None);
         assert_eq!(
-            encode("arn:aws:iam::1:role/x"),
+            uri_encode("arn:aws:iam::1:role/x"),
             "arn%3Aaws%3Aiam%3A%3A1%3Arole%2Fx"
         );
     }

@@ -104,7 +104,7 @@ pub fn auth_token(
         .build()
         .map_err(|e| IamError::Signing(e.to_string()))?
         .into();
-    let user: String = url_encode(target.user);
+    let user: String = uri_encode(target.user);
     let url = format!(
         "https://{}:{}/?Action=connect&DBUser={user}",
         target.host, target.port
@@ -133,8 +133,9 @@ pub fn auth_token(
     Ok(format!("{base}?{}", rest.join("&")))
 }
 
-/// Percent-encoding as SigV4 wants it (RFC 3986 unreserved kept).
-fn url_encode(s: &str) -> String {
+/// Percent-encoding as SigV4 and AWS query APIs want it (RFC 3986
+/// unreserved characters kept).
+pub fn uri_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
@@ -259,7 +260,7 @@ mod tests {
 
     #[test]
     fn user_names_are_encoded() {
-        assert_eq!(url_encode("app ro@x"), "app%20ro%40x");
+        assert_eq!(uri_encode("app ro@x"), "app%20ro%40x");
     }
 
     #[test]

@@ -134,22 +134,48 @@ impl Env {
 }
 
 pub fn psql(conninfo: &str, password: &str, sql: &str) -> Output {
-    Command::new("psql")
-        .args([
-            "-X",
-            "-A",
-            "-t",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-d",
-            conninfo,
-            "-c",
-            sql,
-        ])
+    psql_command(conninfo, sql)
         .env("PGPASSWORD", password)
-        .env("PGCONNECT_TIMEOUT", "15")
         .output()
         .expect("psql must be installed")
+}
+
+/// psql with no password anywhere (no PGPASSWORD, no password file, never
+/// prompting): it fails if anyone asks for one.
+pub fn psql_without_password(conninfo: &str, sql: &str) -> Output {
+    psql_command(conninfo, sql)
+        .arg("-w")
+        .env_remove("PGPASSWORD")
+        .env("PGPASSFILE", "/dev/null")
+        .output()
+        .expect("psql must be installed")
+}
+
+fn psql_command(conninfo: &str, sql: &str) -> Command {
+    let mut cmd = Command::new("psql");
+    cmd.args([
+        "-X",
+        "-A",
+        "-t",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-d",
+        conninfo,
+        "-c",
+        sql,
+    ])
+    .env("PGCONNECT_TIMEOUT", "15");
+    cmd
+}
+
+/// A client certificate for a person: CN `name`, e-mail `name@example.com`.
+pub fn person(ca: &pgbastion::devcerts::Ca, dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let mut p = rcgen::CertificateParams::default();
+    p.distinguished_name.push(rcgen::DnType::CommonName, name);
+    p.subject_alt_names = vec![rcgen::SanType::Rfc822Name(
+        format!("{name}@example.com").try_into().unwrap(),
+    )];
+    ca.issue(p).unwrap().write(dir, name).unwrap()
 }
 
 pub fn stdout(o: &Output) -> String {
