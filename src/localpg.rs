@@ -74,6 +74,9 @@ pub struct LocalPgOptions {
     /// cert`, the certificate's CN being the role), from `client_ca_pem`'s
     /// CA. With any, the other roles need no certificate.
     pub cert_users: Vec<String>,
+    /// pg_hba.conf lines placed before the generated ones, e.g.
+    /// `hostssl all app_md5 127.0.0.1/32 md5`.
+    pub extra_hba: Vec<String>,
 }
 
 impl Default for LocalPgOptions {
@@ -84,6 +87,7 @@ impl Default for LocalPgOptions {
             client_ca_pem: None,
             trust_users: Vec::new(),
             cert_users: Vec::new(),
+            extra_hba: Vec::new(),
         }
     }
 }
@@ -300,9 +304,14 @@ impl LocalPg {
         }
         append(&data.join("postgresql.conf"), &conf)?;
         let trusted: String = opts
-            .trust_users
+            .extra_hba
             .iter()
-            .map(|u| format!("hostssl all {u} 127.0.0.1/32 trust\n"))
+            .map(|l| format!("{l}\n"))
+            .chain(
+                opts.trust_users
+                    .iter()
+                    .map(|u| format!("hostssl all {u} 127.0.0.1/32 trust\n")),
+            )
             .chain(
                 opts.cert_users
                     .iter()

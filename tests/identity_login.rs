@@ -83,6 +83,7 @@ async fn people_with_certificates_log_in_with_no_password() {
     let pg = LocalPg::start(LocalPgOptions {
         client_ca_pem: Some(roles_ca.cert_pem()),
         cert_users: vec!["app_cert".into()],
+        extra_hba: vec!["hostssl all app_md5 127.0.0.1/32 md5".into()],
         ..LocalPgOptions::default()
     })
     .unwrap();
@@ -98,6 +99,9 @@ async fn people_with_certificates_log_in_with_no_password() {
             "CREATE ROLE app_rw LOGIN PASSWORD '{RW_PASSWORD}';\n\
              CREATE ROLE app_sk LOGIN PASSWORD '{sk_verifier}';\n\
              CREATE ROLE app_cert LOGIN;\n\
+             SET password_encryption = 'md5';\n\
+             CREATE ROLE app_md5 LOGIN PASSWORD '{RW_PASSWORD}';\n\
+             RESET password_encryption;\n\
              CREATE ROLE app_none LOGIN PASSWORD 'x';\n\
              CREATE ROLE app_stale LOGIN PASSWORD 'the-real-one';"
         ))
@@ -135,6 +139,9 @@ login = "identity"
 user = "app_rw"
 password_file = "{rw}"
 [[credential]]
+user = "app_md5"
+password_file = "{rw}"
+[[credential]]
 user = "app_sk"
 scram_secret = "{sk}"
 [[credential]]
@@ -166,6 +173,7 @@ password_file = "{stale}"
     let who_am_i = "select usename || ' ' || ssl from pg_stat_activity join pg_stat_ssl using (pid) where pid = pg_backend_pid()";
     for (user, kind) in [
         ("app_rw", "password"),
+        ("app_md5", "password"),
         ("app_sk", "scram_secret"),
         ("app_cert", "client_cert"),
     ] {
@@ -191,6 +199,11 @@ password_file = "{stale}"
     });
     assert_eq!(start["auth"]["server"]["mechanism"], "SCRAM-SHA-256-PLUS");
     assert_eq!(start["auth"]["server"]["channel_binding"], true);
+    // A role the server still keeps an MD5 password for.
+    let start = proxy.wait_audit("md5", |e| {
+        e["event"] == "session.start" && e["requested"]["user"] == "app_md5"
+    });
+    assert_eq!(start["auth"]["server"]["mechanism"], "md5");
 
     // Failures, each saying why, each audited.
     let refused = |who: &(PathBuf, PathBuf), user: &str, extra: &str| {

@@ -343,10 +343,15 @@ async fn secrets_file_stale_verifier_and_sighup_reload_from_flags() {
     let (code, msg) = refusal(&connect("old-secret").await.err().unwrap());
     assert_eq!(code, "28000");
     assert!(msg.contains("does not match the database server"), "{msg}");
-    let text = std::fs::read_to_string(&log).unwrap();
-    assert!(
-        text.contains("app") && text.contains(&secrets.display().to_string()),
-        "the log names the user and the file to refresh: {text}"
+    // The log is written off the session path: wait for the line.
+    wait_for(
+        "the log to name the user and the file to refresh",
+        Duration::from_secs(10),
+        || {
+            std::fs::read_to_string(&log).ok().filter(|text| {
+                text.contains("verifier") && text.contains(&secrets.display().to_string())
+            })
+        },
     );
 
     // The current verifier, and SIGHUP: the new file is used at once.

@@ -172,6 +172,7 @@ impl AuthQuery {
             login::complete(
                 &mut up.stream,
                 &mut buf,
+                &self.user,
                 first,
                 binding,
                 &Credential::Password(self.password.as_bytes()),

@@ -152,15 +152,10 @@ where
                     mechanism: "cert".into(),
                     channel_binding: false,
                 }),
-                AuthRequest::Other(code) => Err(IdentityLoginError::Unsupported {
+                other => Err(IdentityLoginError::Unsupported {
                     user: user.to_owned(),
                     kind: found.kind,
-                    code,
-                }),
-                _ => Err(IdentityLoginError::Unsupported {
-                    user: user.to_owned(),
-                    kind: found.kind,
-                    code: 10,
+                    code: other.code(),
                 }),
             };
         }
@@ -196,7 +191,7 @@ where
             code: 0,
         })?,
     };
-    login::complete(server, buf, first, binding, &credential)
+    login::complete(server, buf, user, first, binding, &credential)
         .await
         .map_err(|e| refusal(e, user, found.kind))
 }

@@ -38,8 +38,9 @@ pub enum LoginError {
 /// How one leg authenticated, for the audit log.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct LegAuth {
-    /// `SCRAM-SHA-256-PLUS`, `SCRAM-SHA-256`, `password` (cleartext, for
-    /// the auth_query role only) or `none` (the server asked for nothing).
+    /// `SCRAM-SHA-256-PLUS`, `SCRAM-SHA-256`, `password` (cleartext) or
+    /// `md5` (a password pgbastion holds, over verified TLS), `cert` (a
+    /// role certificate) or `none` (the server asked for nothing).
     pub mechanism: String,
     pub channel_binding: bool,
 }
@@ -77,12 +78,13 @@ fn refused(body: Vec<u8>) -> LoginError {
     }
 }
 
-/// Answers `request` and what follows until AuthenticationOk. `binding` is
-/// the server certificate's `tls-server-end-point` data. Bytes after
-/// AuthenticationOk stay in `buf`.
+/// Answers `request` and what follows until AuthenticationOk, logging in
+/// as `user`. `binding` is the server certificate's `tls-server-end-point`
+/// data. Bytes after AuthenticationOk stay in `buf`.
 pub async fn complete<S>(
     server: &mut S,
     buf: &mut Vec<u8>,
+    user: &str,
     request: AuthRequest,
     binding: Option<Vec<u8>>,
     credential: &Credential<'_>,
@@ -132,20 +134,31 @@ where
                 // Proven; AuthenticationOk must follow.
                 return expect_ok(server, buf).await.map(|()| leg);
             }
-            // Cleartext over verified TLS: only for a password pgbastion
-            // holds (the auth_query role), never for a session.
-            AuthRequest::Other(3) if exchange.is_none() && awaiting.is_none() => match credential {
-                Credential::Password(p) => {
-                    wire::send(server, &message::password_message(p)).await?;
-                    expect_ok(server, buf).await?;
-                    return Ok(LegAuth {
-                        mechanism: "password".into(),
-                        channel_binding: false,
-                    });
-                }
-                Credential::Keys { .. } => return Err(LoginError::UnsupportedMethod(3)),
-            },
-            AuthRequest::Other(code) => return Err(LoginError::UnsupportedMethod(code)),
+            // Cleartext or MD5 over verified TLS: only for a password
+            // pgbastion holds (the auth_query role, identity logins),
+            // never with a client's proof.
+            AuthRequest::Other(3) | AuthRequest::Md5Password(_)
+                if exchange.is_none() && awaiting.is_none() =>
+            {
+                let Credential::Password(p) = credential else {
+                    return Err(LoginError::UnsupportedMethod(request.code()));
+                };
+                let (answer, mechanism) = match request {
+                    AuthRequest::Md5Password(salt) => {
+                        (message::md5_password_message(user, p, salt), "md5")
+                    }
+                    _ => (message::password_message(p), "password"),
+                };
+                wire::send(server, &answer).await?;
+                expect_ok(server, buf).await?;
+                return Ok(LegAuth {
+                    mechanism: mechanism.into(),
+                    channel_binding: false,
+                });
+            }
+            AuthRequest::Other(_) | AuthRequest::Md5Password(_) => {
+                return Err(LoginError::UnsupportedMethod(request.code()))
+            }
             AuthRequest::Sasl(_) => return Err(LoginError::Unexpected('R')),
         }
         let (t, body) = wire::read_message(server, buf, MAX_LOGIN_MESSAGE).await?;

@@ -271,6 +271,7 @@ impl AuthPhase {
                     }
                     Ok(
                         AuthRequest::Other(_)
+                        | AuthRequest::Md5Password(_)
                         | AuthRequest::SaslContinue(_)
                         | AuthRequest::SaslFinal(_),
                     ) => {}

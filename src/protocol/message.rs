@@ -38,6 +38,7 @@ const AUTH_OK: u32 = 0;
 const AUTH_SASL: u32 = 10;
 const AUTH_SASL_CONTINUE: u32 = 11;
 const AUTH_SASL_FINAL: u32 = 12;
+const AUTH_MD5: u32 = 5;
 
 /// A human name for an authentication request code, for messages that
 /// say what a server asked for.
@@ -198,6 +199,8 @@ pub enum AuthRequest {
     SaslContinue(Vec<u8>),
     /// AuthenticationSASLFinal with the server's SASL data.
     SaslFinal(Vec<u8>),
+    /// AuthenticationMD5Password with its 4-byte salt.
+    Md5Password([u8; 4]),
     /// Any other request (password, GSS, ...): the code is kept for
     /// messages (`auth_method_name`).
     Other(u32),
@@ -228,9 +231,43 @@ impl AuthRequest {
             }
             AUTH_SASL_CONTINUE => AuthRequest::SaslContinue(rest.to_vec()),
             AUTH_SASL_FINAL => AuthRequest::SaslFinal(rest.to_vec()),
+            AUTH_MD5 => AuthRequest::Md5Password(
+                rest.try_into()
+                    .map_err(|_| MessageError::Malformed("AuthenticationMD5Password"))?,
+            ),
             other => AuthRequest::Other(other),
         })
     }
+
+    /// The request's code, for messages (`auth_method_name`) about
+    /// requests pgbastion cannot answer in some mode.
+    pub fn code(&self) -> u32 {
+        match self {
+            AuthRequest::Ok => AUTH_OK,
+            AuthRequest::Sasl(_) => AUTH_SASL,
+            AuthRequest::SaslContinue(_) => AUTH_SASL_CONTINUE,
+            AuthRequest::SaslFinal(_) => AUTH_SASL_FINAL,
+            AuthRequest::Md5Password(_) => AUTH_MD5,
+            AuthRequest::Other(code) => *code,
+        }
+    }
+}
+
+/// The answer to AuthenticationMD5Password: "md5" and the hex MD5 of the
+/// hex MD5 of password and user, salted. Only for a password pgbastion
+/// holds, over verified TLS.
+pub fn md5_password_message(user: &str, password: &[u8], salt: [u8; 4]) -> Vec<u8> {
+    use md5::Digest;
+    let hex = |d: &[u8]| d.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let inner = hex(&md5::Md5::new()
+        .chain_update(password)
+        .chain_update(user.as_bytes())
+        .finalize());
+    let outer = hex(&md5::Md5::new()
+        .chain_update(inner.as_bytes())
+        .chain_update(salt)
+        .finalize());
+    password_message(format!("md5{outer}").as_bytes())
 }
 
 /// Builds an AuthenticationSASL message offering `mechanisms`.
@@ -379,6 +416,19 @@ pub fn sasl_initial_mechanism(body: &[u8]) -> Result<&[u8], MessageError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn md5_answer_and_request() {
+        let msg = md5_password_message("postgres", b"password", [1, 2, 3, 4]);
+        assert_eq!(
+            &msg[5..msg.len() - 1],
+            b"md598511ceaec347a656f032c7f2a16ef17"
+        );
+        let req = AuthRequest::parse(&[0, 0, 0, 5, 1, 2, 3, 4]).unwrap();
+        assert_eq!(req, AuthRequest::Md5Password([1, 2, 3, 4]));
+        assert_eq!(req.code(), 5);
+        assert!(AuthRequest::parse(&[0, 0, 0, 5, 1, 2]).is_err());
+    }
     use crate::auth::scram::SCRAM_SHA_256_PLUS as SCRAM_PLUS;
     use proptest::prelude::*;
 

@@ -567,18 +567,24 @@ impl Session {
         if !early.is_empty() {
             wire::send(&mut conn.io, &early).await?;
         }
-        if let AuthRequest::Other(code) = first {
-            return Err(AuthError::ServerMethod(code));
+        if let AuthRequest::Other(_) | AuthRequest::Md5Password(_) = first {
+            return Err(AuthError::ServerMethod(first.code()));
         }
         let credential = Credential::Keys {
             client_key: &client.proven.client_key,
             verifier: &client.verifier,
         };
         let binding = up.channel_binding();
-        let server_leg =
-            login::complete(&mut up.stream, &mut server_buf, first, binding, &credential)
-                .await
-                .map_err(|e| AuthError::from_server(e, user, &client.source))?;
+        let server_leg = login::complete(
+            &mut up.stream,
+            &mut server_buf,
+            user,
+            first,
+            binding,
+            &credential,
+        )
+        .await
+        .map_err(|e| AuthError::from_server(e, user, &client.source))?;
         facts.server = Some(server_leg);
         terminate::welcome_client(&mut conn.io, &client.proven).await?;
         facts.outcome = AuthOutcome::Ok;
