@@ -12,6 +12,7 @@
 //! - `audit`: the JSON-lines audit log; `sink`: the writer threads behind
 //!   it and the text log, so a stalled reader never blocks a session.
 //! - `ratelimit`: keyed token buckets (cancel requests, failed logins);
+//!   `keyed_slots`: concurrent slots per address or identity;
 //!   `warn_limit`: log and audit lines caused by strangers, summarised.
 //! - `config`: the one configuration model; `fd_limit`: the open-files
 //!   limit raised to what the limits need.
@@ -27,6 +28,7 @@ pub mod config;
 pub mod devcerts;
 pub mod fd_limit;
 pub mod identity;
+pub mod keyed_slots;
 pub mod localpg;
 pub mod policy;
 pub mod protocol;

@@ -20,7 +20,9 @@ use pgbastion::sink::{Sink, SinkTarget};
                   certificate verification, and writes a JSON audit line for every session. With \
                   `--auth scram` (or auth = \"scram\" per upstream) it terminates SCRAM itself, channel-bound on \
                   both legs, so clients connect with their default settings.\n\n\
-                  Signals: SIGHUP reopens the audit file and re-reads secrets files (and the policy of --config); SIGTERM/SIGINT drain and stop.\n\n\
+                  Signals: SIGHUP reopens the audit file and re-reads secrets files (and the rules and credentials of --config); SIGTERM/SIGINT drain and stop.\n\n\
+                  Every `run` flag can also come from the environment (for containers): PGBASTION_CONFIG, PGBASTION_LISTEN \
+                  (comma-separated), PGBASTION_TLS_CERT, PGBASTION_UPSTREAM, ... (the flag's name in capitals, `-` as `_`).\n\n\
                   Logs go to stderr (level from RUST_LOG, default info); audit events go where `audit.log` says \
                   (stdout by default)."
 )]
@@ -68,76 +70,84 @@ enum Command {
 #[derive(Args)]
 struct RunArgs {
     /// TOML config file (see examples/pgbastion.toml). Excludes the flags below.
-    #[arg(long, short, conflicts_with_all = ["listen", "unix_dir", "upstream"])]
+    #[arg(long, short, conflicts_with_all = ["listen", "unix_dir", "upstream"], env = "PGBASTION_CONFIG")]
     config: Option<PathBuf>,
     /// TCP address to listen on, IP:PORT (repeatable), e.g. 127.0.0.1:6432 or [::]:6432.
-    #[arg(long)]
+    #[arg(long, env = "PGBASTION_LISTEN", value_delimiter = ',')]
     listen: Vec<String>,
     /// Also listen on a Unix socket DIR/.s.PGSQL.PORT (psql -h DIR -p PORT).
-    #[arg(long)]
+    #[arg(long, env = "PGBASTION_UNIX_DIR")]
     unix_dir: Option<PathBuf>,
     /// Port number in the Unix socket's name (default 5432).
-    #[arg(long, requires = "unix_dir")]
+    #[arg(long, requires = "unix_dir", env = "PGBASTION_PORT")]
     port: Option<u16>,
     /// pgbastion's certificate chain for clients (PEM).
-    #[arg(long)]
+    #[arg(long, env = "PGBASTION_TLS_CERT")]
     tls_cert: Option<PathBuf>,
     /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
-    #[arg(long)]
+    #[arg(long, env = "PGBASTION_TLS_KEY")]
     tls_key: Option<PathBuf>,
     /// Whether TCP listeners insist on client TLS.
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, env = "PGBASTION_CLIENT_TLS")]
     client_tls: Option<ClientTlsArg>,
     /// The database server, HOST:PORT.
-    #[arg(long)]
+    #[arg(long, env = "PGBASTION_UPSTREAM")]
     upstream: Option<String>,
     /// CA bundle (PEM) that the database server's certificate must chain to.
-    #[arg(long)]
+    #[arg(long, env = "PGBASTION_UPSTREAM_CA")]
     upstream_ca: Option<PathBuf>,
     /// Directory of CA certificates (PEM) to trust for the database server.
-    #[arg(long)]
+    #[arg(long, env = "PGBASTION_UPSTREAM_CA_DIR")]
     upstream_ca_dir: Option<PathBuf>,
     /// Also trust the operating system's root certificates.
-    #[arg(long)]
+    #[arg(long, env = "PGBASTION_UPSTREAM_SYSTEM_ROOTS")]
     upstream_system_roots: bool,
     /// Name (DNS or IP) the database certificate must be valid for; default: the upstream host.
-    #[arg(long)]
+    #[arg(long, env = "PGBASTION_UPSTREAM_SERVER_NAME")]
     upstream_server_name: Option<String>,
     /// Client certificate (PEM) for mutual TLS with the database server.
-    #[arg(long, requires = "upstream_client_key")]
+    #[arg(
+        long,
+        requires = "upstream_client_key",
+        env = "PGBASTION_UPSTREAM_CLIENT_CERT"
+    )]
     upstream_client_cert: Option<PathBuf>,
     /// Key of --upstream-client-cert.
-    #[arg(long, requires = "upstream_client_cert")]
+    #[arg(
+        long,
+        requires = "upstream_client_cert",
+        env = "PGBASTION_UPSTREAM_CLIENT_KEY"
+    )]
     upstream_client_key: Option<PathBuf>,
     /// Use direct TLS (PostgreSQL 17+) instead of SSLRequest toward the server.
-    #[arg(long)]
+    #[arg(long, env = "PGBASTION_UPSTREAM_DIRECT_TLS")]
     upstream_direct_tls: bool,
     /// Audit log: a file to append JSON lines to, or - for stdout (default).
-    #[arg(long)]
+    #[arg(long, env = "PGBASTION_AUDIT_LOG")]
     audit_log: Option<String>,
     /// While audit events cannot be written: `continue` (default; dropped events are counted
     /// and reported) or `refuse` (no new session is admitted until they can be written again).
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, env = "PGBASTION_AUDIT_ON_FAILURE")]
     audit_on_failure: Option<AuditOnFailureArg>,
     /// Maximum concurrent sessions (default 1000).
-    #[arg(long)]
+    #[arg(long, env = "PGBASTION_MAX_SESSIONS")]
     max_sessions: Option<usize>,
     /// Who authenticates clients: `passthrough` (default: the client logs in to the server
     /// through pgbastion; SCRAM channel binding cannot work) or `scram` (pgbastion terminates
     /// SCRAM on both legs, channel-bound, so clients need no special settings; needs
     /// --secrets-file and/or --auth-user with --auth-password-file).
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, env = "PGBASTION_AUTH")]
     auth: Option<AuthArg>,
     /// scram: a PgBouncer-format userlist of SCRAM verifiers ("user" "SCRAM-SHA-256$..."),
     /// re-read on SIGHUP.
-    #[arg(long)]
+    #[arg(long, env = "PGBASTION_SECRETS_FILE")]
     secrets_file: Option<PathBuf>,
     /// scram: a role pgbastion logs in as to look verifiers up with auth_query
     /// (default query: SELECT usename, passwd FROM pgbastion.lookup($1); see the README).
-    #[arg(long, requires = "auth_password_file")]
+    #[arg(long, requires = "auth_password_file", env = "PGBASTION_AUTH_USER")]
     auth_user: Option<String>,
     /// The file holding --auth-user's password.
-    #[arg(long, requires = "auth_user")]
+    #[arg(long, requires = "auth_user", env = "PGBASTION_AUTH_PASSWORD_FILE")]
     auth_password_file: Option<PathBuf>,
 }
 

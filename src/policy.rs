@@ -63,6 +63,9 @@ pub struct Rule {
     /// How an admitted client logs in to the database.
     #[serde(default)]
     pub login: Login,
+    /// At most this many sessions at once per identity name admitted by
+    /// this rule, so one person or service cannot take every server slot.
+    pub max_sessions: Option<usize>,
 }
 
 /// How a client a rule admits logs in to the database.
@@ -100,6 +103,8 @@ pub struct Decision {
     pub rule: Option<String>,
     /// How the client logs in (from the deciding rule).
     pub login: Login,
+    /// The deciding rule's per-identity session limit.
+    pub max_sessions: Option<usize>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -122,6 +127,12 @@ impl Policy {
         for (i, r) in rules.iter_mut().enumerate() {
             if r.name.is_empty() {
                 r.name = format!("rule{i}");
+            }
+            if r.max_sessions == Some(0) {
+                return Err(format!(
+                    "rule {:?}: max_sessions must be at least 1 (use action = \"deny\" to refuse)",
+                    r.name
+                ));
             }
             if r.from_grants && r.action == Action::Deny {
                 return Err(format!(
@@ -147,6 +158,7 @@ impl Policy {
                 allowed: true,
                 rule: None,
                 login: Login::Password,
+                max_sessions: None,
             };
         }
         for rule in &self.rules {
@@ -155,6 +167,7 @@ impl Policy {
                     allowed: rule.action == Action::Allow,
                     rule: Some(rule.name.clone()),
                     login: rule.login,
+                    max_sessions: rule.max_sessions,
                 };
             }
         }
@@ -162,6 +175,7 @@ impl Policy {
             allowed: false,
             rule: None,
             login: Login::Password,
+            max_sessions: None,
         }
     }
 }
@@ -336,6 +350,7 @@ mod tests {
                 allowed: true,
                 rule: Some("app".into()),
                 login: Login::Password,
+                max_sessions: None,
             }
         );
         let d = p.decide(&req(&bob, "app", "app_rw"));
@@ -345,6 +360,7 @@ mod tests {
                 allowed: false,
                 rule: Some("no-bob-rw".into()),
                 login: Login::Password,
+                max_sessions: None,
             }
         );
         assert!(p.decide(&req(&bob, "app", "app_ro")).allowed);
@@ -354,6 +370,7 @@ mod tests {
                 allowed: false,
                 rule: None,
                 login: Login::Password,
+                max_sessions: None,
             }
         );
         assert!(!p.decide(&req(&alice, "postgres", "app_rw")).allowed);

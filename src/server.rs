@@ -5,12 +5,11 @@
 //! pgbastion stops before it accepts anyone. `Server::run` then accepts until
 //! told to stop, and drains open sessions with a deadline.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::IpAddr;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use thiserror::Error;
@@ -32,6 +31,7 @@ use crate::config::{
     ProxyProtocol, Timeouts,
 };
 use crate::identity::tailscale::WhoIsClient;
+use crate::keyed_slots::{KeyedPermit, KeyedSlots};
 use crate::policy::Policy;
 use crate::relay::ShutdownPhase;
 use crate::stream::BoxedIo;
@@ -83,6 +83,8 @@ pub(crate) struct Shared {
     pub policy: RwLock<Arc<Policy>>,
     /// What identity logins log in with; replaced as a whole on reload.
     pub credentials: RwLock<Arc<Credentials>>,
+    /// Sessions per identity name, for rules with `max_sessions`.
+    pub identity_sessions: KeyedSlots<String>,
     pub whois: Option<WhoIsClient>,
     pub application_name: Option<String>,
     /// scram mode: failed logins per address and per user.
@@ -247,19 +249,16 @@ fn prepare_tls(config: &Config) -> Result<PreparedTls, ServerError> {
     Ok((acceptors, upstreams))
 }
 
-/// Unauthenticated connections per client address, shared by every
-/// listener.
-type AddressCounts = Arc<Mutex<HashMap<IpAddr, usize>>>;
-
 /// Connections not yet authenticated (negotiating TLS and startup, or in
 /// the middle of authentication): a share per listener, so a flood on one
 /// listener cannot lock out another (the Unix socket, say), and a cap per
-/// client address across listeners, so one address cannot take every slot.
-/// Together with the per-message limits while authenticating, this is what
-/// bounds the memory strangers can make pgbastion hold.
+/// client address across listeners (the counts are shared by every
+/// listener), so one address cannot take every slot. Together with the
+/// per-message limits while authenticating, this is what bounds the memory
+/// strangers can make pgbastion hold.
 pub(crate) struct PendingSlots {
     per_listener: Arc<Semaphore>,
-    per_address: AddressCounts,
+    per_address: KeyedSlots<IpAddr>,
     max_per_address: usize,
 }
 
@@ -267,21 +266,7 @@ pub(crate) struct PendingSlots {
 /// the session is authenticated, or ends).
 pub(crate) struct PendingPermit {
     _listener: OwnedSemaphorePermit,
-    address: Option<(IpAddr, AddressCounts)>,
-}
-
-impl Drop for PendingPermit {
-    fn drop(&mut self) {
-        if let Some((ip, map)) = &self.address {
-            let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(n) = map.get_mut(ip) {
-                *n -= 1;
-                if *n == 0 {
-                    map.remove(ip);
-                }
-            }
-        }
-    }
+    _address: Option<KeyedPermit<IpAddr>>,
 }
 
 /// Why a connection got no pending slot.
@@ -295,7 +280,7 @@ impl PendingSlots {
     fn new(
         max_per_listener: usize,
         max_per_address: usize,
-        per_address: &Arc<Mutex<HashMap<IpAddr, usize>>>,
+        per_address: &KeyedSlots<IpAddr>,
     ) -> Self {
         PendingSlots {
             per_listener: Arc::new(Semaphore::new(max_per_listener)),
@@ -311,21 +296,17 @@ impl PendingSlots {
             .try_acquire_owned()
             .map_err(|_| PendingRefusal::Listener)?;
         let address = match ip {
-            Some(ip) => {
-                let mut map = self.per_address.lock().unwrap_or_else(|p| p.into_inner());
-                let n = map.entry(ip).or_insert(0);
-                if *n >= self.max_per_address {
-                    return Err(PendingRefusal::Address);
-                }
-                *n += 1;
-                Some((ip, self.per_address.clone()))
-            }
+            Some(ip) => Some(
+                self.per_address
+                    .try_acquire(ip, self.max_per_address)
+                    .ok_or(PendingRefusal::Address)?,
+            ),
             // Unix-socket clients: the socket's permissions decide.
             None => None,
         };
         Ok(PendingPermit {
             _listener: listener,
-            address,
+            _address: address,
         })
     }
 }
@@ -383,7 +364,7 @@ impl Server {
             AuditLog::open(&config.audit, config.audit_on_failure).map_err(ServerError::Audit)?;
         let mut listeners = Vec::new();
         // One count per client address, across every listener.
-        let per_address = Arc::new(Mutex::new(HashMap::new()));
+        let per_address = KeyedSlots::default();
         for (l, acceptor) in config.listeners.iter().zip(acceptors) {
             let socket = match &l.bind {
                 BindAddress::Tcp(addr) => {
@@ -428,6 +409,7 @@ impl Server {
                 cancels: CancelRegistry::new(config.limits.cancel_rate, config.limits.cancel_burst),
                 policy: RwLock::new(Arc::new(config.policy.clone())),
                 credentials: RwLock::new(Arc::new(credentials)),
+                identity_sessions: KeyedSlots::default(),
                 whois: config.tailscale.as_ref().map(|t| WhoIsClient {
                     socket: t.socket.clone(),
                     capability: t.capability.clone(),

@@ -495,3 +495,73 @@ fn the_demo_prints_psql_lines_that_work() {
     assert!(status.success(), "{status}");
     assert!(!dir.exists(), "{} is removed", dir.display());
 }
+
+/// The container form: every run flag from the environment, and
+/// `--version`.
+#[test]
+fn run_flags_come_from_the_environment_and_version_prints() {
+    let env = Env::new();
+    let port = pgbastion::localpg::free_port().unwrap();
+    let _proc = Running(
+        Command::new(BIN)
+            .arg("run")
+            .env("PGBASTION_LISTEN", format!("127.0.0.1:{port}"))
+            .env("PGBASTION_TLS_CERT", &env.proxy_cert)
+            .env("PGBASTION_TLS_KEY", &env.proxy_key)
+            .env("PGBASTION_UPSTREAM", format!("localhost:{}", env.pg.port))
+            .env("PGBASTION_UPSTREAM_CA", &env.pg.ca_cert)
+            .env("PGBASTION_AUDIT_LOG", env.dir.path().join("audit.jsonl"))
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let addr = wait_listening(port);
+    let out = env.psql(
+        &env.via_proxy(addr, "channel_binding=disable"),
+        "select 'from the environment'",
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "from the environment");
+    let out = Command::new(BIN).arg("--version").output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("pgbastion {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+/// examples/pgbastion.service: reload by SIGHUP, sandboxed, and valid for
+/// `systemd-analyze verify` where systemd is installed (no warnings).
+#[test]
+fn the_systemd_unit_is_valid_and_sandboxed() {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/pgbastion.service"
+    ))
+    .unwrap();
+    for line in [
+        "Type=exec",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "CapabilityBoundingSet=",
+        "SystemCallFilter=@system-service",
+        "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "{line} in the unit");
+    }
+    let Ok(out) = Command::new("systemd-analyze").arg("--version").output() else {
+        eprintln!("systemd-analyze is not installed: the unit's syntax is not verified here");
+        return;
+    };
+    assert!(out.status.success());
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("pgbastion.service");
+    std::fs::write(&copy, unit.replace("/usr/local/bin/pgbastion", BIN)).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stderr(&out), "", "no warnings");
+}

@@ -554,3 +554,50 @@ password_file = "{password}"
         refusal_text(&e)
     );
 }
+
+/// A rule's max_sessions caps one identity's concurrent sessions: the
+/// third gets 53300 naming the limit, another identity is unaffected, and
+/// a slot comes back when a session ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_limits_sessions_per_identity() {
+    let env = Env::new();
+    let proxy = env.proxy_with(
+        "client_tls = \"allow\"",
+        "[[rule]]\nname = \"two-each\"\nmax_sessions = 2\n",
+    );
+    let pw = env.pg.password.as_str();
+    let addr = proxy.addr();
+    let first = connect_from(addr, "127.0.0.2", "postgres", "postgres", pw, "a")
+        .await
+        .unwrap();
+    let _second = connect_from(addr, "127.0.0.2", "postgres", "postgres", pw, "b")
+        .await
+        .unwrap();
+    let e = connect_from(addr, "127.0.0.2", "postgres", "postgres", pw, "c")
+        .await
+        .err()
+        .unwrap();
+    let db = e.as_db_error().expect("an ErrorResponse");
+    assert_eq!(db.code().code(), "53300");
+    assert!(
+        db.message().contains("127.0.0.2")
+            && db.message().contains("already has 2 sessions")
+            && db.message().contains("two-each"),
+        "{}",
+        db.message()
+    );
+    let ev = proxy.wait_audit("limit", |e| e["reason"] == "identity_session_limit");
+    assert_eq!(ev["sqlstate"], "53300");
+    // Another identity is unaffected.
+    connect_from(addr, "127.0.0.3", "postgres", "postgres", pw, "d")
+        .await
+        .expect("another identity gets in");
+    // A slot comes back when a session ends.
+    drop(first);
+    wait_for_async("a slot to come back", Duration::from_secs(10), || async {
+        connect_from(addr, "127.0.0.2", "postgres", "postgres", pw, "e")
+            .await
+            .ok()
+    })
+    .await;
+}

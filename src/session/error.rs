@@ -38,6 +38,12 @@ pub enum SessionError {
     ClientTimeout(Duration),
     #[error("too many sessions (limit {0})")]
     TooManySessions(usize),
+    #[error("{identity} already has {limit} sessions (rule {rule:?} max_sessions)")]
+    IdentityLimit {
+        identity: String,
+        limit: usize,
+        rule: String,
+    },
     #[error("PROXY protocol header from {0}, which is not in proxy_trusted")]
     ProxyUntrusted(String),
     #[error("invalid PROXY protocol header: {0}")]
@@ -85,6 +91,7 @@ impl SessionError {
             SessionError::ClientIo(_) => "client_io_error",
             SessionError::ClientTimeout(_) => "client_timeout",
             SessionError::TooManySessions(_) => "too_many_sessions",
+            SessionError::IdentityLimit { .. } => "identity_session_limit",
             SessionError::ProxyUntrusted(_) => "proxy_untrusted_source",
             SessionError::ProxyHeader(_) => "bad_proxy_header",
             SessionError::ProxyTimeout(_) => "proxy_header_timeout",
@@ -145,6 +152,11 @@ impl SessionError {
                 "08006",
                 format!("timed out after {} waiting for the startup packet", humantime::format_duration(*d)),
             ),
+            SessionError::IdentityLimit { identity, limit, rule } => ErrorResponse::new(
+                "53300",
+                format!("{identity} already has {limit} sessions open through pgbastion, the most rule \"{rule}\" allows"),
+            )
+            .with_hint("Close a session and try again, or ask pgbastion's administrator to raise max_sessions in that rule."),
             SessionError::TooManySessions(_) => ErrorResponse::new("53300", "sorry, too many clients already")
                 .with_hint("pgbastion's limits.max_sessions is reached; try again later or raise the limit."),
             SessionError::Identity(e) => ErrorResponse::new(

@@ -220,6 +220,25 @@ impl Session {
         }
         let startup = self.forwarded_startup(startup);
 
+        // Per identity (a rule's max_sessions): held for the session.
+        let _identity_permit = match decision.max_sessions {
+            None => None,
+            Some(limit) => match self
+                .shared
+                .identity_sessions
+                .try_acquire(identity_text.clone(), limit)
+            {
+                Some(p) => Some(p),
+                None => {
+                    let err = SessionError::IdentityLimit {
+                        identity: identity_text,
+                        limit,
+                        rule: decision.rule.clone().unwrap_or_default(),
+                    };
+                    return self.reject(&mut conn, err).await;
+                }
+            },
+        };
         let Ok(_permit) = self.shared.sessions.clone().try_acquire_owned() else {
             let limit = self.shared.max_sessions;
             return self
