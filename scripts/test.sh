@@ -42,11 +42,14 @@ if ! python3 -c 'import psycopg' >/dev/null 2>&1; then
     python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "psycopg[binary]>=3.2"
 fi
 
-# boto3, to check pgbastion's RDS IAM auth tokens against AWS's own SDK.
-if ! python3 -c 'import boto3' >/dev/null 2>&1; then
-    echo "installing boto3"
-    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "boto3>=1.26"
-fi
+# boto3, to check pgbastion's RDS IAM auth tokens against AWS's own SDK;
+# prometheus_client, whose OpenMetrics parser reads pgbastion's /metrics.
+for module in boto3 prometheus_client; do
+    if ! python3 -c "import $module" >/dev/null 2>&1; then
+        echo "installing $module"
+        python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "$module"
+    fi
+done
 
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings

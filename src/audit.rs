@@ -266,6 +266,13 @@ impl AuditLog {
     /// they are counted and reported in pgbastion's log at most every 10 s;
     /// with `on_failure = "refuse"` no new session is admitted meanwhile
     /// (see `accepting`).
+    /// Events written and dropped so far (0, 0 with the audit log off).
+    pub fn counts(&self) -> (u64, u64) {
+        self.sink
+            .as_ref()
+            .map_or((0, 0), |s| (s.written(), s.dropped()))
+    }
+
     pub fn emit(&self, event: &Event<'_>) {
         let Some(sink) = &self.sink else {
             return;

@@ -141,6 +141,20 @@ struct RawConfig {
     forward: RawForward,
     #[serde(default, rename = "credential")]
     credentials: Vec<RawCredential>,
+    #[serde(default)]
+    admin: Option<AdminConfig>,
+}
+
+/// The admin HTTP listener: `/metrics`, `/livez`, `/readyz`, `/startupz`.
+/// Off unless configured; bind it to loopback or a management network.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// At shutdown, how long `/readyz` says 503 before the listeners close,
+    /// so a load balancer (or Kubernetes) stops sending new clients first.
+    #[serde(default, with = "humantime_serde")]
+    pub unready_grace: Duration,
 }
 
 /// A `[[credential]]` section as written: one kind of credential must be
@@ -618,6 +632,8 @@ pub struct Config {
     pub application_name: Option<String>,
     /// What pgbastion logs in with for `login = "identity"` rules.
     pub credentials: Vec<CredentialConfig>,
+    /// The admin HTTP listener (metrics and health), if any.
+    pub admin: Option<AdminConfig>,
 }
 
 /// The flag-only form of `pgbastion run`, for the one-upstream case.
@@ -639,6 +655,7 @@ pub struct Flags {
     pub client_tls: Option<ClientTlsMode>,
     pub audit_log: Option<String>,
     pub audit_on_failure: Option<AuditOnFailure>,
+    pub admin_listen: Option<SocketAddr>,
     pub max_sessions: Option<usize>,
     pub auth: Option<AuthMode>,
     pub secrets_file: Option<PathBuf>,
@@ -740,6 +757,10 @@ impl Config {
             tailscale: None,
             forward: RawForward::default(),
             credentials: Vec::new(),
+            admin: flags.admin_listen.map(|listen| AdminConfig {
+                listen,
+                unready_grace: Duration::ZERO,
+            }),
         };
         raw.validate()
     }
@@ -964,6 +985,7 @@ impl RawConfig {
             tailscale,
             application_name: self.forward.application_name,
             credentials,
+            admin: self.admin,
         })
     }
 }

@@ -14,6 +14,8 @@
 //! - `ratelimit`: keyed token buckets (cancel requests, failed logins);
 //!   `keyed_slots`: concurrent slots per address or identity;
 //!   `warn_limit`: log and audit lines caused by strangers, summarised.
+//! - `metrics` and `admin`: Prometheus metrics and the health probes, on
+//!   the admin HTTP listener.
 //! - `config`: the one configuration model; `fd_limit`: the open-files
 //!   limit raised to what the limits need.
 //! - `localpg`, `devcerts`: a throwaway local PostgreSQL and a private CA,
@@ -21,6 +23,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod audit;
 pub mod auth;
 pub mod cancel;
@@ -30,6 +33,7 @@ pub mod fd_limit;
 pub mod identity;
 pub mod keyed_slots;
 pub mod localpg;
+pub mod metrics;
 pub mod policy;
 pub mod protocol;
 pub mod ratelimit;

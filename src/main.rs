@@ -125,6 +125,9 @@ struct RunArgs {
     /// Audit log: a file to append JSON lines to, or - for stdout (default).
     #[arg(long, env = "PGBASTION_AUDIT_LOG")]
     audit_log: Option<String>,
+    /// Serve /metrics, /livez, /readyz and /startupz over HTTP on IP:PORT (e.g. 127.0.0.1:9930).
+    #[arg(long, env = "PGBASTION_ADMIN_LISTEN")]
+    admin_listen: Option<std::net::SocketAddr>,
     /// While audit events cannot be written: `continue` (default; dropped events are counted
     /// and reported) or `refuse` (no new session is admitted until they can be written again).
     #[arg(long, value_enum, env = "PGBASTION_AUDIT_ON_FAILURE")]
@@ -252,6 +255,7 @@ fn load_run_config(args: RunArgs) -> Result<Config> {
             ClientTlsArg::Allow => ClientTlsMode::Allow,
         }),
         audit_log: args.audit_log,
+        admin_listen: args.admin_listen,
         audit_on_failure: args.audit_on_failure.map(|a| match a {
             AuditOnFailureArg::Continue => AuditOnFailure::Continue,
             AuditOnFailureArg::Refuse => AuditOnFailure::Refuse,
@@ -364,6 +368,7 @@ async fn reload_on_sighup(path: Option<PathBuf>, handle: server::ReloadHandle) {
                 }
             },
             Err(e) => {
+                handle.reload_failed();
                 tracing::error!(path = %path.display(), error = %e, "reload refused; keeping the current policy")
             }
         }

@@ -9,6 +9,7 @@ use std::future::Future;
 use std::net::IpAddr;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -20,18 +21,21 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
+use crate::admin::Health;
 use crate::audit::{AuditLog, ClientAddress};
 use crate::auth::channel_binding::tls_server_end_point;
 use crate::auth::credentials::Credentials;
 use crate::auth::source::ScramAuth;
 use crate::auth::throttle::LoginThrottle;
 use crate::cancel::CancelRegistry;
+use crate::config::AdminConfig;
 use crate::config::{
     BindAddress, CancelPlaintext, ClientCertMode, ClientTlsMode, Config, ListenerIdentity,
     ProxyProtocol, Timeouts,
 };
 use crate::identity::tailscale::WhoIsClient;
 use crate::keyed_slots::{KeyedPermit, KeyedSlots};
+use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::relay::ShutdownPhase;
 use crate::stream::BoxedIo;
@@ -74,7 +78,9 @@ pub enum ServerError {
 pub(crate) struct Shared {
     pub timeouts: Timeouts,
     pub upstreams: Vec<Upstream>,
-    pub audit: AuditLog,
+    pub audit: Arc<AuditLog>,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
     pub sessions: Arc<Semaphore>,
     pub max_sessions: usize,
     pub cancels: Arc<CancelRegistry>,
@@ -102,6 +108,12 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// An event for the audit log and the metrics.
+    pub fn record(&self, event: &crate::audit::Event<'_>) {
+        self.metrics.observe(event);
+        self.audit.emit(event);
+    }
+
     pub fn policy(&self) -> Arc<Policy> {
         self.policy
             .read()
@@ -117,6 +129,42 @@ impl Shared {
     }
 }
 
+/// The expiry of every certificate pgbastion uses, for the metrics.
+fn record_certificate_expiry(config: &Config, metrics: &Metrics) {
+    let set = |what: String, path: &std::path::Path| {
+        if let Some(t) = tls::earliest_expiry(path) {
+            metrics.certificate_expires(what, t);
+        }
+    };
+    if let Some(t) = &config.tls {
+        set("tls".into(), &t.cert);
+    }
+    for l in &config.listeners {
+        if let ListenerIdentity::ClientCert { ca_file, .. } = &l.identity {
+            set(format!("client_ca:{}", l.name), ca_file);
+        }
+    }
+    for u in &config.upstreams {
+        if let Some(ca) = &u.roots.ca_file {
+            set(format!("upstream_ca:{}", u.name), ca);
+        }
+        if let Some((cert, _)) = &u.client_identity {
+            set(format!("upstream_client_cert:{}", u.name), cert);
+        }
+    }
+    for c in &config.credentials {
+        if let crate::config::CredentialSource::ClientCert { cert, .. } = &c.source {
+            set(
+                format!(
+                    "credential:{}:{}",
+                    config.upstreams[c.upstream].name, c.user
+                ),
+                cert,
+            );
+        }
+    }
+}
+
 /// What SIGHUP changes while the server runs: the policy, and the scram
 /// secrets files. Sessions already admitted keep running; new ones follow.
 #[derive(Clone)]
@@ -127,7 +175,9 @@ impl ReloadHandle {
     /// `login = "identity"` need both). The credentials are read first: if
     /// any is wrong, nothing changes and the error says which.
     pub fn replace_policy(&self, config: &Config) -> Result<usize, ServerError> {
-        let credentials = Credentials::load(&config.credentials, &config.upstreams)?;
+        let loaded = Credentials::load(&config.credentials, &config.upstreams);
+        self.0.metrics.reloaded(loaded.is_ok());
+        let credentials = loaded?;
         let n = credentials.len();
         *self
             .0
@@ -136,6 +186,11 @@ impl ReloadHandle {
             .unwrap_or_else(|p| p.into_inner()) = Arc::new(credentials);
         *self.0.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config.policy.clone());
         Ok(n)
+    }
+
+    /// A config file that did not load, for the metrics.
+    pub fn reload_failed(&self) {
+        self.0.metrics.reloaded(false);
     }
 
     /// Reopens the audit file (after log rotation moved it).
@@ -348,6 +403,7 @@ pub struct Server {
     shared: Arc<Shared>,
     listeners: Vec<Listener>,
     drain: Duration,
+    admin: Option<(TcpListener, AdminConfig)>,
 }
 
 impl Server {
@@ -360,8 +416,24 @@ impl Server {
             .as_ref()
             .and_then(|t| tls::load_certs(&t.cert, "TLS certificate").ok())
             .and_then(|certs| certs.first().and_then(|c| tls_server_end_point(c)));
-        let audit =
-            AuditLog::open(&config.audit, config.audit_on_failure).map_err(ServerError::Audit)?;
+        let audit = Arc::new(
+            AuditLog::open(&config.audit, config.audit_on_failure).map_err(ServerError::Audit)?,
+        );
+        let metrics = Arc::new(Metrics::new(audit.clone()));
+        record_certificate_expiry(&config, &metrics);
+        let admin = match &config.admin {
+            Some(a) => Some((
+                TcpListener::bind(a.listen)
+                    .await
+                    .map_err(|source| ServerError::Bind {
+                        name: "admin".into(),
+                        addr: a.listen.to_string(),
+                        source,
+                    })?,
+                a.clone(),
+            )),
+            None => None,
+        };
         let mut listeners = Vec::new();
         // One count per client address, across every listener.
         let per_address = KeyedSlots::default();
@@ -404,6 +476,8 @@ impl Server {
                 timeouts: config.timeouts.clone(),
                 upstreams,
                 audit,
+                metrics,
+                health: Arc::default(),
                 sessions: Arc::new(Semaphore::new(config.limits.max_sessions)),
                 max_sessions: config.limits.max_sessions,
                 cancels: CancelRegistry::new(config.limits.cancel_rate, config.limits.cancel_burst),
@@ -424,6 +498,7 @@ impl Server {
             }),
             listeners,
             drain: config.timeouts.shutdown_drain,
+            admin,
         })
     }
 
@@ -473,7 +548,26 @@ impl Server {
             )));
         }
         let summaries = tokio::spawn(summarise(self.shared.clone()));
+        let admin_stop = CancellationToken::new();
+        let mut unready_grace = Duration::ZERO;
+        if let Some((listener, config)) = self.admin {
+            unready_grace = config.unready_grace;
+            info!(address = %config.listen, "admin listener: /metrics /livez /readyz /startupz");
+            tokio::spawn(crate::admin::serve(
+                listener,
+                self.shared.metrics.clone(),
+                self.shared.health.clone(),
+                admin_stop.clone(),
+            ));
+        }
+        self.shared.health.started.store(true, Ordering::SeqCst);
         shutdown.await;
+        // Not ready first, so balancers stop sending; then stop accepting.
+        self.shared.health.draining.store(true, Ordering::SeqCst);
+        if !unready_grace.is_zero() {
+            info!(grace = ?unready_grace, "shutting down: /readyz says 503; still accepting for the grace period");
+            tokio::time::sleep(unready_grace).await;
+        }
         info!("shutting down: no new connections; draining open sessions");
         stop.cancel();
         for l in loops {
@@ -531,6 +625,7 @@ impl Server {
         }
         // Blocking, but nothing else runs any more.
         self.shared.audit.drain(Duration::from_secs(5));
+        admin_stop.cancel();
     }
 }
 

@@ -38,6 +38,8 @@ struct State {
     capacity: usize,
     /// Lines dropped because the queue was full or the write failed.
     dropped: AtomicU64,
+    /// Lines written.
+    written: AtomicU64,
     /// The last write failed.
     failing: AtomicBool,
     /// Milliseconds since `epoch` when the write in progress began (0: none).
@@ -70,6 +72,7 @@ impl Sink {
             queued: AtomicUsize::new(0),
             capacity,
             dropped: AtomicU64::new(0),
+            written: AtomicU64::new(0),
             failing: AtomicBool::new(false),
             writing_since: AtomicU64::new(0),
             epoch: Instant::now(),
@@ -132,6 +135,11 @@ impl Sink {
         !s.failing.load(Ordering::SeqCst) && !stuck && s.queued.load(Ordering::SeqCst) < s.capacity
     }
 
+    /// Lines written so far.
+    pub fn written(&self) -> u64 {
+        self.state.written.load(Ordering::Relaxed)
+    }
+
     /// Lines dropped so far.
     pub fn dropped(&self) -> u64 {
         self.state.dropped.load(Ordering::Relaxed)
@@ -164,7 +172,9 @@ fn write_loop(
                 state.writing_since.store(0, Ordering::SeqCst);
                 state.queued.fetch_sub(1, Ordering::SeqCst);
                 state.failing.store(!ok, Ordering::SeqCst);
-                if !ok {
+                if ok {
+                    state.written.fetch_add(1, Ordering::Relaxed);
+                } else {
                     state.dropped.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -271,6 +281,7 @@ mod tests {
             queued: AtomicUsize::new(0),
             capacity: 4,
             dropped: AtomicU64::new(0),
+            written: AtomicU64::new(0),
             failing: AtomicBool::new(false),
             writing_since: AtomicU64::new(0),
             epoch: Instant::now(),

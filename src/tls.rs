@@ -187,6 +187,20 @@ pub fn upstream_connector_with_identity(
     Ok(TlsConnector::from(Arc::new(client)))
 }
 
+/// When the first certificate of the PEM file at `path` to expire does,
+/// as a Unix time (None if the file cannot be read or parsed).
+pub fn earliest_expiry(path: &Path) -> Option<i64> {
+    load_certs(path, "certificate")
+        .ok()?
+        .iter()
+        .filter_map(|c| {
+            x509_parser::parse_x509_certificate(c)
+                .ok()
+                .map(|(_, cert)| cert.validity().not_after.timestamp())
+        })
+        .min()
+}
+
 /// A verifying HTTPS-style connector (no client certificate, no ALPN) for
 /// services pgbastion calls itself, such as AWS STS.
 pub fn service_connector(roots: &RootSources) -> Result<TlsConnector, TlsConfigError> {

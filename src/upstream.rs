@@ -64,6 +64,15 @@ pub struct UpstreamConn {
     pub stream: TlsStream<TcpStream>,
     pub addr: SocketAddr,
     pub tls: TlsInfo,
+    /// How long the TCP connect and the TLS negotiation took (metrics).
+    pub timing: ConnectTiming,
+}
+
+/// The two phases of reaching an upstream.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ConnectTiming {
+    pub connect: Duration,
+    pub tls: Duration,
 }
 
 impl UpstreamConn {
@@ -136,7 +145,9 @@ impl Upstream {
         tls_timeout: Duration,
         proxy_header: Option<&[u8]>,
     ) -> Result<UpstreamConn, UpstreamError> {
+        let started = std::time::Instant::now();
         let (tcp, addr) = self.dial(connect_timeout).await?;
+        let connect = started.elapsed();
         crate::relay::tune_tcp(&tcp);
         let connector = identity.unwrap_or(&self.connector);
         match timeout(
@@ -145,7 +156,13 @@ impl Upstream {
         )
         .await
         {
-            Ok(result) => result,
+            Ok(result) => result.map(|mut up| {
+                up.timing = ConnectTiming {
+                    connect,
+                    tls: started.elapsed().saturating_sub(connect),
+                };
+                up
+            }),
             Err(_) => Err(UpstreamError::TlsTimeout {
                 addr,
                 after: tls_timeout,
@@ -283,6 +300,11 @@ impl Upstream {
                 },
             })?;
         let tls = TlsInfo::from_connection(stream.get_ref().1, None);
-        Ok(UpstreamConn { stream, addr, tls })
+        Ok(UpstreamConn {
+            stream,
+            addr,
+            tls,
+            timing: ConnectTiming::default(),
+        })
     }
 }

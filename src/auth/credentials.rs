@@ -213,9 +213,7 @@ impl Credentials {
 
 /// When the (already loaded) certificate in `path` expires.
 fn not_after(path: &Path) -> Option<SystemTime> {
-    let certs = tls::load_certs(path, "client certificate").ok()?;
-    let (_, cert) = x509_parser::parse_x509_certificate(certs.first()?).ok()?;
-    let secs = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
+    let secs = u64::try_from(tls::earliest_expiry(path)?).ok()?;
     Some(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs))
 }
 

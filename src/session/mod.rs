@@ -306,6 +306,11 @@ impl Session {
                     .await
             }
         };
+        self.shared.metrics.upstream_connected(
+            &upstream.config.name,
+            up.timing.connect,
+            up.timing.tls,
+        );
         let upstream_facts = UpstreamFacts {
             name: upstream.config.name.clone(),
             addr: up.addr.to_string(),
@@ -392,7 +397,7 @@ impl Session {
             auth_facts.server = leg.clone();
             auth_facts.client = leg;
         }
-        self.shared.audit.emit(&Event::Start {
+        self.shared.record(&Event::Start {
             facts: &self.facts,
             upstream: &upstream_facts,
             auth: &auth_facts,
@@ -460,7 +465,7 @@ impl Session {
             client_to_server: auth.counts.client_to_server + counts.client_to_server,
             server_to_client: auth.counts.server_to_client + counts.server_to_client,
         };
-        self.shared.audit.emit(&Event::End {
+        self.shared.record(&Event::End {
             facts: &self.facts,
             upstream: &upstream_facts,
             auth: &auth_facts,
@@ -911,13 +916,16 @@ impl Session {
         if forwarded || self.shared.warn_limit.allow(outcome) {
             info!(target = target_id, outcome, "cancel request");
         }
+        let event = Event::Cancel {
+            facts: &self.facts,
+            target_session_id: target_id,
+            outcome,
+            detail,
+        };
         if forwarded || self.shared.audit_limit.allow(outcome) {
-            self.shared.audit.emit(&Event::Cancel {
-                facts: &self.facts,
-                target_session_id: target_id,
-                outcome,
-                detail,
-            });
+            self.shared.record(&event);
+        } else {
+            self.shared.metrics.observe(&event);
         }
     }
 
@@ -948,16 +956,18 @@ impl Session {
         // Refusals before a StartupMessage name no user: a flood of them is
         // summarised in the audit log too. Every refusal of a session that
         // asked for a user and database is audited.
-        if self.facts.requested.is_none() && !self.shared.audit_limit.allow(err.reason()) {
-            return;
-        }
-        self.shared.audit.emit(&Event::Rejected {
+        let event = Event::Rejected {
             facts: &self.facts,
             reason: err.reason(),
             sqlstate: sqlstate.as_deref(),
             message: err.to_string(),
             duration_ms: self.elapsed_ms(),
             auth,
-        });
+        };
+        if self.facts.requested.is_none() && !self.shared.audit_limit.allow(err.reason()) {
+            self.shared.metrics.observe(&event);
+            return;
+        }
+        self.shared.record(&event);
     }
 }

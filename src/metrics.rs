@@ -1,0 +1,281 @@
+//! Prometheus metrics (`/metrics` on the admin listener), through the
+//! `prometheus-client` crate. Sessions, refusals, authentication results,
+//! bytes and cancels are counted from the same events the audit log gets
+//! (`observe`), so the two always agree; latencies, reloads and
+//! certificate expiry are recorded where they happen.
+//!
+//! Label values are bounded: listener and upstream names from the config,
+//! fixed reason/outcome names from the code; never session ids, addresses
+//! or user names.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::audit::{AuditLog, AuthFacts, Event};
+
+type Labels = Vec<(&'static str, String)>;
+type Histograms = Family<Labels, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 0.5 ms .. ~8 s
+    Histogram::new(exponential_buckets(0.0005, 2.0, 15))
+}
+
+/// Every metric pgbastion exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    sessions_active: Family<Labels, Gauge>,
+    sessions: Family<Labels, Counter>,
+    rejections: Family<Labels, Counter>,
+    client_tls_failures: Family<Labels, Counter>,
+    auth: Family<Labels, Counter>,
+    bytes: Family<Labels, Counter>,
+    cancels: Family<Labels, Counter>,
+    upstream_connect: Histograms,
+    upstream_tls: Histograms,
+    reloads: Family<Labels, Counter>,
+    certificate_expiry: Family<Labels, Gauge>,
+}
+
+/// The audit log's own counts, read at each scrape.
+struct AuditCounts(Arc<AuditLog>);
+
+impl std::fmt::Debug for AuditCounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AuditCounts")
+    }
+}
+
+impl Collector for AuditCounts {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let (written, dropped) = self.0.counts();
+        for (name, help, v) in [
+            (
+                "pgbastion_audit_events_written",
+                "Audit events written.",
+                written,
+            ),
+            (
+                "pgbastion_audit_events_dropped",
+                "Audit events dropped because the audit log was slow or failing.",
+                dropped,
+            ),
+        ] {
+            let metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            ConstCounter::new(v).encode(metric)?;
+        }
+        Ok(())
+    }
+}
+
+impl Metrics {
+    pub fn new(audit: Arc<AuditLog>) -> Metrics {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            sessions_active: Family::default(),
+            sessions: Family::default(),
+            rejections: Family::default(),
+            client_tls_failures: Family::default(),
+            auth: Family::default(),
+            bytes: Family::default(),
+            cancels: Family::default(),
+            upstream_connect: Family::new_with_constructor(latency_histogram),
+            upstream_tls: Family::new_with_constructor(latency_histogram),
+            reloads: Family::default(),
+            certificate_expiry: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "pgbastion_sessions_active",
+            "Sessions relaying now, by listener and upstream.",
+            m.sessions_active.clone(),
+        );
+        registry.register(
+            "pgbastion_sessions",
+            "Sessions that ended, by listener, upstream and end reason.",
+            m.sessions.clone(),
+        );
+        registry.register(
+            "pgbastion_rejections",
+            "Connections refused before a session started, by listener and reason.",
+            m.rejections.clone(),
+        );
+        registry.register(
+            "pgbastion_client_tls_handshake_failures",
+            "Client TLS handshakes that failed, by listener.",
+            m.client_tls_failures.clone(),
+        );
+        registry.register(
+            "pgbastion_authentications",
+            "Logins by mode (passthrough, scram, identity) and result.",
+            m.auth.clone(),
+        );
+        registry.register_with_unit(
+            "pgbastion_relayed",
+            "Bytes relayed, by direction.",
+            Unit::Bytes,
+            m.bytes.clone(),
+        );
+        registry.register(
+            "pgbastion_cancel_requests",
+            "Cancel requests by outcome.",
+            m.cancels.clone(),
+        );
+        registry.register_with_unit(
+            "pgbastion_upstream_connect",
+            "Time to open a TCP connection to an upstream.",
+            Unit::Seconds,
+            m.upstream_connect.clone(),
+        );
+        registry.register_with_unit(
+            "pgbastion_upstream_tls_handshake",
+            "Time for the TLS negotiation (SSLRequest and handshake) with an upstream.",
+            Unit::Seconds,
+            m.upstream_tls.clone(),
+        );
+        registry.register(
+            "pgbastion_config_reloads",
+            "Configuration reloads by result (ok, failed).",
+            m.reloads.clone(),
+        );
+        registry.register(
+            "pgbastion_certificate_expiry_timestamp_seconds",
+            "When each certificate pgbastion uses expires (the earliest in a bundle), as a Unix time.",
+            m.certificate_expiry.clone(),
+        );
+        registry.register_collector(Box::new(AuditCounts(audit)));
+        Metrics { registry, ..m }
+    }
+
+    /// Counts what an audit event says (called for every event, including
+    /// those the audit log summarises).
+    pub fn observe(&self, event: &Event<'_>) {
+        match event {
+            Event::Start {
+                facts,
+                upstream,
+                auth,
+            } => {
+                self.sessions_active
+                    .get_or_create(&where_(&facts.listener, &upstream.name))
+                    .inc();
+                self.count_auth(auth);
+            }
+            Event::End {
+                facts,
+                upstream,
+                end_reason,
+                bytes_client_to_server,
+                bytes_server_to_client,
+                ..
+            } => {
+                let at = where_(&facts.listener, &upstream.name);
+                self.sessions_active.get_or_create(&at).dec();
+                let mut labels = at;
+                labels.push(("outcome", (*end_reason).to_owned()));
+                self.sessions.get_or_create(&labels).inc();
+                for (direction, n) in [
+                    ("client_to_server", bytes_client_to_server),
+                    ("server_to_client", bytes_server_to_client),
+                ] {
+                    self.bytes
+                        .get_or_create(&vec![("direction", direction.to_owned())])
+                        .inc_by(*n);
+                }
+            }
+            Event::Rejected {
+                facts,
+                reason,
+                auth,
+                ..
+            } => {
+                self.rejections
+                    .get_or_create(&vec![
+                        ("listener", facts.listener.clone()),
+                        ("reason", (*reason).to_owned()),
+                    ])
+                    .inc();
+                if *reason == "client_tls_handshake_failed" {
+                    self.client_tls_failures
+                        .get_or_create(&vec![("listener", facts.listener.clone())])
+                        .inc();
+                }
+                if let Some(auth) = auth {
+                    self.count_auth(auth);
+                }
+            }
+            Event::Cancel { outcome, .. } => {
+                self.cancels
+                    .get_or_create(&vec![("outcome", (*outcome).to_owned())])
+                    .inc();
+            }
+            Event::Suppressed { .. } => {}
+        }
+    }
+
+    fn count_auth(&self, auth: &AuthFacts) {
+        let mode = serde_json::to_value(auth.mode)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        let result = serde_json::to_value(&auth.outcome)
+            .ok()
+            .and_then(|v| v.get("result").and_then(|r| r.as_str().map(str::to_owned)))
+            .unwrap_or_default();
+        self.auth
+            .get_or_create(&vec![("mode", mode), ("result", result)])
+            .inc();
+    }
+
+    pub fn upstream_connected(&self, upstream: &str, connect: Duration, tls: Duration) {
+        let labels = vec![("upstream", upstream.to_owned())];
+        self.upstream_connect
+            .get_or_create(&labels)
+            .observe(connect.as_secs_f64());
+        self.upstream_tls
+            .get_or_create(&labels)
+            .observe(tls.as_secs_f64());
+    }
+
+    pub fn reloaded(&self, ok: bool) {
+        self.reloads
+            .get_or_create(&vec![(
+                "result",
+                if ok { "ok" } else { "failed" }.to_owned(),
+            )])
+            .inc();
+    }
+
+    /// Sets the expiry of one certificate (`what`: `tls`, `client_ca:NAME`,
+    /// `upstream_ca:NAME`, ...), a Unix time.
+    pub fn certificate_expires(&self, what: String, unix_time: i64) {
+        self.certificate_expiry
+            .get_or_create(&vec![("certificate", what)])
+            .set(unix_time);
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+fn where_(listener: &str, upstream: &str) -> Labels {
+    vec![
+        ("listener", listener.to_owned()),
+        ("upstream", upstream.to_owned()),
+    ]
+}

@@ -1,0 +1,222 @@
+//! The admin HTTP listener (issue 12): Prometheus metrics that a real
+//! parser reads and that count what happened, and health probes that
+//! follow the server's life.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// GET `path` from the admin listener: status code and body.
+fn get(admin: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut s = std::net::TcpStream::connect(admin).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let status = text.split(' ').nth(1)?.parse().ok()?;
+    Some((status, text.split_once("\r\n\r\n")?.1.to_owned()))
+}
+
+/// /metrics through prometheus_client's OpenMetrics parser.
+fn scrape(admin: SocketAddr) -> Vec<serde_json::Value> {
+    let (status, body) = get(admin, "/metrics").expect("/metrics answers");
+    assert_eq!(status, 200);
+    let mut child = std::process::Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/clients/parse_metrics.py"
+        ))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the OpenMetrics parser refused /metrics (the test command installs prometheus_client): {}\n{body}",
+        stderr(&out)
+    );
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// The value of the sample `name` whose labels include `labels`.
+fn value(samples: &[serde_json::Value], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples
+        .iter()
+        .find(|s| s["name"] == name && labels.iter().all(|(k, v)| s["labels"][*k] == *v))
+        .and_then(|s| s["value"].as_f64())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_sessions_rejections_and_cancels() {
+    let env = Env::new();
+    let admin: SocketAddr = format!("127.0.0.1:{}", pgbastion::localpg::free_port().unwrap())
+        .parse()
+        .unwrap();
+    let proxy = env.proxy("require", &format!("[admin]\nlisten = \"{admin}\"\n"));
+    for _ in 0..2 {
+        let (client, conn) = proxy.client(&env, "").await.unwrap();
+        client.simple_query("select 1").await.unwrap();
+        drop(client);
+        let _ = conn.await;
+    }
+    // A plaintext client on a TLS-only listener.
+    let mut raw_client = raw(proxy.addr()).await;
+    let startup = pgbastion::protocol::startup::StartupMessage::new(
+        pgbastion::protocol::startup::ProtocolVersion { major: 3, minor: 0 },
+        vec![("user".into(), "postgres".into())],
+    );
+    raw_client.write_all(startup.as_bytes()).await.unwrap();
+    let (code, _) = read_error(&mut raw_client).await;
+    assert_eq!(code, "28000");
+    // A cancel request nobody knows.
+    let mut cancel = raw(proxy.addr()).await;
+    cancel
+        .write_all(&[0, 0, 0, 16, 4, 210, 22, 46, 0, 0, 0, 1, 0, 0, 0, 2])
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let _ = cancel.read_to_end(&mut rest).await;
+
+    // Everything is counted once the last session's end is.
+    let samples = wait_for("the counts", Duration::from_secs(10), || {
+        let s = scrape(admin);
+        (value(
+            &s,
+            "pgbastion_cancel_requests_total",
+            &[("outcome", "unmatched")],
+        ) == Some(1.0)
+            && value(&s, "pgbastion_audit_events_written_total", &[]) == Some(6.0))
+        .then_some(s)
+    });
+    let at = [("listener", "tcp"), ("upstream", "pg")];
+    assert_eq!(
+        value(
+            &samples,
+            "pgbastion_sessions_total",
+            &[at[0], at[1], ("outcome", "client_closed")]
+        ),
+        Some(2.0)
+    );
+    assert_eq!(value(&samples, "pgbastion_sessions_active", &at), Some(0.0));
+    assert_eq!(
+        value(
+            &samples,
+            "pgbastion_rejections_total",
+            &[("listener", "tcp"), ("reason", "tls_required")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(
+            &samples,
+            "pgbastion_authentications_total",
+            &[("mode", "passthrough"), ("result", "ok")]
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        value(
+            &samples,
+            "pgbastion_upstream_connect_seconds_count",
+            &[("upstream", "pg")]
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        value(
+            &samples,
+            "pgbastion_upstream_tls_handshake_seconds_count",
+            &[("upstream", "pg")]
+        ),
+        Some(2.0)
+    );
+    assert!(value(
+        &samples,
+        "pgbastion_relayed_bytes_total",
+        &[("direction", "server_to_client")]
+    )
+    .is_some_and(|b| b > 0.0));
+    assert_eq!(
+        value(&samples, "pgbastion_audit_events_dropped_total", &[]),
+        Some(0.0)
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    for cert in ["tls", "upstream_ca:pg"] {
+        let t = value(
+            &samples,
+            "pgbastion_certificate_expiry_timestamp_seconds",
+            &[("certificate", cert)],
+        )
+        .unwrap_or_else(|| panic!("expiry of {cert}"));
+        assert!(t > now, "{cert} expires in the future");
+    }
+    assert_eq!(get(admin, "/livez").unwrap().0, 200);
+    assert_eq!(get(admin, "/readyz").unwrap().0, 200);
+    assert_eq!(get(admin, "/startupz").unwrap().0, 200);
+    assert_eq!(get(admin, "/other").unwrap().0, 404);
+}
+
+/// At SIGTERM /readyz says 503 while the listeners still accept (for
+/// `unready_grace`), so a balancer stops sending before they close.
+#[test]
+fn readyz_turns_503_at_sigterm_before_the_listeners_close() {
+    let env = Env::new();
+    let port = pgbastion::localpg::free_port().unwrap();
+    let admin_port = pgbastion::localpg::free_port().unwrap();
+    let admin: SocketAddr = ([127, 0, 0, 1], admin_port).into();
+    let cfg = env.dir.path().join("pgbastion.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{}\n[[listener]]\nlisten = \"127.0.0.1:{port}\"\n{}\n[admin]\nlisten = \"{admin}\"\nunready_grace = \"3s\"\n[audit]\nlog = \"off\"\n",
+            env.tls_toml(),
+            env.upstream_toml()
+        ),
+    )
+    .unwrap();
+    let mut proc = Running(
+        std::process::Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let addr = wait_listening(port);
+    wait_for("ready", Duration::from_secs(10), || {
+        (get(admin, "/readyz")?.0 == 200).then_some(())
+    });
+    signal(proc.0.id(), "-TERM");
+    wait_for("503", Duration::from_secs(2), || {
+        (get(admin, "/readyz")?.0 == 503).then_some(())
+    });
+    assert!(
+        std::net::TcpStream::connect(addr).is_ok(),
+        "the listener still accepts during the grace"
+    );
+    assert_eq!(get(admin, "/livez").unwrap().0, 200, "alive while draining");
+    let status = wait_for("exit", Duration::from_secs(20), || {
+        proc.0.try_wait().unwrap()
+    });
+    assert!(status.success());
+}
