@@ -20,7 +20,7 @@ use pgbastion::sink::{Sink, SinkTarget};
                   certificate verification, and writes a JSON audit line for every session. With \
                   `--auth scram` (or auth = \"scram\" per upstream) it terminates SCRAM itself, channel-bound on \
                   both legs, so clients connect with their default settings.\n\n\
-                  Signals: SIGHUP reopens the audit file and re-reads secrets files (and the rules and credentials of --config); SIGTERM/SIGINT drain and stop.\n\n\
+                  Signals: SIGHUP reopens the audit file, re-reads secrets files, certificates, keys and CA bundles (rotation), and the rules and credentials of --config; SIGTERM/SIGINT drain and stop.\n\n\
                   Every `run` flag can also come from the environment (for containers): PGBASTION_CONFIG, PGBASTION_LISTEN \
                   (comma-separated), PGBASTION_TLS_CERT, PGBASTION_UPSTREAM, ... (the flag's name in capitals, `-` as `_`).\n\n\
                   Logs go to stderr (level from RUST_LOG, default info); audit events go where `audit.log` says \
@@ -281,11 +281,16 @@ async fn run(args: RunArgs) -> Result<()> {
     let config_path = args.config.clone();
     let config = load_run_config(args)?;
     check_open_files(&config);
+    let initial = config.clone();
     let server = Server::bind(config).await?;
     for (name, addr) in server.local_addrs() {
         tracing::info!(listener = %name, address = %addr, "bound");
     }
-    tokio::spawn(reload_on_sighup(config_path, server.reload_handle()));
+    tokio::spawn(reload_on_sighup(
+        config_path,
+        initial,
+        server.reload_handle(),
+    ));
     serve(server).await;
     Ok(())
 }
@@ -332,11 +337,12 @@ async fn serve(server: Server) {
 }
 
 /// SIGHUP reopens the audit file (for logrotate), re-reads the scram
-/// secrets files and, when pgbastion runs from a config file, the file's
-/// [[rule]]s and [[credential]]s (and the files they name). Anything that does not validate is
-/// refused with a log line and what is in use stays. Other sections
-/// (listeners, upstreams, TLS files) take a restart.
-async fn reload_on_sighup(path: Option<PathBuf>, handle: server::ReloadHandle) {
+/// secrets files, and reloads the configuration: the file's `[[rule]]`s and
+/// `[[credential]]`s (with `--config`), and every certificate, key and CA
+/// bundle (rotation; from flags too). Anything that does not load is
+/// refused with a log line and what is in use stays. New or renamed
+/// listeners and upstreams take a restart (the log says so).
+async fn reload_on_sighup(path: Option<PathBuf>, initial: Config, handle: server::ReloadHandle) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = match signal(SignalKind::hangup()) {
         Ok(s) => s,
@@ -356,20 +362,29 @@ async fn reload_on_sighup(path: Option<PathBuf>, handle: server::ReloadHandle) {
                 }
             }
         }
-        let Some(path) = &path else { continue };
-        match Config::from_file(path) {
+        let source = path
+            .as_ref()
+            .map_or_else(|| "flags".to_owned(), |p| p.display().to_string());
+        let config = match &path {
+            Some(p) => Config::from_file(p),
+            None => Ok(initial.clone()),
+        };
+        match config {
             Ok(config) => match handle.replace_policy(&config) {
-                Ok(credentials) => {
+                Ok(reloaded) => {
                     let rules = config.policy.len();
-                    tracing::info!(path = %path.display(), rules, credentials, "policy and credentials reloaded ([[rule]] and [[credential]] sections; other changes need a restart)");
+                    tracing::info!(%source, rules, credentials = reloaded.credentials, "policy and credentials reloaded, certificates re-read");
+                    if !reloaded.restart_needed.is_empty() {
+                        tracing::warn!(%source, changes = %reloaded.restart_needed.join(", "), "these changes take a restart");
+                    }
                 }
                 Err(e) => {
-                    tracing::error!(path = %path.display(), error = %e, "reload refused; keeping the current policy and credentials")
+                    tracing::error!(%source, error = %e, "reload refused; keeping the current policy, credentials and certificates")
                 }
             },
             Err(e) => {
                 handle.reload_failed();
-                tracing::error!(path = %path.display(), error = %e, "reload refused; keeping the current policy")
+                tracing::error!(%source, error = %e, "reload refused; keeping the current policy, credentials and certificates")
             }
         }
     }

@@ -104,7 +104,9 @@ pub(crate) struct Shared {
     /// `tls-server-end-point` data of pgbastion's own certificate: what a
     /// TLS client binds to with SCRAM-SHA-256-PLUS (None: no certificate,
     /// or one whose signature algorithm defines no binding).
-    pub client_binding: Option<Vec<u8>>,
+    client_binding: RwLock<Option<Vec<u8>>>,
+    /// Every listener, for reloads.
+    listeners: Vec<Arc<ListenerInfo>>,
 }
 
 impl Shared {
@@ -121,12 +123,30 @@ impl Shared {
             .clone()
     }
 
+    /// `tls-server-end-point` data of pgbastion's certificate now.
+    pub fn client_binding(&self) -> Option<Vec<u8>> {
+        self.client_binding
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     pub fn credentials(&self) -> Arc<Credentials> {
         self.credentials
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
+}
+
+/// The channel binding data of pgbastion's own certificate (which already
+/// loaded fine for the acceptors).
+fn own_binding(config: &Config) -> Option<Vec<u8>> {
+    config
+        .tls
+        .as_ref()
+        .and_then(|t| tls::load_certs(&t.cert, "TLS certificate").ok())
+        .and_then(|certs| certs.first().and_then(|c| tls_server_end_point(c)))
 }
 
 /// The expiry of every certificate pgbastion uses, for the metrics.
@@ -165,6 +185,21 @@ fn record_certificate_expiry(config: &Config, metrics: &Metrics) {
     }
 }
 
+/// Everything a reload reads, before anything is replaced: a mistake in
+/// any of it changes nothing.
+fn load_reloadable(config: &Config) -> Result<(Credentials, PreparedTls), ServerError> {
+    let credentials = Credentials::load(&config.credentials, &config.upstreams)?;
+    Ok((credentials, prepare_tls(config)?))
+}
+
+/// What a reload changed.
+pub struct Reloaded {
+    pub credentials: usize,
+    /// Changes that were not applied (new or renamed listeners and
+    /// upstreams): they take a restart.
+    pub restart_needed: Vec<String>,
+}
+
 /// What SIGHUP changes while the server runs: the policy, and the scram
 /// secrets files. Sessions already admitted keep running; new ones follow.
 #[derive(Clone)]
@@ -174,10 +209,10 @@ impl ReloadHandle {
     /// Replaces the policy and the credentials together (rules with
     /// `login = "identity"` need both). The credentials are read first: if
     /// any is wrong, nothing changes and the error says which.
-    pub fn replace_policy(&self, config: &Config) -> Result<usize, ServerError> {
-        let loaded = Credentials::load(&config.credentials, &config.upstreams);
+    pub fn replace_policy(&self, config: &Config) -> Result<Reloaded, ServerError> {
+        let loaded = load_reloadable(config);
         self.0.metrics.reloaded(loaded.is_ok());
-        let credentials = loaded?;
+        let (credentials, (acceptors, upstreams)) = loaded?;
         let n = credentials.len();
         *self
             .0
@@ -185,7 +220,39 @@ impl ReloadHandle {
             .write()
             .unwrap_or_else(|p| p.into_inner()) = Arc::new(credentials);
         *self.0.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config.policy.clone());
-        Ok(n)
+        // Certificates, keys and CA bundles, for listeners and upstreams
+        // that are still there under the same name; other changes to
+        // listeners and upstreams take a restart.
+        let mut restart_needed = Vec::new();
+        for (l, acceptor) in config.listeners.iter().zip(acceptors) {
+            match self.0.listeners.iter().find(|info| info.name == l.name) {
+                Some(info) => {
+                    *info.acceptor.write().unwrap_or_else(|p| p.into_inner()) = acceptor;
+                }
+                None => restart_needed.push(format!("new listener {:?}", l.name)),
+            }
+        }
+        for u in &upstreams {
+            match self
+                .0
+                .upstreams
+                .iter()
+                .find(|up| up.config.name == u.config.name)
+            {
+                Some(up) => up.take_tls_from(u),
+                None => restart_needed.push(format!("new upstream {:?}", u.config.name)),
+            }
+        }
+        *self
+            .0
+            .client_binding
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = own_binding(config);
+        record_certificate_expiry(config, &self.0.metrics);
+        Ok(Reloaded {
+            credentials: n,
+            restart_needed,
+        })
     }
 
     /// A config file that did not load, for the metrics.
@@ -223,12 +290,22 @@ impl ShutdownHandle {
     }
 }
 
+impl ListenerInfo {
+    pub fn acceptor(&self) -> Option<TlsAcceptor> {
+        self.acceptor
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
 /// What a session needs to know about the listener it arrived on.
 pub(crate) struct ListenerInfo {
     pub name: String,
     /// This listener's TLS acceptor (it differs per listener when client
-    /// certificates are verified).
-    pub acceptor: Option<TlsAcceptor>,
+    /// certificates are verified); replaced on reload (certificate
+    /// rotation), sessions already past their handshake keep theirs.
+    acceptor: RwLock<Option<TlsAcceptor>>,
     pub identity: ListenerIdentity,
     pub proxy_protocol: ProxyProtocol,
     pub proxy_trusted: Vec<ipnet::IpNet>,
@@ -410,12 +487,7 @@ impl Server {
     pub async fn bind(config: Config) -> Result<Server, ServerError> {
         let (acceptors, upstreams) = prepare_tls(&config)?;
         let credentials = Credentials::load(&config.credentials, &config.upstreams)?;
-        // The certificate already loaded fine for the acceptors.
-        let client_binding = config
-            .tls
-            .as_ref()
-            .and_then(|t| tls::load_certs(&t.cert, "TLS certificate").ok())
-            .and_then(|certs| certs.first().and_then(|c| tls_server_end_point(c)));
+        let client_binding = own_binding(&config);
         let audit = Arc::new(
             AuditLog::open(&config.audit, config.audit_on_failure).map_err(ServerError::Audit)?,
         );
@@ -455,7 +527,7 @@ impl Server {
             listeners.push(Listener {
                 info: Arc::new(ListenerInfo {
                     name: l.name.clone(),
-                    acceptor,
+                    acceptor: RwLock::new(acceptor),
                     identity: l.identity.clone(),
                     proxy_protocol: l.proxy_protocol,
                     proxy_trusted: l.proxy_trusted.clone(),
@@ -494,7 +566,8 @@ impl Server {
                 shutdown: watch::Sender::new(ShutdownPhase::Running),
                 warn_limit: WarnLimiter::new(WARN_LINES_PER_WINDOW),
                 audit_limit: WarnLimiter::new(AUDIT_EVENTS_PER_WINDOW),
-                client_binding,
+                client_binding: RwLock::new(client_binding),
+                listeners: listeners.iter().map(|l| l.info.clone()).collect(),
             }),
             listeners,
             drain: config.timeouts.shutdown_drain,

@@ -8,6 +8,7 @@
 //! alone a password.
 
 use std::net::SocketAddr;
+use std::sync::RwLock;
 use std::time::Duration;
 
 use rustls::pki_types::ServerName;
@@ -53,7 +54,9 @@ pub enum UpstreamError {
 /// One upstream, ready to dial: its config and its verify-full connector.
 pub struct Upstream {
     pub config: UpstreamConfig,
-    connector: TlsConnector,
+    /// Replaced on reload (rotated CA bundles and client certificates);
+    /// connections already made keep theirs.
+    connector: RwLock<TlsConnector>,
     server_name: ServerName<'static>,
     /// scram mode: where verifiers come from (None: passthrough).
     pub scram: Option<ScramAuth>,
@@ -97,10 +100,24 @@ impl Upstream {
             })?;
         Ok(Upstream {
             config,
-            connector,
+            connector: RwLock::new(connector),
             server_name,
             scram: None,
         })
+    }
+
+    /// The verify-full connector in use now.
+    pub fn connector(&self) -> TlsConnector {
+        self.connector
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Takes the TLS material (CA bundle, client certificate) of `other`,
+    /// a freshly loaded copy of this upstream: certificate rotation.
+    pub fn take_tls_from(&self, other: &Upstream) {
+        *self.connector.write().unwrap_or_else(|p| p.into_inner()) = other.connector();
     }
 
     /// The PROXY header for a connection pgbastion makes on its own behalf
@@ -149,10 +166,10 @@ impl Upstream {
         let (tcp, addr) = self.dial(connect_timeout).await?;
         let connect = started.elapsed();
         crate::relay::tune_tcp(&tcp);
-        let connector = identity.unwrap_or(&self.connector);
+        let connector = identity.cloned().unwrap_or_else(|| self.connector());
         match timeout(
             tls_timeout,
-            self.negotiate(connector, tcp, addr, proxy_header),
+            self.negotiate(&connector, tcp, addr, proxy_header),
         )
         .await
         {
@@ -192,7 +209,7 @@ impl Upstream {
                 }
             };
             let mut conn = self
-                .negotiate(&self.connector, tcp, addr, proxy_header)
+                .negotiate(&self.connector(), tcp, addr, proxy_header)
                 .await?;
             let closed = |_| UpstreamError::Closed { addr };
             conn.stream

@@ -35,6 +35,10 @@ pub struct ClientConn {
     pub transport: ClientTransport,
     /// The verified client certificate (leaf), when one was presented.
     pub peer_cert: Option<Vec<u8>>,
+    /// `tls-server-end-point` data of the certificate pgbastion presented
+    /// on this connection (taken at the handshake, so a certificate
+    /// rotated meanwhile does not change what the client binds to).
+    pub binding: Option<Vec<u8>>,
 }
 
 impl ClientConn {

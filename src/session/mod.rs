@@ -158,6 +158,7 @@ impl Session {
             buf: Vec::new(),
             transport: ClientTransport::Plaintext,
             peer_cert: None,
+            binding: None,
         };
         if self.listener.proxy_protocol == ProxyProtocol::Required {
             if let Err(e) = self.read_proxy_header(&mut conn).await {
@@ -168,11 +169,14 @@ impl Session {
         let deadline = tokio::time::Instant::now() + t.client_startup;
         let negotiated = timeout_at(
             deadline,
-            conn.negotiate(self.listener.acceptor.as_ref(), self.listener.client_tls),
+            conn.negotiate(self.listener.acceptor().as_ref(), self.listener.client_tls),
         )
         .await
         .unwrap_or(Err(SessionError::ClientTimeout(t.client_startup)));
         self.facts.client_tls = Some(conn.transport.clone());
+        if conn.is_tls() {
+            conn.binding = self.shared.client_binding();
+        }
         let startup = match negotiated {
             Ok(Negotiated::Startup(m)) => m,
             Ok(Negotiated::Cancel(c)) => return self.cancel(conn, c).await,
@@ -529,10 +533,7 @@ impl Session {
     ) -> Result<ProvenClient, AuthError> {
         let found = self.find_verifier(scram, upstream, user).await?;
         let offer = Offer {
-            binding: conn
-                .is_tls()
-                .then_some(self.shared.client_binding.as_deref())
-                .flatten(),
+            binding: conn.binding.as_deref(),
         };
         let proved = terminate::prove_client(
             &mut conn.io,

@@ -1,0 +1,145 @@
+//! Reloading without dropping sessions (issue 12): certificates, keys and
+//! CA bundles rotated on disk take effect at SIGHUP for new sessions,
+//! while open sessions keep what they started with.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use pgbastion::devcerts::Ca;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_rotates_certificates_and_open_sessions_keep_working() {
+    let env = Env::new();
+    let dir = env.dir.path().to_owned();
+    // Files pgbastion reads, which an operator (or cert-manager) replaces.
+    let cert = dir.join("live.crt");
+    let key = dir.join("live.key");
+    let upstream_ca = dir.join("live-upstream-ca.crt");
+    std::fs::copy(&env.proxy_cert, &cert).unwrap();
+    std::fs::copy(&env.proxy_key, &key).unwrap();
+    std::fs::copy(&env.pg.ca_cert, &upstream_ca).unwrap();
+    let port = pgbastion::localpg::free_port().unwrap();
+    let log = dir.join("pgbastion.log");
+    let cfg = dir.join("pgbastion.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[tls]\ncert = \"{}\"\nkey = \"{}\"\n[[listener]]\nlisten = \"127.0.0.1:{port}\"\n\
+             [[upstream]]\nname = \"pg\"\naddress = \"localhost:{}\"\nca_file = \"{}\"\n[audit]\nlog = \"off\"\n",
+            cert.display(),
+            key.display(),
+            env.pg.port,
+            upstream_ca.display()
+        ),
+    )
+    .unwrap();
+    let proc = Running(
+        std::process::Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let addr = wait_listening(port);
+    let reloads = |n: usize| {
+        wait_for("the reload", Duration::from_secs(10), || {
+            let text = std::fs::read_to_string(&log).ok()?;
+            (text.matches("certificates re-read").count() >= n).then_some(())
+        })
+    };
+    let conninfo = |ca: &std::path::Path| {
+        format!(
+            "host=localhost port={} user=postgres dbname=postgres sslmode=verify-full sslrootcert={} channel_binding=disable",
+            addr.port(),
+            ca.display()
+        )
+    };
+    let open = async {
+        let (client, conn) = tokio_postgres::connect(
+            &format!(
+                "host=localhost port={} user=postgres dbname=postgres password={} sslmode=require channel_binding=disable",
+                addr.port(),
+                env.pg.password
+            ),
+            tls_connector(&env.proxy_ca),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        client
+    }
+    .await;
+    assert_eq!(
+        open.query_one("select 1", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        1
+    );
+
+    // pgbastion's certificate and key from a new CA.
+    let new_ca = Ca::new("rotated CA").unwrap();
+    let new_ca_file = new_ca.write_cert(&dir, "rotated-ca").unwrap();
+    let issued = new_ca.server_cert(&["localhost"]).unwrap();
+    std::fs::write(&cert, &issued.cert_pem).unwrap();
+    std::fs::write(&key, &issued.key_pem).unwrap();
+    signal(proc.0.id(), "-HUP");
+    tokio::task::block_in_place(|| reloads(1));
+    let out = env.psql(&conninfo(&new_ca_file), "select 'new CA'");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = env.psql(&conninfo(&env.proxy_ca), "select 1");
+    assert!(
+        !out.status.success(),
+        "a client trusting only the old CA is refused"
+    );
+    assert!(
+        stderr(&out).contains("certificate verify failed"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        open.query_one("select 2", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        2,
+        "the open session keeps working"
+    );
+
+    // The upstream CA bundle replaced by one that does not sign the
+    // server: new sessions are refused, the open one goes on.
+    std::fs::write(&upstream_ca, Ca::new("unrelated").unwrap().cert_pem()).unwrap();
+    signal(proc.0.id(), "-HUP");
+    tokio::task::block_in_place(|| reloads(2));
+    let out = env.psql(&conninfo(&new_ca_file), "select 1");
+    assert!(
+        stderr(&out).contains("certificate is not trusted"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        open.query_one("select 3", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        3
+    );
+    // A broken file changes nothing.
+    std::fs::write(&key, "not a key").unwrap();
+    signal(proc.0.id(), "-HUP");
+    wait_for("the refusal", Duration::from_secs(10), || {
+        std::fs::read_to_string(&log)
+            .ok()
+            .filter(|t| t.contains("reload refused"))
+    });
+    std::fs::copy(&env.pg.ca_cert, &upstream_ca).unwrap();
+    let out = env.psql(&conninfo(&new_ca_file), "select 1");
+    assert!(
+        stderr(&out).contains("certificate is not trusted"),
+        "the refused reload did not apply the restored CA either: {}",
+        stderr(&out)
+    );
+}
