@@ -212,6 +212,15 @@ pub enum Event<'a> {
         count: u64,
         window_s: u64,
     },
+    /// A command run in the admin console.
+    #[serde(rename = "console.command")]
+    Console {
+        #[serde(flatten)]
+        facts: &'a SessionFacts,
+        command: &'a str,
+        /// The command tag, or the error.
+        result: String,
+    },
     #[serde(rename = "session.rejected")]
     Rejected {
         #[serde(flatten)]

@@ -921,10 +921,19 @@ impl RawConfig {
                 )));
             }
         }
-        for r in self.rules.iter().filter(|r| r.login == Login::Identity) {
+        for r in self
+            .rules
+            .iter()
+            .filter(|r| r.login == Login::Identity || r.admin)
+        {
+            let what = if r.admin {
+                "admin = true"
+            } else {
+                "login = \"identity\""
+            };
             if r.action == Action::Deny {
                 return Err(invalid(format!(
-                    "rule {:?}: login = \"identity\" only makes sense in an allow rule",
+                    "rule {:?}: {what} only makes sense in an allow rule",
                     r.name
                 )));
             }
@@ -947,13 +956,13 @@ impl RawConfig {
             });
             if let (true, Some(l)) = (admits_addresses, by_address) {
                 return Err(invalid(format!(
-                    "rule {:?}: login = \"identity\" could let in a client of listener {:?} known only by its \
+                    "rule {:?}: {what} could let in a client of listener {:?} known only by its \
                      address (an address is not a person); limit the rule with listeners = [...] to \
                      client_cert or tailscale listeners, or with sources = [\"client_cert\", \"tailscale\"]",
                     r.name, l.name
                 )));
             }
-            if credentials.is_empty() {
+            if r.login == Login::Identity && credentials.is_empty() {
                 return Err(invalid(format!(
                     "rule {:?}: login = \"identity\" needs [[credential]] sections (what pgbastion logs in with)",
                     r.name

@@ -15,7 +15,8 @@
 //!   `keyed_slots`: concurrent slots per address or identity;
 //!   `warn_limit`: log and audit lines caused by strangers, summarised.
 //! - `metrics` and `admin`: Prometheus metrics and the health probes, on
-//!   the admin HTTP listener.
+//!   the admin HTTP listener; `console`: the admin console (`SHOW SESSIONS`,
+//!   `KILL`, `RELOAD`) on database `pgbastion`; `live`: the sessions it sees.
 //! - `config`: the one configuration model; `fd_limit`: the open-files
 //!   limit raised to what the limits need.
 //! - `localpg`, `devcerts`: a throwaway local PostgreSQL and a private CA,
@@ -28,10 +29,12 @@ pub mod audit;
 pub mod auth;
 pub mod cancel;
 pub mod config;
+pub mod console;
 pub mod devcerts;
 pub mod fd_limit;
 pub mod identity;
 pub mod keyed_slots;
+pub mod live;
 pub mod localpg;
 pub mod metrics;
 pub mod policy;

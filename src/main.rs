@@ -286,11 +286,9 @@ async fn run(args: RunArgs) -> Result<()> {
     for (name, addr) in server.local_addrs() {
         tracing::info!(listener = %name, address = %addr, "bound");
     }
-    tokio::spawn(reload_on_sighup(
-        config_path,
-        initial,
-        server.reload_handle(),
-    ));
+    let handle = server.reload_handle();
+    handle.set_source(config_path, initial);
+    tokio::spawn(reload_on_sighup(handle));
     serve(server).await;
     Ok(())
 }
@@ -336,13 +334,9 @@ async fn serve(server: Server) {
     signals.abort();
 }
 
-/// SIGHUP reopens the audit file (for logrotate), re-reads the scram
-/// secrets files, and reloads the configuration: the file's `[[rule]]`s and
-/// `[[credential]]`s (with `--config`), and every certificate, key and CA
-/// bundle (rotation; from flags too). Anything that does not load is
-/// refused with a log line and what is in use stays. New or renamed
-/// listeners and upstreams take a restart (the log says so).
-async fn reload_on_sighup(path: Option<PathBuf>, initial: Config, handle: server::ReloadHandle) {
+/// SIGHUP runs `ReloadHandle::reload_all` (audit file, secrets files,
+/// rules, credentials, certificates); it logs what it did.
+async fn reload_on_sighup(handle: server::ReloadHandle) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = match signal(SignalKind::hangup()) {
         Ok(s) => s,
@@ -352,41 +346,7 @@ async fn reload_on_sighup(path: Option<PathBuf>, initial: Config, handle: server
         }
     };
     while hup.recv().await.is_some() {
-        handle.reopen_audit();
-        tracing::info!("audit log reopened");
-        for (upstream, result) in handle.reload_secrets() {
-            match result {
-                Ok(users) => tracing::info!(%upstream, users, "secrets file reloaded"),
-                Err(e) => {
-                    tracing::error!(%upstream, error = %e, "secrets file reload refused; keeping the entries in use")
-                }
-            }
-        }
-        let source = path
-            .as_ref()
-            .map_or_else(|| "flags".to_owned(), |p| p.display().to_string());
-        let config = match &path {
-            Some(p) => Config::from_file(p),
-            None => Ok(initial.clone()),
-        };
-        match config {
-            Ok(config) => match handle.replace_policy(&config) {
-                Ok(reloaded) => {
-                    let rules = config.policy.len();
-                    tracing::info!(%source, rules, credentials = reloaded.credentials, "policy and credentials reloaded, certificates re-read");
-                    if !reloaded.restart_needed.is_empty() {
-                        tracing::warn!(%source, changes = %reloaded.restart_needed.join(", "), "these changes take a restart");
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(%source, error = %e, "reload refused; keeping the current policy, credentials and certificates")
-                }
-            },
-            Err(e) => {
-                handle.reload_failed();
-                tracing::error!(%source, error = %e, "reload refused; keeping the current policy, credentials and certificates")
-            }
-        }
+        let _ = handle.reload_all();
     }
 }
 

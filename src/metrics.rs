@@ -45,6 +45,8 @@ pub struct Metrics {
     upstream_tls: Histograms,
     reloads: Family<Labels, Counter>,
     certificate_expiry: Family<Labels, Gauge>,
+    /// The same values, for the console's SHOW CERTIFICATES.
+    expiries: std::sync::Mutex<std::collections::BTreeMap<String, i64>>,
 }
 
 /// The audit log's own counts, read at each scrape.
@@ -93,6 +95,7 @@ impl Metrics {
             upstream_tls: Family::new_with_constructor(latency_histogram),
             reloads: Family::default(),
             certificate_expiry: Family::default(),
+            expiries: Default::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -219,7 +222,7 @@ impl Metrics {
                     .get_or_create(&vec![("outcome", (*outcome).to_owned())])
                     .inc();
             }
-            Event::Suppressed { .. } => {}
+            Event::Suppressed { .. } | Event::Console { .. } => {}
         }
     }
 
@@ -260,8 +263,22 @@ impl Metrics {
     /// `upstream_ca:NAME`, ...), a Unix time.
     pub fn certificate_expires(&self, what: String, unix_time: i64) {
         self.certificate_expiry
-            .get_or_create(&vec![("certificate", what)])
+            .get_or_create(&vec![("certificate", what.clone())])
             .set(unix_time);
+        self.expiries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(what, unix_time);
+    }
+
+    /// Every certificate's expiry (Unix time), by name.
+    pub fn certificate_expiries(&self) -> Vec<(String, i64)> {
+        self.expiries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
     }
 
     /// The text exposition format.

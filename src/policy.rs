@@ -66,6 +66,10 @@ pub struct Rule {
     /// At most this many sessions at once per identity name admitted by
     /// this rule, so one person or service cannot take every server slot.
     pub max_sessions: Option<usize>,
+    /// Identities this rule admits may use the admin console (database
+    /// `pgbastion`).
+    #[serde(default)]
+    pub admin: bool,
 }
 
 /// How a client a rule admits logs in to the database.
@@ -105,6 +109,8 @@ pub struct Decision {
     pub login: Login,
     /// The deciding rule's per-identity session limit.
     pub max_sessions: Option<usize>,
+    /// The deciding rule admits administrators.
+    pub admin: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -159,6 +165,7 @@ impl Policy {
                 rule: None,
                 login: Login::Password,
                 max_sessions: None,
+                admin: false,
             };
         }
         for rule in &self.rules {
@@ -168,6 +175,7 @@ impl Policy {
                     rule: Some(rule.name.clone()),
                     login: rule.login,
                     max_sessions: rule.max_sessions,
+                    admin: rule.admin,
                 };
             }
         }
@@ -176,6 +184,7 @@ impl Policy {
             rule: None,
             login: Login::Password,
             max_sessions: None,
+            admin: false,
         }
     }
 }
@@ -351,6 +360,7 @@ mod tests {
                 rule: Some("app".into()),
                 login: Login::Password,
                 max_sessions: None,
+                admin: false,
             }
         );
         let d = p.decide(&req(&bob, "app", "app_rw"));
@@ -361,6 +371,7 @@ mod tests {
                 rule: Some("no-bob-rw".into()),
                 login: Login::Password,
                 max_sessions: None,
+                admin: false,
             }
         );
         assert!(p.decide(&req(&bob, "app", "app_ro")).allowed);
@@ -371,6 +382,7 @@ mod tests {
                 rule: None,
                 login: Login::Password,
                 max_sessions: None,
+                admin: false,
             }
         );
         assert!(!p.decide(&req(&alice, "postgres", "app_rw")).allowed);

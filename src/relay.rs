@@ -132,6 +132,8 @@ pub enum RelayEnd {
     ServerError(String),
     /// pgbastion shut down (SIGTERM): the client was told.
     Shutdown,
+    /// An administrator ended the session (`KILL`): the client was told.
+    Killed,
 }
 
 impl RelayEnd {
@@ -143,6 +145,7 @@ impl RelayEnd {
             RelayEnd::ClientError(_) => "client_error",
             RelayEnd::ServerError(_) => "server_error",
             RelayEnd::Shutdown => "shutdown",
+            RelayEnd::Killed => "killed",
         }
     }
 }
@@ -350,6 +353,7 @@ pub async fn relay<C, S>(
     server: &mut S,
     half_close: Duration,
     shutdown: &mut tokio::sync::watch::Receiver<ShutdownPhase>,
+    kill: &mut tokio::sync::watch::Receiver<bool>,
 ) -> (RelayEnd, ByteCounts)
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -359,8 +363,14 @@ where
     let mut down = Pipe::framed();
     let mut clock = 0u64;
     let mut watching = true;
+    let mut watching_kill = true;
+    let mut killed = false;
     let step = loop {
         let phase = *shutdown.borrow_and_update();
+        if *kill.borrow_and_update() {
+            killed = true;
+            break Step::Idle;
+        }
         if phase == ShutdownPhase::Now {
             break Step::Idle;
         }
@@ -405,14 +415,28 @@ where
                 }
             }
         });
-        if !watching {
-            break copy.await;
-        }
+        let shutdown_changed = async {
+            if watching {
+                shutdown.changed().await
+            } else {
+                std::future::pending().await
+            }
+        };
+        let kill_changed = async {
+            if watching_kill {
+                kill.changed().await
+            } else {
+                std::future::pending().await
+            }
+        };
         tokio::select! {
             step = copy => break step,
-            changed = shutdown.changed() => {
+            changed = shutdown_changed => {
                 // No sender any more: nobody will shut this relay down.
                 watching = changed.is_ok();
+            }
+            changed = kill_changed => {
+                watching_kill = changed.is_ok();
             }
         }
     };
@@ -466,7 +490,12 @@ where
                 down.framer.as_ref().is_some_and(|f| f.idle) && up.last_active <= down.last_active;
             let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
                 if down.at_boundary() {
-                    let _ = client.write_all(&shutdown_error()).await;
+                    let message = if killed {
+                        kill_error()
+                    } else {
+                        shutdown_error()
+                    };
+                    let _ = client.write_all(&message).await;
                     let _ = client.flush().await;
                 }
                 if idle {
@@ -475,7 +504,11 @@ where
                 }
             })
             .await;
-            RelayEnd::Shutdown
+            if killed {
+                RelayEnd::Killed
+            } else {
+                RelayEnd::Shutdown
+            }
         }
     };
     // Whoever ended, both sides are told now; a peer that does not take the
@@ -490,6 +523,17 @@ where
         server_to_client: down.copied,
     };
     (end, counts)
+}
+
+/// What a client is told when an administrator ends its session (`KILL`
+/// in the admin console): PostgreSQL's SQLSTATE for an administrator's
+/// termination, and who did it.
+fn kill_error() -> Vec<u8> {
+    crate::protocol::message::ErrorResponse::new(
+        "57P01",
+        "terminating connection: ended by an administrator of pgbastion (KILL)",
+    )
+    .encode()
 }
 
 /// What a client is told when pgbastion shuts its session down: what
@@ -521,7 +565,16 @@ mod tests {
     /// the server's far end, and the relay's task.
     fn spawn_relay(
         half_close: Duration,
+        shutdown: watch::Receiver<ShutdownPhase>,
+    ) -> (Far, Far, tokio::task::JoinHandle<(RelayEnd, ByteCounts)>) {
+        // Nobody will KILL these sessions: the sender is gone at once.
+        spawn_killable_relay(half_close, shutdown, watch::channel(false).1)
+    }
+
+    fn spawn_killable_relay(
+        half_close: Duration,
         mut shutdown: watch::Receiver<ShutdownPhase>,
+        mut kill: watch::Receiver<bool>,
     ) -> (Far, Far, tokio::task::JoinHandle<(RelayEnd, ByteCounts)>) {
         let (client_far, mut client_near) = duplex(1024);
         let (mut server_near, server_far) = duplex(1024);
@@ -531,10 +584,30 @@ mod tests {
                 &mut server_near,
                 half_close,
                 &mut shutdown,
+                &mut kill,
             )
             .await
         });
         (client_far, server_far, task)
+    }
+
+    #[tokio::test]
+    async fn kill_ends_a_session_with_its_own_message() {
+        let (kill_tx, kill) = watch::channel(false);
+        let (mut client_far, _server_far, task) =
+            spawn_killable_relay(Duration::from_secs(5), running(), kill);
+        kill_tx.send_replace(true);
+        let (end, _) = task.await.unwrap();
+        assert_eq!(end, RelayEnd::Killed);
+        let mut got = Vec::new();
+        client_far.read_to_end(&mut got).await.unwrap();
+        let fields = crate::protocol::message::ErrorFields::parse(&got[5..]).unwrap();
+        assert_eq!(fields.code, "57P01");
+        assert!(
+            fields.message.contains("administrator"),
+            "{}",
+            fields.message
+        );
     }
 
     fn msg(tag: u8, body: &[u8]) -> Vec<u8> {

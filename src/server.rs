@@ -91,6 +91,11 @@ pub(crate) struct Shared {
     pub credentials: RwLock<Arc<Credentials>>,
     /// Sessions per identity name, for rules with `max_sessions`.
     pub identity_sessions: KeyedSlots<String>,
+    /// The sessions relaying now (admin console).
+    pub live: crate::live::LiveSessions,
+    /// Where a reload reads the configuration from: the file, or (started
+    /// from flags) the configuration as started, whose files are re-read.
+    reload_source: RwLock<Option<(Option<std::path::PathBuf>, Config)>>,
     pub whois: Option<WhoIsClient>,
     pub application_name: Option<String>,
     /// scram mode: failed logins per address and per user.
@@ -121,6 +126,11 @@ impl Shared {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Every listener, as sessions see them.
+    pub fn listeners(&self) -> &[Arc<ListenerInfo>] {
+        &self.listeners
     }
 
     /// `tls-server-end-point` data of pgbastion's certificate now.
@@ -206,6 +216,10 @@ pub struct Reloaded {
 pub struct ReloadHandle(Arc<Shared>);
 
 impl ReloadHandle {
+    pub(crate) fn from_shared(shared: &Arc<Shared>) -> ReloadHandle {
+        ReloadHandle(shared.clone())
+    }
+
     /// Replaces the policy and the credentials together (rules with
     /// `login = "identity"` need both). The credentials are read first: if
     /// any is wrong, nothing changes and the error says which.
@@ -255,9 +269,77 @@ impl ReloadHandle {
         })
     }
 
-    /// A config file that did not load, for the metrics.
-    pub fn reload_failed(&self) {
-        self.0.metrics.reloaded(false);
+    /// Where `reload_all` reads from: the config file, or the
+    /// configuration the server started with (flags).
+    pub fn set_source(&self, path: Option<std::path::PathBuf>, initial: Config) {
+        *self
+            .0
+            .reload_source
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some((path, initial));
+    }
+
+    /// Everything SIGHUP (and the console's RELOAD) does: reopen the audit
+    /// file, re-read the scram secrets files, and reload the configuration
+    /// (rules, credentials, certificates). Logs each step; returns a
+    /// summary, or why the configuration was refused (nothing changed).
+    pub fn reload_all(&self) -> Result<String, String> {
+        self.reopen_audit();
+        tracing::info!("audit log reopened");
+        for (upstream, result) in self.reload_secrets() {
+            match result {
+                Ok(users) => tracing::info!(%upstream, users, "secrets file reloaded"),
+                Err(e) => {
+                    tracing::error!(%upstream, error = %e, "secrets file reload refused; keeping the entries in use")
+                }
+            }
+        }
+        let source = self
+            .0
+            .reload_source
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let Some((path, initial)) = source else {
+            return Ok("audit log reopened, secrets files re-read".into());
+        };
+        let from = path
+            .as_ref()
+            .map_or_else(|| "flags".to_owned(), |p| p.display().to_string());
+        let config = match &path {
+            Some(p) => Config::from_file(p).map_err(|e| e.to_string()),
+            None => Ok(initial),
+        };
+        let result = config.and_then(|c| {
+            self.replace_policy(&c)
+                .map(|r| (c.policy.len(), r))
+                .map_err(|e| e.to_string())
+        });
+        match result {
+            Ok((rules, reloaded)) => {
+                tracing::info!(source = %from, rules, credentials = reloaded.credentials, "policy and credentials reloaded, certificates re-read");
+                if !reloaded.restart_needed.is_empty() {
+                    tracing::warn!(source = %from, changes = %reloaded.restart_needed.join(", "), "these changes take a restart");
+                }
+                Ok(format!(
+                    "reloaded {from}: {rules} rules, {} credentials, certificates re-read{}",
+                    reloaded.credentials,
+                    if reloaded.restart_needed.is_empty() {
+                        String::new()
+                    } else {
+                        format!(
+                            "; needing a restart: {}",
+                            reloaded.restart_needed.join(", ")
+                        )
+                    }
+                ))
+            }
+            Err(e) => {
+                self.0.metrics.reloaded(false);
+                tracing::error!(source = %from, error = %e, "reload refused; keeping the current policy, credentials and certificates");
+                Err(e)
+            }
+        }
     }
 
     /// Reopens the audit file (after log rotation moved it).
@@ -556,6 +638,8 @@ impl Server {
                 policy: RwLock::new(Arc::new(config.policy.clone())),
                 credentials: RwLock::new(Arc::new(credentials)),
                 identity_sessions: KeyedSlots::default(),
+                live: Default::default(),
+                reload_source: RwLock::new(None),
                 whois: config.tailscale.as_ref().map(|t| WhoIsClient {
                     socket: t.socket.clone(),
                     capability: t.capability.clone(),

@@ -129,6 +129,12 @@ impl ErrorResponse {
     }
 
     pub fn encode(&self) -> Vec<u8> {
+        self.encode_with_severity("FATAL")
+    }
+
+    /// The same with another severity (ERROR: the admin console's errors
+    /// end the command, not the connection).
+    pub fn encode_with_severity(&self, severity: &str) -> Vec<u8> {
         let mut body = Vec::new();
         let mut field = |t: u8, v: &str| {
             body.push(t);
@@ -137,8 +143,8 @@ impl ErrorResponse {
             body.extend(v.bytes().filter(|&b| b != 0));
             body.push(0);
         };
-        field(b'S', "FATAL");
-        field(b'V', "FATAL");
+        field(b'S', severity);
+        field(b'V', severity);
         field(b'C', self.code);
         field(b'M', &self.message);
         if let Some(d) = &self.detail {

@@ -38,6 +38,8 @@ pub enum SessionError {
     ClientTimeout(Duration),
     #[error("too many sessions (limit {0})")]
     TooManySessions(usize),
+    #[error("{identity} asked for the admin console but is not an administrator")]
+    NotAdmin { identity: String },
     #[error("{identity} already has {limit} sessions (rule {rule:?} max_sessions)")]
     IdentityLimit {
         identity: String,
@@ -92,6 +94,7 @@ impl SessionError {
             SessionError::ClientTimeout(_) => "client_timeout",
             SessionError::TooManySessions(_) => "too_many_sessions",
             SessionError::IdentityLimit { .. } => "identity_session_limit",
+            SessionError::NotAdmin { .. } => "not_admin",
             SessionError::ProxyUntrusted(_) => "proxy_untrusted_source",
             SessionError::ProxyHeader(_) => "bad_proxy_header",
             SessionError::ProxyTimeout(_) => "proxy_header_timeout",
@@ -157,6 +160,11 @@ impl SessionError {
                 format!("{identity} already has {limit} sessions open through pgbastion, the most rule \"{rule}\" allows"),
             )
             .with_hint("Close a session and try again, or ask pgbastion's administrator to raise max_sessions in that rule."),
+            SessionError::NotAdmin { identity } => ErrorResponse::new(
+                "28000",
+                format!("{identity} may not use the pgbastion admin console"),
+            )
+            .with_hint("The database name \"pgbastion\" is pgbastion's admin console; it needs a client certificate or tailnet identity that a rule marks admin = true."),
             SessionError::TooManySessions(_) => ErrorResponse::new("53300", "sorry, too many clients already")
                 .with_hint("pgbastion's limits.max_sessions is reached; try again later or raise the limit."),
             SessionError::Identity(e) => ErrorResponse::new(

@@ -45,7 +45,9 @@ use crate::auth::source::{Lookup, ScramAuth, SourceName};
 use crate::auth::terminate::{self, AuthError};
 use crate::auth::wire;
 use crate::config::{CancelPlaintext, ListenerIdentity, ProxyProtocol, SendProxyProtocol};
+use crate::console;
 use crate::identity::{cert, Identity, IdentityError, IdentitySource};
+use crate::live::SessionInfo;
 use crate::policy::{Login, Request};
 use crate::protocol::message::{self, AuthRequest, ErrorFields};
 use crate::protocol::proxy::{self, Addresses, SslInfo};
@@ -221,6 +223,11 @@ impl Session {
                     .map_or_else(|| "no rule matched".to_owned(), |r| format!("rule \"{r}\"")),
             };
             return self.reject(&mut conn, err).await;
+        }
+        if startup.database() == console::DATABASE {
+            return self
+                .console(conn, decision.admin, identity_text, pending)
+                .await;
         }
         let startup = self.forwarded_startup(startup);
 
@@ -422,8 +429,29 @@ impl Session {
                 auth.client_buf = Vec::new();
                 auth.server_buf = Vec::new();
                 let mut shutdown = self.shared.shutdown.subscribe();
-                let (end, counts) =
-                    relay::relay(&mut *conn.io, &mut up.stream, t.half_close, &mut shutdown).await;
+                let (_live, mut kill) = self.shared.live.register(SessionInfo {
+                    id: self.facts.session_id.clone(),
+                    identity: self
+                        .facts
+                        .identity
+                        .as_ref()
+                        .map_or_else(String::new, ToString::to_string),
+                    client: self.facts.client.to_string(),
+                    user: startup.user().to_owned(),
+                    database: startup.database().to_owned(),
+                    upstream: upstream_facts.name.clone(),
+                    client_tls: conn.is_tls(),
+                    upstream_tls: true,
+                    since: std::time::SystemTime::now(),
+                });
+                let (end, counts) = relay::relay(
+                    &mut *conn.io,
+                    &mut up.stream,
+                    t.half_close,
+                    &mut shutdown,
+                    &mut kill,
+                )
+                .await;
                 let hung_up = matches!(
                     end,
                     relay::RelayEnd::ClientClosed | relay::RelayEnd::ClientError(_)
@@ -700,6 +728,41 @@ impl Session {
             .map_err(IdentityLoginError::Client)?;
         facts.outcome = AuthOutcome::Ok;
         Ok(server_buf)
+    }
+
+    /// The admin console (database `pgbastion`), for identities a rule
+    /// marks `admin = true`; a person, never just an address.
+    async fn console(
+        self,
+        mut conn: ClientConn,
+        admin: bool,
+        identity: String,
+        pending: PendingPermit,
+    ) {
+        let person = self
+            .facts
+            .identity
+            .as_ref()
+            .is_some_and(|i| i.source != IdentitySource::Network);
+        if !admin || !person {
+            return self
+                .reject(&mut conn, SessionError::NotAdmin { identity })
+                .await;
+        }
+        drop(pending);
+        let shared = self.shared.clone();
+        let record = |what: &str| {
+            shared.audit.emit(&Event::Console {
+                facts: &self.facts,
+                command: what,
+                result: "ok".into(),
+            })
+        };
+        record("(console session start)");
+        info!("admin console session started");
+        let end = console::serve(&mut *conn.io, &mut conn.buf, &self.shared, &self.facts).await;
+        record(&format!("(console session end: {end})"));
+        let _ = conn.io.shutdown().await;
     }
 
     /// Refuses a scram-mode login: like `reject`, with how far
