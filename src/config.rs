@@ -143,6 +143,28 @@ struct RawConfig {
     credentials: Vec<RawCredential>,
     #[serde(default)]
     admin: Option<AdminConfig>,
+    #[serde(default)]
+    reload: ReloadConfig,
+}
+
+/// Reloading without a signal: when a file the configuration names (or
+/// the configuration itself) changes, as when Kubernetes swaps a mounted
+/// Secret, pgbastion reloads once the files have been still for `debounce`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReloadConfig {
+    pub watch: bool,
+    #[serde(with = "humantime_serde")]
+    pub debounce: Duration,
+}
+
+impl Default for ReloadConfig {
+    fn default() -> Self {
+        ReloadConfig {
+            watch: false,
+            debounce: Duration::from_secs(2),
+        }
+    }
 }
 
 /// The admin HTTP listener: `/metrics`, `/livez`, `/readyz`, `/startupz`.
@@ -634,6 +656,45 @@ pub struct Config {
     pub credentials: Vec<CredentialConfig>,
     /// The admin HTTP listener (metrics and health), if any.
     pub admin: Option<AdminConfig>,
+    pub reload: ReloadConfig,
+}
+
+impl Config {
+    /// Every file this configuration reads (certificates, keys, CA
+    /// bundles, secrets and credential files), for `[reload] watch`.
+    pub fn referenced_files(&self) -> Vec<PathBuf> {
+        let mut files = Vec::new();
+        if let Some(t) = &self.tls {
+            files.extend([t.cert.clone(), t.key.clone()]);
+        }
+        for l in &self.listeners {
+            if let ListenerIdentity::ClientCert { ca_file, .. } = &l.identity {
+                files.push(ca_file.clone());
+            }
+        }
+        for u in &self.upstreams {
+            files.extend(u.roots.ca_file.clone());
+            if let Some((c, k)) = &u.client_identity {
+                files.extend([c.clone(), k.clone()]);
+            }
+            if let Some(scram) = &u.scram {
+                files.extend(scram.secrets_file.clone());
+                files.extend(scram.auth_query.as_ref().map(|q| q.password_file.clone()));
+            }
+        }
+        for c in &self.credentials {
+            match &c.source {
+                CredentialSource::PasswordFile(f) | CredentialSource::ScramSecret(f) => {
+                    files.push(f.clone())
+                }
+                CredentialSource::ClientCert { cert, key } => {
+                    files.extend([cert.clone(), key.clone()])
+                }
+                CredentialSource::PasswordEnv(_) | CredentialSource::RdsIam(_) => {}
+            }
+        }
+        files
+    }
 }
 
 /// The flag-only form of `pgbastion run`, for the one-upstream case.
@@ -761,6 +822,7 @@ impl Config {
                 listen,
                 unready_grace: Duration::ZERO,
             }),
+            reload: ReloadConfig::default(),
         };
         raw.validate()
     }
@@ -995,6 +1057,7 @@ impl RawConfig {
             application_name: self.forward.application_name,
             credentials,
             admin: self.admin,
+            reload: self.reload,
         })
     }
 }

@@ -17,6 +17,7 @@
 //! - `metrics` and `admin`: Prometheus metrics and the health probes, on
 //!   the admin HTTP listener; `console`: the admin console (`SHOW SESSIONS`,
 //!   `KILL`, `RELOAD`) on database `pgbastion`; `live`: the sessions it sees.
+//! - `watch`: reloading when a configuration file changes.
 //! - `config`: the one configuration model; `fd_limit`: the open-files
 //!   limit raised to what the limits need.
 //! - `localpg`, `devcerts`: a throwaway local PostgreSQL and a private CA,
@@ -48,3 +49,4 @@ pub mod stream;
 pub mod tls;
 pub mod upstream;
 pub mod warn_limit;
+pub mod watch;

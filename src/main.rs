@@ -287,7 +287,16 @@ async fn run(args: RunArgs) -> Result<()> {
         tracing::info!(listener = %name, address = %addr, "bound");
     }
     let handle = server.reload_handle();
-    handle.set_source(config_path, initial);
+    handle.set_source(config_path.clone(), initial.clone());
+    if initial.reload.watch {
+        let debounce = initial.reload.debounce;
+        tokio::spawn(pgbastion::watch::watch(
+            handle.clone(),
+            config_path,
+            initial,
+            debounce,
+        ));
+    }
     tokio::spawn(reload_on_sighup(handle));
     serve(server).await;
     Ok(())

@@ -143,3 +143,61 @@ async fn sighup_rotates_certificates_and_open_sessions_keep_working() {
         stderr(&out)
     );
 }
+
+/// `[reload] watch = true`: a certificate and key replaced on disk (as
+/// cert-manager or a Kubernetes Secret update does) are picked up with no
+/// signal at all.
+#[test]
+fn watched_files_are_reloaded_without_a_signal() {
+    let env = Env::new();
+    let dir = env.dir.path().to_owned();
+    let cert = dir.join("live.crt");
+    let key = dir.join("live.key");
+    std::fs::copy(&env.proxy_cert, &cert).unwrap();
+    std::fs::copy(&env.proxy_key, &key).unwrap();
+    let port = pgbastion::localpg::free_port().unwrap();
+    let log = dir.join("pgbastion.log");
+    let cfg = dir.join("pgbastion.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[tls]\ncert = \"{}\"\nkey = \"{}\"\n[[listener]]\nlisten = \"127.0.0.1:{port}\"\n{}\n\
+             [reload]\nwatch = true\ndebounce = \"300ms\"\n[audit]\nlog = \"off\"\n",
+            cert.display(),
+            key.display(),
+            env.upstream_toml()
+        ),
+    )
+    .unwrap();
+    let _proc = Running(
+        std::process::Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let addr = wait_listening(port);
+    let conninfo = |ca: &std::path::Path| {
+        format!(
+            "host=localhost port={} user=postgres dbname=postgres sslmode=verify-full sslrootcert={} channel_binding=disable",
+            addr.port(),
+            ca.display()
+        )
+    };
+    let out = env.psql(&conninfo(&env.proxy_ca), "select 1");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let new_ca = Ca::new("rotated CA").unwrap();
+    let new_ca_file = new_ca.write_cert(&dir, "rotated-ca").unwrap();
+    let issued = new_ca.server_cert(&["localhost"]).unwrap();
+    std::fs::write(&cert, &issued.cert_pem).unwrap();
+    std::fs::write(&key, &issued.key_pem).unwrap();
+    wait_for("the watched reload", Duration::from_secs(15), || {
+        std::fs::read_to_string(&log)
+            .ok()
+            .filter(|t| t.contains("certificates re-read"))
+    });
+    let out = env.psql(&conninfo(&new_ca_file), "select 'watched'");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "watched");
+}
