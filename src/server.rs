@@ -76,7 +76,13 @@ pub enum ServerError {
 
 /// What every session of the process shares.
 pub(crate) struct Shared {
-    pub timeouts: Timeouts,
+    /// Deadlines, the application_name template and the LocalAPI client:
+    /// replaced as a whole on reload; each session keeps the one it
+    /// started with.
+    settings: RwLock<Arc<Settings>>,
+    /// The configuration the server was bound with: what a reload cannot
+    /// change is compared against it, to say what needs a restart.
+    bound_with: Config,
     pub upstreams: Vec<Upstream>,
     pub audit: Arc<AuditLog>,
     pub metrics: Arc<Metrics>,
@@ -96,8 +102,7 @@ pub(crate) struct Shared {
     /// Where a reload reads the configuration from: the file, or (started
     /// from flags) the configuration as started, whose files are re-read.
     reload_source: RwLock<Option<(Option<std::path::PathBuf>, Config)>>,
-    pub whois: Option<WhoIsClient>,
-    pub application_name: Option<String>,
+
     /// scram mode: failed logins per address and per user.
     pub login_throttle: LoginThrottle,
     /// Log lines and audit events caused by strangers, summarised past a
@@ -114,7 +119,37 @@ pub(crate) struct Shared {
     listeners: Vec<Arc<ListenerInfo>>,
 }
 
+/// What a session takes from the configuration when it starts, replaced
+/// as a whole on reload.
+pub(crate) struct Settings {
+    pub timeouts: Timeouts,
+    pub whois: Option<WhoIsClient>,
+    pub application_name: Option<String>,
+}
+
+impl From<&Config> for Settings {
+    fn from(config: &Config) -> Self {
+        Settings {
+            timeouts: config.timeouts.clone(),
+            whois: config.tailscale.as_ref().map(|t| WhoIsClient {
+                socket: t.socket.clone(),
+                capability: t.capability.clone(),
+                timeout: t.timeout,
+            }),
+            application_name: config.application_name.clone(),
+        }
+    }
+}
+
 impl Shared {
+    /// The settings new sessions get now.
+    pub fn settings(&self) -> Arc<Settings> {
+        self.settings
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// An event for the audit log and the metrics.
     pub fn record(&self, event: &crate::audit::Event<'_>) {
         self.metrics.observe(event);
@@ -195,6 +230,44 @@ fn record_certificate_expiry(config: &Config, metrics: &Metrics) {
     }
 }
 
+/// What differs between the configuration the server was bound with and
+/// `new` that a reload cannot apply (sockets, limits, the audit log, where
+/// upstreams are).
+fn not_reloadable(old: &Config, new: &Config) -> Vec<String> {
+    let differs =
+        |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
+    let mut changes = Vec::new();
+    for l in &new.listeners {
+        if let Some(o) = old.listeners.iter().find(|o| o.name == l.name) {
+            if differs(&o.bind, &l.bind) || o.upstream != l.upstream {
+                changes.push(format!("listener {:?} address or upstream", l.name));
+            }
+        }
+    }
+    for o in &old.listeners {
+        if !new.listeners.iter().any(|l| l.name == o.name) {
+            changes.push(format!("removed listener {:?}", o.name));
+        }
+    }
+    for u in &new.upstreams {
+        if let Some(o) = old.upstreams.iter().find(|o| o.name == u.name) {
+            if o.host != u.host || o.port != u.port || o.server_name != u.server_name {
+                changes.push(format!("upstream {:?} address", u.name));
+            }
+        }
+    }
+    if differs(&old.limits, &new.limits) {
+        changes.push("[limits]".into());
+    }
+    if old.audit != new.audit || old.audit_on_failure != new.audit_on_failure {
+        changes.push("[audit]".into());
+    }
+    if old.admin != new.admin {
+        changes.push("[admin]".into());
+    }
+    changes
+}
+
 /// Everything a reload reads, before anything is replaced: a mistake in
 /// any of it changes nothing.
 fn load_reloadable(config: &Config) -> Result<(Credentials, PreparedTls), ServerError> {
@@ -237,7 +310,7 @@ impl ReloadHandle {
         // Certificates, keys and CA bundles, for listeners and upstreams
         // that are still there under the same name; other changes to
         // listeners and upstreams take a restart.
-        let mut restart_needed = Vec::new();
+        let mut restart_needed = not_reloadable(&self.0.bound_with, config);
         for (l, acceptor) in config.listeners.iter().zip(acceptors) {
             match self.0.listeners.iter().find(|info| info.name == l.name) {
                 Some(info) => {
@@ -262,6 +335,8 @@ impl ReloadHandle {
             .client_binding
             .write()
             .unwrap_or_else(|p| p.into_inner()) = own_binding(config);
+        *self.0.settings.write().unwrap_or_else(|p| p.into_inner()) =
+            Arc::new(Settings::from(config));
         record_certificate_expiry(config, &self.0.metrics);
         Ok(Reloaded {
             credentials: n,
@@ -627,7 +702,8 @@ impl Server {
         }
         Ok(Server {
             shared: Arc::new(Shared {
-                timeouts: config.timeouts.clone(),
+                settings: RwLock::new(Arc::new(Settings::from(&config))),
+                bound_with: config.clone(),
                 upstreams,
                 audit,
                 metrics,
@@ -640,12 +716,7 @@ impl Server {
                 identity_sessions: KeyedSlots::default(),
                 live: Default::default(),
                 reload_source: RwLock::new(None),
-                whois: config.tailscale.as_ref().map(|t| WhoIsClient {
-                    socket: t.socket.clone(),
-                    capability: t.capability.clone(),
-                    timeout: t.timeout,
-                }),
-                application_name: config.application_name.clone(),
+
                 login_throttle: LoginThrottle::new(&config.limits),
                 shutdown: watch::Sender::new(ShutdownPhase::Running),
                 warn_limit: WarnLimiter::new(WARN_LINES_PER_WINDOW),

@@ -201,3 +201,59 @@ fn watched_files_are_reloaded_without_a_signal() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out), "watched");
 }
+
+/// Settings new sessions take (here `[forward] application_name`) follow a
+/// reload; what a reload cannot apply (`[limits]`) is named in the log.
+#[test]
+fn reload_applies_settings_and_names_what_needs_a_restart() {
+    let env = Env::new();
+    let dir = env.dir.path().to_owned();
+    let port = pgbastion::localpg::free_port().unwrap();
+    let log = dir.join("pgbastion.log");
+    let cfg = dir.join("pgbastion.toml");
+    let write = |extra: &str| {
+        std::fs::write(
+            &cfg,
+            format!(
+                "{}\n[[listener]]\nlisten = \"127.0.0.1:{port}\"\n{}\n[audit]\nlog = \"off\"\n{extra}",
+                env.tls_toml(),
+                env.upstream_toml()
+            ),
+        )
+        .unwrap()
+    };
+    write("");
+    let proc = Running(
+        std::process::Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let addr = wait_listening(port);
+    let app_name = || {
+        let out = env.psql(
+            &format!(
+                "{} application_name=report",
+                env.via_proxy(addr, "channel_binding=disable")
+            ),
+            "select application_name from pg_stat_activity where pid = pg_backend_pid()",
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out)
+    };
+    assert_eq!(app_name(), "report");
+    write("[forward]\napplication_name = \"{application_name} [{identity}]\"\n[limits]\nmax_sessions = 5\n");
+    signal(proc.0.id(), "-HUP");
+    let text = wait_for("the reload", Duration::from_secs(10), || {
+        std::fs::read_to_string(&log)
+            .ok()
+            .filter(|t| t.contains("these changes take a restart"))
+    });
+    assert_eq!(app_name(), "report [127.0.0.1]");
+    assert!(
+        text.contains("these changes take a restart") && text.contains("[limits]"),
+        "{text}"
+    );
+}

@@ -132,6 +132,7 @@ pub(crate) async fn handle(
         peer,
         local,
         listener,
+        settings: shared.settings(),
         shared,
     };
     session.run(io, pending).instrument(span).await
@@ -146,6 +147,8 @@ struct Session {
     /// The address the client connected to (likewise).
     local: Option<std::net::SocketAddr>,
     listener: Arc<ListenerInfo>,
+    /// Deadlines and templates as they were when the session started.
+    settings: Arc<crate::server::Settings>,
     shared: Arc<Shared>,
 }
 
@@ -167,7 +170,7 @@ impl Session {
                 return self.reject(&mut conn, e).await;
             }
         }
-        let t = self.shared.timeouts.clone();
+        let t = self.settings.timeouts.clone();
         let deadline = tokio::time::Instant::now() + t.client_startup;
         let negotiated = timeout_at(
             deadline,
@@ -527,7 +530,7 @@ impl Session {
             .login_throttle
             .check(self.peer.map(|p| p.ip()), user)
             .map_err(AuthError::Throttled)?;
-        match scram.lookup(user, upstream, &self.shared.timeouts).await {
+        match scram.lookup(user, upstream, &self.settings.timeouts).await {
             Ok(Lookup::Found(verifier, source)) => Ok(FoundVerifier {
                 verifier,
                 source: Some(source),
@@ -788,7 +791,7 @@ impl Session {
                 return Err(SessionError::ProxyUntrusted(peer.ip().to_string()));
             }
         }
-        let limit = self.shared.timeouts.proxy_header;
+        let limit = self.settings.timeouts.proxy_header;
         let header = tokio::time::timeout(limit, async {
             loop {
                 match proxy::parse(&conn.buf) {
@@ -895,7 +898,7 @@ impl Session {
             },
             ListenerIdentity::Tailscale => {
                 let peer = self.peer.ok_or(IdentityError::NotTcp)?;
-                let whois = self.shared.whois.as_ref().ok_or_else(|| {
+                let whois = self.settings.whois.as_ref().ok_or_else(|| {
                     IdentityError::LocalApiUnreachable {
                         socket: "(none configured)".into(),
                         reason: "no [tailscale] section in the configuration".into(),
@@ -912,7 +915,7 @@ impl Session {
     /// it is not a security boundary).
     fn forwarded_startup(&self, startup: StartupMessage) -> StartupMessage {
         let (Some(template), Some(identity)) =
-            (&self.shared.application_name, &self.facts.identity)
+            (&self.settings.application_name, &self.facts.identity)
         else {
             return startup;
         };
@@ -954,7 +957,7 @@ impl Session {
                         .cancel(
                             target.addr,
                             &target.real,
-                            self.shared.timeouts.cancel,
+                            self.settings.timeouts.cancel,
                             self.outbound_proxy_header(upstream, None).as_deref(),
                         )
                         .await
