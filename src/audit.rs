@@ -6,7 +6,7 @@
 //! cancel key: the types written here have no field that could hold one.
 
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -245,45 +245,123 @@ const DROP_REPORT_EVERY: Duration = Duration::from_secs(10);
 /// The destination of audit events: a writer thread behind a bounded queue
 /// (see `sink`), so a slow or stalled audit reader never blocks a session.
 /// Each event is one whole line, so concurrent sessions never interleave.
+/// The destination can change on reload (`retarget`).
 pub struct AuditLog {
-    /// None when the log is off: nothing is serialised at all.
-    sink: Option<Sink>,
-    on_failure: AuditOnFailure,
+    current: RwLock<Current>,
     /// When dropped events were last reported, and how many had been.
     reported: Mutex<(Instant, u64)>,
 }
 
+struct Current {
+    /// None when the log is off: nothing is serialised at all.
+    sink: Option<Sink>,
+    target: AuditTarget,
+    on_failure: AuditOnFailure,
+    /// Events written and dropped by earlier destinations.
+    earlier: (u64, u64),
+}
+
+/// A destination opened for a reload, not yet in use.
+pub struct PreparedAudit {
+    sink: Option<Sink>,
+    target: AuditTarget,
+    on_failure: AuditOnFailure,
+}
+
+fn open_sink(target: &AuditTarget) -> std::io::Result<Option<Sink>> {
+    Ok(match target {
+        AuditTarget::Off => None,
+        AuditTarget::Stdout => Some(Sink::spawn("audit", SinkTarget::Stdout, QUEUE_LINES)?),
+        AuditTarget::File(path) => Some(Sink::spawn(
+            "audit",
+            SinkTarget::File(path.clone()),
+            QUEUE_LINES,
+        )?),
+    })
+}
+
 impl AuditLog {
     pub fn open(target: &AuditTarget, on_failure: AuditOnFailure) -> std::io::Result<AuditLog> {
-        let sink = match target {
-            AuditTarget::Off => None,
-            AuditTarget::Stdout => Some(Sink::spawn("audit", SinkTarget::Stdout, QUEUE_LINES)?),
-            AuditTarget::File(path) => Some(Sink::spawn(
-                "audit",
-                SinkTarget::File(path.clone()),
-                QUEUE_LINES,
-            )?),
-        };
         Ok(AuditLog {
-            sink,
-            on_failure,
+            current: RwLock::new(Current {
+                sink: open_sink(target)?,
+                target: target.clone(),
+                on_failure,
+                earlier: (0, 0),
+            }),
             reported: Mutex::new((Instant::now(), 0)),
         })
+    }
+
+    fn current(&self) -> std::sync::RwLockReadGuard<'_, Current> {
+        self.current.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// For a reload: opens `target` if it differs from the one in use
+    /// (None: nothing to change). A destination that cannot be opened is
+    /// an error now, and the reload changes nothing.
+    pub fn prepare(
+        &self,
+        target: &AuditTarget,
+        on_failure: AuditOnFailure,
+    ) -> std::io::Result<Option<PreparedAudit>> {
+        let cur = self.current();
+        if cur.target == *target && cur.on_failure == on_failure {
+            return Ok(None);
+        }
+        let sink = if cur.target == *target {
+            cur.sink.clone()
+        } else {
+            open_sink(target)?
+        };
+        Ok(Some(PreparedAudit {
+            sink,
+            target: target.clone(),
+            on_failure,
+        }))
+    }
+
+    /// Puts a prepared destination in use. What the old one had queued is
+    /// written out first (up to a second), and its counts carry over.
+    pub fn retarget(&self, prepared: PreparedAudit) {
+        let old = {
+            let mut cur = self.current.write().unwrap_or_else(|p| p.into_inner());
+            let old_sink = std::mem::replace(&mut cur.sink, prepared.sink.clone());
+            let same = cur.target == prepared.target;
+            cur.target = prepared.target;
+            cur.on_failure = prepared.on_failure;
+            if same {
+                None
+            } else {
+                old_sink
+            }
+        };
+        if let Some(old) = old {
+            old.drain(Duration::from_secs(1));
+            let mut cur = self.current.write().unwrap_or_else(|p| p.into_inner());
+            cur.earlier.0 += old.written();
+            cur.earlier.1 += old.dropped();
+            *self.reported.lock().unwrap_or_else(|p| p.into_inner()) = (Instant::now(), 0);
+        }
+    }
+
+    /// Events written and dropped so far, across destinations.
+    pub fn counts(&self) -> (u64, u64) {
+        let cur = self.current();
+        let (w, d) = cur
+            .sink
+            .as_ref()
+            .map_or((0, 0), |s| (s.written(), s.dropped()));
+        (cur.earlier.0 + w, cur.earlier.1 + d)
     }
 
     /// Queues one event. A sink that cannot keep up or fails loses events:
     /// they are counted and reported in pgbastion's log at most every 10 s;
     /// with `on_failure = "refuse"` no new session is admitted meanwhile
     /// (see `accepting`).
-    /// Events written and dropped so far (0, 0 with the audit log off).
-    pub fn counts(&self) -> (u64, u64) {
-        self.sink
-            .as_ref()
-            .map_or((0, 0), |s| (s.written(), s.dropped()))
-    }
-
     pub fn emit(&self, event: &Event<'_>) {
-        let Some(sink) = &self.sink else {
+        let cur = self.current();
+        let Some(sink) = &cur.sink else {
             return;
         };
         let mut line = match serde_json::to_vec(&TimedEvent {
@@ -298,10 +376,10 @@ impl AuditLog {
         };
         line.push(b'\n');
         sink.try_write(line);
-        self.report_drops(sink);
+        self.report_drops(sink, cur.on_failure);
     }
 
-    fn report_drops(&self, sink: &Sink) {
+    fn report_drops(&self, sink: &Sink, on_failure: AuditOnFailure) {
         let dropped = sink.dropped();
         // The common case, on every event: nothing was ever dropped, so
         // there is nothing to report and no lock to take.
@@ -313,7 +391,7 @@ impl AuditLog {
             tracing::error!(
                 dropped = dropped - reported.1,
                 total = dropped,
-                on_failure = ?self.on_failure,
+                ?on_failure,
                 "audit events could not be written (the audit log is slow or failing) and were dropped"
             );
             *reported = (Instant::now(), dropped);
@@ -323,11 +401,12 @@ impl AuditLog {
     /// Whether a new session may be admitted: always with `on_failure =
     /// "continue"`; with `"refuse"`, only while events are being written.
     pub fn accepting(&self) -> bool {
-        match (&self.sink, self.on_failure) {
+        let cur = self.current();
+        match (&cur.sink, cur.on_failure) {
             (Some(sink), AuditOnFailure::Refuse) => {
                 let ok = sink.healthy();
                 if !ok {
-                    self.report_drops(sink);
+                    self.report_drops(sink, cur.on_failure);
                 }
                 ok
             }
@@ -338,7 +417,7 @@ impl AuditLog {
     /// Waits (up to `limit`) until every event emitted so far is written:
     /// at shutdown, so the last sessions' end events are not lost.
     pub fn drain(&self, limit: Duration) {
-        if let Some(sink) = &self.sink {
+        if let Some(sink) = &self.current().sink {
             if !sink.drain(limit) {
                 tracing::error!("audit events still queued at exit could not all be written");
             }
@@ -347,7 +426,7 @@ impl AuditLog {
 
     /// Reopens an audit file (SIGHUP, after logrotate moved it).
     pub fn reopen(&self) {
-        if let Some(sink) = &self.sink {
+        if let Some(sink) = &self.current().sink {
             sink.reopen();
         }
     }

@@ -22,7 +22,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
 use crate::admin::Health;
-use crate::audit::{AuditLog, ClientAddress};
+use crate::audit::{AuditLog, ClientAddress, PreparedAudit};
 use crate::auth::channel_binding::tls_server_end_point;
 use crate::auth::credentials::Credentials;
 use crate::auth::source::ScramAuth;
@@ -259,9 +259,6 @@ fn not_reloadable(old: &Config, new: &Config) -> Vec<String> {
     if differs(&old.limits, &new.limits) {
         changes.push("[limits]".into());
     }
-    if old.audit != new.audit || old.audit_on_failure != new.audit_on_failure {
-        changes.push("[audit]".into());
-    }
     if old.admin != new.admin {
         changes.push("[admin]".into());
     }
@@ -270,9 +267,16 @@ fn not_reloadable(old: &Config, new: &Config) -> Vec<String> {
 
 /// Everything a reload reads, before anything is replaced: a mistake in
 /// any of it changes nothing.
-fn load_reloadable(config: &Config) -> Result<(Credentials, PreparedTls), ServerError> {
+fn load_reloadable(
+    config: &Config,
+    audit: &AuditLog,
+) -> Result<(Credentials, PreparedTls, Option<PreparedAudit>), ServerError> {
     let credentials = Credentials::load(&config.credentials, &config.upstreams)?;
-    Ok((credentials, prepare_tls(config)?))
+    let tls = prepare_tls(config)?;
+    let audit = audit
+        .prepare(&config.audit, config.audit_on_failure)
+        .map_err(ServerError::Audit)?;
+    Ok((credentials, tls, audit))
 }
 
 /// What a reload changed.
@@ -297,9 +301,13 @@ impl ReloadHandle {
     /// `login = "identity"` need both). The credentials are read first: if
     /// any is wrong, nothing changes and the error says which.
     pub fn replace_policy(&self, config: &Config) -> Result<Reloaded, ServerError> {
-        let loaded = load_reloadable(config);
+        let loaded = load_reloadable(config, &self.0.audit);
         self.0.metrics.reloaded(loaded.is_ok());
-        let (credentials, (acceptors, upstreams)) = loaded?;
+        let (credentials, (acceptors, upstreams), audit) = loaded?;
+        if let Some(audit) = audit {
+            self.0.audit.retarget(audit);
+            tracing::info!(target = ?config.audit, on_failure = ?config.audit_on_failure, "audit log destination changed");
+        }
         let n = credentials.len();
         *self
             .0

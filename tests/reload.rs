@@ -202,8 +202,9 @@ fn watched_files_are_reloaded_without_a_signal() {
     assert_eq!(stdout(&out), "watched");
 }
 
-/// Settings new sessions take (here `[forward] application_name`) follow a
-/// reload; what a reload cannot apply (`[limits]`) is named in the log.
+/// Settings new sessions take (here `[forward] application_name`) and the
+/// audit log's destination follow a reload; what a reload cannot apply
+/// (`[limits]`) is named in the log.
 #[test]
 fn reload_applies_settings_and_names_what_needs_a_restart() {
     let env = Env::new();
@@ -215,14 +216,14 @@ fn reload_applies_settings_and_names_what_needs_a_restart() {
         std::fs::write(
             &cfg,
             format!(
-                "{}\n[[listener]]\nlisten = \"127.0.0.1:{port}\"\n{}\n[audit]\nlog = \"off\"\n{extra}",
+                "{}\n[[listener]]\nlisten = \"127.0.0.1:{port}\"\n{}\n{extra}",
                 env.tls_toml(),
                 env.upstream_toml()
             ),
         )
         .unwrap()
     };
-    write("");
+    write("[audit]\nlog = \"off\"\n");
     let proc = Running(
         std::process::Command::new(BIN)
             .args(["run", "--config"])
@@ -244,7 +245,12 @@ fn reload_applies_settings_and_names_what_needs_a_restart() {
         stdout(&out)
     };
     assert_eq!(app_name(), "report");
-    write("[forward]\napplication_name = \"{application_name} [{identity}]\"\n[limits]\nmax_sessions = 5\n");
+    let audit = dir.join("audit.jsonl");
+    write(&format!(
+        "[forward]\napplication_name = \"{{application_name}} [{{identity}}]\"\n[limits]\nmax_sessions = 5\n\
+         [audit]\nlog = \"{}\"\n",
+        audit.display()
+    ));
     signal(proc.0.id(), "-HUP");
     let text = wait_for("the reload", Duration::from_secs(10), || {
         std::fs::read_to_string(&log)
@@ -252,6 +258,15 @@ fn reload_applies_settings_and_names_what_needs_a_restart() {
             .filter(|t| t.contains("these changes take a restart"))
     });
     assert_eq!(app_name(), "report [127.0.0.1]");
+    wait_for(
+        "the session in the new audit file",
+        Duration::from_secs(10),
+        || {
+            std::fs::read_to_string(&audit)
+                .ok()
+                .filter(|t| t.contains("\"session.end\""))
+        },
+    );
     assert!(
         text.contains("these changes take a restart") && text.contains("[limits]"),
         "{text}"
