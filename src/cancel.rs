@@ -72,6 +72,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl CancelRegistry {
+    /// New cancel rate limits (a reload).
+    pub fn set_rate(&self, rate_per_sec: f64, burst: f64) {
+        lock(&self.limiter).set_rate(rate_per_sec, burst);
+    }
+
     pub fn new(rate_per_sec: f64, burst: f64) -> Arc<Self> {
         Arc::new(CancelRegistry {
             entries: Mutex::new(HashMap::new()),

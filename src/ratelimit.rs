@@ -17,6 +17,16 @@ pub struct KeyedBuckets<K> {
 }
 
 impl<K: Hash + Eq + Clone> KeyedBuckets<K> {
+    /// New rate and burst (a reload); buckets keep their tokens, capped at
+    /// the new burst.
+    pub fn set_rate(&mut self, rate: f64, burst: f64) {
+        self.rate = rate;
+        self.burst = burst;
+        for (tokens, _) in self.buckets.values_mut() {
+            *tokens = tokens.min(burst);
+        }
+    }
+
     pub fn new(rate: f64, burst: f64) -> Self {
         KeyedBuckets {
             rate,

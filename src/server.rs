@@ -9,13 +9,13 @@ use std::future::Future;
 use std::net::IpAddr;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use thiserror::Error;
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -87,8 +87,10 @@ pub(crate) struct Shared {
     pub audit: Arc<AuditLog>,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
-    pub sessions: Arc<Semaphore>,
-    pub max_sessions: usize,
+    /// Sessions past the startup packet, against `limits.max_sessions`.
+    pub sessions: KeyedSlots<()>,
+    /// The limits a reload may change, read where they are applied.
+    pub limits: Arc<LiveLimits>,
     pub cancels: Arc<CancelRegistry>,
     /// Replaced as a whole on reload; sessions decide with the one current
     /// when their StartupMessage arrived.
@@ -256,9 +258,6 @@ fn not_reloadable(old: &Config, new: &Config) -> Vec<String> {
             }
         }
     }
-    if differs(&old.limits, &new.limits) {
-        changes.push("[limits]".into());
-    }
     if old.admin != new.admin {
         changes.push("[admin]".into());
     }
@@ -343,6 +342,11 @@ impl ReloadHandle {
             .client_binding
             .write()
             .unwrap_or_else(|p| p.into_inner()) = own_binding(config);
+        self.0.limits.store(&config.limits);
+        self.0.login_throttle.configure(&config.limits);
+        self.0
+            .cancels
+            .set_rate(config.limits.cancel_rate, config.limits.cancel_burst);
         *self.0.settings.write().unwrap_or_else(|p| p.into_inner()) =
             Arc::new(Settings::from(config));
         record_certificate_expiry(config, &self.0.metrics);
@@ -554,15 +558,41 @@ fn prepare_tls(config: &Config) -> Result<PreparedTls, ServerError> {
 /// per-message limits while authenticating, this is what bounds the memory
 /// strangers can make pgbastion hold.
 pub(crate) struct PendingSlots {
-    per_listener: Arc<Semaphore>,
+    per_listener: KeyedSlots<()>,
     per_address: KeyedSlots<IpAddr>,
-    max_per_address: usize,
+    limits: Arc<LiveLimits>,
+}
+
+/// The limits a reload may change: read at each use, stored on reload.
+#[derive(Debug)]
+pub(crate) struct LiveLimits {
+    pub max_sessions: AtomicUsize,
+    pub max_pending: AtomicUsize,
+    pub max_pending_per_address: AtomicUsize,
+}
+
+impl LiveLimits {
+    fn new(limits: &crate::config::Limits) -> Self {
+        LiveLimits {
+            max_sessions: AtomicUsize::new(limits.max_sessions),
+            max_pending: AtomicUsize::new(limits.max_pending),
+            max_pending_per_address: AtomicUsize::new(limits.max_pending_per_address),
+        }
+    }
+
+    fn store(&self, limits: &crate::config::Limits) {
+        self.max_sessions
+            .store(limits.max_sessions, Ordering::SeqCst);
+        self.max_pending.store(limits.max_pending, Ordering::SeqCst);
+        self.max_pending_per_address
+            .store(limits.max_pending_per_address, Ordering::SeqCst);
+    }
 }
 
 /// One unauthenticated connection's slot, given back when dropped (once
 /// the session is authenticated, or ends).
 pub(crate) struct PendingPermit {
-    _listener: OwnedSemaphorePermit,
+    _listener: KeyedPermit<()>,
     _address: Option<KeyedPermit<IpAddr>>,
 }
 
@@ -574,28 +604,26 @@ enum PendingRefusal {
 }
 
 impl PendingSlots {
-    fn new(
-        max_per_listener: usize,
-        max_per_address: usize,
-        per_address: &KeyedSlots<IpAddr>,
-    ) -> Self {
+    fn new(per_address: &KeyedSlots<IpAddr>, limits: &Arc<LiveLimits>) -> Self {
         PendingSlots {
-            per_listener: Arc::new(Semaphore::new(max_per_listener)),
+            per_listener: KeyedSlots::default(),
             per_address: per_address.clone(),
-            max_per_address,
+            limits: limits.clone(),
         }
     }
 
     fn try_acquire(&self, ip: Option<IpAddr>) -> Result<PendingPermit, PendingRefusal> {
         let listener = self
             .per_listener
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| PendingRefusal::Listener)?;
+            .try_acquire((), self.limits.max_pending.load(Ordering::SeqCst))
+            .ok_or(PendingRefusal::Listener)?;
         let address = match ip {
             Some(ip) => Some(
                 self.per_address
-                    .try_acquire(ip, self.max_per_address)
+                    .try_acquire(
+                        ip,
+                        self.limits.max_pending_per_address.load(Ordering::SeqCst),
+                    )
                     .ok_or(PendingRefusal::Address)?,
             ),
             // Unix-socket clients: the socket's permissions decide.
@@ -674,6 +702,7 @@ impl Server {
         let mut listeners = Vec::new();
         // One count per client address, across every listener.
         let per_address = KeyedSlots::default();
+        let limits = Arc::new(LiveLimits::new(&config.limits));
         for (l, acceptor) in config.listeners.iter().zip(acceptors) {
             let socket = match &l.bind {
                 BindAddress::Tcp(addr) => {
@@ -701,11 +730,7 @@ impl Server {
                     upstream: l.upstream,
                 }),
                 socket,
-                pending: PendingSlots::new(
-                    config.limits.max_pending,
-                    config.limits.max_pending_per_address,
-                    &per_address,
-                ),
+                pending: PendingSlots::new(&per_address, &limits),
             });
         }
         Ok(Server {
@@ -716,8 +741,8 @@ impl Server {
                 audit,
                 metrics,
                 health: Arc::default(),
-                sessions: Arc::new(Semaphore::new(config.limits.max_sessions)),
-                max_sessions: config.limits.max_sessions,
+                sessions: KeyedSlots::default(),
+                limits: limits.clone(),
                 cancels: CancelRegistry::new(config.limits.cancel_rate, config.limits.cancel_burst),
                 policy: RwLock::new(Arc::new(config.policy.clone())),
                 credentials: RwLock::new(Arc::new(credentials)),

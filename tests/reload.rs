@@ -202,9 +202,9 @@ fn watched_files_are_reloaded_without_a_signal() {
     assert_eq!(stdout(&out), "watched");
 }
 
-/// Settings new sessions take (here `[forward] application_name`) and the
-/// audit log's destination follow a reload; what a reload cannot apply
-/// (`[limits]`) is named in the log.
+/// Settings new sessions take (here `[forward] application_name`), the
+/// limits and the audit log's destination follow a reload; what a reload
+/// cannot apply (here a new `[admin]` listener) is named in the log.
 #[test]
 fn reload_applies_settings_and_names_what_needs_a_restart() {
     let env = Env::new();
@@ -247,9 +247,10 @@ fn reload_applies_settings_and_names_what_needs_a_restart() {
     assert_eq!(app_name(), "report");
     let audit = dir.join("audit.jsonl");
     write(&format!(
-        "[forward]\napplication_name = \"{{application_name}} [{{identity}}]\"\n[limits]\nmax_sessions = 5\n\
-         [audit]\nlog = \"{}\"\n",
-        audit.display()
+        "[forward]\napplication_name = \"{{application_name}} [{{identity}}]\"\n[limits]\nmax_sessions = 1\n\
+         [audit]\nlog = \"{}\"\n[admin]\nlisten = \"127.0.0.1:{}\"\n",
+        audit.display(),
+        pgbastion::localpg::free_port().unwrap()
     ));
     signal(proc.0.id(), "-HUP");
     let text = wait_for("the reload", Duration::from_secs(10), || {
@@ -268,7 +269,25 @@ fn reload_applies_settings_and_names_what_needs_a_restart() {
         },
     );
     assert!(
-        text.contains("these changes take a restart") && text.contains("[limits]"),
+        text.contains("these changes take a restart") && text.contains("[admin]"),
         "{text}"
     );
+    // max_sessions is now 1: with one session open, the next is refused.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let password = env.pg.password.clone();
+    rt.block_on(async {
+        let conninfo = format!(
+            "host=localhost port={port} user=postgres dbname=postgres password={password} sslmode=require channel_binding=disable"
+        );
+        let (held, conn) = tokio_postgres::connect(&conninfo, tls_connector(&env.proxy_ca))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        held.simple_query("select 1").await.unwrap();
+        let refused = tokio_postgres::connect(&conninfo, tls_connector(&env.proxy_ca))
+            .await
+            .err()
+            .expect("the second session is refused");
+        assert_eq!(sqlstate(&refused).as_deref(), Some("53300"), "{refused}");
+    });
 }

@@ -29,19 +29,39 @@ pub struct LoginThrottle {
     by_user: Mutex<KeyedBuckets<String>>,
 }
 
+/// Refill rate and burst per address and per user: `n` failures per
+/// window, refilled at `n / window`.
+fn rates(limits: &Limits) -> ((f64, f64), (f64, f64)) {
+    let window = limits
+        .failed_login_window
+        .as_secs_f64()
+        .max(f64::MIN_POSITIVE);
+    let (a, u) = (
+        f64::from(limits.failed_logins_per_address),
+        f64::from(limits.failed_logins_per_user),
+    );
+    ((a / window, a), (u / window, u))
+}
+
 impl LoginThrottle {
+    /// New limits (a reload); failures counted so far still count.
+    pub fn configure(&self, limits: &Limits) {
+        let ((ar, ab), (ur, ub)) = rates(limits);
+        self.by_address
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_rate(ar, ab);
+        self.by_user
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_rate(ur, ub);
+    }
+
     pub fn new(limits: &Limits) -> LoginThrottle {
-        let window = limits
-            .failed_login_window
-            .as_secs_f64()
-            .max(f64::MIN_POSITIVE);
-        let (a, u) = (
-            f64::from(limits.failed_logins_per_address),
-            f64::from(limits.failed_logins_per_user),
-        );
+        let ((ar, ab), (ur, ub)) = rates(limits);
         LoginThrottle {
-            by_address: Mutex::new(KeyedBuckets::new(a / window, a)),
-            by_user: Mutex::new(KeyedBuckets::new(u / window, u)),
+            by_address: Mutex::new(KeyedBuckets::new(ar, ab)),
+            by_user: Mutex::new(KeyedBuckets::new(ur, ub)),
         }
     }
 

@@ -253,8 +253,12 @@ impl Session {
                 }
             },
         };
-        let Ok(_permit) = self.shared.sessions.clone().try_acquire_owned() else {
-            let limit = self.shared.max_sessions;
+        let limit = self
+            .shared
+            .limits
+            .max_sessions
+            .load(std::sync::atomic::Ordering::SeqCst);
+        let Some(_permit) = self.shared.sessions.try_acquire((), limit) else {
             return self
                 .reject(&mut conn, SessionError::TooManySessions(limit))
                 .await;
