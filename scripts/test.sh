@@ -2,8 +2,8 @@
 # The test command (README, and what CI runs through .ci/run).
 #
 # Installs what the tests need when it is missing (PostgreSQL server and
-# client, HAProxy, PgBouncer and OpenSSL from Debian packages, psycopg from
-# PyPI), then
+# client, HAProxy, PgBouncer and OpenSSL from Debian packages; from
+# PyPI: psycopg, boto3, prometheus_client), then
 # checks formatting and lints, runs every test, smoke-runs the benchmark
 # harness, and runs every fuzz target briefly (installing cargo-fuzz). The tests start real PostgreSQL servers; a missing part makes them
 # fail, never skip.
