@@ -14,9 +14,10 @@
 //! - `ratelimit`: keyed token buckets (cancel requests, failed logins);
 //!   `keyed_slots`: concurrent slots per address or identity;
 //!   `warn_limit`: log and audit lines caused by strangers, summarised.
-//! - `metrics` and `admin`: Prometheus metrics and the health probes, on
-//!   the admin HTTP listener; `console`: the admin console (`SHOW SESSIONS`,
-//!   `KILL`, `RELOAD`) on database `pgbastion`; `live`: the sessions it sees.
+//! - `admin`: what operators use: the HTTP listener with the health probes
+//!   and `admin::metrics` (Prometheus), and `admin::console` (`SHOW
+//!   SESSIONS`, `KILL`, `RELOAD` on database `pgbastion`) over
+//!   `admin::live`, the sessions relaying now.
 //! - `watch`: reloading when a configuration file changes.
 //! - `config`: the one configuration model; `fd_limit`: the open-files
 //!   limit raised to what the limits need.
@@ -30,14 +31,11 @@ pub mod audit;
 pub mod auth;
 pub mod cancel;
 pub mod config;
-pub mod console;
 pub mod devcerts;
 pub mod fd_limit;
 pub mod identity;
 pub mod keyed_slots;
-pub mod live;
 pub mod localpg;
-pub mod metrics;
 pub mod policy;
 pub mod protocol;
 pub mod ratelimit;

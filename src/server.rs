@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
+use crate::admin::metrics::Metrics;
 use crate::admin::Health;
 use crate::audit::{AuditLog, ClientAddress, PreparedAudit};
 use crate::auth::channel_binding::tls_server_end_point;
@@ -35,7 +36,6 @@ use crate::config::{
 };
 use crate::identity::tailscale::WhoIsClient;
 use crate::keyed_slots::{KeyedPermit, KeyedSlots};
-use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::relay::ShutdownPhase;
 use crate::stream::BoxedIo;
@@ -100,7 +100,7 @@ pub(crate) struct Shared {
     /// Sessions per identity name, for rules with `max_sessions`.
     pub identity_sessions: KeyedSlots<String>,
     /// The sessions relaying now (admin console).
-    pub live: crate::live::LiveSessions,
+    pub live: crate::admin::live::LiveSessions,
     /// Where a reload reads the configuration from: the file, or (started
     /// from flags) the configuration as started, whose files are re-read.
     reload_source: RwLock<Option<(Option<std::path::PathBuf>, Config)>>,

@@ -32,6 +32,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::time::timeout_at;
 use tracing::{debug, error, info, warn, Instrument};
 
+use crate::admin::console;
+use crate::admin::live::SessionInfo;
 use crate::audit::{
     AuthFacts, AuthOutcome, ClientAddress, ClientTransport, Event, LoginMode, ProxyFacts,
     Requested, SessionFacts, UpstreamFacts,
@@ -45,9 +47,7 @@ use crate::auth::source::{Lookup, ScramAuth, SourceName};
 use crate::auth::terminate::{self, AuthError};
 use crate::auth::wire;
 use crate::config::{CancelPlaintext, ListenerIdentity, ProxyProtocol, SendProxyProtocol};
-use crate::console;
 use crate::identity::{cert, Identity, IdentityError, IdentitySource};
-use crate::live::SessionInfo;
 use crate::policy::{Login, Request};
 use crate::protocol::message::{self, AuthRequest, ErrorFields};
 use crate::protocol::proxy::{self, Addresses, SslInfo};

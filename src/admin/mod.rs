@@ -1,5 +1,9 @@
-//! The admin HTTP listener (`[admin] listen`, `--admin-listen`): what an
-//! operator's tools poll.
+//! What operators use. This module: the admin HTTP listener (`[admin]
+//! listen`, `--admin-listen`), what an operator's tools poll; `metrics`:
+//! the Prometheus metrics it serves; `console`: the admin console on
+//! database `pgbastion`, over `live`, the sessions relaying now.
+//!
+//! The HTTP listener:
 //! - `/metrics`: Prometheus text format (see `metrics`).
 //! - `/livez`: the process serves HTTP.
 //! - `/readyz`: listeners bound, configuration loaded, not shutting down;
@@ -17,7 +21,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::Metrics;
+pub mod console;
+pub mod live;
+pub mod metrics;
+
+use metrics::Metrics;
 
 /// The largest request head read.
 const MAX_REQUEST: usize = 8 * 1024;
