@@ -5,12 +5,13 @@
 //! pgbastion stops before it accepts anyone. `Server::run` then accepts until
 //! told to stop, and drains open sessions with a deadline.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::IpAddr;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use thiserror::Error;
@@ -117,8 +118,12 @@ pub(crate) struct Shared {
     /// TLS client binds to with SCRAM-SHA-256-PLUS (None: no certificate,
     /// or one whose signature algorithm defines no binding).
     client_binding: RwLock<Option<Vec<u8>>>,
-    /// Every listener, for reloads.
-    listeners: Vec<Arc<ListenerInfo>>,
+    /// Every listener accepting now (reloads add and remove them).
+    listeners: RwLock<Vec<Arc<ListenerInfo>>>,
+    /// What a reload needs to start and stop accept loops; set by `run`.
+    accepting: Mutex<Option<Accepting>>,
+    /// Counts shared by every listener's pending slots.
+    per_address: KeyedSlots<IpAddr>,
 }
 
 /// What a session takes from the configuration when it starts, replaced
@@ -165,9 +170,12 @@ impl Shared {
             .clone()
     }
 
-    /// Every listener, as sessions see them.
-    pub fn listeners(&self) -> &[Arc<ListenerInfo>] {
-        &self.listeners
+    /// Every listener accepting now.
+    pub fn listeners(&self) -> Vec<Arc<ListenerInfo>> {
+        self.listeners
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// `tls-server-end-point` data of pgbastion's certificate now.
@@ -246,11 +254,6 @@ fn not_reloadable(old: &Config, new: &Config) -> Vec<String> {
             }
         }
     }
-    for o in &old.listeners {
-        if !new.listeners.iter().any(|l| l.name == o.name) {
-            changes.push(format!("removed listener {:?}", o.name));
-        }
-    }
     for u in &new.upstreams {
         if let Some(o) = old.upstreams.iter().find(|o| o.name == u.name) {
             if o.host != u.host || o.port != u.port || o.server_name != u.server_name {
@@ -266,16 +269,51 @@ fn not_reloadable(old: &Config, new: &Config) -> Vec<String> {
 
 /// Everything a reload reads, before anything is replaced: a mistake in
 /// any of it changes nothing.
-fn load_reloadable(
-    config: &Config,
-    audit: &AuditLog,
-) -> Result<(Credentials, PreparedTls, Option<PreparedAudit>), ServerError> {
+fn load_reloadable(config: &Config, shared: &Shared) -> Result<Loaded, ServerError> {
     let credentials = Credentials::load(&config.credentials, &config.upstreams)?;
-    let tls = prepare_tls(config)?;
-    let audit = audit
+    let (acceptors, upstreams) = prepare_tls(config)?;
+    let audit = shared
+        .audit
         .prepare(&config.audit, config.audit_on_failure)
         .map_err(ServerError::Audit)?;
-    Ok((credentials, tls, audit))
+    // New listeners are bound now, so a port in use changes nothing.
+    let current = shared.listeners();
+    let mut added = Vec::new();
+    for (l, acceptor) in config.listeners.iter().zip(&acceptors) {
+        if current.iter().any(|info| info.name == l.name) {
+            continue;
+        }
+        let upstream_name = &config.upstreams[l.upstream].name;
+        if let Some(i) = shared
+            .upstreams
+            .iter()
+            .position(|u| &u.config.name == upstream_name)
+        {
+            added.push(make_listener(
+                l,
+                acceptor.clone(),
+                i,
+                &shared.per_address,
+                &shared.limits,
+            )?);
+        }
+    }
+    Ok(Loaded {
+        credentials,
+        acceptors,
+        upstreams,
+        audit,
+        added,
+    })
+}
+
+/// What a reload read and bound, before it changes anything.
+struct Loaded {
+    credentials: Credentials,
+    acceptors: Vec<Option<TlsAcceptor>>,
+    upstreams: Vec<Upstream>,
+    audit: Option<PreparedAudit>,
+    added: Vec<Listener>,
 }
 
 /// What a reload changed.
@@ -300,9 +338,15 @@ impl ReloadHandle {
     /// `login = "identity"` need both). The credentials are read first: if
     /// any is wrong, nothing changes and the error says which.
     pub fn replace_policy(&self, config: &Config) -> Result<Reloaded, ServerError> {
-        let loaded = load_reloadable(config, &self.0.audit);
+        let loaded = load_reloadable(config, &self.0);
         self.0.metrics.reloaded(loaded.is_ok());
-        let (credentials, (acceptors, upstreams), audit) = loaded?;
+        let Loaded {
+            credentials,
+            acceptors,
+            upstreams,
+            audit,
+            added,
+        } = loaded?;
         if let Some(audit) = audit {
             self.0.audit.retarget(audit);
             tracing::info!(target = ?config.audit, on_failure = ?config.audit_on_failure, "audit log destination changed");
@@ -315,17 +359,23 @@ impl ReloadHandle {
             .unwrap_or_else(|p| p.into_inner()) = Arc::new(credentials);
         *self.0.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config.policy.clone());
         // Certificates, keys and CA bundles, for listeners and upstreams
-        // that are still there under the same name; other changes to
-        // listeners and upstreams take a restart.
+        // that are still there under the same name; listeners added and
+        // removed; other changes to listeners and upstreams take a restart.
         let mut restart_needed = not_reloadable(&self.0.bound_with, config);
+        let current = self.0.listeners();
         for (l, acceptor) in config.listeners.iter().zip(acceptors) {
-            match self.0.listeners.iter().find(|info| info.name == l.name) {
+            match current.iter().find(|info| info.name == l.name) {
                 Some(info) => {
                     *info.acceptor.write().unwrap_or_else(|p| p.into_inner()) = acceptor;
                 }
-                None => restart_needed.push(format!("new listener {:?}", l.name)),
+                None if added.iter().any(|a| a.info.name == l.name) => {}
+                None => restart_needed.push(format!(
+                    "new listener {:?} (its upstream is new too)",
+                    l.name
+                )),
             }
         }
+        self.apply_listener_changes(config, added);
         for u in &upstreams {
             match self
                 .0
@@ -354,6 +404,28 @@ impl ReloadHandle {
             credentials: n,
             restart_needed,
         })
+    }
+
+    /// Starts the listeners a reload bound and stops those the new
+    /// configuration no longer has (their sessions go on).
+    fn apply_listener_changes(&self, config: &Config, added: Vec<Listener>) {
+        let mut accepting = self.0.accepting.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(accepting) = accepting.as_mut() else {
+            // Not running (yet, or any more): nothing accepts to change.
+            return;
+        };
+        let mut list = self.0.listeners.write().unwrap_or_else(|p| p.into_inner());
+        list.retain(|info| {
+            let keep = config.listeners.iter().any(|l| l.name == info.name);
+            if !keep {
+                accepting.stop(&info.name);
+            }
+            keep
+        });
+        for l in added {
+            list.push(l.info.clone());
+            accepting.start(l, self.0.clone());
+        }
     }
 
     /// Where `reload_all` reads from: the config file, or the
@@ -704,34 +776,13 @@ impl Server {
         let per_address = KeyedSlots::default();
         let limits = Arc::new(LiveLimits::new(&config.limits));
         for (l, acceptor) in config.listeners.iter().zip(acceptors) {
-            let socket = match &l.bind {
-                BindAddress::Tcp(addr) => {
-                    Socket::Tcp(TcpListener::bind(addr).await.map_err(|source| {
-                        ServerError::Bind {
-                            name: l.name.clone(),
-                            addr: addr.to_string(),
-                            source,
-                        }
-                    })?)
-                }
-                BindAddress::Unix(path) => {
-                    Socket::Unix(bind_unix(&l.name, path).await?, path.clone())
-                }
-            };
-            listeners.push(Listener {
-                info: Arc::new(ListenerInfo {
-                    name: l.name.clone(),
-                    acceptor: RwLock::new(acceptor),
-                    identity: l.identity.clone(),
-                    proxy_protocol: l.proxy_protocol,
-                    proxy_trusted: l.proxy_trusted.clone(),
-                    client_tls: l.client_tls,
-                    cancel_plaintext: l.cancel_plaintext,
-                    upstream: l.upstream,
-                }),
-                socket,
-                pending: PendingSlots::new(&per_address, &limits),
-            });
+            listeners.push(make_listener(
+                l,
+                acceptor,
+                l.upstream,
+                &per_address,
+                &limits,
+            )?);
         }
         Ok(Server {
             shared: Arc::new(Shared {
@@ -755,7 +806,9 @@ impl Server {
                 warn_limit: WarnLimiter::new(WARN_LINES_PER_WINDOW),
                 audit_limit: WarnLimiter::new(AUDIT_EVENTS_PER_WINDOW),
                 client_binding: RwLock::new(client_binding),
-                listeners: listeners.iter().map(|l| l.info.clone()).collect(),
+                listeners: RwLock::new(listeners.iter().map(|l| l.info.clone()).collect()),
+                accepting: Mutex::new(None),
+                per_address: per_address.clone(),
             }),
             listeners,
             drain: config.timeouts.shutdown_drain,
@@ -794,19 +847,20 @@ impl Server {
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let stop = CancellationToken::new();
         let sessions = TaskTracker::new();
-        let mut loops = Vec::new();
-        let mut unix_paths = Vec::new();
-        for l in self.listeners {
-            if let Socket::Unix(_, p) = &l.socket {
-                unix_paths.push(p.clone());
+        {
+            let mut accepting = Accepting {
+                sessions: sessions.clone(),
+                stop: stop.clone(),
+                loops: HashMap::new(),
+            };
+            for l in self.listeners {
+                accepting.start(l, self.shared.clone());
             }
-            info!(listener = %l.info.name, "listening");
-            loops.push(tokio::spawn(accept_loop(
-                l,
-                self.shared.clone(),
-                sessions.clone(),
-                stop.clone(),
-            )));
+            *self
+                .shared
+                .accepting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(accepting);
         }
         let summaries = tokio::spawn(summarise(self.shared.clone()));
         let admin_stop = CancellationToken::new();
@@ -830,13 +884,16 @@ impl Server {
             tokio::time::sleep(unready_grace).await;
         }
         info!("shutting down: no new connections; draining open sessions");
+        let accepting = self
+            .shared
+            .accepting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(accepting) = accepting {
+            accepting.stop_all().await;
+        }
         stop.cancel();
-        for l in loops {
-            let _ = l.await;
-        }
-        for p in unix_paths {
-            let _ = std::fs::remove_file(p);
-        }
         sessions.close();
         // Idle sessions end now (57P01); busy ones as soon as they are
         // idle, or at the drain deadline, or at a second signal.
@@ -892,21 +949,127 @@ impl Server {
 
 /// Binds a Unix socket, replacing a stale socket file left by a crashed
 /// process but never one a live server is listening on.
-async fn bind_unix(name: &str, path: &Path) -> Result<UnixListener, ServerError> {
-    if path.exists() {
-        if tokio::net::UnixStream::connect(path).await.is_ok() {
-            return Err(ServerError::SocketInUse {
-                name: name.into(),
-                path: path.into(),
-            });
+/// Binds one listener's socket. Synchronous (std sockets handed to
+/// tokio), so a reload can bind new listeners before it changes anything.
+fn bind_socket(name: &str, bind: &BindAddress) -> Result<Socket, ServerError> {
+    let failed = |addr: String| {
+        move |source| ServerError::Bind {
+            name: name.into(),
+            addr,
+            source,
         }
-        let _ = std::fs::remove_file(path);
+    };
+    match bind {
+        BindAddress::Tcp(addr) => {
+            let std = std::net::TcpListener::bind(addr).map_err(failed(addr.to_string()))?;
+            std.set_nonblocking(true)
+                .map_err(failed(addr.to_string()))?;
+            Ok(Socket::Tcp(
+                TcpListener::from_std(std).map_err(failed(addr.to_string()))?,
+            ))
+        }
+        BindAddress::Unix(path) => {
+            let shown = path.display().to_string();
+            if path.exists() {
+                if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                    return Err(ServerError::SocketInUse {
+                        name: name.into(),
+                        path: path.into(),
+                    });
+                }
+                let _ = std::fs::remove_file(path);
+            }
+            let std =
+                std::os::unix::net::UnixListener::bind(path).map_err(failed(shown.clone()))?;
+            std.set_nonblocking(true).map_err(failed(shown.clone()))?;
+            Ok(Socket::Unix(
+                UnixListener::from_std(std).map_err(failed(shown))?,
+                path.clone(),
+            ))
+        }
     }
-    UnixListener::bind(path).map_err(|source| ServerError::Bind {
-        name: name.into(),
-        addr: path.display().to_string(),
-        source,
+}
+
+/// A listener ready to accept: its info, bound socket and pending slots.
+fn make_listener(
+    l: &crate::config::ListenerConfig,
+    acceptor: Option<TlsAcceptor>,
+    upstream: usize,
+    per_address: &KeyedSlots<IpAddr>,
+    limits: &Arc<LiveLimits>,
+) -> Result<Listener, ServerError> {
+    Ok(Listener {
+        socket: bind_socket(&l.name, &l.bind)?,
+        info: Arc::new(ListenerInfo {
+            name: l.name.clone(),
+            acceptor: RwLock::new(acceptor),
+            identity: l.identity.clone(),
+            proxy_protocol: l.proxy_protocol,
+            proxy_trusted: l.proxy_trusted.clone(),
+            client_tls: l.client_tls,
+            cancel_plaintext: l.cancel_plaintext,
+            upstream,
+        }),
+        pending: PendingSlots::new(per_address, limits),
     })
+}
+
+/// The running accept loops, for reloads that add or remove listeners.
+struct Accepting {
+    sessions: TaskTracker,
+    stop: CancellationToken,
+    /// Each listener's own stop, its Unix socket path (removed when it
+    /// stops) and its task.
+    loops: HashMap<String, AcceptLoop>,
+}
+
+struct AcceptLoop {
+    stop: CancellationToken,
+    unix_path: Option<PathBuf>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Accepting {
+    fn start(&mut self, l: Listener, shared: Arc<Shared>) {
+        let own = self.stop.child_token();
+        let path = match &l.socket {
+            Socket::Unix(_, p) => Some(p.clone()),
+            Socket::Tcp(_) => None,
+        };
+        info!(listener = %l.info.name, "listening");
+        let name = l.info.name.clone();
+        let task = tokio::spawn(accept_loop(l, shared, self.sessions.clone(), own.clone()));
+        self.loops.insert(
+            name,
+            AcceptLoop {
+                stop: own,
+                unix_path: path,
+                task,
+            },
+        );
+    }
+
+    /// Stops one listener (removed by a reload); its sessions go on.
+    fn stop(&mut self, name: &str) {
+        if let Some(l) = self.loops.remove(name) {
+            l.stop.cancel();
+            if let Some(p) = l.unix_path {
+                let _ = std::fs::remove_file(p);
+            }
+            info!(listener = %name, "stopped listening (removed by a reload)");
+        }
+    }
+
+    /// Stops every listener and waits until none accepts any more.
+    async fn stop_all(self) {
+        self.stop.cancel();
+        for (_, l) in self.loops {
+            let _ = l.task.await;
+            if let Some(p) = l.unix_path {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
 }
 
 async fn accept_loop(

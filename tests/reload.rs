@@ -291,3 +291,85 @@ fn reload_applies_settings_and_names_what_needs_a_restart() {
         assert_eq!(sqlstate(&refused).as_deref(), Some("53300"), "{refused}");
     });
 }
+
+/// Listeners come and go with a reload: a new one accepts at once, a
+/// removed one stops accepting while its open sessions go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_adds_and_removes_listeners() {
+    let env = Env::new();
+    let dir = env.dir.path().to_owned();
+    let (port_a, port_b) = (
+        pgbastion::localpg::free_port().unwrap(),
+        pgbastion::localpg::free_port().unwrap(),
+    );
+    let log = dir.join("pgbastion.log");
+    let cfg = dir.join("pgbastion.toml");
+    let write = |ports: &[(&str, u16)]| {
+        let listeners: String = ports
+            .iter()
+            .map(|(name, port)| {
+                format!("[[listener]]\nname = \"{name}\"\nlisten = \"127.0.0.1:{port}\"\n")
+            })
+            .collect();
+        std::fs::write(
+            &cfg,
+            format!(
+                "{}\n{listeners}{}\n[audit]\nlog = \"off\"\n",
+                env.tls_toml(),
+                env.upstream_toml()
+            ),
+        )
+        .unwrap()
+    };
+    write(&[("a", port_a)]);
+    let proc = Running(
+        std::process::Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let addr_a = wait_listening(port_a);
+    let conninfo = |port: u16| {
+        format!(
+            "host=localhost port={port} user=postgres dbname=postgres password={} sslmode=require channel_binding=disable connect_timeout=5",
+            env.pg.password
+        )
+    };
+    let (open, conn) = tokio_postgres::connect(&conninfo(port_a), tls_connector(&env.proxy_ca))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    open.simple_query("select 1").await.unwrap();
+
+    write(&[("b", port_b)]);
+    signal(proc.0.id(), "-HUP");
+    tokio::task::block_in_place(|| {
+        wait_for("the reload", Duration::from_secs(10), || {
+            std::fs::read_to_string(&log)
+                .ok()
+                .filter(|t| t.contains("certificates re-read"))
+        })
+    });
+    let (new, conn) = tokio_postgres::connect(&conninfo(port_b), tls_connector(&env.proxy_ca))
+        .await
+        .expect("the added listener accepts");
+    tokio::spawn(conn);
+    new.simple_query("select 1").await.unwrap();
+    tokio::task::block_in_place(|| {
+        wait_for(
+            "the removed listener to close",
+            Duration::from_secs(5),
+            || std::net::TcpStream::connect(addr_a).is_err().then_some(()),
+        )
+    });
+    assert_eq!(
+        open.query_one("select 2", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        2,
+        "its open session goes on"
+    );
+}
