@@ -123,6 +123,18 @@ impl Framer {
     }
 }
 
+/// What the admin console sees of a session while it relays: bytes so far
+/// each way, and whether it is inside a transaction (updated on every
+/// wake-up of the relay, with relaxed stores: a view, not an account).
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub client_to_server: std::sync::atomic::AtomicU64,
+    pub server_to_client: std::sync::atomic::AtomicU64,
+    /// The server's last ReadyForQuery said "in a transaction", or a query
+    /// is running.
+    pub busy: std::sync::atomic::AtomicBool,
+}
+
 /// Which side ended the relay, and how.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RelayEnd {
@@ -354,6 +366,7 @@ pub async fn relay<C, S>(
     half_close: Duration,
     shutdown: &mut tokio::sync::watch::Receiver<ShutdownPhase>,
     kill: &mut tokio::sync::watch::Receiver<bool>,
+    progress: &Progress,
 ) -> (RelayEnd, ByteCounts)
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -388,6 +401,14 @@ where
                 Pin::new(&mut *client),
                 Pin::new(&mut *server),
             );
+            {
+                use std::sync::atomic::Ordering::Relaxed;
+                progress.client_to_server.store(up.copied, Relaxed);
+                progress.server_to_client.store(down.copied, Relaxed);
+                let idle = down.framer.as_ref().is_some_and(|f| f.idle)
+                    && up.last_active <= down.last_active;
+                progress.busy.store(!idle, Relaxed);
+            }
             match (down_done, up_done) {
                 (Poll::Pending, Poll::Pending) => {
                     // Idle: the server's last word was ReadyForQuery (not in
@@ -585,6 +606,7 @@ mod tests {
                 half_close,
                 &mut shutdown,
                 &mut kill,
+                &Progress::default(),
             )
             .await
         });

@@ -90,12 +90,19 @@ async fn admins_list_and_kill_sessions_and_reload() {
     let out = tokio::task::block_in_place(|| console(&alice, "SHOW SESSIONS"));
     assert!(out.status.success(), "{}", stderr(&out));
     let listed = stdout(&out);
-    assert!(
-        listed.contains(&id)
-            && listed.contains("postgres")
-            && listed.contains("|pg|true|true|active|"),
+    let row: Vec<&str> = listed
+        .lines()
+        .find(|l| l.starts_with(&id))
+        .unwrap_or_else(|| panic!("{id} in {listed}"))
+        .split('|')
+        .collect();
+    assert_eq!(
+        &row[3..9],
+        ["postgres", "postgres", "pg", "true", "true", "idle"],
         "{listed}"
     );
+    let bytes_out: u64 = row[11].parse().unwrap();
+    assert!(bytes_out > 0, "bytes the session received so far: {listed}");
     for (cmd, needle) in [
         ("SHOW VERSION", "pgbastion "),
         ("SHOW UPSTREAMS", "pg|localhost:"),

@@ -56,12 +56,20 @@ pub(crate) fn command(text: &str, shared: &Arc<Shared>) -> Result<Answer, ErrorR
                 "upstream_tls",
                 "state",
                 "since",
+                "bytes_in",
+                "bytes_out",
             ],
             shared
                 .live
                 .list()
                 .into_iter()
                 .map(|s| {
+                    use std::sync::atomic::Ordering::Relaxed;
+                    let (bytes_in, bytes_out, busy) = (
+                        s.progress.client_to_server.load(Relaxed),
+                        s.progress.server_to_client.load(Relaxed),
+                        s.progress.busy.load(Relaxed),
+                    );
                     vec![
                         s.id,
                         s.identity,
@@ -71,8 +79,10 @@ pub(crate) fn command(text: &str, shared: &Arc<Shared>) -> Result<Answer, ErrorR
                         s.upstream,
                         s.client_tls.to_string(),
                         s.upstream_tls.to_string(),
-                        "active".into(),
+                        if busy { "active" } else { "idle" }.into(),
                         humantime::format_rfc3339_seconds(s.since).to_string(),
+                        bytes_in.to_string(),
+                        bytes_out.to_string(),
                     ]
                 })
                 .collect(),

@@ -21,6 +21,8 @@ pub struct SessionInfo {
     pub client_tls: bool,
     pub upstream_tls: bool,
     pub since: SystemTime,
+    /// Bytes and transaction state, as the relay last saw them.
+    pub progress: Arc<crate::relay::Progress>,
 }
 
 struct Entry {
@@ -113,6 +115,7 @@ mod tests {
             client_tls: true,
             upstream_tls: true,
             since: SystemTime::now(),
+            progress: Arc::default(),
         }
     }
 

@@ -436,6 +436,7 @@ impl Session {
                 auth.client_buf = Vec::new();
                 auth.server_buf = Vec::new();
                 let mut shutdown = self.shared.shutdown.subscribe();
+                let progress = Arc::new(relay::Progress::default());
                 let (_live, mut kill) = self.shared.live.register(SessionInfo {
                     id: self.facts.session_id.clone(),
                     identity: self
@@ -450,6 +451,7 @@ impl Session {
                     client_tls: conn.is_tls(),
                     upstream_tls: true,
                     since: std::time::SystemTime::now(),
+                    progress: progress.clone(),
                 });
                 let (end, counts) = relay::relay(
                     &mut *conn.io,
@@ -457,6 +459,7 @@ impl Session {
                     t.half_close,
                     &mut shutdown,
                     &mut kill,
+                    &progress,
                 )
                 .await;
                 let hung_up = matches!(
