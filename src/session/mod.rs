@@ -661,14 +661,7 @@ impl Session {
         upstream: &Upstream,
         user: &str,
     ) -> Result<Found, IdentityLoginError> {
-        // check-config keeps such rules off address-only listeners; this
-        // holds even if it did not.
-        let person = self
-            .facts
-            .identity
-            .as_ref()
-            .is_some_and(|i| i.source != IdentitySource::Network);
-        if !person {
+        if !self.is_person() {
             return Err(IdentityLoginError::NotAPerson);
         }
         let found = self
@@ -740,6 +733,17 @@ impl Session {
         Ok(server_buf)
     }
 
+    /// Whether the client is known as a person or service (a certificate
+    /// or tailnet identity), not only by its address: what identity login
+    /// and the admin console require (check-config keeps such rules off
+    /// address-only listeners; this holds even if it did not).
+    fn is_person(&self) -> bool {
+        self.facts
+            .identity
+            .as_ref()
+            .is_some_and(|i| i.source != IdentitySource::Network)
+    }
+
     /// The admin console (database `pgbastion`), for identities a rule
     /// marks `admin = true`; a person, never just an address.
     async fn console(
@@ -749,12 +753,7 @@ impl Session {
         identity: String,
         pending: PendingPermit,
     ) {
-        let person = self
-            .facts
-            .identity
-            .as_ref()
-            .is_some_and(|i| i.source != IdentitySource::Network);
-        if !admin || !person {
+        if !admin || !self.is_person() {
             return self
                 .reject(&mut conn, SessionError::NotAdmin { identity })
                 .await;
