@@ -194,14 +194,7 @@ fn readyz_turns_503_at_sigterm_before_the_listeners_close() {
         ),
     )
     .unwrap();
-    let mut proc = Running(
-        std::process::Command::new(BIN)
-            .args(["run", "--config"])
-            .arg(&cfg)
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let mut proc = Running(config_form(&cfg, None).spawn().unwrap());
     let addr = wait_listening(port);
     wait_for("ready", Duration::from_secs(10), || {
         (get(admin, "/readyz")?.0 == 200).then_some(())

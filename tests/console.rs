@@ -41,14 +41,7 @@ async fn admins_list_and_kill_sessions_and_reload() {
         .unwrap()
     };
     write_config("\"alice@example.com\"");
-    let _proc = Running(
-        std::process::Command::new(BIN)
-            .args(["run", "--config"])
-            .arg(&cfg)
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _proc = Running(config_form(&cfg, None).spawn().unwrap());
     wait_listening(tcp);
     wait_listening(mtls);
     let console = |who: &(PathBuf, PathBuf), sql: &str| {

@@ -339,12 +339,9 @@ fn credentials_reload_on_sighup_and_never_reach_the_logs() {
     )
     .unwrap();
     let proc = Running(
-        std::process::Command::new(BIN)
-            .args(["run", "--config"])
-            .arg(&cfg)
+        config_form(&cfg, Some(&log))
             .env("APP_ENV_PASSWORD", "env-secret-9Kd")
             .env("RUST_LOG", "debug")
-            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap(),
     );

@@ -285,14 +285,7 @@ async fn log_lines_name_the_client_from_the_proxy_header() {
         ),
     )
     .unwrap();
-    let _proc = Running(
-        std::process::Command::new(BIN)
-            .args(["run", "--config"])
-            .arg(&config)
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
+    let _proc = Running(config_form(&config, Some(&log)).spawn().unwrap());
     let addr = wait_listening(port);
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(b"PROXY TCP4 203.0.113.7 127.0.0.1 40000 6432\r\n")

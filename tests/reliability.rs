@@ -455,14 +455,7 @@ async fn a_thousand_stalled_logins_fit_in_64_mib_and_real_clients_still_get_in()
         ),
     )
     .unwrap();
-    let proc = Running(
-        std::process::Command::new(BIN)
-            .args(["run", "--config"])
-            .arg(&config)
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let proc = Running(config_form(&config, None).spawn().unwrap());
     let pid = proc.0.id();
     let addr = wait_listening(port);
     let rss_idle = proc_kib(pid, "VmRSS");

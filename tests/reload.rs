@@ -35,14 +35,7 @@ async fn sighup_rotates_certificates_and_open_sessions_keep_working() {
         ),
     )
     .unwrap();
-    let proc = Running(
-        std::process::Command::new(BIN)
-            .args(["run", "--config"])
-            .arg(&cfg)
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
+    let proc = Running(config_form(&cfg, Some(&log)).spawn().unwrap());
     let addr = wait_listening(port);
     let reloads = |n: usize| {
         wait_for("the reload", Duration::from_secs(10), || {
@@ -169,14 +162,7 @@ fn watched_files_are_reloaded_without_a_signal() {
         ),
     )
     .unwrap();
-    let _proc = Running(
-        std::process::Command::new(BIN)
-            .args(["run", "--config"])
-            .arg(&cfg)
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
+    let _proc = Running(config_form(&cfg, Some(&log)).spawn().unwrap());
     let addr = wait_listening(port);
     let conninfo = |ca: &std::path::Path| {
         format!(
@@ -224,14 +210,7 @@ fn reload_applies_settings_and_names_what_needs_a_restart() {
         .unwrap()
     };
     write("[audit]\nlog = \"off\"\n");
-    let proc = Running(
-        std::process::Command::new(BIN)
-            .args(["run", "--config"])
-            .arg(&cfg)
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
+    let proc = Running(config_form(&cfg, Some(&log)).spawn().unwrap());
     let addr = wait_listening(port);
     let app_name = || {
         let out = env.psql(
@@ -322,14 +301,7 @@ async fn reload_adds_and_removes_listeners() {
         .unwrap()
     };
     write(&[("a", port_a)]);
-    let proc = Running(
-        std::process::Command::new(BIN)
-            .args(["run", "--config"])
-            .arg(&cfg)
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
+    let proc = Running(config_form(&cfg, Some(&log)).spawn().unwrap());
     let addr_a = wait_listening(port_a);
     let conninfo = |port: u16| {
         format!(

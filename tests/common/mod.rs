@@ -638,6 +638,16 @@ pub fn tls_server_config(issued: &pgbastion::devcerts::Issued) -> rustls::Server
         .unwrap()
 }
 
+/// `pgbastion run --config CFG`, its log (stderr) in `log`, or discarded.
+pub fn config_form(cfg: &Path, log: Option<&Path>) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["run", "--config"]).arg(cfg).stderr(match log {
+        Some(log) => std::process::Stdio::from(std::fs::File::create(log).unwrap()),
+        None => std::process::Stdio::null(),
+    });
+    cmd
+}
+
 /// `pgbastion run` in its flag-only form in front of `env`'s PostgreSQL,
 /// listening on 127.0.0.1:`port`, optionally under a wrapper command
 /// (e.g. `prlimit`).
