@@ -19,6 +19,7 @@ use subtle::ConstantTimeEq;
 
 use crate::protocol::startup::CancelKey;
 use crate::ratelimit::KeyedBuckets;
+use crate::upstream::Upstream;
 
 /// Key length pgbastion issues to protocol 3.2 sessions (PostgreSQL 18 uses
 /// the same); 3.0 sessions get 4 bytes, all that protocol allows.
@@ -29,8 +30,10 @@ const KEY_LEN_3_0: usize = 4;
 #[derive(Debug, Clone)]
 pub struct CancelTarget {
     pub session_id: String,
-    /// Index of the upstream in the server's list.
-    pub upstream: usize,
+    /// The upstream as the session found it (a reload since may have
+    /// changed its CA bundle or address; the cancel goes where the session
+    /// is, verified as the session was).
+    pub upstream: Arc<Upstream>,
     /// The address the session is connected to: with several addresses
     /// behind one name, only that server knows the backend.
     pub addr: SocketAddr,
@@ -153,9 +156,13 @@ mod tests {
     use super::*;
 
     fn target(key_len: usize) -> CancelTarget {
+        let config = crate::config::Config::from_toml(
+            "[[listener]]\nlisten = \"127.0.0.1:0\"\nclient_tls = \"allow\"\n[[upstream]]\naddress = \"localhost:5432\"\nsystem_roots = true\n",
+        )
+        .unwrap();
         CancelTarget {
             session_id: "s".into(),
-            upstream: 0,
+            upstream: Arc::new(Upstream::new(config.upstreams[0].clone()).unwrap()),
             addr: "127.0.0.1:5432".parse().unwrap(),
             real: CancelKey {
                 process_id: 1234,

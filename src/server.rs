@@ -81,10 +81,11 @@ pub(crate) struct Shared {
     /// replaced as a whole on reload; each session keeps the one it
     /// started with.
     settings: RwLock<Arc<Settings>>,
-    /// The configuration the server was bound with: what a reload cannot
-    /// change is compared against it, to say what needs a restart.
-    bound_with: Config,
-    pub upstreams: Vec<Upstream>,
+    /// The admin listener as bound: the one thing a reload cannot change.
+    admin_bound: Option<AdminConfig>,
+    /// Replaced as a whole on reload; a session uses the upstream its
+    /// listener named when it was accepted.
+    upstreams: RwLock<Vec<Arc<Upstream>>>,
     pub audit: Arc<AuditLog>,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
@@ -114,11 +115,8 @@ pub(crate) struct Shared {
     pub audit_limit: WarnLimiter,
     /// Where shutting down stands; every relaying session watches it.
     pub shutdown: watch::Sender<ShutdownPhase>,
-    /// `tls-server-end-point` data of pgbastion's own certificate: what a
-    /// TLS client binds to with SCRAM-SHA-256-PLUS (None: no certificate,
-    /// or one whose signature algorithm defines no binding).
-    client_binding: RwLock<Option<Vec<u8>>>,
-    /// Every listener accepting now (reloads add and remove them).
+    /// Every listener accepting now, as its accept loop hands it to new
+    /// sessions: replaced as a whole on reload.
     listeners: RwLock<Vec<Arc<ListenerInfo>>>,
     /// What a reload needs to start and stop accept loops; set by `run`.
     accepting: Mutex<Option<Accepting>>,
@@ -178,9 +176,19 @@ impl Shared {
             .clone()
     }
 
-    /// `tls-server-end-point` data of pgbastion's certificate now.
-    pub fn client_binding(&self) -> Option<Vec<u8>> {
-        self.client_binding
+    /// The listener of this name as it is now.
+    fn listener(&self, name: &str) -> Option<Arc<ListenerInfo>> {
+        self.listeners
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|l| l.name == name)
+            .cloned()
+    }
+
+    /// Every upstream as configured now.
+    pub fn upstreams(&self) -> Vec<Arc<Upstream>> {
+        self.upstreams
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
@@ -240,92 +248,110 @@ fn record_certificate_expiry(config: &Config, metrics: &Metrics) {
     }
 }
 
-/// What differs between the configuration the server was bound with and
-/// `new` that a reload cannot apply (sockets, limits, the audit log, where
-/// upstreams are).
-fn not_reloadable(old: &Config, new: &Config) -> Vec<String> {
-    let differs =
-        |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
-    let mut changes = Vec::new();
-    for l in &new.listeners {
-        if let Some(o) = old.listeners.iter().find(|o| o.name == l.name) {
-            if differs(&o.bind, &l.bind) || o.upstream != l.upstream {
-                changes.push(format!("listener {:?} address or upstream", l.name));
-            }
-        }
-    }
-    for u in &new.upstreams {
-        if let Some(o) = old.upstreams.iter().find(|o| o.name == u.name) {
-            if o.host != u.host || o.port != u.port || o.server_name != u.server_name {
-                changes.push(format!("upstream {:?} address", u.name));
-            }
-        }
-    }
-    if old.admin != new.admin {
-        changes.push("[admin]".into());
-    }
-    changes
-}
-
-/// Everything a reload reads, before anything is replaced: a mistake in
-/// any of it changes nothing.
+/// Everything a reload reads and binds, before anything is replaced: a
+/// mistake in any of it (a file, a port in use) changes nothing.
 fn load_reloadable(config: &Config, shared: &Shared) -> Result<Loaded, ServerError> {
     let credentials = Credentials::load(&config.credentials, &config.upstreams)?;
-    let (acceptors, upstreams) = prepare_tls(config)?;
+    let (acceptors, fresh) = prepare_tls(config)?;
     let audit = shared
         .audit
         .prepare(&config.audit, config.audit_on_failure)
         .map_err(ServerError::Audit)?;
-    // New listeners are bound now, so a port in use changes nothing.
+    let upstreams = keep_scram_state(fresh, &shared.upstreams());
+    let listeners = listener_infos(config, acceptors, &upstreams);
+    // Listeners that are new or moved are bound now, so an address in
+    // use changes nothing.
     let current = shared.listeners();
-    let mut added = Vec::new();
-    for (l, acceptor) in config.listeners.iter().zip(&acceptors) {
-        if current.iter().any(|info| info.name == l.name) {
-            continue;
-        }
-        let upstream_name = &config.upstreams[l.upstream].name;
-        if let Some(i) = shared
-            .upstreams
-            .iter()
-            .position(|u| &u.config.name == upstream_name)
-        {
-            added.push(make_listener(
-                l,
-                acceptor.clone(),
-                i,
-                &shared.per_address,
-                &shared.limits,
-            )?);
-        }
+    let mut bound = Vec::new();
+    for (l, info) in config.listeners.iter().zip(&listeners) {
+        let moved = match current.iter().find(|c| c.name == l.name) {
+            Some(c) if c.bind == l.bind => continue,
+            Some(_) => true,
+            None => false,
+        };
+        bound.push((
+            moved,
+            make_listener(&info.name, &l.bind, &shared.per_address, &shared.limits)?,
+        ));
     }
     Ok(Loaded {
         credentials,
-        acceptors,
         upstreams,
+        listeners,
         audit,
-        added,
+        bound,
     })
+}
+
+/// The fresh upstreams, each sharing its predecessor's scram state (the
+/// secrets file's entries, the mock-verifier key) when its scram settings
+/// did not change.
+fn keep_scram_state(fresh: Vec<Upstream>, old: &[Arc<Upstream>]) -> Vec<Arc<Upstream>> {
+    fresh
+        .into_iter()
+        .map(|mut u| {
+            if let Some(o) = old
+                .iter()
+                .find(|o| o.config.name == u.config.name && o.config.scram == u.config.scram)
+            {
+                u.scram.clone_from(&o.scram);
+            }
+            Arc::new(u)
+        })
+        .collect()
+}
+
+/// What each listener's sessions get: its acceptor and certificate
+/// binding, and its upstream (all from one configuration, so a session
+/// never mixes a reload's certificate with the previous one's binding).
+fn listener_infos(
+    config: &Config,
+    acceptors: Vec<Option<TlsAcceptor>>,
+    upstreams: &[Arc<Upstream>],
+) -> Vec<Arc<ListenerInfo>> {
+    let binding = own_binding(config);
+    config
+        .listeners
+        .iter()
+        .zip(acceptors)
+        .map(|(l, acceptor)| {
+            Arc::new(ListenerInfo {
+                name: l.name.clone(),
+                bind: l.bind.clone(),
+                binding: acceptor.as_ref().and(binding.clone()),
+                acceptor,
+                identity: l.identity.clone(),
+                proxy_protocol: l.proxy_protocol,
+                proxy_trusted: l.proxy_trusted.clone(),
+                client_tls: l.client_tls,
+                cancel_plaintext: l.cancel_plaintext,
+                upstream: upstreams[l.upstream].clone(),
+            })
+        })
+        .collect()
 }
 
 /// What a reload read and bound, before it changes anything.
 struct Loaded {
     credentials: Credentials,
-    acceptors: Vec<Option<TlsAcceptor>>,
-    upstreams: Vec<Upstream>,
+    upstreams: Vec<Arc<Upstream>>,
+    listeners: Vec<Arc<ListenerInfo>>,
     audit: Option<PreparedAudit>,
-    added: Vec<Listener>,
+    /// Sockets for listeners that are new, or moved (true) to another
+    /// address.
+    bound: Vec<(bool, Listener)>,
 }
 
 /// What a reload changed.
 pub struct Reloaded {
     pub credentials: usize,
-    /// Changes that were not applied (new or renamed listeners and
-    /// upstreams): they take a restart.
+    /// Changes that were not applied: they take a restart.
     pub restart_needed: Vec<String>,
 }
 
-/// What SIGHUP changes while the server runs: the policy, and the scram
-/// secrets files. Sessions already admitted keep running; new ones follow.
+/// Reloads the configuration while the server runs (SIGHUP, the console's
+/// RELOAD, watched files). Sessions already admitted keep what they started
+/// with; new ones follow.
 #[derive(Clone)]
 pub struct ReloadHandle(Arc<Shared>);
 
@@ -334,18 +360,21 @@ impl ReloadHandle {
         ReloadHandle(shared.clone())
     }
 
-    /// Replaces the policy and the credentials together (rules with
-    /// `login = "identity"` need both). The credentials are read first: if
-    /// any is wrong, nothing changes and the error says which.
+    /// Applies a configuration: rules and credentials together (rules
+    /// with `login = "identity"` need both), upstreams, listeners,
+    /// certificates, limits, timeouts and the audit destination. Everything
+    /// is read and bound first: if anything is wrong, nothing changes and
+    /// the error says what. Sessions already running keep what they started
+    /// with.
     pub fn replace_policy(&self, config: &Config) -> Result<Reloaded, ServerError> {
         let loaded = load_reloadable(config, &self.0);
         self.0.metrics.reloaded(loaded.is_ok());
         let Loaded {
             credentials,
-            acceptors,
             upstreams,
+            listeners,
             audit,
-            added,
+            bound,
         } = loaded?;
         if let Some(audit) = audit {
             self.0.audit.retarget(audit);
@@ -358,40 +387,8 @@ impl ReloadHandle {
             .write()
             .unwrap_or_else(|p| p.into_inner()) = Arc::new(credentials);
         *self.0.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config.policy.clone());
-        // Certificates, keys and CA bundles, for listeners and upstreams
-        // that are still there under the same name; listeners added and
-        // removed; other changes to listeners and upstreams take a restart.
-        let mut restart_needed = not_reloadable(&self.0.bound_with, config);
-        let current = self.0.listeners();
-        for (l, acceptor) in config.listeners.iter().zip(acceptors) {
-            match current.iter().find(|info| info.name == l.name) {
-                Some(info) => {
-                    *info.acceptor.write().unwrap_or_else(|p| p.into_inner()) = acceptor;
-                }
-                None if added.iter().any(|a| a.info.name == l.name) => {}
-                None => restart_needed.push(format!(
-                    "new listener {:?} (its upstream is new too)",
-                    l.name
-                )),
-            }
-        }
-        self.apply_listener_changes(config, added);
-        for u in &upstreams {
-            match self
-                .0
-                .upstreams
-                .iter()
-                .find(|up| up.config.name == u.config.name)
-            {
-                Some(up) => up.take_tls_from(u),
-                None => restart_needed.push(format!("new upstream {:?}", u.config.name)),
-            }
-        }
-        *self
-            .0
-            .client_binding
-            .write()
-            .unwrap_or_else(|p| p.into_inner()) = own_binding(config);
+        *self.0.upstreams.write().unwrap_or_else(|p| p.into_inner()) = upstreams;
+        self.apply_listener_changes(listeners, bound);
         self.0.limits.store(&config.limits);
         self.0.login_throttle.configure(&config.limits);
         self.0
@@ -400,31 +397,44 @@ impl ReloadHandle {
         *self.0.settings.write().unwrap_or_else(|p| p.into_inner()) =
             Arc::new(Settings::from(config));
         record_certificate_expiry(config, &self.0.metrics);
+        let mut restart_needed = Vec::new();
+        if self.0.admin_bound != config.admin {
+            restart_needed.push("[admin]".to_owned());
+        }
         Ok(Reloaded {
             credentials: n,
             restart_needed,
         })
     }
 
-    /// Starts the listeners a reload bound and stops those the new
-    /// configuration no longer has (their sessions go on).
-    fn apply_listener_changes(&self, config: &Config, added: Vec<Listener>) {
+    /// Puts the new listener list in place: stops the accept loops of
+    /// listeners removed or moved (their sessions go on), then starts the
+    /// ones for sockets the reload bound.
+    fn apply_listener_changes(
+        &self,
+        listeners: Vec<Arc<ListenerInfo>>,
+        bound: Vec<(bool, Listener)>,
+    ) {
         let mut accepting = self.0.accepting.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(accepting) = accepting.as_mut() else {
-            // Not running (yet, or any more): nothing accepts to change.
-            return;
-        };
         let mut list = self.0.listeners.write().unwrap_or_else(|p| p.into_inner());
-        list.retain(|info| {
-            let keep = config.listeners.iter().any(|l| l.name == info.name);
-            if !keep {
-                accepting.stop(&info.name);
+        if let Some(accepting) = accepting.as_mut() {
+            for old in list.iter() {
+                let moved = bound.iter().any(|(moved, l)| *moved && l.name == old.name);
+                if moved || !listeners.iter().any(|l| l.name == old.name) {
+                    accepting.stop(&old.name, moved);
+                }
             }
-            keep
-        });
-        for l in added {
-            list.push(l.info.clone());
-            accepting.start(l, self.0.clone());
+        }
+        *list = listeners;
+        drop(list);
+        match accepting.as_mut() {
+            Some(accepting) => {
+                for (_, l) in bound {
+                    accepting.start(l, self.0.clone());
+                }
+            }
+            // Not running (yet, or any more): the sockets just bound close.
+            None => drop(bound),
         }
     }
 
@@ -510,7 +520,7 @@ impl ReloadHandle {
     /// keeps its previous contents in use; the error says which.
     pub fn reload_secrets(&self) -> Vec<(String, Result<usize, crate::auth::source::SourceError>)> {
         self.0
-            .upstreams
+            .upstreams()
             .iter()
             .filter_map(|u| {
                 let result = u.scram.as_ref()?.reload().transpose()?;
@@ -531,28 +541,26 @@ impl ShutdownHandle {
     }
 }
 
-impl ListenerInfo {
-    pub fn acceptor(&self) -> Option<TlsAcceptor> {
-        self.acceptor
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-}
-
 /// What a session needs to know about the listener it arrived on.
+/// Replaced as a whole on reload; each session keeps the one it was
+/// accepted with.
 pub(crate) struct ListenerInfo {
     pub name: String,
+    /// Where it listens as configured (a reload that changes it rebinds).
+    pub bind: BindAddress,
     /// This listener's TLS acceptor (it differs per listener when client
-    /// certificates are verified); replaced on reload (certificate
-    /// rotation), sessions already past their handshake keep theirs.
-    acceptor: RwLock<Option<TlsAcceptor>>,
+    /// certificates are verified).
+    pub acceptor: Option<TlsAcceptor>,
+    /// `tls-server-end-point` data of the certificate `acceptor` presents:
+    /// what a TLS client binds to with SCRAM-SHA-256-PLUS (None: no TLS,
+    /// or a signature algorithm that defines no binding).
+    pub binding: Option<Vec<u8>>,
     pub identity: ListenerIdentity,
     pub proxy_protocol: ProxyProtocol,
     pub proxy_trusted: Vec<ipnet::IpNet>,
     pub client_tls: ClientTlsMode,
     pub cancel_plaintext: CancelPlaintext,
-    pub upstream: usize,
+    pub upstream: Arc<Upstream>,
 }
 
 enum Socket {
@@ -560,8 +568,10 @@ enum Socket {
     Unix(UnixListener, PathBuf),
 }
 
+/// A bound socket and its accept loop's state; what a session gets with
+/// each connection is looked up by `name` when it is accepted.
 struct Listener {
-    info: Arc<ListenerInfo>,
+    name: String,
     socket: Socket,
     pending: PendingSlots,
 }
@@ -610,11 +620,12 @@ fn prepare_tls(config: &Config) -> Result<PreparedTls, ServerError> {
                     source,
                 })?;
             if let Some(scram) = &u.scram {
-                upstream.scram =
-                    Some(ScramAuth::new(scram).map_err(|source| ServerError::Auth {
+                upstream.scram = Some(Arc::new(ScramAuth::new(scram).map_err(|source| {
+                    ServerError::Auth {
                         name: u.name.clone(),
                         source,
-                    })?);
+                    }
+                })?));
             }
             Ok(upstream)
         })
@@ -752,7 +763,8 @@ impl Server {
     pub async fn bind(config: Config) -> Result<Server, ServerError> {
         let (acceptors, upstreams) = prepare_tls(&config)?;
         let credentials = Credentials::load(&config.credentials, &config.upstreams)?;
-        let client_binding = own_binding(&config);
+        let upstreams: Vec<Arc<Upstream>> = upstreams.into_iter().map(Arc::new).collect();
+        let infos = listener_infos(&config, acceptors, &upstreams);
         let audit = Arc::new(
             AuditLog::open(&config.audit, config.audit_on_failure).map_err(ServerError::Audit)?,
         );
@@ -775,20 +787,14 @@ impl Server {
         // One count per client address, across every listener.
         let per_address = KeyedSlots::default();
         let limits = Arc::new(LiveLimits::new(&config.limits));
-        for (l, acceptor) in config.listeners.iter().zip(acceptors) {
-            listeners.push(make_listener(
-                l,
-                acceptor,
-                l.upstream,
-                &per_address,
-                &limits,
-            )?);
+        for l in &config.listeners {
+            listeners.push(make_listener(&l.name, &l.bind, &per_address, &limits)?);
         }
         Ok(Server {
             shared: Arc::new(Shared {
                 settings: RwLock::new(Arc::new(Settings::from(&config))),
-                bound_with: config.clone(),
-                upstreams,
+                admin_bound: config.admin.clone(),
+                upstreams: RwLock::new(upstreams),
                 audit,
                 metrics,
                 health: Arc::default(),
@@ -805,8 +811,7 @@ impl Server {
                 shutdown: watch::Sender::new(ShutdownPhase::Running),
                 warn_limit: WarnLimiter::new(WARN_LINES_PER_WINDOW),
                 audit_limit: WarnLimiter::new(AUDIT_EVENTS_PER_WINDOW),
-                client_binding: RwLock::new(client_binding),
-                listeners: RwLock::new(listeners.iter().map(|l| l.info.clone()).collect()),
+                listeners: RwLock::new(infos),
                 accepting: Mutex::new(None),
                 per_address: per_address.clone(),
             }),
@@ -836,7 +841,7 @@ impl Server {
                     Socket::Tcp(t) => BindAddress::Tcp(t.local_addr().ok()?),
                     Socket::Unix(_, p) => BindAddress::Unix(p.clone()),
                 };
-                Some((l.info.name.clone(), addr))
+                Some((l.name.clone(), addr))
             })
             .collect()
     }
@@ -990,26 +995,16 @@ fn bind_socket(name: &str, bind: &BindAddress) -> Result<Socket, ServerError> {
     }
 }
 
-/// A listener ready to accept: its info, bound socket and pending slots.
+/// A listener's socket, bound, with its pending slots.
 fn make_listener(
-    l: &crate::config::ListenerConfig,
-    acceptor: Option<TlsAcceptor>,
-    upstream: usize,
+    name: &str,
+    bind: &BindAddress,
     per_address: &KeyedSlots<IpAddr>,
     limits: &Arc<LiveLimits>,
 ) -> Result<Listener, ServerError> {
     Ok(Listener {
-        socket: bind_socket(&l.name, &l.bind)?,
-        info: Arc::new(ListenerInfo {
-            name: l.name.clone(),
-            acceptor: RwLock::new(acceptor),
-            identity: l.identity.clone(),
-            proxy_protocol: l.proxy_protocol,
-            proxy_trusted: l.proxy_trusted.clone(),
-            client_tls: l.client_tls,
-            cancel_plaintext: l.cancel_plaintext,
-            upstream,
-        }),
+        name: name.to_owned(),
+        socket: bind_socket(name, bind)?,
         pending: PendingSlots::new(per_address, limits),
     })
 }
@@ -1036,8 +1031,8 @@ impl Accepting {
             Socket::Unix(_, p) => Some(p.clone()),
             Socket::Tcp(_) => None,
         };
-        info!(listener = %l.info.name, "listening");
-        let name = l.info.name.clone();
+        info!(listener = %l.name, "listening");
+        let name = l.name.clone();
         let task = tokio::spawn(accept_loop(l, shared, self.sessions.clone(), own.clone()));
         self.loops.insert(
             name,
@@ -1049,14 +1044,16 @@ impl Accepting {
         );
     }
 
-    /// Stops one listener (removed by a reload); its sessions go on.
-    fn stop(&mut self, name: &str) {
+    /// Stops one listener (removed, or `moved` to another address, by a
+    /// reload); its sessions go on.
+    fn stop(&mut self, name: &str, moved: bool) {
         if let Some(l) = self.loops.remove(name) {
             l.stop.cancel();
             if let Some(p) = l.unix_path {
                 let _ = std::fs::remove_file(p);
             }
-            info!(listener = %name, "stopped listening (removed by a reload)");
+            let why = if moved { "moved" } else { "removed" };
+            info!(listener = %name, "stopped listening on the old address ({why} by a reload)");
         }
     }
 
@@ -1088,15 +1085,21 @@ async fn accept_loop(
             Err(e) => {
                 // EMFILE/ENFILE/ENOBUFS and friends are transient: back off
                 // briefly so a full fd table does not spin the CPU, and go on.
-                error!(listener = %l.info.name, error = %e, "accept failed; retrying");
+                error!(listener = %l.name, error = %e, "accept failed; retrying");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
+        // What this connection's session gets: the listener as configured
+        // now (a reload may have changed it since the last connection).
+        let Some(info) = shared.listener(&l.name) else {
+            // Removed by a reload that is stopping this loop right now.
+            continue;
+        };
         let client = peer.map_or_else(ClientAddress::unix, ClientAddress::tcp);
         // Behind a PROXY-protocol balancer every connection comes from the
         // balancer: only the listener's share applies there.
-        let ip = match l.info.proxy_protocol {
+        let ip = match info.proxy_protocol {
             ProxyProtocol::Required => None,
             ProxyProtocol::Off => peer.map(|p| p.ip()),
         };
@@ -1108,17 +1111,17 @@ async fn accept_loop(
                     PendingRefusal::Address => "limits.max_pending_per_address",
                 };
                 if shared.warn_limit.allow(limit) {
-                    warn!(listener = %l.info.name, %client, limit, "too many unauthenticated connections; closing");
+                    warn!(listener = %l.name, %client, limit, "too many unauthenticated connections; closing");
                 }
                 continue;
             }
         };
-        debug!(listener = %l.info.name, %client, "accepted");
+        debug!(listener = %l.name, %client, "accepted");
         sessions.spawn(crate::session::handle(
             io,
             peer,
             local,
-            l.info.clone(),
+            info,
             shared.clone(),
             permit,
         ));

@@ -8,7 +8,7 @@
 //! alone a password.
 
 use std::net::SocketAddr;
-use std::sync::RwLock;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::pki_types::ServerName;
@@ -52,14 +52,26 @@ pub enum UpstreamError {
 }
 
 /// One upstream, ready to dial: its config and its verify-full connector.
+/// Never changed once built: a reload builds a new one (rotated CA bundles,
+/// client certificates, a new address), and sessions keep the one they
+/// started with.
 pub struct Upstream {
     pub config: UpstreamConfig,
-    /// Replaced on reload (rotated CA bundles and client certificates);
-    /// connections already made keep theirs.
-    connector: RwLock<TlsConnector>,
+    connector: TlsConnector,
     server_name: ServerName<'static>,
-    /// scram mode: where verifiers come from (None: passthrough).
-    pub scram: Option<ScramAuth>,
+    /// scram mode: where verifiers come from (None: passthrough). Shared
+    /// with the next reload's copy while the scram settings stay the same,
+    /// so unknown users keep their mock salts.
+    pub scram: Option<Arc<ScramAuth>>,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("name", &self.config.name)
+            .field("target", &self.target())
+            .finish_non_exhaustive()
+    }
 }
 
 /// A verified TLS connection to an upstream.
@@ -100,24 +112,10 @@ impl Upstream {
             })?;
         Ok(Upstream {
             config,
-            connector: RwLock::new(connector),
+            connector,
             server_name,
             scram: None,
         })
-    }
-
-    /// The verify-full connector in use now.
-    pub fn connector(&self) -> TlsConnector {
-        self.connector
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    /// Takes the TLS material (CA bundle, client certificate) of `other`,
-    /// a freshly loaded copy of this upstream: certificate rotation.
-    pub fn take_tls_from(&self, other: &Upstream) {
-        *self.connector.write().unwrap_or_else(|p| p.into_inner()) = other.connector();
     }
 
     /// The PROXY header for a connection pgbastion makes on its own behalf
@@ -166,7 +164,7 @@ impl Upstream {
         let (tcp, addr) = self.dial(connect_timeout).await?;
         let connect = started.elapsed();
         crate::relay::tune_tcp(&tcp);
-        let connector = identity.cloned().unwrap_or_else(|| self.connector());
+        let connector = identity.unwrap_or(&self.connector).clone();
         match timeout(
             tls_timeout,
             self.negotiate(&connector, tcp, addr, proxy_header),
@@ -209,7 +207,7 @@ impl Upstream {
                 }
             };
             let mut conn = self
-                .negotiate(&self.connector(), tcp, addr, proxy_header)
+                .negotiate(&self.connector, tcp, addr, proxy_header)
                 .await?;
             let closed = |_| UpstreamError::Closed { addr };
             conn.stream

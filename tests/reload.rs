@@ -345,3 +345,118 @@ async fn reload_adds_and_removes_listeners() {
         "its open session goes on"
     );
 }
+
+/// Upstreams and listeners change with a reload too: an upstream pointed at
+/// another server (with its own CA), a listener moved to another port, a
+/// new upstream with a new listener. A session already open stays on the
+/// server it started with, and its Ctrl-C still reaches that server, verified
+/// with the CA bundle the session was verified with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_moves_listeners_and_repoints_upstreams() {
+    let env = Env::new();
+    let other = tokio::task::block_in_place(|| {
+        pgbastion::localpg::LocalPg::start(Default::default()).expect("a second PostgreSQL")
+    });
+    let dir = env.dir.path().to_owned();
+    let port = || pgbastion::localpg::free_port().unwrap();
+    let (port_a, port_m, port_m2, port_b) = (port(), port(), port(), port());
+    let log = dir.join("pgbastion.log");
+    let cfg = dir.join("pgbastion.toml");
+    let upstream = |name: &str, pg: &pgbastion::localpg::LocalPg| {
+        format!(
+            "[[upstream]]\nname = \"{name}\"\naddress = \"localhost:{}\"\nca_file = \"{}\"\n",
+            pg.port,
+            pg.ca_cert.display()
+        )
+    };
+    let listener = |name: &str, port: u16, upstream: &str| {
+        format!("[[listener]]\nname = \"{name}\"\nlisten = \"127.0.0.1:{port}\"\nupstream = \"{upstream}\"\n")
+    };
+    let write = |body: String| {
+        std::fs::write(
+            &cfg,
+            format!("{}\n{body}\n[audit]\nlog = \"off\"\n", env.tls_toml()),
+        )
+        .unwrap()
+    };
+    write(listener("a", port_a, "pg") + &listener("m", port_m, "pg") + &upstream("pg", &env.pg));
+    let proc = Running(config_form(&cfg, Some(&log)).spawn().unwrap());
+    let addr_m = wait_listening(port_m);
+    let connect = |port: u16, password: String, app: &'static str| {
+        let conninfo = format!(
+            "host=localhost port={port} user=postgres dbname=postgres password={password} sslmode=require channel_binding=disable connect_timeout=5 application_name={app}"
+        );
+        let tls = tls_connector(&env.proxy_ca);
+        async move {
+            let (client, conn) = tokio_postgres::connect(&conninfo, tls)
+                .await
+                .unwrap_or_else(|e| panic!("port {port}: {e}"));
+            tokio::spawn(conn);
+            client
+        }
+    };
+    let open = connect(port_a, env.pg.password.clone(), "held").await;
+    assert_eq!(server_port(&open).await, env.pg.port);
+
+    write(
+        listener("a", port_a, "pg")
+            + &listener("m", port_m2, "pg")
+            + &listener("b", port_b, "first")
+            + &upstream("pg", &other)
+            + &upstream("first", &env.pg),
+    );
+    signal(proc.0.id(), "-HUP");
+    let text = tokio::task::block_in_place(|| {
+        wait_for("the reload", Duration::from_secs(10), || {
+            std::fs::read_to_string(&log)
+                .ok()
+                .filter(|t| t.contains("certificates re-read"))
+        })
+    });
+    assert!(!text.contains("take a restart"), "{text}");
+
+    // New sessions follow the new configuration.
+    let a = connect(port_a, other.password.clone(), "new-a").await;
+    assert_eq!(
+        server_port(&a).await,
+        other.port,
+        "upstream pg now points at the other server"
+    );
+    let m = connect(port_m2, other.password.clone(), "new-m").await;
+    assert_eq!(server_port(&m).await, other.port);
+    let b = connect(port_b, env.pg.password.clone(), "new-b").await;
+    assert_eq!(server_port(&b).await, env.pg.port);
+    tokio::task::block_in_place(|| {
+        wait_for(
+            "the moved listener's old port to close",
+            Duration::from_secs(5),
+            || std::net::TcpStream::connect(addr_m).is_err().then_some(()),
+        )
+    });
+
+    // The session opened before stays where it was, and can be cancelled.
+    assert_eq!(server_port(&open).await, env.pg.port);
+    let token = open.cancel_token();
+    let direct = env.direct_client().await;
+    let query = tokio::spawn(async move { open.simple_query("select pg_sleep(60)").await });
+    wait_active(&direct, "held").await;
+    token
+        .cancel_query(tls_connector(&env.proxy_ca))
+        .await
+        .unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(5), query)
+        .await
+        .expect("cancelled within 5 s")
+        .unwrap()
+        .expect_err("the query was cancelled");
+    assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "{err}");
+}
+
+/// The port of the server a session is connected to.
+async fn server_port(client: &tokio_postgres::Client) -> u16 {
+    let row = client
+        .query_one("select current_setting('port')", &[])
+        .await
+        .unwrap();
+    row.get::<_, String>(0).parse().unwrap()
+}

@@ -90,7 +90,7 @@ pub(crate) fn command(text: &str, shared: &Arc<Shared>) -> Result<Answer, ErrorR
         ["SHOW", "UPSTREAMS"] => Ok(show(
             vec!["name", "address", "server_name", "auth", "sessions"],
             shared
-                .upstreams
+                .upstreams()
                 .iter()
                 .map(|u| {
                     let sessions = shared
@@ -124,7 +124,7 @@ pub(crate) fn command(text: &str, shared: &Arc<Shared>) -> Result<Answer, ErrorR
                         }
                         .into(),
                         format!("{:?}", l.client_tls).to_lowercase(),
-                        shared.upstreams[l.upstream].config.name.clone(),
+                        l.upstream.config.name.clone(),
                     ]
                 })
                 .collect(),

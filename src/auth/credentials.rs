@@ -135,10 +135,12 @@ impl Held {
     }
 }
 
-/// Every credential, by upstream index and user.
+/// Every credential, by upstream name and user (names, not positions, so a
+/// reload that reorders upstreams cannot hand one upstream's credential to
+/// another).
 #[derive(Debug, Default)]
 pub struct Credentials {
-    by_user: HashMap<(usize, String), Found>,
+    by_user: HashMap<(String, String), Found>,
 }
 
 impl Credentials {
@@ -188,7 +190,7 @@ impl Credentials {
                 },
             };
             by_user.insert(
-                (c.upstream, c.user.clone()),
+                (upstreams[c.upstream].name.clone(), c.user.clone()),
                 Found {
                     kind: c.source.kind(),
                     held: Arc::new(held),
@@ -198,8 +200,10 @@ impl Credentials {
         Ok(Credentials { by_user })
     }
 
-    pub fn find(&self, upstream: usize, user: &str) -> Option<Found> {
-        self.by_user.get(&(upstream, user.to_owned())).cloned()
+    pub fn find(&self, upstream: &str, user: &str) -> Option<Found> {
+        self.by_user
+            .get(&(upstream.to_owned(), user.to_owned()))
+            .cloned()
     }
 
     pub fn len(&self) -> usize {

@@ -118,7 +118,7 @@ pub struct AuthPhase {
 pub struct CancelContext {
     pub registry: Arc<CancelRegistry>,
     pub session_id: String,
-    pub upstream: usize,
+    pub upstream: Arc<crate::upstream::Upstream>,
     pub addr: std::net::SocketAddr,
 }
 
@@ -298,7 +298,7 @@ impl AuthPhase {
                     })?;
                     let (ours, registration) = self.cancel.registry.register(CancelTarget {
                         session_id: self.cancel.session_id.clone(),
-                        upstream: self.cancel.upstream,
+                        upstream: self.cancel.upstream.clone(),
                         addr: self.cancel.addr,
                         real,
                     });

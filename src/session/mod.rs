@@ -174,13 +174,13 @@ impl Session {
         let deadline = tokio::time::Instant::now() + t.client_startup;
         let negotiated = timeout_at(
             deadline,
-            conn.negotiate(self.listener.acceptor().as_ref(), self.listener.client_tls),
+            conn.negotiate(self.listener.acceptor.as_ref(), self.listener.client_tls),
         )
         .await
         .unwrap_or(Err(SessionError::ClientTimeout(t.client_startup)));
         self.facts.client_tls = Some(conn.transport.clone());
         if conn.is_tls() {
-            conn.binding = self.shared.client_binding();
+            conn.binding = self.listener.binding.clone();
         }
         let startup = match negotiated {
             Ok(Negotiated::Startup(m)) => m,
@@ -203,7 +203,8 @@ impl Session {
             Ok(identity) => identity,
             Err(e) => return self.reject(&mut conn, e.into()).await,
         };
-        let upstream = &self.shared.upstreams[self.listener.upstream];
+        let upstream = self.listener.upstream.clone();
+        let upstream = &*upstream;
         let decision = self.shared.policy().decide(&Request {
             identity: &identity,
             client_ip: self.peer.map(|p| p.ip()),
@@ -343,7 +344,7 @@ impl Session {
         let cancel = CancelContext {
             registry: self.shared.cancels.clone(),
             session_id: self.facts.session_id.clone(),
-            upstream: self.listener.upstream,
+            upstream: self.listener.upstream.clone(),
             addr: up.addr,
         };
         let mut auth = match (proven, credential) {
@@ -667,7 +668,7 @@ impl Session {
         let found = self
             .shared
             .credentials()
-            .find(self.listener.upstream, user)
+            .find(&upstream.config.name, user)
             .ok_or_else(|| IdentityLoginError::NoCredential {
                 user: user.to_owned(),
                 upstream: upstream.config.name.clone(),
@@ -958,13 +959,13 @@ impl Session {
             match self.shared.cancels.lookup(&req) {
                 None => (None, "unmatched", None),
                 Some(target) => {
-                    let upstream = &self.shared.upstreams[target.upstream];
+                    let upstream = target.upstream.clone();
                     match upstream
                         .cancel(
                             target.addr,
                             &target.real,
                             self.settings.timeouts.cancel,
-                            self.outbound_proxy_header(upstream, None).as_deref(),
+                            self.outbound_proxy_header(&upstream, None).as_deref(),
                         )
                         .await
                     {
