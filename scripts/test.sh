@@ -2,7 +2,7 @@
 # The test command (README, and what CI runs through .ci/run).
 #
 # Installs what the tests need when it is missing (PostgreSQL server and
-# client, HAProxy, PgBouncer and OpenSSL from Debian packages; from
+# client, HAProxy, PgBouncer, Redis and OpenSSL from Debian packages; from
 # PyPI: psycopg, boto3, prometheus_client), then
 # checks formatting and lints, runs every test, smoke-runs the benchmark
 # harness, and runs every fuzz target briefly (installing cargo-fuzz). The tests start real PostgreSQL servers; a missing part makes them
@@ -21,6 +21,8 @@ command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || missing+=(
 command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
 command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
 if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
     # The server refuses to run as root; the package creates its user.
     missing+=(postgresql)

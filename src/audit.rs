@@ -197,8 +197,12 @@ pub enum Event<'a> {
         facts: &'a SessionFacts,
         /// The session it matched, or "unmatched".
         target_session_id: &'a str,
-        /// forwarded, unmatched, rate_limited, plaintext_refused or
-        /// upstream_failed.
+        /// With `[cluster]`: the instance the session runs on, when that
+        /// is another one (the cancel was looked up in Redis).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        session_instance: Option<&'a str>,
+        /// forwarded, forwarded_remote, unmatched, cluster_unavailable,
+        /// rate_limited, plaintext_refused or upstream_failed.
         outcome: &'a str,
         #[serde(skip_serializing_if = "Option::is_none")]
         detail: Option<String>,

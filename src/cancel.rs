@@ -17,6 +17,8 @@ use std::time::Instant;
 use rand::RngCore;
 use subtle::ConstantTimeEq;
 
+use crate::cluster::keys::RemoteCancel;
+use crate::cluster::Cluster;
 use crate::protocol::startup::CancelKey;
 use crate::ratelimit::KeyedBuckets;
 use crate::upstream::Upstream;
@@ -51,6 +53,9 @@ pub struct CancelRegistry {
     entries: Mutex<HashMap<u32, Entry>>,
     /// Cancel requests per client address (Unix-socket clients share one).
     limiter: Mutex<KeyedBuckets<Option<IpAddr>>>,
+    /// With `[cluster]`: where each mapping is also published, so the
+    /// other instances can forward cancels for this instance's sessions.
+    fleet: Option<Arc<Cluster>>,
 }
 
 /// A session's hold on its mapping: dropping it (the session ended) removes
@@ -58,12 +63,17 @@ pub struct CancelRegistry {
 pub struct Registration {
     registry: Weak<CancelRegistry>,
     process_id: u32,
+    /// Where the mapping is in Redis (with `[cluster]`).
+    published: Option<String>,
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
         if let Some(r) = self.registry.upgrade() {
             r.lock_entries().remove(&self.process_id);
+            if let (Some(fleet), Some(key)) = (&r.fleet, &self.published) {
+                fleet.unpublish_cancel(key);
+            }
         }
     }
 }
@@ -80,10 +90,11 @@ impl CancelRegistry {
         lock(&self.limiter).set_rate(rate_per_sec, burst);
     }
 
-    pub fn new(rate_per_sec: f64, burst: f64) -> Arc<Self> {
+    pub fn new(rate_per_sec: f64, burst: f64, fleet: Option<Arc<Cluster>>) -> Arc<Self> {
         Arc::new(CancelRegistry {
             entries: Mutex::new(HashMap::new()),
             limiter: Mutex::new(KeyedBuckets::new(rate_per_sec, burst)),
+            fleet,
         })
     }
 
@@ -112,19 +123,28 @@ impl CancelRegistry {
                 break candidate;
             }
         };
-        entries.insert(
+        let issued = CancelKey {
             process_id,
-            Entry {
-                key: key.clone(),
-                target,
-            },
-        );
+            secret_key: key.clone(),
+        };
+        let published = self.fleet.as_ref().map(|fleet| {
+            fleet.publish_cancel(
+                &issued,
+                &RemoteCancel {
+                    session_id: target.session_id.clone(),
+                    instance: fleet.instance().to_owned(),
+                    upstream: target.upstream.config.name.clone(),
+                    addr: target.addr,
+                    process_id: target.real.process_id,
+                    secret_key: target.real.secret_key.clone(),
+                },
+            )
+        });
+        entries.insert(process_id, Entry { key, target });
         (
-            CancelKey {
-                process_id,
-                secret_key: key,
-            },
+            issued,
             Registration {
+                published,
                 registry: Arc::downgrade(self),
                 process_id,
             },
@@ -173,7 +193,7 @@ mod tests {
 
     #[test]
     fn issued_keys_match_the_protocol_and_hide_the_real_ones() {
-        let reg = CancelRegistry::new(10.0, 10.0);
+        let reg = CancelRegistry::new(10.0, 10.0, None);
         let (k30, _r30) = reg.register(target(4));
         assert_eq!(k30.secret_key.len(), 4);
         let (k32, _r32) = reg.register(target(32));
@@ -188,7 +208,7 @@ mod tests {
 
     #[test]
     fn lookup_needs_the_exact_key_and_ends_with_the_session() {
-        let reg = CancelRegistry::new(10.0, 10.0);
+        let reg = CancelRegistry::new(10.0, 10.0, None);
         let (issued, registration) = reg.register(target(4));
         let req = |key: Vec<u8>| CancelKey {
             process_id: issued.process_id,

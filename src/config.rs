@@ -145,6 +145,115 @@ struct RawConfig {
     admin: Option<AdminConfig>,
     #[serde(default)]
     reload: ReloadConfig,
+    #[serde(default)]
+    cluster: Option<RawCluster>,
+}
+
+/// `[cluster]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    redis: String,
+    redis_password_file: Option<PathBuf>,
+    redis_ca_file: Option<PathBuf>,
+    instance: Option<String>,
+    secret_file: PathBuf,
+    #[serde(default = "default_cluster_timeout", with = "humantime_serde")]
+    timeout: Duration,
+    #[serde(default = "default_key_prefix")]
+    key_prefix: String,
+}
+
+fn default_cluster_timeout() -> Duration {
+    Duration::from_millis(250)
+}
+
+fn default_key_prefix() -> String {
+    "pgbastion".into()
+}
+
+/// A fleet of pgbastion instances sharing cancel mappings, failed-login
+/// counts and per-identity session counts through Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// `redis://` or `rediss://` (TLS, verified), without a password.
+    pub redis: String,
+    pub redis_password_file: Option<PathBuf>,
+    /// The CA bundle a `rediss://` server's certificate must chain to
+    /// (default: the system's roots).
+    pub redis_ca_file: Option<PathBuf>,
+    /// This instance's name in Redis and in audit events.
+    pub instance: String,
+    /// The key the fleet shares: what Redis keys are hashed and cancel
+    /// mappings encrypted with.
+    pub secret_file: PathBuf,
+    /// How long any Redis call may take before the session goes on
+    /// without it.
+    pub timeout: Duration,
+    /// Prepended to every Redis key, so fleets can share a Redis.
+    pub key_prefix: String,
+}
+
+impl RawCluster {
+    fn validate(self) -> Result<ClusterConfig, ConfigError> {
+        let url = self.redis.trim();
+        let rest = if let Some(r) = url.strip_prefix("rediss://") {
+            r
+        } else if let Some(r) = url.strip_prefix("redis://") {
+            r
+        } else {
+            return Err(invalid(format!(
+                "cluster.redis {url:?}: use redis://host:port/db, or rediss://host:port/db for TLS"
+            )));
+        };
+        if url.contains('#') {
+            return Err(invalid(
+                "cluster.redis: URL fragments (like #insecure) are not accepted: a rediss:// server is always verified; set cluster.redis_ca_file for a private CA",
+            ));
+        }
+        let authority = rest.split('/').next().unwrap_or("");
+        if let Some((userinfo, _)) = authority.rsplit_once('@') {
+            if userinfo.contains(':') {
+                return Err(invalid(
+                    "cluster.redis: put the password in cluster.redis_password_file, not in the URL (the URL shows up in logs and process listings)",
+                ));
+            }
+        }
+        if self.redis_ca_file.is_some() && !url.starts_with("rediss://") {
+            return Err(invalid(
+                "cluster.redis_ca_file is set but cluster.redis is not rediss://: the CA would not be used",
+            ));
+        }
+        let instance = match self.instance {
+            Some(i) => i,
+            None => rustix::system::uname()
+                .nodename()
+                .to_string_lossy()
+                .into_owned(),
+        };
+        if instance.is_empty() || instance.len() > 128 {
+            return Err(invalid("cluster.instance must be 1 to 128 characters"));
+        }
+        if self.timeout.is_zero() || self.timeout > Duration::from_secs(10) {
+            return Err(invalid(
+                "cluster.timeout must be more than 0 and at most 10s (sessions wait for it)",
+            ));
+        }
+        if self.key_prefix.is_empty() || self.key_prefix.contains(char::is_whitespace) {
+            return Err(invalid(
+                "cluster.key_prefix must be non-empty without spaces",
+            ));
+        }
+        Ok(ClusterConfig {
+            redis: url.to_owned(),
+            redis_password_file: self.redis_password_file,
+            redis_ca_file: self.redis_ca_file,
+            instance,
+            secret_file: self.secret_file,
+            timeout: self.timeout,
+            key_prefix: self.key_prefix,
+        })
+    }
 }
 
 /// Reloading without a signal: when a file the configuration names (or
@@ -657,6 +766,8 @@ pub struct Config {
     /// The admin HTTP listener (metrics and health), if any.
     pub admin: Option<AdminConfig>,
     pub reload: ReloadConfig,
+    /// Redis shared by a fleet of instances, if any.
+    pub cluster: Option<ClusterConfig>,
 }
 
 impl Config {
@@ -823,6 +934,7 @@ impl Config {
                 unready_grace: Duration::ZERO,
             }),
             reload: ReloadConfig::default(),
+            cluster: None,
         };
         raw.validate()
     }
@@ -1058,6 +1170,7 @@ impl RawConfig {
             credentials,
             admin: self.admin,
             reload: self.reload,
+            cluster: self.cluster.map(RawCluster::validate).transpose()?,
         })
     }
 }

@@ -73,6 +73,8 @@ pub enum ServerError {
     },
     #[error("listener {name:?}: {path} is in use by another running server")]
     SocketInUse { name: String, path: PathBuf },
+    #[error("[cluster]: {0}")]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 /// What every session of the process shares.
@@ -94,6 +96,10 @@ pub(crate) struct Shared {
     /// The limits a reload may change, read where they are applied.
     pub limits: Arc<LiveLimits>,
     pub cancels: Arc<CancelRegistry>,
+    /// With `[cluster]`: the fleet's shared state in Redis.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// The `[cluster]` section as started: a reload cannot change it.
+    cluster_bound: Option<crate::config::ClusterConfig>,
     /// Replaced as a whole on reload; sessions decide with the one current
     /// when their StartupMessage arrived.
     pub policy: RwLock<Arc<Policy>>,
@@ -128,6 +134,8 @@ pub(crate) struct Shared {
 /// as a whole on reload.
 pub(crate) struct Settings {
     pub timeouts: Timeouts,
+    /// The failed-login limits, for the fleet-wide check (`[cluster]`).
+    pub limits: crate::config::Limits,
     pub whois: Option<WhoIsClient>,
     pub application_name: Option<String>,
 }
@@ -136,6 +144,7 @@ impl From<&Config> for Settings {
     fn from(config: &Config) -> Self {
         Settings {
             timeouts: config.timeouts.clone(),
+            limits: config.limits.clone(),
             whois: config.tailscale.as_ref().map(|t| WhoIsClient {
                 socket: t.socket.clone(),
                 capability: t.capability.clone(),
@@ -401,6 +410,9 @@ impl ReloadHandle {
         if self.0.admin_bound != config.admin {
             restart_needed.push("[admin]".to_owned());
         }
+        if self.0.cluster_bound != config.cluster {
+            restart_needed.push("[cluster]".to_owned());
+        }
         Ok(Reloaded {
             credentials: n,
             restart_needed,
@@ -581,6 +593,9 @@ struct Listener {
 pub fn check(config: &Config) -> Result<(), ServerError> {
     prepare_tls(config)?;
     Credentials::load(&config.credentials, &config.upstreams)?;
+    if let Some(c) = &config.cluster {
+        crate::cluster::Cluster::check(c)?;
+    }
     Ok(())
 }
 
@@ -770,6 +785,10 @@ impl Server {
         );
         let metrics = Arc::new(Metrics::new(audit.clone()));
         record_certificate_expiry(&config, &metrics);
+        let cluster = match &config.cluster {
+            Some(c) => Some(crate::cluster::Cluster::start(c, metrics.clone())?),
+            None => None,
+        };
         let admin = match &config.admin {
             Some(a) => Some((
                 TcpListener::bind(a.listen)
@@ -800,7 +819,13 @@ impl Server {
                 health: Arc::default(),
                 sessions: KeyedSlots::default(),
                 limits: limits.clone(),
-                cancels: CancelRegistry::new(config.limits.cancel_rate, config.limits.cancel_burst),
+                cancels: CancelRegistry::new(
+                    config.limits.cancel_rate,
+                    config.limits.cancel_burst,
+                    cluster.clone(),
+                ),
+                cluster,
+                cluster_bound: config.cluster.clone(),
                 policy: RwLock::new(Arc::new(config.policy.clone())),
                 credentials: RwLock::new(Arc::new(credentials)),
                 identity_sessions: KeyedSlots::default(),

@@ -4,27 +4,16 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// GET `path` from the admin listener: status code and body.
-fn get(admin: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut s = std::net::TcpStream::connect(admin).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let status = text.split(' ').nth(1)?.parse().ok()?;
-    Some((status, text.split_once("\r\n\r\n")?.1.to_owned()))
-}
-
 /// /metrics through prometheus_client's OpenMetrics parser.
 fn scrape(admin: SocketAddr) -> Vec<serde_json::Value> {
-    let (status, body) = get(admin, "/metrics").expect("/metrics answers");
+    let (status, body) = http_get(admin, "/metrics").expect("/metrics answers");
     assert_eq!(status, 200);
     let mut child = std::process::Command::new("python3")
         .arg(concat!(
@@ -170,10 +159,10 @@ async fn metrics_count_sessions_rejections_and_cancels() {
         .unwrap_or_else(|| panic!("expiry of {cert}"));
         assert!(t > now, "{cert} expires in the future");
     }
-    assert_eq!(get(admin, "/livez").unwrap().0, 200);
-    assert_eq!(get(admin, "/readyz").unwrap().0, 200);
-    assert_eq!(get(admin, "/startupz").unwrap().0, 200);
-    assert_eq!(get(admin, "/other").unwrap().0, 404);
+    assert_eq!(http_get(admin, "/livez").unwrap().0, 200);
+    assert_eq!(http_get(admin, "/readyz").unwrap().0, 200);
+    assert_eq!(http_get(admin, "/startupz").unwrap().0, 200);
+    assert_eq!(http_get(admin, "/other").unwrap().0, 404);
 }
 
 /// At SIGTERM /readyz says 503 while the listeners still accept (for
@@ -197,17 +186,21 @@ fn readyz_turns_503_at_sigterm_before_the_listeners_close() {
     let mut proc = Running(config_form(&cfg, None).spawn().unwrap());
     let addr = wait_listening(port);
     wait_for("ready", Duration::from_secs(10), || {
-        (get(admin, "/readyz")?.0 == 200).then_some(())
+        (http_get(admin, "/readyz")?.0 == 200).then_some(())
     });
     signal(proc.0.id(), "-TERM");
     wait_for("503", Duration::from_secs(2), || {
-        (get(admin, "/readyz")?.0 == 503).then_some(())
+        (http_get(admin, "/readyz")?.0 == 503).then_some(())
     });
     assert!(
         std::net::TcpStream::connect(addr).is_ok(),
         "the listener still accepts during the grace"
     );
-    assert_eq!(get(admin, "/livez").unwrap().0, 200, "alive while draining");
+    assert_eq!(
+        http_get(admin, "/livez").unwrap().0,
+        200,
+        "alive while draining"
+    );
     let status = wait_for("exit", Duration::from_secs(20), || {
         proc.0.try_wait().unwrap()
     });

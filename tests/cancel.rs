@@ -39,54 +39,6 @@ async fn tls_cancel(proxy: &Proxy, certs: &ProxyCerts, key: &CancelKey) {
     assert!(rest.is_empty(), "nothing is answered to a cancel request");
 }
 
-/// A tokio-postgres session through pgbastion (TLS) whose CancelKey,
-/// as the client received it, is captured on the way.
-async fn sniffed_session(
-    proxy: &Proxy,
-    env: &Env,
-    app: &str,
-) -> (tokio_postgres::Client, CancelKey) {
-    let tls = ssl_request_then_tls(raw(proxy.addr()).await, env).await;
-    let (local, remote) = tokio::io::duplex(64 * 1024);
-    let (key_tx, key_rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let (mut tls_r, mut tls_w) = tokio::io::split(tls);
-        let (mut rem_r, mut rem_w) = tokio::io::split(remote);
-        let up = tokio::io::copy(&mut rem_r, &mut tls_w);
-        let down = async {
-            let mut key_tx = Some(key_tx);
-            let mut seen = Vec::new();
-            let mut buf = vec![0u8; 16 * 1024];
-            loop {
-                let n = tls_r.read(&mut buf).await.unwrap_or(0);
-                if n == 0 {
-                    break;
-                }
-                if key_tx.is_some() {
-                    seen.extend_from_slice(&buf[..n]);
-                    let mut at = 0;
-                    while let Ok(Some((t, len))) = message::frame(&seen[at..], 1 << 20) {
-                        if t == b'K' {
-                            let key =
-                                message::parse_backend_key_data(&seen[at + 5..at + len]).unwrap();
-                            let _ = key_tx.take().unwrap().send(key);
-                            break;
-                        }
-                        at += len;
-                    }
-                }
-                if rem_w.write_all(&buf[..n]).await.is_err() {
-                    break;
-                }
-            }
-            let _ = rem_w.shutdown().await;
-        };
-        tokio::select! { _ = up => {}, _ = down => {} }
-    });
-    let client = pg_over(local, &env.pg.password, app).await.unwrap();
-    (client, key_rx.await.unwrap())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psql_ctrl_c_cancels_through_proxy() {
     let env = Env::new();
@@ -169,8 +121,8 @@ async fn keys_are_pgbastions_own_and_cancel_only_their_session() {
     let env = Env::new();
     let proxy = env.proxy("require", "");
     let direct = env.direct_client().await;
-    let (a, key_a) = sniffed_session(&proxy, &env, "session-a").await;
-    let (b, key_b) = sniffed_session(&proxy, &env, "session-b").await;
+    let (a, key_a) = sniffed_session(proxy.addr(), &env, "session-a").await;
+    let (b, key_b) = sniffed_session(proxy.addr(), &env, "session-b").await;
     let pid_a: i32 = a
         .query_one("select pg_backend_pid()", &[])
         .await
@@ -219,7 +171,7 @@ async fn keys_are_pgbastions_own_and_cancel_only_their_session() {
 async fn cancel_after_the_session_ended_does_nothing() {
     let env = Env::new();
     let proxy = env.proxy("require", "");
-    let (client, key) = sniffed_session(&proxy, &env, "short").await;
+    let (client, key) = sniffed_session(proxy.addr(), &env, "short").await;
     drop(client);
     proxy.wait_audit("session end", |e| e["event"] == "session.end");
     plaintext_cancel(&proxy, &key).await;
@@ -238,7 +190,7 @@ async fn plaintext_cancel_can_be_denied_and_attempts_are_rate_limited() {
         "[limits]\ncancel_rate = 0.001\ncancel_burst = 4\n",
     );
     let direct = env.direct_client().await;
-    let (client, key) = sniffed_session(&proxy, &env, "guarded").await;
+    let (client, key) = sniffed_session(proxy.addr(), &env, "guarded").await;
     let query = tokio::spawn(async move { client.simple_query("select pg_sleep(60)").await });
     let server_pid = wait_active(&direct, "guarded").await;
     plaintext_cancel(&proxy, &key).await;

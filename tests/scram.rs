@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use base64::Engine;
@@ -18,31 +17,7 @@ use pgbastion::protocol::message::{self, AuthRequest};
 use pgbastion::protocol::startup::{ProtocolVersion, StartupMessage};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const APP_PASSWORD: &str = "app-secret";
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
-
-/// A role `app` with a SCRAM password, and the lookup role and function
-/// exactly as the README gives them. Returns the lookup role's password
-/// file.
-fn install_roles(env: &Env) -> PathBuf {
-    env.pg
-        .run_sql(&format!(
-            "CREATE ROLE app LOGIN PASSWORD '{APP_PASSWORD}';\n\
-             CREATE ROLE pgbastion_auth LOGIN PASSWORD 'lookup-secret';\n{}",
-            pgbastion::auth::auth_query::LOOKUP_FUNCTION_SQL
-        ))
-        .expect("install the lookup function");
-    let file = env.dir.path().join("auth-password");
-    std::fs::write(&file, "lookup-secret\n").unwrap();
-    file
-}
-
-fn auth_query_keys(password_file: &std::path::Path) -> String {
-    format!(
-        "auth = \"scram\"\nauth_user = \"pgbastion_auth\"\nauth_password_file = \"{}\"\n",
-        password_file.display()
-    )
-}
 
 /// pgbastion (TLS required) in scram mode with verifiers from auth_query.
 fn scram_proxy(env: &Env) -> Proxy {

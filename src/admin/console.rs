@@ -131,17 +131,30 @@ pub(crate) fn command(text: &str, shared: &Arc<Shared>) -> Result<Answer, ErrorR
         )),
         ["SHOW", "STATS"] => {
             let (written, dropped) = shared.audit.counts();
-            Ok(show(
-                vec!["name", "value"],
+            let mut rows = vec![
                 vec![
-                    vec![
-                        "sessions_active".into(),
-                        shared.live.list().len().to_string(),
-                    ],
-                    vec!["audit_events_written".into(), written.to_string()],
-                    vec!["audit_events_dropped".into(), dropped.to_string()],
+                    "sessions_active".into(),
+                    shared.live.list().len().to_string(),
                 ],
-            ))
+                vec!["audit_events_written".into(), written.to_string()],
+                vec!["audit_events_dropped".into(), dropped.to_string()],
+            ];
+            match &shared.cluster {
+                None => rows.push(vec!["cluster".into(), "off".into()]),
+                Some(fleet) => {
+                    let (cancels, slots) = fleet.held_counts();
+                    rows.extend([
+                        vec![
+                            "cluster".into(),
+                            if fleet.is_up() { "up" } else { "down" }.into(),
+                        ],
+                        vec!["cluster_instance".into(), fleet.instance().to_owned()],
+                        vec!["cluster_cancel_mappings".into(), cancels.to_string()],
+                        vec!["cluster_identity_slots".into(), slots.to_string()],
+                    ]);
+                }
+            }
+            Ok(show(vec!["name", "value"], rows))
         }
         ["SHOW", "CERTIFICATES"] => Ok(show(
             vec!["certificate", "expires"],

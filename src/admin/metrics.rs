@@ -45,6 +45,9 @@ pub struct Metrics {
     upstream_tls: Histograms,
     reloads: Family<Labels, Counter>,
     certificate_expiry: Family<Labels, Gauge>,
+    cluster_up: Gauge,
+    redis_latency: Histograms,
+    redis_failures: Family<Labels, Counter>,
     /// The same values, for the console's SHOW CERTIFICATES.
     expiries: std::sync::Mutex<std::collections::BTreeMap<String, i64>>,
 }
@@ -95,6 +98,9 @@ impl Metrics {
             upstream_tls: Family::new_with_constructor(latency_histogram),
             reloads: Family::default(),
             certificate_expiry: Family::default(),
+            cluster_up: Gauge::default(),
+            redis_latency: Family::new_with_constructor(latency_histogram),
+            redis_failures: Family::default(),
             expiries: Default::default(),
             registry: Registry::default(),
         };
@@ -155,6 +161,22 @@ impl Metrics {
             "pgbastion_certificate_expiry_timestamp_seconds",
             "When each certificate pgbastion uses expires (the earliest in a bundle), as a Unix time.",
             m.certificate_expiry.clone(),
+        );
+        registry.register(
+            "pgbastion_cluster_up",
+            "1 while Redis answers and cancels and limits work across the fleet; 0 while down (or [cluster] is not set).",
+            m.cluster_up.clone(),
+        );
+        registry.register_with_unit(
+            "pgbastion_cluster_redis",
+            "Time of Redis calls, by operation.",
+            Unit::Seconds,
+            m.redis_latency.clone(),
+        );
+        registry.register(
+            "pgbastion_cluster_redis_failures",
+            "Redis calls that failed or missed the deadline, by operation.",
+            m.redis_failures.clone(),
         );
         registry.register_collector(Box::new(AuditCounts(audit)));
         Metrics { registry, ..m }
@@ -248,6 +270,21 @@ impl Metrics {
         self.upstream_tls
             .get_or_create(&labels)
             .observe(tls.as_secs_f64());
+    }
+
+    pub fn cluster_up(&self, up: bool) {
+        self.cluster_up.set(i64::from(up));
+    }
+
+    /// One Redis call: how long it took, and whether it answered in time.
+    pub fn redis_call(&self, op: &'static str, took: Duration, ok: bool) {
+        let labels = vec![("op", op.to_owned())];
+        self.redis_latency
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
+        if !ok {
+            self.redis_failures.get_or_create(&labels).inc();
+        }
     }
 
     pub fn reloaded(&self, ok: bool) {

@@ -245,7 +245,7 @@ fn check_private(path: &Path, what: &'static str) -> Result<(), CredentialError>
     Ok(())
 }
 
-fn read_private(path: &Path, what: &'static str) -> Result<String, CredentialError> {
+pub(crate) fn read_private(path: &Path, what: &'static str) -> Result<String, CredentialError> {
     check_private(path, what)?;
     std::fs::read_to_string(path).map_err(|source| CredentialError::Read {
         what,

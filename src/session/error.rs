@@ -45,6 +45,8 @@ pub enum SessionError {
         identity: String,
         limit: usize,
         rule: String,
+        /// Counted across the fleet (`[cluster]`), not this instance.
+        fleet: bool,
     },
     #[error("PROXY protocol header from {0}, which is not in proxy_trusted")]
     ProxyUntrusted(String),
@@ -155,9 +157,12 @@ impl SessionError {
                 "08006",
                 format!("timed out after {} waiting for the startup packet", humantime::format_duration(*d)),
             ),
-            SessionError::IdentityLimit { identity, limit, rule } => ErrorResponse::new(
+            SessionError::IdentityLimit { identity, limit, rule, fleet } => ErrorResponse::new(
                 "53300",
-                format!("{identity} already has {limit} sessions open through pgbastion, the most rule \"{rule}\" allows"),
+                format!(
+                    "{identity} already has {limit} sessions open through pgbastion{}, the most rule \"{rule}\" allows",
+                    if *fleet { " (across all instances)" } else { "" }
+                ),
             )
             .with_hint("Close a session and try again, or ask pgbastion's administrator to raise max_sessions in that rule."),
             SessionError::NotAdmin { identity } => ErrorResponse::new(

@@ -98,6 +98,51 @@ fn identity_hangup(end: &dyn std::fmt::Display) -> String {
     )
 }
 
+/// A session's place under its rule's `max_sessions`, given back when
+/// dropped.
+struct IdentitySlot {
+    _local: crate::keyed_slots::KeyedPermit<String>,
+    _fleet: Option<crate::cluster::FleetSlot>,
+}
+
+/// What became of a CancelRequest, for the log and the audit.
+struct CancelDelivery {
+    target_id: Option<String>,
+    /// The instance the session runs on, when it is another one.
+    instance: Option<String>,
+    outcome: &'static str,
+    detail: Option<String>,
+}
+
+impl CancelDelivery {
+    fn refused(outcome: &'static str) -> Self {
+        CancelDelivery {
+            target_id: None,
+            instance: None,
+            outcome,
+            detail: None,
+        }
+    }
+
+    fn sent(
+        session_id: String,
+        instance: Option<String>,
+        sent: Result<(), crate::upstream::UpstreamError>,
+    ) -> Self {
+        let (outcome, detail) = match (sent, instance.is_some()) {
+            (Ok(()), false) => ("forwarded", None),
+            (Ok(()), true) => ("forwarded_remote", None),
+            (Err(e), _) => ("upstream_failed", Some(e.to_string())),
+        };
+        CancelDelivery {
+            target_id: Some(session_id),
+            instance,
+            outcome,
+            detail,
+        }
+    }
+}
+
 /// A random id that ties log lines, audit events and client messages of one
 /// session together.
 fn new_session_id() -> String {
@@ -238,17 +283,14 @@ impl Session {
         // Per identity (a rule's max_sessions): held for the session.
         let _identity_permit = match decision.max_sessions {
             None => None,
-            Some(limit) => match self
-                .shared
-                .identity_sessions
-                .try_acquire(identity_text.clone(), limit)
-            {
-                Some(p) => Some(p),
-                None => {
+            Some(limit) => match self.identity_slot(&identity_text, limit).await {
+                Ok(p) => Some(p),
+                Err(fleet) => {
                     let err = SessionError::IdentityLimit {
                         identity: identity_text,
                         limit,
                         rule: decision.rule.clone().unwrap_or_default(),
+                        fleet,
                     };
                     return self.reject(&mut conn, err).await;
                 }
@@ -534,10 +576,20 @@ impl Session {
         upstream: &Upstream,
         user: &str,
     ) -> Result<FoundVerifier, AuthError> {
+        let addr = self.peer.map(|p| p.ip());
         self.shared
             .login_throttle
-            .check(self.peer.map(|p| p.ip()), user)
+            .check(addr, user)
             .map_err(AuthError::Throttled)?;
+        if let Some(fleet) = &self.shared.cluster {
+            // Unavailable: this instance's count (above) alone decides.
+            if let Ok(Some(throttled)) = fleet
+                .check_failures(addr, user, &self.settings.limits)
+                .await
+            {
+                return Err(AuthError::Throttled(throttled));
+            }
+        }
         match scram.lookup(user, upstream, &self.settings.timeouts).await {
             Ok(Lookup::Found(verifier, source)) => Ok(FoundVerifier {
                 verifier,
@@ -588,9 +640,11 @@ impl Session {
             Ok(p) => p,
             Err(e) => {
                 if e.is_failed_attempt() {
-                    self.shared
-                        .login_throttle
-                        .failed(self.peer.map(|p| p.ip()), user);
+                    let addr = self.peer.map(|p| p.ip());
+                    self.shared.login_throttle.failed(addr, user);
+                    if let Some(fleet) = &self.shared.cluster {
+                        fleet.count_failure(addr, user, self.settings.limits.failed_login_window);
+                    }
                 }
                 return Err(e);
             }
@@ -949,30 +1003,30 @@ impl Session {
     /// connection is closed once the request has been dealt with.
     async fn cancel(self, mut conn: ClientConn, req: CancelKey) {
         let client_ip = self.facts.client.addr.parse().ok();
-        let (target, outcome, detail) = if !self.shared.cancels.allow(client_ip) {
-            (None, "rate_limited", None)
+        let delivery = if !self.shared.cancels.allow(client_ip) {
+            CancelDelivery::refused("rate_limited")
         } else if self.facts.client_tls == Some(ClientTransport::Plaintext)
             && self.listener.cancel_plaintext == CancelPlaintext::Deny
         {
-            (None, "plaintext_refused", None)
+            CancelDelivery::refused("plaintext_refused")
         } else {
             match self.shared.cancels.lookup(&req) {
-                None => (None, "unmatched", None),
                 Some(target) => {
                     let upstream = target.upstream.clone();
-                    match upstream
+                    let sent = upstream
                         .cancel(
                             target.addr,
                             &target.real,
                             self.settings.timeouts.cancel,
                             self.outbound_proxy_header(&upstream, None).as_deref(),
                         )
-                        .await
-                    {
-                        Ok(()) => (Some(target), "forwarded", None),
-                        Err(e) => (Some(target), "upstream_failed", Some(e.to_string())),
-                    }
+                        .await;
+                    CancelDelivery::sent(target.session_id, None, sent)
                 }
+                None => match &self.shared.cluster {
+                    None => CancelDelivery::refused("unmatched"),
+                    Some(fleet) => self.remote_cancel(fleet, &req).await,
+                },
             }
         };
         // Only now is the client's connection closed, cleanly (TLS
@@ -981,18 +1035,28 @@ impl Session {
         // over TLS a close without close_notify reads as an error.
         let _ = tokio::time::timeout(ERROR_WRITE_TIMEOUT, conn.io.shutdown()).await;
         drop(conn);
-        let target_id = target
-            .as_ref()
-            .map_or("unmatched", |t| t.session_id.as_str());
+        let CancelDelivery {
+            target_id,
+            instance,
+            outcome,
+            detail,
+        } = delivery;
+        let target_id = target_id.as_deref().unwrap_or("unmatched");
         // A forwarded cancel is always logged and audited; the rest
         // (unknown keys, rate limits) is what a stranger can flood.
-        let forwarded = outcome == "forwarded";
+        let forwarded = outcome.starts_with("forwarded");
         if forwarded || self.shared.warn_limit.allow(outcome) {
-            info!(target = target_id, outcome, "cancel request");
+            info!(
+                target = target_id,
+                session_instance = instance.as_deref(),
+                outcome,
+                "cancel request"
+            );
         }
         let event = Event::Cancel {
             facts: &self.facts,
             target_session_id: target_id,
+            session_instance: instance.as_deref(),
             outcome,
             detail,
         };
@@ -1001,6 +1065,84 @@ impl Session {
         } else {
             self.shared.metrics.observe(&event);
         }
+    }
+
+    /// One of the `limit` sessions a rule allows `identity`: on this
+    /// instance and, with `[cluster]`, across the fleet (when Redis cannot
+    /// be asked, this instance's count alone decides). Err(true): the fleet
+    /// is full; Err(false): this instance is.
+    async fn identity_slot(&self, identity: &str, limit: usize) -> Result<IdentitySlot, bool> {
+        let local = self
+            .shared
+            .identity_sessions
+            .try_acquire(identity.to_owned(), limit)
+            .ok_or(false)?;
+        let fleet = match &self.shared.cluster {
+            None => None,
+            Some(fleet) => {
+                match fleet
+                    .hold_identity(identity, limit, &self.facts.session_id)
+                    .await
+                {
+                    Ok(crate::cluster::Admission::Held(slot)) => Some(slot),
+                    Ok(crate::cluster::Admission::Full(_)) => return Err(true),
+                    Err(crate::cluster::Unavailable) => {
+                        if self.shared.warn_limit.allow("cluster_limits_local") {
+                            warn!(identity, "Redis is unavailable: max_sessions is counted on this instance only");
+                        }
+                        None
+                    }
+                }
+            }
+        };
+        Ok(IdentitySlot {
+            _local: local,
+            _fleet: fleet,
+        })
+    }
+
+    /// A cancel for a session of another instance of the fleet: looked up
+    /// in Redis and forwarded from here, to the server and address the
+    /// session uses, with the server's real key.
+    async fn remote_cancel(
+        &self,
+        fleet: &crate::cluster::Cluster,
+        req: &CancelKey,
+    ) -> CancelDelivery {
+        let found = match fleet.find_cancel(req).await {
+            Err(crate::cluster::Unavailable) => {
+                return CancelDelivery::refused("cluster_unavailable")
+            }
+            // Our own instance's mapping for a session that has ended (the
+            // local registry no longer has it): nothing to cancel.
+            Ok(Some(remote)) if remote.instance != fleet.instance() => remote,
+            Ok(_) => return CancelDelivery::refused("unmatched"),
+        };
+        let Some(upstream) = self
+            .shared
+            .upstreams()
+            .into_iter()
+            .find(|u| u.config.name == found.upstream)
+        else {
+            return CancelDelivery {
+                target_id: Some(found.session_id),
+                detail: Some(format!(
+                    "upstream {:?} of instance {:?} is not configured here: every instance needs the same upstreams",
+                    found.upstream, found.instance
+                )),
+                instance: Some(found.instance),
+                outcome: "upstream_failed",
+            };
+        };
+        let sent = upstream
+            .cancel(
+                found.addr,
+                &found.real_key(),
+                self.settings.timeouts.cancel,
+                self.outbound_proxy_header(&upstream, None).as_deref(),
+            )
+            .await;
+        CancelDelivery::sent(found.session_id, Some(found.instance), sent)
     }
 
     /// Refuses a session before any upstream was used: tells the client

@@ -670,3 +670,247 @@ pub fn flag_form(env: &Env, port: u16, wrapper: &[&str]) -> Command {
         .arg(&env.pg.ca_cert);
     cmd
 }
+
+/// A real Redis (Debian's `redis-server`) on a free loopback port, run as
+/// the unprivileged `redis` user, without persistence: a restart starts it
+/// empty, as a fleet must survive. Killed when dropped.
+pub struct Redis {
+    child: Option<std::process::Child>,
+    pub port: u16,
+    /// TLS only (`rediss://`), with this certificate and key.
+    tls: bool,
+    dir: tempfile::TempDir,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        Redis::start_with(None)
+    }
+
+    /// Speaking TLS only, presenting `issued` (no client certificates).
+    pub fn start_tls(issued: &pgbastion::devcerts::Issued) -> Redis {
+        Redis::start_with(Some(issued))
+    }
+
+    fn start_with(tls: Option<&pgbastion::devcerts::Issued>) -> Redis {
+        let dir = tempfile::tempdir().unwrap();
+        if let Some(issued) = tls {
+            // Where the redis user can read them.
+            std::fs::write(dir.path().join("redis.crt"), &issued.cert_pem).unwrap();
+            std::fs::write(dir.path().join("redis.key"), &issued.key_pem).unwrap();
+            let (uid, gid) = redis_user();
+            for f in ["redis.crt", "redis.key"] {
+                std::os::unix::fs::chown(dir.path().join(f), Some(uid), Some(gid)).unwrap();
+            }
+        }
+        let mut r = Redis {
+            child: None,
+            port: pgbastion::localpg::free_port().unwrap(),
+            tls: tls.is_some(),
+            dir,
+        };
+        r.restart();
+        r
+    }
+
+    /// Starts it (again, empty) on the same port.
+    pub fn restart(&mut self) {
+        self.stop();
+        let (uid, gid) = redis_user();
+        std::os::unix::fs::chown(self.dir.path(), Some(uid), Some(gid)).unwrap();
+        let tls = self.tls;
+        let tls_args: Vec<std::ffi::OsString> = if tls {
+            vec![
+                "--tls-port".into(),
+                self.port.to_string().into(),
+                "--tls-cert-file".into(),
+                self.dir.path().join("redis.crt").into(),
+                "--tls-key-file".into(),
+                self.dir.path().join("redis.key").into(),
+                "--tls-auth-clients".into(),
+                "no".into(),
+            ]
+        } else {
+            Vec::new()
+        };
+        let mut cmd = Command::new("setpriv");
+        cmd.args([
+            format!("--reuid={uid}"),
+            format!("--regid={gid}"),
+            "--clear-groups".into(),
+            "--pdeathsig".into(),
+            "KILL".into(),
+            "--".into(),
+            "redis-server".into(),
+            "--bind".into(),
+            "127.0.0.1".into(),
+            "--port".into(),
+            if tls {
+                "0".into()
+            } else {
+                self.port.to_string()
+            },
+            "--save".into(),
+            String::new(),
+            "--appendonly".into(),
+            "no".into(),
+            "--dir".into(),
+        ])
+        .arg(self.dir.path())
+        .args(&tls_args)
+        .stdout(std::fs::File::create(self.dir.path().join("redis.log")).unwrap())
+        .stderr(std::process::Stdio::null());
+        self.child = Some(
+            cmd.spawn()
+                .expect("redis-server must be installed (the test command installs it)"),
+        );
+        let port = self.port;
+        wait_for("redis-server to listen", Duration::from_secs(10), || {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("redis-server exited: {status}: {}", self.log());
+            }
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+    }
+
+    /// Stops it (SIGKILL: what a crash or a lost node looks like).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// `redis-cli` against it, as a reader of Redis would look.
+    pub fn cli(&self, args: &[&str]) -> Vec<u8> {
+        let out = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "--no-raw"])
+            .args(args)
+            .output()
+            .expect("redis-cli must be installed");
+        assert!(out.status.success(), "redis-cli {args:?}: {}", stderr(&out));
+        out.stdout
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The `redis` user's uid and gid (created by the Debian package), else
+/// `nobody`'s.
+fn redis_user() -> (u32, u32) {
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap();
+    ["redis", "nobody"]
+        .iter()
+        .find_map(|wanted| {
+            passwd.lines().find_map(|line| {
+                let f: Vec<&str> = line.split(':').collect();
+                (f.len() >= 4 && f[0] == *wanted)
+                    .then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
+                    .flatten()
+            })
+        })
+        .expect("a redis or nobody user")
+}
+
+/// The password of the role `app` that `install_roles` creates.
+pub const APP_PASSWORD: &str = "app-secret";
+
+/// A role `app` with a SCRAM password, and the lookup role and function
+/// exactly as the README gives them. Returns the lookup role's password
+/// file.
+pub fn install_roles(env: &Env) -> PathBuf {
+    env.pg
+        .run_sql(&format!(
+            "CREATE ROLE app LOGIN PASSWORD '{APP_PASSWORD}';\n\
+             CREATE ROLE pgbastion_auth LOGIN PASSWORD 'lookup-secret';\n{}",
+            pgbastion::auth::auth_query::LOOKUP_FUNCTION_SQL
+        ))
+        .expect("install the lookup function");
+    let file = env.dir.path().join("auth-password");
+    std::fs::write(&file, "lookup-secret\n").unwrap();
+    file
+}
+
+pub fn auth_query_keys(password_file: &std::path::Path) -> String {
+    format!(
+        "auth = \"scram\"\nauth_user = \"pgbastion_auth\"\nauth_password_file = \"{}\"\n",
+        password_file.display()
+    )
+}
+
+/// GET `path` from the admin listener: status code and body.
+pub fn http_get(admin: SocketAddr, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(admin).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let status = text.split(' ').nth(1)?.parse().ok()?;
+    Some((status, text.split_once("\r\n\r\n")?.1.to_owned()))
+}
+
+/// A tokio-postgres session through pgbastion (TLS) whose CancelKey,
+/// as the client received it, is captured on the way.
+pub async fn sniffed_session(
+    addr: SocketAddr,
+    env: &Env,
+    app: &str,
+) -> (
+    tokio_postgres::Client,
+    pgbastion::protocol::startup::CancelKey,
+) {
+    use pgbastion::protocol::message;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tls = ssl_request_then_tls(raw(addr).await, env).await;
+    let (local, remote) = tokio::io::duplex(64 * 1024);
+    let (key_tx, key_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut tls_r, mut tls_w) = tokio::io::split(tls);
+        let (mut rem_r, mut rem_w) = tokio::io::split(remote);
+        let up = tokio::io::copy(&mut rem_r, &mut tls_w);
+        let down = async {
+            let mut key_tx = Some(key_tx);
+            let mut seen = Vec::new();
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                let n = tls_r.read(&mut buf).await.unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                if key_tx.is_some() {
+                    seen.extend_from_slice(&buf[..n]);
+                    let mut at = 0;
+                    while let Ok(Some((t, len))) = message::frame(&seen[at..], 1 << 20) {
+                        if t == b'K' {
+                            let key =
+                                message::parse_backend_key_data(&seen[at + 5..at + len]).unwrap();
+                            let _ = key_tx.take().unwrap().send(key);
+                            break;
+                        }
+                        at += len;
+                    }
+                }
+                if rem_w.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+            let _ = rem_w.shutdown().await;
+        };
+        tokio::select! { _ = up => {}, _ = down => {} }
+    });
+    let client = pg_over(local, &env.pg.password, app).await.unwrap();
+    (client, key_rx.await.unwrap())
+}

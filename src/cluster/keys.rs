@@ -1,0 +1,258 @@
+//! What the fleet writes to Redis, made useless to anyone who can read
+//! Redis: key names are keyed hashes (HMAC-SHA-256 with a key derived from
+//! the fleet's shared secret) of what they stand for, and a cancel mapping
+//! is sealed with ChaCha20-Poly1305 under another derived key, bound to the
+//! Redis key it is stored under. A reader of Redis learns neither the keys
+//! pgbastion gave its clients nor the servers' real keys, nor user names or
+//! client addresses; a writer cannot plant a mapping that opens.
+//!
+//! Pure: no I/O, so it is tested (and fuzzed through `open`) on its own.
+
+use std::net::SocketAddr;
+
+use ring::aead::{self, LessSafeKey, Nonce, UnboundKey, NONCE_LEN};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::auth::scram;
+use crate::protocol::startup::CancelKey;
+
+/// The shortest shared secret accepted: 256 bits.
+pub const MIN_SECRET_LEN: usize = 32;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum SecretError {
+    #[error(
+        "the cluster secret is {0} bytes; it must be at least {MIN_SECRET_LEN} (e.g. `head -c 32 /dev/urandom | base64 > cluster.key`)"
+    )]
+    TooShort(usize),
+}
+
+/// The keys derived from the fleet's shared secret, and the key prefix.
+pub struct FleetKeys {
+    names: scram::Key,
+    seal: LessSafeKey,
+    prefix: String,
+}
+
+impl std::fmt::Debug for FleetKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FleetKeys")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A live session's cancel mapping as another instance needs it: where the
+/// session's server is, and the server's real key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteCancel {
+    pub session_id: String,
+    /// The instance the session runs on.
+    pub instance: String,
+    /// The upstream's name (every instance shares the upstream config).
+    pub upstream: String,
+    pub addr: SocketAddr,
+    pub process_id: u32,
+    pub secret_key: Vec<u8>,
+}
+
+impl RemoteCancel {
+    pub fn real_key(&self) -> CancelKey {
+        CancelKey {
+            process_id: self.process_id,
+            secret_key: self.secret_key.clone(),
+        }
+    }
+}
+
+impl FleetKeys {
+    /// `secret`: the contents of `secret_file`, trailing newline removed.
+    pub fn new(secret: &[u8], prefix: &str) -> Result<FleetKeys, SecretError> {
+        if secret.len() < MIN_SECRET_LEN {
+            return Err(SecretError::TooShort(secret.len()));
+        }
+        let names = scram::hmac(secret, b"pgbastion cluster: key names v1");
+        let seal_key = scram::hmac(secret, b"pgbastion cluster: cancel seal v1");
+        // 32 bytes is exactly ChaCha20-Poly1305's key length.
+        let seal = UnboundKey::new(&aead::CHACHA20_POLY1305, &seal_key)
+            .map(LessSafeKey::new)
+            .unwrap_or_else(|_| unreachable!("a 32-byte key"));
+        Ok(FleetKeys {
+            names,
+            seal,
+            prefix: prefix.to_owned(),
+        })
+    }
+
+    fn name(&self, kind: &str, parts: &[&[u8]]) -> String {
+        let mut msg = Vec::with_capacity(64);
+        msg.extend_from_slice(kind.as_bytes());
+        for p in parts {
+            // Length-prefixed, so ("ab","c") and ("a","bc") differ.
+            msg.extend_from_slice(&(p.len() as u64).to_be_bytes());
+            msg.extend_from_slice(p);
+        }
+        format!(
+            "{}:{kind}:{}",
+            self.prefix,
+            hex(&scram::hmac(&self.names, &msg))
+        )
+    }
+
+    /// Where the mapping for the key pgbastion gave a client is stored: a
+    /// hash of the whole key, so only a request with the exact key finds it.
+    pub fn cancel_key(&self, issued: &CancelKey) -> String {
+        self.name(
+            "cancel",
+            &[&issued.process_id.to_be_bytes(), &issued.secret_key],
+        )
+    }
+
+    /// The sorted set of one identity's sessions across the fleet.
+    pub fn identity_key(&self, identity: &str) -> String {
+        self.name("sessions", &[identity.as_bytes()])
+    }
+
+    /// The failed-login count of one client address or user (`kind`:
+    /// `addr` or `user`).
+    pub fn failures_key(&self, kind: &str, value: &str) -> String {
+        self.name(&format!("failed-{kind}"), &[value.as_bytes()])
+    }
+
+    /// The mapping, encrypted and bound to `redis_key`: a random nonce,
+    /// then the ciphertext and tag.
+    pub fn seal(&self, redis_key: &str, entry: &RemoteCancel) -> Vec<u8> {
+        let mut nonce = [0u8; NONCE_LEN];
+        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut nonce);
+        // Serialising this struct to JSON cannot fail.
+        let mut data = serde_json::to_vec(entry).unwrap_or_default();
+        // Sealing fails only for inputs larger than ChaCha20 allows (GiBs).
+        let _ = self.seal.seal_in_place_append_tag(
+            Nonce::assume_unique_for_key(nonce),
+            aead::Aad::from(redis_key.as_bytes()),
+            &mut data,
+        );
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&data);
+        out
+    }
+
+    /// The mapping stored under `redis_key`, or None when the value was
+    /// not sealed by this fleet for this key (altered, moved, or another
+    /// secret).
+    pub fn open(&self, redis_key: &str, value: &[u8]) -> Option<RemoteCancel> {
+        if value.len() < NONCE_LEN {
+            return None;
+        }
+        let (nonce, sealed) = value.split_at(NONCE_LEN);
+        let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
+        let mut data = sealed.to_vec();
+        let plain = self
+            .seal
+            .open_in_place(nonce, aead::Aad::from(redis_key.as_bytes()), &mut data)
+            .ok()?;
+        serde_json::from_slice(plain).ok()
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(secret: &[u8]) -> FleetKeys {
+        FleetKeys::new(secret, "pgbastion").unwrap()
+    }
+
+    fn entry() -> RemoteCancel {
+        RemoteCancel {
+            session_id: "0123456789abcdef".into(),
+            instance: "pgb-1".into(),
+            upstream: "main".into(),
+            addr: "10.0.0.5:5432".parse().unwrap(),
+            process_id: 4242,
+            secret_key: vec![0xA5; 32],
+        }
+    }
+
+    #[test]
+    fn a_short_secret_is_refused() {
+        assert_eq!(
+            FleetKeys::new(&[1; 31], "p").unwrap_err(),
+            SecretError::TooShort(31)
+        );
+    }
+
+    #[test]
+    fn sealed_mappings_open_only_under_their_key_and_secret() {
+        let k = keys(&[7; 32]);
+        let at = k.cancel_key(&CancelKey {
+            process_id: 1,
+            secret_key: vec![9; 4],
+        });
+        let sealed = k.seal(&at, &entry());
+        assert_eq!(k.open(&at, &sealed), Some(entry()));
+        // Moved to another key, another fleet's secret, one bit changed,
+        // truncated: none opens.
+        assert_eq!(k.open("pgbastion:cancel:00", &sealed), None);
+        assert_eq!(keys(&[8; 32]).open(&at, &sealed), None);
+        for i in 0..sealed.len() {
+            let mut bad = sealed.clone();
+            bad[i] ^= 1;
+            assert_eq!(k.open(&at, &bad), None, "bit flipped at {i}");
+        }
+        for n in 0..sealed.len() {
+            assert_eq!(k.open(&at, &sealed[..n]), None);
+        }
+        // Two seals of the same mapping differ (random nonce).
+        assert_ne!(k.seal(&at, &entry()), sealed);
+    }
+
+    #[test]
+    fn nothing_stored_shows_the_keys_or_names() {
+        let k = keys(b"0123456789abcdef0123456789abcdef");
+        let issued = CancelKey {
+            process_id: 0x1234_5678,
+            secret_key: vec![0xC3; 32],
+        };
+        let at = k.cancel_key(&issued);
+        let sealed = k.seal(&at, &entry());
+        let shown = format!("{at} {}", String::from_utf8_lossy(&sealed));
+        for needle in [
+            "c3c3", "12345678", "a5a5", "10.0.0.5", "main", "pgb-1", "4242",
+        ] {
+            assert!(!shown.contains(needle), "{needle} in {shown}");
+        }
+        assert!(!sealed.windows(4).any(|w| w == [0xA5; 4]));
+        let who = k.identity_key("alice@example.com");
+        assert!(who.starts_with("pgbastion:sessions:") && !who.contains("alice"));
+        assert!(!k.failures_key("addr", "10.0.0.1").contains("10.0.0.1"));
+    }
+
+    #[test]
+    fn names_depend_on_every_part() {
+        let k = keys(&[7; 32]);
+        let key = |pid, secret: &[u8]| {
+            k.cancel_key(&CancelKey {
+                process_id: pid,
+                secret_key: secret.to_vec(),
+            })
+        };
+        assert_ne!(key(1, &[1, 2, 3, 4]), key(1, &[1, 2, 3, 5]));
+        assert_ne!(key(1, &[1, 2, 3, 4]), key(2, &[1, 2, 3, 4]));
+        assert_eq!(key(1, &[1, 2, 3, 4]), key(1, &[1, 2, 3, 4]));
+        assert_ne!(k.failures_key("addr", "x"), k.failures_key("user", "x"));
+        assert_ne!(
+            keys(&[7; 32]).identity_key("a"),
+            FleetKeys::new(&[7; 32], "other").unwrap().identity_key("a")
+        );
+    }
+}
