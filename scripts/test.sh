@@ -22,7 +22,6 @@ command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
 command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
-command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
 if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
     # The server refuses to run as root; the package creates its user.
     missing+=(postgresql)

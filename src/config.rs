@@ -1438,6 +1438,53 @@ mod tests {
     }
 
     #[test]
+    fn cluster_is_off_by_default_and_checked_when_set() {
+        assert_eq!(Config::from_toml(MINIMAL).unwrap().cluster, None);
+        let with = |lines: &str| {
+            Config::from_toml(&format!(
+                "{MINIMAL}\n[cluster]\nsecret_file = \"k\"\n{lines}"
+            ))
+        };
+        let c = with("redis = \"redis://10.0.0.9:6379/0\"\ninstance = \"pgb-1\"")
+            .unwrap()
+            .cluster
+            .unwrap();
+        assert_eq!(c.instance, "pgb-1");
+        assert_eq!(c.timeout, Duration::from_millis(250));
+        assert_eq!(c.key_prefix, "pgbastion");
+        let host = with("redis = \"redis://r:6379\"").unwrap().cluster.unwrap();
+        assert!(!host.instance.is_empty(), "the host name by default");
+        for (lines, says) in [
+            ("redis = \"http://r:6379\"", "use redis://"),
+            ("redis = \"redis://:hunter2@r:6379\"", "redis_password_file"),
+            (
+                "redis = \"redis://user:hunter2@r:6379\"",
+                "redis_password_file",
+            ),
+            ("redis = \"rediss://r:6380/#insecure\"", "always verified"),
+            (
+                "redis = \"redis://r:6379\"\nredis_ca_file = \"ca.pem\"",
+                "not rediss://",
+            ),
+            ("redis = \"redis://r:6379\"\ntimeout = \"0s\"", "timeout"),
+            ("redis = \"redis://r:6379\"\ninstance = \"\"", "instance"),
+            (
+                "redis = \"redis://r:6379\"\nkey_prefix = \"a b\"",
+                "key_prefix",
+            ),
+        ] {
+            let err = with(lines).unwrap_err().to_string();
+            assert!(err.contains(says), "{lines}: {err}");
+            assert!(
+                !err.contains("hunter2"),
+                "the password is not repeated: {err}"
+            );
+        }
+        let acl_user = with("redis = \"redis://pgbastion@r:6379/0\"").unwrap();
+        assert!(acl_user.cluster.is_some(), "an ACL user name alone is fine");
+    }
+
+    #[test]
     fn unknown_keys_are_refused() {
         let text = MINIMAL.replace("ca_file", "ca_fiel");
         let err = Config::from_toml(&text).unwrap_err().to_string();

@@ -412,6 +412,13 @@ fn check_config(path: PathBuf) -> Result<()> {
         0 => println!("  no [[rule]]: every client that passes TLS is admitted"),
         n => println!("  {n} policy rule(s); requests no rule matches are denied"),
     }
+    if let Some(c) = &config.cluster {
+        // The URL holds no password (config refuses one).
+        println!(
+            "  cluster: instance {:?} sharing cancels and limits through {} (Redis is not contacted here)",
+            c.instance, c.redis
+        );
+    }
     Ok(())
 }
 

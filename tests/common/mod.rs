@@ -788,17 +788,6 @@ impl Redis {
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
-
-    /// `redis-cli` against it, as a reader of Redis would look.
-    pub fn cli(&self, args: &[&str]) -> Vec<u8> {
-        let out = Command::new("redis-cli")
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "--no-raw"])
-            .args(args)
-            .output()
-            .expect("redis-cli must be installed");
-        assert!(out.status.success(), "redis-cli {args:?}: {}", stderr(&out));
-        out.stdout
-    }
 }
 
 impl Drop for Redis {
