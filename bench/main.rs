@@ -81,6 +81,12 @@ enum Target {
     /// pgbastion terminating SCRAM (auth = "scram", verifier from a
     /// secrets file), clients at libpq's defaults: both legs channel-bound.
     PgbastionScram,
+    /// pgbastion with `[cluster]` (a Redis on loopback), for the cost of
+    /// publishing cancel mappings.
+    PgbastionCluster,
+    /// A second instance of that fleet: cancels sent here for sessions
+    /// of the first are looked up in Redis (cancel latency only).
+    PgbastionClusterPeer,
 }
 
 impl Target {
@@ -92,6 +98,8 @@ impl Target {
             Target::HAProxy => "haproxy",
             Target::PgbastionNoAudit => "pgbastion (audit off)",
             Target::PgbastionScram => "pgbastion (scram)",
+            Target::PgbastionCluster => "pgbastion (cluster)",
+            Target::PgbastionClusterPeer => "pgbastion (cluster, other instance)",
         }
     }
 }
@@ -121,15 +129,15 @@ fn main() -> Result<()> {
         args.copy_rows = 50_000;
         args.idle_sessions = 50;
     }
-    for tool in ["pgbench", "psql", "pgbouncer", "haproxy"] {
+    for tool in ["pgbench", "psql", "pgbouncer", "haproxy", "redis-server"] {
         if which(tool).is_none() {
-            bail!("{tool} is not installed; on Debian/Ubuntu: apt-get install -y postgresql postgresql-client pgbouncer haproxy");
+            bail!("{tool} is not installed; on Debian/Ubuntu: apt-get install -y postgresql postgresql-client pgbouncer haproxy redis-server");
         }
     }
     let (report, soak_failed) = if args.faults {
         (faults::run(&args.label)?, false)
     } else {
-        eprintln!("setting up PostgreSQL, pgbastion, PgBouncer and HAProxy...");
+        eprintln!("setting up PostgreSQL, pgbastion, PgBouncer, HAProxy and Redis...");
         let bench = Bench::setup(&args)?;
         match args.soak {
             Some(minutes) => bench.soak(minutes, &args.label)?,
@@ -286,10 +294,62 @@ impl Bench {
             "auth = \"scram\"\nsecrets_file = \"{}\"\n",
             secrets.display()
         );
-        for (target, audit, upstream_keys) in [
-            (Target::Pgbastion, audit_file.clone(), String::new()),
-            (Target::PgbastionNoAudit, "off".to_owned(), String::new()),
-            (Target::PgbastionScram, audit_file.clone(), scram),
+        // Redis for the fleet (no persistence), as the server's user.
+        let redis_port = free_port()?;
+        let child = Command::new(which("redis-server").context("redis-server")?)
+            .args(["--bind", "127.0.0.1", "--port", &redis_port.to_string()])
+            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .arg(&dir)
+            .uid(uid)
+            .gid(gid)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting redis-server")?;
+        procs.push(Proc(child));
+        wait_port(redis_port, "redis-server")?;
+        let cluster_key = dir.join("cluster.key");
+        pgbastion::devcerts::write_private(
+            &cluster_key,
+            b"bench fleet secret, 32 bytes or more\n",
+        )?;
+        let cluster = |instance: &str| {
+            format!(
+                "[cluster]\nredis = \"redis://127.0.0.1:{redis_port}/0\"\ninstance = \"{instance}\"\nsecret_file = \"{}\"\n",
+                cluster_key.display()
+            )
+        };
+        for (target, audit, upstream_keys, extra) in [
+            (
+                Target::Pgbastion,
+                audit_file.clone(),
+                String::new(),
+                String::new(),
+            ),
+            (
+                Target::PgbastionNoAudit,
+                "off".to_owned(),
+                String::new(),
+                String::new(),
+            ),
+            (
+                Target::PgbastionScram,
+                audit_file.clone(),
+                scram,
+                String::new(),
+            ),
+            (
+                Target::PgbastionCluster,
+                audit_file.clone(),
+                String::new(),
+                cluster("bench-a"),
+            ),
+            (
+                Target::PgbastionClusterPeer,
+                audit_file.clone(),
+                String::new(),
+                cluster("bench-b"),
+            ),
         ] {
             let port = free_port()?;
             let cfg = dir.join(format!("pgbastion-{port}.toml"));
@@ -298,7 +358,7 @@ impl Bench {
                 format!(
                     "[tls]\ncert = \"{}\"\nkey = \"{}\"\n[[listener]]\nlisten = \"127.0.0.1:{port}\"\n\
                      [[upstream]]\naddress = \"localhost:{}\"\nca_file = \"{}\"\n{upstream_keys}[audit]\nlog = \"{audit}\"\n\
-                     [limits]\nmax_sessions = 2000\nmax_pending = 2000\n",
+                     [limits]\nmax_sessions = 2000\nmax_pending = 2000\n{extra}",
                     cert.display(),
                     key.display(),
                     pg.port,
@@ -587,10 +647,11 @@ impl Bench {
             Target::HAProxy,
         ];
         // Every target answers before anything is measured.
-        for t in main
-            .iter()
-            .chain([&Target::PgbastionNoAudit, &Target::PgbastionScram])
-        {
+        for t in main.iter().chain([
+            &Target::PgbastionNoAudit,
+            &Target::PgbastionScram,
+            &Target::PgbastionCluster,
+        ]) {
             self.pgbench(*t, &["-S", "-c", "1", "-t", "10"])
                 .with_context(|| format!("{} does not work", t.name()))?;
         }
@@ -609,7 +670,7 @@ impl Bench {
                 let workload = format!("select {clients}");
                 let mut targets = main.to_vec();
                 if clients == 8 {
-                    targets.push(Target::PgbastionNoAudit);
+                    targets.extend([Target::PgbastionNoAudit, Target::PgbastionCluster]);
                 }
                 for &t in &targets {
                     let cpu_before = cpu_ticks(self.pids.get(&t).copied());
@@ -644,9 +705,25 @@ impl Bench {
                     }
                 }
             }
-            for &t in main.iter().chain([&Target::PgbastionScram]) {
+            for &t in main
+                .iter()
+                .chain([&Target::PgbastionScram, &Target::PgbastionCluster])
+            {
                 let out = self.pgbench(t, &["-S", "-C", "-c", "8", "-j", "2", "-T", &d])?;
                 r.add("connect", t, "tps", out.tps);
+            }
+            // Cancel latency: a session's pg_sleep cancelled through the
+            // server itself, pgbastion, the session's own instance of the
+            // fleet, and the other instance (a Redis lookup).
+            for (session, cancel_at) in [
+                (Target::Direct, Target::Direct),
+                (Target::Pgbastion, Target::Pgbastion),
+                (Target::PgbastionCluster, Target::PgbastionCluster),
+                (Target::PgbastionCluster, Target::PgbastionClusterPeer),
+            ] {
+                for ms in self.cancel_latency(session, cancel_at, 10)? {
+                    r.add("cancel", cancel_at, "ms", ms);
+                }
             }
             for &t in &main {
                 let secs = self.copy(t, args.copy_rows)?;
@@ -697,6 +774,77 @@ impl Bench {
             );
         }
         Ok(secs)
+    }
+
+    /// Runs `select pg_sleep(30)` in a session through `session` and
+    /// cancels it `n` times by a plaintext CancelRequest (as psql sends)
+    /// to `cancel_at`; returns the milliseconds from sending each cancel
+    /// to the query's end.
+    fn cancel_latency(&self, session: Target, cancel_at: Target, n: usize) -> Result<Vec<f64>> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        // sslmode=prefer: the session uses TLS; the cancel token may
+        // still send its request in plaintext.
+        let conninfo = format!(
+            "{} password={}",
+            self.conninfo(session)
+                .replace("sslmode=require", "sslmode=prefer"),
+            self.pg.password
+        );
+        let port = self.ports[&cancel_at];
+        rt.block_on(async {
+            let (client, conn) = tokio_postgres::connect(&conninfo, insecure_tls()).await?;
+            tokio::spawn(conn);
+            let client = std::sync::Arc::new(client);
+            let token = client.cancel_token();
+            let pid: i32 = client.query_one("select pg_backend_pid()", &[]).await?.get(0);
+            let (watcher, conn) = tokio_postgres::connect(
+                &format!(
+                    "host=localhost port={} user=postgres dbname=postgres sslmode=require password={}",
+                    self.pg.port, self.pg.password
+                ),
+                insecure_tls(),
+            )
+            .await?;
+            tokio::spawn(conn);
+            let mut times = Vec::with_capacity(n);
+            for _ in 0..n {
+                let running = client.clone();
+                let query =
+                    tokio::spawn(async move { running.simple_query("select pg_sleep(30)").await });
+                // Until the server runs it (polling, as psql's user would
+                // press Ctrl-C on a running query).
+                loop {
+                    let active: bool = watcher
+                        .query_one(
+                            "select count(*) = 1 from pg_stat_activity where pid = $1 and state = 'active'",
+                            &[&pid],
+                        )
+                        .await?
+                        .get(0);
+                    if active {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                let started = Instant::now();
+                let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+                token.cancel_query_raw(stream, tokio_postgres::NoTls).await?;
+                let ended = tokio::time::timeout(Duration::from_secs(10), query).await;
+                let ms = started.elapsed().as_secs_f64() * 1e3;
+                match ended {
+                    Ok(Ok(Err(e))) if e.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED) => {
+                        times.push(ms)
+                    }
+                    other => bail!(
+                        "a cancel through {} did not cancel the query: {other:?}",
+                        cancel_at.name()
+                    ),
+                }
+            }
+            anyhow::Ok(times)
+        })
     }
 
     /// Holds `n` authenticated idle TLS sessions through a proxy and
@@ -1023,6 +1171,32 @@ fn report(args: &Args, r: &Results) -> Result<String> {
         on / m("select 8", Target::PgBouncer, "tps")
     )?;
     let c = |t| m("connect", t, "tps");
+    let fleet = m("select 8", Target::PgbastionCluster, "tps");
+    let cpu = |t| m("select 8", t, "cpu_us_per_txn");
+    writeln!(
+        s,
+        "With [cluster] (Redis on loopback), 8 clients: {fleet:.0} TPS vs {on:.0} without ({:+.1}%), \
+         proxy CPU {:.1} vs {:.1} µs per transaction; connections/s (pgbench -C, each publishing \
+         and deleting a cancel mapping): {:.0} vs {:.0} ({:+.1}%).",
+        (fleet / on - 1.0) * 100.0,
+        cpu(Target::PgbastionCluster),
+        cpu(Target::Pgbastion),
+        c(Target::PgbastionCluster),
+        c(Target::Pgbastion),
+        (c(Target::PgbastionCluster) / c(Target::Pgbastion) - 1.0) * 100.0
+    )?;
+    let k = |t| m("cancel", t, "ms");
+    writeln!(
+        s,
+        "Cancel latency (plaintext CancelRequest sent → query ended, median): direct {:.2} ms, \
+         pgbastion {:.2} ms, [cluster] same instance {:.2} ms, [cluster] another instance \
+         (looked up in Redis) {:.2} ms: {:+.2} ms for the lookup.",
+        k(Target::Direct),
+        k(Target::Pgbastion),
+        k(Target::PgbastionCluster),
+        k(Target::PgbastionClusterPeer),
+        k(Target::PgbastionClusterPeer) - k(Target::PgbastionCluster)
+    )?;
     let scram = c(Target::PgbastionScram);
     writeln!(
         s,

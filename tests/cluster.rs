@@ -362,6 +362,36 @@ async fn the_fleet_survives_redis_going_away_and_recovers_by_itself() {
     a.wait_cluster(true);
     b.wait_cluster(true);
     cancelled(sleep_and_cancel(&client, &direct, "held", b.direct, &env, false).await);
+
+    // What b's /metrics counted: two remote forwards, one failed lookup,
+    // Redis latencies and the failures of the outage.
+    // (The event is recorded once the cancel's connection is closed,
+    // which may be just after the query ended.)
+    let metrics = wait_for(
+        "the second remote forward counted",
+        Duration::from_secs(10),
+        || {
+            http_get(b.admin, "/metrics").map(|(_, m)| m).filter(|m| {
+                m.contains("pgbastion_cancel_requests_total{outcome=\"forwarded_remote\"} 2")
+            })
+        },
+    );
+    for line in [
+        "pgbastion_cancel_requests_total{outcome=\"forwarded_remote\"} 2",
+        "pgbastion_cancel_requests_total{outcome=\"cluster_unavailable\"} 1",
+        "pgbastion_cluster_up 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in:\n{metrics}");
+    }
+    for prefix in [
+        "pgbastion_cluster_redis_seconds_count{op=\"cancel_lookup\"} ",
+        "pgbastion_cluster_redis_failures_total{op=\"ping\"} ",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l.starts_with(prefix)),
+            "{prefix} in:\n{metrics}"
+        );
+    }
 }
 
 /// What a reader of Redis finds is of no use for cancelling anything:
