@@ -6,11 +6,12 @@
 //! cancel key: the types written here have no field that could hold one.
 
 use std::net::SocketAddr;
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::audit_chain::{Chain, Digest};
 use crate::auth::login::LegAuth;
 use crate::config::{AuditOnFailure, AuditTarget, AuthMode};
 use crate::identity::Identity;
@@ -252,6 +253,9 @@ const DROP_REPORT_EVERY: Duration = Duration::from_secs(10);
 /// The destination can change on reload (`retarget`).
 pub struct AuditLog {
     current: RwLock<Current>,
+    /// Where the hash chain stands; shared by every destination in turn,
+    /// so a reload to a new file goes on with the same chain.
+    chain: Arc<Mutex<Chain>>,
     /// When dropped events were last reported, and how many had been.
     reported: Mutex<(Instant, u64)>,
 }
@@ -272,27 +276,63 @@ pub struct PreparedAudit {
     on_failure: AuditOnFailure,
 }
 
-fn open_sink(target: &AuditTarget) -> std::io::Result<Option<Sink>> {
+/// `resume`: at start, a file that already has lines makes the chain go on
+/// from its last line (a restart); a reload to another file goes on with
+/// the chain as it stands, so the new file's first line links to the last
+/// line written to the old one.
+fn open_sink(
+    target: &AuditTarget,
+    chain: &Arc<Mutex<Chain>>,
+    resume: bool,
+) -> std::io::Result<Option<Sink>> {
+    let chained = |t| Sink::spawn_chained("audit", t, QUEUE_LINES, Some(chain.clone()));
     Ok(match target {
         AuditTarget::Off => None,
-        AuditTarget::Stdout => Some(Sink::spawn("audit", SinkTarget::Stdout, QUEUE_LINES)?),
-        AuditTarget::File(path) => Some(Sink::spawn(
-            "audit",
-            SinkTarget::File(path.clone()),
-            QUEUE_LINES,
-        )?),
+        AuditTarget::Stdout => Some(chained(SinkTarget::Stdout)?),
+        AuditTarget::File(path) => {
+            if resume {
+                if let Some(last) = last_line_of(path)? {
+                    let mut c = chain.lock().unwrap_or_else(|p| p.into_inner());
+                    *c = Chain::resume(c.digest().clone(), &last);
+                }
+            }
+            Some(chained(SinkTarget::File(path.clone()))?)
+        }
     })
 }
 
+/// The last complete line of an existing file (its last 64 KiB are read).
+fn last_line_of(path: &std::path::Path) -> std::io::Result<Option<Vec<u8>>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let len = f.metadata()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(64 * 1024)))?;
+    let mut tail = Vec::new();
+    f.read_to_end(&mut tail)?;
+    Ok(crate::audit_chain::last_line(&tail).map(<[u8]>::to_vec))
+}
+
 impl AuditLog {
-    pub fn open(target: &AuditTarget, on_failure: AuditOnFailure) -> std::io::Result<AuditLog> {
+    /// `digest`: how each line's `prev` is computed (SHA-256, or HMAC with
+    /// `audit.chain_key_file`).
+    pub fn open(
+        target: &AuditTarget,
+        on_failure: AuditOnFailure,
+        digest: Digest,
+    ) -> std::io::Result<AuditLog> {
+        let chain = Arc::new(Mutex::new(Chain::new(digest)));
         Ok(AuditLog {
             current: RwLock::new(Current {
-                sink: open_sink(target)?,
+                sink: open_sink(target, &chain, true)?,
                 target: target.clone(),
                 on_failure,
                 earlier: (0, 0),
             }),
+            chain,
             reported: Mutex::new((Instant::now(), 0)),
         })
     }
@@ -316,7 +356,7 @@ impl AuditLog {
         let sink = if cur.target == *target {
             cur.sink.clone()
         } else {
-            open_sink(target)?
+            open_sink(target, &self.chain, false)?
         };
         Ok(Some(PreparedAudit {
             sink,

@@ -421,6 +421,8 @@ struct RawTailscale {
 #[serde(deny_unknown_fields)]
 struct RawForward {
     application_name: Option<String>,
+    #[serde(default)]
+    settings: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -498,6 +500,7 @@ struct RawAudit {
     log: Option<String>,
     #[serde(default)]
     on_failure: AuditOnFailure,
+    chain_key_file: Option<PathBuf>,
 }
 
 /// What pgbastion does while audit events cannot be written (the reader of
@@ -720,14 +723,55 @@ pub struct TailscaleConfig {
     pub timeout: Duration,
 }
 
-/// The placeholders `[forward] application_name` may use.
-pub const APPLICATION_NAME_PLACEHOLDERS: &[&str] = &[
+/// The placeholders `[forward] application_name` and `[forward] settings`
+/// may use.
+pub const FORWARD_PLACEHOLDERS: &[&str] = &[
     "{application_name}",
     "{identity}",
     "{node}",
     "{source}",
     "{session_id}",
+    "{client_addr}",
 ];
+
+/// Refuses a template with a placeholder pgbastion does not know.
+fn check_template(what: &str, template: &str) -> Result<(), ConfigError> {
+    let mut rest = template.to_owned();
+    for p in FORWARD_PLACEHOLDERS {
+        rest = rest.replace(p, "");
+    }
+    if rest.contains('{') || rest.contains('}') {
+        return Err(invalid(format!(
+            "{what} {template:?}: unknown placeholder; use {}",
+            FORWARD_PLACEHOLDERS.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// A custom setting's name as PostgreSQL accepts one in a StartupMessage:
+/// `prefix.name`, letters, digits and underscores. The dot keeps it clear
+/// of the protocol's own keys (user, database, options, replication).
+fn check_setting_name(name: &str) -> Result<(), ConfigError> {
+    let ok = name.len() < 64
+        && name.contains('.')
+        && !name.starts_with('.')
+        && !name.ends_with('.')
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.');
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "forward.settings {name:?}: a custom setting name is prefix.name (letters, digits, underscores, under 64 characters), e.g. \"pgbastion.identity\""
+        )))
+    }
+}
 
 /// Where trusted root certificates for an upstream come from. At least one
 /// source is required: pgbastion never connects without verification.
@@ -757,10 +801,15 @@ pub struct Config {
     pub timeouts: Timeouts,
     pub audit: AuditTarget,
     pub audit_on_failure: AuditOnFailure,
+    /// The key each audit line's `prev` is an HMAC with (None: SHA-256).
+    pub audit_chain_key: Option<PathBuf>,
     pub policy: Policy,
     pub tailscale: Option<TailscaleConfig>,
     /// Template for the application_name sent upstream; None: unchanged.
     pub application_name: Option<String>,
+    /// Custom settings put in the StartupMessage (name, template),
+    /// replacing any the client sent under the same name.
+    pub forward_settings: Vec<(String, String)>,
     /// What pgbastion logs in with for `login = "identity"` rules.
     pub credentials: Vec<CredentialConfig>,
     /// The admin HTTP listener (metrics and health), if any.
@@ -924,6 +973,7 @@ impl Config {
             audit: RawAudit {
                 log: flags.audit_log,
                 on_failure: flags.audit_on_failure.unwrap_or_default(),
+                chain_key_file: None,
             },
             rules: Vec::new(),
             tailscale: None,
@@ -1145,16 +1195,11 @@ impl RawConfig {
         }
         let policy = Policy::new(self.rules).map_err(invalid)?;
         if let Some(template) = &self.forward.application_name {
-            let mut rest = template.clone();
-            for p in APPLICATION_NAME_PLACEHOLDERS {
-                rest = rest.replace(p, "");
-            }
-            if rest.contains('{') || rest.contains('}') {
-                return Err(invalid(format!(
-                    "forward.application_name {template:?}: unknown placeholder; use {}",
-                    APPLICATION_NAME_PLACEHOLDERS.join(", ")
-                )));
-            }
+            check_template("forward.application_name", template)?;
+        }
+        for (name, template) in &self.forward.settings {
+            check_setting_name(name)?;
+            check_template(&format!("forward.settings {name:?}"), template)?;
         }
         Ok(Config {
             tls,
@@ -1164,9 +1209,11 @@ impl RawConfig {
             timeouts: self.timeouts,
             audit,
             audit_on_failure: self.audit.on_failure,
+            audit_chain_key: self.audit.chain_key_file,
             policy,
             tailscale,
             application_name: self.forward.application_name,
+            forward_settings: self.forward.settings.into_iter().collect(),
             credentials,
             admin: self.admin,
             reload: self.reload,
@@ -1482,6 +1529,34 @@ mod tests {
         }
         let acl_user = with("redis = \"redis://pgbastion@r:6379/0\"").unwrap();
         assert!(acl_user.cluster.is_some(), "an ACL user name alone is fine");
+    }
+
+    #[test]
+    fn forward_settings_need_a_prefixed_name_and_known_placeholders() {
+        let with =
+            |lines: &str| Config::from_toml(&format!("{MINIMAL}\n[forward.settings]\n{lines}"));
+        let c = with(
+            "\"pgbastion.identity\" = \"{identity}\"\n\"app.who\" = \"{source}:{client_addr}\"",
+        )
+        .unwrap();
+        assert_eq!(
+            c.forward_settings,
+            vec![
+                ("app.who".to_owned(), "{source}:{client_addr}".to_owned()),
+                ("pgbastion.identity".to_owned(), "{identity}".to_owned()),
+            ]
+        );
+        for (lines, says) in [
+            ("\"identity\" = \"{identity}\"", "prefix.name"),
+            ("\"user\" = \"x\"", "prefix.name"),
+            ("\"a.b;drop\" = \"x\"", "prefix.name"),
+            ("\".b\" = \"x\"", "prefix.name"),
+            ("\"1a.b\" = \"x\"", "prefix.name"),
+            ("\"a.b\" = \"{password}\"", "unknown placeholder"),
+        ] {
+            let err = with(lines).unwrap_err().to_string();
+            assert!(err.contains(says), "{lines}: {err}");
+        }
     }
 
     #[test]

@@ -28,6 +28,7 @@
 
 pub mod admin;
 pub mod audit;
+pub mod audit_chain;
 pub mod auth;
 pub mod cancel;
 pub mod cluster;

@@ -65,6 +65,28 @@ enum Command {
         #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(4096..))]
         iterations: u32,
     },
+    /// Work with audit log files.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check that audit files are one unbroken hash chain: every line's
+    /// `seq` follows the line before and its `prev` is the line before's
+    /// digest. Give rotated files oldest first (audit.jsonl.2
+    /// audit.jsonl.1 audit.jsonl). Reports the first line that was
+    /// changed, removed or inserted, and exits 1; exits 0 when the chain
+    /// holds.
+    Verify {
+        /// Audit files, oldest first.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// The `audit.chain_key_file` the lines were chained with (HMAC);
+        /// without it, SHA-256.
+        #[arg(long)]
+        key: Option<PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -226,6 +248,7 @@ async fn main() -> Result<()> {
         Command::Demo(args) => demo(args).await,
         Command::CheckConfig { config } => check_config(config),
         Command::ScramSecret { iterations } => scram_secret(iterations),
+        Command::Audit(AuditCommand::Verify { files, key }) => audit_verify(&files, key.as_deref()),
     };
     // The last log lines (why pgbastion stopped) must not be lost.
     log.drain(std::time::Duration::from_secs(2));
@@ -373,6 +396,40 @@ fn scram_secret(iterations: u32) -> Result<()> {
         pgbastion::auth::credentials::scram_secret_for(password.as_bytes(), iterations)
     );
     Ok(())
+}
+
+fn audit_verify(files: &[PathBuf], key: Option<&std::path::Path>) -> Result<()> {
+    use pgbastion::audit_chain::{verify, Digest};
+    let digest = match key {
+        Some(path) => Digest::from_key(Some(&server::read_chain_key(path)?)),
+        None => Digest::Sha256,
+    };
+    let mut contents = Vec::new();
+    for f in files {
+        let text = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
+        contents.push((f.display().to_string(), text));
+    }
+    match verify(&contents, &digest) {
+        Ok(v) => {
+            println!(
+                "OK: {} lines in {} file(s), seq {} to {}, chained with {}",
+                v.lines,
+                files.len(),
+                v.first_seq.map_or_else(|| "-".into(), |s| s.to_string()),
+                v.last_seq.map_or_else(|| "-".into(), |s| s.to_string()),
+                if key.is_some() {
+                    "HMAC-SHA-256 (key)"
+                } else {
+                    "SHA-256"
+                }
+            );
+            Ok(())
+        }
+        Err(broken) => {
+            eprintln!("BROKEN: {broken}");
+            std::process::exit(1);
+        }
+    }
 }
 
 fn check_config(path: PathBuf) -> Result<()> {

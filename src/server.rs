@@ -75,6 +75,30 @@ pub enum ServerError {
     SocketInUse { name: String, path: PathBuf },
     #[error("[cluster]: {0}")]
     Cluster(#[from] crate::cluster::ClusterError),
+    #[error("[audit] {0}")]
+    ChainKey(Box<crate::auth::credentials::CredentialError>),
+    #[error("[audit] chain_key_file {0} holds fewer than 16 bytes: use a random key (e.g. head -c 32 /dev/urandom | base64)")]
+    ChainKeyShort(PathBuf),
+}
+
+/// How audit lines are chained: an HMAC under `audit.chain_key_file`
+/// (mode 0600), else SHA-256.
+pub fn audit_digest(config: &Config) -> Result<crate::audit_chain::Digest, ServerError> {
+    let Some(path) = &config.audit_chain_key else {
+        return Ok(crate::audit_chain::Digest::Sha256);
+    };
+    read_chain_key(path).map(|k| crate::audit_chain::Digest::from_key(Some(&k)))
+}
+
+/// The key in a chain key file (trailing newline removed).
+pub fn read_chain_key(path: &std::path::Path) -> Result<Vec<u8>, ServerError> {
+    let text = crate::auth::credentials::read_private(path, "chain_key_file")
+        .map_err(|e| ServerError::ChainKey(Box::new(e)))?;
+    let key = text.trim_end_matches(['\r', '\n']).as_bytes().to_vec();
+    if key.len() < 16 {
+        return Err(ServerError::ChainKeyShort(path.to_owned()));
+    }
+    Ok(key)
 }
 
 /// What every session of the process shares.
@@ -100,6 +124,8 @@ pub(crate) struct Shared {
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
     /// The `[cluster]` section as started: a reload cannot change it.
     cluster_bound: Option<crate::config::ClusterConfig>,
+    /// Likewise the audit chain's key file.
+    chain_key_bound: Option<PathBuf>,
     /// Replaced as a whole on reload; sessions decide with the one current
     /// when their StartupMessage arrived.
     pub policy: RwLock<Arc<Policy>>,
@@ -138,6 +164,7 @@ pub(crate) struct Settings {
     pub limits: crate::config::Limits,
     pub whois: Option<WhoIsClient>,
     pub application_name: Option<String>,
+    pub forward_settings: Vec<(String, String)>,
 }
 
 impl From<&Config> for Settings {
@@ -151,6 +178,7 @@ impl From<&Config> for Settings {
                 timeout: t.timeout,
             }),
             application_name: config.application_name.clone(),
+            forward_settings: config.forward_settings.clone(),
         }
     }
 }
@@ -413,6 +441,9 @@ impl ReloadHandle {
         if self.0.cluster_bound != config.cluster {
             restart_needed.push("[cluster]".to_owned());
         }
+        if self.0.chain_key_bound != config.audit_chain_key {
+            restart_needed.push("audit.chain_key_file".to_owned());
+        }
         Ok(Reloaded {
             credentials: n,
             restart_needed,
@@ -596,6 +627,7 @@ pub fn check(config: &Config) -> Result<(), ServerError> {
     if let Some(c) = &config.cluster {
         crate::cluster::Cluster::check(c)?;
     }
+    audit_digest(config)?;
     Ok(())
 }
 
@@ -780,8 +812,10 @@ impl Server {
         let credentials = Credentials::load(&config.credentials, &config.upstreams)?;
         let upstreams: Vec<Arc<Upstream>> = upstreams.into_iter().map(Arc::new).collect();
         let infos = listener_infos(&config, acceptors, &upstreams);
+        let digest = audit_digest(&config)?;
         let audit = Arc::new(
-            AuditLog::open(&config.audit, config.audit_on_failure).map_err(ServerError::Audit)?,
+            AuditLog::open(&config.audit, config.audit_on_failure, digest)
+                .map_err(ServerError::Audit)?,
         );
         let metrics = Arc::new(Metrics::new(audit.clone()));
         record_certificate_expiry(&config, &metrics);
@@ -826,6 +860,7 @@ impl Server {
                 ),
                 cluster,
                 cluster_bound: config.cluster.clone(),
+                chain_key_bound: config.audit_chain_key.clone(),
                 policy: RwLock::new(Arc::new(config.policy.clone())),
                 credentials: RwLock::new(Arc::new(credentials)),
                 identity_sessions: KeyedSlots::default(),

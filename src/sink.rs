@@ -10,8 +10,10 @@ use std::io::{self, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use crate::audit_chain::Chain;
 
 /// A write that has not returned after this long means the sink is stuck.
 const STUCK_AFTER: Duration = Duration::from_secs(1);
@@ -66,6 +68,17 @@ impl Sink {
     /// Opens the target (a file that cannot be opened is an error now, not
     /// later) and starts the writer thread.
     pub fn spawn(name: &str, target: SinkTarget, capacity: usize) -> io::Result<Sink> {
+        Sink::spawn_chained(name, target, capacity, None)
+    }
+
+    /// The same, stamping each line with `chain` (the audit log) as it is
+    /// written, so the chain holds exactly the lines that reached the file.
+    pub fn spawn_chained(
+        name: &str,
+        target: SinkTarget,
+        capacity: usize,
+        chain: Option<Arc<Mutex<Chain>>>,
+    ) -> io::Result<Sink> {
         let out = open(&target)?;
         let (tx, rx) = sync_channel(capacity);
         let state = Arc::new(State {
@@ -80,7 +93,7 @@ impl Sink {
         let thread_state = state.clone();
         std::thread::Builder::new()
             .name(format!("pgbastion-{name}"))
-            .spawn(move || write_loop(rx, out, target, thread_state))?;
+            .spawn(move || write_loop(rx, out, target, thread_state, chain))?;
         Ok(Sink { tx, state })
     }
 
@@ -163,12 +176,24 @@ fn write_loop(
     mut out: Box<dyn Write + Send>,
     target: SinkTarget,
     state: Arc<State>,
+    chain: Option<Arc<Mutex<Chain>>>,
 ) {
     while let Ok(msg) = rx.recv() {
         match msg {
             Msg::Line(line) => {
                 state.writing_since.store(state.now_ms(), Ordering::SeqCst);
-                let ok = out.write_all(&line).and_then(|()| out.flush()).is_ok();
+                let ok = match &chain {
+                    None => out.write_all(&line).and_then(|()| out.flush()).is_ok(),
+                    Some(chain) => {
+                        let mut chain = chain.lock().unwrap_or_else(|p| p.into_inner());
+                        let stamped = chain.stamp(&line);
+                        let ok = out.write_all(&stamped).and_then(|()| out.flush()).is_ok();
+                        if ok {
+                            chain.written(&stamped);
+                        }
+                        ok
+                    }
+                };
                 state.writing_since.store(0, Ordering::SeqCst);
                 state.queued.fetch_sub(1, Ordering::SeqCst);
                 state.failing.store(!ok, Ordering::SeqCst);
@@ -287,7 +312,7 @@ mod tests {
             epoch: Instant::now(),
         });
         let s = state.clone();
-        std::thread::spawn(move || write_loop(rx, Box::new(writer), SinkTarget::Stdout, s));
+        std::thread::spawn(move || write_loop(rx, Box::new(writer), SinkTarget::Stdout, s, None));
         let sink = Sink { tx, state };
         let big = vec![b'x'; 64 * 1024];
         let mut refused = 0;

@@ -156,6 +156,7 @@ mod tests {
             crate::audit::AuditLog::open(
                 &crate::config::AuditTarget::Off,
                 crate::config::AuditOnFailure::Continue,
+                crate::audit_chain::Digest::Sha256,
             )
             .unwrap(),
         ));

@@ -105,12 +105,23 @@ impl StartupMessage {
         }
     }
 
-    /// The same message with one parameter set (added if absent).
+    /// The same message with one parameter set: replaced where it was
+    /// (every spelling of it: setting names are case-insensitive to
+    /// PostgreSQL, so `PGBastion.Identity` is the same setting), added at
+    /// the end if absent.
     pub fn with_param(&self, name: &str, value: &str) -> StartupMessage {
-        let mut params = self.params.clone();
-        match params.iter_mut().find(|(k, _)| k == name) {
-            Some((_, v)) => *v = value.to_owned(),
-            None => params.push((name.to_owned(), value.to_owned())),
+        let mut params = Vec::with_capacity(self.params.len() + 1);
+        let mut set = false;
+        for (k, v) in &self.params {
+            if !k.eq_ignore_ascii_case(name) {
+                params.push((k.clone(), v.clone()));
+            } else if !set {
+                params.push((name.to_owned(), value.to_owned()));
+                set = true;
+            }
+        }
+        if !set {
+            params.push((name.to_owned(), value.to_owned()));
         }
         StartupMessage::new(self.version, params)
     }
@@ -444,6 +455,23 @@ mod tests {
         let added = StartupMessage::new(m.version, vec![("user".into(), "u".into())])
             .with_param("application_name", "a");
         assert_eq!(added.application_name(), Some("a"));
+        // Every spelling the client used is replaced by the one value.
+        let spelled = StartupMessage::new(
+            m.version,
+            vec![
+                ("PGBastion.Identity".into(), "evil".into()),
+                ("user".into(), "u".into()),
+                ("pgbastion.identity".into(), "evil too".into()),
+            ],
+        )
+        .with_param("pgbastion.identity", "alice");
+        assert_eq!(
+            spelled.params,
+            vec![
+                ("pgbastion.identity".to_owned(), "alice".to_owned()),
+                ("user".to_owned(), "u".to_owned()),
+            ]
+        );
     }
 
     #[test]

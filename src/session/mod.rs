@@ -975,9 +975,7 @@ impl Session {
     /// pg_stat_activity and server logs; the client can change it later, so
     /// it is not a security boundary).
     fn forwarded_startup(&self, startup: StartupMessage) -> StartupMessage {
-        let (Some(template), Some(identity)) =
-            (&self.settings.application_name, &self.facts.identity)
-        else {
+        let Some(identity) = &self.facts.identity else {
             return startup;
         };
         let source = match identity.source {
@@ -985,16 +983,35 @@ impl Session {
             IdentitySource::ClientCert => "client_cert",
             IdentitySource::Tailscale => "tailscale",
         };
-        let value = template
-            .replace(
-                "{application_name}",
-                startup.application_name().unwrap_or(""),
-            )
-            .replace("{identity}", &identity.name)
-            .replace("{node}", identity.node.as_deref().unwrap_or(""))
-            .replace("{source}", source)
-            .replace("{session_id}", &self.facts.session_id);
-        startup.with_param("application_name", &value)
+        let client_addr = self
+            .peer
+            .map_or_else(|| "local".to_owned(), |p| p.ip().to_string());
+        let expand = |template: &str, startup: &StartupMessage| {
+            template
+                .replace(
+                    "{application_name}",
+                    startup.application_name().unwrap_or(""),
+                )
+                .replace("{identity}", &identity.name)
+                .replace("{node}", identity.node.as_deref().unwrap_or(""))
+                .replace("{source}", source)
+                .replace("{session_id}", &self.facts.session_id)
+                .replace("{client_addr}", &client_addr)
+                // A NUL would end the value early in the StartupMessage.
+                .replace('\0', "")
+        };
+        let mut startup = startup;
+        if let Some(template) = &self.settings.application_name {
+            let value = expand(template, &startup);
+            startup = startup.with_param("application_name", &value);
+        }
+        // Replaces what the client sent under the same names: the server
+        // sees pgbastion's values, never the client's.
+        for (name, template) in &self.settings.forward_settings {
+            let value = expand(template, &startup);
+            startup = startup.with_param(name, &value);
+        }
+        startup
     }
 
     /// Handles a CancelRequest: honoured only with a key pgbastion issued to
