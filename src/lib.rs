@@ -45,6 +45,7 @@ pub mod relay;
 pub mod server;
 pub mod session;
 pub mod sink;
+pub mod sql;
 pub mod stream;
 pub mod tls;
 pub mod upstream;
