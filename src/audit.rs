@@ -147,6 +147,13 @@ pub struct ProxyFacts {
     pub tlvs: crate::protocol::proxy::Tlvs,
 }
 
+/// Why a statement is not in its `query` event.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Unparsed {
+    pub len: usize,
+    pub why: &'static str,
+}
+
 /// The facts every event of one session shares.
 #[derive(Debug, Clone, Serialize)]
 pub struct SessionFacts {
@@ -216,6 +223,35 @@ pub enum Event<'a> {
         kind: &'a str,
         count: u64,
         window_s: u64,
+    },
+    /// A statement of a session whose rule has `audit_queries =
+    /// "statements"` (see `query_audit`).
+    #[serde(rename = "query")]
+    Query {
+        #[serde(flatten)]
+        facts: &'a SessionFacts,
+        /// With constants replaced (unless `[audit] redact = false`);
+        /// None when it could not be recorded safely (see `unparsed`).
+        statement: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        unparsed: Option<Unparsed>,
+        /// simple, extended or function_call.
+        protocol: &'static str,
+        /// Extended protocol: the prepared statement's name ("" unnamed).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        prepared: Option<&'a str>,
+        started: String,
+        duration_us: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        tag: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        rows: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        sqlstate: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        copy: Option<&'static str>,
+        /// ok, error, not_executed, suspended.
+        outcome: &'static str,
     },
     /// A command run in the admin console.
     #[serde(rename = "console.command")]

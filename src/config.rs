@@ -501,6 +501,8 @@ struct RawAudit {
     #[serde(default)]
     on_failure: AuditOnFailure,
     chain_key_file: Option<PathBuf>,
+    /// Query audit: replace constants in statements (default true).
+    redact: Option<bool>,
 }
 
 /// What pgbastion does while audit events cannot be written (the reader of
@@ -803,6 +805,9 @@ pub struct Config {
     pub audit_on_failure: AuditOnFailure,
     /// The key each audit line's `prev` is an HMAC with (None: SHA-256).
     pub audit_chain_key: Option<PathBuf>,
+    /// Query audit: statements with their constants replaced (true), or
+    /// as sent.
+    pub audit_redact: bool,
     pub policy: Policy,
     pub tailscale: Option<TailscaleConfig>,
     /// Template for the application_name sent upstream; None: unchanged.
@@ -974,6 +979,7 @@ impl Config {
                 log: flags.audit_log,
                 on_failure: flags.audit_on_failure.unwrap_or_default(),
                 chain_key_file: None,
+                redact: None,
             },
             rules: Vec::new(),
             tailscale: None,
@@ -1210,6 +1216,7 @@ impl RawConfig {
             audit,
             audit_on_failure: self.audit.on_failure,
             audit_chain_key: self.audit.chain_key_file,
+            audit_redact: self.audit.redact.unwrap_or(true),
             policy,
             tailscale,
             application_name: self.forward.application_name,

@@ -40,6 +40,7 @@ pub mod keyed_slots;
 pub mod localpg;
 pub mod policy;
 pub mod protocol;
+pub mod query_audit;
 pub mod ratelimit;
 pub mod relay;
 pub mod server;

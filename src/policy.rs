@@ -70,6 +70,21 @@ pub struct Rule {
     /// `pgbastion`).
     #[serde(default)]
     pub admin: bool,
+    /// Whether the sessions this rule admits have every statement in the
+    /// audit log.
+    #[serde(default)]
+    pub audit_queries: AuditQueries,
+}
+
+/// Query-level audit for the sessions a rule admits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditQueries {
+    /// Session events only; the relay copies bytes without looking.
+    #[default]
+    Off,
+    /// A `query` event per statement (see `query_audit`).
+    Statements,
 }
 
 /// How a client a rule admits logs in to the database.
@@ -111,6 +126,7 @@ pub struct Decision {
     pub max_sessions: Option<usize>,
     /// The deciding rule admits administrators.
     pub admin: bool,
+    pub audit_queries: AuditQueries,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -166,6 +182,7 @@ impl Policy {
                 login: Login::Password,
                 max_sessions: None,
                 admin: false,
+                audit_queries: AuditQueries::Off,
             };
         }
         for rule in &self.rules {
@@ -176,6 +193,7 @@ impl Policy {
                     login: rule.login,
                     max_sessions: rule.max_sessions,
                     admin: rule.admin,
+                    audit_queries: rule.audit_queries,
                 };
             }
         }
@@ -185,6 +203,7 @@ impl Policy {
             login: Login::Password,
             max_sessions: None,
             admin: false,
+            audit_queries: AuditQueries::Off,
         }
     }
 }
@@ -361,6 +380,7 @@ mod tests {
                 login: Login::Password,
                 max_sessions: None,
                 admin: false,
+                audit_queries: AuditQueries::Off,
             }
         );
         let d = p.decide(&req(&bob, "app", "app_rw"));
@@ -372,6 +392,7 @@ mod tests {
                 login: Login::Password,
                 max_sessions: None,
                 admin: false,
+                audit_queries: AuditQueries::Off,
             }
         );
         assert!(p.decide(&req(&bob, "app", "app_ro")).allowed);
@@ -383,6 +404,7 @@ mod tests {
                 login: Login::Password,
                 max_sessions: None,
                 admin: false,
+                audit_queries: AuditQueries::Off,
             }
         );
         assert!(!p.decide(&req(&alice, "postgres", "app_rw")).allowed);

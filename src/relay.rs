@@ -246,12 +246,15 @@ impl Pipe {
     }
 
     /// Copies until the reader reaches EOF (Ready(Ok)) or would block.
+    /// `observe` sees every chunk read, before it is written (the query
+    /// audit; a no-op otherwise).
     fn poll_copy<R, W>(
         &mut self,
         cx: &mut Context<'_>,
         clock: &mut u64,
         mut r: Pin<&mut R>,
         mut w: Pin<&mut W>,
+        mut observe: impl FnMut(&[u8]),
     ) -> Poll<Result<(), PipeError>>
     where
         R: AsyncRead + ?Sized,
@@ -289,6 +292,7 @@ impl Pipe {
                     if let Some(f) = &mut self.framer {
                         f.advance(data);
                     }
+                    observe(data);
                     let taken = self.write_some(cx, &mut w, data)?;
                     if taken < data.len() {
                         self.pending = data[taken..].to_vec();
@@ -367,6 +371,7 @@ pub async fn relay<C, S>(
     shutdown: &mut tokio::sync::watch::Receiver<ShutdownPhase>,
     kill: &mut tokio::sync::watch::Receiver<bool>,
     progress: &Progress,
+    mut queries: Option<&mut crate::query_audit::QueryTracker>,
 ) -> (RelayEnd, ByteCounts)
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -394,12 +399,22 @@ where
                 &mut clock,
                 Pin::new(&mut *server),
                 Pin::new(&mut *client),
+                |d| {
+                    if let Some(q) = queries.as_deref_mut() {
+                        q.server_bytes(d);
+                    }
+                },
             );
             let up_done = up.poll_copy(
                 cx,
                 &mut clock,
                 Pin::new(&mut *client),
                 Pin::new(&mut *server),
+                |d| {
+                    if let Some(q) = queries.as_deref_mut() {
+                        q.client_bytes(d);
+                    }
+                },
             );
             {
                 use std::sync::atomic::Ordering::Relaxed;
@@ -490,6 +505,11 @@ where
                         &mut clock,
                         Pin::new(&mut *server),
                         Pin::new(&mut *client),
+                        |d| {
+                            if let Some(q) = queries.as_deref_mut() {
+                                q.server_bytes(d);
+                            }
+                        },
                     )
                 }),
             )
@@ -607,6 +627,7 @@ mod tests {
                 &mut shutdown,
                 &mut kill,
                 &Progress::default(),
+                None,
             )
             .await
         });

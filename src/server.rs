@@ -165,6 +165,8 @@ pub(crate) struct Settings {
     pub whois: Option<WhoIsClient>,
     pub application_name: Option<String>,
     pub forward_settings: Vec<(String, String)>,
+    /// Query audit: replace constants (`[audit] redact`).
+    pub redact_queries: bool,
 }
 
 impl From<&Config> for Settings {
@@ -179,6 +181,7 @@ impl From<&Config> for Settings {
             }),
             application_name: config.application_name.clone(),
             forward_settings: config.forward_settings.clone(),
+            redact_queries: config.audit_redact,
         }
     }
 }

@@ -244,7 +244,7 @@ impl Metrics {
                     .get_or_create(&vec![("outcome", (*outcome).to_owned())])
                     .inc();
             }
-            Event::Suppressed { .. } | Event::Console { .. } => {}
+            Event::Suppressed { .. } | Event::Console { .. } | Event::Query { .. } => {}
         }
     }
 

@@ -98,6 +98,41 @@ fn identity_hangup(end: &dyn std::fmt::Display) -> String {
     )
 }
 
+/// A `query` audit event from the query audit's record.
+fn record_query(shared: &Shared, facts: &SessionFacts, r: &crate::query_audit::QueryRecord) {
+    use crate::query_audit::{Protocol, Statement};
+    let (statement, unparsed) = match &r.statement {
+        Statement::Text(t) => (Some(&**t), None),
+        Statement::Unparsed { len, why } => (None, Some(crate::audit::Unparsed { len: *len, why })),
+        Statement::Unknown => (
+            None,
+            Some(crate::audit::Unparsed {
+                len: 0,
+                why: "prepared before the audit saw it",
+            }),
+        ),
+    };
+    let (protocol, prepared) = match &r.protocol {
+        Protocol::Simple => ("simple", None),
+        Protocol::Extended { name } => ("extended", Some(name.as_str())),
+        Protocol::FunctionCall => ("function_call", None),
+    };
+    shared.record(&Event::Query {
+        facts,
+        statement,
+        unparsed,
+        protocol,
+        prepared,
+        started: humantime::format_rfc3339_micros(r.started).to_string(),
+        duration_us: u64::try_from(r.duration.as_micros()).unwrap_or(u64::MAX),
+        tag: r.tag.as_deref(),
+        rows: r.rows,
+        sqlstate: r.sqlstate.as_deref(),
+        copy: r.copy,
+        outcome: r.outcome,
+    });
+}
+
 /// A session's place under its rule's `max_sessions`, given back when
 /// dropped.
 struct IdentitySlot {
@@ -260,6 +295,7 @@ impl Session {
             proxy: self.facts.proxy.as_ref().map(|p| &p.tlvs),
         });
         self.facts.rule = decision.rule.clone();
+        let audit_queries = decision.audit_queries;
         let identity_text = identity.to_string();
         self.facts.identity = Some(identity);
         if !decision.allowed {
@@ -496,6 +532,10 @@ impl Session {
                     since: std::time::SystemTime::now(),
                     progress: progress.clone(),
                 });
+                // Query audit only for sessions whose rule asks for it; the
+                // others' relay never looks at the bytes.
+                let mut queries = (audit_queries == crate::policy::AuditQueries::Statements)
+                    .then(|| self.query_tracker());
                 let (end, counts) = relay::relay(
                     &mut *conn.io,
                     &mut up.stream,
@@ -503,8 +543,12 @@ impl Session {
                     &mut shutdown,
                     &mut kill,
                     &progress,
+                    queries.as_mut(),
                 )
                 .await;
+                if let Some(why) = queries.as_ref().and_then(|q| q.stopped()) {
+                    warn!(reason = why, "query audit stopped for this session");
+                }
                 let hung_up = matches!(
                     end,
                     relay::RelayEnd::ClientClosed | relay::RelayEnd::ClientError(_)
@@ -1082,6 +1126,17 @@ impl Session {
         } else {
             self.shared.metrics.observe(&event);
         }
+    }
+
+    /// The query audit for this session: each statement becomes a `query`
+    /// event with the session's facts.
+    fn query_tracker(&self) -> crate::query_audit::QueryTracker {
+        let shared = self.shared.clone();
+        let facts = self.facts.clone();
+        crate::query_audit::QueryTracker::new(
+            self.settings.redact_queries,
+            Box::new(move |r| record_query(&shared, &facts, &r)),
+        )
     }
 
     /// One of the `limit` sessions a rule allows `identity`: on this

@@ -1,0 +1,766 @@
+//! Query-level audit: watches the bytes the relay copies in both
+//! directions (never changing them), frames the protocol messages, and
+//! matches each statement the client sent with the server's answer, in
+//! order: simple queries (`Q`) up to their ReadyForQuery, extended-protocol
+//! executions (`Parse`/`Bind`/`Execute`, pipelined or not) to their
+//! CommandComplete or error, function calls (`F`). COPY is a statement like
+//! any other: its data is skipped, never kept. Bind parameters are never
+//! looked at.
+//!
+//! Pure: `client_bytes` and `server_bytes` take what the relay read; each
+//! finished statement is handed to the `emit` callback. Memory is bounded:
+//! only statement texts up to `MAX_STATEMENT` bytes and short server
+//! answers are buffered, and at most `MAX_PENDING` statements wait for
+//! their answers (past that, tracking stops for the session, and says so).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::sql;
+
+/// Longer statements are recorded as unparsed, with their length.
+pub const MAX_STATEMENT: usize = 256 * 1024;
+/// Server messages whose body is read (CommandComplete, ErrorResponse)
+/// are cut here; the SQLSTATE comes first in practice.
+const MAX_ANSWER: usize = 16 * 1024;
+/// Statements sent and not yet answered.
+pub const MAX_PENDING: usize = 10_000;
+/// Prepared statements and portals remembered per session.
+const MAX_NAMES: usize = 10_000;
+
+/// A statement as the audit records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Statement {
+    /// Normalized (constants replaced), or as sent when redaction is off.
+    Text(Arc<str>),
+    /// Not recorded: too long, not UTF-8, or not safely normalizable.
+    Unparsed { len: usize, why: &'static str },
+    /// A prepared statement this session's audit did not see prepared.
+    Unknown,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Protocol {
+    Simple,
+    /// Extended protocol; the prepared statement's name ("" = unnamed).
+    Extended {
+        name: String,
+    },
+    FunctionCall,
+}
+
+/// One statement and how it ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueryRecord {
+    pub statement: Statement,
+    pub protocol: Protocol,
+    pub started: SystemTime,
+    pub duration: Duration,
+    /// The command tag's command (`SELECT`, `INSERT`, `COPY`, ...) of the
+    /// last CommandComplete.
+    pub tag: Option<String>,
+    /// The row count of the last CommandComplete, when it has one.
+    pub rows: Option<u64>,
+    /// CommandCompletes (a simple query may hold several statements).
+    pub commands: u32,
+    pub sqlstate: Option<String>,
+    /// `in` or `out` when the statement was a COPY.
+    pub copy: Option<&'static str>,
+    /// ok, error, not_executed (skipped after an earlier error in the same
+    /// pipeline), suspended (row limit reached).
+    pub outcome: &'static str,
+}
+
+struct Waiting {
+    record: QueryRecord,
+    at: Instant,
+}
+
+enum Pending {
+    Simple(Waiting),
+    Execute(Waiting),
+    Call(Waiting),
+    Sync,
+    /// The client ended a COPY FROM STDIN (CopyDone or CopyFail).
+    CopyEnd,
+}
+
+/// Frames one direction's byte stream into messages, keeping the bodies
+/// of the ones asked for.
+#[derive(Default)]
+struct Frames {
+    header: [u8; 5],
+    have: usize,
+    remaining: usize,
+    in_body: bool,
+    keep: bool,
+    body: Vec<u8>,
+    /// The body went past its limit: only its length is known.
+    cut: bool,
+    len: usize,
+}
+
+impl Frames {
+    /// Feeds bytes; calls `done(tag, body, len, cut)` per complete message.
+    /// Err: a length no protocol message has (the stream is not what it
+    /// should be; the server will say so; tracking stops).
+    fn feed(
+        &mut self,
+        mut data: &[u8],
+        wanted: impl Fn(u8) -> Option<usize>,
+        mut done: impl FnMut(u8, &[u8], usize, bool),
+    ) -> Result<(), ()> {
+        while !data.is_empty() {
+            if !self.in_body {
+                let n = (5 - self.have).min(data.len());
+                self.header[self.have..self.have + n].copy_from_slice(&data[..n]);
+                self.have += n;
+                data = &data[n..];
+                if self.have < 5 {
+                    return Ok(());
+                }
+                let len = u32::from_be_bytes([
+                    self.header[1],
+                    self.header[2],
+                    self.header[3],
+                    self.header[4],
+                ]) as usize;
+                if len < 4 {
+                    return Err(());
+                }
+                self.len = len - 4;
+                self.remaining = len - 4;
+                self.in_body = true;
+                self.body.clear();
+                self.cut = false;
+                self.keep = match wanted(self.header[0]) {
+                    Some(limit) if self.len <= limit => true,
+                    Some(_) => {
+                        self.cut = true;
+                        false
+                    }
+                    None => false,
+                };
+            }
+            let n = self.remaining.min(data.len());
+            if self.keep {
+                self.body.extend_from_slice(&data[..n]);
+            }
+            self.remaining -= n;
+            data = &data[n..];
+            if self.remaining == 0 {
+                done(self.header[0], &self.body, self.len, self.cut);
+                self.in_body = false;
+                self.have = 0;
+                self.body = Vec::new();
+            }
+        }
+        Ok(())
+    }
+}
+
+pub struct QueryTracker {
+    client: Frames,
+    server: Frames,
+    pending: VecDeque<Pending>,
+    prepared: HashMap<String, Statement>,
+    portals: HashMap<String, String>,
+    redact: bool,
+    /// The server is in COPY FROM STDIN and the client has not ended it
+    /// yet: the Syncs it sends meanwhile are ignored by the server.
+    copy_in: bool,
+    /// Tracking stopped (framing lost, or too much pending).
+    stopped: Option<&'static str>,
+    emit: Box<dyn FnMut(QueryRecord) + Send>,
+}
+
+impl QueryTracker {
+    /// `redact`: replace constants (the default); off records statements
+    /// as sent.
+    pub fn new(redact: bool, emit: Box<dyn FnMut(QueryRecord) + Send>) -> Self {
+        QueryTracker {
+            client: Frames::default(),
+            server: Frames::default(),
+            pending: VecDeque::new(),
+            prepared: HashMap::new(),
+            portals: HashMap::new(),
+            redact,
+            copy_in: false,
+            stopped: None,
+            emit,
+        }
+    }
+
+    /// Why tracking stopped, if it did.
+    pub fn stopped(&self) -> Option<&'static str> {
+        self.stopped
+    }
+
+    /// What the client sent (as the relay read it).
+    pub fn client_bytes(&mut self, data: &[u8]) {
+        if self.stopped.is_some() {
+            return;
+        }
+        let mut messages = Vec::new();
+        let fed = self.client.feed(
+            data,
+            |tag| matches!(tag, b'Q' | b'P' | b'B' | b'E' | b'C').then_some(MAX_STATEMENT),
+            |tag, body, len, cut| messages.push((tag, body.to_vec(), len, cut)),
+        );
+        for (tag, body, len, cut) in messages {
+            self.client_message(tag, &body, len, cut);
+        }
+        if fed.is_err() {
+            self.stop("the client's messages could not be framed");
+        }
+    }
+
+    /// What the server sent.
+    pub fn server_bytes(&mut self, data: &[u8]) {
+        if self.stopped.is_some() {
+            return;
+        }
+        let mut messages = Vec::new();
+        let fed = self.server.feed(
+            data,
+            |tag| matches!(tag, b'C' | b'E').then_some(MAX_ANSWER),
+            |tag, body, _, _| messages.push((tag, body.to_vec())),
+        );
+        for (tag, body) in messages {
+            self.server_message(tag, &body);
+        }
+        if fed.is_err() {
+            self.stop("the server's messages could not be framed");
+        }
+    }
+
+    fn stop(&mut self, why: &'static str) {
+        self.stopped = Some(why);
+        self.pending.clear();
+        self.prepared.clear();
+        self.portals.clear();
+    }
+
+    fn statement(&self, text: &[u8], len: usize, cut: bool) -> Statement {
+        if cut {
+            return Statement::Unparsed {
+                len,
+                why: "too long",
+            };
+        }
+        let Ok(text) = std::str::from_utf8(text) else {
+            return Statement::Unparsed {
+                len,
+                why: "not UTF-8",
+            };
+        };
+        if !self.redact {
+            return Statement::Text(text.into());
+        }
+        match sql::normalize(text) {
+            Ok(n) => Statement::Text(n.text.into()),
+            Err(sql::Unparsed::Unterminated) => Statement::Unparsed {
+                len,
+                why: "unterminated literal",
+            },
+            Err(sql::Unparsed::AmbiguousBackslash) => Statement::Unparsed {
+                len,
+                why: "backslash in a plain string",
+            },
+        }
+    }
+
+    fn push(&mut self, p: Pending) {
+        if self.pending.len() >= MAX_PENDING {
+            self.stop("more than 10000 statements waiting for answers");
+            return;
+        }
+        self.pending.push_back(p);
+    }
+
+    fn waiting(statement: Statement, protocol: Protocol) -> Waiting {
+        Waiting {
+            record: QueryRecord {
+                statement,
+                protocol,
+                started: SystemTime::now(),
+                duration: Duration::ZERO,
+                tag: None,
+                rows: None,
+                commands: 0,
+                sqlstate: None,
+                copy: None,
+                outcome: "ok",
+            },
+            at: Instant::now(),
+        }
+    }
+
+    fn client_message(&mut self, tag: u8, body: &[u8], len: usize, cut: bool) {
+        match tag {
+            b'Q' => {
+                let text = body.strip_suffix(&[0]).unwrap_or(body);
+                let s = self.statement(text, len, cut);
+                self.push(Pending::Simple(Self::waiting(s, Protocol::Simple)));
+            }
+            b'P' => {
+                // name \0 query \0 (parameter types follow).
+                let mut parts = body.splitn(3, |b| *b == 0);
+                let name = String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
+                let s = match parts.next() {
+                    _ if cut => self.statement(&[], len, true),
+                    Some(q) => self.statement(q, q.len(), false),
+                    None => Statement::Unknown,
+                };
+                if self.prepared.len() < MAX_NAMES || self.prepared.contains_key(&name) {
+                    self.prepared.insert(name, s);
+                }
+            }
+            b'B' => {
+                // portal \0 statement \0 ...: the parameter values after
+                // them are never looked at.
+                let mut parts = body.splitn(3, |b| *b == 0);
+                let portal = String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
+                let stmt = String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
+                if self.portals.len() < MAX_NAMES || self.portals.contains_key(&portal) {
+                    self.portals.insert(portal, stmt);
+                }
+            }
+            b'E' => {
+                let portal = body.split(|b| *b == 0).next().unwrap_or_default();
+                let name = self
+                    .portals
+                    .get(String::from_utf8_lossy(portal).as_ref())
+                    .cloned()
+                    .unwrap_or_default();
+                let s = self
+                    .prepared
+                    .get(&name)
+                    .cloned()
+                    .unwrap_or(Statement::Unknown);
+                self.push(Pending::Execute(Self::waiting(
+                    s,
+                    Protocol::Extended { name },
+                )));
+            }
+            b'C' => {
+                // Close: 'S' statement or 'P' portal, then its name.
+                if let Some((&kind, rest)) = body.split_first() {
+                    let name = String::from_utf8_lossy(rest.strip_suffix(&[0]).unwrap_or(rest))
+                        .into_owned();
+                    match kind {
+                        b'S' => {
+                            self.prepared.remove(&name);
+                        }
+                        b'P' => {
+                            self.portals.remove(&name);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            // PostgreSQL ignores a Sync while it is in COPY FROM STDIN
+            // (tokio-postgres sends one right after the Execute).
+            b'S' if self.copy_in => {}
+            b'S' => self.push(Pending::Sync),
+            b'c' | b'f' if self.copy_in => self.copy_in = false,
+            b'c' | b'f' => self.push(Pending::CopyEnd),
+            b'F' => self.push(Pending::Call(Self::waiting(
+                Statement::Text("function call".into()),
+                Protocol::FunctionCall,
+            ))),
+            _ => {}
+        }
+    }
+
+    fn finish(&mut self, mut w: Waiting) {
+        w.record.duration = w.at.elapsed();
+        (self.emit)(w.record);
+    }
+
+    fn server_message(&mut self, tag: u8, body: &[u8]) {
+        // Markers of a COPY the server never entered (it failed first).
+        while matches!(self.pending.front(), Some(Pending::CopyEnd)) {
+            self.pending.pop_front();
+        }
+        match tag {
+            b'C' | b'I' | b's' => {
+                let (command, rows) = match tag {
+                    b'C' => command_tag(body),
+                    b'I' => (Some("EMPTY".to_owned()), None),
+                    _ => (None, None),
+                };
+                match self.pending.front_mut() {
+                    Some(Pending::Simple(w)) => {
+                        w.record.tag = command;
+                        w.record.rows = rows;
+                        w.record.commands += 1;
+                    }
+                    Some(Pending::Execute(_)) => {
+                        if let Some(Pending::Execute(mut w)) = self.pending.pop_front() {
+                            w.record.tag = command;
+                            w.record.rows = rows;
+                            w.record.commands += u32::from(tag == b'C');
+                            if tag == b's' {
+                                w.record.outcome = "suspended";
+                            }
+                            self.finish(w);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            b'E' => {
+                let code = sqlstate(body);
+                match self.pending.front_mut() {
+                    Some(Pending::Simple(w)) | Some(Pending::Call(w)) => {
+                        w.record.sqlstate = code;
+                        w.record.outcome = "error";
+                    }
+                    Some(Pending::Execute(_)) => {
+                        if let Some(Pending::Execute(mut w)) = self.pending.pop_front() {
+                            w.record.sqlstate = code;
+                            w.record.outcome = "error";
+                            self.finish(w);
+                        }
+                        // The server skips everything up to the next Sync.
+                        while let Some(Pending::Execute(_)) = self.pending.front() {
+                            if let Some(Pending::Execute(mut w)) = self.pending.pop_front() {
+                                w.record.outcome = "not_executed";
+                                self.finish(w);
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            b'G' | b'H' | b'W' => {
+                let dir = if tag == b'G' { "in" } else { "out" };
+                match self.pending.front_mut() {
+                    Some(Pending::Simple(w)) | Some(Pending::Execute(w)) => {
+                        w.record.copy = Some(dir);
+                    }
+                    _ => {}
+                }
+                if tag == b'G' {
+                    self.entered_copy_in();
+                }
+            }
+            b'Z' => match self.pending.pop_front() {
+                Some(Pending::Simple(w)) | Some(Pending::Call(w)) => self.finish(w),
+                Some(Pending::Sync | Pending::CopyEnd) | None => {}
+                Some(other @ Pending::Execute(_)) => {
+                    // An Execute answered by nothing but ReadyForQuery:
+                    // not a conversation this tracker understands.
+                    self.pending.push_front(other);
+                    self.stop("an answer did not match the statements sent");
+                }
+            },
+            _ => {}
+        }
+    }
+}
+
+impl QueryTracker {
+    /// The server entered COPY FROM STDIN for the statement in front: the
+    /// Syncs the client sent after it, up to its CopyDone, are ignored by
+    /// the server, so they get no ReadyForQuery either.
+    fn entered_copy_in(&mut self) {
+        let mut i = 1;
+        while i < self.pending.len() {
+            match self.pending[i] {
+                Pending::Sync => {
+                    self.pending.remove(i);
+                }
+                Pending::CopyEnd => {
+                    self.pending.remove(i);
+                    return;
+                }
+                _ => i += 1,
+            }
+        }
+        // The client has not ended the COPY yet.
+        self.copy_in = true;
+    }
+}
+
+/// The command and row count of a CommandComplete body (`INSERT 0 5`:
+/// INSERT, 5; `CREATE TABLE`: no count).
+fn command_tag(body: &[u8]) -> (Option<String>, Option<u64>) {
+    let text = String::from_utf8_lossy(body.strip_suffix(&[0]).unwrap_or(body)).into_owned();
+    let mut words = text.split(' ');
+    let rows = text
+        .rsplit(' ')
+        .next()
+        .filter(|_| text.contains(' '))
+        .and_then(|w| w.parse().ok());
+    let command: Vec<&str> = words
+        .by_ref()
+        .take_while(|w| w.parse::<u64>().is_err())
+        .collect();
+    (Some(command.join(" ")).filter(|c| !c.is_empty()), rows)
+}
+
+/// The SQLSTATE (`C` field) of an ErrorResponse body.
+fn sqlstate(body: &[u8]) -> Option<String> {
+    crate::protocol::message::ErrorFields::parse(body)
+        .ok()
+        .map(|f| f.code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![tag];
+        m.extend_from_slice(&(u32::try_from(body.len() + 4).unwrap()).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    fn cstr(s: &str) -> Vec<u8> {
+        let mut v = s.as_bytes().to_vec();
+        v.push(0);
+        v
+    }
+
+    fn tracker() -> (QueryTracker, Arc<Mutex<Vec<QueryRecord>>>) {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        (
+            QueryTracker::new(true, Box::new(move |r| s.lock().unwrap().push(r))),
+            seen,
+        )
+    }
+
+    fn error(code: &str) -> Vec<u8> {
+        let mut b = vec![b'S'];
+        b.extend(cstr("ERROR"));
+        b.push(b'C');
+        b.extend(cstr(code));
+        b.push(b'M');
+        b.extend(cstr("boom"));
+        b.push(0);
+        msg(b'E', &b)
+    }
+
+    fn text(r: &QueryRecord) -> &str {
+        match &r.statement {
+            Statement::Text(t) => t,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_simple_query_byte_by_byte() {
+        let (mut t, seen) = tracker();
+        let q = msg(b'Q', &cstr("select * from t where secret = 'canary'"));
+        for b in &q {
+            t.client_bytes(std::slice::from_ref(b));
+        }
+        let reply = [
+            msg(b'T', b"whatever"),
+            msg(b'D', b"row with canary"),
+            msg(b'C', &cstr("SELECT 1")),
+            msg(b'Z', b"I"),
+        ]
+        .concat();
+        for b in &reply {
+            t.server_bytes(std::slice::from_ref(b));
+        }
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(text(&seen[0]), "select * from t where secret = $1");
+        assert_eq!(seen[0].tag.as_deref(), Some("SELECT"));
+        assert_eq!(seen[0].rows, Some(1));
+        assert_eq!(seen[0].protocol, Protocol::Simple);
+        assert_eq!(seen[0].outcome, "ok");
+    }
+
+    #[test]
+    fn a_pipeline_with_an_error_in_the_middle() {
+        let (mut t, seen) = tracker();
+        let batch = |stmt: &str, q: &str| {
+            [
+                msg(b'P', &[cstr(stmt), cstr(q), vec![0, 0]].concat()),
+                msg(
+                    b'B',
+                    &[
+                        cstr(""),
+                        cstr(stmt),
+                        b"\0\0\0\x01\0\0\0\x06canary\0\0".to_vec(),
+                    ]
+                    .concat(),
+                ),
+                msg(b'E', &[cstr(""), vec![0, 0, 0, 0]].concat()),
+            ]
+            .concat()
+        };
+        let sent = [
+            batch("s1", "insert into t values ($1)"),
+            batch("s2", "select 1/0"),
+            batch("s3", "insert into t values (7)"),
+            msg(b'S', b""),
+            batch("", "select 2"),
+            msg(b'S', b""),
+        ]
+        .concat();
+        t.client_bytes(&sent);
+        let answers = [
+            msg(b'1', b""),
+            msg(b'2', b""),
+            msg(b'C', &cstr("INSERT 0 1")),
+            msg(b'1', b""),
+            msg(b'2', b""),
+            error("22012"),
+            msg(b'Z', b"E"),
+            msg(b'1', b""),
+            msg(b'2', b""),
+            msg(b'D', b""),
+            msg(b'C', &cstr("SELECT 1")),
+            msg(b'Z', b"I"),
+        ]
+        .concat();
+        t.server_bytes(&answers);
+        let seen = seen.lock().unwrap();
+        let summary: Vec<(String, &str, Option<String>, Option<String>)> = seen
+            .iter()
+            .map(|r| {
+                (
+                    text(r).to_owned(),
+                    r.outcome,
+                    r.tag.clone(),
+                    r.sqlstate.clone(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                (
+                    "insert into t values ($1)".into(),
+                    "ok",
+                    Some("INSERT".into()),
+                    None
+                ),
+                ("select $1/$2".into(), "error", None, Some("22012".into())),
+                (
+                    "insert into t values ($1)".into(),
+                    "not_executed",
+                    None,
+                    None
+                ),
+                ("select $1".into(), "ok", Some("SELECT".into()), None),
+            ]
+        );
+        assert_eq!(seen[0].protocol, Protocol::Extended { name: "s1".into() });
+        assert!(
+            !format!("{seen:?}").contains("canary"),
+            "bind values are never kept"
+        );
+        assert!(t.pending.is_empty());
+    }
+
+    #[test]
+    fn copy_is_its_statement_never_its_data() {
+        let (mut t, seen) = tracker();
+        t.client_bytes(&msg(b'Q', &cstr("copy t from stdin")));
+        t.server_bytes(&msg(b'G', b"\0\0\0"));
+        t.client_bytes(&[msg(b'd', b"canary\n"), msg(b'c', b"")].concat());
+        t.server_bytes(&[msg(b'C', &cstr("COPY 1")), msg(b'Z', b"I")].concat());
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen[0].copy, Some("in"));
+        assert_eq!(
+            (seen[0].tag.as_deref(), seen[0].rows),
+            (Some("COPY"), Some(1))
+        );
+        assert!(!format!("{seen:?}").contains("canary"));
+    }
+
+    #[test]
+    fn an_extended_copy_in_with_a_sync_before_its_data() {
+        let (mut t, seen) = tracker();
+        let copy = [
+            msg(
+                b'P',
+                &[cstr(""), cstr("copy t from stdin"), vec![0, 0]].concat(),
+            ),
+            msg(b'B', &[cstr(""), cstr(""), vec![0; 6]].concat()),
+            msg(b'E', &[cstr(""), vec![0, 0, 0, 0]].concat()),
+            msg(b'S', b""),
+        ]
+        .concat();
+        t.client_bytes(&copy);
+        t.server_bytes(&[msg(b'1', b""), msg(b'2', b""), msg(b'G', b"\0\0\0")].concat());
+        t.client_bytes(&[msg(b'd', b"canary\n"), msg(b'c', b""), msg(b'S', b"")].concat());
+        t.server_bytes(&[msg(b'C', &cstr("COPY 1")), msg(b'Z', b"I")].concat());
+        t.client_bytes(&msg(b'Q', &cstr("select 1")));
+        t.server_bytes(&[msg(b'C', &cstr("SELECT 1")), msg(b'Z', b"I")].concat());
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 2);
+        assert_eq!(seen[0].copy, Some("in"));
+        assert_eq!(seen[1].tag.as_deref(), Some("SELECT"));
+        assert!(t.pending.is_empty());
+    }
+
+    #[test]
+    fn a_multi_statement_query_with_an_error() {
+        let (mut t, seen) = tracker();
+        t.client_bytes(&msg(b'Q', &cstr("begin; select 1/0; commit")));
+        t.server_bytes(&[msg(b'C', &cstr("BEGIN")), error("22012"), msg(b'Z', b"E")].concat());
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen[0].commands, 1);
+        assert_eq!(seen[0].sqlstate.as_deref(), Some("22012"));
+        assert_eq!(seen[0].outcome, "error");
+    }
+
+    #[test]
+    fn long_or_odd_statements_are_unparsed() {
+        let (mut t, seen) = tracker();
+        let long = format!("select '{}'", "x".repeat(MAX_STATEMENT));
+        t.client_bytes(&msg(b'Q', &cstr(&long)));
+        t.client_bytes(&msg(b'Q', &cstr("select 'a\\' , 'canary'")));
+        t.server_bytes(
+            &[msg(b'C', &cstr("SELECT 1")), msg(b'Z', b"I")]
+                .concat()
+                .repeat(2),
+        );
+        let seen = seen.lock().unwrap();
+        assert!(matches!(
+            seen[0].statement,
+            Statement::Unparsed {
+                why: "too long",
+                ..
+            }
+        ));
+        assert!(
+            matches!(seen[1].statement, Statement::Unparsed { len: 23, .. }),
+            "{:?}",
+            seen[1]
+        );
+    }
+
+    #[test]
+    fn a_bad_length_stops_tracking() {
+        let (mut t, _) = tracker();
+        t.client_bytes(&[b'Q', 0, 0, 0, 2]);
+        assert!(t.stopped().is_some());
+    }
+
+    #[test]
+    fn command_tags() {
+        assert_eq!(
+            command_tag(b"INSERT 0 5\0"),
+            (Some("INSERT".into()), Some(5))
+        );
+        assert_eq!(command_tag(b"SELECT 3\0"), (Some("SELECT".into()), Some(3)));
+        assert_eq!(
+            command_tag(b"CREATE TABLE\0"),
+            (Some("CREATE TABLE".into()), None)
+        );
+        assert_eq!(command_tag(b"\0"), (None, None));
+    }
+}

@@ -1,0 +1,193 @@
+//! Query-level audit (issue 14): every statement of a session whose rule
+//! has `audit_queries = "statements"` is a `query` event, in order, with its
+//! command tag, row count or SQLSTATE; literals, bind parameters and COPY
+//! data never reach the audit log.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+fn queries(proxy: &Proxy) -> Vec<serde_json::Value> {
+    proxy
+        .audit_events()
+        .into_iter()
+        .filter(|e| e["event"] == "query")
+        .collect()
+}
+
+fn audited(env: &Env) -> Proxy {
+    env.proxy(
+        "require",
+        "[[rule]]\nname = \"audited\"\naudit_queries = \"statements\"\n",
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_are_audited_in_order_without_their_literals() {
+    let env = Env::new();
+    env.direct_client()
+        .await
+        .batch_execute("create role app login password 'x'")
+        .await
+        .unwrap();
+    let proxy = audited(&env);
+    let (client, _conn) = proxy.client(&env, "application_name=qa").await.unwrap();
+    client
+        .batch_execute("create table t (email text, n int)")
+        .await
+        .unwrap();
+    // Extended protocol: a prepared statement with bind parameters.
+    let insert = client
+        .prepare("insert into t values ($1, $2)")
+        .await
+        .unwrap();
+    client
+        .execute(&insert, &[&"canary-param@example.com", &5i32])
+        .await
+        .unwrap();
+    // Simple protocol with a literal, then a transaction with an error.
+    let rows = client
+        .simple_query("select * from t where email <> 'canary-literal@example.com'")
+        .await
+        .unwrap();
+    assert!(!rows.is_empty());
+    client.batch_execute("begin").await.unwrap();
+    let e = client.batch_execute("select 1/0").await.unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("22012"));
+    client.batch_execute("rollback").await.unwrap();
+    // COPY in and out.
+    {
+        use futures_util::SinkExt;
+        let sink = client.copy_in("copy t from stdin").await.unwrap();
+        futures_util::pin_mut!(sink);
+        sink.send(bytes::Bytes::from_static(b"canary-copy@example.com\t7\n"))
+            .await
+            .unwrap();
+        assert_eq!(sink.finish().await.unwrap(), 1);
+    }
+    {
+        use futures_util::StreamExt;
+        let stream = client.copy_out("copy t to stdout").await.unwrap();
+        futures_util::pin_mut!(stream);
+        let mut n = 0;
+        while let Some(chunk) = stream.next().await {
+            n += chunk.unwrap().len();
+        }
+        assert!(n > 0);
+    }
+    client
+        .batch_execute("alter role app password 'canary-password'")
+        .await
+        .unwrap();
+    drop(client);
+
+    // psycopg's pipeline mode: several statements sent before any answer,
+    // one failing.
+    let conninfo = format!(
+        "host=localhost port={} user=postgres dbname=postgres password={} sslmode=require \
+         channel_binding=disable application_name=pipeline",
+        proxy.addr().port(),
+        env.pg.password
+    );
+    let script = r#"
+import sys, psycopg
+with psycopg.connect(sys.argv[1], autocommit=True) as conn:
+    try:
+        with conn.pipeline():
+            conn.execute("select %s::text", ["canary-pipe-1"])
+            conn.execute("select 1/0")
+            conn.execute("select %s::text", ["canary-pipe-2"])
+    except psycopg.errors.DivisionByZero:
+        print("22012")
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", script, &conninfo])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "22012");
+
+    let all = wait_for("the pipeline's events", Duration::from_secs(10), || {
+        let q = queries(&proxy);
+        q.iter()
+            .any(|e| {
+                e["requested"]["application_name"] == "pipeline" && e["outcome"] == "not_executed"
+            })
+            .then_some(q)
+    });
+    let brief: Vec<(String, String, String, String)> = all
+        .iter()
+        .map(|e| {
+            (
+                e["statement"].as_str().unwrap_or("-").to_owned(),
+                e["protocol"].as_str().unwrap().to_owned(),
+                e["tag"]
+                    .as_str()
+                    .or(e["sqlstate"].as_str())
+                    .unwrap_or("-")
+                    .to_owned(),
+                e["outcome"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let want = |s: &str, p: &str, t: &str, o: &str| (s.into(), p.into(), t.into(), o.into());
+    let expected = vec![
+        want(
+            "create table t (email text, n int)",
+            "simple",
+            "CREATE TABLE",
+            "ok",
+        ),
+        want("insert into t values ($1, $2)", "extended", "INSERT", "ok"),
+        want(
+            "select * from t where email <> $1",
+            "simple",
+            "SELECT",
+            "ok",
+        ),
+        want("begin", "simple", "BEGIN", "ok"),
+        want("select $1/$2", "simple", "22012", "error"),
+        want("rollback", "simple", "ROLLBACK", "ok"),
+        want("copy t from stdin", "extended", "COPY", "ok"),
+        want("copy t to stdout", "extended", "COPY", "ok"),
+        want("alter role app password $1", "simple", "ALTER ROLE", "ok"),
+    ];
+    assert_eq!(&brief[..expected.len()], &expected[..], "{brief:#?}");
+    let piped: Vec<_> = brief[expected.len()..].to_vec();
+    assert_eq!(
+        piped,
+        vec![
+            want("select $1::text", "extended", "SELECT", "ok"),
+            want("select $1/$2", "extended", "22012", "error"),
+            want("select $1::text", "extended", "-", "not_executed"),
+        ],
+        "{brief:#?}"
+    );
+    let insert = &all[1];
+    assert_eq!(insert["rows"], 1);
+    assert!(insert["prepared"].is_string(), "{insert}");
+    assert_eq!(all[6]["copy"], "in");
+    assert_eq!(all[6]["rows"], 1);
+    assert_eq!(all[7]["copy"], "out");
+    assert!(all[0]["duration_us"].is_u64() && all[0]["started"].is_string());
+    assert_eq!(all[0]["rule"], "audited");
+    // No literal, parameter or COPY data anywhere in the audit file.
+    let text = std::fs::read_to_string(&proxy.audit_log).unwrap();
+    assert!(!text.contains("canary"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_audit_queries_there_are_no_query_events() {
+    let env = Env::new();
+    let proxy = env.proxy(
+        "require",
+        "[[rule]]\nname = \"plain\"\naudit_queries = \"off\"\n",
+    );
+    let (client, _conn) = proxy.client(&env, "application_name=plain").await.unwrap();
+    client.simple_query("select 'x'").await.unwrap();
+    drop(client);
+    proxy.wait_audit("the end", |e| e["event"] == "session.end");
+    assert!(queries(&proxy).is_empty());
+}
