@@ -87,6 +87,9 @@ enum Target {
     /// A second instance of that fleet: cancels sent here for sessions
     /// of the first are looked up in Redis (cancel latency only).
     PgbastionClusterPeer,
+    /// pgbastion with a rule `audit_queries = "statements"`: a `query`
+    /// event per statement, redacted.
+    PgbastionQueries,
 }
 
 impl Target {
@@ -100,6 +103,7 @@ impl Target {
             Target::PgbastionScram => "pgbastion (scram)",
             Target::PgbastionCluster => "pgbastion (cluster)",
             Target::PgbastionClusterPeer => "pgbastion (cluster, other instance)",
+            Target::PgbastionQueries => "pgbastion (query audit)",
         }
     }
 }
@@ -349,6 +353,12 @@ impl Bench {
                 audit_file.clone(),
                 String::new(),
                 cluster("bench-b"),
+            ),
+            (
+                Target::PgbastionQueries,
+                dir.join("audit-queries.jsonl").display().to_string(),
+                String::new(),
+                "[[rule]]\nname = \"all\"\naudit_queries = \"statements\"\n".to_owned(),
             ),
         ] {
             let port = free_port()?;
@@ -651,6 +661,7 @@ impl Bench {
             &Target::PgbastionNoAudit,
             &Target::PgbastionScram,
             &Target::PgbastionCluster,
+            &Target::PgbastionQueries,
         ]) {
             self.pgbench(*t, &["-S", "-c", "1", "-t", "10"])
                 .with_context(|| format!("{} does not work", t.name()))?;
@@ -670,7 +681,14 @@ impl Bench {
                 let workload = format!("select {clients}");
                 let mut targets = main.to_vec();
                 if clients == 8 {
-                    targets.extend([Target::PgbastionNoAudit, Target::PgbastionCluster]);
+                    targets.extend([
+                        Target::PgbastionNoAudit,
+                        Target::PgbastionCluster,
+                        Target::PgbastionQueries,
+                    ]);
+                }
+                if clients == 1 {
+                    targets.push(Target::PgbastionQueries);
                 }
                 for &t in &targets {
                     let cpu_before = cpu_ticks(self.pids.get(&t).copied());
@@ -1184,6 +1202,19 @@ fn report(args: &Args, r: &Results) -> Result<String> {
         c(Target::PgbastionCluster),
         c(Target::Pgbastion),
         (c(Target::PgbastionCluster) / c(Target::Pgbastion) - 1.0) * 100.0
+    )?;
+    let qa = m("select 8", Target::PgbastionQueries, "tps");
+    writeln!(
+        s,
+        "Query audit (audit_queries = \"statements\", a redacted query event per statement), \
+         8 clients: {qa:.0} TPS vs {on:.0} without ({:+.1}%), proxy CPU {:.1} vs {:.1} µs per \
+         transaction ({:+.1} µs); 1 client: {:.0} vs {:.0} TPS.",
+        (qa / on - 1.0) * 100.0,
+        cpu(Target::PgbastionQueries),
+        cpu(Target::Pgbastion),
+        cpu(Target::PgbastionQueries) - cpu(Target::Pgbastion),
+        m("select 1", Target::PgbastionQueries, "tps"),
+        m("select 1", Target::Pgbastion, "tps"),
     )?;
     let k = |t| m("cancel", t, "ms");
     writeln!(

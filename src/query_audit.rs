@@ -334,11 +334,13 @@ impl QueryTracker {
                     .get(String::from_utf8_lossy(portal).as_ref())
                     .cloned()
                     .unwrap_or_default();
-                let s = self
-                    .prepared
-                    .get(&name)
-                    .cloned()
-                    .unwrap_or(Statement::Unknown);
+                // A name this session did not prepare (or a malformed
+                // Bind) is not repeated in the audit: it is the client's
+                // text, and the server refuses it anyway.
+                let (s, name) = match self.prepared.get(&name) {
+                    Some(s) => (s.clone(), name),
+                    None => (Statement::Unknown, String::new()),
+                };
                 self.push(Pending::Execute(Self::waiting(
                     s,
                     Protocol::Extended { name },
