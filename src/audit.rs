@@ -235,7 +235,7 @@ pub enum Event<'a> {
         statement: Option<&'a str>,
         #[serde(skip_serializing_if = "Option::is_none")]
         unparsed: Option<Unparsed>,
-        /// simple, extended or function_call.
+        /// simple, extended, function_call or replication.
         protocol: &'static str,
         /// Extended protocol: the prepared statement's name ("" unnamed).
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -246,6 +246,8 @@ pub enum Event<'a> {
         tag: Option<&'a str>,
         #[serde(skip_serializing_if = "Option::is_none")]
         rows: Option<u64>,
+        /// CommandCompletes (a simple query may hold several commands).
+        commands: u32,
         #[serde(skip_serializing_if = "Option::is_none")]
         sqlstate: Option<&'a str>,
         #[serde(skip_serializing_if = "Option::is_none")]

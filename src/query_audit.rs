@@ -48,6 +48,9 @@ pub enum Protocol {
         name: String,
     },
     FunctionCall,
+    /// A replication connection's commands (IDENTIFY_SYSTEM,
+    /// START_REPLICATION, ...); the WAL it streams is never looked at.
+    Replication,
 }
 
 /// One statement and how it ended.
@@ -65,7 +68,8 @@ pub struct QueryRecord {
     /// CommandCompletes (a simple query may hold several statements).
     pub commands: u32,
     pub sqlstate: Option<String>,
-    /// `in` or `out` when the statement was a COPY.
+    /// `in`, `out` or `both` (replication streaming) when the statement
+    /// was a COPY.
     pub copy: Option<&'static str>,
     /// ok, error, not_executed (skipped after an earlier error in the same
     /// pipeline), suspended (row limit reached).
@@ -167,6 +171,9 @@ pub struct QueryTracker {
     prepared: HashMap<String, Statement>,
     portals: HashMap<String, String>,
     redact: bool,
+    /// A replication connection: its simple queries are replication
+    /// commands.
+    replication: bool,
     /// The server is in COPY FROM STDIN and the client has not ended it
     /// yet: the Syncs it sends meanwhile are ignored by the server.
     copy_in: bool,
@@ -179,6 +186,16 @@ impl QueryTracker {
     /// `redact`: replace constants (the default); off records statements
     /// as sent.
     pub fn new(redact: bool, emit: Box<dyn FnMut(QueryRecord) + Send>) -> Self {
+        Self::for_session(redact, false, emit)
+    }
+
+    /// `replication`: the session's StartupMessage asked for a replication
+    /// connection.
+    pub fn for_session(
+        redact: bool,
+        replication: bool,
+        emit: Box<dyn FnMut(QueryRecord) + Send>,
+    ) -> Self {
         QueryTracker {
             client: Frames::default(),
             server: Frames::default(),
@@ -186,6 +203,7 @@ impl QueryTracker {
             prepared: HashMap::new(),
             portals: HashMap::new(),
             redact,
+            replication,
             copy_in: false,
             stopped: None,
             emit,
@@ -302,7 +320,12 @@ impl QueryTracker {
             b'Q' => {
                 let text = body.strip_suffix(&[0]).unwrap_or(body);
                 let s = self.statement(text, len, cut);
-                self.push(Pending::Simple(Self::waiting(s, Protocol::Simple)));
+                let protocol = if self.replication {
+                    Protocol::Replication
+                } else {
+                    Protocol::Simple
+                };
+                self.push(Pending::Simple(Self::waiting(s, protocol)));
             }
             b'P' => {
                 // name \0 query \0 (parameter types follow).
@@ -438,7 +461,11 @@ impl QueryTracker {
                 }
             }
             b'G' | b'H' | b'W' => {
-                let dir = if tag == b'G' { "in" } else { "out" };
+                let dir = match tag {
+                    b'G' => "in",
+                    b'H' => "out",
+                    _ => "both",
+                };
                 match self.pending.front_mut() {
                     Some(Pending::Simple(w)) | Some(Pending::Execute(w)) => {
                         w.record.copy = Some(dir);
@@ -706,6 +733,35 @@ mod tests {
         assert_eq!(seen[0].copy, Some("in"));
         assert_eq!(seen[1].tag.as_deref(), Some("SELECT"));
         assert!(t.pending.is_empty());
+    }
+
+    #[test]
+    fn function_calls_and_replication_commands() {
+        let (mut t, seen) = tracker();
+        t.client_bytes(&msg(b'F', b"\0\0\x01\x02\0\0\0\x01\0\0\0\x04secr\0\0"));
+        t.server_bytes(&[msg(b'V', b"\0\0\0\x01x"), msg(b'Z', b"I")].concat());
+        let seen_calls = seen.lock().unwrap().clone();
+        assert_eq!(seen_calls[0].protocol, Protocol::FunctionCall);
+        assert!(!format!("{seen_calls:?}").contains("secr"));
+
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        let mut r =
+            QueryTracker::for_session(true, true, Box::new(move |x| s.lock().unwrap().push(x)));
+        r.client_bytes(&msg(b'Q', &cstr("START_REPLICATION SLOT s LOGICAL 0/0")));
+        r.server_bytes(
+            &[
+                msg(b'W', b"\0\0\0"),
+                msg(b'd', b"wal"),
+                msg(b'C', &cstr("COPY 0")),
+                msg(b'Z', b"I"),
+            ]
+            .concat(),
+        );
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen[0].protocol, Protocol::Replication);
+        assert_eq!(seen[0].copy, Some("both"));
+        assert_eq!(text(&seen[0]), "START_REPLICATION SLOT s LOGICAL $1/$2");
     }
 
     #[test]

@@ -171,6 +171,10 @@ fn append(path: &PathBuf) -> io::Result<File> {
     OpenOptions::new().create(true).append(true).open(path)
 }
 
+/// At most this much is written in one go: under load, lines queued
+/// together go out in one write instead of one system call each.
+const BATCH_BYTES: usize = 64 * 1024;
+
 fn write_loop(
     rx: Receiver<Msg>,
     mut out: Box<dyn Write + Send>,
@@ -178,30 +182,34 @@ fn write_loop(
     state: Arc<State>,
     chain: Option<Arc<Mutex<Chain>>>,
 ) {
-    while let Ok(msg) = rx.recv() {
+    // A message taken while gathering a batch, handled after it.
+    let mut carried: Option<Msg> = None;
+    loop {
+        let msg = match carried.take() {
+            Some(m) => m,
+            None => match rx.recv() {
+                Ok(m) => m,
+                Err(_) => return,
+            },
+        };
         match msg {
-            Msg::Line(line) => {
-                state.writing_since.store(state.now_ms(), Ordering::SeqCst);
-                let ok = match &chain {
-                    None => out.write_all(&line).and_then(|()| out.flush()).is_ok(),
-                    Some(chain) => {
-                        let mut chain = chain.lock().unwrap_or_else(|p| p.into_inner());
-                        let stamped = chain.stamp(&line);
-                        let ok = out.write_all(&stamped).and_then(|()| out.flush()).is_ok();
-                        if ok {
-                            chain.written(&stamped);
+            Msg::Line(first) => {
+                let mut lines = vec![first];
+                let mut bytes = lines[0].len();
+                while bytes < BATCH_BYTES {
+                    match rx.try_recv() {
+                        Ok(Msg::Line(l)) => {
+                            bytes += l.len();
+                            lines.push(l);
                         }
-                        ok
+                        Ok(other) => {
+                            carried = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
                     }
-                };
-                state.writing_since.store(0, Ordering::SeqCst);
-                state.queued.fetch_sub(1, Ordering::SeqCst);
-                state.failing.store(!ok, Ordering::SeqCst);
-                if ok {
-                    state.written.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    state.dropped.fetch_add(1, Ordering::Relaxed);
                 }
+                write_batch(&mut out, &lines, &state, chain.as_deref());
             }
             Msg::Drain(ack) => {
                 let _ = ack.send(());
@@ -216,6 +224,49 @@ fn write_loop(
                 }
             }
         }
+    }
+}
+
+/// Writes `lines` in one write, stamped with the chain (which moves on
+/// only if the write succeeded: lines that were not written are not in
+/// it).
+fn write_batch(
+    out: &mut Box<dyn Write + Send>,
+    lines: &[Vec<u8>],
+    state: &State,
+    chain: Option<&Mutex<Chain>>,
+) {
+    state.writing_since.store(state.now_ms(), Ordering::SeqCst);
+    let ok = match chain {
+        None if lines.len() == 1 => out.write_all(&lines[0]).and_then(|()| out.flush()).is_ok(),
+        None => {
+            let buf = lines.concat();
+            out.write_all(&buf).and_then(|()| out.flush()).is_ok()
+        }
+        Some(chain) => {
+            let mut chain = chain.lock().unwrap_or_else(|p| p.into_inner());
+            let mut next = chain.clone();
+            let mut buf = Vec::with_capacity(lines.iter().map(|l| l.len() + 100).sum());
+            for line in lines {
+                let stamped = next.stamp(line);
+                next.written(&stamped);
+                buf.extend_from_slice(&stamped);
+            }
+            let ok = out.write_all(&buf).and_then(|()| out.flush()).is_ok();
+            if ok {
+                *chain = next;
+            }
+            ok
+        }
+    };
+    let n = lines.len();
+    state.writing_since.store(0, Ordering::SeqCst);
+    state.queued.fetch_sub(n, Ordering::SeqCst);
+    state.failing.store(!ok, Ordering::SeqCst);
+    if ok {
+        state.written.fetch_add(n as u64, Ordering::Relaxed);
+    } else {
+        state.dropped.fetch_add(n as u64, Ordering::Relaxed);
     }
 }
 

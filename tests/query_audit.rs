@@ -82,6 +82,23 @@ async fn statements_are_audited_in_order_without_their_literals() {
         .await
         .unwrap();
     drop(client);
+    // psql (simple protocol), and a replication connection's command.
+    let out = env.psql(
+        &env.via_proxy(
+            proxy.addr(),
+            "channel_binding=disable application_name=psql",
+        ),
+        "select 'canary-psql' as x",
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = env.psql(
+        &env.via_proxy(
+            proxy.addr(),
+            "channel_binding=disable replication=database application_name=walsender",
+        ),
+        "IDENTIFY_SYSTEM",
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
 
     // psycopg's pipeline mode: several statements sent before any answer,
     // one failing.
@@ -153,9 +170,16 @@ with psycopg.connect(sys.argv[1], autocommit=True) as conn:
         want("copy t from stdin", "extended", "COPY", "ok"),
         want("copy t to stdout", "extended", "COPY", "ok"),
         want("alter role app password $1", "simple", "ALTER ROLE", "ok"),
+        want("select $1 as x", "simple", "SELECT", "ok"),
     ];
     assert_eq!(&brief[..expected.len()], &expected[..], "{brief:#?}");
-    let piped: Vec<_> = brief[expected.len()..].to_vec();
+    let walsender = all
+        .iter()
+        .find(|e| e["requested"]["application_name"] == "walsender")
+        .expect("the replication command");
+    assert_eq!(walsender["protocol"], "replication", "{walsender}");
+    assert_eq!(walsender["statement"], "IDENTIFY_SYSTEM", "{walsender}");
+    let piped: Vec<_> = brief[expected.len() + 1..].to_vec();
     assert_eq!(
         piped,
         vec![

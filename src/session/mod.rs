@@ -116,6 +116,7 @@ fn record_query(shared: &Shared, facts: &SessionFacts, r: &crate::query_audit::Q
         Protocol::Simple => ("simple", None),
         Protocol::Extended { name } => ("extended", Some(name.as_str())),
         Protocol::FunctionCall => ("function_call", None),
+        Protocol::Replication => ("replication", None),
     };
     shared.record(&Event::Query {
         facts,
@@ -127,6 +128,7 @@ fn record_query(shared: &Shared, facts: &SessionFacts, r: &crate::query_audit::Q
         duration_us: u64::try_from(r.duration.as_micros()).unwrap_or(u64::MAX),
         tag: r.tag.as_deref(),
         rows: r.rows,
+        commands: r.commands,
         sqlstate: r.sqlstate.as_deref(),
         copy: r.copy,
         outcome: r.outcome,
@@ -534,8 +536,18 @@ impl Session {
                 });
                 // Query audit only for sessions whose rule asks for it; the
                 // others' relay never looks at the bytes.
-                let mut queries = (audit_queries == crate::policy::AuditQueries::Statements)
-                    .then(|| self.query_tracker());
+                let mut queries =
+                    (audit_queries == crate::policy::AuditQueries::Statements).then(|| {
+                        // "true"/"database" open a replication connection
+                        // ("false"/"off" do not).
+                        let replication = startup.param("replication").is_some_and(|v| {
+                            !matches!(
+                                v.to_ascii_lowercase().as_str(),
+                                "false" | "off" | "no" | "0"
+                            )
+                        });
+                        self.query_tracker(replication)
+                    });
                 let (end, counts) = relay::relay(
                     &mut *conn.io,
                     &mut up.stream,
@@ -1130,11 +1142,12 @@ impl Session {
 
     /// The query audit for this session: each statement becomes a `query`
     /// event with the session's facts.
-    fn query_tracker(&self) -> crate::query_audit::QueryTracker {
+    fn query_tracker(&self, replication: bool) -> crate::query_audit::QueryTracker {
         let shared = self.shared.clone();
         let facts = self.facts.clone();
-        crate::query_audit::QueryTracker::new(
+        crate::query_audit::QueryTracker::for_session(
             self.settings.redact_queries,
+            replication,
             Box::new(move |r| record_query(&shared, &facts, &r)),
         )
     }
