@@ -441,10 +441,13 @@ impl AuditLog {
     /// they are counted and reported in pgbastion's log at most every 10 s;
     /// with `on_failure = "refuse"` no new session is admitted meanwhile
     /// (see `accepting`).
-    pub fn emit(&self, event: &Event<'_>) {
+    ///
+    /// Returns false when the event was lost and `on_failure` is
+    /// "refuse" (the query audit then ends the session); true otherwise.
+    pub fn emit(&self, event: &Event<'_>) -> bool {
         let cur = self.current();
         let Some(sink) = &cur.sink else {
-            return;
+            return true;
         };
         let mut line = match serde_json::to_vec(&TimedEvent {
             ts: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
@@ -453,12 +456,13 @@ impl AuditLog {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!(error = %e, "cannot serialise audit event");
-                return;
+                return cur.on_failure != AuditOnFailure::Refuse;
             }
         };
         line.push(b'\n');
-        sink.try_write(line);
+        let queued = sink.try_write(line);
         self.report_drops(sink, cur.on_failure);
+        queued || cur.on_failure != AuditOnFailure::Refuse
     }
 
     fn report_drops(&self, sink: &Sink, on_failure: AuditOnFailure) {

@@ -177,15 +177,20 @@ pub struct QueryTracker {
     /// The server is in COPY FROM STDIN and the client has not ended it
     /// yet: the Syncs it sends meanwhile are ignored by the server.
     copy_in: bool,
+    /// A record could not be kept (the audit log refuses unaudited
+    /// statements): the session must end.
+    lost: bool,
     /// Tracking stopped (framing lost, or too much pending).
     stopped: Option<&'static str>,
-    emit: Box<dyn FnMut(QueryRecord) + Send>,
+    /// Hands a record on; false: it could not be kept and the session
+    /// must not go on (see `lost`).
+    emit: Box<dyn FnMut(QueryRecord) -> bool + Send>,
 }
 
 impl QueryTracker {
     /// `redact`: replace constants (the default); off records statements
     /// as sent.
-    pub fn new(redact: bool, emit: Box<dyn FnMut(QueryRecord) + Send>) -> Self {
+    pub fn new(redact: bool, emit: Box<dyn FnMut(QueryRecord) -> bool + Send>) -> Self {
         Self::for_session(redact, false, emit)
     }
 
@@ -194,7 +199,7 @@ impl QueryTracker {
     pub fn for_session(
         redact: bool,
         replication: bool,
-        emit: Box<dyn FnMut(QueryRecord) + Send>,
+        emit: Box<dyn FnMut(QueryRecord) -> bool + Send>,
     ) -> Self {
         QueryTracker {
             client: Frames::default(),
@@ -205,9 +210,16 @@ impl QueryTracker {
             redact,
             replication,
             copy_in: false,
+            lost: false,
             stopped: None,
             emit,
         }
+    }
+
+    /// A record could not be kept and the audit log does not allow
+    /// unaudited statements: the relay ends the session.
+    pub fn lost(&self) -> bool {
+        self.lost
     }
 
     /// Why tracking stopped, if it did.
@@ -401,7 +413,9 @@ impl QueryTracker {
 
     fn finish(&mut self, mut w: Waiting) {
         w.record.duration = w.at.elapsed();
-        (self.emit)(w.record);
+        if !(self.emit)(w.record) {
+            self.lost = true;
+        }
     }
 
     fn server_message(&mut self, tag: u8, body: &[u8]) {
@@ -560,7 +574,13 @@ mod tests {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s = seen.clone();
         (
-            QueryTracker::new(true, Box::new(move |r| s.lock().unwrap().push(r))),
+            QueryTracker::new(
+                true,
+                Box::new(move |r| {
+                    s.lock().unwrap().push(r);
+                    true
+                }),
+            ),
             seen,
         )
     }
@@ -746,8 +766,14 @@ mod tests {
 
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s = seen.clone();
-        let mut r =
-            QueryTracker::for_session(true, true, Box::new(move |x| s.lock().unwrap().push(x)));
+        let mut r = QueryTracker::for_session(
+            true,
+            true,
+            Box::new(move |x| {
+                s.lock().unwrap().push(x);
+                true
+            }),
+        );
         r.client_bytes(&msg(b'Q', &cstr("START_REPLICATION SLOT s LOGICAL 0/0")));
         r.server_bytes(
             &[

@@ -12,6 +12,7 @@
 //!   may send a query and `shutdown(SHUT_WR)` at once);
 //! - an error on either side ends the session at once.
 
+use crate::query_audit::QueryTracker;
 use std::future::poll_fn;
 use std::io;
 use std::mem::MaybeUninit;
@@ -146,6 +147,9 @@ pub enum RelayEnd {
     Shutdown,
     /// An administrator ended the session (`KILL`): the client was told.
     Killed,
+    /// A statement's query audit event could not be queued and the audit
+    /// log's `on_failure` is "refuse": the client was told.
+    AuditUnavailable,
 }
 
 impl RelayEnd {
@@ -158,6 +162,7 @@ impl RelayEnd {
             RelayEnd::ServerError(_) => "server_error",
             RelayEnd::Shutdown => "shutdown",
             RelayEnd::Killed => "killed",
+            RelayEnd::AuditUnavailable => "audit_unavailable",
         }
     }
 }
@@ -371,7 +376,7 @@ pub async fn relay<C, S>(
     shutdown: &mut tokio::sync::watch::Receiver<ShutdownPhase>,
     kill: &mut tokio::sync::watch::Receiver<bool>,
     progress: &Progress,
-    mut queries: Option<&mut crate::query_audit::QueryTracker>,
+    mut queries: Option<&mut QueryTracker>,
 ) -> (RelayEnd, ByteCounts)
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -383,6 +388,7 @@ where
     let mut watching = true;
     let mut watching_kill = true;
     let mut killed = false;
+    let mut audit_lost = false;
     let step = loop {
         let phase = *shutdown.borrow_and_update();
         if *kill.borrow_and_update() {
@@ -416,6 +422,12 @@ where
                     }
                 },
             );
+            if queries.as_deref().is_some_and(QueryTracker::lost) {
+                // No statement goes on unaudited (audit.on_failure =
+                // "refuse").
+                audit_lost = true;
+                return Poll::Ready(Step::Idle);
+            }
             {
                 use std::sync::atomic::Ordering::Relaxed;
                 progress.client_to_server.store(up.copied, Relaxed);
@@ -533,6 +545,8 @@ where
                 if down.at_boundary() {
                     let message = if killed {
                         kill_error()
+                    } else if audit_lost {
+                        audit_error()
                     } else {
                         shutdown_error()
                     };
@@ -547,6 +561,8 @@ where
             .await;
             if killed {
                 RelayEnd::Killed
+            } else if audit_lost {
+                RelayEnd::AuditUnavailable
             } else {
                 RelayEnd::Shutdown
             }
@@ -574,6 +590,17 @@ fn kill_error() -> Vec<u8> {
         "57P01",
         "terminating connection: ended by an administrator of pgbastion (KILL)",
     )
+    .encode()
+}
+
+/// What a client is told when its statements can no longer be audited and
+/// the audit log's `on_failure` is "refuse".
+fn audit_error() -> Vec<u8> {
+    crate::protocol::message::ErrorResponse::new(
+        "57P01",
+        "terminating connection: pgbastion's audit log cannot be written, and its rule audits every statement",
+    )
+    .with_hint("pgbastion's audit.on_failure is \"refuse\"; reconnect once its audit log is being written again.")
     .encode()
 }
 

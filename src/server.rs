@@ -196,9 +196,10 @@ impl Shared {
     }
 
     /// An event for the audit log and the metrics.
-    pub fn record(&self, event: &crate::audit::Event<'_>) {
+    /// See `AuditLog::emit` for what it returns.
+    pub fn record(&self, event: &crate::audit::Event<'_>) -> bool {
         self.metrics.observe(event);
-        self.audit.emit(event);
+        self.audit.emit(event)
     }
 
     pub fn policy(&self) -> Arc<Policy> {

@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 
 fn queries(proxy: &Proxy) -> Vec<serde_json::Value> {
@@ -126,14 +124,11 @@ with psycopg.connect(sys.argv[1], autocommit=True) as conn:
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out), "22012");
 
-    let all = wait_for("the pipeline's events", Duration::from_secs(10), || {
-        let q = queries(&proxy);
-        q.iter()
-            .any(|e| {
-                e["requested"]["application_name"] == "pipeline" && e["outcome"] == "not_executed"
-            })
-            .then_some(q)
+    // The pipeline's session has ended: all its events are written.
+    proxy.wait_audit("the pipeline session's end", |e| {
+        e["event"] == "session.end" && e["requested"]["application_name"] == "pipeline"
     });
+    let all = queries(&proxy);
     let brief: Vec<(String, String, String, String)> = all
         .iter()
         .map(|e| {
@@ -214,4 +209,63 @@ async fn without_audit_queries_there_are_no_query_events() {
     drop(client);
     proxy.wait_audit("the end", |e| e["event"] == "session.end");
     assert!(queries(&proxy).is_empty());
+}
+
+/// With `on_failure = "refuse"`, a session whose statements can no longer
+/// be audited (nobody reads the audit log, its queue is full) is ended
+/// with a clear error rather than left to run unaudited; with the default
+/// "continue" it goes on and the lost events are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_cannot_be_audited_is_ended_under_refuse() {
+    let env = Env::new();
+    let port = pgbastion::localpg::free_port().unwrap();
+    let cfg = env.dir.path().join("pgbastion.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{}\n[[listener]]\nlisten = \"127.0.0.1:{port}\"\n{}\n[audit]\nlog = \"-\"\non_failure = \"refuse\"\n\
+             [[rule]]\nname = \"audited\"\naudit_queries = \"statements\"\n",
+            env.tls_toml(),
+            env.upstream_toml()
+        ),
+    )
+    .unwrap();
+    // stdout, the audit log, is a pipe nobody reads.
+    let _proc = Running(
+        config_form(&cfg, None)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    wait_listening(port);
+    // psql running statement after statement: the pipe holds a few
+    // hundred events and the queue 10,000.
+    let script = env.dir.path().join("many.sql");
+    std::fs::write(&script, "select 1;\n".repeat(30_000)).unwrap();
+    let out = tokio::task::spawn_blocking({
+        let conninfo = env.via_proxy(
+            std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            "channel_binding=disable",
+        );
+        let password = env.pg.password.clone();
+        move || {
+            std::process::Command::new("psql")
+                .args(["-X", "-q", "-d", &conninfo, "-f"])
+                .arg(&script)
+                .env("PGPASSWORD", password)
+                .stdout(std::process::Stdio::piped())
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(!out.status.success(), "the session was ended");
+    let err = stderr(&out);
+    assert!(err.contains("audit log cannot be written"), "{err}");
+    let answered = stdout(&out).lines().filter(|l| l.trim() == "1").count();
+    assert!(
+        (1_000..30_000).contains(&answered),
+        "ended once the queue was full, after {answered} statements"
+    );
 }

@@ -11,6 +11,7 @@ use pgbastion::query_audit::QueryTracker;
 fuzz_target!(|data: &[u8]| {
     let mut t = QueryTracker::new(true, Box::new(|r| {
         let _ = format!("{r:?}");
+        true
     }));
     // The first byte of each chunk says which side sent it and how long
     // the chunk is.

@@ -98,8 +98,13 @@ fn identity_hangup(end: &dyn std::fmt::Display) -> String {
     )
 }
 
-/// A `query` audit event from the query audit's record.
-fn record_query(shared: &Shared, facts: &SessionFacts, r: &crate::query_audit::QueryRecord) {
+/// A `query` audit event from the query audit's record. False: it was lost
+/// and the audit log refuses unaudited statements.
+fn record_query(
+    shared: &Shared,
+    facts: &SessionFacts,
+    r: &crate::query_audit::QueryRecord,
+) -> bool {
     use crate::query_audit::{Protocol, Statement};
     let (statement, unparsed) = match &r.statement {
         Statement::Text(t) => (Some(&**t), None),
@@ -132,7 +137,7 @@ fn record_query(shared: &Shared, facts: &SessionFacts, r: &crate::query_audit::Q
         sqlstate: r.sqlstate.as_deref(),
         copy: r.copy,
         outcome: r.outcome,
-    });
+    })
 }
 
 /// A session's place under its rule's `max_sessions`, given back when
