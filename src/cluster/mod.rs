@@ -403,12 +403,7 @@ impl Cluster {
         for chunk in cancels.chunks(CHUNK) {
             let mut pipe = redis::pipe();
             for (k, v) in chunk {
-                pipe.cmd("SET")
-                    .arg(k)
-                    .arg(v)
-                    .arg("PX")
-                    .arg(ms(TTL))
-                    .ignore();
+                set_mapping(&mut pipe, k, v);
             }
             self.send_now::<()>("refresh", &pipe).await?;
         }
@@ -432,14 +427,7 @@ impl Cluster {
         let mut pipe = redis::pipe();
         for op in batch {
             match op {
-                Op::Publish(k, v) => {
-                    pipe.cmd("SET")
-                        .arg(k)
-                        .arg(v)
-                        .arg("PX")
-                        .arg(ms(TTL))
-                        .ignore();
-                }
+                Op::Publish(k, v) => set_mapping(&mut pipe, &k, &v),
                 Op::Unpublish(k) => {
                     pipe.cmd("DEL").arg(k).ignore();
                 }
@@ -590,6 +578,16 @@ fn redis_client(config: &ClusterConfig) -> Result<redis::Client, ClusterError> {
         }
         None => redis::Client::open(info).map_err(redis_err),
     }
+}
+
+/// Writes one cancel mapping, expiring unless written again.
+fn set_mapping(pipe: &mut redis::Pipeline, key: &str, sealed: &[u8]) {
+    pipe.cmd("SET")
+        .arg(key)
+        .arg(sealed)
+        .arg("PX")
+        .arg(ms(TTL))
+        .ignore();
 }
 
 fn ms(d: Duration) -> u64 {
