@@ -101,7 +101,7 @@ impl Chain {
             format!(
                 "{{\"seq\":{},\"prev\":\"{}\"",
                 self.seq + 1,
-                hex(&self.prev)
+                hex::encode(self.prev)
             )
             .as_bytes(),
         );
@@ -206,7 +206,7 @@ pub fn verify(files: &[(String, Vec<u8>)], digest: &Digest) -> Result<Verified, 
                         ),
                     ));
                 }
-                if prev != hex(&last_digest) {
+                if prev != hex::encode(last_digest) {
                     // This line's link does not match the line before:
                     // that line (or this link) was changed.
                     return Err(match n {
@@ -228,14 +228,6 @@ pub fn verify(files: &[(String, Vec<u8>)], digest: &Digest) -> Result<Verified, 
         }
     }
     Ok(verified)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(64), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
 }
 
 #[cfg(test)]

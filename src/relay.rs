@@ -251,8 +251,8 @@ impl Pipe {
     }
 
     /// Copies until the reader reaches EOF (Ready(Ok)) or would block.
-    /// `observe` sees every chunk read, before it is written (the query
-    /// audit; a no-op otherwise).
+    /// `observe` sees every chunk read, once it is handed to the writer
+    /// (the query audit; a no-op otherwise).
     fn poll_copy<R, W>(
         &mut self,
         cx: &mut Context<'_>,
@@ -297,8 +297,10 @@ impl Pipe {
                     if let Some(f) = &mut self.framer {
                         f.advance(data);
                     }
-                    observe(data);
                     let taken = self.write_some(cx, &mut w, data)?;
+                    // After the write: what the observer does overlaps
+                    // with the peer's work instead of delaying it.
+                    observe(data);
                     if taken < data.len() {
                         self.pending = data[taken..].to_vec();
                         self.pos = 0;

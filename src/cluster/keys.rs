@@ -96,7 +96,7 @@ impl FleetKeys {
         format!(
             "{}:{kind}:{}",
             self.prefix,
-            hex(&scram::hmac(&self.names, &msg))
+            hex::encode(scram::hmac(&self.names, &msg))
         )
     }
 
@@ -154,14 +154,6 @@ impl FleetKeys {
             .ok()?;
         serde_json::from_slice(plain).ok()
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes.iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
 }
 
 #[cfg(test)]

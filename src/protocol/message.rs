@@ -264,15 +264,18 @@ impl AuthRequest {
 /// holds, over verified TLS.
 pub fn md5_password_message(user: &str, password: &[u8], salt: [u8; 4]) -> Vec<u8> {
     use md5::Digest;
-    let hex = |d: &[u8]| d.iter().map(|b| format!("{b:02x}")).collect::<String>();
-    let inner = hex(&md5::Md5::new()
-        .chain_update(password)
-        .chain_update(user.as_bytes())
-        .finalize());
-    let outer = hex(&md5::Md5::new()
-        .chain_update(inner.as_bytes())
-        .chain_update(salt)
-        .finalize());
+    let inner = hex::encode(
+        md5::Md5::new()
+            .chain_update(password)
+            .chain_update(user.as_bytes())
+            .finalize(),
+    );
+    let outer = hex::encode(
+        md5::Md5::new()
+            .chain_update(inner.as_bytes())
+            .chain_update(salt)
+            .finalize(),
+    );
     password_message(format!("md5{outer}").as_bytes())
 }
 
