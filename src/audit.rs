@@ -147,6 +147,20 @@ pub struct ProxyFacts {
     pub tlvs: crate::protocol::proxy::Tlvs,
 }
 
+/// A session's query audit, in its start and end events.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct QueryAuditFacts {
+    /// `statements` (the rule's `audit_queries`).
+    pub mode: &'static str,
+    /// End event: the `query` events the session produced.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub statements: Option<u64>,
+    /// End event: why the query audit stopped before the session ended
+    /// (statements after that point have no `query` event).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stopped: Option<&'static str>,
+}
+
 /// Why a statement is not in its `query` event.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Unparsed {
@@ -184,6 +198,11 @@ pub enum Event<'a> {
         facts: &'a SessionFacts,
         upstream: &'a UpstreamFacts,
         auth: &'a AuthFacts,
+        /// Present when the session's statements are audited (its rule's
+        /// `audit_queries`): an auditor sees from the session's own events
+        /// whether its `query` events are the whole story.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        query_audit: Option<&'a QueryAuditFacts>,
     },
     #[serde(rename = "session.end")]
     End {
@@ -197,6 +216,8 @@ pub enum Event<'a> {
         end_reason: &'a str,
         #[serde(skip_serializing_if = "Option::is_none")]
         detail: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        query_audit: Option<&'a QueryAuditFacts>,
     },
     /// A CancelRequest and what became of it.
     #[serde(rename = "session.cancel")]

@@ -182,6 +182,8 @@ pub struct QueryTracker {
     lost: bool,
     /// Tracking stopped (framing lost, or too much pending).
     stopped: Option<&'static str>,
+    /// Records handed to `emit`.
+    recorded: u64,
     /// Hands a record on; false: it could not be kept and the session
     /// must not go on (see `lost`).
     emit: Box<dyn FnMut(QueryRecord) -> bool + Send>,
@@ -212,6 +214,7 @@ impl QueryTracker {
             copy_in: false,
             lost: false,
             stopped: None,
+            recorded: 0,
             emit,
         }
     }
@@ -220,6 +223,12 @@ impl QueryTracker {
     /// unaudited statements: the relay ends the session.
     pub fn lost(&self) -> bool {
         self.lost
+    }
+
+    /// How many statements were handed on (the session's `query` events,
+    /// or attempts at them).
+    pub fn recorded(&self) -> u64 {
+        self.recorded
     }
 
     /// Why tracking stopped, if it did.
@@ -413,6 +422,7 @@ impl QueryTracker {
 
     fn finish(&mut self, mut w: Waiting) {
         w.record.duration = w.at.elapsed();
+        self.recorded += 1;
         if !(self.emit)(w.record) {
             self.lost = true;
         }

@@ -13,6 +13,15 @@
 //! does (an unterminated string, comment or dollar quote), the statement is
 //! refused as `Unparsed` rather than risk logging part of a literal.
 //!
+//! Why not PostgreSQL's own parser (the `pg_query` crate, libpg_query): it
+//! builds here (about a minute, with libclang), but its normalization is
+//! `pg_stat_statements`', which replaces only the constants of plannable
+//! statements: `COMMENT ... IS '...'`, `COPY ... FROM '...'`, `ALTER
+//! SYSTEM SET ... = '...'`, `PREPARE ... AS SELECT '...'`, column defaults
+//! and comments keep their text, and it reads backslashes as
+//! standard_conforming_strings = on does whatever the session set. Each of
+//! those is a test below.
+//!
 //! Pure, and fuzzed (`fuzz/fuzz_targets/normalize.rs`).
 
 use thiserror::Error;
@@ -388,6 +397,41 @@ mod tests {
         ] {
             assert_eq!(normalize(sql), Err(why), "{sql}");
         }
+    }
+
+    /// Statements where `pg_stat_statements`' normalization (and so the
+    /// `pg_query` crate's) keeps literals as written, because it replaces
+    /// only the constants of plannable statements: here every literal goes,
+    /// whatever the statement, and so do comments.
+    #[test]
+    fn utility_statements_and_comments_lose_their_literals_too() {
+        for (sql, want) in [
+            ("comment on table t is 'canary'", "comment on table t is $1"),
+            ("copy t from '/tmp/canary.csv'", "copy t from $1"),
+            (
+                "alter system set password_encryption = 'canary'",
+                "alter system set password_encryption = $1",
+            ),
+            ("prepare p as select 'canary'", "prepare p as select $1"),
+            (
+                "create table t (c text default 'canary')",
+                "create table t (c text default $1)",
+            ),
+            (
+                "security label on table t is 'canary'",
+                "security label on table t is $1",
+            ),
+            ("select 1 -- canary", "select $1"),
+            ("select /* canary */ 1", "select $1"),
+        ] {
+            assert_eq!(norm(sql), want, "{sql}");
+        }
+        // What pg_query reads as `$1 , canary --'` (standard strings) is one
+        // literal holding the canary with standard_conforming_strings off.
+        assert_eq!(
+            normalize("select 'a\\' , canary --'"),
+            Err(Unparsed::AmbiguousBackslash)
+        );
     }
 
     proptest::proptest! {

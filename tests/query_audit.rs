@@ -142,10 +142,40 @@ print(" ".join(seen))
         "TUPLES_OK FATAL_ERROR PIPELINE_ABORTED PIPELINE_SYNC"
     );
 
-    // The pipeline's session has ended: all its events are written.
-    proxy.wait_audit("the pipeline session's end", |e| {
-        e["event"] == "session.end" && e["requested"]["application_name"] == "pipeline"
-    });
+    // psycopg's own pipeline mode, as applications use it: it reads
+    // answers while it sends, so the statement after the failing one is
+    // either never sent or skipped by the server.
+    let script = r#"
+import sys, psycopg
+with psycopg.connect(sys.argv[1], autocommit=True) as conn:
+    try:
+        with conn.pipeline():
+            conn.execute("select %s::text", ["canary-pipe-3"])
+            conn.execute("select 1/0")
+            conn.execute("select %s::text", ["canary-pipe-4"])
+    except psycopg.errors.DivisionByZero:
+        print("22012")
+"#;
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            script,
+            &conninfo.replace(
+                "application_name=pipeline",
+                "application_name=psycopg-pipeline",
+            ),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "22012");
+
+    // The pipelines' sessions have ended: all their events are written.
+    for app in ["pipeline", "psycopg-pipeline"] {
+        proxy.wait_audit("the pipeline session's end", |e| {
+            e["event"] == "session.end" && e["requested"]["application_name"] == app
+        });
+    }
     let all = queries(&proxy);
     let brief: Vec<(String, String, String, String)> = all
         .iter()
@@ -192,9 +222,31 @@ print(" ".join(seen))
         .expect("the replication command");
     assert_eq!(walsender["protocol"], "replication", "{walsender}");
     assert_eq!(walsender["statement"], "IDENTIFY_SYSTEM", "{walsender}");
-    let piped: Vec<_> = brief[expected.len() + 1..].to_vec();
+    let of_app = |app: &str| -> Vec<(String, String, String, String)> {
+        all.iter()
+            .zip(&brief)
+            .filter(|(e, _)| e["requested"]["application_name"] == app)
+            .map(|(_, b)| b.clone())
+            .collect()
+    };
+    let hl = of_app("psycopg-pipeline");
+    assert!(hl.len() == 2 || hl.len() == 3, "{hl:#?}");
     assert_eq!(
-        piped,
+        hl[..2],
+        [
+            want("select $1::text", "extended", "SELECT", "ok"),
+            want("select $1/$2", "extended", "22012", "error"),
+        ],
+        "{hl:#?}"
+    );
+    if let Some(third) = hl.get(2) {
+        assert_eq!(
+            third,
+            &want("select $1::text", "extended", "-", "not_executed")
+        );
+    }
+    assert_eq!(
+        of_app("pipeline"),
         vec![
             want("select $1::text", "extended", "SELECT", "ok"),
             want("select $1/$2", "extended", "22012", "error"),
@@ -210,6 +262,22 @@ print(" ".join(seen))
     assert_eq!(all[7]["copy"], "out");
     assert!(all[0]["duration_us"].is_u64() && all[0]["started"].is_string());
     assert_eq!(all[0]["rule"], "audited");
+    // The session's own events say its statements were audited, and how
+    // many query events it has.
+    let qa_start = proxy.wait_audit("qa's start", |e| {
+        e["event"] == "session.start" && e["requested"]["application_name"] == "qa"
+    });
+    assert_eq!(qa_start["query_audit"]["mode"], "statements", "{qa_start}");
+    let qa_end = proxy.wait_audit("qa's end", |e| {
+        e["event"] == "session.end" && e["requested"]["application_name"] == "qa"
+    });
+    assert_eq!(
+        qa_end["query_audit"]["statements"],
+        of_app("qa").len(),
+        "{qa_end}"
+    );
+    assert_eq!(of_app("qa").len(), 9);
+    assert!(qa_end["query_audit"].get("stopped").is_none(), "{qa_end}");
     // No literal, parameter or COPY data anywhere in the audit file.
     let text = std::fs::read_to_string(&proxy.audit_log).unwrap();
     assert!(!text.contains("canary"), "{text}");
@@ -225,8 +293,13 @@ async fn without_audit_queries_there_are_no_query_events() {
     let (client, _conn) = proxy.client(&env, "application_name=plain").await.unwrap();
     client.simple_query("select 'x'").await.unwrap();
     drop(client);
-    proxy.wait_audit("the end", |e| e["event"] == "session.end");
+    let end = proxy.wait_audit("the end", |e| e["event"] == "session.end");
     assert!(queries(&proxy).is_empty());
+    // The relay that served it was the plain one: the session's events
+    // say no query audit ran (the same decision picks the relay path).
+    let start = proxy.wait_audit("the start", |e| e["event"] == "session.start");
+    assert!(start.get("query_audit").is_none(), "{start}");
+    assert!(end.get("query_audit").is_none(), "{end}");
 }
 
 /// With `on_failure = "refuse"`, a session whose statements can no longer

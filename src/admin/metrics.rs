@@ -190,6 +190,7 @@ impl Metrics {
                 facts,
                 upstream,
                 auth,
+                ..
             } => {
                 self.sessions_active
                     .get_or_create(&where_(&facts.listener, &upstream.name))

@@ -501,10 +501,19 @@ impl Session {
             auth_facts.server = leg.clone();
             auth_facts.client = leg;
         }
+        let mut query_audit =
+            (audit_queries == crate::policy::AuditQueries::Statements).then(|| {
+                crate::audit::QueryAuditFacts {
+                    mode: "statements",
+                    statements: None,
+                    stopped: None,
+                }
+            });
         self.shared.record(&Event::Start {
             facts: &self.facts,
             upstream: &upstream_facts,
             auth: &auth_facts,
+            query_audit: query_audit.as_ref(),
         });
         info!(
             user = %startup.user(),
@@ -563,8 +572,12 @@ impl Session {
                     queries.as_mut(),
                 )
                 .await;
-                if let Some(why) = queries.as_ref().and_then(|q| q.stopped()) {
-                    warn!(reason = why, "query audit stopped for this session");
+                if let (Some(q), Some(facts)) = (&queries, &mut query_audit) {
+                    facts.statements = Some(q.recorded());
+                    facts.stopped = q.stopped();
+                    if let Some(why) = q.stopped() {
+                        warn!(reason = why, "query audit stopped for this session");
+                    }
                 }
                 let hung_up = matches!(
                     end,
@@ -611,6 +624,10 @@ impl Session {
             client_to_server: auth.counts.client_to_server + counts.client_to_server,
             server_to_client: auth.counts.server_to_client + counts.server_to_client,
         };
+        if let Some(q) = &mut query_audit {
+            // Ended before the relay: no statement was run.
+            q.statements.get_or_insert(0);
+        }
         self.shared.record(&Event::End {
             facts: &self.facts,
             upstream: &upstream_facts,
@@ -620,6 +637,7 @@ impl Session {
             duration_ms: self.elapsed_ms(),
             end_reason,
             detail: detail.as_deref(),
+            query_audit: query_audit.as_ref(),
         });
         info!(
             reason = end_reason,
