@@ -10,8 +10,10 @@
 //! Pure: `client_bytes` and `server_bytes` take what the relay read; each
 //! finished statement is handed to the `emit` callback. Memory is bounded:
 //! only statement texts up to `MAX_STATEMENT` bytes and short server
-//! answers are buffered, and at most `MAX_PENDING` statements wait for
-//! their answers (past that, tracking stops for the session, and says so).
+//! answers are buffered, at most `MAX_HELD` bytes of statement text are
+//! held per session (prepared statements, queries awaiting answers), and
+//! at most `MAX_PENDING` statements wait for their answers (past that,
+//! tracking stops for the session, and says so).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -28,6 +30,11 @@ const MAX_ANSWER: usize = 16 * 1024;
 pub const MAX_PENDING: usize = 10_000;
 /// Prepared statements and portals remembered per session.
 const MAX_NAMES: usize = 10_000;
+/// Statement text one session's audit holds at once (its prepared
+/// statements, and its simple queries waiting for answers). Past it, new
+/// statements are recorded as unparsed, with their length: a client that
+/// prepares thousands of huge statements cannot make pgbastion keep them.
+pub const MAX_HELD: usize = 8 * 1024 * 1024;
 
 /// A statement as the audit records it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,6 +86,9 @@ pub struct QueryRecord {
 struct Waiting {
     record: QueryRecord,
     at: Instant,
+    /// Bytes of `MAX_HELD` this statement's text counts for (given back
+    /// when it is recorded).
+    held: usize,
 }
 
 enum Pending {
@@ -184,6 +194,8 @@ pub struct QueryTracker {
     stopped: Option<&'static str>,
     /// Records handed to `emit`.
     recorded: u64,
+    /// Statement text held, against `MAX_HELD`.
+    held: usize,
     /// Hands a record on; false: it could not be kept and the session
     /// must not go on (see `lost`).
     emit: Box<dyn FnMut(QueryRecord) -> bool + Send>,
@@ -215,6 +227,7 @@ impl QueryTracker {
             lost: false,
             stopped: None,
             recorded: 0,
+            held: 0,
             emit,
         }
     }
@@ -279,6 +292,34 @@ impl QueryTracker {
         self.pending.clear();
         self.prepared.clear();
         self.portals.clear();
+        self.held = 0;
+    }
+
+    /// Counts `s` against `MAX_HELD`, or, past it, keeps only its length.
+    /// Returns the statement to keep and the bytes it counts for.
+    fn hold(&mut self, s: Statement) -> (Statement, usize) {
+        match s {
+            Statement::Text(t) if self.held + t.len() > MAX_HELD => (
+                Statement::Unparsed {
+                    len: t.len(),
+                    why: "over the session's query audit memory bound",
+                },
+                0,
+            ),
+            Statement::Text(t) => {
+                self.held += t.len();
+                let n = t.len();
+                (Statement::Text(t), n)
+            }
+            other => (other, 0),
+        }
+    }
+
+    /// A prepared statement is forgotten (closed, or replaced).
+    fn forget(&mut self, s: Option<Statement>) {
+        if let Some(Statement::Text(t)) = s {
+            self.held = self.held.saturating_sub(t.len());
+        }
     }
 
     fn statement(&self, text: &[u8], len: usize, cut: bool) -> Statement {
@@ -333,6 +374,7 @@ impl QueryTracker {
                 outcome: "ok",
             },
             at: Instant::now(),
+            held: 0,
         }
     }
 
@@ -341,12 +383,15 @@ impl QueryTracker {
             b'Q' => {
                 let text = body.strip_suffix(&[0]).unwrap_or(body);
                 let s = self.statement(text, len, cut);
+                let (s, held) = self.hold(s);
                 let protocol = if self.replication {
                     Protocol::Replication
                 } else {
                     Protocol::Simple
                 };
-                self.push(Pending::Simple(Self::waiting(s, protocol)));
+                let mut w = Self::waiting(s, protocol);
+                w.held = held;
+                self.push(Pending::Simple(w));
             }
             b'P' => {
                 // name \0 query \0 (parameter types follow).
@@ -358,6 +403,9 @@ impl QueryTracker {
                     None => Statement::Unknown,
                 };
                 if self.prepared.len() < MAX_NAMES || self.prepared.contains_key(&name) {
+                    let old = self.prepared.remove(&name);
+                    self.forget(old);
+                    let (s, _) = self.hold(s);
                     self.prepared.insert(name, s);
                 }
             }
@@ -397,7 +445,8 @@ impl QueryTracker {
                         .into_owned();
                     match kind {
                         b'S' => {
-                            self.prepared.remove(&name);
+                            let old = self.prepared.remove(&name);
+                            self.forget(old);
                         }
                         b'P' => {
                             self.portals.remove(&name);
@@ -422,6 +471,7 @@ impl QueryTracker {
 
     fn finish(&mut self, mut w: Waiting) {
         w.record.duration = w.at.elapsed();
+        self.held = self.held.saturating_sub(w.held);
         self.recorded += 1;
         if !(self.emit)(w.record) {
             self.lost = true;
@@ -835,6 +885,50 @@ mod tests {
             "{:?}",
             seen[1]
         );
+    }
+
+    #[test]
+    fn held_statement_text_is_bounded() {
+        let (mut t, seen) = tracker();
+        let big = format!("select {}", "x, ".repeat(60_000));
+        let parse = |name: &str| msg(b'P', &[cstr(name), cstr(&big), vec![0, 0]].concat());
+        let run = |name: &str| {
+            [
+                msg(b'B', &[cstr(""), cstr(name), vec![0; 6]].concat()),
+                msg(b'E', &[cstr(""), vec![0, 0, 0, 0]].concat()),
+                msg(b'S', b""),
+            ]
+            .concat()
+        };
+        let fit = MAX_HELD / big.len();
+        for i in 0..=fit {
+            t.client_bytes(&parse(&format!("s{i}")));
+        }
+        assert!(t.held <= MAX_HELD);
+        let answer = [msg(b'C', &cstr("SELECT 0")), msg(b'Z', b"I")].concat();
+        t.client_bytes(&run("s0"));
+        t.server_bytes(&answer);
+        t.client_bytes(&run(&format!("s{fit}")));
+        t.server_bytes(&answer);
+        // Closing one makes room again.
+        t.client_bytes(&msg(b'C', &[b"S".to_vec(), cstr("s0")].concat()));
+        t.client_bytes(&parse("again"));
+        t.client_bytes(&run("again"));
+        t.server_bytes(&answer);
+        let seen = seen.lock().unwrap();
+        assert!(matches!(seen[0].statement, Statement::Text(_)));
+        assert!(
+            matches!(
+                seen[1].statement,
+                Statement::Unparsed {
+                    why: "over the session's query audit memory bound",
+                    ..
+                }
+            ),
+            "{:?}",
+            seen[1].outcome
+        );
+        assert!(matches!(seen[2].statement, Statement::Text(_)));
     }
 
     #[test]
