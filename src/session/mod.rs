@@ -501,14 +501,13 @@ impl Session {
             auth_facts.server = leg.clone();
             auth_facts.client = leg;
         }
-        let mut query_audit =
-            (audit_queries == crate::policy::AuditQueries::Statements).then(|| {
-                crate::audit::QueryAuditFacts {
-                    mode: "statements",
-                    statements: None,
-                    stopped: None,
-                }
-            });
+        let mut query_audit = (audit_queries == crate::policy::AuditQueries::Statements).then_some(
+            crate::audit::QueryAuditFacts {
+                mode: "statements",
+                statements: None,
+                stopped: None,
+            },
+        );
         self.shared.record(&Event::Start {
             facts: &self.facts,
             upstream: &upstream_facts,
