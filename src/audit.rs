@@ -344,7 +344,7 @@ fn open_sink(
     chain: &Arc<Mutex<Chain>>,
     resume: bool,
 ) -> std::io::Result<Option<Sink>> {
-    let chained = |t| Sink::spawn_chained("audit", t, QUEUE_LINES, Some(chain.clone()));
+    let chained = |t| Sink::spawn_audit(t, QUEUE_LINES, chain.clone());
     Ok(match target {
         AuditTarget::Off => None,
         AuditTarget::Stdout => Some(chained(SinkTarget::Stdout)?),

@@ -68,16 +68,27 @@ impl Sink {
     /// Opens the target (a file that cannot be opened is an error now, not
     /// later) and starts the writer thread.
     pub fn spawn(name: &str, target: SinkTarget, capacity: usize) -> io::Result<Sink> {
-        Sink::spawn_chained(name, target, capacity, None)
+        Sink::start(name, target, capacity, None, Duration::ZERO)
     }
 
-    /// The same, stamping each line with `chain` (the audit log) as it is
-    /// written, so the chain holds exactly the lines that reached the file.
-    pub fn spawn_chained(
+    /// The audit log's writer: it stamps each line with `chain` as it is
+    /// written, so the chain holds exactly the lines that reached the file,
+    /// and gathers lines for `LINGER` before a write (a line a statement
+    /// with the query audit: the one sink busy enough to need it).
+    pub fn spawn_audit(
+        target: SinkTarget,
+        capacity: usize,
+        chain: Arc<Mutex<Chain>>,
+    ) -> io::Result<Sink> {
+        Sink::start("audit", target, capacity, Some(chain), LINGER)
+    }
+
+    fn start(
         name: &str,
         target: SinkTarget,
         capacity: usize,
         chain: Option<Arc<Mutex<Chain>>>,
+        linger: Duration,
     ) -> io::Result<Sink> {
         let out = open(&target)?;
         let (tx, rx) = sync_channel(capacity);
@@ -93,7 +104,7 @@ impl Sink {
         let thread_state = state.clone();
         std::thread::Builder::new()
             .name(format!("pgbastion-{name}"))
-            .spawn(move || write_loop(rx, out, target, thread_state, chain))?;
+            .spawn(move || write_loop(rx, out, target, thread_state, chain, linger))?;
         Ok(Sink { tx, state })
     }
 
@@ -175,12 +186,13 @@ fn append(path: &PathBuf) -> io::Result<File> {
 /// together go out in one write instead of one system call each.
 const BATCH_BYTES: usize = 64 * 1024;
 
-/// Once a line arrives at an idle writer, the writer waits this long for
-/// more before writing. A session that queues a line then finds the writer
-/// asleep rather than parked on the queue, so it pays no wake-up, and the
-/// writer makes one system call per batch instead of one per line: with
-/// the query audit (a line per statement) this is most of what a line
-/// costs. An audit line reaches its file at most this much later.
+/// Once a line arrives, the audit writer waits this long for more before
+/// writing (unless its last batch was full: then it writes at once). A
+/// session that queues a line then finds the writer asleep rather than
+/// parked on the queue, so it pays no wake-up, and the writer makes one
+/// system call per batch instead of one per line: with the query audit (a
+/// line per statement) this is most of what a line costs. An audit line
+/// reaches its file at most this much later.
 const LINGER: Duration = Duration::from_millis(2);
 
 fn write_loop(
@@ -189,26 +201,25 @@ fn write_loop(
     target: SinkTarget,
     state: Arc<State>,
     chain: Option<Arc<Mutex<Chain>>>,
+    linger: Duration,
 ) {
     // A message taken while gathering a batch, handled after it.
     let mut carried: Option<Msg> = None;
+    // The last batch was full: lines are coming faster than a linger
+    // gathers, so the next batch is written at once.
+    let mut busy = false;
     loop {
-        let (msg, waited) = match carried.take() {
-            Some(m) => (m, false),
-            // Lines already waiting (under load) are written at once.
-            None => match rx.try_recv() {
-                Ok(m) => (m, false),
-                Err(std::sync::mpsc::TryRecvError::Disconnected) => return,
-                Err(std::sync::mpsc::TryRecvError::Empty) => match rx.recv() {
-                    Ok(m) => (m, true),
-                    Err(_) => return,
-                },
+        let msg = match carried.take() {
+            Some(m) => m,
+            None => match rx.recv() {
+                Ok(m) => m,
+                Err(_) => return,
             },
         };
         match msg {
             Msg::Line(first) => {
-                if waited {
-                    std::thread::sleep(LINGER);
+                if !busy && !linger.is_zero() {
+                    std::thread::sleep(linger);
                 }
                 let mut lines = vec![first];
                 let mut bytes = lines[0].len();
@@ -225,6 +236,7 @@ fn write_loop(
                         Err(_) => break,
                     }
                 }
+                busy = bytes >= BATCH_BYTES;
                 write_batch(&mut out, &lines, &state, chain.as_deref());
             }
             Msg::Drain(ack) => {
@@ -327,6 +339,58 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Sink {
 mod tests {
     use super::*;
 
+    /// Records the size of every write it is given.
+    struct Writes(Arc<Mutex<Vec<usize>>>);
+
+    impl Write for Writes {
+        fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().push(data.len());
+            Ok(data.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Lines queued while the audit writer lingers go out in one write,
+    /// stamped in order.
+    #[test]
+    fn the_audit_writer_gathers_lines_into_one_write() {
+        let writes = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = sync_channel(16);
+        let state = Arc::new(State {
+            queued: AtomicUsize::new(0),
+            capacity: 16,
+            dropped: AtomicU64::new(0),
+            written: AtomicU64::new(0),
+            failing: AtomicBool::new(false),
+            writing_since: AtomicU64::new(0),
+            epoch: Instant::now(),
+        });
+        let chain = Arc::new(Mutex::new(Chain::new(crate::audit_chain::Digest::Sha256)));
+        let (s, w, c) = (state.clone(), writes.clone(), chain.clone());
+        std::thread::spawn(move || {
+            write_loop(
+                rx,
+                Box::new(Writes(w)),
+                SinkTarget::Stdout,
+                s,
+                Some(c),
+                Duration::from_millis(200),
+            )
+        });
+        let sink = Sink { tx, state };
+        for i in 0..5 {
+            assert!(sink.try_write(format!("{{\"n\":{i}}}\n").into_bytes()));
+        }
+        assert!(sink.drain(Duration::from_secs(10)));
+        assert_eq!(writes.lock().unwrap().len(), 1, "{:?}", writes.lock());
+        assert_eq!(sink.written(), 5);
+        let stamped = chain.lock().unwrap().clone();
+        assert!(format!("{:?}", stamped).contains("seq: 5"), "{stamped:?}");
+    }
+
     #[test]
     fn writes_lines_in_order_and_reopens() {
         let dir = tempfile::tempdir().unwrap();
@@ -379,7 +443,16 @@ mod tests {
             epoch: Instant::now(),
         });
         let s = state.clone();
-        std::thread::spawn(move || write_loop(rx, Box::new(writer), SinkTarget::Stdout, s, None));
+        std::thread::spawn(move || {
+            write_loop(
+                rx,
+                Box::new(writer),
+                SinkTarget::Stdout,
+                s,
+                None,
+                Duration::ZERO,
+            )
+        });
         let sink = Sink { tx, state };
         let big = vec![b'x'; 64 * 1024];
         let mut refused = 0;

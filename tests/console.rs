@@ -151,17 +151,23 @@ async fn admins_list_and_kill_sessions_and_reload() {
     let out = tokio::task::block_in_place(|| console(&bob, "SHOW VERSION"));
     assert!(out.status.success(), "{}", stderr(&out));
 
-    // Every command is audited with who ran it.
-    let ran: Vec<(String, String)> = events()
-        .iter()
-        .filter(|e| e["event"] == "console.command")
-        .map(|e| {
-            (
-                e["identity"]["name"].as_str().unwrap_or("").to_owned(),
-                e["command"].as_str().unwrap_or("").to_owned(),
-            )
-        })
-        .collect();
+    // Every command is audited with who ran it (bob's, the last, once
+    // the audit writer has written it).
+    let ran = wait_for("bob's command audited", Duration::from_secs(10), || {
+        let ran: Vec<(String, String)> = events()
+            .iter()
+            .filter(|e| e["event"] == "console.command")
+            .map(|e| {
+                (
+                    e["identity"]["name"].as_str().unwrap_or("").to_owned(),
+                    e["command"].as_str().unwrap_or("").to_owned(),
+                )
+            })
+            .collect();
+        ran.iter()
+            .any(|(who, _)| who == "bob@example.com")
+            .then_some(ran)
+    });
     assert!(
         ran.contains(&("alice@example.com".into(), format!("KILL '{id}'"))),
         "{ran:?}"
