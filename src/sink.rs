@@ -73,8 +73,8 @@ impl Sink {
 
     /// The audit log's writer: it stamps each line with `chain` as it is
     /// written, so the chain holds exactly the lines that reached the file,
-    /// and gathers lines for `LINGER` before a write (a line a statement
-    /// with the query audit: the one sink busy enough to need it).
+    /// and gathers lines for `LINGER` before a write (with the query audit
+    /// it gets a line per statement: the one sink busy enough to need it).
     pub fn spawn_audit(
         target: SinkTarget,
         capacity: usize,
@@ -91,6 +91,19 @@ impl Sink {
         linger: Duration,
     ) -> io::Result<Sink> {
         let out = open(&target)?;
+        Sink::writing_to(name, out, target, capacity, chain, linger)
+    }
+
+    /// Starts the writer thread on `out`, which is already open (`target`
+    /// says what reopening it means).
+    fn writing_to(
+        name: &str,
+        out: Box<dyn Write + Send>,
+        target: SinkTarget,
+        capacity: usize,
+        chain: Option<Arc<Mutex<Chain>>>,
+        linger: Duration,
+    ) -> io::Result<Sink> {
         let (tx, rx) = sync_channel(capacity);
         let state = Arc::new(State {
             queued: AtomicUsize::new(0),
@@ -358,29 +371,16 @@ mod tests {
     #[test]
     fn the_audit_writer_gathers_lines_into_one_write() {
         let writes = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = sync_channel(16);
-        let state = Arc::new(State {
-            queued: AtomicUsize::new(0),
-            capacity: 16,
-            dropped: AtomicU64::new(0),
-            written: AtomicU64::new(0),
-            failing: AtomicBool::new(false),
-            writing_since: AtomicU64::new(0),
-            epoch: Instant::now(),
-        });
         let chain = Arc::new(Mutex::new(Chain::new(crate::audit_chain::Digest::Sha256)));
-        let (s, w, c) = (state.clone(), writes.clone(), chain.clone());
-        std::thread::spawn(move || {
-            write_loop(
-                rx,
-                Box::new(Writes(w)),
-                SinkTarget::Stdout,
-                s,
-                Some(c),
-                Duration::from_millis(200),
-            )
-        });
-        let sink = Sink { tx, state };
+        let sink = Sink::writing_to(
+            "test",
+            Box::new(Writes(writes.clone())),
+            SinkTarget::Stdout,
+            16,
+            Some(chain.clone()),
+            Duration::from_millis(200),
+        )
+        .unwrap();
         for i in 0..5 {
             assert!(sink.try_write(format!("{{\"n\":{i}}}\n").into_bytes()));
         }
@@ -432,28 +432,15 @@ mod tests {
         // A pipe nobody reads: the writer blocks on it once its buffer is
         // full, and the queue fills up behind it.
         let (reader, writer) = std::io::pipe().unwrap();
-        let (tx, rx) = sync_channel(4);
-        let state = Arc::new(State {
-            queued: AtomicUsize::new(0),
-            capacity: 4,
-            dropped: AtomicU64::new(0),
-            written: AtomicU64::new(0),
-            failing: AtomicBool::new(false),
-            writing_since: AtomicU64::new(0),
-            epoch: Instant::now(),
-        });
-        let s = state.clone();
-        std::thread::spawn(move || {
-            write_loop(
-                rx,
-                Box::new(writer),
-                SinkTarget::Stdout,
-                s,
-                None,
-                Duration::ZERO,
-            )
-        });
-        let sink = Sink { tx, state };
+        let sink = Sink::writing_to(
+            "test",
+            Box::new(writer),
+            SinkTarget::Stdout,
+            4,
+            None,
+            Duration::ZERO,
+        )
+        .unwrap();
         let big = vec![b'x'; 64 * 1024];
         let mut refused = 0;
         let start = Instant::now();

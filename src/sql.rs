@@ -18,9 +18,9 @@
 //! `pg_stat_statements`', which replaces only the constants of plannable
 //! statements: `COMMENT ... IS '...'`, `COPY ... FROM '...'`, `ALTER
 //! SYSTEM SET ... = '...'`, `PREPARE ... AS SELECT '...'`, column defaults
-//! and comments keep their text, and it reads backslashes as
-//! standard_conforming_strings = on does whatever the session set. Each of
-//! those is a test below.
+//! and comments keep their text; and it reads backslashes as
+//! standard_conforming_strings = on does, whatever the session has set.
+//! Each of those is a test below.
 //!
 //! Pure, and fuzzed (`fuzz/fuzz_targets/normalize.rs`).
 
