@@ -862,6 +862,57 @@ impl Config {
     }
 }
 
+/// Paths where distributions keep the public CA bundle: a `client_ca` there
+/// trusts certificates anyone can buy for their own names.
+const SYSTEM_CA_BUNDLES: [&str; 5] = [
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/ca-bundle.pem",
+    "/etc/ssl/cert.pem",
+    "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",
+];
+
+/// More CAs than a private PKI has: the file looks like a public bundle.
+const PUBLIC_BUNDLE_MIN_CAS: usize = 20;
+
+impl Config {
+    /// Settings that are valid but probably not what the operator meant;
+    /// `check-config` prints them and `run` logs them. Reads the client CA
+    /// files (a file that cannot be read is an error elsewhere, not here).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        for l in &self.listeners {
+            let ListenerIdentity::ClientCert { ca_file, .. } = &l.identity else {
+                continue;
+            };
+            let cas = std::fs::read_to_string(ca_file)
+                .map(|t| t.matches("-----BEGIN CERTIFICATE-----").count())
+                .unwrap_or(0);
+            let canonical = std::fs::canonicalize(ca_file).unwrap_or_else(|_| ca_file.clone());
+            let public = SYSTEM_CA_BUNDLES
+                .iter()
+                .any(|b| canonical == Path::new(b) || ca_file == Path::new(b))
+                || cas >= PUBLIC_BUNDLE_MIN_CAS;
+            let trusting_rule = self.policy.rules().iter().find(|r| {
+                (r.login == Login::Identity || r.admin)
+                    && r.listeners.as_ref().is_none_or(|ls| ls.contains(&l.name))
+            });
+            if let (true, Some(r)) = (public, trusting_rule) {
+                warnings.push(format!(
+                    "listener {:?}: client_ca {} holds {cas} CA certificates and looks like a public \
+                     system bundle, yet rule {:?} logs its clients in by certificate alone or opens \
+                     the console: anyone who can buy a certificate for a matching name gets in; use \
+                     the CA of your own PKI",
+                    l.name,
+                    ca_file.display(),
+                    r.name
+                ));
+            }
+        }
+        warnings
+    }
+}
+
 /// The flag-only form of `pgbastion run`, for the one-upstream case.
 #[derive(Debug, Clone, Default)]
 pub struct Flags {
@@ -1192,6 +1243,33 @@ impl RawConfig {
                     r.name, l.name
                 )));
             }
+            if let Some(l) = listeners
+                .iter()
+                .filter(|l| r.listeners.as_ref().is_none_or(|ls| ls.contains(&l.name)))
+                .find(|l| identity_forgeable_by_proxy_header(l))
+            {
+                let admits_tailnet = r
+                    .sources
+                    .as_ref()
+                    .is_none_or(|s| s.contains(&IdentitySource::Tailscale));
+                if admits_tailnet {
+                    return Err(invalid(format!(
+                        "rule {:?}: {what} could let in a client of listener {:?}, whose tailnet identity \
+                         is looked up from the PROXY header's address and proxy_trusted ({}) admits senders \
+                         beyond a few known hosts, any of which could claim a tailnet address; list only \
+                         the balancers' or tailscaled's own addresses (networks of at most {} addresses) in \
+                         proxy_trusted, or limit the rule with listeners = [...]",
+                        r.name,
+                        l.name,
+                        l.proxy_trusted
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        MAX_TRUSTED_PROXY_ADDRESSES
+                    )));
+                }
+            }
             if r.login == Login::Identity && credentials.is_empty() {
                 return Err(invalid(format!(
                     "rule {:?}: login = \"identity\" needs [[credential]] sections (what pgbastion logs in with)",
@@ -1227,6 +1305,27 @@ impl RawConfig {
             cluster: self.cluster.map(RawCluster::validate).transpose()?,
         })
     }
+}
+
+/// The largest network `proxy_trusted` may name on a listener whose
+/// identity comes from the PROXY header's address (256: a /24 or an IPv6
+/// /120), for rules that log in without a password or open the console.
+pub const MAX_TRUSTED_PROXY_ADDRESSES: u32 = 256;
+
+/// Whether anyone in `proxy_trusted` could forge a client's identity: on a
+/// tailscale listener the PROXY header's source address is what WhoIs is
+/// asked about, so every trusted sender can claim to be any tailnet peer.
+/// A few named hosts (the balancers, `tailscale serve` on this host) are a
+/// deliberate choice; a broad network is a mistake waiting for a stranger.
+fn identity_forgeable_by_proxy_header(l: &ListenerConfig) -> bool {
+    matches!(l.identity, ListenerIdentity::Tailscale)
+        && l.proxy_protocol == ProxyProtocol::Required
+        && l.proxy_trusted.iter().any(|net| {
+            let host_bits = net.max_prefix_len() - net.prefix_len();
+            // Loopback is this host, however wide it is written.
+            !net.network().is_loopback()
+                && host_bits > MAX_TRUSTED_PROXY_ADDRESSES.trailing_zeros() as u8
+        })
 }
 
 fn check_unique<'a>(names: impl Iterator<Item = &'a str>, what: &str) -> Result<(), ConfigError> {
@@ -1722,6 +1821,82 @@ mod credential_tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("magic"), "{err}");
+    }
+
+    /// Issue 19 item 7: a tailnet identity looked up from a PROXY header
+    /// that anyone in 0.0.0.0/0 may send is no identity.
+    #[test]
+    fn identity_and_admin_rules_refuse_a_forgeable_proxy_header() {
+        let tailnet = |trusted: &str| {
+            format!(
+                "[[listener]]\nname = \"ts\"\nlisten = \"127.0.0.1:6434\"\nidentity = \"tailscale\"\n\
+                 proxy_protocol = \"required\"\nproxy_trusted = [{trusted}]\n"
+            )
+        };
+        let cred = "[[credential]]\nuser = \"app\"\npassword_file = \"pw\"\n";
+        for rule in [
+            format!("[[rule]]\nname = \"r\"\nlisteners = [\"ts\"]\nlogin = \"identity\"\n{cred}"),
+            "[[rule]]\nname = \"r\"\nlisteners = [\"ts\"]\nadmin = true\n".to_owned(),
+        ] {
+            for broad in [
+                "\"0.0.0.0/0\"",
+                "\"10.0.0.0/8\"",
+                "\"127.0.0.1/32\", \"::/0\"",
+            ] {
+                let err = with(&format!("{}{rule}", tailnet(broad)))
+                    .unwrap_err()
+                    .to_string();
+                assert!(
+                    err.contains("rule \"r\"")
+                        && err.contains("listener \"ts\"")
+                        && err.contains("PROXY header"),
+                    "{broad}: {err}"
+                );
+            }
+            // Named hosts (a balancer pair, tailscaled on this host): a choice.
+            for narrow in ["\"127.0.0.0/8\"", "\"192.0.2.0/24\", \"2001:db8::1/128\""] {
+                with(&format!("{}{rule}", tailnet(narrow))).unwrap();
+            }
+        }
+        // A password login through the same listener is not refused.
+        with(&format!(
+            "{}[[rule]]\nlisteners = [\"ts\"]\n",
+            tailnet("\"0.0.0.0/0\"")
+        ))
+        .unwrap();
+    }
+
+    /// Issue 19 item 7: a client CA that is a public bundle, with a rule
+    /// that trusts the certificate alone, is warned about.
+    #[test]
+    fn a_public_client_ca_with_identity_login_is_warned_about() {
+        let dir = tempfile::tempdir().unwrap();
+        let bundle = dir.path().join("bundle.pem");
+        let one = "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n";
+        std::fs::write(&bundle, one.repeat(PUBLIC_BUNDLE_MIN_CAS)).unwrap();
+        let private = dir.path().join("people.pem");
+        std::fs::write(&private, one.repeat(2)).unwrap();
+        let config = |ca: &Path, rule: &str| {
+            Config::from_toml(&format!(
+                "{}\n[[listener]]\nname = \"pub\"\nlisten = \"127.0.0.1:6435\"\n\
+                 identity = \"client_cert\"\nclient_ca = \"{}\"\n{rule}",
+                BASE,
+                ca.display()
+            ))
+            .unwrap()
+        };
+        let admin = "[[rule]]\nname = \"ops\"\nlisteners = [\"pub\"]\nadmin = true\n";
+        let warnings = config(&bundle, admin).warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("listener \"pub\"")
+                && warnings[0].contains("public")
+                && warnings[0].contains("rule \"ops\""),
+            "{warnings:?}"
+        );
+        assert!(config(&private, admin).warnings().is_empty());
+        let password_only = "[[rule]]\nname = \"ops\"\nlisteners = [\"pub\"]\n";
+        assert!(config(&bundle, password_only).warnings().is_empty());
     }
 
     #[test]

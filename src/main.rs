@@ -304,6 +304,9 @@ async fn run(args: RunArgs) -> Result<()> {
     let config_path = args.config.clone();
     let config = load_run_config(args)?;
     check_open_files(&config);
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
     let initial = config.clone();
     let server = Server::bind(config).await?;
     for (name, addr) in server.local_addrs() {
@@ -436,6 +439,9 @@ fn check_config(path: PathBuf) -> Result<()> {
     let config = Config::from_file(&path)?;
     server::check(&config).with_context(|| format!("{} is not usable", path.display()))?;
     println!("{}: OK", path.display());
+    for warning in config.warnings() {
+        println!("  warning: {warning}");
+    }
     for l in &config.listeners {
         println!(
             "  listener {:?} on {} (client TLS: {:?}) -> upstream {:?}",

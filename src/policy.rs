@@ -144,6 +144,11 @@ struct Grant {
 }
 
 impl Policy {
+    /// The rules, in order (for checks across sections, e.g. config warnings).
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
     /// Checks rules for mistakes a user can fix, and names unnamed rules.
     pub fn new(mut rules: Vec<Rule>) -> Result<Policy, String> {
         for (i, r) in rules.iter_mut().enumerate() {

@@ -124,6 +124,74 @@ users = ["app_ro"]
     });
 }
 
+/// Issue 19 item 6: a listener that selects only SAN emails matches rules
+/// on SAN emails only. A certificate whose email is bob's but whose subject
+/// CN (free text in a signing request) reads "ops@example.com" is bob.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_match_only_the_names_cert_identity_selects() {
+    let env = Env::new();
+    create_app_roles(&env).await;
+    let dir = env.dir.path();
+    let people = Ca::new("people CA").unwrap();
+    let people_ca = people.write_cert(dir, "people-ca").unwrap();
+    let ops = person(&people, dir, "ops");
+    let mut p = rcgen::CertificateParams::default();
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, "ops@example.com");
+    p.subject_alt_names = vec![rcgen::SanType::Rfc822Name(
+        "bob@example.com".try_into().unwrap(),
+    )];
+    let bob_as_ops = people.issue(p).unwrap().write(dir, "bob-as-ops").unwrap();
+    let proxy = Proxy::start_toml(&format!(
+        r#"{tls}
+[[listener]]
+name = "mtls"
+listen = "127.0.0.1:0"
+identity = "client_cert"
+client_ca = "{ca}"
+cert_identity = ["email"]
+{upstream}
+[[rule]]
+name = "ops"
+names = ["ops@example.com"]
+databases = ["app"]
+users = ["app_rw"]
+"#,
+        tls = env.tls_toml(),
+        ca = people_ca.display(),
+        upstream = env.upstream_toml()
+    ));
+    let conn = |who: &(PathBuf, PathBuf)| {
+        format!(
+            "host=localhost port={} dbname=app user=app_rw sslmode=verify-full sslrootcert={} channel_binding=disable sslcert={} sslkey={}",
+            proxy.addr().port(),
+            env.proxy_ca.display(),
+            who.0.display(),
+            who.1.display()
+        )
+    };
+    let out = env.psql(&conn(&ops), "select current_user");
+    assert!(out.status.success(), "ops: {}", stderr(&out));
+    let out = env.psql(&conn(&bob_as_ops), "select current_user");
+    assert!(
+        !out.status.success(),
+        "bob's certificate must not pass as ops"
+    );
+    assert!(
+        stderr(&out).contains("policy does not allow certificate \"bob@example.com\""),
+        "{}",
+        stderr(&out)
+    );
+    let denied = proxy.wait_audit("bob's refusal", |e| {
+        e["event"] == "session.rejected" && e["identity"]["name"] == "bob@example.com"
+    });
+    assert_eq!(denied["reason"], "policy_denied");
+    assert_eq!(
+        denied["identity"]["cert_names"],
+        serde_json::json!(["bob@example.com"])
+    );
+}
+
 /// A LocalAPI stand-in: answers `GET /localapi/v0/whois?addr=IP:PORT` with
 /// the WhoIs JSON for the peer's IP, 404 for unknown peers, and 403 when
 /// the request lacks the headers tailscaled insists on.
@@ -384,6 +452,45 @@ async fn localapi_down_means_refusal() {
     );
     let ev = proxy.wait_audit("refusal", |e| e["event"] == "session.rejected");
     assert_eq!(ev["reason"], "identity_failed");
+}
+
+/// Issue 19 item 16: PostgreSQL cuts role and database names to 63 bytes,
+/// so a deny rule on a 63-byte role name must also catch the same name
+/// with anything appended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlong_names_are_matched_as_the_server_truncates_them() {
+    let env = Env::new();
+    let role = format!("r{}", "x".repeat(62));
+    assert_eq!(role.len(), 63);
+    let direct = env.direct_client().await;
+    direct
+        .batch_execute(&format!(
+            "create role {role} login password '{}'",
+            env.pg.password
+        ))
+        .await
+        .unwrap();
+    let proxy = env.proxy_with(
+        "client_tls = \"allow\"",
+        &format!(
+            "[[rule]]\nname = \"no-r\"\naction = \"deny\"\nusers = [\"{role}\"]\n\
+             [[rule]]\nname = \"rest\"\n"
+        ),
+    );
+    let pw = env.pg.password.as_str();
+    for sent in [role.clone(), format!("{role}-padding")] {
+        let e = connect_from(proxy.addr(), "127.0.0.1", &sent, "postgres", pw, "x")
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{sent} must be denied"));
+        let text = refusal_text(&e);
+        assert!(text.ends_with(&format!("as user \"{role}\"")), "{text}");
+    }
+    let denied = proxy.wait_audit_count("two refusals", 2, |e| e["event"] == "session.rejected");
+    for e in denied {
+        assert_eq!(e["requested"]["user"], role.as_str());
+        assert_eq!(e["rule"], "no-r");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

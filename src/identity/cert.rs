@@ -27,7 +27,14 @@ pub const DEFAULT_ORDER: [CertName; 4] =
     [CertName::Uri, CertName::Dns, CertName::Email, CertName::Cn];
 
 /// Returns the identity name (the first name of the first kind in `order`
-/// the certificate has) and every name it carries.
+/// the certificate has) and the names rules may match: every name of the
+/// kinds `order` selects, in that order.
+///
+/// Kinds the listener did not select are left out on purpose: a subject CN
+/// is free text in a certificate signing request, so a CA that vouches only
+/// for the SAN email may still sign whatever CN the requester wrote. A rule
+/// naming `ops@example.com` must not match a certificate whose email is
+/// `bob@example.com` because its CN says `ops@example.com`.
 pub fn names(der: &[u8], order: &[CertName]) -> Result<(String, Vec<String>), IdentityError> {
     let (_, cert) =
         X509Certificate::from_der(der).map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
@@ -47,22 +54,19 @@ pub fn names(der: &[u8], order: &[CertName]) -> Result<(String, Vec<String>), Id
             found.push((CertName::Cn, s.to_owned()));
         }
     }
-    let primary = order
-        .iter()
-        .find_map(|kind| {
-            found
-                .iter()
-                .find(|(k, _)| k == kind)
-                .map(|(_, n)| n.clone())
-        })
-        .ok_or(IdentityError::NoCertificateName)?;
-    let mut all: Vec<String> = Vec::new();
-    for (_, n) in found {
-        if !all.contains(&n) {
-            all.push(n);
+    let mut selected: Vec<String> = Vec::new();
+    for kind in order {
+        for (_, n) in found.iter().filter(|(k, _)| k == kind) {
+            if !selected.contains(n) {
+                selected.push(n.clone());
+            }
         }
     }
-    Ok((primary, all))
+    let primary = selected
+        .first()
+        .cloned()
+        .ok_or(IdentityError::NoCertificateName)?;
+    Ok((primary, selected))
 }
 
 /// The subject common name, if any (for the PROXY protocol's SSL TLV).
@@ -126,5 +130,29 @@ mod tests {
             names(b"not a certificate", &DEFAULT_ORDER),
             Err(IdentityError::BadCertificate(_))
         ));
+    }
+
+    /// Issue 19 item 6: with `cert_identity = ["email"]`, a CN that reads
+    /// like another user's email is not a name rules can match.
+    #[test]
+    fn only_selected_kinds_are_names() {
+        let mut p = CertificateParams::default();
+        p.distinguished_name
+            .push(DnType::CommonName, "ops@example.com");
+        p.subject_alt_names = vec![
+            SanType::Rfc822Name("bob@example.com".try_into().unwrap()),
+            SanType::DnsName("bob.example.com".try_into().unwrap()),
+        ];
+        let der = der_of(p);
+        let (name, all) = names(&der, &[CertName::Email]).unwrap();
+        assert_eq!(name, "bob@example.com");
+        assert_eq!(all, vec!["bob@example.com".to_owned()]);
+        let (_, all) = names(&der, &[CertName::Dns, CertName::Email]).unwrap();
+        assert_eq!(all, vec!["bob.example.com", "bob@example.com"]);
+        let (_, all) = names(&der, &DEFAULT_ORDER).unwrap();
+        assert_eq!(
+            all,
+            vec!["bob.example.com", "bob@example.com", "ops@example.com"]
+        );
     }
 }

@@ -273,15 +273,45 @@ fn parse_startup(code: u32, rest: &[u8], packet: &[u8]) -> Result<StartupPacket,
             minor: version.minor,
         });
     }
-    let params = parse_params(rest)?;
+    let mut params = parse_params(rest)?;
     if !params.iter().any(|(k, _)| k == "user") {
         return Err(StartupError::MissingUser);
+    }
+    let mut truncated = false;
+    for (k, v) in params.iter_mut() {
+        if k == "user" || k == "database" {
+            truncated |= truncate_name(v);
+        }
+    }
+    if truncated {
+        // Forward what policy checked, so the server has nothing left to
+        // truncate and acts on exactly the name the rules saw.
+        return Ok(StartupPacket::Startup(StartupMessage::new(version, params)));
     }
     Ok(StartupPacket::Startup(StartupMessage {
         version,
         params,
         raw: packet.to_vec(),
     }))
+}
+
+/// PostgreSQL's `NAMEDATALEN`: a name holds at most this many bytes less one.
+pub const NAMEDATALEN: usize = 64;
+
+/// Cuts `name` to what PostgreSQL makes of it (at most `NAMEDATALEN - 1`
+/// bytes, on a character boundary as its multibyte clipping does), so a
+/// rule denying `role_x` also denies `role_x` followed by padding that the
+/// server drops. Returns whether anything was cut.
+fn truncate_name(name: &mut String) -> bool {
+    if name.len() < NAMEDATALEN {
+        return false;
+    }
+    let mut end = NAMEDATALEN - 1;
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    name.truncate(end);
+    true
 }
 
 /// Parameters are `name\0value\0` pairs ending with one extra `\0`.
@@ -337,6 +367,46 @@ mod tests {
         let mut body = code.to_be_bytes().to_vec();
         body.extend_from_slice(rest);
         with_length_prefix(&body)
+    }
+
+    /// Issue 19 item 16: names are cut as PostgreSQL cuts them, and the
+    /// forwarded packet carries the cut name.
+    #[test]
+    fn overlong_user_and_database_are_truncated_on_a_char_boundary() {
+        let user = format!("{}é-tail", "u".repeat(62));
+        let db = "d".repeat(100);
+        let mut rest = b"\0\x03\0\0".to_vec();
+        for (k, v) in [
+            ("user", user.as_str()),
+            ("database", db.as_str()),
+            ("options", &"o".repeat(80)),
+        ] {
+            rest.extend_from_slice(k.as_bytes());
+            rest.push(0);
+            rest.extend_from_slice(v.as_bytes());
+            rest.push(0);
+        }
+        rest.push(0);
+        let StartupPacket::Startup(m) = parse(&with_length_prefix(&rest)).unwrap() else {
+            panic!("not a startup message");
+        };
+        // 62 ASCII bytes, then a 2-byte character that would end at byte 64.
+        assert_eq!(m.user(), "u".repeat(62));
+        assert_eq!(m.database(), "d".repeat(63));
+        assert_eq!(m.param("options").map(str::len), Some(80));
+        let StartupPacket::Startup(again) = parse(m.as_bytes()).unwrap() else {
+            panic!("not a startup message");
+        };
+        assert_eq!(again, m);
+        // Short names keep the client's bytes exactly.
+        let short = StartupMessage::new(
+            ProtocolVersion { major: 3, minor: 0 },
+            vec![("user".into(), "u".repeat(63))],
+        );
+        assert_eq!(
+            parse(short.as_bytes()).unwrap(),
+            StartupPacket::Startup(short.clone())
+        );
     }
 
     #[test]
