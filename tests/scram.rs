@@ -286,7 +286,7 @@ async fn secrets_file_stale_verifier_and_sighup_reload_from_flags() {
     let secrets = env.dir.path().join("userlist.txt");
     // A verifier for a password the server no longer has.
     let old = Verifier::from_password(b"old-secret", b"some old salt", 4096);
-    std::fs::write(&secrets, format!("\"app\" \"{}\"\n", old.to_text())).unwrap();
+    write_private(&secrets, &format!("\"app\" \"{}\"\n", old.to_text()));
 
     let port = pgbastion::localpg::free_port().unwrap();
     let log = env.dir.path().join("stderr.log");
@@ -583,7 +583,7 @@ async fn upstreams_that_cannot_prove_themselves_or_want_other_methods_are_refuse
     let ca_file = ca.write_cert(certs.dir.path(), "fake-ca").unwrap();
     let verifier = Verifier::from_password(b"pw", b"fake salt", 4096);
     let secrets = certs.dir.path().join("userlist.txt");
-    std::fs::write(&secrets, format!("\"app\" \"{}\"\n", verifier.to_text())).unwrap();
+    write_private(&secrets, &format!("\"app\" \"{}\"\n", verifier.to_text()));
     let proxy_for = |port: u16| {
         Proxy::start_toml(&format!(
             "{}\n[[listener]]\nlisten = \"127.0.0.1:0\"\n[[upstream]]\naddress = \"localhost:{port}\"\n\

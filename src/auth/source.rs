@@ -11,6 +11,7 @@ use std::sync::{Arc, RwLock};
 use thiserror::Error;
 
 use crate::auth::auth_query::{AuthQuery, AuthQueryError};
+use crate::auth::credentials::{self, CredentialError};
 use crate::auth::scram::{self, Key, Verifier};
 use crate::auth::secrets::{self, SecretsFileError, StoredSecret};
 use crate::config::{ScramConfig, Timeouts};
@@ -31,6 +32,23 @@ pub enum SourceError {
     },
     #[error("auth_password_file {0} is empty")]
     EmptyPassword(PathBuf),
+    /// A secret others may read (mode 0644): refused like every other
+    /// secret file pgbastion reads.
+    #[error(transparent)]
+    NotPrivate(CredentialError),
+}
+
+/// Reads a secret file, refusing one that group or others may read
+/// (`credentials::read_private`, the check every secret file passes).
+fn read_secret(path: &Path, what: &'static str) -> Result<String, SourceError> {
+    credentials::read_private(path, what).map_err(|e| match e {
+        CredentialError::Read { source, .. } => SourceError::Read {
+            what,
+            path: path.to_owned(),
+            source,
+        },
+        other => SourceError::NotPrivate(other),
+    })
 }
 
 /// Which source answered, for the message that asks an operator to
@@ -67,11 +85,7 @@ struct SecretsFile {
 
 impl SecretsFile {
     fn read(path: &Path) -> Result<HashMap<String, StoredSecret>, SourceError> {
-        let text = std::fs::read_to_string(path).map_err(|source| SourceError::Read {
-            what: "secrets file",
-            path: path.to_owned(),
-            source,
-        })?;
+        let text = read_secret(path, "secrets file")?;
         secrets::parse_secrets_file(&text).map_err(|source| SourceError::SecretsFile {
             path: path.to_owned(),
             source,
@@ -109,13 +123,7 @@ impl ScramAuth {
         };
         let query = match &cfg.auth_query {
             Some(q) => {
-                let text = std::fs::read_to_string(&q.password_file).map_err(|source| {
-                    SourceError::Read {
-                        what: "auth_password_file",
-                        path: q.password_file.clone(),
-                        source,
-                    }
-                })?;
+                let text = read_secret(&q.password_file, "auth_password_file")?;
                 let password = text.strip_suffix('\n').unwrap_or(&text);
                 let password = password.strip_suffix('\r').unwrap_or(password);
                 if password.is_empty() {
@@ -204,6 +212,57 @@ fn classified(secret: StoredSecret, source: SourceName) -> Lookup {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// issue 19 item 24: a secrets file (or auth password file) others may
+    /// read is refused at start, as every other secret file is.
+    #[test]
+    fn secret_files_others_can_read_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, text: &str, mode: u32| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+            p
+        };
+        let verifier = Verifier::from_password(b"pw", b"salt", 16).to_text();
+        let line = format!("\"alice\" \"{verifier}\"\n");
+        for mode in [0o644, 0o640, 0o604] {
+            let cfg = ScramConfig {
+                secrets_file: Some(file("users.txt", &line, mode)),
+                auth_query: None,
+            };
+            let e = ScramAuth::new(&cfg).err().expect("refused");
+            let text = e.to_string();
+            assert!(matches!(e, SourceError::NotPrivate(_)), "{text}");
+            assert!(text.contains(&format!("mode {mode:04o}")), "{text}");
+            assert!(text.contains("chmod 600"), "{text}");
+            assert!(!text.contains(&verifier), "no secret in the error");
+        }
+        let cfg = ScramConfig {
+            secrets_file: Some(file("users.txt", &line, 0o600)),
+            auth_query: Some(crate::config::AuthQueryConfig {
+                user: "lookup".into(),
+                password_file: file("pw", "secret\n", 0o644),
+                database: "postgres".into(),
+                query: "select 1".into(),
+            }),
+        };
+        let e = ScramAuth::new(&cfg).err().expect("password file refused");
+        assert!(e.to_string().contains("auth_password_file"), "{e}");
+        let cfg = ScramConfig {
+            auth_query: None,
+            ..cfg
+        };
+        assert!(ScramAuth::new(&cfg).is_ok(), "mode 0600 is accepted");
+        // A missing file still says what it is.
+        let cfg = ScramConfig {
+            secrets_file: Some(dir.path().join("missing")),
+            auth_query: None,
+        };
+        let e = ScramAuth::new(&cfg).err().unwrap().to_string();
+        assert!(e.starts_with("cannot read secrets file"), "{e}");
+    }
 
     #[test]
     fn mock_verifiers_are_stable_per_user_and_differ_between_users() {
