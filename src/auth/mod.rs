@@ -25,6 +25,7 @@ pub mod channel_binding;
 pub mod credentials;
 pub mod identity_login;
 pub mod login;
+pub mod mock_key;
 pub mod passthrough;
 pub mod rds_iam;
 pub mod scram;
