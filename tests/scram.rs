@@ -501,6 +501,56 @@ async fn secrets_file_stale_verifier_and_sighup_reload_from_flags() {
     assert!(!text.contains("oops"), "a secrets line is never logged");
 }
 
+/// issue 19 item 14: with a secrets file and auth_query both configured,
+/// a user in the file costs an auth_query round trip too, so the time a
+/// login takes does not tell who is in the file. The query records each
+/// user it is asked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_both_sources_auth_query_runs_for_file_users_too() {
+    let env = Env::new();
+    let pw_file = install_roles(&env);
+    env.pg
+        .run_sql(
+            "CREATE TABLE public.lookups (usename text);\n\
+             GRANT INSERT ON public.lookups TO pgbastion_auth;",
+        )
+        .unwrap();
+    let secrets = env.dir.path().join("userlist.txt");
+    write_private(
+        &secrets,
+        &format!("\"app\" \"{}\"\n", stored_verifier(&env, "app").await),
+    );
+    let proxy = env.proxy(
+        "require",
+        &format!(
+            "{}secrets_file = \"{}\"\nauth_query = \"WITH seen AS (INSERT INTO public.lookups VALUES ($1)) \
+             SELECT usename, passwd FROM pgbastion.lookup($1)\"\n",
+            auth_query_keys(&pw_file),
+            secrets.display()
+        ),
+    );
+    tokio_pg(&proxy, &env, "app", APP_PASSWORD, "require")
+        .await
+        .expect("a user in the file logs in");
+    let wrong = refusal(
+        &tokio_pg(&proxy, &env, "app", "wrong", "require")
+            .await
+            .err()
+            .unwrap(),
+    );
+    assert_eq!(wrong.0, "28P01");
+    let looked_up: Vec<String> = env
+        .direct_client()
+        .await
+        .query("select usename from public.lookups", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(looked_up, ["app", "app"], "auth_query ran for each login");
+}
+
 /// A raw client over TLS to pgbastion: StartupMessage sent, the SASL
 /// offer read. Returns the stream, the offer, and the binding data of
 /// pgbastion's certificate.
