@@ -694,11 +694,30 @@ async fn raw_clients_breaking_scram_rules_are_refused_and_service_goes_on() {
     assert_eq!(code, "08P01");
     assert!(msg.contains("exceeds the limit"), "{msg}");
 
+    // issue 19 item 18: a 3.9 KB client nonce (what a prober stalls with
+    // to make each pending login hold more) is refused like PostgreSQL's
+    // parse errors.
+    let (mut s, _, _) = raw_scram_client(&proxy, &env).await;
+    let long = format!("n,,n=,r={}", "x".repeat(3900));
+    s.write_all(&message::sasl_initial_response(
+        "SCRAM-SHA-256",
+        long.as_bytes(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        read_error(&mut s).await,
+        (
+            "08P01".to_owned(),
+            "malformed SCRAM message: client nonce longer than 256 bytes".to_owned()
+        )
+    );
+
     // None of that counted as a failed password, and service goes on.
     tokio_pg(&proxy, &env, "app", APP_PASSWORD, "require")
         .await
         .expect("a well-behaved client still gets in");
-    let violations = proxy.wait_audit_count("six violations", 6, |e| {
+    let violations = proxy.wait_audit_count("seven violations", 7, |e| {
         e["reason"] == "scram_protocol_violation"
     });
     assert!(violations.iter().all(|e| e["sqlstate"] == "08P01"));

@@ -231,22 +231,29 @@ where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
     wire::send(client, &message::authentication_sasl(&offer.mechanisms())).await?;
-    let body = read_sasl(client, buf).await?;
-    let (mechanism, data) = message::parse_sasl_initial_response(&body).map_err(WireError::from)?;
-    let data = data.ok_or(ScramError::Malformed("no client-first message"))?;
-    let (exchange, server_first) = ServerExchange::start(
-        offer,
-        mechanism,
-        data,
-        &verifier.salt,
-        verifier.iterations,
-        &scram::new_nonce(),
-    )?;
-    // `start` has checked that PLUS comes with binding data and only then.
-    *leg = Some(LegAuth {
-        mechanism: mechanism.to_owned(),
-        channel_binding: mechanism == scram::SCRAM_SHA_256_PLUS,
-    });
+    // The client's first message is dropped once the exchange has what it
+    // needs of it: a login stalled before its final message holds one
+    // copy of the (bounded) nonce, not three.
+    let (exchange, server_first) = {
+        let body = read_sasl(client, buf).await?;
+        let (mechanism, data) =
+            message::parse_sasl_initial_response(&body).map_err(WireError::from)?;
+        let data = data.ok_or(ScramError::Malformed("no client-first message"))?;
+        let started = ServerExchange::start(
+            offer,
+            mechanism,
+            data,
+            &verifier.salt,
+            verifier.iterations,
+            &scram::new_nonce(),
+        )?;
+        // `start` has checked that PLUS comes with binding data and only then.
+        *leg = Some(LegAuth {
+            mechanism: mechanism.to_owned(),
+            channel_binding: mechanism == scram::SCRAM_SHA_256_PLUS,
+        });
+        started
+    };
     wire::send(
         client,
         &message::authentication_sasl_data(false, server_first.as_bytes()),
@@ -269,7 +276,11 @@ async fn read_sasl<C>(client: &mut C, buf: &mut Vec<u8>) -> Result<Vec<u8>, Auth
 where
     C: AsyncRead + Unpin + ?Sized,
 {
-    match wire::read_message(client, buf, MAX_CLIENT_SASL_MESSAGE).await? {
+    let read = wire::read_message(client, buf, MAX_CLIENT_SASL_MESSAGE).await?;
+    // What the buffer grew to for this message is not kept while the
+    // client takes its time over the next one.
+    buf.shrink_to_fit();
+    match read {
         (tag::PASSWORD, body) => Ok(body),
         (tag::TERMINATE, _) => Err(WireError::Closed.into()),
         (other, _) => Err(AuthError::ClientUnexpected(char::from(other))),

@@ -271,6 +271,9 @@ impl Session {
         .await
         .unwrap_or(Err(SessionError::ClientTimeout(t.client_startup)));
         self.facts.client_tls = Some(conn.transport.clone());
+        // Negotiation read in generous chunks; a login that stalls from
+        // here on holds only what is left unread (issue 19 item 18).
+        conn.buf.shrink_to_fit();
         if conn.is_tls() {
             conn.binding = self.listener.binding.clone();
         }
