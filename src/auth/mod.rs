@@ -23,6 +23,7 @@ pub mod auth_query;
 pub mod aws_sts;
 pub mod channel_binding;
 pub mod credentials;
+pub mod derive;
 pub mod identity_login;
 pub mod login;
 pub mod mock_key;
