@@ -147,6 +147,17 @@ struct RawConfig {
     reload: ReloadConfig,
     #[serde(default)]
     cluster: Option<RawCluster>,
+    #[serde(default)]
+    auth: RawAuth,
+}
+
+/// `[auth]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    /// Where the key for unknown users' mock salts is made and kept when
+    /// there is no `[cluster] secret_file` (see `auth::mock_key`).
+    mock_key_file: Option<PathBuf>,
 }
 
 /// `[cluster]` as written.
@@ -690,6 +701,9 @@ pub struct ScramConfig {
     /// PgBouncer-format userlist; re-read on SIGHUP.
     pub secrets_file: Option<PathBuf>,
     pub auth_query: Option<AuthQueryConfig>,
+    /// The stable secret unknown users' mock salts come from (set for
+    /// every scram upstream once `[cluster]` and `[auth]` are read).
+    pub mock_key: Option<crate::auth::mock_key::MockKeySource>,
 }
 
 /// Looking verifiers up on the server as a dedicated role.
@@ -1042,6 +1056,7 @@ impl Config {
             }),
             reload: ReloadConfig::default(),
             cluster: None,
+            auth: RawAuth::default(),
         };
         raw.validate()
     }
@@ -1285,6 +1300,18 @@ impl RawConfig {
             check_setting_name(name)?;
             check_template(&format!("forward.settings {name:?}"), template)?;
         }
+        let cluster = self.cluster.map(RawCluster::validate).transpose()?;
+        // issue 19 item 5: the fleet's secret, else a key file of this
+        // instance (none found: ScramAuth refuses to start without one).
+        use crate::auth::mock_key::{default_key_file, MockKeySource};
+        let mock_key = match (&cluster, self.auth.mock_key_file) {
+            (Some(c), _) => Some(MockKeySource::ClusterSecret(c.secret_file.clone())),
+            (None, file) => file.or_else(default_key_file).map(MockKeySource::KeyFile),
+        };
+        let mut upstreams = upstreams;
+        for scram in upstreams.iter_mut().filter_map(|u| u.scram.as_mut()) {
+            scram.mock_key = mock_key.clone();
+        }
         Ok(Config {
             tls,
             listeners,
@@ -1302,7 +1329,7 @@ impl RawConfig {
             credentials,
             admin: self.admin,
             reload: self.reload,
-            cluster: self.cluster.map(RawCluster::validate).transpose()?,
+            cluster,
         })
     }
 }
@@ -1528,6 +1555,7 @@ impl RawUpstream {
                 Some(ScramConfig {
                     secrets_file: self.secrets_file,
                     auth_query,
+                    mock_key: None,
                 })
             }
         };

@@ -468,6 +468,12 @@ fn check_config(path: PathBuf) -> Result<()> {
                         q.user, q.database, q.query
                     );
                 }
+                if let Some(k) = &s.mock_key {
+                    println!("    unknown users' mock salts derived from {k}");
+                }
+                if s.secrets_file.is_some() && s.auth_query.is_some() {
+                    println!("    auth_query also runs for users in secrets_file (equal timing; its answer is not used for them)");
+                }
             }
         }
     }

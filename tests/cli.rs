@@ -215,7 +215,7 @@ fn check_config_explains_mistakes() {
     );
     let write = |name: &str, text: &str| {
         let p = dir.join(name);
-        std::fs::write(&p, text).unwrap();
+        write_private(&p, text);
         p
     };
     let out = Command::new(BIN)
@@ -274,6 +274,17 @@ fn check_config_explains_mistakes() {
                 write("userlist.txt", "; ok\n\"alice\" hunter2\n").display()
             ),
             "line 2: expected \"user\" \"SCRAM-SHA-256$...\"",
+        ),
+        (
+            // issue 19 item 24: a secrets file others may read.
+            "scram-public.toml",
+            format!("{good}auth = \"scram\"\nsecrets_file = \"{}\"\n", {
+                use std::os::unix::fs::PermissionsExt;
+                let p = write("public-userlist.txt", "");
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+                p.display().to_string()
+            }),
+            "can be read by others (mode 0644)",
         ),
         (
             "scram-nopassword.toml",

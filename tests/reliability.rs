@@ -439,7 +439,7 @@ async fn a_thousand_stalled_logins_fit_in_64_mib_and_real_clients_still_get_in()
         .unwrap()
         .get(0);
     let secrets = env.dir.path().join("userlist.txt");
-    std::fs::write(&secrets, format!("\"postgres\" \"{verifier}\"\n")).unwrap();
+    write_private(&secrets, &format!("\"postgres\" \"{verifier}\"\n"));
     let port = pgbastion::localpg::free_port().unwrap();
     let config = env.dir.path().join("pgbastion.toml");
     std::fs::write(

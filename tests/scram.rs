@@ -185,39 +185,167 @@ async fn wrong_password_and_unknown_user_get_the_same_answer() {
     }
 }
 
+/// What a client without the password learns of `user`: the SASL offer,
+/// the shape of the server-first message (salt length, iteration count),
+/// and the error after a wrong proof.
+#[derive(Debug, PartialEq)]
+struct Probe {
+    offer: Vec<String>,
+    salt: Vec<u8>,
+    iterations: String,
+    code: String,
+    message: String,
+}
+
+async fn probe(proxy: &Proxy, env: &Env, user: &str) -> Probe {
+    let (mut s, offer, binding) = raw_scram_client_as(proxy, env, user).await;
+    let (ex, first) = ClientExchange::start(&offer, Some(binding), "probe-nonce").unwrap();
+    let server_first = send_first(&mut s, ex.mechanism, &first).await;
+    let attr = |name: &str| {
+        server_first
+            .split(',')
+            .find_map(|a| a.strip_prefix(name))
+            .unwrap_or_else(|| panic!("{name} in {server_first}"))
+            .to_owned()
+    };
+    assert!(attr("r=").starts_with("probe-nonce"), "{server_first}");
+    let (salt, iterations) = (B64.decode(attr("s=")).unwrap(), attr("i="));
+    let (_, final_msg) = ex
+        .respond(server_first.as_bytes(), &Credential::Password(b"wrong"))
+        .unwrap();
+    s.write_all(&message::sasl_response(final_msg.as_bytes()))
+        .await
+        .unwrap();
+    let (code, message) = read_error(&mut s).await;
+    Probe {
+        offer,
+        salt,
+        iterations,
+        code,
+        message: message.replace(&format!("\"{user}\""), "\"USER\""),
+    }
+}
+
+/// issue 19 item 4: users with an MD5, expired or no password, and users
+/// that do not exist, get exactly what a wrong password of a real user
+/// gets (a full exchange, then 28P01); the audit says the real reason; each
+/// counts as a failed login.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn users_without_a_scram_verifier_are_told_why() {
+async fn users_without_a_scram_verifier_look_like_a_wrong_password() {
     let env = Env::new();
-    let proxy = scram_proxy(&env);
+    let pw_file = install_roles(&env);
+    let proxy = env.proxy(
+        "require",
+        &format!(
+            "{}\n[limits]\nfailed_logins_per_address = 5\n",
+            auth_query_keys(&pw_file)
+        ),
+    );
     env.pg
         .run_sql(
             "SET password_encryption = 'md5';\n\
              CREATE ROLE legacy LOGIN PASSWORD 'legacy-secret';\n\
              RESET password_encryption;\n\
-             CREATE ROLE expired LOGIN PASSWORD 'x' VALID UNTIL '2000-01-01';",
+             CREATE ROLE expired LOGIN PASSWORD 'x' VALID UNTIL '2000-01-01';\n\
+             CREATE ROLE nopw LOGIN;",
         )
         .unwrap();
+    let wrong = probe(&proxy, &env, "app").await;
+    assert_eq!(wrong.code, "28P01");
+    assert_eq!(
+        wrong.message,
+        "password authentication failed for user \"USER\""
+    );
+    assert_eq!(wrong.offer, ["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"]);
+    for user in ["ghost", "legacy", "expired", "nopw"] {
+        let got = probe(&proxy, &env, user).await;
+        assert_eq!(
+            (
+                &got.offer,
+                got.salt.len(),
+                &got.iterations,
+                &got.code,
+                &got.message
+            ),
+            (
+                &wrong.offer,
+                wrong.salt.len(),
+                &wrong.iterations,
+                &wrong.code,
+                &wrong.message
+            ),
+            "{user} looks like a wrong password"
+        );
+    }
+    let reason = |user: &str| {
+        proxy.wait_audit(user, |e| {
+            e["event"] == "session.rejected" && e["requested"]["user"] == user
+        })
+    };
+    assert_eq!(reason("app")["reason"], "auth_failed");
+    assert_eq!(reason("ghost")["reason"], "auth_failed");
+    for (user, why) in [
+        ("legacy", "MD5"),
+        ("expired", "has expired"),
+        ("nopw", "no password"),
+    ] {
+        let e = reason(user);
+        assert_eq!(e["reason"], "verifier_not_scram", "{e}");
+        assert_eq!(e["sqlstate"], "28P01", "{e}");
+        assert!(e["message"].as_str().unwrap().contains(why), "{e}");
+    }
+    // Five failures from this address: the budget is spent, the right
+    // password waits too.
     let (code, msg) = refusal(
-        &tokio_pg(&proxy, &env, "legacy", "legacy-secret", "prefer")
+        &tokio_pg(&proxy, &env, "app", APP_PASSWORD, "prefer")
             .await
             .err()
-            .unwrap(),
+            .expect("throttled"),
     );
     assert_eq!(code, "28000");
-    assert!(
-        msg.contains("legacy") && msg.contains("MD5"),
-        "names the user and the cause: {msg}"
+    assert!(msg.contains("too many failed login attempts"), "{msg}");
+}
+
+/// issue 19 item 5: an unknown user's salt comes from a key kept in a file
+/// (made once, mode 0600), so two instances, or one before and after a
+/// restart, give the same salt, as they do for a real user.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_users_get_the_same_salt_from_every_instance() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    let pw_file = install_roles(&env);
+    let key = env.dir.path().join("state/mock_key");
+    let with_key = |key: &std::path::Path| {
+        env.proxy(
+            "require",
+            &format!(
+                "{}\n[auth]\nmock_key_file = \"{}\"\n",
+                auth_query_keys(&pw_file),
+                key.display()
+            ),
+        )
+    };
+    let one = with_key(&key);
+    let meta = std::fs::metadata(&key).expect("the key file is made at start");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    let made = std::fs::read(&key).unwrap();
+    assert_eq!(made.len(), 32);
+    let two = with_key(&key);
+    assert_eq!(std::fs::read(&key).unwrap(), made, "reused, not remade");
+    let first = probe(&one, &env, "ghost").await;
+    assert_eq!(first.salt.len(), 16);
+    assert_eq!(probe(&one, &env, "ghost").await, first, "asked twice");
+    assert_eq!(probe(&two, &env, "ghost").await, first, "another instance");
+    drop(one);
+    drop(two);
+    let restarted = with_key(&key);
+    assert_eq!(
+        probe(&restarted, &env, "ghost").await,
+        first,
+        "after a restart"
     );
-    let (code, msg) = refusal(
-        &tokio_pg(&proxy, &env, "expired", "x", "prefer")
-            .await
-            .err()
-            .unwrap(),
-    );
-    assert_eq!(code, "28000");
-    assert!(msg.contains("expired"), "{msg}");
-    let e = proxy.wait_audit("not scram", |e| e["reason"] == "verifier_not_scram");
-    assert!(e["message"].as_str().unwrap().contains("legacy"), "{e}");
+    let other = with_key(&env.dir.path().join("other_key"));
+    assert_ne!(probe(&other, &env, "ghost").await.salt, first.salt);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -286,7 +414,7 @@ async fn secrets_file_stale_verifier_and_sighup_reload_from_flags() {
     let secrets = env.dir.path().join("userlist.txt");
     // A verifier for a password the server no longer has.
     let old = Verifier::from_password(b"old-secret", b"some old salt", 4096);
-    std::fs::write(&secrets, format!("\"app\" \"{}\"\n", old.to_text())).unwrap();
+    write_private(&secrets, &format!("\"app\" \"{}\"\n", old.to_text()));
 
     let port = pgbastion::localpg::free_port().unwrap();
     let log = env.dir.path().join("stderr.log");
@@ -373,6 +501,56 @@ async fn secrets_file_stale_verifier_and_sighup_reload_from_flags() {
     assert!(!text.contains("oops"), "a secrets line is never logged");
 }
 
+/// issue 19 item 14: with a secrets file and auth_query both configured,
+/// a user in the file costs an auth_query round trip too, so the time a
+/// login takes does not tell who is in the file. The query records each
+/// user it is asked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_both_sources_auth_query_runs_for_file_users_too() {
+    let env = Env::new();
+    let pw_file = install_roles(&env);
+    env.pg
+        .run_sql(
+            "CREATE TABLE public.lookups (usename text);\n\
+             GRANT INSERT ON public.lookups TO pgbastion_auth;",
+        )
+        .unwrap();
+    let secrets = env.dir.path().join("userlist.txt");
+    write_private(
+        &secrets,
+        &format!("\"app\" \"{}\"\n", stored_verifier(&env, "app").await),
+    );
+    let proxy = env.proxy(
+        "require",
+        &format!(
+            "{}secrets_file = \"{}\"\nauth_query = \"WITH seen AS (INSERT INTO public.lookups VALUES ($1)) \
+             SELECT usename, passwd FROM pgbastion.lookup($1)\"\n",
+            auth_query_keys(&pw_file),
+            secrets.display()
+        ),
+    );
+    tokio_pg(&proxy, &env, "app", APP_PASSWORD, "require")
+        .await
+        .expect("a user in the file logs in");
+    let wrong = refusal(
+        &tokio_pg(&proxy, &env, "app", "wrong", "require")
+            .await
+            .err()
+            .unwrap(),
+    );
+    assert_eq!(wrong.0, "28P01");
+    let looked_up: Vec<String> = env
+        .direct_client()
+        .await
+        .query("select usename from public.lookups", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(looked_up, ["app", "app"], "auth_query ran for each login");
+}
+
 /// A raw client over TLS to pgbastion: StartupMessage sent, the SASL
 /// offer read. Returns the stream, the offer, and the binding data of
 /// pgbastion's certificate.
@@ -384,12 +562,24 @@ async fn raw_scram_client(
     Vec<String>,
     Vec<u8>,
 ) {
+    raw_scram_client_as(proxy, env, "app").await
+}
+
+async fn raw_scram_client_as(
+    proxy: &Proxy,
+    env: &Env,
+    user: &str,
+) -> (
+    tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    Vec<String>,
+    Vec<u8>,
+) {
     let mut tls = ssl_request_then_tls(raw(proxy.addr()).await, &env.certs).await;
     let cert = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
     let startup = StartupMessage::new(
         ProtocolVersion { major: 3, minor: 0 },
         vec![
-            ("user".into(), "app".into()),
+            ("user".into(), user.into()),
             ("database".into(), "postgres".into()),
         ],
     );
@@ -504,11 +694,30 @@ async fn raw_clients_breaking_scram_rules_are_refused_and_service_goes_on() {
     assert_eq!(code, "08P01");
     assert!(msg.contains("exceeds the limit"), "{msg}");
 
+    // issue 19 item 18: a 3.9 KB client nonce (what a prober stalls with
+    // to make each pending login hold more) is refused like PostgreSQL's
+    // parse errors.
+    let (mut s, _, _) = raw_scram_client(&proxy, &env).await;
+    let long = format!("n,,n=,r={}", "x".repeat(3900));
+    s.write_all(&message::sasl_initial_response(
+        "SCRAM-SHA-256",
+        long.as_bytes(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        read_error(&mut s).await,
+        (
+            "08P01".to_owned(),
+            "malformed SCRAM message: client nonce longer than 256 bytes".to_owned()
+        )
+    );
+
     // None of that counted as a failed password, and service goes on.
     tokio_pg(&proxy, &env, "app", APP_PASSWORD, "require")
         .await
         .expect("a well-behaved client still gets in");
-    let violations = proxy.wait_audit_count("six violations", 6, |e| {
+    let violations = proxy.wait_audit_count("seven violations", 7, |e| {
         e["reason"] == "scram_protocol_violation"
     });
     assert!(violations.iter().all(|e| e["sqlstate"] == "08P01"));
@@ -583,7 +792,7 @@ async fn upstreams_that_cannot_prove_themselves_or_want_other_methods_are_refuse
     let ca_file = ca.write_cert(certs.dir.path(), "fake-ca").unwrap();
     let verifier = Verifier::from_password(b"pw", b"fake salt", 4096);
     let secrets = certs.dir.path().join("userlist.txt");
-    std::fs::write(&secrets, format!("\"app\" \"{}\"\n", verifier.to_text())).unwrap();
+    write_private(&secrets, &format!("\"app\" \"{}\"\n", verifier.to_text()));
     let proxy_for = |port: u16| {
         Proxy::start_toml(&format!(
             "{}\n[[listener]]\nlisten = \"127.0.0.1:0\"\n[[upstream]]\naddress = \"localhost:{port}\"\n\

@@ -228,7 +228,7 @@ fn first_line(text: &str) -> &str {
 }
 
 /// Refuses a secret file others may read (group or world bits set).
-fn check_private(path: &Path, what: &'static str) -> Result<(), CredentialError> {
+pub(crate) fn check_private(path: &Path, what: &'static str) -> Result<(), CredentialError> {
     let meta = std::fs::metadata(path).map_err(|source| CredentialError::Read {
         what,
         path: path.to_owned(),

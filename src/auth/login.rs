@@ -10,6 +10,7 @@
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use crate::auth::derive;
 use crate::auth::scram::{self, ClientExchange, Credential, ScramError};
 use crate::auth::wire::{self, WireError};
 use crate::protocol::message::{self, tag, AuthRequest, ErrorFields};
@@ -124,7 +125,22 @@ where
             }
             AuthRequest::SaslContinue(data) => {
                 let ex = exchange.take().ok_or(LoginError::Unexpected('R'))?;
-                let (waiting, reply) = ex.respond(&data, credential)?;
+                // A held password is salted off the async workers (PBKDF2
+                // with the server's iteration count takes up to seconds).
+                let (salted, salt, iterations);
+                let credential = match credential {
+                    Credential::Password(p) => {
+                        (salt, iterations) = ex.server_params(&data)?;
+                        salted = derive::salted_password(p, &salt, iterations).await?;
+                        Credential::Salted {
+                            salted: &salted,
+                            salt: &salt,
+                            iterations,
+                        }
+                    }
+                    other => *other,
+                };
+                let (waiting, reply) = ex.respond(&data, &credential)?;
                 wire::send(server, &message::sasl_response(reply.as_bytes())).await?;
                 awaiting = Some(waiting);
             }
@@ -193,4 +209,68 @@ where
     S: AsyncRead + Unpin + ?Sized,
 {
     first_request(server, buf, |_| {}).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// issue 19 item 23: logging in with a held password against a server
+    /// that asks for a huge iteration count does not stall the other tasks
+    /// of a single-threaded runtime while the key is derived.
+    #[tokio::test(flavor = "current_thread")]
+    async fn salting_a_held_password_does_not_stall_other_tasks() {
+        let (mut client, mut server) = tokio::io::duplex(64 * 1024);
+        // A server that offers SCRAM, asks for 2M iterations, and then
+        // reports when the client's final message arrived.
+        let fake = tokio::spawn(async move {
+            let mut buf = Vec::new();
+            let (_, first) = wire::read_message(&mut server, &mut buf, 4096)
+                .await
+                .unwrap();
+            let (_, data) = message::parse_sasl_initial_response(&first).unwrap();
+            let first = std::str::from_utf8(data.unwrap()).unwrap().to_owned();
+            let nonce = first.rsplit_once("r=").unwrap().1;
+            let reply = format!("r={nonce}srv,s=c2FsdA==,i=300000");
+            wire::send(
+                &mut server,
+                &message::authentication_sasl_data(false, reply.as_bytes()),
+            )
+            .await
+            .unwrap();
+            wire::read_message(&mut server, &mut buf, 4096)
+                .await
+                .unwrap();
+        });
+        let started = Instant::now();
+        let login = tokio::spawn(async move {
+            let mut buf = Vec::new();
+            let request = AuthRequest::Sasl(vec![scram::SCRAM_SHA_256.into()]);
+            let _ = complete(
+                &mut client,
+                &mut buf,
+                "app",
+                request,
+                None,
+                &Credential::Password(b"pw"),
+            )
+            .await;
+        });
+        let mut longest_gap = Duration::ZERO;
+        let mut last = Instant::now();
+        while !fake.is_finished() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            longest_gap = longest_gap.max(last.elapsed());
+            last = Instant::now();
+        }
+        let took = started.elapsed();
+        fake.await.unwrap();
+        login.abort();
+        assert!(took > Duration::from_millis(50), "took {took:?}");
+        assert!(
+            longest_gap < took / 4,
+            "other tasks stalled for {longest_gap:?} of {took:?}"
+        );
+    }
 }

@@ -28,6 +28,10 @@ pub const CHANNEL_BINDING_TYPE: &str = "tls-server-end-point";
 pub const KEY_LEN: usize = 32;
 /// Raw bytes of randomness in a nonce pgbastion makes (as PostgreSQL).
 pub const NONCE_BYTES: usize = 18;
+/// The longest client nonce accepted. Real clients send 18 to 32 random
+/// bytes in base64 (libpq 24 characters); a prober sending kilobytes only
+/// makes every stalled login hold more memory (issue 19 item 18).
+pub const MAX_CLIENT_NONCE: usize = 256;
 /// The iteration count PostgreSQL uses by default, and pgbastion for the
 /// mock exchange of unknown users.
 pub const DEFAULT_ITERATIONS: u32 = 4096;
@@ -224,8 +228,10 @@ pub struct ServerExchange {
     gs2_header: String,
     flag: ChannelBindingFlag,
     client_first_bare: String,
+    /// `r=<client nonce><server nonce>,s=...,i=...`: the one copy of the
+    /// combined nonce (`nonce_len` bytes after `r=`).
     server_first: String,
-    nonce: String,
+    nonce_len: usize,
     /// The channel binding data the client must echo (with flag `p`).
     binding: Option<Vec<u8>>,
 }
@@ -308,12 +314,18 @@ impl ServerExchange {
             _ => return Err(ScramError::Malformed("client-first lacks the user name")),
         }
         let client_nonce = match it.next() {
+            Some((b'r', n)) if n.len() > MAX_CLIENT_NONCE => {
+                return Err(ScramError::Malformed("client nonce longer than 256 bytes"))
+            }
             Some((b'r', n)) if valid_nonce(n) => *n,
             _ => return Err(ScramError::Malformed("client-first lacks a valid nonce")),
         };
         // Optional extensions follow; they are allowed and ignored.
-        let nonce = format!("{client_nonce}{server_nonce}");
-        let server_first = format!("r={nonce},s={},i={iterations}", BASE64.encode(salt));
+        let nonce_len = client_nonce.len() + server_nonce.len();
+        let server_first = format!(
+            "r={client_nonce}{server_nonce},s={},i={iterations}",
+            BASE64.encode(salt)
+        );
         let gs2_header = format!("{flag_text},,");
         Ok((
             ServerExchange {
@@ -324,7 +336,7 @@ impl ServerExchange {
                 flag,
                 client_first_bare: bare.to_owned(),
                 server_first: server_first.clone(),
-                nonce,
+                nonce_len,
             },
             server_first,
         ))
@@ -359,7 +371,7 @@ impl ServerExchange {
             return Err(ScramError::ChannelBindingMismatch);
         }
         match it.next() {
-            Some((b'r', n)) if *n == self.nonce => {}
+            Some((b'r', n)) if Some(*n) == self.server_first.get(2..2 + self.nonce_len) => {}
             Some((b'r', _)) => return Err(ScramError::NonceMismatch),
             _ => return Err(ScramError::Malformed("client-final lacks the nonce")),
         }
@@ -392,9 +404,17 @@ impl ServerExchange {
 }
 
 /// How pgbastion proves itself as a SCRAM client.
+#[derive(Clone, Copy)]
 pub enum Credential<'a> {
     /// A password it holds (the auth_query role).
     Password(&'a [u8]),
+    /// A password it holds, already salted for the server's salt and
+    /// iteration count (`derive::salted_password`, off the async workers).
+    Salted {
+        salted: &'a Key,
+        salt: &'a [u8],
+        iterations: u32,
+    },
     /// A ClientKey recovered from a client's proof, with the verifier it
     /// was checked against: the server must use the same salt and
     /// iterations, and sign with the same ServerKey.
@@ -459,13 +479,15 @@ impl ClientExchange {
         self.binding.is_some()
     }
 
-    /// Answers the server-first message with the client-final message.
-    pub fn respond(
-        self,
-        server_first: &[u8],
-        credential: &Credential<'_>,
-    ) -> Result<(ClientAwaitingFinal, String), ScramError> {
-        let msg = utf8(server_first)?;
+    /// The salt and iteration count the server-first message asks for:
+    /// what a password must be salted with before `respond`.
+    pub fn server_params(&self, server_first: &[u8]) -> Result<(Vec<u8>, u32), ScramError> {
+        let (_, salt, iterations) = self.parse_server_first(utf8(server_first)?)?;
+        Ok((salt, iterations))
+    }
+
+    /// The server-first message's nonce, salt and iteration count, checked.
+    fn parse_server_first<'m>(&self, msg: &'m str) -> Result<(&'m str, Vec<u8>, u32), ScramError> {
         let attrs = attributes(msg)?;
         let mut it = attrs.iter();
         let nonce = match it.next() {
@@ -501,7 +523,28 @@ impl ClientExchange {
                 ))
             }
         };
+        Ok((nonce, salt, iterations))
+    }
+
+    /// Answers the server-first message with the client-final message.
+    pub fn respond(
+        self,
+        server_first: &[u8],
+        credential: &Credential<'_>,
+    ) -> Result<(ClientAwaitingFinal, String), ScramError> {
+        let msg = utf8(server_first)?;
+        let (nonce, salt, iterations) = self.parse_server_first(msg)?;
         let (client_key, server_key) = match credential {
+            Credential::Salted {
+                salted,
+                salt: s,
+                iterations: i,
+            } => {
+                if *s != salt || *i != iterations {
+                    return Err(ScramError::VerifierMismatch);
+                }
+                (hmac(*salted, b"Client Key"), hmac(*salted, b"Server Key"))
+            }
             Credential::Password(password) => {
                 if iterations > MAX_ITERATIONS {
                     return Err(ScramError::TooManyIterations { asked: iterations });
@@ -759,6 +802,35 @@ mod tests {
         // (PostgreSQL takes it from the StartupMessage).
         assert!(start_server(None, plain, "y,,n=,r=abc,x=ext").is_ok());
         assert!(start_server(None, plain, "n,,n=someone,r=abc").is_ok());
+    }
+
+    /// issue 19 item 18: a client nonce is bounded (256 bytes is far more
+    /// than any client sends), and the exchange keeps working at the bound.
+    #[test]
+    fn client_nonces_are_bounded() {
+        let at_limit = "x".repeat(MAX_CLIENT_NONCE);
+        let (ex, server_first) =
+            start_server(None, SCRAM_SHA_256, &format!("n,,n=,r={at_limit}")).unwrap();
+        assert!(server_first.starts_with(&format!("r={at_limit}SRV,")));
+        // The nonce check still holds with the one stored copy.
+        assert_eq!(
+            ex.finish(
+                format!("c=biws,r={at_limit}SRX,p=AAAA").as_bytes(),
+                &[0; 32],
+                &[0; 32]
+            )
+            .unwrap_err(),
+            ScramError::NonceMismatch
+        );
+        let over = "x".repeat(MAX_CLIENT_NONCE + 1);
+        assert_eq!(
+            start_server(None, SCRAM_SHA_256, &format!("n,,n=,r={over}"))
+                .map(|_| ())
+                .unwrap_err(),
+            ScramError::Malformed("client nonce longer than 256 bytes")
+        );
+        let huge = "x".repeat(3900);
+        assert!(start_server(None, SCRAM_SHA_256, &format!("n,,n=,r={huge}")).is_err());
     }
 
     /// A full exchange over a bound channel, with the client-final message

@@ -6,11 +6,14 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
 
 use thiserror::Error;
 
 use crate::auth::auth_query::{AuthQuery, AuthQueryError};
+use crate::auth::credentials::{self, CredentialError};
+use crate::auth::mock_key::{self, MockKeyError};
 use crate::auth::scram::{self, Key, Verifier};
 use crate::auth::secrets::{self, SecretsFileError, StoredSecret};
 use crate::config::{ScramConfig, Timeouts};
@@ -31,6 +34,27 @@ pub enum SourceError {
     },
     #[error("auth_password_file {0} is empty")]
     EmptyPassword(PathBuf),
+    /// A secret others may read (mode 0644): refused like every other
+    /// secret file pgbastion reads.
+    #[error(transparent)]
+    NotPrivate(CredentialError),
+    #[error("mock verifiers: {0}")]
+    MockKey(#[from] MockKeyError),
+    #[error("no stable secret for mock verifiers: set [auth] mock_key_file (no state directory is known: STATE_DIRECTORY, XDG_STATE_HOME and HOME are unset), or [cluster] secret_file")]
+    NoMockKey,
+}
+
+/// Reads a secret file, refusing one that group or others may read
+/// (`credentials::read_private`, the check every secret file passes).
+fn read_secret(path: &Path, what: &'static str) -> Result<String, SourceError> {
+    credentials::read_private(path, what).map_err(|e| match e {
+        CredentialError::Read { source, .. } => SourceError::Read {
+            what,
+            path: path.to_owned(),
+            source,
+        },
+        other => SourceError::NotPrivate(other),
+    })
 }
 
 /// Which source answered, for the message that asks an operator to
@@ -67,11 +91,7 @@ struct SecretsFile {
 
 impl SecretsFile {
     fn read(path: &Path) -> Result<HashMap<String, StoredSecret>, SourceError> {
-        let text = std::fs::read_to_string(path).map_err(|source| SourceError::Read {
-            what: "secrets file",
-            path: path.to_owned(),
-            source,
-        })?;
+        let text = read_secret(path, "secrets file")?;
         secrets::parse_secrets_file(&text).map_err(|source| SourceError::SecretsFile {
             path: path.to_owned(),
             source,
@@ -92,8 +112,13 @@ pub struct ScramAuth {
     secrets: Option<SecretsFile>,
     query: Option<AuthQuery>,
     /// Makes mock verifiers: the same fake salt for the same unknown user
-    /// for as long as this process runs, as PostgreSQL does per cluster.
+    /// from every instance and across restarts, as PostgreSQL's from its
+    /// cluster nonce (`mock_key`).
     mock_key: Key,
+    /// The iteration count of the last real verifier seen (PostgreSQL's
+    /// default until then): a mock exchange offers what real users'
+    /// exchanges do.
+    mock_iterations: AtomicU32,
 }
 
 impl ScramAuth {
@@ -109,13 +134,7 @@ impl ScramAuth {
         };
         let query = match &cfg.auth_query {
             Some(q) => {
-                let text = std::fs::read_to_string(&q.password_file).map_err(|source| {
-                    SourceError::Read {
-                        what: "auth_password_file",
-                        path: q.password_file.clone(),
-                        source,
-                    }
-                })?;
+                let text = read_secret(&q.password_file, "auth_password_file")?;
                 let password = text.strip_suffix('\n').unwrap_or(&text);
                 let password = password.strip_suffix('\r').unwrap_or(password);
                 if password.is_empty() {
@@ -130,12 +149,15 @@ impl ScramAuth {
             }
             None => None,
         };
-        let mut mock_key = [0u8; scram::KEY_LEN];
-        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut mock_key);
+        let mock_key = match &cfg.mock_key {
+            Some(source) => mock_key::load(source)?,
+            None => return Err(SourceError::NoMockKey),
+        };
         Ok(ScramAuth {
             secrets,
             query,
             mock_key,
+            mock_iterations: AtomicU32::new(scram::DEFAULT_ITERATIONS),
         })
     }
 
@@ -152,31 +174,46 @@ impl ScramAuth {
     }
 
     /// Finds `user`'s verifier: the secrets file first, then auth_query.
+    ///
+    /// With both configured, auth_query runs for users in the file too and
+    /// its answer is set aside (issue 19 item 14): otherwise the file's
+    /// users are answered in microseconds and the others after a round
+    /// trip to the server, and the time a refusal takes tells who is in
+    /// the file. Its failure does not refuse a user the file knows.
     pub async fn lookup(
         &self,
         user: &str,
         upstream: &Upstream,
         timeouts: &Timeouts,
     ) -> Result<Lookup, AuthQueryError> {
-        if let Some(file) = &self.secrets {
-            if let Some(secret) = file.get(user) {
-                return Ok(classified(
-                    secret,
-                    SourceName::SecretsFile(file.path.clone()),
-                ));
+        let in_file = self.secrets.as_ref().and_then(|file| {
+            let secret = file.get(user)?;
+            Some(classified(
+                secret,
+                SourceName::SecretsFile(file.path.clone()),
+            ))
+        });
+        let found = match (in_file, &self.query) {
+            (Some(found), None) => found,
+            (Some(found), Some(q)) => {
+                let _ = q.lookup(upstream, timeouts, user).await;
+                found
             }
-        }
-        if let Some(q) = &self.query {
-            if let Some(stored) = q.lookup(upstream, timeouts, user).await? {
-                return Ok(classified(
+            (None, Some(q)) => match q.lookup(upstream, timeouts, user).await? {
+                Some(stored) => classified(
                     StoredSecret::classify(stored.as_deref()),
                     SourceName::AuthQuery {
                         user: q.user().to_owned(),
                     },
-                ));
-            }
+                ),
+                None => Lookup::Unknown,
+            },
+            (None, None) => Lookup::Unknown,
+        };
+        if let Lookup::Found(v, _) = &found {
+            self.mock_iterations.store(v.iterations, Ordering::Relaxed);
         }
-        Ok(Lookup::Unknown)
+        Ok(found)
     }
 
     /// A verifier for a user who does not exist: deterministic per user
@@ -186,7 +223,7 @@ impl ScramAuth {
         let derive =
             |label: &str| scram::hmac(&self.mock_key, format!("{label}\0{user}").as_bytes());
         Verifier {
-            iterations: scram::DEFAULT_ITERATIONS,
+            iterations: self.mock_iterations.load(Ordering::Relaxed),
             salt: derive("salt")[..16].to_vec(),
             stored_key: derive("stored"),
             server_key: derive("server"),
@@ -204,28 +241,104 @@ fn classified(secret: StoredSecret, source: SourceName) -> Lookup {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::mock_key::MockKeySource;
+    use std::os::unix::fs::PermissionsExt;
 
+    fn mock() -> MockKeySource {
+        let dir = tempfile::tempdir().unwrap().keep();
+        MockKeySource::KeyFile(dir.join("mock_key"))
+    }
+
+    /// issue 19 item 24: a secrets file (or auth password file) others may
+    /// read is refused at start, as every other secret file is.
     #[test]
-    fn mock_verifiers_are_stable_per_user_and_differ_between_users() {
-        let auth = ScramAuth::new(&ScramConfig {
-            secrets_file: None,
+    fn secret_files_others_can_read_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, text: &str, mode: u32| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+            p
+        };
+        let verifier = Verifier::from_password(b"pw", b"salt", 16).to_text();
+        let line = format!("\"alice\" \"{verifier}\"\n");
+        for mode in [0o644, 0o640, 0o604] {
+            let cfg = ScramConfig {
+                secrets_file: Some(file("users.txt", &line, mode)),
+                auth_query: None,
+                mock_key: Some(mock()),
+            };
+            let e = ScramAuth::new(&cfg).err().expect("refused");
+            let text = e.to_string();
+            assert!(matches!(e, SourceError::NotPrivate(_)), "{text}");
+            assert!(text.contains(&format!("mode {mode:04o}")), "{text}");
+            assert!(text.contains("chmod 600"), "{text}");
+            assert!(!text.contains(&verifier), "no secret in the error");
+        }
+        let cfg = ScramConfig {
+            secrets_file: Some(file("users.txt", &line, 0o600)),
+            auth_query: Some(crate::config::AuthQueryConfig {
+                user: "lookup".into(),
+                password_file: file("pw", "secret\n", 0o644),
+                database: "postgres".into(),
+                query: "select 1".into(),
+            }),
+            mock_key: Some(mock()),
+        };
+        let e = ScramAuth::new(&cfg).err().expect("password file refused");
+        assert!(e.to_string().contains("auth_password_file"), "{e}");
+        let cfg = ScramConfig {
             auth_query: None,
-        })
-        .unwrap();
+            ..cfg
+        };
+        assert!(ScramAuth::new(&cfg).is_ok(), "mode 0600 is accepted");
+        // A missing file still says what it is.
+        let cfg = ScramConfig {
+            secrets_file: Some(dir.path().join("missing")),
+            auth_query: None,
+            mock_key: Some(mock()),
+        };
+        let e = ScramAuth::new(&cfg).err().unwrap().to_string();
+        assert!(e.starts_with("cannot read secrets file"), "{e}");
+    }
+
+    /// issue 19 item 5: two instances (two processes, or one before and
+    /// after a restart) with the same key file give an unknown user the
+    /// same salt; another key, another salt.
+    #[test]
+    fn mock_verifiers_are_stable_per_user_and_across_instances() {
+        let dir = tempfile::tempdir().unwrap();
+        let with_key = |path: &Path| {
+            ScramAuth::new(&ScramConfig {
+                secrets_file: None,
+                auth_query: None,
+                mock_key: Some(MockKeySource::KeyFile(path.to_owned())),
+            })
+            .unwrap()
+        };
+        let key = dir.path().join("mock_key");
+        let auth = with_key(&key);
         let ghost = auth.mock_verifier("ghost");
         assert_eq!(ghost, auth.mock_verifier("ghost"), "asked twice, same salt");
         assert_ne!(ghost.salt, auth.mock_verifier("ghost2").salt);
         assert_eq!(ghost.salt.len(), 16);
         assert_eq!(ghost.iterations, scram::DEFAULT_ITERATIONS);
-        let other = ScramAuth::new(&ScramConfig {
+        drop(auth);
+        assert_eq!(
+            with_key(&key).mock_verifier("ghost"),
+            ghost,
+            "another instance with the same key file"
+        );
+        assert_ne!(
+            with_key(&dir.path().join("other_key")).mock_verifier("ghost"),
+            ghost,
+            "another key, another salt"
+        );
+        let none = ScramAuth::new(&ScramConfig {
             secrets_file: None,
             auth_query: None,
-        })
-        .unwrap();
-        assert_ne!(
-            ghost,
-            other.mock_verifier("ghost"),
-            "a secret of each process"
-        );
+            mock_key: None,
+        });
+        assert!(matches!(none, Err(SourceError::NoMockKey)));
     }
 }

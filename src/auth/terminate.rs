@@ -93,9 +93,24 @@ impl AuthError {
         }
     }
 
-    /// Whether this counts as a failed password attempt for throttling.
+    /// Whether this counts as a failed password attempt for throttling: a
+    /// user without a usable verifier too (issue 19 item 4), or probing
+    /// for such users would be free.
     pub fn is_failed_attempt(&self) -> bool {
-        matches!(self, AuthError::Failed { .. })
+        matches!(self, AuthError::Failed { .. } | AuthError::NotScram { .. })
+    }
+
+    /// What an operator must change, for pgbastion's log (the client is
+    /// not told: it would say that the user exists).
+    pub fn operator_hint(&self) -> &'static str {
+        match self {
+            AuthError::NotScram {
+                from: SourceName::SecretsFile(_),
+                ..
+            } => "this user cannot log in: pgbastion needs a SCRAM-SHA-256 verifier for it in its secrets file: copy the user's rolpassword (SCRAM-SHA-256$...) from pg_authid",
+            AuthError::NotScram { .. } => "this user cannot log in: pgbastion needs a SCRAM-SHA-256 password: on the database server run SET password_encryption = 'scram-sha-256'; then set the password again (ALTER ROLE ... PASSWORD, or \\password in psql), with no expired VALID UNTIL",
+            _ => "",
+        }
     }
 
     /// A failure while the server has not yet seen a proof.
@@ -152,22 +167,14 @@ impl AuthError {
                 format!("pgbastion could not look up the credentials of user \"{user}\""),
             )
             .with_hint("The lookup (auth_query) failed; pgbastion's log says why. Nobody is let in while it fails."),
-            AuthError::NotScram { user, secret, from } => ErrorResponse::new(
-                "28000",
-                format!(
-                    "user \"{user}\" cannot log in through pgbastion: {}",
-                    secret.unusable_reason().unwrap_or("its password cannot be used")
-                ),
-            )
-            .with_hint(match from {
-                SourceName::SecretsFile(_) => "pgbastion needs a SCRAM-SHA-256 verifier for this user in its secrets file: copy the user's rolpassword (SCRAM-SHA-256$...) from pg_authid.",
-                SourceName::AuthQuery { .. } => "pgbastion needs a SCRAM-SHA-256 password: on the database server run SET password_encryption = 'scram-sha-256'; then set the password again (ALTER ROLE ... PASSWORD, or \\password in psql), with no expired VALID UNTIL.",
-            }),
             AuthError::ClientScram(e) => ErrorResponse::new("08P01", e.to_string()),
             AuthError::ClientUnexpected(_) => ErrorResponse::new("08P01", self.to_string()),
             AuthError::ClientWire(WireError::Protocol(e)) => ErrorResponse::new("08P01", format!("invalid message during authentication: {e}")),
             AuthError::ClientWire(_) => return None,
-            AuthError::Failed { user, .. } => ErrorResponse::new(
+            // A user without a usable verifier is answered like a wrong
+            // password after the same mock exchange (issue 19 item 4): the
+            // reason is in the log and the audit only.
+            AuthError::Failed { user, .. } | AuthError::NotScram { user, .. } => ErrorResponse::new(
                 "28P01",
                 format!("password authentication failed for user \"{user}\""),
             ),
@@ -224,22 +231,29 @@ where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
     wire::send(client, &message::authentication_sasl(&offer.mechanisms())).await?;
-    let body = read_sasl(client, buf).await?;
-    let (mechanism, data) = message::parse_sasl_initial_response(&body).map_err(WireError::from)?;
-    let data = data.ok_or(ScramError::Malformed("no client-first message"))?;
-    let (exchange, server_first) = ServerExchange::start(
-        offer,
-        mechanism,
-        data,
-        &verifier.salt,
-        verifier.iterations,
-        &scram::new_nonce(),
-    )?;
-    // `start` has checked that PLUS comes with binding data and only then.
-    *leg = Some(LegAuth {
-        mechanism: mechanism.to_owned(),
-        channel_binding: mechanism == scram::SCRAM_SHA_256_PLUS,
-    });
+    // The client's first message is dropped once the exchange has what it
+    // needs of it: a login stalled before its final message holds one
+    // copy of the (bounded) nonce, not three.
+    let (exchange, server_first) = {
+        let body = read_sasl(client, buf).await?;
+        let (mechanism, data) =
+            message::parse_sasl_initial_response(&body).map_err(WireError::from)?;
+        let data = data.ok_or(ScramError::Malformed("no client-first message"))?;
+        let started = ServerExchange::start(
+            offer,
+            mechanism,
+            data,
+            &verifier.salt,
+            verifier.iterations,
+            &scram::new_nonce(),
+        )?;
+        // `start` has checked that PLUS comes with binding data and only then.
+        *leg = Some(LegAuth {
+            mechanism: mechanism.to_owned(),
+            channel_binding: mechanism == scram::SCRAM_SHA_256_PLUS,
+        });
+        started
+    };
     wire::send(
         client,
         &message::authentication_sasl_data(false, server_first.as_bytes()),
@@ -262,7 +276,11 @@ async fn read_sasl<C>(client: &mut C, buf: &mut Vec<u8>) -> Result<Vec<u8>, Auth
 where
     C: AsyncRead + Unpin + ?Sized,
 {
-    match wire::read_message(client, buf, MAX_CLIENT_SASL_MESSAGE).await? {
+    let read = wire::read_message(client, buf, MAX_CLIENT_SASL_MESSAGE).await?;
+    // What the buffer grew to for this message is not kept while the
+    // client takes its time over the next one.
+    buf.shrink_to_fit();
+    match read {
         (tag::PASSWORD, body) => Ok(body),
         (tag::TERMINATE, _) => Err(WireError::Closed.into()),
         (other, _) => Err(AuthError::ClientUnexpected(char::from(other))),

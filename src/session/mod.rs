@@ -43,6 +43,7 @@ use crate::auth::identity_login::{self, IdentityLoginError, LoginTarget};
 use crate::auth::login::{self, LegAuth};
 use crate::auth::passthrough::{AuthEnd, AuthPhase, CancelContext};
 use crate::auth::scram::{Credential, Offer, Proven, Verifier};
+use crate::auth::secrets::StoredSecret;
 use crate::auth::source::{Lookup, ScramAuth, SourceName};
 use crate::auth::terminate::{self, AuthError};
 use crate::auth::wire;
@@ -75,6 +76,10 @@ fn sqlstate_of(bytes: &[u8]) -> Option<String> {
 struct FoundVerifier {
     verifier: Verifier,
     source: Option<SourceName>,
+    /// A user known but without a usable SCRAM verifier (MD5, plain text,
+    /// none, expired): the exchange runs against the mock verifier like an
+    /// unknown user's, and only the log and the audit say why it failed.
+    unusable: Option<(StoredSecret, SourceName)>,
 }
 
 /// A client that proved itself against a real verifier: what logging in
@@ -266,6 +271,9 @@ impl Session {
         .await
         .unwrap_or(Err(SessionError::ClientTimeout(t.client_startup)));
         self.facts.client_tls = Some(conn.transport.clone());
+        // Negotiation read in generous chunks; a login that stalls from
+        // here on holds only what is left unread (issue 19 item 18).
+        conn.buf.shrink_to_fit();
         if conn.is_tls() {
             conn.binding = self.listener.binding.clone();
         }
@@ -672,15 +680,20 @@ impl Session {
             Ok(Lookup::Found(verifier, source)) => Ok(FoundVerifier {
                 verifier,
                 source: Some(source),
+                unusable: None,
             }),
             Ok(Lookup::Unknown) => Ok(FoundVerifier {
                 verifier: scram.mock_verifier(user),
                 source: None,
+                unusable: None,
             }),
-            Ok(Lookup::Unusable(secret, from)) => Err(AuthError::NotScram {
-                user: user.to_owned(),
-                secret,
-                from,
+            // issue 19 item 4: as PostgreSQL, a full mock exchange and the
+            // answer to a wrong password, so nobody learns without a
+            // password that the user exists and how its password is kept.
+            Ok(Lookup::Unusable(secret, from)) => Ok(FoundVerifier {
+                verifier: scram.mock_verifier(user),
+                source: None,
+                unusable: Some((secret, from)),
             }),
             Err(source) => Err(AuthError::VerifierUnavailable {
                 user: user.to_owned(),
@@ -717,6 +730,14 @@ impl Session {
         let proven = match proved {
             Ok(p) => p,
             Err(e) => {
+                let e = match (e, found.unusable) {
+                    (AuthError::Failed { .. }, Some((secret, from))) => AuthError::NotScram {
+                        user: user.to_owned(),
+                        secret,
+                        from,
+                    },
+                    (e, _) => e,
+                };
                 if e.is_failed_attempt() {
                     let addr = self.peer.map(|p| p.ip());
                     self.shared.login_throttle.failed(addr, user);
@@ -912,6 +933,10 @@ impl Session {
     async fn reject_auth(self, conn: &mut ClientConn, err: AuthError, facts: &AuthFacts) {
         if let AuthError::VerifierStale { user, from, .. } = &err {
             error!(%user, source = %from, "the database server does not accept pgbastion's verifier for this user: refresh the source");
+        }
+        if let AuthError::NotScram { user, from, .. } = &err {
+            // The client is told only "password authentication failed".
+            warn!(%user, source = %from, "{}", err.operator_hint());
         }
         self.reject_with(conn, err.into(), Some(facts)).await
     }

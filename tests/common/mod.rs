@@ -828,8 +828,15 @@ pub fn install_roles(env: &Env) -> PathBuf {
         ))
         .expect("install the lookup function");
     let file = env.dir.path().join("auth-password");
-    std::fs::write(&file, "lookup-secret\n").unwrap();
+    write_private(&file, "lookup-secret\n");
     file
+}
+
+/// Writes a secret file with mode 0600, as pgbastion requires of them.
+pub fn write_private(path: &std::path::Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
 
 pub fn auth_query_keys(password_file: &std::path::Path) -> String {
