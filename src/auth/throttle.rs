@@ -142,4 +142,23 @@ mod tests {
         assert_eq!(e.by, ThrottledBy::User);
         assert_eq!(t.check(Some(IpAddr::from([10, 0, 0, 3])), "other"), Ok(()));
     }
+
+    /// Issue 19 item 9: 10,050 failures with distinct user names from 1000
+    /// addresses (and their checks) lifted an existing lockout.
+    #[test]
+    fn a_flood_of_user_names_does_not_lift_a_lockout() {
+        let t = LoginThrottle::new(&limits(10_000, 3));
+        let a = Some(IpAddr::from([10, 0, 0, 1]));
+        for _ in 0..3 {
+            t.failed(a, "postgres");
+        }
+        assert_eq!(t.check(a, "postgres").unwrap_err().by, ThrottledBy::User);
+        for i in 0..10_050u32 {
+            let from = Some(IpAddr::from((0x0a01_0000 + i % 1000).to_be_bytes()));
+            let user = format!("user{i}");
+            let _ = t.check(from, &user);
+            t.failed(from, &user);
+        }
+        assert_eq!(t.check(a, "postgres").unwrap_err().by, ThrottledBy::User);
+    }
 }
