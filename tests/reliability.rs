@@ -546,3 +546,70 @@ async fn a_server_restart_reaches_clients_as_the_servers_message() {
     let two: i32 = client.query_one("select 2", &[]).await.unwrap().get(0);
     assert_eq!(two, 2);
 }
+
+/// The port a listener of `proxy` is bound to.
+fn port_of(proxy: &Proxy, name: &str) -> u16 {
+    proxy
+        .addrs
+        .iter()
+        .find_map(|(n, a)| match a {
+            pgbastion::config::BindAddress::Tcp(a) if n == name => Some(a.port()),
+            _ => None,
+        })
+        .expect("a TCP listener of that name")
+}
+
+/// Issue 19 item 3: an IPv4 client of a dual-stack listener (`[::]`)
+/// arrived as `::ffff:127.0.0.1`, so a deny rule for 127.0.0.0/8 did not
+/// match it and the failed-login throttle gave it a fresh budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv4_clients_of_a_dual_stack_listener_are_ipv4_everywhere() {
+    let env = Env::new();
+    let pw_file = install_roles(&env);
+    let proxy = Proxy::start_toml(&format!(
+        "{}\n[[listener]]\nname = \"v4\"\nlisten = \"127.0.0.1:0\"\nclient_tls = \"allow\"\n\
+         [[listener]]\nname = \"dual\"\nlisten = \"[::]:0\"\nclient_tls = \"allow\"\n{}{}\n\
+         [[rule]]\nname = \"no-v4-loopback\"\naction = \"deny\"\nnetworks = [\"127.0.0.0/8\"]\ndatabases = [\"secret\"]\n\
+         [[rule]]\nname = \"rest\"\n\
+         [limits]\nfailed_logins_per_address = 2\nfailed_logins_per_user = 100\n",
+        env.tls_toml(),
+        env.upstream_toml(),
+        auth_query_keys(&pw_file),
+    ));
+    let v4 = std::net::SocketAddr::from(([127, 0, 0, 1], port_of(&proxy, "v4")));
+    let dual_v4 = std::net::SocketAddr::from(([127, 0, 0, 1], port_of(&proxy, "dual")));
+
+    // The deny rule matches the IPv4 client on the dual-stack listener,
+    // and the audit names it as IPv4.
+    let e = connect_from(dual_v4, "127.0.0.1", "app", "secret", APP_PASSWORD, "deny")
+        .await
+        .err()
+        .expect("denied");
+    assert_eq!(sqlstate(&e).as_deref(), Some("28000"), "{e}");
+    let denied = proxy.wait_audit("the denial", |e| e["reason"] == "policy_denied");
+    assert_eq!(denied["client"]["addr"], "127.0.0.1");
+    assert_eq!(denied["listener"], "dual");
+
+    // Two failures on the IPv4 listener use the address's budget on the
+    // dual-stack listener too.
+    for _ in 0..2 {
+        let e = connect_from(v4, "127.0.0.1", "app", "postgres", "guess", "fail")
+            .await
+            .err()
+            .expect("wrong password");
+        assert_eq!(sqlstate(&e).as_deref(), Some("28P01"), "{e}");
+    }
+    let e = connect_from(dual_v4, "127.0.0.1", "app", "postgres", APP_PASSWORD, "after")
+        .await
+        .err()
+        .expect("the address is throttled on every listener");
+    let db = e.as_db_error().expect("an ErrorResponse");
+    assert_eq!(db.code().code(), "28000");
+    assert!(db.message().contains("too many failed login attempts"), "{}", db.message());
+    let throttled = proxy.wait_audit("the throttled login", |e| e["reason"] == "auth_throttled");
+    assert_eq!(throttled["client"]["addr"], "127.0.0.1");
+    // Another address still gets in through the dual-stack listener.
+    connect_from(dual_v4, "127.0.0.2", "app", "postgres", APP_PASSWORD, "other")
+        .await
+        .expect("another address is not throttled");
+}

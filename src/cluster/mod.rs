@@ -277,7 +277,7 @@ impl Cluster {
         user: &str,
         limits: &Limits,
     ) -> Result<Option<Throttled>, Unavailable> {
-        let (a, u) = self.failure_keys(addr, user);
+        let (a, u) = self.failure_keys(addr, user, limits);
         let (na, ta, nu, tu): (Option<u64>, i64, Option<u64>, i64) = self
             .call(
                 "failed_logins",
@@ -309,13 +309,16 @@ impl Cluster {
 
     /// Counts a failed login fleet-wide, in a window that starts at the
     /// first failure.
-    pub fn count_failure(&self, addr: Option<IpAddr>, user: &str, window: Duration) {
-        let (a, u) = self.failure_keys(addr, user);
-        self.send(Op::Failed(vec![a, u], window));
+    pub fn count_failure(&self, addr: Option<IpAddr>, user: &str, limits: &Limits) {
+        let (a, u) = self.failure_keys(addr, user, limits);
+        self.send(Op::Failed(vec![a, u], limits.failed_login_window));
     }
 
-    fn failure_keys(&self, addr: Option<IpAddr>, user: &str) -> (String, String) {
-        let addr = addr.map_or_else(|| "unix".to_owned(), |a| a.to_string());
+    /// The Redis keys of an address's (per `limits.ipv6_prefix`) and a
+    /// user's failures.
+    fn failure_keys(&self, addr: Option<IpAddr>, user: &str, limits: &Limits) -> (String, String) {
+        let addr = crate::auth::throttle::address_key(addr, limits.ipv6_prefix)
+            .map_or_else(|| "unix".to_owned(), |a| a.to_string());
         (
             self.keys.failures_key("addr", &addr),
             self.keys.failures_key("user", user),

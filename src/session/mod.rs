@@ -721,7 +721,7 @@ impl Session {
                     let addr = self.peer.map(|p| p.ip());
                     self.shared.login_throttle.failed(addr, user);
                     if let Some(fleet) = &self.shared.cluster {
-                        fleet.count_failure(addr, user, self.settings.limits.failed_login_window);
+                        fleet.count_failure(addr, user, &self.settings.limits);
                     }
                 }
                 return Err(e);
@@ -948,11 +948,11 @@ impl Session {
         .await
         .unwrap_or(Err(SessionError::ProxyTimeout(limit)))?;
         let via = self.facts.client.clone();
-        if let Some(src) = header.source() {
+        if let Some(src) = header.source().map(crate::server::canonical) {
             self.peer = Some(src);
             self.facts.client = ClientAddress::tcp(src);
             if let Addresses::Tcp { dst, .. } = header.addresses {
-                self.local = Some(dst);
+                self.local = Some(crate::server::canonical(dst));
             }
             // Every later log line of the session names the real client.
             tracing::Span::current().record("client", tracing::field::display(&self.facts.client));
@@ -1097,7 +1097,10 @@ impl Session {
     /// Like PostgreSQL, the client is told nothing either way, and its
     /// connection is closed once the request has been dealt with.
     async fn cancel(self, mut conn: ClientConn, req: CancelKey) {
-        let client_ip = self.facts.client.addr.parse().ok();
+        let client_ip = crate::auth::throttle::address_key(
+            self.peer.map(|p| p.ip()),
+            self.settings.limits.ipv6_prefix,
+        );
         let delivery = if !self.shared.cancels.allow(client_ip) {
             CancelDelivery::refused("rate_limited")
         } else if self.facts.client_tls == Some(ClientTransport::Plaintext)
