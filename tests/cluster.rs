@@ -583,3 +583,57 @@ async fn rediss_is_verified() {
     });
     wrong.wait_cluster(false);
 }
+
+/// Issue 19 item 10: a failure count that lost its expiry refused the user
+/// for good ("try again in 0s"). Such a key throttles no one and is given
+/// an expiry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_count_without_expiry_locks_no_one_out_and_is_repaired() {
+    let env = Env::new();
+    let pw_file = install_roles(&env);
+    let redis = Redis::start();
+    let secret = secret_file(env.dir.path());
+    let a = Instance::start(
+        &env,
+        &redis.url(),
+        &secret,
+        "pgb-a",
+        &auth_query_keys(&pw_file),
+    );
+    a.wait_cluster(true);
+    let e = connect_from(a.direct, "127.0.0.6", "app", "postgres", "guess", "fail")
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(e.as_db_error().map(|d| d.code().code()), Some("28P01"));
+    let mut conn = redis::Client::open(redis.url().as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let keys = wait_for(
+        "both failure counts in Redis",
+        Duration::from_secs(10),
+        || {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg("pgbastion:failed-*")
+                .query(&mut conn)
+                .unwrap();
+            (keys.len() == 2).then_some(keys)
+        },
+    );
+    for k in &keys {
+        let ttl: i64 = redis::cmd("PTTL").arg(k).query(&mut conn).unwrap();
+        assert!(ttl > 0, "{k} has an expiry: {ttl}");
+        // What the two-command race left behind: a count with no expiry.
+        let () = redis::cmd("SET").arg(k).arg(1000).query(&mut conn).unwrap();
+        let ttl: i64 = redis::cmd("PTTL").arg(k).query(&mut conn).unwrap();
+        assert_eq!(ttl, -1);
+    }
+    connect_from(a.direct, "127.0.0.6", "app", "postgres", APP_PASSWORD, "in")
+        .await
+        .expect("a count without expiry throttles no one");
+    for k in &keys {
+        let ttl: i64 = redis::cmd("PTTL").arg(k).query(&mut conn).unwrap();
+        assert!(ttl > 0, "{k} was given an expiry: {ttl}");
+    }
+}

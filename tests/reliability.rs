@@ -599,17 +599,35 @@ async fn ipv4_clients_of_a_dual_stack_listener_are_ipv4_everywhere() {
             .expect("wrong password");
         assert_eq!(sqlstate(&e).as_deref(), Some("28P01"), "{e}");
     }
-    let e = connect_from(dual_v4, "127.0.0.1", "app", "postgres", APP_PASSWORD, "after")
-        .await
-        .err()
-        .expect("the address is throttled on every listener");
+    let e = connect_from(
+        dual_v4,
+        "127.0.0.1",
+        "app",
+        "postgres",
+        APP_PASSWORD,
+        "after",
+    )
+    .await
+    .err()
+    .expect("the address is throttled on every listener");
     let db = e.as_db_error().expect("an ErrorResponse");
     assert_eq!(db.code().code(), "28000");
-    assert!(db.message().contains("too many failed login attempts"), "{}", db.message());
+    assert!(
+        db.message().contains("too many failed login attempts"),
+        "{}",
+        db.message()
+    );
     let throttled = proxy.wait_audit("the throttled login", |e| e["reason"] == "auth_throttled");
     assert_eq!(throttled["client"]["addr"], "127.0.0.1");
     // Another address still gets in through the dual-stack listener.
-    connect_from(dual_v4, "127.0.0.2", "app", "postgres", APP_PASSWORD, "other")
-        .await
-        .expect("another address is not throttled");
+    connect_from(
+        dual_v4,
+        "127.0.0.2",
+        "app",
+        "postgres",
+        APP_PASSWORD,
+        "other",
+    )
+    .await
+    .expect("another address is not throttled");
 }

@@ -157,6 +157,41 @@ end
 return #ARGV - 1
 ";
 
+/// Counts a failed login in each key, in a window (`ARGV[1]` ms) that
+/// starts at the first failure. One script, so no key is ever left without
+/// an expiry (`SET ... NX PX` then `INCR` were two commands: when the key
+/// expired between them, INCR made one that never expired, and the user
+/// was refused for good; issue 19 item 10). A key found without an expiry
+/// gets one.
+const COUNT_FAILURE: &str = r"
+for i = 1, #KEYS do
+  redis.call('INCR', KEYS[i])
+  if redis.call('PTTL', KEYS[i]) < 0 then
+    redis.call('PEXPIRE', KEYS[i], ARGV[1])
+  end
+end
+return #KEYS
+";
+
+/// Each key's failure count and expiry in ms. A count without an expiry
+/// (left by an older version, or written by hand) cannot say when its
+/// failures happened: it is reported as 0, so it throttles no one, and
+/// given the window (`ARGV[1]` ms) it lacked, so it ends.
+const READ_FAILURES: &str = r"
+local out = {}
+for i = 1, #KEYS do
+  local n = tonumber(redis.call('GET', KEYS[i]) or '0') or 0
+  local ttl = redis.call('PTTL', KEYS[i])
+  if ttl == -1 then
+    redis.call('PEXPIRE', KEYS[i], ARGV[1])
+    n = 0
+  end
+  out[#out + 1] = n
+  out[#out + 1] = ttl
+end
+return out
+";
+
 impl Cluster {
     /// Reads the secret and password files and prepares the Redis client;
     /// does not need Redis to be up (it is connected to lazily, and the
@@ -281,15 +316,12 @@ impl Cluster {
         let (na, ta, nu, tu): (Option<u64>, i64, Option<u64>, i64) = self
             .call(
                 "failed_logins",
-                redis::pipe()
-                    .cmd("GET")
+                redis::cmd("EVAL")
+                    .arg(READ_FAILURES)
+                    .arg(2)
                     .arg(&a)
-                    .cmd("PTTL")
-                    .arg(&a)
-                    .cmd("GET")
                     .arg(&u)
-                    .cmd("PTTL")
-                    .arg(&u),
+                    .arg(ms(limits.failed_login_window).max(1)),
             )
             .await?;
         let throttled = |by, ttl: i64| Throttled {
@@ -438,16 +470,12 @@ impl Cluster {
                     pipe.cmd("ZREM").arg(k).arg(m).ignore();
                 }
                 Op::Failed(keys, window) => {
-                    for k in keys {
-                        pipe.cmd("SET")
-                            .arg(&k)
-                            .arg(0)
-                            .arg("PX")
-                            .arg(ms(window).max(1))
-                            .arg("NX")
-                            .ignore();
-                        pipe.cmd("INCR").arg(&k).ignore();
-                    }
+                    pipe.cmd("EVAL")
+                        .arg(COUNT_FAILURE)
+                        .arg(keys.len())
+                        .arg(&keys)
+                        .arg(ms(window).max(1))
+                        .ignore();
                 }
             }
         }
