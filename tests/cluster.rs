@@ -637,3 +637,70 @@ async fn a_failure_count_without_expiry_locks_no_one_out_and_is_repaired() {
         assert!(ttl > 0, "{k} was given an expiry: {ttl}");
     }
 }
+
+/// Issue 19 item 22: a Redis that refused pgbastion from the start (a
+/// wrong password) was never logged. Every failed attempt is (at a
+/// limited rate), and so is the moment it is accepted.
+#[test]
+fn a_redis_that_refuses_pgbastion_from_the_start_is_logged() {
+    let certs = ProxyCerts::new();
+    let dir = certs.dir.path();
+    let redis = Redis::start();
+    let mut conn = redis::Client::open(redis.url().as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg("the-right-one")
+        .query(&mut conn)
+        .unwrap();
+    let password = dir.join("redis-password");
+    pgbastion::devcerts::write_private(&password, b"not-the-right-one\n").unwrap();
+    let port = pgbastion::localpg::free_port().unwrap();
+    let cfg = dir.join("pgbastion.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{}\n[[listener]]\nlisten = \"127.0.0.1:{port}\"\n\
+             [[upstream]]\nname = \"pg\"\naddress = \"localhost:1\"\nca_file = \"{}\"\n\
+             [audit]\nlog = \"off\"\n\
+             [cluster]\nredis = \"{}\"\nredis_password_file = \"{}\"\nsecret_file = \"{}\"\n",
+            certs.tls_toml(),
+            certs.proxy_ca.display(),
+            redis.url(),
+            password.display(),
+            secret_file(dir).display()
+        ),
+    )
+    .unwrap();
+    let log = dir.join("pgbastion.log");
+    let _proc = Running(config_form(&cfg, Some(&log)).spawn().unwrap());
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    let line = wait_for("the refusal in the log", Duration::from_secs(10), || {
+        read()
+            .lines()
+            .find(|l| l.contains("Redis is still unavailable"))
+            .map(str::to_owned)
+    });
+    assert!(line.contains("Password authentication failed"), "{line}");
+    assert!(
+        !line.contains("not-the-right-one"),
+        "no secret in the log: {line}"
+    );
+    // Rate-limited: one attempt per second, not one line per attempt.
+    std::thread::sleep(Duration::from_secs(3));
+    let lines = read().matches("Redis is still unavailable").count();
+    assert!(lines <= 2, "{lines} lines in 3 s:\n{}", read());
+    // Accepted: the transition is logged.
+    let () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg("not-the-right-one")
+        .query(&mut conn)
+        .unwrap();
+    wait_for("the recovery in the log", Duration::from_secs(10), || {
+        read().contains("Redis is available").then_some(())
+    });
+}

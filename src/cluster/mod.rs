@@ -123,7 +123,12 @@ pub struct Cluster {
     instance: String,
     timeout: Duration,
     keys: FleetKeys,
-    redis: ConnectionManager,
+    /// Replaced after an authentication failure: the manager reconnects
+    /// after I/O errors only, so a refused AUTH would stay refused even
+    /// once Redis accepts the password.
+    redis: Mutex<ConnectionManager>,
+    client: redis::Client,
+    manager_config: ConnectionManagerConfig,
     up: AtomicBool,
     held: Mutex<Held>,
     ops: mpsc::Sender<Op>,
@@ -207,14 +212,16 @@ impl Cluster {
             .set_response_timeout(Some(config.timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_secs(1));
-        let redis = ConnectionManager::new_lazy_with_config(client, manager_config)
+        let redis = ConnectionManager::new_lazy_with_config(client.clone(), manager_config.clone())
             .map_err(|e| ClusterError::Redis(e.to_string()))?;
         let (ops, rx) = mpsc::channel(QUEUE);
         let cluster = Arc::new(Cluster {
             instance: config.instance.clone(),
             timeout: config.timeout,
             keys,
-            redis,
+            redis: Mutex::new(redis),
+            client,
+            manager_config,
             up: AtomicBool::new(false),
             held: Mutex::default(),
             ops,
@@ -389,7 +396,7 @@ impl Cluster {
         request: impl Into<Request<'_>>,
     ) -> Result<T, Unavailable> {
         let started = Instant::now();
-        let mut conn = self.redis.clone();
+        let mut conn = lock(&self.redis).clone();
         let run = async {
             match request.into() {
                 Request::Cmd(c) => c.query_async::<T>(&mut conn).await,
@@ -406,7 +413,12 @@ impl Cluster {
             failed => {
                 self.metrics.redis_call(op, elapsed, false);
                 let why = match failed {
-                    Ok(Err(e)) => e.to_string(),
+                    Ok(Err(e)) => {
+                        if e.kind() == redis::ErrorKind::AuthenticationFailed {
+                            self.new_connection();
+                        }
+                        e.to_string()
+                    }
                     _ => format!("no answer within {:?}", self.timeout),
                 };
                 self.mark_down(op, &why);
@@ -415,10 +427,31 @@ impl Cluster {
         }
     }
 
+    /// A fresh connection manager, which authenticates again.
+    fn new_connection(&self) {
+        match ConnectionManager::new_lazy_with_config(
+            self.client.clone(),
+            self.manager_config.clone(),
+        ) {
+            Ok(m) => *lock(&self.redis) = m,
+            Err(e) => {
+                if self.warn.allow("redis_reconnect") {
+                    warn!(error = %e, "cannot prepare a new Redis connection");
+                }
+            }
+        }
+    }
+
+    /// A failed call: the transition from up is always logged; while down
+    /// (from the start, say, with a wrong password or an unreachable
+    /// Redis) every failed attempt is, at a limited rate (issue 19 item 22:
+    /// a Redis that refused pgbastion from the start was never logged).
     fn mark_down(&self, op: &str, why: &str) {
         if self.up.swap(false, Ordering::SeqCst) {
             self.metrics.cluster_up(false);
             warn!(op, error = %why, "Redis is unavailable: cancels for other instances' sessions fail and limits count this instance only until it is back");
+        } else if self.warn.allow("redis_unavailable") {
+            warn!(op, error = %why, "Redis is still unavailable (cancels across instances and fleet-wide limits are off); retrying every second");
         }
     }
 
@@ -521,6 +554,8 @@ impl<'a> From<&'a redis::Pipeline> for Request<'a> {
 async fn background(cluster: Weak<Cluster>, mut rx: mpsc::Receiver<Op>) {
     let mut health = tokio::time::interval(HEALTH);
     let mut refresh = tokio::time::interval(REFRESH);
+    let mut summaries = tokio::time::interval(crate::warn_limit::WINDOW);
+    summaries.tick().await;
     health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     refresh.tick().await;
@@ -555,6 +590,13 @@ async fn background(cluster: Weak<Cluster>, mut rx: mpsc::Receiver<Op>) {
                 let Some(c) = cluster.upgrade() else { return };
                 if c.is_up() {
                     let _ = c.rewrite_all().await;
+                }
+            }
+            _ = summaries.tick() => {
+                // Also what lets a kind be logged again in the next window.
+                let Some(c) = cluster.upgrade() else { return };
+                for (kind, count) in c.warn.take_summaries() {
+                    warn!(kind, count, "{count} more like the above ({kind}), not logged one by one");
                 }
             }
         }
