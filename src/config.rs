@@ -522,7 +522,9 @@ pub enum AuditOnFailure {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
-    /// Sessions past the startup packet; one more gets SQLSTATE 53300.
+    /// Authenticated sessions; one more gets SQLSTATE 53300. Logins in
+    /// progress are bounded by the pending limits instead, so strangers
+    /// cannot take the places of sessions.
     pub max_sessions: usize,
     /// Connections not yet authenticated (negotiating TLS and startup, or
     /// authenticating), per listener; past this, new connections are

@@ -115,7 +115,7 @@ pub(crate) struct Shared {
     pub audit: Arc<AuditLog>,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
-    /// Sessions past the startup packet, against `limits.max_sessions`.
+    /// Authenticated sessions, against `limits.max_sessions`.
     pub sessions: KeyedSlots<()>,
     /// The limits a reload may change, read where they are applied.
     pub limits: Arc<LiveLimits>,

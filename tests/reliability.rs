@@ -631,3 +631,77 @@ async fn ipv4_clients_of_a_dual_stack_listener_are_ipv4_everywhere() {
     .await
     .expect("another address is not throttled");
 }
+
+/// Issue 19 item 8: logins stalled mid-authentication took
+/// `limits.max_sessions`, so real clients got 53300. Only authenticated
+/// sessions count now, in scram mode (stalled mid-SCRAM with pgbastion)
+/// and passthrough (stalled before the password, with the server).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_logins_do_not_take_the_places_of_sessions() {
+    let env = Env::new();
+    let pw_file = install_roles(&env);
+    let proxy = Proxy::start_toml(&format!(
+        "{}\n[[listener]]\nname = \"scram\"\nlisten = \"127.0.0.1:0\"\nclient_tls = \"allow\"\nupstream = \"pg\"\n\
+         [[listener]]\nname = \"passthrough\"\nlisten = \"127.0.0.1:0\"\nclient_tls = \"allow\"\nupstream = \"pt\"\n\
+         {}{}\n\
+         [[upstream]]\nname = \"pt\"\naddress = \"localhost:{}\"\nca_file = \"{}\"\n\
+         [limits]\nmax_sessions = 3\n",
+        env.tls_toml(),
+        env.upstream_toml(),
+        auth_query_keys(&pw_file),
+        env.pg.port,
+        env.pg.ca_cert.display(),
+    ));
+    let scram = std::net::SocketAddr::from(([127, 0, 0, 1], port_of(&proxy, "scram")));
+    let pt = std::net::SocketAddr::from(([127, 0, 0, 1], port_of(&proxy, "passthrough")));
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client_tls_config(
+        &env.proxy_ca,
+        &[],
+    )));
+    let mut stalled_scram = Vec::new();
+    for _ in 0..5 {
+        stalled_scram.push(stalled_login(scram, [127, 0, 0, 9].into(), tls.clone()).await);
+    }
+    let mut stalled_pt = Vec::new();
+    for _ in 0..4 {
+        let mut s = raw(pt).await;
+        let startup = StartupMessage::new(
+            ProtocolVersion { major: 3, minor: 0 },
+            vec![("user".into(), "postgres".into())],
+        );
+        s.write_all(startup.as_bytes()).await.unwrap();
+        let (t, _) = read_message(&mut s).await.unwrap();
+        assert_eq!(
+            t, b'R',
+            "the server asks for the password, which never comes"
+        );
+        stalled_pt.push(s);
+    }
+    // Nine logins in progress; three sessions still fit.
+    let pw = env.pg.password.as_str();
+    let one = connect_from(scram, "127.0.0.2", "app", "postgres", APP_PASSWORD, "one")
+        .await
+        .expect("a real client logs in past the stalled ones (scram)");
+    let two = connect_from(pt, "127.0.0.2", "postgres", "postgres", pw, "two")
+        .await
+        .expect("a real client logs in past the stalled ones (passthrough)");
+    let three = connect_from(scram, "127.0.0.2", "app", "postgres", APP_PASSWORD, "three")
+        .await
+        .unwrap();
+    // max_sessions still caps authenticated sessions, in both modes.
+    for (at, user, password) in [(scram, "app", APP_PASSWORD), (pt, "postgres", pw)] {
+        let e = connect_from(at, "127.0.0.2", user, "postgres", password, "four")
+            .await
+            .err()
+            .expect("a fourth session is refused");
+        assert_eq!(sqlstate(&e).as_deref(), Some("53300"), "{e}");
+    }
+    proxy.wait_audit("the scram refusal", |e| e["reason"] == "too_many_sessions");
+    proxy.wait_audit("the passthrough refusal", |e| {
+        e["end_reason"] == "too_many_sessions" && e["auth"]["sqlstate"] == "53300"
+    });
+    for c in [&one, &two, &three] {
+        c.simple_query("select 1").await.unwrap();
+    }
+    drop((stalled_scram, stalled_pt));
+}

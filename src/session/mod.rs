@@ -339,16 +339,15 @@ impl Session {
                 }
             },
         };
-        let limit = self
+        // Counted against limits.max_sessions only once authenticated
+        // (issue 19 item 8): logins in progress are bounded by the pending
+        // slots, and strangers must never take the places of sessions.
+        let max_sessions = self
             .shared
             .limits
             .max_sessions
             .load(std::sync::atomic::Ordering::SeqCst);
-        let Some(_permit) = self.shared.sessions.try_acquire((), limit) else {
-            return self
-                .reject(&mut conn, SessionError::TooManySessions(limit))
-                .await;
-        };
+        let mut _session_slot = None;
 
         let auth_deadline = tokio::time::Instant::now() + t.authentication;
         let mut auth_facts = AuthFacts::new(upstream.config.auth_mode());
@@ -359,8 +358,14 @@ impl Session {
             Login::Identity => {
                 auth_facts.mode = LoginMode::Identity;
                 match self.identity_credential(upstream, startup.user()) {
+                    // Known by certificate or tailnet: authenticated now.
                     Ok(found) => {
                         auth_facts.credential = Some(found.kind);
+                        let Some(slot) = self.shared.sessions.try_acquire((), max_sessions) else {
+                            let err = SessionError::TooManySessions(max_sessions);
+                            return self.reject_with(&mut conn, err, Some(&auth_facts)).await;
+                        };
+                        _session_slot = Some(slot);
                         Some(found)
                     }
                     Err(e) => {
@@ -383,7 +388,14 @@ impl Session {
             .await
             .unwrap_or(Err(AuthError::Timeout(t.authentication)))
             {
-                Ok(proven) => Some(proven),
+                Ok(proven) => {
+                    let Some(slot) = self.shared.sessions.try_acquire((), max_sessions) else {
+                        let err = SessionError::TooManySessions(max_sessions);
+                        return self.reject_with(&mut conn, err, Some(&auth_facts)).await;
+                    };
+                    _session_slot = Some(slot);
+                    Some(proven)
+                }
                 Err(e) => return self.reject_auth(&mut conn, e, &auth_facts).await,
             },
             _ => None,
@@ -460,7 +472,16 @@ impl Session {
                     }
                 }
             }
-            (None, None) => AuthPhase::new(std::mem::take(&mut conn.buf), !conn.is_tls(), cancel),
+            (None, None) => {
+                let mut phase =
+                    AuthPhase::new(std::mem::take(&mut conn.buf), !conn.is_tls(), cancel);
+                phase.session_slot = Some(crate::auth::passthrough::SessionSlot {
+                    slots: self.shared.sessions.clone(),
+                    limit: max_sessions,
+                    held: None,
+                });
+                phase
+            }
             (Some(proven), None) => {
                 let login = timeout_at(
                     auth_deadline,
@@ -485,10 +506,19 @@ impl Session {
         // Authenticated (or finished): the connection leaves the pending
         // slots, which bound what strangers can hold.
         drop(pending);
-        if let Err(AuthEnd::ChannelBinding) = auth_result {
-            auth.outcome = AuthOutcome::RefusedByProxy {
-                sqlstate: "28000".into(),
-            };
+        let _passthrough_slot = auth.session_slot.take();
+        match auth_result {
+            Err(AuthEnd::ChannelBinding) => {
+                auth.outcome = AuthOutcome::RefusedByProxy {
+                    sqlstate: "28000".into(),
+                };
+            }
+            Err(AuthEnd::TooManySessions(_)) => {
+                auth.outcome = AuthOutcome::RefusedByProxy {
+                    sqlstate: "53300".into(),
+                };
+            }
+            _ => {}
         }
         auth_facts.outcome = auth.outcome.clone();
         if auth_facts.mode == LoginMode::Passthrough {
