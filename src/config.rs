@@ -533,7 +533,9 @@ pub enum AuditOnFailure {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
-    /// Sessions past the startup packet; one more gets SQLSTATE 53300.
+    /// Authenticated sessions; one more gets SQLSTATE 53300. Logins in
+    /// progress are bounded by the pending limits instead, so strangers
+    /// cannot take the places of sessions.
     pub max_sessions: usize,
     /// Connections not yet authenticated (negotiating TLS and startup, or
     /// authenticating), per listener; past this, new connections are
@@ -558,6 +560,9 @@ pub struct Limits {
     /// refills at `n / window`.
     #[serde(with = "humantime_serde")]
     pub failed_login_window: Duration,
+    /// IPv6 clients are throttled (failed logins, cancel rate) per network
+    /// of this prefix length, since one host usually holds a whole /64.
+    pub ipv6_prefix: u8,
 }
 
 impl Default for Limits {
@@ -571,6 +576,7 @@ impl Default for Limits {
             failed_logins_per_address: 10,
             failed_logins_per_user: 30,
             failed_login_window: Duration::from_secs(60),
+            ipv6_prefix: 64,
         }
     }
 }
@@ -1117,6 +1123,11 @@ impl RawConfig {
         {
             return Err(invalid(
                 "limits.failed_logins_per_address, failed_logins_per_user and failed_login_window must be greater than zero",
+            ));
+        }
+        if !(1..=128).contains(&self.limits.ipv6_prefix) {
+            return Err(invalid(
+                "limits.ipv6_prefix must be between 1 and 128 (64: one host's network)",
             ));
         }
         let t = &self.timeouts;

@@ -115,7 +115,7 @@ pub(crate) struct Shared {
     pub audit: Arc<AuditLog>,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
-    /// Sessions past the startup packet, against `limits.max_sessions`.
+    /// Authenticated sessions, against `limits.max_sessions`.
     pub sessions: KeyedSlots<()>,
     /// The limits a reload may change, read where they are applied.
     pub limits: Arc<LiveLimits>,
@@ -1192,6 +1192,13 @@ async fn accept_loop(
     }
 }
 
+/// The address as everything compares it: an IPv4 client of a dual-stack
+/// listener (`[::]`) arrives as `::ffff:a.b.c.d`, which no IPv4 rule,
+/// limit or audit search would match (issue 19 item 3).
+pub(crate) fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
 /// One accepted connection; the addresses are None for Unix sockets.
 struct Accepted {
     io: BoxedIo,
@@ -1205,10 +1212,10 @@ async fn accept(socket: &Socket) -> std::io::Result<Accepted> {
         Socket::Tcp(t) => {
             let (tcp, addr) = t.accept().await?;
             crate::relay::tune_tcp(&tcp);
-            let local = tcp.local_addr().ok();
+            let local = tcp.local_addr().ok().map(canonical);
             Ok(Accepted {
                 io: Box::new(tcp),
-                peer: Some(addr),
+                peer: Some(canonical(addr)),
                 local,
             })
         }

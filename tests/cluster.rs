@@ -583,3 +583,124 @@ async fn rediss_is_verified() {
     });
     wrong.wait_cluster(false);
 }
+
+/// Issue 19 item 10: a failure count that lost its expiry refused the user
+/// for good ("try again in 0s"). Such a key throttles no one and is given
+/// an expiry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_count_without_expiry_locks_no_one_out_and_is_repaired() {
+    let env = Env::new();
+    let pw_file = install_roles(&env);
+    let redis = Redis::start();
+    let secret = secret_file(env.dir.path());
+    let a = Instance::start(
+        &env,
+        &redis.url(),
+        &secret,
+        "pgb-a",
+        &auth_query_keys(&pw_file),
+    );
+    a.wait_cluster(true);
+    let e = connect_from(a.direct, "127.0.0.6", "app", "postgres", "guess", "fail")
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(e.as_db_error().map(|d| d.code().code()), Some("28P01"));
+    let mut conn = redis::Client::open(redis.url().as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let keys = wait_for(
+        "both failure counts in Redis",
+        Duration::from_secs(10),
+        || {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg("pgbastion:failed-*")
+                .query(&mut conn)
+                .unwrap();
+            (keys.len() == 2).then_some(keys)
+        },
+    );
+    for k in &keys {
+        let ttl: i64 = redis::cmd("PTTL").arg(k).query(&mut conn).unwrap();
+        assert!(ttl > 0, "{k} has an expiry: {ttl}");
+        // What the two-command race left behind: a count with no expiry.
+        let () = redis::cmd("SET").arg(k).arg(1000).query(&mut conn).unwrap();
+        let ttl: i64 = redis::cmd("PTTL").arg(k).query(&mut conn).unwrap();
+        assert_eq!(ttl, -1);
+    }
+    connect_from(a.direct, "127.0.0.6", "app", "postgres", APP_PASSWORD, "in")
+        .await
+        .expect("a count without expiry throttles no one");
+    for k in &keys {
+        let ttl: i64 = redis::cmd("PTTL").arg(k).query(&mut conn).unwrap();
+        assert!(ttl > 0, "{k} was given an expiry: {ttl}");
+    }
+}
+
+/// Issue 19 item 22: a Redis that refused pgbastion from the start (a
+/// wrong password) was never logged. Every failed attempt is (at a
+/// limited rate), and so is the moment it is accepted.
+#[test]
+fn a_redis_that_refuses_pgbastion_from_the_start_is_logged() {
+    let certs = ProxyCerts::new();
+    let dir = certs.dir.path();
+    let redis = Redis::start();
+    let mut conn = redis::Client::open(redis.url().as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg("the-right-one")
+        .query(&mut conn)
+        .unwrap();
+    let password = dir.join("redis-password");
+    pgbastion::devcerts::write_private(&password, b"not-the-right-one\n").unwrap();
+    let port = pgbastion::localpg::free_port().unwrap();
+    let cfg = dir.join("pgbastion.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{}\n[[listener]]\nlisten = \"127.0.0.1:{port}\"\n\
+             [[upstream]]\nname = \"pg\"\naddress = \"localhost:1\"\nca_file = \"{}\"\n\
+             [audit]\nlog = \"off\"\n\
+             [cluster]\nredis = \"{}\"\nredis_password_file = \"{}\"\nsecret_file = \"{}\"\n",
+            certs.tls_toml(),
+            certs.proxy_ca.display(),
+            redis.url(),
+            password.display(),
+            secret_file(dir).display()
+        ),
+    )
+    .unwrap();
+    let log = dir.join("pgbastion.log");
+    let _proc = Running(config_form(&cfg, Some(&log)).spawn().unwrap());
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    let line = wait_for("the refusal in the log", Duration::from_secs(10), || {
+        read()
+            .lines()
+            .find(|l| l.contains("Redis is still unavailable"))
+            .map(str::to_owned)
+    });
+    assert!(line.contains("Password authentication failed"), "{line}");
+    assert!(
+        !line.contains("not-the-right-one"),
+        "no secret in the log: {line}"
+    );
+    // Rate-limited: one attempt per second, not one line per attempt.
+    std::thread::sleep(Duration::from_secs(3));
+    let lines = read().matches("Redis is still unavailable").count();
+    assert!(lines <= 2, "{lines} lines in 3 s:\n{}", read());
+    // Accepted: the transition is logged.
+    let () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg("not-the-right-one")
+        .query(&mut conn)
+        .unwrap();
+    wait_for("the recovery in the log", Duration::from_secs(10), || {
+        read().contains("Redis is available").then_some(())
+    });
+}

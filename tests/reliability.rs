@@ -546,3 +546,162 @@ async fn a_server_restart_reaches_clients_as_the_servers_message() {
     let two: i32 = client.query_one("select 2", &[]).await.unwrap().get(0);
     assert_eq!(two, 2);
 }
+
+/// The port a listener of `proxy` is bound to.
+fn port_of(proxy: &Proxy, name: &str) -> u16 {
+    proxy
+        .addrs
+        .iter()
+        .find_map(|(n, a)| match a {
+            pgbastion::config::BindAddress::Tcp(a) if n == name => Some(a.port()),
+            _ => None,
+        })
+        .expect("a TCP listener of that name")
+}
+
+/// Issue 19 item 3: an IPv4 client of a dual-stack listener (`[::]`)
+/// arrived as `::ffff:127.0.0.1`, so a deny rule for 127.0.0.0/8 did not
+/// match it and the failed-login throttle gave it a fresh budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv4_clients_of_a_dual_stack_listener_are_ipv4_everywhere() {
+    let env = Env::new();
+    let pw_file = install_roles(&env);
+    let proxy = Proxy::start_toml(&format!(
+        "{}\n[[listener]]\nname = \"v4\"\nlisten = \"127.0.0.1:0\"\nclient_tls = \"allow\"\n\
+         [[listener]]\nname = \"dual\"\nlisten = \"[::]:0\"\nclient_tls = \"allow\"\n{}{}\n\
+         [[rule]]\nname = \"no-v4-loopback\"\naction = \"deny\"\nnetworks = [\"127.0.0.0/8\"]\ndatabases = [\"secret\"]\n\
+         [[rule]]\nname = \"rest\"\n\
+         [limits]\nfailed_logins_per_address = 2\nfailed_logins_per_user = 100\n",
+        env.tls_toml(),
+        env.upstream_toml(),
+        auth_query_keys(&pw_file),
+    ));
+    let v4 = std::net::SocketAddr::from(([127, 0, 0, 1], port_of(&proxy, "v4")));
+    let dual_v4 = std::net::SocketAddr::from(([127, 0, 0, 1], port_of(&proxy, "dual")));
+
+    // The deny rule matches the IPv4 client on the dual-stack listener,
+    // and the audit names it as IPv4.
+    let e = connect_from(dual_v4, "127.0.0.1", "app", "secret", APP_PASSWORD, "deny")
+        .await
+        .err()
+        .expect("denied");
+    assert_eq!(sqlstate(&e).as_deref(), Some("28000"), "{e}");
+    let denied = proxy.wait_audit("the denial", |e| e["reason"] == "policy_denied");
+    assert_eq!(denied["client"]["addr"], "127.0.0.1");
+    assert_eq!(denied["listener"], "dual");
+
+    // Two failures on the IPv4 listener use the address's budget on the
+    // dual-stack listener too.
+    for _ in 0..2 {
+        let e = connect_from(v4, "127.0.0.1", "app", "postgres", "guess", "fail")
+            .await
+            .err()
+            .expect("wrong password");
+        assert_eq!(sqlstate(&e).as_deref(), Some("28P01"), "{e}");
+    }
+    let e = connect_from(
+        dual_v4,
+        "127.0.0.1",
+        "app",
+        "postgres",
+        APP_PASSWORD,
+        "after",
+    )
+    .await
+    .err()
+    .expect("the address is throttled on every listener");
+    let db = e.as_db_error().expect("an ErrorResponse");
+    assert_eq!(db.code().code(), "28000");
+    assert!(
+        db.message().contains("too many failed login attempts"),
+        "{}",
+        db.message()
+    );
+    let throttled = proxy.wait_audit("the throttled login", |e| e["reason"] == "auth_throttled");
+    assert_eq!(throttled["client"]["addr"], "127.0.0.1");
+    // Another address still gets in through the dual-stack listener.
+    connect_from(
+        dual_v4,
+        "127.0.0.2",
+        "app",
+        "postgres",
+        APP_PASSWORD,
+        "other",
+    )
+    .await
+    .expect("another address is not throttled");
+}
+
+/// Issue 19 item 8: logins stalled mid-authentication took
+/// `limits.max_sessions`, so real clients got 53300. Only authenticated
+/// sessions count now, in scram mode (stalled mid-SCRAM with pgbastion)
+/// and passthrough (stalled before the password, with the server).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_logins_do_not_take_the_places_of_sessions() {
+    let env = Env::new();
+    let pw_file = install_roles(&env);
+    let proxy = Proxy::start_toml(&format!(
+        "{}\n[[listener]]\nname = \"scram\"\nlisten = \"127.0.0.1:0\"\nclient_tls = \"allow\"\nupstream = \"pg\"\n\
+         [[listener]]\nname = \"passthrough\"\nlisten = \"127.0.0.1:0\"\nclient_tls = \"allow\"\nupstream = \"pt\"\n\
+         {}{}\n\
+         [[upstream]]\nname = \"pt\"\naddress = \"localhost:{}\"\nca_file = \"{}\"\n\
+         [limits]\nmax_sessions = 3\n",
+        env.tls_toml(),
+        env.upstream_toml(),
+        auth_query_keys(&pw_file),
+        env.pg.port,
+        env.pg.ca_cert.display(),
+    ));
+    let scram = std::net::SocketAddr::from(([127, 0, 0, 1], port_of(&proxy, "scram")));
+    let pt = std::net::SocketAddr::from(([127, 0, 0, 1], port_of(&proxy, "passthrough")));
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client_tls_config(
+        &env.proxy_ca,
+        &[],
+    )));
+    let mut stalled_scram = Vec::new();
+    for _ in 0..5 {
+        stalled_scram.push(stalled_login(scram, [127, 0, 0, 9].into(), tls.clone()).await);
+    }
+    let mut stalled_pt = Vec::new();
+    for _ in 0..4 {
+        let mut s = raw(pt).await;
+        let startup = StartupMessage::new(
+            ProtocolVersion { major: 3, minor: 0 },
+            vec![("user".into(), "postgres".into())],
+        );
+        s.write_all(startup.as_bytes()).await.unwrap();
+        let (t, _) = read_message(&mut s).await.unwrap();
+        assert_eq!(
+            t, b'R',
+            "the server asks for the password, which never comes"
+        );
+        stalled_pt.push(s);
+    }
+    // Nine logins in progress; three sessions still fit.
+    let pw = env.pg.password.as_str();
+    let one = connect_from(scram, "127.0.0.2", "app", "postgres", APP_PASSWORD, "one")
+        .await
+        .expect("a real client logs in past the stalled ones (scram)");
+    let two = connect_from(pt, "127.0.0.2", "postgres", "postgres", pw, "two")
+        .await
+        .expect("a real client logs in past the stalled ones (passthrough)");
+    let three = connect_from(scram, "127.0.0.2", "app", "postgres", APP_PASSWORD, "three")
+        .await
+        .unwrap();
+    // max_sessions still caps authenticated sessions, in both modes.
+    for (at, user, password) in [(scram, "app", APP_PASSWORD), (pt, "postgres", pw)] {
+        let e = connect_from(at, "127.0.0.2", user, "postgres", password, "four")
+            .await
+            .err()
+            .expect("a fourth session is refused");
+        assert_eq!(sqlstate(&e).as_deref(), Some("53300"), "{e}");
+    }
+    proxy.wait_audit("the scram refusal", |e| e["reason"] == "too_many_sessions");
+    proxy.wait_audit("the passthrough refusal", |e| {
+        e["end_reason"] == "too_many_sessions" && e["auth"]["sqlstate"] == "53300"
+    });
+    for c in [&one, &two, &three] {
+        c.simple_query("select 1").await.unwrap();
+    }
+    drop((stalled_scram, stalled_pt));
+}

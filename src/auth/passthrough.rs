@@ -18,6 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::audit::AuthOutcome;
 use crate::auth::scram::SCRAM_SHA_256_PLUS;
 use crate::cancel::{CancelRegistry, CancelTarget, Registration};
+use crate::keyed_slots::{KeyedPermit, KeyedSlots};
 use crate::protocol::message::{self, tag, AuthRequest, ErrorFields, ErrorResponse, MessageError};
 use crate::relay::{self, ByteCounts};
 
@@ -54,6 +55,8 @@ pub enum AuthEnd {
     },
     #[error("authentication did not complete within {0:?}")]
     Timeout(Duration),
+    #[error("authenticated, but limits.max_sessions ({0}) is reached")]
+    TooManySessions(usize),
 }
 
 impl AuthEnd {
@@ -66,6 +69,7 @@ impl AuthEnd {
             AuthEnd::ServerIo(_) => "server_error",
             AuthEnd::Protocol { .. } => "protocol_violation",
             AuthEnd::Timeout(_) => "authentication_timeout",
+            AuthEnd::TooManySessions(_) => "too_many_sessions",
         }
     }
 
@@ -80,6 +84,8 @@ impl AuthEnd {
             )
             .with_hint("Connect with channel_binding=disable (in the connection string, or PGCHANNELBINDING=disable), or ask pgbastion's administrator to set auth = \"scram\" for this upstream, which binds both legs."),
             AuthEnd::Protocol { .. } => ErrorResponse::new("08P01", self.to_string()),
+            AuthEnd::TooManySessions(_) => ErrorResponse::new("53300", "sorry, too many clients already")
+                .with_hint("pgbastion's limits.max_sessions is reached; try again later or raise the limit."),
             AuthEnd::Timeout(d) => ErrorResponse::new(
                 "08006",
                 format!("authentication did not complete within {}", humantime::format_duration(*d)),
@@ -112,6 +118,18 @@ pub struct AuthPhase {
     cancel: CancelContext,
     /// The session's cancel key mapping; dropped with the session.
     registration: Option<Registration>,
+    /// Passthrough: the session's place under `limits.max_sessions`, taken
+    /// when the server says AuthenticationOk (before the client sees it),
+    /// so logins in progress never take an authenticated session's place.
+    pub session_slot: Option<SessionSlot>,
+}
+
+/// A place under `limits.max_sessions`, to take (`held`) once the client
+/// is authenticated.
+pub struct SessionSlot {
+    pub slots: KeyedSlots<()>,
+    pub limit: usize,
+    pub held: Option<KeyedPermit<()>>,
 }
 
 /// What the authentication phase needs to issue the session's cancel key.
@@ -131,6 +149,7 @@ impl AuthPhase {
             client_plaintext,
             cancel,
             registration: None,
+            session_slot: None,
             outcome: AuthOutcome::Incomplete,
             mechanism: None,
             counts: ByteCounts::default(),
@@ -257,7 +276,16 @@ impl AuthPhase {
             at += len;
             match t {
                 tag::AUTHENTICATION => match AuthRequest::parse(body) {
-                    Ok(AuthRequest::Ok) => self.outcome = AuthOutcome::Ok,
+                    Ok(AuthRequest::Ok) => {
+                        if let Some(s) = &mut self.session_slot {
+                            s.held = Some(
+                                s.slots
+                                    .try_acquire((), s.limit)
+                                    .ok_or(AuthEnd::TooManySessions(s.limit))?,
+                            );
+                        }
+                        self.outcome = AuthOutcome::Ok;
+                    }
                     Ok(AuthRequest::Sasl(mut mechanisms)) => {
                         self.expect_sasl_initial = true;
                         if self.client_plaintext

@@ -5,6 +5,7 @@
 //! nothing and are never delayed.
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -27,6 +28,21 @@ pub struct Throttled {
 pub struct LoginThrottle {
     by_address: Mutex<KeyedBuckets<Option<IpAddr>>>,
     by_user: Mutex<KeyedBuckets<String>>,
+    ipv6_prefix: AtomicU8,
+}
+
+/// What an address is counted as by the per-address limits: itself, or
+/// for IPv6 its network of `ipv6_prefix` bits (one host usually holds a
+/// whole /64, so counting single addresses would give it 2^64 budgets).
+/// Addresses are canonical already (an IPv4-mapped address is IPv4).
+pub fn address_key(addr: Option<IpAddr>, ipv6_prefix: u8) -> Option<IpAddr> {
+    match addr? {
+        IpAddr::V6(v6) => {
+            let net = ipnet::Ipv6Net::new(v6, ipv6_prefix.min(128)).ok()?;
+            Some(IpAddr::V6(net.network()))
+        }
+        v4 => Some(v4),
+    }
 }
 
 /// Refill rate and burst per address and per user: `n` failures per
@@ -55,6 +71,12 @@ impl LoginThrottle {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .set_rate(ur, ub);
+        self.ipv6_prefix
+            .store(limits.ipv6_prefix, Ordering::Relaxed);
+    }
+
+    fn key(&self, addr: Option<IpAddr>) -> Option<IpAddr> {
+        address_key(addr, self.ipv6_prefix.load(Ordering::Relaxed))
     }
 
     pub fn new(limits: &Limits) -> LoginThrottle {
@@ -62,12 +84,14 @@ impl LoginThrottle {
         LoginThrottle {
             by_address: Mutex::new(KeyedBuckets::new(ar, ab)),
             by_user: Mutex::new(KeyedBuckets::new(ur, ub)),
+            ipv6_prefix: AtomicU8::new(limits.ipv6_prefix),
         }
     }
 
     /// Whether a login may be tried now.
     pub fn check(&self, addr: Option<IpAddr>, user: &str) -> Result<(), Throttled> {
         let now = Instant::now();
+        let addr = self.key(addr);
         let wait = lock(&self.by_address).wait(&addr, now);
         if !wait.is_zero() {
             return Err(Throttled {
@@ -88,6 +112,7 @@ impl LoginThrottle {
     /// Counts a failed login against the address and the user.
     pub fn failed(&self, addr: Option<IpAddr>, user: &str) {
         let now = Instant::now();
+        let addr = self.key(addr);
         lock(&self.by_address).take(&addr, now);
         lock(&self.by_user).take(&user.to_owned(), now);
     }
@@ -141,5 +166,42 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.by, ThrottledBy::User);
         assert_eq!(t.check(Some(IpAddr::from([10, 0, 0, 3])), "other"), Ok(()));
+    }
+
+    /// Issue 19 item 9: 10,050 failures with distinct user names from 1000
+    /// addresses (and their checks) lifted an existing lockout.
+    #[test]
+    fn a_flood_of_user_names_does_not_lift_a_lockout() {
+        let t = LoginThrottle::new(&limits(10_000, 3));
+        let a = Some(IpAddr::from([10, 0, 0, 1]));
+        for _ in 0..3 {
+            t.failed(a, "postgres");
+        }
+        assert_eq!(t.check(a, "postgres").unwrap_err().by, ThrottledBy::User);
+        for i in 0..10_050u32 {
+            let from = Some(IpAddr::from((0x0a01_0000 + i % 1000).to_be_bytes()));
+            let user = format!("user{i}");
+            let _ = t.check(from, &user);
+            t.failed(from, &user);
+        }
+        assert_eq!(t.check(a, "postgres").unwrap_err().by, ThrottledBy::User);
+    }
+
+    /// Issue 19 item 3: one host's /64 shares one budget (configurable).
+    #[test]
+    fn ipv6_clients_are_counted_per_network() {
+        let t = LoginThrottle::new(&limits(2, 100));
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        t.failed(ip("2001:db8:1:2::1"), "app");
+        t.failed(ip("2001:db8:1:2:ffff::9"), "app");
+        let e = t.check(ip("2001:db8:1:2::77"), "other").unwrap_err();
+        assert_eq!(e.by, ThrottledBy::Address);
+        assert_eq!(t.check(ip("2001:db8:1:3::1"), "other"), Ok(()));
+        let mut per_host = limits(2, 100);
+        per_host.ipv6_prefix = 128;
+        t.configure(&per_host);
+        assert_eq!(t.check(ip("2001:db8:1:2::77"), "other"), Ok(()));
+        assert_eq!(address_key(ip("10.1.2.3"), 64), ip("10.1.2.3"));
+        assert_eq!(address_key(ip("2001:db8::1"), 48), ip("2001:db8::"));
     }
 }

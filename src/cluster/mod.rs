@@ -123,7 +123,12 @@ pub struct Cluster {
     instance: String,
     timeout: Duration,
     keys: FleetKeys,
-    redis: ConnectionManager,
+    /// Replaced after an authentication failure: the manager reconnects
+    /// after I/O errors only, so a refused AUTH would stay refused even
+    /// once Redis accepts the password.
+    redis: Mutex<ConnectionManager>,
+    client: redis::Client,
+    manager_config: ConnectionManagerConfig,
     up: AtomicBool,
     held: Mutex<Held>,
     ops: mpsc::Sender<Op>,
@@ -157,6 +162,41 @@ end
 return #ARGV - 1
 ";
 
+/// Counts a failed login in each key, in a window (`ARGV[1]` ms) that
+/// starts at the first failure. One script, so no key is ever left without
+/// an expiry (`SET ... NX PX` then `INCR` were two commands: when the key
+/// expired between them, INCR made one that never expired, and the user
+/// was refused for good; issue 19 item 10). A key found without an expiry
+/// gets one.
+const COUNT_FAILURE: &str = r"
+for i = 1, #KEYS do
+  redis.call('INCR', KEYS[i])
+  if redis.call('PTTL', KEYS[i]) < 0 then
+    redis.call('PEXPIRE', KEYS[i], ARGV[1])
+  end
+end
+return #KEYS
+";
+
+/// Each key's failure count and expiry in ms. A count without an expiry
+/// (left by an older version, or written by hand) cannot say when its
+/// failures happened: it is reported as 0, so it throttles no one, and
+/// given the window (`ARGV[1]` ms) it lacked, so it ends.
+const READ_FAILURES: &str = r"
+local out = {}
+for i = 1, #KEYS do
+  local n = tonumber(redis.call('GET', KEYS[i]) or '0') or 0
+  local ttl = redis.call('PTTL', KEYS[i])
+  if ttl == -1 then
+    redis.call('PEXPIRE', KEYS[i], ARGV[1])
+    n = 0
+  end
+  out[#out + 1] = n
+  out[#out + 1] = ttl
+end
+return out
+";
+
 impl Cluster {
     /// Reads the secret and password files and prepares the Redis client;
     /// does not need Redis to be up (it is connected to lazily, and the
@@ -172,14 +212,16 @@ impl Cluster {
             .set_response_timeout(Some(config.timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_secs(1));
-        let redis = ConnectionManager::new_lazy_with_config(client, manager_config)
+        let redis = ConnectionManager::new_lazy_with_config(client.clone(), manager_config.clone())
             .map_err(|e| ClusterError::Redis(e.to_string()))?;
         let (ops, rx) = mpsc::channel(QUEUE);
         let cluster = Arc::new(Cluster {
             instance: config.instance.clone(),
             timeout: config.timeout,
             keys,
-            redis,
+            redis: Mutex::new(redis),
+            client,
+            manager_config,
             up: AtomicBool::new(false),
             held: Mutex::default(),
             ops,
@@ -277,19 +319,16 @@ impl Cluster {
         user: &str,
         limits: &Limits,
     ) -> Result<Option<Throttled>, Unavailable> {
-        let (a, u) = self.failure_keys(addr, user);
+        let (a, u) = self.failure_keys(addr, user, limits);
         let (na, ta, nu, tu): (Option<u64>, i64, Option<u64>, i64) = self
             .call(
                 "failed_logins",
-                redis::pipe()
-                    .cmd("GET")
+                redis::cmd("EVAL")
+                    .arg(READ_FAILURES)
+                    .arg(2)
                     .arg(&a)
-                    .cmd("PTTL")
-                    .arg(&a)
-                    .cmd("GET")
                     .arg(&u)
-                    .cmd("PTTL")
-                    .arg(&u),
+                    .arg(ms(limits.failed_login_window).max(1)),
             )
             .await?;
         let throttled = |by, ttl: i64| Throttled {
@@ -309,13 +348,16 @@ impl Cluster {
 
     /// Counts a failed login fleet-wide, in a window that starts at the
     /// first failure.
-    pub fn count_failure(&self, addr: Option<IpAddr>, user: &str, window: Duration) {
-        let (a, u) = self.failure_keys(addr, user);
-        self.send(Op::Failed(vec![a, u], window));
+    pub fn count_failure(&self, addr: Option<IpAddr>, user: &str, limits: &Limits) {
+        let (a, u) = self.failure_keys(addr, user, limits);
+        self.send(Op::Failed(vec![a, u], limits.failed_login_window));
     }
 
-    fn failure_keys(&self, addr: Option<IpAddr>, user: &str) -> (String, String) {
-        let addr = addr.map_or_else(|| "unix".to_owned(), |a| a.to_string());
+    /// The Redis keys of an address's (per `limits.ipv6_prefix`) and a
+    /// user's failures.
+    fn failure_keys(&self, addr: Option<IpAddr>, user: &str, limits: &Limits) -> (String, String) {
+        let addr = crate::auth::throttle::address_key(addr, limits.ipv6_prefix)
+            .map_or_else(|| "unix".to_owned(), |a| a.to_string());
         (
             self.keys.failures_key("addr", &addr),
             self.keys.failures_key("user", user),
@@ -354,7 +396,7 @@ impl Cluster {
         request: impl Into<Request<'_>>,
     ) -> Result<T, Unavailable> {
         let started = Instant::now();
-        let mut conn = self.redis.clone();
+        let mut conn = lock(&self.redis).clone();
         let run = async {
             match request.into() {
                 Request::Cmd(c) => c.query_async::<T>(&mut conn).await,
@@ -371,7 +413,12 @@ impl Cluster {
             failed => {
                 self.metrics.redis_call(op, elapsed, false);
                 let why = match failed {
-                    Ok(Err(e)) => e.to_string(),
+                    Ok(Err(e)) => {
+                        if e.kind() == redis::ErrorKind::AuthenticationFailed {
+                            self.new_connection();
+                        }
+                        e.to_string()
+                    }
                     _ => format!("no answer within {:?}", self.timeout),
                 };
                 self.mark_down(op, &why);
@@ -380,10 +427,31 @@ impl Cluster {
         }
     }
 
+    /// A fresh connection manager, which authenticates again.
+    fn new_connection(&self) {
+        match ConnectionManager::new_lazy_with_config(
+            self.client.clone(),
+            self.manager_config.clone(),
+        ) {
+            Ok(m) => *lock(&self.redis) = m,
+            Err(e) => {
+                if self.warn.allow("redis_reconnect") {
+                    warn!(error = %e, "cannot prepare a new Redis connection");
+                }
+            }
+        }
+    }
+
+    /// A failed call: the transition from up is always logged; while down
+    /// (from the start, say, with a wrong password or an unreachable
+    /// Redis) every failed attempt is, at a limited rate (issue 19 item 22:
+    /// a Redis that refused pgbastion from the start was never logged).
     fn mark_down(&self, op: &str, why: &str) {
         if self.up.swap(false, Ordering::SeqCst) {
             self.metrics.cluster_up(false);
             warn!(op, error = %why, "Redis is unavailable: cancels for other instances' sessions fail and limits count this instance only until it is back");
+        } else if self.warn.allow("redis_unavailable") {
+            warn!(op, error = %why, "Redis is still unavailable (cancels across instances and fleet-wide limits are off); retrying every second");
         }
     }
 
@@ -435,16 +503,12 @@ impl Cluster {
                     pipe.cmd("ZREM").arg(k).arg(m).ignore();
                 }
                 Op::Failed(keys, window) => {
-                    for k in keys {
-                        pipe.cmd("SET")
-                            .arg(&k)
-                            .arg(0)
-                            .arg("PX")
-                            .arg(ms(window).max(1))
-                            .arg("NX")
-                            .ignore();
-                        pipe.cmd("INCR").arg(&k).ignore();
-                    }
+                    pipe.cmd("EVAL")
+                        .arg(COUNT_FAILURE)
+                        .arg(keys.len())
+                        .arg(&keys)
+                        .arg(ms(window).max(1))
+                        .ignore();
                 }
             }
         }
@@ -490,6 +554,8 @@ impl<'a> From<&'a redis::Pipeline> for Request<'a> {
 async fn background(cluster: Weak<Cluster>, mut rx: mpsc::Receiver<Op>) {
     let mut health = tokio::time::interval(HEALTH);
     let mut refresh = tokio::time::interval(REFRESH);
+    let mut summaries = tokio::time::interval(crate::warn_limit::WINDOW);
+    summaries.tick().await;
     health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     refresh.tick().await;
@@ -524,6 +590,13 @@ async fn background(cluster: Weak<Cluster>, mut rx: mpsc::Receiver<Op>) {
                 let Some(c) = cluster.upgrade() else { return };
                 if c.is_up() {
                     let _ = c.rewrite_all().await;
+                }
+            }
+            _ = summaries.tick() => {
+                // Also what lets a kind be logged again in the next window.
+                let Some(c) = cluster.upgrade() else { return };
+                for (kind, count) in c.warn.take_summaries() {
+                    warn!(kind, count, "{count} more like the above ({kind}), not logged one by one");
                 }
             }
         }

@@ -347,16 +347,15 @@ impl Session {
                 }
             },
         };
-        let limit = self
+        // Counted against limits.max_sessions only once authenticated
+        // (issue 19 item 8): logins in progress are bounded by the pending
+        // slots, and strangers must never take the places of sessions.
+        let max_sessions = self
             .shared
             .limits
             .max_sessions
             .load(std::sync::atomic::Ordering::SeqCst);
-        let Some(_permit) = self.shared.sessions.try_acquire((), limit) else {
-            return self
-                .reject(&mut conn, SessionError::TooManySessions(limit))
-                .await;
-        };
+        let mut _session_slot = None;
 
         let auth_deadline = tokio::time::Instant::now() + t.authentication;
         let mut auth_facts = AuthFacts::new(upstream.config.auth_mode());
@@ -367,8 +366,14 @@ impl Session {
             Login::Identity => {
                 auth_facts.mode = LoginMode::Identity;
                 match self.identity_credential(upstream, startup.user()) {
+                    // Known by certificate or tailnet: authenticated now.
                     Ok(found) => {
                         auth_facts.credential = Some(found.kind);
+                        let Some(slot) = self.shared.sessions.try_acquire((), max_sessions) else {
+                            let err = SessionError::TooManySessions(max_sessions);
+                            return self.reject_with(&mut conn, err, Some(&auth_facts)).await;
+                        };
+                        _session_slot = Some(slot);
                         Some(found)
                     }
                     Err(e) => {
@@ -391,7 +396,14 @@ impl Session {
             .await
             .unwrap_or(Err(AuthError::Timeout(t.authentication)))
             {
-                Ok(proven) => Some(proven),
+                Ok(proven) => {
+                    let Some(slot) = self.shared.sessions.try_acquire((), max_sessions) else {
+                        let err = SessionError::TooManySessions(max_sessions);
+                        return self.reject_with(&mut conn, err, Some(&auth_facts)).await;
+                    };
+                    _session_slot = Some(slot);
+                    Some(proven)
+                }
                 Err(e) => return self.reject_auth(&mut conn, e, &auth_facts).await,
             },
             _ => None,
@@ -468,7 +480,16 @@ impl Session {
                     }
                 }
             }
-            (None, None) => AuthPhase::new(std::mem::take(&mut conn.buf), !conn.is_tls(), cancel),
+            (None, None) => {
+                let mut phase =
+                    AuthPhase::new(std::mem::take(&mut conn.buf), !conn.is_tls(), cancel);
+                phase.session_slot = Some(crate::auth::passthrough::SessionSlot {
+                    slots: self.shared.sessions.clone(),
+                    limit: max_sessions,
+                    held: None,
+                });
+                phase
+            }
             (Some(proven), None) => {
                 let login = timeout_at(
                     auth_deadline,
@@ -493,10 +514,19 @@ impl Session {
         // Authenticated (or finished): the connection leaves the pending
         // slots, which bound what strangers can hold.
         drop(pending);
-        if let Err(AuthEnd::ChannelBinding) = auth_result {
-            auth.outcome = AuthOutcome::RefusedByProxy {
-                sqlstate: "28000".into(),
-            };
+        let _passthrough_slot = auth.session_slot.take();
+        match auth_result {
+            Err(AuthEnd::ChannelBinding) => {
+                auth.outcome = AuthOutcome::RefusedByProxy {
+                    sqlstate: "28000".into(),
+                };
+            }
+            Err(AuthEnd::TooManySessions(_)) => {
+                auth.outcome = AuthOutcome::RefusedByProxy {
+                    sqlstate: "53300".into(),
+                };
+            }
+            _ => {}
         }
         auth_facts.outcome = auth.outcome.clone();
         if auth_facts.mode == LoginMode::Passthrough {
@@ -742,7 +772,7 @@ impl Session {
                     let addr = self.peer.map(|p| p.ip());
                     self.shared.login_throttle.failed(addr, user);
                     if let Some(fleet) = &self.shared.cluster {
-                        fleet.count_failure(addr, user, self.settings.limits.failed_login_window);
+                        fleet.count_failure(addr, user, &self.settings.limits);
                     }
                 }
                 return Err(e);
@@ -973,11 +1003,11 @@ impl Session {
         .await
         .unwrap_or(Err(SessionError::ProxyTimeout(limit)))?;
         let via = self.facts.client.clone();
-        if let Some(src) = header.source() {
+        if let Some(src) = header.source().map(crate::server::canonical) {
             self.peer = Some(src);
             self.facts.client = ClientAddress::tcp(src);
             if let Addresses::Tcp { dst, .. } = header.addresses {
-                self.local = Some(dst);
+                self.local = Some(crate::server::canonical(dst));
             }
             // Every later log line of the session names the real client.
             tracing::Span::current().record("client", tracing::field::display(&self.facts.client));
@@ -1122,7 +1152,10 @@ impl Session {
     /// Like PostgreSQL, the client is told nothing either way, and its
     /// connection is closed once the request has been dealt with.
     async fn cancel(self, mut conn: ClientConn, req: CancelKey) {
-        let client_ip = self.facts.client.addr.parse().ok();
+        let client_ip = crate::auth::throttle::address_key(
+            self.peer.map(|p| p.ip()),
+            self.settings.limits.ipv6_prefix,
+        );
         let delivery = if !self.shared.cancels.allow(client_ip) {
             CancelDelivery::refused("rate_limited")
         } else if self.facts.client_tls == Some(ClientTransport::Plaintext)
