@@ -438,10 +438,29 @@ async fn bad_startup_packets_never_hurt_the_proxy() {
         "allow",
         "[timeouts]\nclient_startup = \"1s\"\nshutdown_drain = \"1s\"\n",
     );
-    let cases: Vec<(&str, Vec<u8>)> = vec![
+    // Not a Postgres packet at all (an impossible length): closed without
+    // a word, as PostgreSQL does ("invalid length of startup packet" goes
+    // to its log only). Issue 19 item 28: node-postgres' quick-disconnect
+    // sends its Terminate before its StartupMessage, and an ErrorResponse
+    // to that became an unhandled error that ended the application.
+    let silent: Vec<(&str, Vec<u8>)> = vec![
         ("too short", 4u32.to_be_bytes().to_vec()),
         ("over 10000", 10_001u32.to_be_bytes().to_vec()),
         ("absurd length", u32::MAX.to_be_bytes().to_vec()),
+        ("node-postgres Terminate first", vec![b'X', 0, 0, 0, 4]),
+    ];
+    for (name, bytes) in silent {
+        let mut tcp = raw(proxy.addr()).await;
+        tcp.write_all(&bytes).await.unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut got))
+            .await
+            .unwrap_or_else(|_| panic!("{name}: not closed"))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(got, b"", "{name}: closed without a word");
+    }
+    // Postgres-shaped packets get an explanatory error.
+    let cases: Vec<(&str, Vec<u8>)> = vec![
         (
             "unknown code",
             [8u32.to_be_bytes(), (1234u32 << 16 | 9999).to_be_bytes()].concat(),
