@@ -24,6 +24,11 @@ use crate::tls::TlsInfo;
 pub enum ClientTransport {
     Tls(TlsInfo),
     Plaintext,
+    /// The client asked for TLS and the handshake failed (`error`: the
+    /// TLS alert received or the reason pgbastion refused): no session
+    /// ran in plaintext, and the audit must not say one did.
+    #[serde(rename = "tls_handshake_failed")]
+    TlsFailed { error: String },
 }
 
 /// Where the client came from.
