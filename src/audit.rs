@@ -24,6 +24,11 @@ use crate::tls::TlsInfo;
 pub enum ClientTransport {
     Tls(TlsInfo),
     Plaintext,
+    /// The client asked for TLS and the handshake failed (`error`: the
+    /// TLS alert received or the reason pgbastion refused): no session
+    /// ran in plaintext, and the audit must not say one did.
+    #[serde(rename = "tls_handshake_failed")]
+    TlsFailed { error: String },
 }
 
 /// Where the client came from.
@@ -285,6 +290,9 @@ pub enum Event<'a> {
         /// The command tag, or the error.
         result: String,
     },
+    /// A restart found the file's last line cut (see `audit_chain`).
+    #[serde(rename = "audit.resumed")]
+    Resumed { partial_line_bytes: u64 },
     #[serde(rename = "session.rejected")]
     Rejected {
         #[serde(flatten)]
@@ -336,43 +344,54 @@ pub struct PreparedAudit {
 }
 
 /// `resume`: at start, a file that already has lines makes the chain go on
-/// from its last line (a restart); a reload to another file goes on with
-/// the chain as it stands, so the new file's first line links to the last
-/// line written to the old one.
+/// from its last complete line (a restart); a reload to another file goes
+/// on with the chain as it stands, so the new file's first line links to
+/// the last line written to the old one. Returns the length of a partial
+/// last line a restart found (a crash mid-write), which it terminated.
 fn open_sink(
     target: &AuditTarget,
     chain: &Arc<Mutex<Chain>>,
     resume: bool,
-) -> std::io::Result<Option<Sink>> {
+) -> std::io::Result<(Option<Sink>, u64)> {
     let chained = |t| Sink::spawn_audit(t, QUEUE_LINES, chain.clone());
     Ok(match target {
-        AuditTarget::Off => None,
-        AuditTarget::Stdout => Some(chained(SinkTarget::Stdout)?),
+        AuditTarget::Off => (None, 0),
+        AuditTarget::Stdout => (Some(chained(SinkTarget::Stdout)?), 0),
         AuditTarget::File(path) => {
-            if resume {
-                if let Some(last) = last_line_of(path)? {
-                    let mut c = chain.lock().unwrap_or_else(|p| p.into_inner());
-                    *c = Chain::resume(c.digest().clone(), &last);
-                }
-            }
-            Some(chained(SinkTarget::File(path.clone()))?)
+            let partial = if resume { resume_from(path, chain)? } else { 0 };
+            (Some(chained(SinkTarget::File(path.clone()))?), partial)
         }
     })
 }
 
-/// The last complete line of an existing file (its last 64 KiB are read).
-fn last_line_of(path: &std::path::Path) -> std::io::Result<Option<Vec<u8>>> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut f = match std::fs::File::open(path) {
+/// Points `chain` at the last complete line of an existing file. A
+/// partial line after it (a crash cut it) is ended with a newline, so
+/// the next line is not glued onto it, and its length returned.
+fn resume_from(path: &std::path::Path, chain: &Mutex<Chain>) -> std::io::Result<u64> {
+    use std::io::Write;
+    let mut f = match std::fs::OpenOptions::new()
+        .read(true)
+        .append(true)
+        .open(path)
+    {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
         Err(e) => return Err(e),
     };
-    let len = f.metadata()?.len();
-    f.seek(SeekFrom::Start(len.saturating_sub(64 * 1024)))?;
-    let mut tail = Vec::new();
-    f.read_to_end(&mut tail)?;
-    Ok(crate::audit_chain::last_line(&tail).map(<[u8]>::to_vec))
+    let tail = crate::audit_chain::read_tail(&mut f)?;
+    if let Some(last) = &tail.last_complete {
+        let mut c = chain.lock().unwrap_or_else(|p| p.into_inner());
+        *c = Chain::resume(c.digest().clone(), last);
+    }
+    if tail.partial > 0 {
+        f.write_all(b"\n")?;
+        tracing::warn!(
+            path = %path.display(),
+            bytes = tail.partial,
+            "the audit log ended in a partial line (a crash mid-write): it was terminated and the chain goes on from the last complete line"
+        );
+    }
+    Ok(tail.partial)
 }
 
 impl AuditLog {
@@ -384,16 +403,25 @@ impl AuditLog {
         digest: Digest,
     ) -> std::io::Result<AuditLog> {
         let chain = Arc::new(Mutex::new(Chain::new(digest)));
-        Ok(AuditLog {
+        let (sink, partial) = open_sink(target, &chain, true)?;
+        let log = AuditLog {
             current: RwLock::new(Current {
-                sink: open_sink(target, &chain, true)?,
+                sink,
                 target: target.clone(),
                 on_failure,
                 earlier: (0, 0),
             }),
             chain,
             reported: Mutex::new((Instant::now(), 0)),
-        })
+        };
+        if partial > 0 {
+            // The first line after the cut one says so (and how long it
+            // was), so `audit verify` can tell a crash from an edit.
+            log.emit(&Event::Resumed {
+                partial_line_bytes: partial,
+            });
+        }
+        Ok(log)
     }
 
     fn current(&self) -> std::sync::RwLockReadGuard<'_, Current> {
@@ -415,7 +443,7 @@ impl AuditLog {
         let sink = if cur.target == *target {
             cur.sink.clone()
         } else {
-            open_sink(target, &self.chain, false)?
+            open_sink(target, &self.chain, false)?.0
         };
         Ok(Some(PreparedAudit {
             sink,

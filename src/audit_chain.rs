@@ -121,12 +121,90 @@ impl Chain {
     }
 }
 
+/// What the writer writes as the first line of a file it opens empty while
+/// the chain already has lines (a rotation, a reload to a new file): the
+/// file goes on from another one, and says so, so `verify` can tell it
+/// from a file whose first lines were removed.
+pub const CONTINUED: &str = "audit.continued";
+
+/// What a restart records first when the file ended in a partial line (a
+/// crash mid-write): the line after the partial one, linked to the last
+/// complete line, with the partial line's length in `PARTIAL_BYTES`.
+pub const RESUMED: &str = "audit.resumed";
+pub const PARTIAL_BYTES: &str = "partial_line_bytes";
+
+impl Chain {
+    /// The seq of the last line written (0: none yet).
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+}
+
 /// The last complete line of a file's tail (what `Chain::resume` takes).
 pub fn last_line(tail: &[u8]) -> Option<&[u8]> {
     let body = tail.strip_suffix(b"\n")?;
     let start = body.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
     let line = &body[start..];
     (!line.is_empty()).then_some(line)
+}
+
+/// The end of an existing audit file, as a restart needs it.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Tail {
+    /// The last line that ends in a newline (without it).
+    pub last_complete: Option<Vec<u8>>,
+    /// Bytes after the last newline: a line cut by a crash (0: none).
+    pub partial: u64,
+}
+
+/// Reads the end of `file` backwards, a chunk at a time, until it has the
+/// whole last complete line, however long (query events reach 256 KiB:
+/// a fixed window would cut one and resume from a fragment).
+pub fn read_tail<F: std::io::Read + std::io::Seek>(file: &mut F) -> std::io::Result<Tail> {
+    use std::io::SeekFrom;
+    const CHUNK: u64 = 64 * 1024;
+    let len = file.seek(SeekFrom::End(0))?;
+    // Newline positions found so far, last first; `buf` holds bytes
+    // [pos, len) of the file.
+    let mut buf: Vec<u8> = Vec::new();
+    let mut pos = len;
+    let mut newlines: Vec<u64> = Vec::new();
+    loop {
+        // The last complete line lies between the last two newlines (or
+        // the start of the file and the last one).
+        if newlines.len() >= 2 || (pos == 0 && !newlines.is_empty()) {
+            let end = newlines[0];
+            let start = newlines.get(1).map_or(0, |n| n + 1);
+            let line = &buf[(start - pos) as usize..(end - pos) as usize];
+            return Ok(Tail {
+                last_complete: (!line.is_empty()).then(|| line.to_vec()),
+                partial: len - end - 1,
+            });
+        }
+        if pos == 0 {
+            return Ok(Tail {
+                last_complete: None,
+                partial: len,
+            });
+        }
+        let from = pos.saturating_sub(CHUNK);
+        let mut chunk = vec![0; (pos - from) as usize];
+        file.seek(SeekFrom::Start(from))?;
+        file.read_exact(&mut chunk)?;
+        for (i, b) in chunk.iter().enumerate().rev() {
+            if *b == b'\n' && newlines.len() < 2 {
+                newlines.push(from + i as u64);
+            }
+        }
+        chunk.extend_from_slice(&buf);
+        buf = chunk;
+        pos = from;
+        // Only the bytes from the second newline on are needed; drop the
+        // partial tail's bytes beyond the last newline once it is known.
+        if let Some(&end) = newlines.first() {
+            buf.truncate((end - pos) as usize + 1);
+        }
+    }
 }
 
 /// Where a chain breaks: the file (by position in the list), the line
@@ -139,24 +217,65 @@ pub struct Broken {
     pub problem: String,
 }
 
+/// How the verified chain begins.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub enum Start {
+    /// At seq 1: nothing came before it.
+    First,
+    /// Its first line says it goes on from a file not given (a rotation).
+    Continued,
+    /// At a later seq without saying why: its first lines were removed,
+    /// or the files before it were not given. Suspicious.
+    Headless,
+}
+
+/// A line a crash cut, which a restart terminated and recorded (an
+/// `audit.resumed` line follows it, linked past it).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Cut {
+    pub file: String,
+    pub line: usize,
+    pub bytes: usize,
+}
+
 /// What a verification covered.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Verified {
     pub lines: usize,
     pub first_seq: Option<u64>,
     pub last_seq: Option<u64>,
+    pub start: Start,
+    pub cut: Vec<Cut>,
+}
+
+/// Whether `line` is what a restart left when it found it cut: the next
+/// line is an `audit.resumed` event that gives its length.
+fn cut_before(line: &[u8], next: Option<&&[u8]>) -> bool {
+    let Some(next) = next else {
+        return false;
+    };
+    serde_json::from_slice::<serde_json::Value>(next).is_ok_and(|v| {
+        v.get("event").and_then(|e| e.as_str()) == Some(RESUMED)
+            && v.get(PARTIAL_BYTES).and_then(|b| b.as_u64()) == Some(line.len() as u64)
+    })
 }
 
 /// Checks `files` (name and contents) as one chain, in order: every line
 /// must be a JSON object whose `seq` is one more than the line before and
 /// whose `prev` is the line before's digest. The first line of the first
-/// file is taken as given (nothing before it is known).
+/// file is taken as given (nothing before it is known), but where it is
+/// not seq 1 and does not say it continues another file, `start` says so.
+/// A line cut by a crash and recorded by the restart is skipped and
+/// listed in `cut`. No line at all is an error: an empty log proves
+/// nothing.
 pub fn verify(files: &[(String, Vec<u8>)], digest: &Digest) -> Result<Verified, Broken> {
     let mut before: Option<(u64, scram::Key)> = None;
     let mut verified = Verified {
         lines: 0,
         first_seq: None,
         last_seq: None,
+        start: Start::First,
+        cut: Vec::new(),
     };
     for (name, text) in files {
         let broken = |line: usize, problem: String| Broken {
@@ -177,6 +296,14 @@ pub fn verify(files: &[(String, Vec<u8>)], digest: &Digest) -> Result<Verified, 
                     "the last line is incomplete: the file was truncated".into(),
                 ));
             }
+            if cut_before(line, lines.get(i + 1)) {
+                verified.cut.push(Cut {
+                    file: name.clone(),
+                    line: n,
+                    bytes: line.len(),
+                });
+                continue;
+            }
             let value: serde_json::Value = serde_json::from_slice(line)
                 .map_err(|_| broken(n, "not a JSON object: the line was changed or cut".into()))?;
             let seq = value
@@ -187,39 +314,16 @@ pub fn verify(files: &[(String, Vec<u8>)], digest: &Digest) -> Result<Verified, 
                 .get("prev")
                 .and_then(|p| p.as_str())
                 .ok_or_else(|| broken(n, "no prev: not an audit chain line".into()))?;
-            if let Some((last_seq, last_digest)) = before {
-                let expected = last_seq + 1;
-                if seq > expected {
-                    return Err(broken(
-                        n,
-                        format!(
-                            "seq {seq} follows {last_seq}: {} line(s) before this one were removed",
-                            seq - expected
-                        ),
-                    ));
+            match before {
+                Some((last_seq, last_digest)) => {
+                    check_link(seq, prev, last_seq, &last_digest, n)
+                        .map_err(|(line, problem)| broken(line, problem))?
                 }
-                if seq < expected {
-                    return Err(broken(
-                        n,
-                        format!(
-                            "seq {seq} follows {last_seq}: a line was inserted before this one"
-                        ),
-                    ));
+                None if seq == 1 => {}
+                None if value.get("event").and_then(|e| e.as_str()) == Some(CONTINUED) => {
+                    verified.start = Start::Continued;
                 }
-                if prev != hex::encode(last_digest) {
-                    // This line's link does not match the line before:
-                    // that line (or this link) was changed.
-                    return Err(match n {
-                        1 => broken(
-                            1,
-                            "prev does not match the last line of the file before: the chain was broken between the files".into(),
-                        ),
-                        _ => broken(
-                            n - 1,
-                            "changed: the next line's prev does not match it".into(),
-                        ),
-                    });
-                }
+                None => verified.start = Start::Headless,
             }
             before = Some((seq, digest.of(line)));
             verified.lines += 1;
@@ -227,7 +331,53 @@ pub fn verify(files: &[(String, Vec<u8>)], digest: &Digest) -> Result<Verified, 
             verified.last_seq = Some(seq);
         }
     }
+    if verified.lines == 0 {
+        return Err(Broken {
+            file: files.last().map(|f| f.0.clone()).unwrap_or_default(),
+            line: 1,
+            problem: "no audit lines: the file is empty (emptied, or not an audit log)".into(),
+        });
+    }
     Ok(verified)
+}
+
+/// Whether line `n` (`seq`, `prev`) follows the line before it; if not,
+/// the line to report and what is wrong there.
+fn check_link(
+    seq: u64,
+    prev: &str,
+    last_seq: u64,
+    last_digest: &scram::Key,
+    n: usize,
+) -> Result<(), (usize, String)> {
+    let expected = last_seq + 1;
+    if seq > expected {
+        return Err((
+            n,
+            format!(
+                "seq {seq} follows {last_seq}: {} line(s) before this one were removed",
+                seq - expected
+            ),
+        ));
+    }
+    if seq < expected {
+        return Err((
+            n,
+            format!("seq {seq} follows {last_seq}: a line was inserted before this one"),
+        ));
+    }
+    if prev != hex::encode(last_digest) {
+        // This line's link does not match the line before: that line (or
+        // this link) was changed.
+        return Err(match n {
+            1 => (
+                1,
+                "prev does not match the last line of the file before: the chain was broken between the files".into(),
+            ),
+            _ => (n - 1, "changed: the next line's prev does not match it".into()),
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -288,7 +438,9 @@ mod tests {
             Ok(Verified {
                 lines: 5,
                 first_seq: Some(1),
-                last_seq: Some(5)
+                last_seq: Some(5),
+                start: Start::First,
+                cut: vec![],
             })
         );
         let l = lines(&text);
@@ -379,5 +531,119 @@ mod tests {
         assert_eq!(last_line(b"bc\n"), Some(&b"bc"[..]));
         assert_eq!(last_line(b""), None);
         assert_eq!(last_line(b"a\nincomplete"), None);
+    }
+
+    /// A file with its first lines removed verifies link by link, but its
+    /// start is reported; a file that says it continues a rotated one is
+    /// not suspicious; an empty file is an error (issue 19 item 20).
+    #[test]
+    fn a_headless_chain_is_reported_and_an_empty_one_refused() {
+        let d = Digest::Sha256;
+        let (text, mut c) = chain(d.clone(), 5);
+        let l = lines(&text);
+        let v = check(&[&l[2..].concat()], &d).unwrap();
+        assert_eq!(
+            (v.start, v.first_seq, v.lines),
+            (Start::Headless, Some(3), 3)
+        );
+        assert_eq!(check(&[&text], &d).unwrap().start, Start::First);
+        // A rotation: the new file's first line says it continues.
+        let marker = c.stamp(format!("{{\"event\":\"{CONTINUED}\"}}").as_bytes());
+        c.written(&marker);
+        let next = c.stamp(b"{\"event\":\"x\"}");
+        let rotated = [marker.clone(), next].concat();
+        assert_eq!(check(&[&rotated], &d).unwrap().start, Start::Continued);
+        assert_eq!(check(&[&text, &rotated], &d).unwrap().start, Start::First);
+        // Nothing at all.
+        let e = check(&[b""], &d).unwrap_err();
+        assert!(e.problem.contains("empty"), "{e}");
+        assert!(check(&[b"", b"\n"], &d).is_err());
+    }
+
+    /// A restart after a crash cut the last line: the partial line is
+    /// terminated, the chain goes on from the last complete line, and the
+    /// `audit.resumed` line that says so lets verify skip (and report)
+    /// the cut line (issue 19 item 11).
+    #[test]
+    fn a_line_cut_by_a_crash_and_resumed_verifies_and_is_reported() {
+        let d = Digest::from_key(Some(b"0123456789abcdef"));
+        let (text, _) = chain(d.clone(), 4);
+        let mut file = text[..text.len() - 7].to_vec();
+        let tail = read_tail(&mut std::io::Cursor::new(&file)).unwrap();
+        let partial = lines(&text)[3].len() - 7;
+        assert_eq!(tail.partial, partial as u64);
+        assert_eq!(
+            tail.last_complete.as_deref(),
+            lines(&text)[2].strip_suffix(b"\n")
+        );
+        file.push(b'\n');
+        let mut c = Chain::resume(d.clone(), tail.last_complete.as_deref().unwrap());
+        for line in [
+            format!("{{\"event\":\"{RESUMED}\",\"{PARTIAL_BYTES}\":{partial}}}"),
+            "{\"event\":\"y\"}".into(),
+        ] {
+            let stamped = c.stamp(line.as_bytes());
+            c.written(&stamped);
+            file.extend_from_slice(&stamped);
+        }
+        let v = check(&[&file], &d).unwrap();
+        assert_eq!(v.lines, 5);
+        assert_eq!(v.last_seq, Some(5));
+        assert_eq!(
+            v.cut,
+            vec![Cut {
+                file: "f0".into(),
+                line: 4,
+                bytes: partial
+            }]
+        );
+        // Without the resumed line, the cut line is a break.
+        let mut bare = text[..text.len() - 7].to_vec();
+        bare.push(b'\n');
+        bare.extend_from_slice(
+            &Chain::resume(d.clone(), tail.last_complete.as_deref().unwrap()).stamp(b"{}"),
+        );
+        assert_eq!(check(&[&bare], &d).unwrap_err().line, 4);
+    }
+
+    /// The last complete line is found however long it is, and with a
+    /// partial line after it longer than any window (issue 19 item 12).
+    #[test]
+    fn the_tail_holds_the_whole_last_line_however_long() {
+        let long = format!("{{\"x\":\"{}\"}}", "a".repeat(300 * 1024));
+        let tail = |f: &[u8]| read_tail(&mut std::io::Cursor::new(f)).unwrap();
+        let file = format!("{{\"a\":1}}\n{long}\n");
+        assert_eq!(
+            tail(file.as_bytes()),
+            Tail {
+                last_complete: Some(long.clone().into_bytes()),
+                partial: 0
+            }
+        );
+        let cut = format!("{{\"a\":1}}\n{long}\n{}", &long[..200 * 1024]);
+        assert_eq!(
+            tail(cut.as_bytes()),
+            Tail {
+                last_complete: Some(long.clone().into_bytes()),
+                partial: 200 * 1024
+            }
+        );
+        assert_eq!(tail(long.as_bytes()).last_complete, None);
+        assert_eq!(tail(long.as_bytes()).partial, long.len() as u64);
+        assert_eq!(
+            tail(format!("{long}\n").as_bytes())
+                .last_complete
+                .unwrap()
+                .len(),
+            long.len()
+        );
+        assert_eq!(tail(b""), Tail::default());
+        assert_eq!(
+            tail(b"ab\ncd"),
+            Tail {
+                last_complete: Some(b"ab".to_vec()),
+                partial: 2
+            }
+        );
     }
 }

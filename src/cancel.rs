@@ -1,13 +1,20 @@
-//! Cancel keys: pgbastion hands every client a key of its own and keeps the
-//! mapping to the upstream's real key, for as long as the session lives.
+//! Cancel keys: pgbastion hands every client the server's real process ID
+//! with a secret key of its own, and keeps the mapping to the upstream's
+//! real key for as long as the session lives.
 //!
 //! Why not pass the server's key through? Because then any client could
 //! cancel any session it learned the key of, by asking the server directly
-//! or through pgbastion; and the real backend pid would leak. Here a
-//! CancelKey is honoured only if it carries a key pgbastion issued, and
-//! it is forwarded (with the real key) to the very server address the
-//! session is connected to, over verified TLS. Unknown keys are dropped
-//! silently, as PostgreSQL does.
+//! or through pgbastion. Here a CancelRequest is honoured only if it
+//! carries the process ID and a key pgbastion issued (the key compared in
+//! constant time), and it is forwarded (with the real key) to the very
+//! server address the session is connected to, over verified TLS. Unknown
+//! keys are dropped silently, as PostgreSQL does.
+//!
+//! The process ID is the server's own (issue 19 item 27): clients use it
+//! for `pg_terminate_backend`, `pg_stat_activity` and to recognise their
+//! own NOTIFYs, and it grants nothing without the key. Two sessions on two
+//! servers may share one process ID, so entries are found by process ID
+//! and then by key.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -48,9 +55,13 @@ struct Entry {
     target: CancelTarget,
 }
 
+/// Live sessions by process ID: usually one each, more when sessions on
+/// different servers have the same one.
+type Entries = HashMap<u32, Vec<Entry>>;
+
 /// All live sessions' cancel keys, and the per-address rate limit.
 pub struct CancelRegistry {
-    entries: Mutex<HashMap<u32, Entry>>,
+    entries: Mutex<Entries>,
     /// Cancel requests per client address (Unix-socket clients share one).
     limiter: Mutex<KeyedBuckets<Option<IpAddr>>>,
     /// With `[cluster]`: where each mapping is also published, so the
@@ -63,6 +74,8 @@ pub struct CancelRegistry {
 pub struct Registration {
     registry: Weak<CancelRegistry>,
     process_id: u32,
+    /// The key issued: which of the process ID's entries is this one.
+    key: Vec<u8>,
     /// Where the mapping is in Redis (with `[cluster]`).
     published: Option<String>,
 }
@@ -70,7 +83,14 @@ pub struct Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         if let Some(r) = self.registry.upgrade() {
-            r.lock_entries().remove(&self.process_id);
+            let mut entries = r.lock_entries();
+            if let Some(list) = entries.get_mut(&self.process_id) {
+                list.retain(|e| e.key != self.key);
+                if list.is_empty() {
+                    entries.remove(&self.process_id);
+                }
+            }
+            drop(entries);
             if let (Some(fleet), Some(key)) = (&r.fleet, &self.published) {
                 fleet.unpublish_cancel(key);
             }
@@ -98,29 +118,32 @@ impl CancelRegistry {
         })
     }
 
-    fn lock_entries(&self) -> MutexGuard<'_, HashMap<u32, Entry>> {
+    fn lock_entries(&self) -> MutexGuard<'_, Entries> {
         lock(&self.entries)
     }
 
     /// Issues pgbastion's own CancelKey for a session whose server sent
-    /// `target.real`. The key is as long as the protocol the session speaks
-    /// allows: 4 bytes if the server's is 4 (protocol 3.0, including a 3.2
-    /// client that the server downgraded), else 32.
+    /// `target.real`: the server's process ID, and a secret key as long as
+    /// the protocol the session speaks allows: 4 bytes if the server's is 4
+    /// (protocol 3.0, including a 3.2 client that the server downgraded),
+    /// else 32.
     pub fn register(self: &Arc<Self>, target: CancelTarget) -> (CancelKey, Registration) {
         let key_len = if target.real.secret_key.len() == KEY_LEN_3_0 {
             KEY_LEN_3_0
         } else {
             KEY_LEN_3_2
         };
+        let process_id = target.real.process_id;
         let mut rng = rand::thread_rng();
-        let mut key = vec![0u8; key_len];
-        rng.fill_bytes(&mut key);
         let mut entries = self.lock_entries();
-        let process_id = loop {
-            // Positive like a real pid (some clients treat it as signed).
-            let candidate = rng.next_u32() & 0x7fff_ffff;
-            if candidate != 0 && !entries.contains_key(&candidate) {
-                break candidate;
+        let list = entries.entry(process_id).or_default();
+        let key = loop {
+            let mut key = vec![0u8; key_len];
+            rng.fill_bytes(&mut key);
+            // Unique among this process ID's sessions (a 4-byte key could
+            // repeat), and never the server's own key.
+            if key != target.real.secret_key && list.iter().all(|e| e.key != key) {
+                break key;
             }
         };
         let issued = CancelKey {
@@ -140,25 +163,35 @@ impl CancelRegistry {
                 },
             )
         });
-        entries.insert(process_id, Entry { key, target });
+        list.push(Entry {
+            key: key.clone(),
+            target,
+        });
         (
             issued,
             Registration {
                 published,
                 registry: Arc::downgrade(self),
                 process_id,
+                key,
             },
         )
     }
 
-    /// The target of a cancel request, if it carries a key pgbastion issued
-    /// to a live session. The key is compared in constant time.
+    /// The target of a cancel request, if it carries the process ID and a
+    /// key pgbastion issued to a live session. Keys are compared in
+    /// constant time, every one of the process ID's entries.
     pub fn lookup(&self, req: &CancelKey) -> Option<CancelTarget> {
         let entries = self.lock_entries();
-        let entry = entries.get(&req.process_id)?;
-        let same =
-            entry.key.len() == req.secret_key.len() && bool::from(entry.key.ct_eq(&req.secret_key));
-        same.then(|| entry.target.clone())
+        let mut found = None;
+        for entry in entries.get(&req.process_id)? {
+            let same = entry.key.len() == req.secret_key.len()
+                && bool::from(entry.key.ct_eq(&req.secret_key));
+            if same {
+                found = Some(entry.target.clone());
+            }
+        }
+        found
     }
 
     /// Whether a client address may send another cancel request now.
@@ -167,7 +200,7 @@ impl CancelRegistry {
     }
 
     pub fn live_sessions(&self) -> usize {
-        self.lock_entries().len()
+        self.lock_entries().values().map(Vec::len).sum()
     }
 }
 
@@ -201,7 +234,7 @@ mod tests {
         let (k_other, _r) = reg.register(target(100));
         assert_eq!(k_other.secret_key.len(), 32);
         for k in [&k30, &k32] {
-            assert_ne!(k.process_id, 1234);
+            assert_eq!(k.process_id, 1234, "the server's own process ID");
             assert_ne!(k.secret_key, vec![7; k.secret_key.len()]);
         }
     }
@@ -233,5 +266,35 @@ mod tests {
         drop(registration);
         assert!(reg.lookup(&req(issued.secret_key.clone())).is_none());
         assert_eq!(reg.live_sessions(), 0);
+    }
+
+    /// Two sessions on two servers with one process ID: each key finds its
+    /// own session, a wrong key finds none, and one ending leaves the other.
+    #[test]
+    fn sessions_sharing_a_process_id_are_told_apart_by_key() {
+        let reg = CancelRegistry::new(10.0, 10.0, None);
+        let mut other = target(32);
+        other.session_id = "t".into();
+        let (a, ra) = reg.register(target(32));
+        let (b, rb) = reg.register(other);
+        assert_eq!(a.process_id, b.process_id);
+        assert_ne!(a.secret_key, b.secret_key);
+        assert_eq!(reg.lookup(&a).unwrap().session_id, "s");
+        assert_eq!(reg.lookup(&b).unwrap().session_id, "t");
+        let wrong = CancelKey {
+            process_id: a.process_id,
+            secret_key: vec![7; 32],
+        };
+        assert!(
+            reg.lookup(&wrong).is_none(),
+            "the server's own key is not ours"
+        );
+        assert_eq!(reg.live_sessions(), 2);
+        drop(ra);
+        assert!(reg.lookup(&a).is_none());
+        assert_eq!(reg.lookup(&b).unwrap().session_id, "t");
+        drop(rb);
+        assert_eq!(reg.live_sessions(), 0);
+        assert!(reg.lock_entries().is_empty());
     }
 }

@@ -77,11 +77,17 @@ enum AuditCommand {
     /// digest. Give rotated files oldest first (audit.jsonl.2
     /// audit.jsonl.1 audit.jsonl). Reports the first line that was
     /// changed, removed or inserted, and exits 1; exits 0 when the chain
-    /// holds.
+    /// holds. Files with no line, and a chain that starts after seq 1
+    /// without saying it continues a rotated file, fail too.
     Verify {
         /// Audit files, oldest first.
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// Accept a chain that starts after seq 1 without saying it
+        /// continues a rotated file (its first lines were removed, or the
+        /// older files were not given).
+        #[arg(long)]
+        allow_partial: bool,
         /// The `audit.chain_key_file` the lines were chained with (HMAC);
         /// without it, SHA-256.
         #[arg(long)]
@@ -248,7 +254,11 @@ async fn main() -> Result<()> {
         Command::Demo(args) => demo(args).await,
         Command::CheckConfig { config } => check_config(config),
         Command::ScramSecret { iterations } => scram_secret(iterations),
-        Command::Audit(AuditCommand::Verify { files, key }) => audit_verify(&files, key.as_deref()),
+        Command::Audit(AuditCommand::Verify {
+            files,
+            key,
+            allow_partial,
+        }) => audit_verify(&files, key.as_deref(), allow_partial),
     };
     // The last log lines (why pgbastion stopped) must not be lost.
     log.drain(std::time::Duration::from_secs(2));
@@ -401,8 +411,12 @@ fn scram_secret(iterations: u32) -> Result<()> {
     Ok(())
 }
 
-fn audit_verify(files: &[PathBuf], key: Option<&std::path::Path>) -> Result<()> {
-    use pgbastion::audit_chain::{verify, Digest};
+fn audit_verify(
+    files: &[PathBuf],
+    key: Option<&std::path::Path>,
+    allow_partial: bool,
+) -> Result<()> {
+    use pgbastion::audit_chain::{verify, Digest, Start};
     let digest = match key {
         Some(path) => Digest::from_key(Some(&server::read_chain_key(path)?)),
         None => Digest::Sha256,
@@ -412,27 +426,49 @@ fn audit_verify(files: &[PathBuf], key: Option<&std::path::Path>) -> Result<()> 
         let text = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
         contents.push((f.display().to_string(), text));
     }
-    match verify(&contents, &digest) {
-        Ok(v) => {
-            println!(
-                "OK: {} lines in {} file(s), seq {} to {}, chained with {}",
-                v.lines,
-                files.len(),
-                v.first_seq.map_or_else(|| "-".into(), |s| s.to_string()),
-                v.last_seq.map_or_else(|| "-".into(), |s| s.to_string()),
-                if key.is_some() {
-                    "HMAC-SHA-256 (key)"
-                } else {
-                    "SHA-256"
-                }
-            );
-            Ok(())
-        }
+    let v = match verify(&contents, &digest) {
+        Ok(v) => v,
         Err(broken) => {
             eprintln!("BROKEN: {broken}");
             std::process::exit(1);
         }
+    };
+    for cut in &v.cut {
+        println!(
+            "NOTE: {}:{}: a line cut by a crash ({} bytes); the restart after it recorded audit.resumed and the chain goes on from the line before",
+            cut.file, cut.line, cut.bytes
+        );
     }
+    let first = v.first_seq.map_or_else(|| "-".into(), |s| s.to_string());
+    match v.start {
+        Start::First => {}
+        Start::Continued => println!(
+            "NOTE: the chain starts at seq {first}, continuing a rotated file: give the older files first to check the link"
+        ),
+        Start::Headless => {
+            let said = format!(
+                "the chain starts at seq {first}, not 1, and its first line does not say it continues a rotated file: lines before it were removed, or older files were not given"
+            );
+            if !allow_partial {
+                eprintln!("PARTIAL: {said} (--allow-partial accepts this)");
+                std::process::exit(1);
+            }
+            println!("NOTE: {said}");
+        }
+    }
+    println!(
+        "OK: {} lines in {} file(s), seq {} to {}, chained with {}",
+        v.lines,
+        files.len(),
+        first,
+        v.last_seq.map_or_else(|| "-".into(), |s| s.to_string()),
+        if key.is_some() {
+            "HMAC-SHA-256 (key)"
+        } else {
+            "SHA-256"
+        }
+    );
+    Ok(())
 }
 
 fn check_config(path: PathBuf) -> Result<()> {

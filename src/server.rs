@@ -90,11 +90,17 @@ pub fn audit_digest(config: &Config) -> Result<crate::audit_chain::Digest, Serve
     read_chain_key(path).map(|k| crate::audit_chain::Digest::from_key(Some(&k)))
 }
 
-/// The key in a chain key file (trailing newline removed).
+/// The key in a chain key file: its bytes, text or not (32 random bytes
+/// are a good key), with trailing CR and LF bytes removed, as they always
+/// were for text keys (an editor's newline is not part of the key). The
+/// same rule applies in pgbastion and `audit verify`, so a chain verifies
+/// with the file it was written with.
 pub fn read_chain_key(path: &std::path::Path) -> Result<Vec<u8>, ServerError> {
-    let text = crate::auth::credentials::read_private(path, "chain_key_file")
+    let mut key = crate::auth::credentials::read_private_bytes(path, "chain_key_file")
         .map_err(|e| ServerError::ChainKey(Box::new(e)))?;
-    let key = text.trim_end_matches(['\r', '\n']).as_bytes().to_vec();
+    while key.last().is_some_and(|b| matches!(b, b'\r' | b'\n')) {
+        key.pop();
+    }
     if key.len() < 16 {
         return Err(ServerError::ChainKeyShort(path.to_owned()));
     }

@@ -216,6 +216,7 @@ fn write_loop(
     chain: Option<Arc<Mutex<Chain>>>,
     linger: Duration,
 ) {
+    mark_continued(&mut out, &target, chain.as_deref());
     // A message taken while gathering a batch, handled after it.
     let mut carried: Option<Msg> = None;
     // The last batch was full: lines are coming faster than a linger
@@ -258,13 +259,46 @@ fn write_loop(
             Msg::Reopen => {
                 if let SinkTarget::File(path) = &target {
                     match append(path) {
-                        Ok(f) => out = Box::new(f),
+                        Ok(f) => {
+                            out = Box::new(f);
+                            mark_continued(&mut out, &target, chain.as_deref());
+                        }
                         // Keep writing to the old file rather than lose lines.
                         Err(_) => state.failing.store(true, Ordering::SeqCst),
                     }
                 }
             }
         }
+    }
+}
+
+/// A chained file opened empty while the chain already has lines (after a
+/// rotation, or a reload to a new file) starts with a line that says it
+/// continues another file, so that `audit verify` can tell it from a file
+/// whose first lines were removed (issue 19 item 20).
+fn mark_continued(
+    out: &mut Box<dyn Write + Send>,
+    target: &SinkTarget,
+    chain: Option<&Mutex<Chain>>,
+) {
+    let (Some(chain), SinkTarget::File(path)) = (chain, target) else {
+        return;
+    };
+    if std::fs::metadata(path).map_or(true, |m| m.len() > 0) {
+        return;
+    }
+    let mut chain = chain.lock().unwrap_or_else(|p| p.into_inner());
+    if chain.seq() == 0 {
+        return;
+    }
+    let line = format!(
+        "{{\"ts\":\"{}\",\"event\":\"{}\"}}",
+        humantime::format_rfc3339_millis(std::time::SystemTime::now()),
+        crate::audit_chain::CONTINUED
+    );
+    let stamped = chain.stamp(line.as_bytes());
+    if out.write_all(&stamped).and_then(|()| out.flush()).is_ok() {
+        chain.written(&stamped);
     }
 }
 

@@ -128,9 +128,9 @@ async fn keys_are_pgbastions_own_and_cancel_only_their_session() {
         .await
         .unwrap()
         .get(0);
-    assert_ne!(
+    assert_eq!(
         key_a.process_id as i32, pid_a,
-        "the client never sees the server's pid"
+        "the client is told the server's process ID (issue 19 item 27)"
     );
     assert_eq!(key_a.secret_key.len(), 4, "protocol 3.0: a 4-byte key");
 
@@ -139,7 +139,7 @@ async fn keys_are_pgbastions_own_and_cancel_only_their_session() {
     let server_a = wait_active(&direct, "session-a").await;
     let server_b = wait_active(&direct, "session-b").await;
 
-    // A wrong key (one bit off) cancels nothing.
+    // The right process ID with a wrong key (one bit off) cancels nothing.
     let mut wrong = key_a.clone();
     wrong.secret_key[0] ^= 1;
     plaintext_cancel(&proxy, &wrong).await;
@@ -306,9 +306,9 @@ fn libpq_18_encrypted_cancel_protocol_3_2_and_direct_tls() {
         "libpq's cancel call succeeds too (a clean TLS close, after forwarding): {r}"
     );
     assert!(r["cancel_seconds"].as_f64().unwrap() < 2.0, "{r}");
-    assert_ne!(
+    assert_eq!(
         r["backend_pid_seen"], r["server_pid"],
-        "the client never sees the server's pid"
+        "libpq's PQbackendPID is the server's process ID (issue 19 item 27)"
     );
     assert_eq!(r["ssl"], true);
     let cancel = proxy.wait_audit("cancel", |e| e["event"] == "session.cancel");
@@ -326,4 +326,85 @@ fn libpq_18_encrypted_cancel_protocol_3_2_and_direct_tls() {
         e["event"] == "session.start" && e["client_tls"]["alpn"] == "postgresql"
     });
     assert_eq!(direct["auth"]["result"], "ok");
+}
+
+/// Issue 19 item 27: BackendKeyData carried a process ID pgbastion made up,
+/// so `pg_terminate_backend(backend_pid)` killed nothing and a NOTIFY's
+/// sender never matched the listener's own process ID. Now the client is
+/// told the server's process ID (the secret key stays pgbastion's own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_is_told_the_servers_process_id() {
+    let env = Env {
+        pg: pgbastion::localpg::LocalPg::start(pgbastion::localpg::LocalPgOptions {
+            trust_users: vec!["raw".into()],
+            ..Default::default()
+        })
+        .unwrap(),
+        certs: ProxyCerts::new(),
+    };
+    let direct = env.direct_client().await;
+    direct.execute("create role raw login", &[]).await.unwrap();
+    let proxy = env.proxy("require", "");
+    let mut tls = ssl_request_then_tls(raw(proxy.addr()).await, &env).await;
+    let startup = StartupMessage::new(
+        ProtocolVersion { major: 3, minor: 0 },
+        vec![
+            ("user".into(), "raw".into()),
+            ("database".into(), "postgres".into()),
+        ],
+    );
+    tls.write_all(startup.as_bytes()).await.unwrap();
+    let mut key = None;
+    loop {
+        let (t, body) = read_message(&mut tls).await.unwrap();
+        match t {
+            b'K' => key = Some(message::parse_backend_key_data(&body).unwrap()),
+            b'Z' => break,
+            b'E' => panic!("{:?}", message::ErrorFields::parse(&body)),
+            _ => {}
+        }
+    }
+    let key = key.expect("BackendKeyData");
+    tls.write_all(&message::build(
+        b'Q',
+        b"listen ch; notify ch, 'hi'; select pg_backend_pid()\0",
+    ))
+    .await
+    .unwrap();
+    let (mut notified, mut selected) = (None, None);
+    loop {
+        let (t, body) = read_message(&mut tls).await.unwrap();
+        match t {
+            // NotificationResponse: the sender's process ID first.
+            b'A' => notified = Some(u32::from_be_bytes(body[..4].try_into().unwrap())),
+            // DataRow: one column, its length, then the text.
+            b'D' => {
+                let text = std::str::from_utf8(&body[6..]).unwrap();
+                selected = Some(text.parse::<u32>().unwrap());
+            }
+            b'Z' => break,
+            b'E' => panic!("{:?}", message::ErrorFields::parse(&body)),
+            _ => {}
+        }
+    }
+    assert_eq!(selected, Some(key.process_id), "select pg_backend_pid()");
+    assert_eq!(
+        notified,
+        Some(key.process_id),
+        "a NOTIFY's sender is recognisably this session"
+    );
+    // Another connection terminates this session by that process ID.
+    let terminated: bool = direct
+        .query_one(
+            "select pg_terminate_backend($1)",
+            &[&(key.process_id as i32)],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(terminated);
+    let (code, _) = tokio::time::timeout(Duration::from_secs(5), read_error(&mut tls))
+        .await
+        .expect("the terminated session is told at once");
+    assert_eq!(code, "57P01");
 }

@@ -438,10 +438,29 @@ async fn bad_startup_packets_never_hurt_the_proxy() {
         "allow",
         "[timeouts]\nclient_startup = \"1s\"\nshutdown_drain = \"1s\"\n",
     );
-    let cases: Vec<(&str, Vec<u8>)> = vec![
+    // Not a Postgres packet at all (an impossible length): closed without
+    // a word, as PostgreSQL does ("invalid length of startup packet" goes
+    // to its log only). Issue 19 item 28: node-postgres' quick-disconnect
+    // sends its Terminate before its StartupMessage, and an ErrorResponse
+    // to that became an unhandled error that ended the application.
+    let silent: Vec<(&str, Vec<u8>)> = vec![
         ("too short", 4u32.to_be_bytes().to_vec()),
         ("over 10000", 10_001u32.to_be_bytes().to_vec()),
         ("absurd length", u32::MAX.to_be_bytes().to_vec()),
+        ("node-postgres Terminate first", vec![b'X', 0, 0, 0, 4]),
+    ];
+    for (name, bytes) in silent {
+        let mut tcp = raw(proxy.addr()).await;
+        tcp.write_all(&bytes).await.unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut got))
+            .await
+            .unwrap_or_else(|_| panic!("{name}: not closed"))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(got, b"", "{name}: closed without a word");
+    }
+    // Postgres-shaped packets get an explanatory error.
+    let cases: Vec<(&str, Vec<u8>)> = vec![
         (
             "unknown code",
             [8u32.to_be_bytes(), (1234u32 << 16 | 9999).to_be_bytes()].concat(),
@@ -542,4 +561,77 @@ fn ipv6_listener() {
     assert_eq!(stdout(&out), "v6");
     let ev = proxy.wait_audit("start", |e| e["event"] == "session.start");
     assert_eq!(ev["client"]["addr"], "::1");
+}
+
+/// Issue 19 item 26: the audit of a failed client TLS handshake said
+/// `client_tls: {"mode": "plaintext"}`, so a scan for plaintext sessions
+/// found clients that never sent a plaintext byte. Now it says the
+/// handshake failed, and why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_client_tls_handshake_is_audited_as_such() {
+    let env = Env::new();
+    let proxy = env.proxy("require", "");
+    let failures = |n: usize| {
+        proxy.wait_audit_count("handshake failures", n, |e| {
+            e["reason"] == "client_tls_handshake_failed"
+        })
+    };
+    // A client that does not trust pgbastion's CA aborts with an alert.
+    let other = tempfile::tempdir().unwrap();
+    let stranger = pgbastion::devcerts::Ca::new("another CA").unwrap();
+    let stranger_ca = other.path().join("ca.pem");
+    std::fs::write(&stranger_ca, stranger.cert_pem()).unwrap();
+    let mut tcp = raw(proxy.addr()).await;
+    tcp.write_all(&pgbastion::protocol::startup::ssl_request())
+        .await
+        .unwrap();
+    assert_eq!(tcp.read_u8().await.unwrap(), b'S');
+    let connector =
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(client_tls_config(&stranger_ca, &[])));
+    assert!(connector
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .is_err());
+    let ev = failures(1).pop().unwrap();
+    assert_eq!(ev["client_tls"]["mode"], "tls_handshake_failed", "{ev}");
+    let error = ev["client_tls"]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("alert") && error.contains("UnknownCA"),
+        "{ev}"
+    );
+
+    // Garbage after the 'S': not a TLS ClientHello.
+    let mut tcp = raw(proxy.addr()).await;
+    tcp.write_all(&pgbastion::protocol::startup::ssl_request())
+        .await
+        .unwrap();
+    assert_eq!(tcp.read_u8().await.unwrap(), b'S');
+    tcp.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut rest)).await;
+    let events = failures(2);
+    let ev = events
+        .iter()
+        .find(|e| {
+            !e["client_tls"]["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("UnknownCA")
+        })
+        .unwrap();
+    assert_eq!(ev["client_tls"]["mode"], "tls_handshake_failed", "{ev}");
+    assert!(
+        !ev["client_tls"]["error"]
+            .as_str()
+            .unwrap_or_default()
+            .is_empty(),
+        "{ev}"
+    );
+    assert!(
+        proxy
+            .audit_events()
+            .iter()
+            .all(|e| e["client_tls"]["mode"] != "plaintext"),
+        "no plaintext session was audited"
+    );
 }

@@ -245,7 +245,10 @@ impl Metrics {
                     .get_or_create(&vec![("outcome", (*outcome).to_owned())])
                     .inc();
             }
-            Event::Suppressed { .. } | Event::Console { .. } | Event::Query { .. } => {}
+            Event::Suppressed { .. }
+            | Event::Console { .. }
+            | Event::Query { .. }
+            | Event::Resumed { .. } => {}
         }
     }
 

@@ -254,6 +254,19 @@ pub(crate) fn read_private(path: &Path, what: &'static str) -> Result<String, Cr
     })
 }
 
+/// The bytes of a private file (a key, which need not be text).
+pub(crate) fn read_private_bytes(
+    path: &Path,
+    what: &'static str,
+) -> Result<Vec<u8>, CredentialError> {
+    check_private(path, what)?;
+    std::fs::read(path).map_err(|source| CredentialError::Read {
+        what,
+        path: path.to_owned(),
+        source,
+    })
+}
+
 /// The verifier on the first line, the base64 ClientKey on the second;
 /// the key must match the verifier's StoredKey.
 fn parse_scram_secret(text: &str, path: &Path) -> Result<Held, CredentialError> {

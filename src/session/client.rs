@@ -41,6 +41,16 @@ pub struct ClientConn {
     pub binding: Option<Vec<u8>>,
 }
 
+/// Why a client's TLS handshake failed, for the audit: the TLS alert the
+/// client sent or rustls' reason for refusing it, else the I/O error (the
+/// client hung up mid-handshake).
+fn handshake_failure(e: &std::io::Error) -> String {
+    match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        Some(tls) => tls.to_string(),
+        None => e.to_string(),
+    }
+}
+
 impl ClientConn {
     pub async fn fill(&mut self, n: usize) -> Result<(), SessionError> {
         while self.buf.len() < n {
@@ -67,10 +77,15 @@ impl ClientConn {
         // The old stream moves into the TLS stream; a failed handshake
         // leaves nothing usable to write an error to, which is correct.
         let io = std::mem::replace(&mut self.io, Box::new(tokio::io::empty()));
-        let tls = acceptor
-            .accept(io)
-            .await
-            .map_err(SessionError::ClientTlsHandshake)?;
+        let tls = match acceptor.accept(io).await {
+            Ok(tls) => tls,
+            Err(e) => {
+                self.transport = ClientTransport::TlsFailed {
+                    error: handshake_failure(&e),
+                };
+                return Err(SessionError::ClientTlsHandshake(e));
+            }
+        };
         let conn = tls.get_ref().1;
         self.transport = ClientTransport::Tls(TlsInfo::from_connection(conn, conn.server_name()));
         self.peer_cert = conn

@@ -137,6 +137,11 @@ impl SessionError {
     /// what to do; upstream addresses stay in pgbastion's own log.
     pub fn client_error(&self) -> Option<ErrorResponse> {
         Some(match self {
+            // Not a Postgres packet at all (node-postgres' Terminate sent
+            // before its StartupMessage, another protocol): PostgreSQL
+            // closes without a word and logs "invalid length of startup
+            // packet"; an answer would only confuse such a client.
+            SessionError::Startup(StartupError::BadLength(_)) => return None,
             SessionError::Startup(e) => ErrorResponse::new("08P01", format!("invalid startup packet: {e}")),
             SessionError::TlsRequired => ErrorResponse::new("28000", "this server requires TLS")
                 .with_hint("Connect with sslmode=verify-full (and sslrootcert set to the CA of pgbastion's certificate) or at least sslmode=require."),
