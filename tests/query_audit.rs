@@ -360,3 +360,157 @@ async fn a_session_that_cannot_be_audited_is_ended_under_refuse() {
         "ended once the queue was full, after {answered} statements"
     );
 }
+
+/// A small deterministic generator (xorshift), so a failure is
+/// reproducible from its case number.
+struct Gen(u64);
+
+impl Gen {
+    fn pick<'a>(&mut self, from: &[&'a str]) -> &'a str {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        from[(self.0 % from.len() as u64) as usize]
+    }
+}
+
+/// Issue 19 item 1: the lexer's token boundaries, compared with the
+/// server's on generated statements. Each statement is `select` and a few
+/// items `(<constant>)::text as cN`, with whitespace and comments of every
+/// kind (`\r`-ended `--` comments, `/* */`, form feeds) between any two
+/// tokens, constants in every string form (continued ones too, and
+/// backslashes read per standard_conforming_strings, half the cases with it
+/// off), each holding text that would open a string or comment if read as
+/// code. The server prepares the statement (so its own lexer reads it); the
+/// lexer's normalized text must then have exactly one constant per item,
+/// no canary, and the server must prepare it (with `$n` parameters) to the
+/// same columns: a boundary read differently either hides an item (as in
+/// the issue's `--\r`), leaves text of a literal or comment behind, or
+/// breaks the statement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lexer_agrees_with_the_server_on_token_boundaries() {
+    use pgbastion::sql::{normalize_with, Backslashes};
+    let env = Env::new();
+    let client = env.direct_client().await;
+    let gaps = [
+        " ",
+        "\n",
+        "\r",
+        "\r\n",
+        "\t\x0c",
+        "--canary'\r",
+        "--canary $$\n",
+        "-- canary /*\r",
+        "/* canary ' */",
+        "/* /* canary */ -- */",
+        "/*\r canary*/",
+    ];
+    // Newline-holding gaps that continue a string.
+    let continued = [
+        "\n",
+        "\r",
+        " --canary'\r",
+        "\r\n\x0c",
+        "\t-- x\n-- canary\r ",
+    ];
+    let constants = [
+        "1",
+        "2.5",
+        ".5",
+        "1e3",
+        "'canary'",
+        "'it''s canary'",
+        "'--canary'",
+        "'/*canary'",
+        "'canary\r--'",
+        "E'canary\\'--'",
+        "E'\\\\'",
+        "$$canary'--$$",
+        "$q$canary$$--$q$",
+        "U&'canary\\0061'",
+        "B'101'",
+        "X'1F'",
+        "N'canary'",
+        "CONTINUED",
+    ];
+    // Plain strings with a backslash, read per the setting.
+    let on = ["'canary\\'", "'a\\b'"];
+    let off = ["'canary\\'--'", "'\\\\'"];
+    let mut g = Gen(0x9e37_79b9_7f4a_7c15);
+    for scf_on in [true, false] {
+        client
+            .batch_execute(if scf_on {
+                "set standard_conforming_strings = on"
+            } else {
+                "set standard_conforming_strings = off; set escape_string_warning = off"
+            })
+            .await
+            .unwrap();
+        let mode = if scf_on {
+            Backslashes::Literal
+        } else {
+            Backslashes::Escape
+        };
+        let plain: &[&str] = if scf_on { &on } else { &off };
+        for case in 0..150 {
+            let items = 1 + case % 4;
+            let mut sql = format!("select{}", g.pick(&gaps));
+            for n in 1..=items {
+                let mut constant = g.pick(&constants).to_owned();
+                if case % 3 == 0 {
+                    constant = g.pick(plain).to_owned();
+                }
+                // U&'' with standard_conforming_strings off is an error.
+                if !scf_on && constant.starts_with("U&") {
+                    constant = "'canary'".to_owned();
+                }
+                if constant == "CONTINUED" {
+                    constant = format!("'canary'{}'canary'", g.pick(&continued));
+                }
+                let op = if n % 2 == 0 { "||" } else { "::text" };
+                let mut item = format!("({}{constant}{})", g.pick(&gaps), g.pick(&gaps));
+                if op == "||" {
+                    // An operator followed at once by a comment.
+                    item = format!("''{op}{}{item}", g.pick(&gaps));
+                    constant.clear();
+                }
+                sql.push_str(&format!(
+                    "{item}::text{}as{}c{n}",
+                    g.pick(&gaps),
+                    g.pick(&gaps)
+                ));
+                if n < items {
+                    sql.push_str(&format!("{},{}", g.pick(&gaps), g.pick(&gaps)));
+                }
+            }
+            let want = client
+                .prepare(&sql)
+                .await
+                .unwrap_or_else(|e| panic!("case {case}: the server refused {sql:?}: {e:?}"));
+            let want: Vec<&str> = want.columns().iter().map(|c| c.name()).collect();
+            assert_eq!(want.len(), items, "{sql:?}");
+            let n = normalize_with(&sql, mode)
+                .unwrap_or_else(|e| panic!("case {case}: {sql:?} unparsed: {e}"));
+            // `''||(...)`: the empty string is a constant too.
+            let expected = items + items / 2;
+            assert_eq!(
+                n.constants, expected,
+                "case {case}: {sql:?} -> {:?}",
+                n.text
+            );
+            assert!(
+                !n.text.contains("canary"),
+                "case {case}: {sql:?} -> {:?}",
+                n.text
+            );
+            let got = client.prepare(&n.text).await.unwrap_or_else(|e| {
+                panic!(
+                    "case {case}: {sql:?} -> {:?}, which the server refused: {e}",
+                    n.text
+                )
+            });
+            let got: Vec<&str> = got.columns().iter().map(|c| c.name()).collect();
+            assert_eq!(got, want, "case {case}: {sql:?} -> {:?}", n.text);
+        }
+    }
+}

@@ -1,0 +1,2 @@
+select --'
+CANARY' as c --'

@@ -1,0 +1,3 @@
+ALTER ROLE x -- PASSWORD '
+secret' --'
+select 1 --; create table hidden(x int); --
