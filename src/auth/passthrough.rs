@@ -54,6 +54,10 @@ pub enum AuthEnd {
     },
     #[error("authentication did not complete within {0:?}")]
     Timeout(Duration),
+    /// pgbastion began shutting down: a login holds nothing worth waiting
+    /// for, so it ends at once (issue 19 item 17).
+    #[error("pgbastion is shutting down")]
+    Shutdown,
 }
 
 impl AuthEnd {
@@ -66,6 +70,7 @@ impl AuthEnd {
             AuthEnd::ServerIo(_) => "server_error",
             AuthEnd::Protocol { .. } => "protocol_violation",
             AuthEnd::Timeout(_) => "authentication_timeout",
+            AuthEnd::Shutdown => "shutdown",
         }
     }
 
@@ -80,6 +85,10 @@ impl AuthEnd {
             )
             .with_hint("Connect with channel_binding=disable (in the connection string, or PGCHANNELBINDING=disable), or ask pgbastion's administrator to set auth = \"scram\" for this upstream, which binds both legs."),
             AuthEnd::Protocol { .. } => ErrorResponse::new("08P01", self.to_string()),
+            AuthEnd::Shutdown => ErrorResponse::new(
+                "57P01",
+                "terminating connection because pgbastion is shutting down",
+            ),
             AuthEnd::Timeout(d) => ErrorResponse::new(
                 "08006",
                 format!("authentication did not complete within {}", humantime::format_duration(*d)),
