@@ -28,7 +28,9 @@ pub enum ClientTransport {
     /// TLS alert received or the reason pgbastion refused): no session
     /// ran in plaintext, and the audit must not say one did.
     #[serde(rename = "tls_handshake_failed")]
-    TlsFailed { error: String },
+    TlsFailed {
+        error: String,
+    },
 }
 
 /// Where the client came from.

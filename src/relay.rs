@@ -132,7 +132,8 @@ pub struct Progress {
     pub client_to_server: std::sync::atomic::AtomicU64,
     pub server_to_client: std::sync::atomic::AtomicU64,
     /// The server's last ReadyForQuery said "in a transaction", or a query
-    /// is running.
+    /// is running. Set before the relay starts: whether the session starts
+    /// busy (bytes went on after the login's ReadyForQuery).
     pub busy: std::sync::atomic::AtomicBool,
 }
 
@@ -213,9 +214,16 @@ impl Pipe {
         }
     }
 
-    fn framed() -> Self {
+    /// `idle`: the relay starts right after the login's ReadyForQuery
+    /// (idle) reached the client, so a session that never runs a query is
+    /// idle and a drain ends it at once (issue 19 item 17); not when bytes
+    /// followed it (a query pipelined behind the login).
+    fn framed(idle: bool) -> Self {
         Pipe {
-            framer: Some(Framer::default()),
+            framer: Some(Framer {
+                idle,
+                ..Framer::default()
+            }),
             ..Pipe::new()
         }
     }
@@ -385,7 +393,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
     let mut up = Pipe::new();
-    let mut down = Pipe::framed();
+    let mut down = Pipe::framed(!progress.busy.load(std::sync::atomic::Ordering::Relaxed));
     let mut clock = 0u64;
     let mut watching = true;
     let mut watching_kill = true;
@@ -608,7 +616,7 @@ fn audit_error() -> Vec<u8> {
 
 /// What a client is told when pgbastion shuts its session down: what
 /// PostgreSQL says on its own shutdown, so clients treat it the same way.
-fn shutdown_error() -> Vec<u8> {
+pub(crate) fn shutdown_error() -> Vec<u8> {
     crate::protocol::message::ErrorResponse::new(
         "57P01",
         "terminating connection because pgbastion is shutting down",

@@ -181,10 +181,7 @@ mod tests {
         assert_eq!(names, ["mock_key"]);
         // Others may not read it; a truncated file is not used.
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(load(&source)
-            .unwrap_err()
-            .to_string()
-            .contains("mode 0644"));
+        assert!(load(&source).unwrap_err().to_string().contains("mode 0644"));
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         std::fs::write(&path, b"short").unwrap();
         assert!(matches!(

@@ -57,6 +57,10 @@ pub enum AuthEnd {
     Timeout(Duration),
     #[error("authenticated, but limits.max_sessions ({0}) is reached")]
     TooManySessions(usize),
+    /// pgbastion began shutting down: a login holds nothing worth waiting
+    /// for, so it ends at once (issue 19 item 17).
+    #[error("pgbastion is shutting down")]
+    Shutdown,
 }
 
 impl AuthEnd {
@@ -70,6 +74,7 @@ impl AuthEnd {
             AuthEnd::Protocol { .. } => "protocol_violation",
             AuthEnd::Timeout(_) => "authentication_timeout",
             AuthEnd::TooManySessions(_) => "too_many_sessions",
+            AuthEnd::Shutdown => "shutdown",
         }
     }
 
@@ -86,6 +91,10 @@ impl AuthEnd {
             AuthEnd::Protocol { .. } => ErrorResponse::new("08P01", self.to_string()),
             AuthEnd::TooManySessions(_) => ErrorResponse::new("53300", "sorry, too many clients already")
                 .with_hint("pgbastion's limits.max_sessions is reached; try again later or raise the limit."),
+            AuthEnd::Shutdown => ErrorResponse::new(
+                "57P01",
+                "terminating connection because pgbastion is shutting down",
+            ),
             AuthEnd::Timeout(d) => ErrorResponse::new(
                 "08006",
                 format!("authentication did not complete within {}", humantime::format_duration(*d)),

@@ -72,6 +72,9 @@ pub enum SessionError {
     UpstreamIo(io::Error),
     #[error("the audit log cannot be written and audit.on_failure is \"refuse\"")]
     AuditUnavailable,
+    /// pgbastion began shutting down while the client was logging in.
+    #[error("pgbastion is shutting down")]
+    ShuttingDown,
     /// scram mode: pgbastion authenticating the client or itself.
     #[error(transparent)]
     Auth(#[from] AuthError),
@@ -117,6 +120,7 @@ impl SessionError {
             },
             SessionError::UpstreamIo(_) => "upstream_io_error",
             SessionError::AuditUnavailable => "audit_unavailable",
+            SessionError::ShuttingDown => "shutdown",
             SessionError::Auth(e) => e.reason(),
             SessionError::IdentityLogin(e) => e.reason(),
         }
@@ -195,6 +199,10 @@ impl SessionError {
             )
             .with_hint("pgbastion admits no session it cannot audit (audit.on_failure = \"refuse\"); try again shortly. Its administrator must check the audit log's destination."),
             SessionError::UpstreamIo(_) => ErrorResponse::new("08006", "the connection to the database server failed"),
+            SessionError::ShuttingDown => ErrorResponse::new(
+                "57P01",
+                "terminating connection because pgbastion is shutting down",
+            ),
             // Most likely a PostgreSQL client that reached pgbastion without
             // going through the load balancer: tell it.
             SessionError::ProxyHeader(ProxyError::Missing) => ErrorResponse::new(

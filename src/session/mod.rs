@@ -190,6 +190,22 @@ impl CancelDelivery {
     }
 }
 
+/// Runs `work` unless pgbastion begins shutting down first (None). A login
+/// (or an admin console waiting for a command) holds nothing a drain should
+/// wait for: it ends at once with 57P01 instead of holding the exit until
+/// the drain deadline (issue 19 item 17).
+async fn unless_shutdown<T>(
+    shared: &Shared,
+    work: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    let mut phase = shared.shutdown.subscribe();
+    tokio::select! {
+        biased;
+        _ = phase.wait_for(|p| *p != relay::ShutdownPhase::Running) => None,
+        done = work => Some(done),
+    }
+}
+
 /// A random id that ties log lines, audit events and client messages of one
 /// session together.
 fn new_session_id() -> String {
@@ -389,14 +405,16 @@ impl Session {
         // is made, so a throttled, wrong or stalling client costs no server
         // backend (and cannot use up the server's connection slots).
         let proven = match (&upstream.scram, &credential) {
-            (Some(scram), None) => match timeout_at(
-                auth_deadline,
-                self.prove_client(&mut conn, scram, upstream, startup.user(), &mut auth_facts),
+            (Some(scram), None) => match unless_shutdown(
+                &self.shared.clone(),
+                timeout_at(
+                    auth_deadline,
+                    self.prove_client(&mut conn, scram, upstream, startup.user(), &mut auth_facts),
+                ),
             )
             .await
-            .unwrap_or(Err(AuthError::Timeout(t.authentication)))
             {
-                Ok(proven) => {
+                Some(Ok(Ok(proven))) => {
                     let Some(slot) = self.shared.sessions.try_acquire((), max_sessions) else {
                         let err = SessionError::TooManySessions(max_sessions);
                         return self.reject_with(&mut conn, err, Some(&auth_facts)).await;
@@ -404,7 +422,16 @@ impl Session {
                     _session_slot = Some(slot);
                     Some(proven)
                 }
-                Err(e) => return self.reject_auth(&mut conn, e, &auth_facts).await,
+                Some(Ok(Err(e))) => return self.reject_auth(&mut conn, e, &auth_facts).await,
+                Some(Err(_)) => {
+                    let e = AuthError::Timeout(t.authentication);
+                    return self.reject_auth(&mut conn, e, &auth_facts).await;
+                }
+                None => {
+                    return self
+                        .reject_with(&mut conn, SessionError::ShuttingDown, Some(&auth_facts))
+                        .await
+                }
             },
             _ => None,
         };
@@ -508,9 +535,14 @@ impl Session {
             }
         };
         auth.counts.client_to_server = startup.as_bytes().len() as u64;
-        let auth_result = timeout_at(auth_deadline, auth.run(&mut conn.io, &mut up.stream))
-            .await
-            .unwrap_or(Err(AuthEnd::Timeout(t.authentication)));
+        let auth_result = unless_shutdown(
+            &self.shared.clone(),
+            timeout_at(auth_deadline, auth.run(&mut conn.io, &mut up.stream)),
+        )
+        .await
+        .map_or(Err(AuthEnd::Shutdown), |r| {
+            r.unwrap_or(Err(AuthEnd::Timeout(t.authentication)))
+        });
         // Authenticated (or finished): the connection leaves the pending
         // slots, which bound what strangers can hold.
         drop(pending);
@@ -563,12 +595,18 @@ impl Session {
 
         let (end_reason, detail, counts) = match auth_result {
             Ok(()) => {
+                // What followed the login's ReadyForQuery went on already
+                // (a query pipelined behind the login): the relay starts busy.
+                let pipelined = !auth.client_buf.is_empty() || !auth.server_buf.is_empty();
                 // The authentication buffers are not needed any more; an
                 // idle session should hold as little memory as possible.
                 auth.client_buf = Vec::new();
                 auth.server_buf = Vec::new();
                 let mut shutdown = self.shared.shutdown.subscribe();
                 let progress = Arc::new(relay::Progress::default());
+                progress
+                    .busy
+                    .store(pipelined, std::sync::atomic::Ordering::Relaxed);
                 let (_live, mut kill) = self.shared.live.register(SessionInfo {
                     id: self.facts.session_id.clone(),
                     identity: self
@@ -953,7 +991,22 @@ impl Session {
         };
         record("(console session start)");
         info!("admin console session started");
-        let end = console::serve(&mut *conn.io, &mut conn.buf, &self.shared, &self.facts).await;
+        let served = unless_shutdown(
+            &shared,
+            console::serve(&mut *conn.io, &mut conn.buf, &self.shared, &self.facts),
+        )
+        .await;
+        let end = match served {
+            Some(end) => end,
+            None => {
+                let _ = tokio::time::timeout(
+                    ERROR_WRITE_TIMEOUT,
+                    conn.io.write_all(&relay::shutdown_error()),
+                )
+                .await;
+                "shutdown"
+            }
+        };
         record(&format!("(console session end: {end})"));
         let _ = conn.io.shutdown().await;
     }
