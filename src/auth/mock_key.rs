@@ -51,7 +51,7 @@ impl std::fmt::Display for MockKeySource {
 #[derive(Debug, Error)]
 pub enum MockKeyError {
     #[error("{0}")]
-    File(#[from] CredentialError),
+    File(Box<CredentialError>),
     #[error("mock_key_file {path}: expected exactly {KEY_LEN} bytes (pgbastion writes it), found {len}; remove it to have a new one made")]
     Length { path: PathBuf, len: usize },
     #[error("cannot create mock_key_file {path}: {source}; create it yourself (head -c 32 /dev/urandom > FILE; chmod 600 FILE) or set [auth] mock_key_file to a path pgbastion may write")]
@@ -96,14 +96,14 @@ pub fn load(source: &MockKeySource) -> Result<Key, MockKeyError> {
 
 /// Reads a private (mode 0600) file's bytes.
 fn read_private(path: &Path, what: &'static str) -> Result<Vec<u8>, MockKeyError> {
-    credentials::check_private(path, what)?;
+    let file = |e| MockKeyError::File(Box::new(e));
+    credentials::check_private(path, what).map_err(file)?;
     std::fs::read(path).map_err(|source| {
-        CredentialError::Read {
+        file(CredentialError::Read {
             what,
             path: path.to_owned(),
             source,
-        }
-        .into()
+        })
     })
 }
 

@@ -37,9 +37,9 @@ pub enum SourceError {
     /// A secret others may read (mode 0644): refused like every other
     /// secret file pgbastion reads.
     #[error(transparent)]
-    NotPrivate(CredentialError),
+    NotPrivate(Box<CredentialError>),
     #[error("mock verifiers: {0}")]
-    MockKey(#[from] MockKeyError),
+    MockKey(#[from] Box<MockKeyError>),
     #[error("no stable secret for mock verifiers: set [auth] mock_key_file (no state directory is known: STATE_DIRECTORY, XDG_STATE_HOME and HOME are unset), or [cluster] secret_file")]
     NoMockKey,
 }
@@ -53,7 +53,7 @@ fn read_secret(path: &Path, what: &'static str) -> Result<String, SourceError> {
             path: path.to_owned(),
             source,
         },
-        other => SourceError::NotPrivate(other),
+        other => SourceError::NotPrivate(Box::new(other)),
     })
 }
 
@@ -150,7 +150,7 @@ impl ScramAuth {
             None => None,
         };
         let mock_key = match &cfg.mock_key {
-            Some(source) => mock_key::load(source)?,
+            Some(source) => mock_key::load(source).map_err(Box::new)?,
             None => return Err(SourceError::NoMockKey),
         };
         Ok(ScramAuth {
