@@ -668,8 +668,22 @@ impl QueryTracker {
                         }
                         self.skip_to_sync();
                     }
-                    // A Parse, Bind, Describe or Close failed.
-                    Some(Pending::Steps(_)) => self.skip_to_sync(),
+                    // A Parse, Bind, Describe or Close failed: when an
+                    // Execute follows in the same run, its statement is
+                    // the one that failed.
+                    Some(Pending::Steps(_)) => {
+                        if let Some(Pending::Steps(q)) = self.pending.pop_front() {
+                            self.steps = self.steps.saturating_sub(q.len());
+                        }
+                        if let Some(Pending::Execute(_)) = self.pending.front() {
+                            if let Some(Pending::Execute(mut w)) = self.pending.pop_front() {
+                                w.record.sqlstate = code;
+                                w.record.outcome = "error";
+                                self.finish(w);
+                            }
+                        }
+                        self.skip_to_sync();
+                    }
                     // An error at Sync (a deferred constraint at commit)
                     // is followed by ReadyForQuery; the server skips
                     // nothing.
