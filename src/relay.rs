@@ -579,7 +579,7 @@ where
     .await;
     // Statements the server was sent and never answered (the client reset
     // or half-closed, the server ended the session) are recorded too.
-    if let Some(q) = queries.as_deref_mut() {
+    if let Some(q) = queries {
         q.end_of_session();
     }
     let counts = ByteCounts {
