@@ -280,7 +280,7 @@ pub enum Event<'a> {
         sqlstate: Option<&'a str>,
         #[serde(skip_serializing_if = "Option::is_none")]
         copy: Option<&'static str>,
-        /// ok, error, not_executed, suspended.
+        /// ok, error, not_executed, suspended, unanswered.
         outcome: &'static str,
     },
     /// A command run in the admin console.

@@ -28,6 +28,9 @@ pub const MAX_STATEMENT: usize = 256 * 1024;
 const MAX_ANSWER: usize = 16 * 1024;
 /// Statements sent and not yet answered.
 pub const MAX_PENDING: usize = 10_000;
+/// Extended-protocol messages (Parse, Bind, Describe, Close) awaiting
+/// their answers: a byte each.
+const MAX_STEPS: usize = 1 << 20;
 /// Prepared statements and portals remembered per session.
 const MAX_NAMES: usize = 10_000;
 /// Statement text one session's audit holds at once (its prepared
@@ -79,7 +82,9 @@ pub struct QueryRecord {
     /// was a COPY.
     pub copy: Option<&'static str>,
     /// ok, error, not_executed (skipped after an earlier error in the same
-    /// pipeline), suspended (row limit reached).
+    /// pipeline), suspended (row limit reached), unanswered (forwarded to
+    /// the server, but the session ended before its answer came: it may
+    /// or may not have run).
     pub outcome: &'static str,
 }
 
@@ -98,6 +103,12 @@ enum Pending {
     Sync,
     /// The client ended a COPY FROM STDIN (CopyDone or CopyFail).
     CopyEnd,
+    /// Extended-protocol messages that are not statements, awaiting their
+    /// answers in order: `P`arse (ParseComplete), `B`ind (BindComplete),
+    /// `D`escribe (RowDescription or NoData), `C`lose (CloseComplete).
+    /// Their errors matter: after one the server skips to the next Sync.
+    /// Consecutive ones share an entry (one byte each).
+    Steps(VecDeque<u8>),
 }
 
 /// Frames one direction's byte stream into messages, keeping the bodies
@@ -196,6 +207,17 @@ pub struct QueryTracker {
     recorded: u64,
     /// Statement text held, against `MAX_HELD`.
     held: usize,
+    /// Entries of the `Pending::Steps`, against `MAX_STEPS`.
+    steps: usize,
+    /// The server answered an extended-protocol message with an error and
+    /// no Sync has been sent since: it discards everything the client
+    /// sends up to the next Sync (postgres.c's `ignore_till_sync`), simple
+    /// queries and function calls included.
+    skipping: bool,
+    /// How the server reads backslashes in plain strings: its last
+    /// ParameterStatus for standard_conforming_strings (the login's is
+    /// given by `parameter_status`).
+    backslashes: sql::Backslashes,
     /// Hands a record on; false: it could not be kept and the session
     /// must not go on (see `lost`).
     emit: Box<dyn FnMut(QueryRecord) -> bool + Send>,
@@ -228,6 +250,9 @@ impl QueryTracker {
             stopped: None,
             recorded: 0,
             held: 0,
+            steps: 0,
+            skipping: false,
+            backslashes: sql::Backslashes::Unknown,
             emit,
         }
     }
@@ -242,6 +267,37 @@ impl QueryTracker {
     /// or attempts at them).
     pub fn recorded(&self) -> u64 {
         self.recorded
+    }
+
+    /// A ParameterStatus the server sent (at login, before this tracker
+    /// saw the session's bytes, or later): `standard_conforming_strings`
+    /// says how plain strings' backslashes are read from now on.
+    pub fn parameter_status(&mut self, name: &str, value: &str) {
+        if name == "standard_conforming_strings" {
+            self.backslashes = match value {
+                "on" => sql::Backslashes::Literal,
+                "off" => sql::Backslashes::Escape,
+                _ => sql::Backslashes::Unknown,
+            };
+        }
+    }
+
+    /// The session is over: every statement forwarded to the server and
+    /// not answered is recorded now, with outcome "unanswered" (the
+    /// client reset the connection, half-closed it, or the server ended
+    /// the session mid-statement: the server may have run it).
+    pub fn end_of_session(&mut self) {
+        while let Some(p) = self.pending.pop_front() {
+            match p {
+                Pending::Simple(mut w) | Pending::Execute(mut w) | Pending::Call(mut w) => {
+                    if w.record.outcome == "ok" {
+                        w.record.outcome = "unanswered";
+                    }
+                    self.finish(w);
+                }
+                Pending::Sync | Pending::CopyEnd | Pending::Steps(_) => {}
+            }
+        }
     }
 
     /// Why tracking stopped, if it did.
@@ -276,7 +332,7 @@ impl QueryTracker {
         let mut messages = Vec::new();
         let fed = self.server.feed(
             data,
-            |tag| matches!(tag, b'C' | b'E').then_some(MAX_ANSWER),
+            |tag| matches!(tag, b'C' | b'E' | b'S').then_some(MAX_ANSWER),
             |tag, body, _, _| messages.push((tag, body.to_vec())),
         );
         for (tag, body) in messages {
@@ -293,6 +349,8 @@ impl QueryTracker {
         self.prepared.clear();
         self.portals.clear();
         self.held = 0;
+        self.steps = 0;
+        self.skipping = false;
     }
 
     /// Counts `s` against `MAX_HELD`, or, past it, keeps only its length.
@@ -338,7 +396,15 @@ impl QueryTracker {
         if !self.redact {
             return Statement::Text(text.into());
         }
-        match sql::normalize(text) {
+        // The server reads this statement once it has answered the ones
+        // before it, any of which may change standard_conforming_strings:
+        // the setting is known only when none is waiting.
+        let backslashes = if self.pending.is_empty() {
+            self.backslashes
+        } else {
+            sql::Backslashes::Unknown
+        };
+        match sql::normalize_with(text, backslashes) {
             Ok(n) => Statement::Text(n.text.into()),
             Err(sql::Unparsed::Unterminated) => Statement::Unparsed {
                 len,
@@ -352,6 +418,19 @@ impl QueryTracker {
     }
 
     fn push(&mut self, p: Pending) {
+        if self.skipping {
+            // The server discards it; a Sync ends the skipping and is
+            // answered.
+            match p {
+                Pending::Simple(mut w) | Pending::Execute(mut w) | Pending::Call(mut w) => {
+                    w.record.outcome = "not_executed";
+                    self.finish(w);
+                    return;
+                }
+                Pending::Sync => self.skipping = false,
+                Pending::CopyEnd | Pending::Steps(_) => return,
+            }
+        }
         if self.pending.len() >= MAX_PENDING {
             self.stop("more than 10000 statements waiting for answers");
             return;
@@ -375,6 +454,66 @@ impl QueryTracker {
             },
             at: Instant::now(),
             held: 0,
+        }
+    }
+
+    /// An extended-protocol message that is not a statement: its answer
+    /// (or error) comes in its turn.
+    fn push_step(&mut self, step: u8) {
+        if self.skipping {
+            return;
+        }
+        if self.steps >= MAX_STEPS {
+            self.stop("more than 1048576 protocol messages waiting for answers");
+            return;
+        }
+        self.steps += 1;
+        if let Some(Pending::Steps(q)) = self.pending.back_mut() {
+            q.push_back(step);
+        } else {
+            self.push(Pending::Steps(VecDeque::from([step])));
+        }
+    }
+
+    /// The answer to the step in front (`step`: which message it answers):
+    /// false when the step in front is another one.
+    fn answered_step(&mut self, step: u8) -> bool {
+        let Some(Pending::Steps(q)) = self.pending.front_mut() else {
+            return false;
+        };
+        if q.front() != Some(&step) {
+            return false;
+        }
+        q.pop_front();
+        self.steps = self.steps.saturating_sub(1);
+        if q.is_empty() {
+            self.pending.pop_front();
+        }
+        true
+    }
+
+    /// The server skips what the client sent up to the next Sync: the
+    /// statements among it are recorded as not executed. With no Sync
+    /// sent yet, what the client sends next is skipped too.
+    fn skip_to_sync(&mut self) {
+        loop {
+            match self.pending.front() {
+                Some(Pending::Sync) => return,
+                None => {
+                    self.skipping = true;
+                    return;
+                }
+                Some(_) => match self.pending.pop_front() {
+                    Some(
+                        Pending::Simple(mut w) | Pending::Execute(mut w) | Pending::Call(mut w),
+                    ) => {
+                        w.record.outcome = "not_executed";
+                        self.finish(w);
+                    }
+                    Some(Pending::Steps(q)) => self.steps = self.steps.saturating_sub(q.len()),
+                    _ => {}
+                },
+            }
         }
     }
 
@@ -408,6 +547,7 @@ impl QueryTracker {
                     let (s, _) = self.hold(s);
                     self.prepared.insert(name, s);
                 }
+                self.push_step(b'P');
             }
             b'B' => {
                 // portal \0 statement \0 ...: the parameter values after
@@ -418,6 +558,7 @@ impl QueryTracker {
                 if self.portals.len() < MAX_NAMES || self.portals.contains_key(&portal) {
                     self.portals.insert(portal, stmt);
                 }
+                self.push_step(b'B');
             }
             b'E' => {
                 let portal = body.split(|b| *b == 0).next().unwrap_or_default();
@@ -454,7 +595,9 @@ impl QueryTracker {
                         _ => {}
                     }
                 }
+                self.push_step(b'C');
             }
+            b'D' => self.push_step(b'D'),
             // PostgreSQL ignores a Sync while it is in COPY FROM STDIN
             // (tokio-postgres sends one right after the Execute).
             b'S' if self.copy_in => {}
@@ -523,15 +666,37 @@ impl QueryTracker {
                             w.record.outcome = "error";
                             self.finish(w);
                         }
-                        // The server skips everything up to the next Sync.
-                        while let Some(Pending::Execute(_)) = self.pending.front() {
+                        self.skip_to_sync();
+                    }
+                    // A Parse, Bind, Describe or Close failed: when an
+                    // Execute follows in the same run, its statement is
+                    // the one that failed.
+                    Some(Pending::Steps(_)) => {
+                        if let Some(Pending::Steps(q)) = self.pending.pop_front() {
+                            self.steps = self.steps.saturating_sub(q.len());
+                        }
+                        if let Some(Pending::Execute(_)) = self.pending.front() {
                             if let Some(Pending::Execute(mut w)) = self.pending.pop_front() {
-                                w.record.outcome = "not_executed";
+                                w.record.sqlstate = code;
+                                w.record.outcome = "error";
                                 self.finish(w);
                             }
                         }
+                        self.skip_to_sync();
                     }
-                    _ => {}
+                    // An error at Sync (a deferred constraint at commit)
+                    // is followed by ReadyForQuery; the server skips
+                    // nothing.
+                    Some(Pending::Sync | Pending::CopyEnd) | None => {}
+                }
+            }
+            b'S' => {
+                let mut parts = body.split(|b| *b == 0);
+                if let (Some(name), Some(value)) = (parts.next(), parts.next()) {
+                    self.parameter_status(
+                        &String::from_utf8_lossy(name),
+                        &String::from_utf8_lossy(value),
+                    );
                 }
             }
             b'G' | b'H' | b'W' => {
@@ -550,12 +715,27 @@ impl QueryTracker {
                     self.entered_copy_in();
                 }
             }
+            b'1' | b'2' | b'3' => {
+                let step = match tag {
+                    b'1' => b'P',
+                    b'2' => b'B',
+                    _ => b'C',
+                };
+                if !self.answered_step(step) {
+                    self.stop("an answer did not match the statements sent");
+                }
+            }
+            // A Describe's answer; a simple query's RowDescription is not.
+            b'T' | b'n' => {
+                self.answered_step(b'D');
+            }
             b'Z' => match self.pending.pop_front() {
                 Some(Pending::Simple(w)) | Some(Pending::Call(w)) => self.finish(w),
                 Some(Pending::Sync | Pending::CopyEnd) | None => {}
-                Some(other @ Pending::Execute(_)) => {
-                    // An Execute answered by nothing but ReadyForQuery:
-                    // not a conversation this tracker understands.
+                Some(other @ (Pending::Execute(_) | Pending::Steps(_))) => {
+                    // An Execute or a Parse, Bind, ... answered by nothing
+                    // but ReadyForQuery: not a conversation this tracker
+                    // understands.
                     self.pending.push_front(other);
                     self.stop("an answer did not match the statements sent");
                 }
@@ -904,8 +1084,14 @@ mod tests {
         for i in 0..=fit {
             t.client_bytes(&parse(&format!("s{i}")));
         }
+        t.server_bytes(&msg(b'1', b"").repeat(fit + 1));
         assert!(t.held <= MAX_HELD);
-        let answer = [msg(b'C', &cstr("SELECT 0")), msg(b'Z', b"I")].concat();
+        let answer = [
+            msg(b'2', b""),
+            msg(b'C', &cstr("SELECT 0")),
+            msg(b'Z', b"I"),
+        ]
+        .concat();
         t.client_bytes(&run("s0"));
         t.server_bytes(&answer);
         t.client_bytes(&run(&format!("s{fit}")));
@@ -914,7 +1100,7 @@ mod tests {
         t.client_bytes(&msg(b'C', &[b"S".to_vec(), cstr("s0")].concat()));
         t.client_bytes(&parse("again"));
         t.client_bytes(&run("again"));
-        t.server_bytes(&answer);
+        t.server_bytes(&[msg(b'3', b""), msg(b'1', b""), answer.clone()].concat());
         let seen = seen.lock().unwrap();
         assert!(matches!(seen[0].statement, Statement::Text(_)));
         assert!(
@@ -929,6 +1115,205 @@ mod tests {
             seen[1].outcome
         );
         assert!(matches!(seen[2].statement, Statement::Text(_)));
+    }
+
+    fn summary(seen: &[QueryRecord]) -> Vec<(String, &'static str, Option<String>)> {
+        seen.iter()
+            .map(|r| {
+                let s = match &r.statement {
+                    Statement::Text(t) => t.to_string(),
+                    other => format!("{other:?}"),
+                };
+                (s, r.outcome, r.tag.clone().or(r.sqlstate.clone()))
+            })
+            .collect()
+    }
+
+    fn extended(name: &str, q: &str) -> Vec<u8> {
+        [
+            msg(b'P', &[cstr(name), cstr(q), vec![0, 0]].concat()),
+            msg(b'B', &[cstr(""), cstr(name), vec![0; 6]].concat()),
+            msg(b'D', &[b"P".to_vec(), cstr("")].concat()),
+            msg(b'E', &[cstr(""), vec![0, 0, 0, 0]].concat()),
+        ]
+        .concat()
+    }
+
+    /// Issue 19 item 13: after an error in the extended protocol the
+    /// server discards everything up to Sync, a simple Query included.
+    /// Before, the Query took the Parse's error, the Sync's ReadyForQuery
+    /// was matched to the next statement, and a DROP was recorded with the
+    /// tag of the SELECT before it.
+    #[test]
+    fn an_extended_error_skips_to_sync_simple_queries_included() {
+        let (mut t, seen) = tracker();
+        t.client_bytes(
+            &[
+                msg(b'P', &[cstr(""), cstr("selec 1"), vec![0, 0]].concat()),
+                msg(b'Q', &cstr("drop table skipped")),
+                msg(b'S', b""),
+            ]
+            .concat(),
+        );
+        t.server_bytes(&[error("42601"), msg(b'Z', b"I")].concat());
+        t.client_bytes(&msg(b'Q', &cstr("select 1")));
+        t.server_bytes(
+            &[
+                msg(b'T', b"x"),
+                msg(b'D', b"x"),
+                msg(b'C', &cstr("SELECT 1")),
+                msg(b'Z', b"I"),
+            ]
+            .concat(),
+        );
+        t.client_bytes(&msg(b'Q', &cstr("drop table t")));
+        t.server_bytes(&[msg(b'C', &cstr("DROP TABLE")), msg(b'Z', b"I")].concat());
+        assert_eq!(t.stopped(), None);
+        assert_eq!(
+            summary(&seen.lock().unwrap()),
+            vec![
+                ("drop table skipped".into(), "not_executed", None),
+                ("select $1".into(), "ok", Some("SELECT".into())),
+                ("drop table t".into(), "ok", Some("DROP TABLE".into())),
+            ]
+        );
+        assert!(t.pending.is_empty());
+    }
+
+    /// Parse+Bind+Describe+Execute of a failing statement, another one and
+    /// a Sync, then a simple query in the same pipeline: the second is
+    /// skipped, the query after the Sync runs. And an error before any
+    /// Sync was sent: what the client sends next is skipped too, up to
+    /// its Sync.
+    #[test]
+    fn a_pipeline_error_before_and_after_the_sync_was_sent() {
+        let (mut t, seen) = tracker();
+        t.client_bytes(
+            &[
+                extended("", "select 1/0"),
+                extended("", "insert into t values (1)"),
+                msg(b'S', b""),
+                msg(b'Q', &cstr("select 2")),
+            ]
+            .concat(),
+        );
+        t.server_bytes(
+            &[
+                msg(b'1', b""),
+                msg(b'2', b""),
+                msg(b'T', b"x"),
+                error("22012"),
+                msg(b'Z', b"E"),
+                msg(b'C', &cstr("SELECT 1")),
+                msg(b'Z', b"I"),
+            ]
+            .concat(),
+        );
+        // A Parse that fails, with a Flush: no Sync yet.
+        t.client_bytes(
+            &[
+                msg(b'P', &[cstr("bad"), cstr("selec"), vec![0, 0]].concat()),
+                msg(b'H', b""),
+            ]
+            .concat(),
+        );
+        t.server_bytes(&error("42601"));
+        t.client_bytes(&[extended("bad", "select 3"), msg(b'Q', &cstr("select 4"))].concat());
+        t.client_bytes(&[msg(b'S', b""), msg(b'Q', &cstr("select 5"))].concat());
+        t.server_bytes(
+            &[
+                msg(b'Z', b"I"),
+                msg(b'C', &cstr("SELECT 1")),
+                msg(b'Z', b"I"),
+            ]
+            .concat(),
+        );
+        assert_eq!(t.stopped(), None);
+        assert_eq!(
+            summary(&seen.lock().unwrap()),
+            vec![
+                ("select $1/$2".into(), "error", Some("22012".into())),
+                ("insert into t values ($1)".into(), "not_executed", None),
+                ("select $1".into(), "ok", Some("SELECT".into())),
+                // Discarded by the server, recorded as the client meant
+                // it.
+                ("select $1".into(), "not_executed", None),
+                ("select $1".into(), "not_executed", None),
+                ("select $1".into(), "ok", Some("SELECT".into())),
+            ]
+        );
+        assert!(t.pending.is_empty());
+    }
+
+    /// Issue 19 item 2: statements forwarded and never answered are
+    /// recorded when the session ends.
+    #[test]
+    fn unanswered_statements_are_recorded_at_the_end() {
+        let (mut t, seen) = tracker();
+        t.client_bytes(&msg(
+            b'Q',
+            &cstr("select pg_sleep(0.5); create table t(x int)"),
+        ));
+        t.client_bytes(&[extended("", "insert into t values (1)"), msg(b'S', b"")].concat());
+        t.client_bytes(&msg(b'Q', &cstr("copy t from stdin")));
+        t.server_bytes(
+            &[
+                msg(b'C', &cstr("SELECT 1")),
+                msg(b'C', &cstr("CREATE TABLE")),
+                msg(b'Z', b"I"),
+            ]
+            .concat(),
+        );
+        t.server_bytes(&[msg(b'1', b""), msg(b'2', b""), msg(b'n', b"")].concat());
+        assert_eq!(seen.lock().unwrap().len(), 1);
+        t.end_of_session();
+        let seen = seen.lock().unwrap();
+        assert_eq!(
+            summary(&seen),
+            vec![
+                (
+                    "select pg_sleep($1); create table t(x int)".into(),
+                    "ok",
+                    Some("CREATE TABLE".into())
+                ),
+                ("insert into t values ($1)".into(), "unanswered", None),
+                ("copy t from stdin".into(), "unanswered", None),
+            ]
+        );
+        assert!(t.pending.is_empty());
+    }
+
+    /// The decision on backslashes: plain strings are read as the
+    /// server's standard_conforming_strings says, from the login's
+    /// ParameterStatus and each later one; unknown while an earlier
+    /// statement (which may change it) awaits its answer.
+    #[test]
+    fn backslashes_follow_the_server_s_parameter_status() {
+        let (mut t, seen) = tracker();
+        let ok = [msg(b'C', &cstr("SELECT 1")), msg(b'Z', b"I")].concat();
+        let status = |v: &str| {
+            msg(
+                b'S',
+                &[cstr("standard_conforming_strings"), cstr(v)].concat(),
+            )
+        };
+        t.client_bytes(&msg(b'Q', &cstr("select 'a\\b'")));
+        t.server_bytes(&ok);
+        t.parameter_status("standard_conforming_strings", "on");
+        t.client_bytes(&msg(b'Q', &cstr("select 'a\\' , canary --'")));
+        t.server_bytes(&ok);
+        t.client_bytes(&msg(b'Q', &cstr("set standard_conforming_strings = off")));
+        t.client_bytes(&msg(b'Q', &cstr("select 'a\\b'")));
+        t.server_bytes(&[status("off"), msg(b'C', &cstr("SET")), msg(b'Z', b"I")].concat());
+        t.server_bytes(&ok);
+        t.client_bytes(&msg(b'Q', &cstr("select 'a\\' , canary --'")));
+        t.server_bytes(&ok);
+        let seen = seen.lock().unwrap();
+        let texts: Vec<String> = summary(&seen).into_iter().map(|s| s.0).collect();
+        assert!(texts[0].contains("backslash"), "{texts:?}");
+        assert_eq!(texts[1], "select $1 , canary");
+        assert!(texts[3].contains("backslash"), "{texts:?}");
+        assert_eq!(texts[4], "select $1");
     }
 
     #[test]

@@ -585,6 +585,11 @@ where
         let _ = client.shutdown().await;
     })
     .await;
+    // Statements the server was sent and never answered (the client reset
+    // or half-closed, the server ended the session) are recorded too.
+    if let Some(q) = queries {
+        q.end_of_session();
+    }
     let counts = ByteCounts {
         client_to_server: up.copied,
         server_to_client: down.copied,

@@ -391,13 +391,11 @@ fn dollar_quote_end(b: &[u8], i: usize) -> Result<Option<usize>, Unparsed> {
 fn digits_end(b: &[u8], i: usize) -> usize {
     let mut j = i;
     while j < b.len() {
-        if b[j].is_ascii_digit() {
-            j += 1;
-        } else if b[j] == b'_' && j > i && b.get(j + 1).is_some_and(u8::is_ascii_digit) {
-            j += 1;
-        } else {
+        let underscore = b[j] == b'_' && j > i && b.get(j + 1).is_some_and(u8::is_ascii_digit);
+        if !(b[j].is_ascii_digit() || underscore) {
             break;
         }
+        j += 1;
     }
     j
 }

@@ -514,3 +514,201 @@ async fn the_lexer_agrees_with_the_server_on_token_boundaries() {
         }
     }
 }
+
+fn python_conninfo(env: &Env, proxy: &Proxy, app: &str) -> String {
+    format!(
+        "host=localhost port={} user=postgres dbname=postgres password={} sslmode=require \
+         channel_binding=disable application_name={app}",
+        proxy.addr().port(),
+        env.pg.password
+    )
+}
+
+fn of_app(proxy: &Proxy, app: &str) -> Vec<serde_json::Value> {
+    queries(proxy)
+        .into_iter()
+        .filter(|e| e["requested"]["application_name"] == app)
+        .collect()
+}
+
+fn brief(e: &serde_json::Value) -> (String, String, String) {
+    (
+        e["statement"].as_str().unwrap_or("-").to_owned(),
+        e["tag"]
+            .as_str()
+            .or(e["sqlstate"].as_str())
+            .unwrap_or("-")
+            .to_owned(),
+        e["outcome"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// Issue 19 item 13 through a real driver: psycopg's `executemany` and
+/// pipeline with an error inside (extended protocol), then more
+/// statements: the query audit must not stop, and the later statements
+/// must carry their own tags. And the backslash decision: a plain string
+/// with a backslash is read as the session's standard_conforming_strings
+/// says (set off, then on again, in the session), not dropped as unparsed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_in_pipelines_and_backslashes_keep_the_audit_in_step() {
+    let env = Env::new();
+    let proxy = audited(&env);
+    let script = r#"
+import sys, psycopg
+with psycopg.connect(sys.argv[1], autocommit=True) as conn:
+    conn.execute("create table m (x int primary key)")
+    try:
+        conn.cursor().executemany("insert into m values (%s)", [(1,), (1,), (2,)])
+    except psycopg.errors.UniqueViolation:
+        print("23505")
+    try:
+        with conn.pipeline():
+            conn.execute("select %s::int", [1])
+            conn.execute("selec 2")
+            conn.execute("select %s::int", [3])
+    except psycopg.errors.SyntaxError:
+        print("42601")
+    conn.execute("drop table m")
+    conn.execute("select 'a\\b' as plain")
+    conn.execute("set standard_conforming_strings = off")
+    conn.execute("select 'a\\' , canary --' as escaped")
+    conn.execute("set standard_conforming_strings = on")
+    conn.execute("select 'a\\' , 1 as canary_code --'")
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", script, &python_conninfo(&env, &proxy, "drivers")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "23505\n42601");
+    let end = proxy.wait_audit("the session's end", |e| {
+        e["event"] == "session.end" && e["requested"]["application_name"] == "drivers"
+    });
+    assert!(end["query_audit"].get("stopped").is_none(), "{end}");
+    let all: Vec<(String, String, String)> = of_app(&proxy, "drivers").iter().map(brief).collect();
+    assert_eq!(end["query_audit"]["statements"], all.len(), "{end}");
+    // psycopg's own DEALLOCATE ALL comes and goes with its versions.
+    let all: Vec<_> = all
+        .into_iter()
+        .filter(|s| !s.0.starts_with("DEALLOCATE"))
+        .collect();
+    let want = |s: &str, t: &str, o: &str| (s.to_owned(), t.to_owned(), o.to_owned());
+    // Whatever psycopg had sent of the rows and statements after each
+    // error when it arrived, the statements that follow carry their own
+    // answers.
+    let tail = &all[all.len() - 6..];
+    assert_eq!(
+        tail,
+        [
+            want("drop table m", "DROP TABLE", "ok"),
+            want("select $1 as plain", "SELECT", "ok"),
+            want("set standard_conforming_strings = off", "SET", "ok"),
+            want("select $1 as escaped", "SELECT", "ok"),
+            want("set standard_conforming_strings = on", "SET", "ok"),
+            want("select $1 , $2 as canary_code", "SELECT", "ok"),
+        ],
+        "{all:#?}"
+    );
+    assert!(
+        all.contains(&want("insert into m values ($1)", "23505", "error")),
+        "{all:#?}"
+    );
+    assert!(
+        all.contains(&want("selec $1", "42601", "error")),
+        "{all:#?}"
+    );
+    for (s, _, o) in &all {
+        assert!(o == "ok" || o == "error" || o == "not_executed", "{s}: {o}");
+    }
+}
+
+/// Issue 19 item 2: statements the server was sent but whose answer never
+/// came through are recorded with outcome "unanswered" (a client that
+/// resets its connection mid-statement), and a session the server
+/// terminates mid-COPY records its COPY with the server's error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_without_an_answer_are_recorded() {
+    let env = Env::new();
+    let proxy = audited(&env);
+    let direct = env.direct_client().await;
+    // The issue's reproduction: send, and reset the connection 0.1 s
+    // later (SO_LINGER 0, so the close is an RST), while the server
+    // sleeps.
+    let script = r#"
+import os, socket, struct, sys, time, psycopg
+conn = psycopg.connect(sys.argv[1], autocommit=True)
+conn.pgconn.send_query(b"select pg_sleep(0.5); create table t(x int)")
+conn.pgconn.flush()
+time.sleep(0.1)
+s = socket.socket(fileno=os.dup(conn.pgconn.socket))
+s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+s.close()
+os._exit(0)
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", script, &python_conninfo(&env, &proxy, "reset")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    proxy.wait_audit("the reset session's end", |e| {
+        e["event"] == "session.end" && e["requested"]["application_name"] == "reset"
+    });
+    // The server ran it all the same.
+    wait_for_async("the table", std::time::Duration::from_secs(10), || async {
+        direct
+            .query_opt("select 1 from pg_class where relname = 't'", &[])
+            .await
+            .unwrap()
+    })
+    .await;
+    let reset: Vec<_> = of_app(&proxy, "reset").iter().map(brief).collect();
+    assert_eq!(
+        reset,
+        [(
+            "select pg_sleep($1); create table t(x int)".to_owned(),
+            "-".to_owned(),
+            "unanswered".to_owned()
+        )]
+    );
+
+    // A COPY the server ends (pg_terminate_backend) while the client is
+    // still sending its data.
+    let script = r#"
+import sys, psycopg
+conn = psycopg.connect(sys.argv[1], autocommit=True)
+try:
+    with conn.cursor().copy("copy t from stdin") as copy:
+        copy.write_row([1])
+        print("copying", flush=True)
+        sys.stdin.readline()
+        copy.write_row([2])
+except psycopg.OperationalError:
+    print("terminated")
+"#;
+    let mut child = Running(
+        std::process::Command::new("python3")
+            .args(["-c", script, &python_conninfo(&env, &proxy, "copying")])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = wait_active(&direct, "copying").await;
+    direct
+        .execute("select pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    drop(child.0.stdin.take());
+    proxy.wait_audit("the terminated session's end", |e| {
+        e["event"] == "session.end" && e["requested"]["application_name"] == "copying"
+    });
+    let copying: Vec<_> = of_app(&proxy, "copying").iter().map(brief).collect();
+    assert_eq!(
+        copying,
+        [(
+            "copy t from stdin".to_owned(),
+            "57P01".to_owned(),
+            "error".to_owned()
+        )]
+    );
+}

@@ -635,7 +635,11 @@ impl Session {
                                 "false" | "off" | "no" | "0"
                             )
                         });
-                        self.query_tracker(replication)
+                        let mut q = self.query_tracker(replication);
+                        if let Some(v) = &auth.standard_conforming_strings {
+                            q.parameter_status("standard_conforming_strings", v);
+                        }
+                        q
                     });
                 let (end, counts) = relay::relay(
                     &mut *conn.io,
