@@ -292,8 +292,9 @@ impl AuthPhase {
                 b'S' => {
                     let mut parts = body.split(|b| *b == 0);
                     if parts.next() == Some(b"standard_conforming_strings".as_slice()) {
-                        self.standard_conforming_strings =
-                            parts.next().map(|v| String::from_utf8_lossy(v).into_owned());
+                        self.standard_conforming_strings = parts
+                            .next()
+                            .map(|v| String::from_utf8_lossy(v).into_owned());
                     }
                 }
                 tag::AUTHENTICATION => match AuthRequest::parse(body) {
