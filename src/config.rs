@@ -532,8 +532,8 @@ pub struct Limits {
     /// starve real clients (nor other listeners).
     pub max_pending: usize,
     /// The same, per client address across listeners, so one address
-    /// cannot take every slot (not applied behind a PROXY-protocol
-    /// balancer, where every connection comes from the balancer).
+    /// cannot take every slot (behind a PROXY-protocol balancer, the
+    /// address its header states, once read).
     pub max_pending_per_address: usize,
     /// Cancel requests per second allowed from one client address.
     pub cancel_rate: f64,

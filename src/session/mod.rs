@@ -244,7 +244,7 @@ impl Session {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    async fn run(mut self, io: BoxedIo, pending: PendingPermit) {
+    async fn run(mut self, io: BoxedIo, mut pending: PendingPermit) {
         let mut conn = ClientConn {
             io,
             buf: Vec::new(),
@@ -253,8 +253,18 @@ impl Session {
             binding: None,
         };
         if self.listener.proxy_protocol == ProxyProtocol::Required {
-            if let Err(e) = self.read_proxy_header(&mut conn).await {
-                return self.reject(&mut conn, e).await;
+            let stated = match self.read_proxy_header(&mut conn).await {
+                Ok(stated) => stated,
+                Err(e) => return self.reject(&mut conn, e).await,
+            };
+            if let Some(ip) = stated {
+                if !pending.readdress(ip) {
+                    let limit = "limits.max_pending_per_address";
+                    if self.shared.warn_limit.allow(limit) {
+                        warn!(limit, "too many unauthenticated connections; closing");
+                    }
+                    return;
+                }
             }
         }
         let t = self.settings.timeouts.clone();
@@ -948,8 +958,12 @@ impl Session {
 
     /// Reads the load balancer's PROXY header, refusing untrusted sources
     /// before reading a byte. Afterwards the header's source is the client
-    /// address everywhere (policy, audit, logs, rate limits).
-    async fn read_proxy_header(&mut self, conn: &mut ClientConn) -> Result<(), SessionError> {
+    /// address everywhere (policy, audit, logs, rate limits). Returns that
+    /// address, if the header states one.
+    async fn read_proxy_header(
+        &mut self,
+        conn: &mut ClientConn,
+    ) -> Result<Option<std::net::IpAddr>, SessionError> {
         if let Some(peer) = self.peer {
             if !self
                 .listener
@@ -988,13 +1002,14 @@ impl Session {
             tracing::Span::current().record("client", tracing::field::display(&self.facts.client));
             debug!(%via, "client address from PROXY header");
         }
+        let stated = header.source().map(|s| s.ip().to_canonical());
         self.facts.proxy = Some(ProxyFacts {
             via,
             version: header.version,
             command: header.command,
             tlvs: header.tlvs,
         });
-        Ok(())
+        Ok(stated)
     }
 
     /// The PROXY header for an upstream that wants one: the client's real
