@@ -286,6 +286,22 @@ pub struct AdminConfig {
     /// so a load balancer (or Kubernetes) stops sending new clients first.
     #[serde(default, with = "humantime_serde")]
     pub unready_grace: Duration,
+    /// Connections served at once; more are closed as soon as they are
+    /// accepted, so strangers cannot hold memory and file descriptors.
+    #[serde(default = "default_admin_connections")]
+    pub max_connections: usize,
+    /// How long one connection may take to send its request and read the
+    /// answer.
+    #[serde(default = "default_admin_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+fn default_admin_connections() -> usize {
+    256
+}
+
+fn default_admin_timeout() -> Duration {
+    Duration::from_secs(5)
 }
 
 /// A `[[credential]]` section as written: one kind of credential must be
@@ -994,6 +1010,8 @@ impl Config {
             admin: flags.admin_listen.map(|listen| AdminConfig {
                 listen,
                 unready_grace: Duration::ZERO,
+                max_connections: default_admin_connections(),
+                request_timeout: default_admin_timeout(),
             }),
             reload: ReloadConfig::default(),
             cluster: None,
@@ -1057,6 +1075,15 @@ impl RawConfig {
         {
             return Err(invalid(
                 "limits.failed_logins_per_address, failed_logins_per_user and failed_login_window must be greater than zero",
+            ));
+        }
+        if self
+            .admin
+            .as_ref()
+            .is_some_and(|a| a.max_connections == 0 || a.request_timeout.is_zero())
+        {
+            return Err(invalid(
+                "[admin] max_connections and request_timeout must be greater than zero",
             ));
         }
         if !(1..=128).contains(&self.limits.ipv6_prefix) {

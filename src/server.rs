@@ -955,6 +955,7 @@ impl Server {
             info!(address = %config.listen, "admin listener: /metrics /livez /readyz /startupz");
             tokio::spawn(crate::admin::serve(
                 listener,
+                config,
                 self.shared.metrics.clone(),
                 self.shared.health.clone(),
                 admin_stop.clone(),
