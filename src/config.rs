@@ -568,6 +568,11 @@ pub struct Limits {
     /// IPv6 clients are throttled (failed logins, cancel rate) per network
     /// of this prefix length, since one host usually holds a whole /64.
     pub ipv6_prefix: u8,
+    /// scram mode: a spent `failed_logins_per_user` refuses the user from
+    /// every address. Off (default): from an address with no recent
+    /// failure, a correct proof still passes, so strangers cannot keep a
+    /// user locked out.
+    pub failed_logins_per_user_strict: bool,
 }
 
 impl Default for Limits {
@@ -582,6 +587,7 @@ impl Default for Limits {
             failed_logins_per_user: 30,
             failed_login_window: Duration::from_secs(60),
             ipv6_prefix: 64,
+            failed_logins_per_user_strict: false,
         }
     }
 }

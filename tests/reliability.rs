@@ -705,3 +705,55 @@ async fn stalled_logins_do_not_take_the_places_of_sessions() {
     }
     drop((stalled_scram, stalled_pt));
 }
+
+/// Issue 19 "also decide": strangers spending `failed_logins_per_user`
+/// from a few addresses kept the user locked out everywhere. The real user
+/// with the right password from an address with a clean record gets in;
+/// from the strangers' addresses the user is still refused, and a wrong
+/// password from a clean address is refused as throttled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_cannot_lock_a_user_out_of_a_clean_address() {
+    let env = Env::new();
+    let pw_file = install_roles(&env);
+    let proxy = env.proxy(
+        "allow",
+        &format!(
+            "{}\n[limits]\nfailed_logins_per_address = 10\nfailed_logins_per_user = 2\n",
+            auth_query_keys(&pw_file)
+        ),
+    );
+    let addr = proxy.addr();
+    let login = |from: &'static str, password: &'static str| async move {
+        connect_from(addr, from, "app", "postgres", password, "budget").await
+    };
+    for from in ["127.0.0.7", "127.0.0.8"] {
+        let e = login(from, "guess").await.err().expect("wrong password");
+        assert_eq!(sqlstate(&e).as_deref(), Some("28P01"), "{e}");
+    }
+    let throttled = |e: tokio_postgres::Error| {
+        let db = e.as_db_error().expect("an ErrorResponse").clone();
+        assert_eq!(db.code().code(), "28000", "{}", db.message());
+        assert!(
+            db.message().contains("too many failed login attempts"),
+            "{}",
+            db.message()
+        );
+    };
+    throttled(
+        login("127.0.0.7", APP_PASSWORD)
+            .await
+            .err()
+            .expect("a stranger's address"),
+    );
+    let owner = login("127.0.0.20", APP_PASSWORD)
+        .await
+        .expect("the right password from a clean address gets in");
+    owner.simple_query("select 1").await.unwrap();
+    throttled(login("127.0.0.21", "guess").await.err().expect("a guess"));
+    throttled(
+        login("127.0.0.21", APP_PASSWORD)
+            .await
+            .err()
+            .expect("that address guessed: no longer clean"),
+    );
+}

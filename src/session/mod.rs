@@ -75,6 +75,9 @@ fn sqlstate_of(bytes: &[u8]) -> Option<String> {
 struct FoundVerifier {
     verifier: Verifier,
     source: Option<SourceName>,
+    /// The user's failed-login budget is spent but this address has a
+    /// clean record: only a correct proof passes.
+    proof_only: Option<crate::auth::throttle::Throttled>,
 }
 
 /// A client that proved itself against a real verifier: what logging in
@@ -694,28 +697,34 @@ impl Session {
         upstream: &Upstream,
         user: &str,
     ) -> Result<FoundVerifier, AuthError> {
+        use crate::auth::throttle::LoginCheck;
         let addr = self.peer.map(|p| p.ip());
-        self.shared
-            .login_throttle
-            .check(addr, user)
-            .map_err(AuthError::Throttled)?;
+        let check = self.shared.login_throttle.check(addr, user);
+        let mut proof_only = match check.map_err(AuthError::Throttled)? {
+            LoginCheck::Open => None,
+            LoginCheck::ProofOnly(t) => Some(t),
+        };
         if let Some(fleet) = &self.shared.cluster {
             // Unavailable: this instance's count (above) alone decides.
-            if let Ok(Some(throttled)) = fleet
+            match fleet
                 .check_failures(addr, user, &self.settings.limits)
                 .await
             {
-                return Err(AuthError::Throttled(throttled));
+                Ok(Err(throttled)) => return Err(AuthError::Throttled(throttled)),
+                Ok(Ok(LoginCheck::ProofOnly(t))) => proof_only = proof_only.or(Some(t)),
+                Ok(Ok(LoginCheck::Open)) | Err(_) => {}
             }
         }
         match scram.lookup(user, upstream, &self.settings.timeouts).await {
             Ok(Lookup::Found(verifier, source)) => Ok(FoundVerifier {
                 verifier,
                 source: Some(source),
+                proof_only,
             }),
             Ok(Lookup::Unknown) => Ok(FoundVerifier {
                 verifier: scram.mock_verifier(user),
                 source: None,
+                proof_only,
             }),
             Ok(Lookup::Unusable(secret, from)) => Err(AuthError::NotScram {
                 user: user.to_owned(),
@@ -763,10 +772,16 @@ impl Session {
                     if let Some(fleet) = &self.shared.cluster {
                         fleet.count_failure(addr, user, &self.settings.limits);
                     }
+                    if let Some(throttled) = found.proof_only {
+                        return Err(AuthError::Throttled(throttled));
+                    }
                 }
                 return Err(e);
             }
         };
+        if found.proof_only.is_some() && found.source.is_some() {
+            info!(%user, "the user's failed-login budget is spent; admitted with a correct proof from an address with no recent failures");
+        }
         match found.source {
             Some(source) => Ok(ProvenClient {
                 proven,
