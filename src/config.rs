@@ -297,6 +297,22 @@ pub struct AdminConfig {
     /// so a load balancer (or Kubernetes) stops sending new clients first.
     #[serde(default, with = "humantime_serde")]
     pub unready_grace: Duration,
+    /// Connections served at once; more are closed as soon as they are
+    /// accepted, so strangers cannot hold memory and file descriptors.
+    #[serde(default = "default_admin_connections")]
+    pub max_connections: usize,
+    /// How long one connection may take to send its request and read the
+    /// answer.
+    #[serde(default = "default_admin_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+fn default_admin_connections() -> usize {
+    256
+}
+
+fn default_admin_timeout() -> Duration {
+    Duration::from_secs(5)
 }
 
 /// A `[[credential]]` section as written: one kind of credential must be
@@ -543,8 +559,8 @@ pub struct Limits {
     /// starve real clients (nor other listeners).
     pub max_pending: usize,
     /// The same, per client address across listeners, so one address
-    /// cannot take every slot (not applied behind a PROXY-protocol
-    /// balancer, where every connection comes from the balancer).
+    /// cannot take every slot (behind a PROXY-protocol balancer, the
+    /// address its header states, once read).
     pub max_pending_per_address: usize,
     /// Cancel requests per second allowed from one client address.
     pub cancel_rate: f64,
@@ -563,6 +579,11 @@ pub struct Limits {
     /// IPv6 clients are throttled (failed logins, cancel rate) per network
     /// of this prefix length, since one host usually holds a whole /64.
     pub ipv6_prefix: u8,
+    /// scram mode: a spent `failed_logins_per_user` refuses the user from
+    /// every address. Off (default): from an address with no recent
+    /// failure, a correct proof still passes, so strangers cannot keep a
+    /// user locked out.
+    pub failed_logins_per_user_strict: bool,
 }
 
 impl Default for Limits {
@@ -577,6 +598,7 @@ impl Default for Limits {
             failed_logins_per_user: 30,
             failed_login_window: Duration::from_secs(60),
             ipv6_prefix: 64,
+            failed_logins_per_user_strict: false,
         }
     }
 }
@@ -1059,6 +1081,8 @@ impl Config {
             admin: flags.admin_listen.map(|listen| AdminConfig {
                 listen,
                 unready_grace: Duration::ZERO,
+                max_connections: default_admin_connections(),
+                request_timeout: default_admin_timeout(),
             }),
             reload: ReloadConfig::default(),
             cluster: None,
@@ -1123,6 +1147,15 @@ impl RawConfig {
         {
             return Err(invalid(
                 "limits.failed_logins_per_address, failed_logins_per_user and failed_login_window must be greater than zero",
+            ));
+        }
+        if self
+            .admin
+            .as_ref()
+            .is_some_and(|a| a.max_connections == 0 || a.request_timeout.is_zero())
+        {
+            return Err(invalid(
+                "[admin] max_connections and request_timeout must be greater than zero",
             ));
         }
         if !(1..=128).contains(&self.limits.ipv6_prefix) {

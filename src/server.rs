@@ -733,7 +733,21 @@ impl LiveLimits {
 /// the session is authenticated, or ends).
 pub(crate) struct PendingPermit {
     _listener: KeyedPermit<()>,
-    _address: Option<KeyedPermit<IpAddr>>,
+    address: Option<KeyedPermit<IpAddr>>,
+    per_address: KeyedSlots<IpAddr>,
+    limits: Arc<LiveLimits>,
+}
+
+impl PendingPermit {
+    /// Counts the connection against the client address a PROXY header
+    /// states, from now on: one client behind a balancer must not take
+    /// every pending slot of the listener (issue 19 item 25). False: that
+    /// address holds its share already.
+    pub(crate) fn readdress(&mut self, ip: IpAddr) -> bool {
+        let max = self.limits.max_pending_per_address.load(Ordering::SeqCst);
+        self.address = self.per_address.try_acquire(ip, max);
+        self.address.is_some()
+    }
 }
 
 /// Why a connection got no pending slot.
@@ -771,7 +785,9 @@ impl PendingSlots {
         };
         Ok(PendingPermit {
             _listener: listener,
-            _address: address,
+            address,
+            per_address: self.per_address.clone(),
+            limits: self.limits.clone(),
         })
     }
 }
@@ -945,6 +961,7 @@ impl Server {
             info!(address = %config.listen, "admin listener: /metrics /livez /readyz /startupz");
             tokio::spawn(crate::admin::serve(
                 listener,
+                config,
                 self.shared.metrics.clone(),
                 self.shared.health.clone(),
                 admin_stop.clone(),
@@ -1168,7 +1185,11 @@ async fn accept_loop(
         };
         let client = peer.map_or_else(ClientAddress::unix, ClientAddress::tcp);
         // Behind a PROXY-protocol balancer every connection comes from the
-        // balancer: only the listener's share applies there.
+        // balancer: until its header is read (under the header deadline)
+        // only the listener's share applies; then the address the header
+        // states is counted (`PendingPermit::readdress`). Counting the
+        // balancer's address meanwhile would refuse a burst of new
+        // connections (a pool starting) before their headers are read.
         let ip = match info.proxy_protocol {
             ProxyProtocol::Required => None,
             ProxyProtocol::Off => peer.map(|p| p.ip()),

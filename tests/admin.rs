@@ -206,3 +206,63 @@ fn readyz_turns_503_at_sigterm_before_the_listeners_close() {
     });
     assert!(status.success());
 }
+
+/// Issue 19 item 19: the admin listener had no connection cap (thousands
+/// of half-sent requests held 88 MB and as many open files). Past
+/// `max_connections` new connections are closed at once; each one ends at
+/// `request_timeout`; and /metrics answers again once slots are free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_caps_connections_and_ends_slow_requests() {
+    let env = Env::new();
+    let admin_port = pgbastion::localpg::free_port().unwrap();
+    let admin: SocketAddr = ([127, 0, 0, 1], admin_port).into();
+    let _proxy = env.proxy(
+        "allow",
+        &format!("[admin]\nlisten = \"{admin}\"\nmax_connections = 4\nrequest_timeout = \"2s\"\n"),
+    );
+    wait_for("the admin listener", Duration::from_secs(10), || {
+        http_get(admin, "/livez")
+    });
+    let started = std::time::Instant::now();
+    let mut half_sent = Vec::new();
+    for _ in 0..7 {
+        let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        half_sent.push(s);
+    }
+    // Closed when? None: still open after 5 s.
+    let mut waits = tokio::task::JoinSet::new();
+    for mut s in half_sent {
+        waits.spawn(async move {
+            let mut b = [0u8; 64];
+            let end = tokio::time::timeout_at(
+                tokio::time::Instant::from_std(started + Duration::from_secs(5)),
+                s.read(&mut b),
+            )
+            .await;
+            matches!(end, Ok(Ok(0)) | Ok(Err(_))).then(|| started.elapsed())
+        });
+    }
+    let closed_at = waits.join_all().await;
+    let prompt = closed_at
+        .iter()
+        .filter(|t| t.is_some_and(|t| t < Duration::from_millis(1500)))
+        .count();
+    assert_eq!(
+        prompt, 3,
+        "the 3 past the cap are closed at once: {closed_at:?}"
+    );
+    let at_deadline = closed_at
+        .iter()
+        .filter(|t| t.is_some_and(|t| t >= Duration::from_millis(1900)))
+        .count();
+    assert_eq!(
+        at_deadline, 4,
+        "the others at request_timeout: {closed_at:?}"
+    );
+    let (status, body) = http_get(admin, "/metrics").expect("/metrics answers");
+    assert_eq!(status, 200);
+    assert!(body.contains("pgbastion_"), "{body}");
+}

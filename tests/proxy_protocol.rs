@@ -304,3 +304,40 @@ async fn log_lines_name_the_client_from_the_proxy_header() {
     });
     assert!(line.contains("203.0.113.7"), "{line}");
 }
+
+/// Issue 19 item 25: behind a balancer, one client could take every
+/// pending slot of the listener. Once its header is read, a connection
+/// counts against the address the header states.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_behind_the_balancer_cannot_take_every_pending_slot() {
+    let env = Env::new();
+    let pgb = proxied_listener(
+        &env,
+        "[limits]\nmax_pending = 32\nmax_pending_per_address = 3\n\
+         [timeouts]\nclient_startup = \"60s\"\nshutdown_drain = \"1s\"\n",
+    );
+    let addr = pgb.addr();
+    let header = |src: &str| proxy::encode_v2(Some(src.parse().unwrap()), Some(addr), &[]);
+    // Eight idle connections from one client behind the balancer: three
+    // keep a slot, the rest are closed at once.
+    let mut idle = Vec::new();
+    for _ in 0..8 {
+        let mut s = raw_from(addr, "127.0.0.1").await;
+        s.write_all(&header("192.0.2.7:4000")).await.unwrap();
+        idle.push(s);
+    }
+    let mut closed = 0;
+    for s in &mut idle {
+        let mut b = [0u8; 1];
+        if let Ok(Ok(0)) = tokio::time::timeout(Duration::from_millis(500), s.read(&mut b)).await {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 5, "all but max_pending_per_address are turned away");
+    // Another client behind the same balancer is served.
+    let mut s = raw_from(addr, "127.0.0.1").await;
+    s.write_all(&header("192.0.2.8:4000")).await.unwrap();
+    let client = pg_over(s, &env.pg.password, "other").await.unwrap();
+    client.simple_query("select 1").await.unwrap();
+    drop(idle);
+}

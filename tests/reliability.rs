@@ -583,8 +583,7 @@ async fn ipv4_clients_of_a_dual_stack_listener_are_ipv4_everywhere() {
     // and the audit names it as IPv4.
     let e = connect_from(dual_v4, "127.0.0.1", "app", "secret", APP_PASSWORD, "deny")
         .await
-        .err()
-        .expect("denied");
+        .expect_err("denied");
     assert_eq!(sqlstate(&e).as_deref(), Some("28000"), "{e}");
     let denied = proxy.wait_audit("the denial", |e| e["reason"] == "policy_denied");
     assert_eq!(denied["client"]["addr"], "127.0.0.1");
@@ -595,8 +594,7 @@ async fn ipv4_clients_of_a_dual_stack_listener_are_ipv4_everywhere() {
     for _ in 0..2 {
         let e = connect_from(v4, "127.0.0.1", "app", "postgres", "guess", "fail")
             .await
-            .err()
-            .expect("wrong password");
+            .expect_err("wrong password");
         assert_eq!(sqlstate(&e).as_deref(), Some("28P01"), "{e}");
     }
     let e = connect_from(
@@ -608,8 +606,7 @@ async fn ipv4_clients_of_a_dual_stack_listener_are_ipv4_everywhere() {
         "after",
     )
     .await
-    .err()
-    .expect("the address is throttled on every listener");
+    .expect_err("the address is throttled on every listener");
     let db = e.as_db_error().expect("an ErrorResponse");
     assert_eq!(db.code().code(), "28000");
     assert!(
@@ -692,8 +689,7 @@ async fn stalled_logins_do_not_take_the_places_of_sessions() {
     for (at, user, password) in [(scram, "app", APP_PASSWORD), (pt, "postgres", pw)] {
         let e = connect_from(at, "127.0.0.2", user, "postgres", password, "four")
             .await
-            .err()
-            .expect("a fourth session is refused");
+            .expect_err("a fourth session is refused");
         assert_eq!(sqlstate(&e).as_deref(), Some("53300"), "{e}");
     }
     proxy.wait_audit("the scram refusal", |e| e["reason"] == "too_many_sessions");
@@ -862,4 +858,54 @@ async fn idle_sessions_logins_and_consoles_end_at_once_on_shutdown() {
         .expect("pgbastion exits without waiting for the drain deadline")
         .unwrap();
     assert!(started.elapsed() < prompt, "{:?}", started.elapsed());
+}
+
+/// Issue 19 "also decide": strangers spending `failed_logins_per_user`
+/// from a few addresses kept the user locked out everywhere. The real user
+/// with the right password from an address with a clean record gets in;
+/// from the strangers' addresses the user is still refused, and a wrong
+/// password from a clean address is refused as throttled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_cannot_lock_a_user_out_of_a_clean_address() {
+    let env = Env::new();
+    let pw_file = install_roles(&env);
+    let proxy = env.proxy(
+        "allow",
+        &format!(
+            "{}\n[limits]\nfailed_logins_per_address = 10\nfailed_logins_per_user = 2\n",
+            auth_query_keys(&pw_file)
+        ),
+    );
+    let addr = proxy.addr();
+    let login = |from: &'static str, password: &'static str| async move {
+        connect_from(addr, from, "app", "postgres", password, "budget").await
+    };
+    for from in ["127.0.0.7", "127.0.0.8"] {
+        let e = login(from, "guess").await.expect_err("wrong password");
+        assert_eq!(sqlstate(&e).as_deref(), Some("28P01"), "{e}");
+    }
+    let throttled = |e: tokio_postgres::Error| {
+        let db = e.as_db_error().expect("an ErrorResponse").clone();
+        assert_eq!(db.code().code(), "28000", "{}", db.message());
+        assert!(
+            db.message().contains("too many failed login attempts"),
+            "{}",
+            db.message()
+        );
+    };
+    throttled(
+        login("127.0.0.7", APP_PASSWORD)
+            .await
+            .expect_err("a stranger's address"),
+    );
+    let owner = login("127.0.0.20", APP_PASSWORD)
+        .await
+        .expect("the right password from a clean address gets in");
+    owner.simple_query("select 1").await.unwrap();
+    throttled(login("127.0.0.21", "guess").await.expect_err("a guess"));
+    throttled(
+        login("127.0.0.21", APP_PASSWORD)
+            .await
+            .expect_err("that address guessed: no longer clean"),
+    );
 }

@@ -11,7 +11,10 @@
 //! - `/startupz`: 200 once the listeners accept.
 //!
 //! A deliberately small HTTP/1.1 server: GET (and HEAD) only, one request
-//! per connection, a bounded request head read under a deadline.
+//! per connection, a bounded request head, at most `max_connections` at
+//! once (more are closed when accepted), and each connection ended at
+//! `request_timeout` whatever it is doing (issue 19 item 19: thousands of
+//! half-sent requests held 88 MB and as many open files).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -29,8 +32,6 @@ use metrics::Metrics;
 
 /// The largest request head read.
 const MAX_REQUEST: usize = 8 * 1024;
-/// How long a client may take to send it.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the probes report, set by the server as it starts and stops.
 #[derive(Debug, Default)]
@@ -48,10 +49,13 @@ impl Health {
 /// Serves until `stop`.
 pub async fn serve(
     listener: TcpListener,
+    config: crate::config::AdminConfig,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     stop: CancellationToken,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(config.max_connections));
+    let mut refused_logged: Option<std::time::Instant> = None;
     loop {
         let (mut stream, _) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -64,16 +68,29 @@ pub async fn serve(
                 }
             },
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            // Closed at once; one line per minute at most.
+            if refused_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                refused_logged = Some(std::time::Instant::now());
+                tracing::warn!(
+                    limit = config.max_connections,
+                    "admin listener: [admin] max_connections reached; closing new connections"
+                );
+            }
+            continue;
+        };
         let (metrics, health) = (metrics.clone(), health.clone());
         tokio::spawn(async move {
-            let Ok(Some(head)) =
-                tokio::time::timeout(REQUEST_TIMEOUT, read_head(&mut stream)).await
-            else {
-                return;
-            };
-            let response = respond(&head, &metrics, &health);
-            let _ = stream.write_all(&response).await;
-            let _ = stream.shutdown().await;
+            let _slot = slot;
+            let _ = tokio::time::timeout(config.request_timeout, async {
+                let Some(head) = read_head(&mut stream).await else {
+                    return;
+                };
+                let response = respond(&head, &metrics, &health);
+                let _ = stream.write_all(&response).await;
+                let _ = stream.shutdown().await;
+            })
+            .await;
         });
     }
 }

@@ -3,9 +3,18 @@
 //! either runs out, logins from that address (or for that user) are refused
 //! before any exchange until the bucket refills. Successful logins cost
 //! nothing and are never delayed.
+//!
+//! The per-user budget is spent by whoever guesses, so strangers could keep
+//! any user locked out with a failure every few seconds from a few
+//! addresses. Unless `limits.failed_logins_per_user_strict` is set, a user
+//! whose budget is spent may still log in from an address with no recent
+//! failure, with a correct proof only: such an address gets the exchange,
+//! and a wrong proof is refused as throttled (and spends the address's
+//! budget, so it is not clean any more). Guessing a locked-out user's
+//! password then costs an address with a clean record per guess.
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -25,10 +34,42 @@ pub struct Throttled {
     pub retry_after: Duration,
 }
 
+/// A login that may go ahead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoginCheck {
+    Open,
+    /// The user's budget is spent, but the address has no recent failure:
+    /// only a correct proof passes; anything else is refused as this.
+    ProofOnly(Throttled),
+}
+
+/// The per-user decision once the address is known not to be throttled:
+/// `user_wait` until the user has a token, `clean` if the address has its
+/// whole budget.
+pub fn user_admission(
+    user_wait: Duration,
+    clean: bool,
+    strict: bool,
+) -> Result<LoginCheck, Throttled> {
+    if user_wait.is_zero() {
+        return Ok(LoginCheck::Open);
+    }
+    let throttled = Throttled {
+        by: ThrottledBy::User,
+        retry_after: user_wait,
+    };
+    if clean && !strict {
+        Ok(LoginCheck::ProofOnly(throttled))
+    } else {
+        Err(throttled)
+    }
+}
+
 pub struct LoginThrottle {
     by_address: Mutex<KeyedBuckets<Option<IpAddr>>>,
     by_user: Mutex<KeyedBuckets<String>>,
     ipv6_prefix: AtomicU8,
+    strict: AtomicBool,
 }
 
 /// What an address is counted as by the per-address limits: itself, or
@@ -73,6 +114,8 @@ impl LoginThrottle {
             .set_rate(ur, ub);
         self.ipv6_prefix
             .store(limits.ipv6_prefix, Ordering::Relaxed);
+        self.strict
+            .store(limits.failed_logins_per_user_strict, Ordering::Relaxed);
     }
 
     fn key(&self, addr: Option<IpAddr>) -> Option<IpAddr> {
@@ -85,14 +128,21 @@ impl LoginThrottle {
             by_address: Mutex::new(KeyedBuckets::new(ar, ab)),
             by_user: Mutex::new(KeyedBuckets::new(ur, ub)),
             ipv6_prefix: AtomicU8::new(limits.ipv6_prefix),
+            strict: AtomicBool::new(limits.failed_logins_per_user_strict),
         }
     }
 
-    /// Whether a login may be tried now.
-    pub fn check(&self, addr: Option<IpAddr>, user: &str) -> Result<(), Throttled> {
+    /// Whether a login may be tried now, and how.
+    pub fn check(&self, addr: Option<IpAddr>, user: &str) -> Result<LoginCheck, Throttled> {
         let now = Instant::now();
         let addr = self.key(addr);
-        let wait = lock(&self.by_address).wait(&addr, now);
+        let (wait, clean) = {
+            let by_address = lock(&self.by_address);
+            (
+                by_address.wait(&addr, now),
+                by_address.is_untouched(&addr, now),
+            )
+        };
         if !wait.is_zero() {
             return Err(Throttled {
                 by: ThrottledBy::Address,
@@ -100,13 +150,7 @@ impl LoginThrottle {
             });
         }
         let wait = lock(&self.by_user).wait(&user.to_owned(), now);
-        if !wait.is_zero() {
-            return Err(Throttled {
-                by: ThrottledBy::User,
-                retry_after: wait,
-            });
-        }
-        Ok(())
+        user_admission(wait, clean, self.strict.load(Ordering::Relaxed))
     }
 
     /// Counts a failed login against the address and the user.
@@ -141,7 +185,7 @@ mod tests {
         let a = Some(IpAddr::from([10, 0, 0, 1]));
         let b = Some(IpAddr::from([10, 0, 0, 2]));
         for _ in 0..3 {
-            assert_eq!(t.check(a, "app"), Ok(()));
+            assert_eq!(t.check(a, "app"), Ok(LoginCheck::Open));
             t.failed(a, "app");
         }
         let e = t.check(a, "app").unwrap_err();
@@ -149,7 +193,7 @@ mod tests {
         assert!(
             e.retry_after > Duration::from_secs(19) && e.retry_after <= Duration::from_secs(20)
         );
-        assert_eq!(t.check(b, "app"), Ok(()), "another address");
+        assert_eq!(t.check(b, "app"), Ok(LoginCheck::Open), "another address");
         assert!(
             t.check(a, "other").is_err(),
             "the address is throttled for every user"
@@ -162,17 +206,25 @@ mod tests {
         t.failed(Some(IpAddr::from([10, 0, 0, 1])), "app");
         t.failed(Some(IpAddr::from([10, 0, 0, 2])), "app");
         let e = t
-            .check(Some(IpAddr::from([10, 0, 0, 3])), "app")
+            .check(Some(IpAddr::from([10, 0, 0, 2])), "app")
             .unwrap_err();
         assert_eq!(e.by, ThrottledBy::User);
-        assert_eq!(t.check(Some(IpAddr::from([10, 0, 0, 3])), "other"), Ok(()));
+        assert_eq!(
+            t.check(Some(IpAddr::from([10, 0, 0, 3])), "other"),
+            Ok(LoginCheck::Open)
+        );
     }
 
     /// Issue 19 item 9: 10,050 failures with distinct user names from 1000
     /// addresses (and their checks) lifted an existing lockout.
     #[test]
     fn a_flood_of_user_names_does_not_lift_a_lockout() {
-        let t = LoginThrottle::new(&limits(10_000, 3));
+        // Strict: the lockout itself is under test, not which addresses
+        // a spent user budget still admits.
+        let t = LoginThrottle::new(&Limits {
+            failed_logins_per_user_strict: true,
+            ..limits(10_000, 3)
+        });
         let a = Some(IpAddr::from([10, 0, 0, 1]));
         for _ in 0..3 {
             t.failed(a, "postgres");
@@ -196,12 +248,55 @@ mod tests {
         t.failed(ip("2001:db8:1:2:ffff::9"), "app");
         let e = t.check(ip("2001:db8:1:2::77"), "other").unwrap_err();
         assert_eq!(e.by, ThrottledBy::Address);
-        assert_eq!(t.check(ip("2001:db8:1:3::1"), "other"), Ok(()));
+        assert_eq!(
+            t.check(ip("2001:db8:1:3::1"), "other"),
+            Ok(LoginCheck::Open)
+        );
         let mut per_host = limits(2, 100);
         per_host.ipv6_prefix = 128;
         t.configure(&per_host);
-        assert_eq!(t.check(ip("2001:db8:1:2::77"), "other"), Ok(()));
+        assert_eq!(
+            t.check(ip("2001:db8:1:2::77"), "other"),
+            Ok(LoginCheck::Open)
+        );
         assert_eq!(address_key(ip("10.1.2.3"), 64), ip("10.1.2.3"));
         assert_eq!(address_key(ip("2001:db8::1"), 48), ip("2001:db8::"));
+    }
+
+    /// Issue 19 "also decide": strangers spending a user's budget do not
+    /// lock the user out of an address with a clean record (a correct
+    /// proof only); with `failed_logins_per_user_strict` they do.
+    #[test]
+    fn a_spent_user_budget_still_admits_a_proof_from_a_clean_address() {
+        let t = LoginThrottle::new(&limits(100, 2));
+        let stranger = Some(IpAddr::from([10, 0, 0, 1]));
+        let owner = Some(IpAddr::from([10, 0, 0, 9]));
+        t.failed(stranger, "postgres");
+        t.failed(stranger, "postgres");
+        assert_eq!(
+            t.check(stranger, "postgres").unwrap_err().by,
+            ThrottledBy::User
+        );
+        assert!(matches!(
+            t.check(owner, "postgres"),
+            Ok(LoginCheck::ProofOnly(Throttled {
+                by: ThrottledBy::User,
+                ..
+            }))
+        ));
+        // A wrong proof from there spends the address's record.
+        t.failed(owner, "postgres");
+        assert_eq!(
+            t.check(owner, "postgres").unwrap_err().by,
+            ThrottledBy::User
+        );
+        let mut strict = limits(100, 2);
+        strict.failed_logins_per_user_strict = true;
+        t.configure(&strict);
+        let fresh = Some(IpAddr::from([10, 0, 0, 10]));
+        assert_eq!(
+            t.check(fresh, "postgres").unwrap_err().by,
+            ThrottledBy::User
+        );
     }
 }

@@ -31,7 +31,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::admin::metrics::Metrics;
-use crate::auth::throttle::{Throttled, ThrottledBy};
+use crate::auth::throttle::{LoginCheck, Throttled, ThrottledBy};
 use crate::config::{ClusterConfig, Limits};
 use crate::protocol::startup::CancelKey;
 use crate::warn_limit::WarnLimiter;
@@ -312,13 +312,14 @@ impl Cluster {
     }
 
     /// Whether the fleet has counted too many failed logins from `addr` or
-    /// for `user` in the current window.
+    /// for `user` in the current window (see `throttle::user_admission`
+    /// for a user whose budget is spent).
     pub async fn check_failures(
         &self,
         addr: Option<IpAddr>,
         user: &str,
         limits: &Limits,
-    ) -> Result<Option<Throttled>, Unavailable> {
+    ) -> Result<Result<LoginCheck, Throttled>, Unavailable> {
         let (a, u) = self.failure_keys(addr, user, limits);
         let (na, ta, nu, tu): (Option<u64>, i64, Option<u64>, i64) = self
             .call(
@@ -331,19 +332,25 @@ impl Cluster {
                     .arg(ms(limits.failed_login_window).max(1)),
             )
             .await?;
-        let throttled = |by, ttl: i64| Throttled {
-            by,
-            retry_after: Duration::from_millis(u64::try_from(ttl).unwrap_or(0)),
+        let wait = |ttl: i64| Duration::from_millis(u64::try_from(ttl).unwrap_or(0));
+        let na = na.unwrap_or(0);
+        if na >= u64::from(limits.failed_logins_per_address) {
+            return Ok(Err(Throttled {
+                by: ThrottledBy::Address,
+                retry_after: wait(ta),
+            }));
+        }
+        let user_wait = if nu.unwrap_or(0) >= u64::from(limits.failed_logins_per_user) {
+            // At least a millisecond: spent, even if it ends right now.
+            wait(tu).max(Duration::from_millis(1))
+        } else {
+            Duration::ZERO
         };
-        Ok(
-            if na.unwrap_or(0) >= u64::from(limits.failed_logins_per_address) {
-                Some(throttled(ThrottledBy::Address, ta))
-            } else if nu.unwrap_or(0) >= u64::from(limits.failed_logins_per_user) {
-                Some(throttled(ThrottledBy::User, tu))
-            } else {
-                None
-            },
-        )
+        Ok(crate::auth::throttle::user_admission(
+            user_wait,
+            na == 0,
+            limits.failed_logins_per_user_strict,
+        ))
     }
 
     /// Counts a failed login fleet-wide, in a window that starts at the

@@ -80,6 +80,9 @@ struct FoundVerifier {
     /// none, expired): the exchange runs against the mock verifier like an
     /// unknown user's, and only the log and the audit say why it failed.
     unusable: Option<(StoredSecret, SourceName)>,
+    /// The user's failed-login budget is spent but this address has a
+    /// clean record: only a correct proof passes.
+    proof_only: Option<crate::auth::throttle::Throttled>,
 }
 
 /// A client that proved itself against a real verifier: what logging in
@@ -265,7 +268,7 @@ impl Session {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    async fn run(mut self, io: BoxedIo, pending: PendingPermit) {
+    async fn run(mut self, io: BoxedIo, mut pending: PendingPermit) {
         let mut conn = ClientConn {
             io,
             buf: Vec::new(),
@@ -274,8 +277,18 @@ impl Session {
             binding: None,
         };
         if self.listener.proxy_protocol == ProxyProtocol::Required {
-            if let Err(e) = self.read_proxy_header(&mut conn).await {
-                return self.reject(&mut conn, e).await;
+            let stated = match self.read_proxy_header(&mut conn).await {
+                Ok(stated) => stated,
+                Err(e) => return self.reject(&mut conn, e).await,
+            };
+            if let Some(ip) = stated {
+                if !pending.readdress(ip) {
+                    let limit = "limits.max_pending_per_address";
+                    if self.shared.warn_limit.allow(limit) {
+                        warn!(limit, "too many unauthenticated connections; closing");
+                    }
+                    return;
+                }
             }
         }
         let t = self.settings.timeouts.clone();
@@ -734,18 +747,22 @@ impl Session {
         upstream: &Upstream,
         user: &str,
     ) -> Result<FoundVerifier, AuthError> {
+        use crate::auth::throttle::LoginCheck;
         let addr = self.peer.map(|p| p.ip());
-        self.shared
-            .login_throttle
-            .check(addr, user)
-            .map_err(AuthError::Throttled)?;
+        let check = self.shared.login_throttle.check(addr, user);
+        let mut proof_only = match check.map_err(AuthError::Throttled)? {
+            LoginCheck::Open => None,
+            LoginCheck::ProofOnly(t) => Some(t),
+        };
         if let Some(fleet) = &self.shared.cluster {
             // Unavailable: this instance's count (above) alone decides.
-            if let Ok(Some(throttled)) = fleet
+            match fleet
                 .check_failures(addr, user, &self.settings.limits)
                 .await
             {
-                return Err(AuthError::Throttled(throttled));
+                Ok(Err(throttled)) => return Err(AuthError::Throttled(throttled)),
+                Ok(Ok(LoginCheck::ProofOnly(t))) => proof_only = proof_only.or(Some(t)),
+                Ok(Ok(LoginCheck::Open)) | Err(_) => {}
             }
         }
         match scram.lookup(user, upstream, &self.settings.timeouts).await {
@@ -753,11 +770,13 @@ impl Session {
                 verifier,
                 source: Some(source),
                 unusable: None,
+                proof_only,
             }),
             Ok(Lookup::Unknown) => Ok(FoundVerifier {
                 verifier: scram.mock_verifier(user),
                 source: None,
                 unusable: None,
+                proof_only,
             }),
             // issue 19 item 4: as PostgreSQL, a full mock exchange and the
             // answer to a wrong password, so nobody learns without a
@@ -766,6 +785,7 @@ impl Session {
                 verifier: scram.mock_verifier(user),
                 source: None,
                 unusable: Some((secret, from)),
+                proof_only,
             }),
             Err(source) => Err(AuthError::VerifierUnavailable {
                 user: user.to_owned(),
@@ -816,10 +836,16 @@ impl Session {
                     if let Some(fleet) = &self.shared.cluster {
                         fleet.count_failure(addr, user, &self.settings.limits);
                     }
+                    if let Some(throttled) = found.proof_only {
+                        return Err(AuthError::Throttled(throttled));
+                    }
                 }
                 return Err(e);
             }
         };
+        if found.proof_only.is_some() && found.source.is_some() {
+            info!(%user, "the user's failed-login budget is spent; admitted with a correct proof from an address with no recent failures");
+        }
         match found.source {
             Some(source) => Ok(ProvenClient {
                 proven,
@@ -1030,8 +1056,12 @@ impl Session {
 
     /// Reads the load balancer's PROXY header, refusing untrusted sources
     /// before reading a byte. Afterwards the header's source is the client
-    /// address everywhere (policy, audit, logs, rate limits).
-    async fn read_proxy_header(&mut self, conn: &mut ClientConn) -> Result<(), SessionError> {
+    /// address everywhere (policy, audit, logs, rate limits). Returns that
+    /// address, if the header states one.
+    async fn read_proxy_header(
+        &mut self,
+        conn: &mut ClientConn,
+    ) -> Result<Option<std::net::IpAddr>, SessionError> {
         if let Some(peer) = self.peer {
             if !self
                 .listener
@@ -1070,13 +1100,14 @@ impl Session {
             tracing::Span::current().record("client", tracing::field::display(&self.facts.client));
             debug!(%via, "client address from PROXY header");
         }
+        let stated = header.source().map(|s| s.ip().to_canonical());
         self.facts.proxy = Some(ProxyFacts {
             via,
             version: header.version,
             command: header.command,
             tlvs: header.tlvs,
         });
-        Ok(())
+        Ok(stated)
     }
 
     /// The PROXY header for an upstream that wants one: the client's real
