@@ -283,6 +283,15 @@ pub enum Event<'a> {
         /// ok, error, not_executed, suspended, unanswered.
         outcome: &'static str,
     },
+    /// The query audit of a session lost its place in the protocol and
+    /// records no more of its statements (see `query_audit`); under
+    /// `audit.on_failure = "refuse"` the session ends right after.
+    #[serde(rename = "query_audit.stopped")]
+    QueryAuditStopped {
+        #[serde(flatten)]
+        facts: &'a SessionFacts,
+        why: &'static str,
+    },
     /// A command run in the admin console.
     #[serde(rename = "console.command")]
     Console {
@@ -533,6 +542,11 @@ impl AuditLog {
             );
             *reported = (Instant::now(), dropped);
         }
+    }
+
+    /// What the audit log asks for when a record cannot be kept.
+    pub fn on_failure(&self) -> AuditOnFailure {
+        self.current().on_failure
     }
 
     /// Whether a new session may be admitted: always with `on_failure =

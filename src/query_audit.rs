@@ -221,6 +221,10 @@ pub struct QueryTracker {
     /// Hands a record on; false: it could not be kept and the session
     /// must not go on (see `lost`).
     emit: Box<dyn FnMut(QueryRecord) -> bool + Send>,
+    /// Told why, when tracking stops; false: the session must not go on
+    /// unaudited (see `lost`). A tracker that loses its place never stops
+    /// silently.
+    on_stop: Option<Box<dyn FnMut(&'static str) -> bool + Send>>,
 }
 
 impl QueryTracker {
@@ -254,7 +258,16 @@ impl QueryTracker {
             skipping: false,
             backslashes: sql::Backslashes::Unknown,
             emit,
+            on_stop: None,
         }
+    }
+
+    /// What to do when tracking stops (the session records it in the audit
+    /// and a metric, and ends the session under `audit.on_failure =
+    /// "refuse"`).
+    pub fn on_stop(mut self, f: Box<dyn FnMut(&'static str) -> bool + Send>) -> Self {
+        self.on_stop = Some(f);
+        self
     }
 
     /// A record could not be kept and the audit log does not allow
@@ -344,6 +357,11 @@ impl QueryTracker {
     }
 
     fn stop(&mut self, why: &'static str) {
+        if let Some(on_stop) = self.on_stop.as_mut() {
+            if !on_stop(why) {
+                self.lost = true;
+            }
+        }
         self.stopped = Some(why);
         self.pending.clear();
         self.prepared.clear();
@@ -1243,6 +1261,32 @@ mod tests {
             ]
         );
         assert!(t.pending.is_empty());
+    }
+
+    /// Issue 19 item 13: a tracker that loses its place says so once, and
+    /// when told the session must not go on unaudited, marks it lost.
+    #[test]
+    fn losing_the_place_is_never_silent() {
+        for go_on in [true, false] {
+            let told = Arc::new(Mutex::new(Vec::new()));
+            let (t, _seen) = tracker();
+            let mut t = t.on_stop(Box::new({
+                let told = told.clone();
+                move |why| {
+                    told.lock().unwrap().push(why);
+                    go_on
+                }
+            }));
+            // A length no protocol message has: framing is lost.
+            t.client_bytes(&[b'Q', 0, 0, 0, 2]);
+            t.client_bytes(&msg(b'Q', &cstr("select 1")));
+            assert_eq!(
+                *told.lock().unwrap(),
+                vec!["the client's messages could not be framed"]
+            );
+            assert!(t.stopped().is_some());
+            assert_eq!(t.lost(), !go_on);
+        }
     }
 
     /// Issue 19 item 2: statements forwarded and never answered are

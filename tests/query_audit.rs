@@ -712,3 +712,65 @@ except psycopg.OperationalError:
         )]
     );
 }
+
+/// Issue 19 item 13: a query audit that loses its place in the protocol
+/// never stops silently. With `audit.on_failure = "continue"` the session
+/// goes on and a `query_audit.stopped` event says so; with `"refuse"` the
+/// session ends (57P01), as when an event cannot be written. The client
+/// here sends a message no protocol has (a length under 4) after logging
+/// in, injected beneath tokio-postgres.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_audit_that_loses_its_place_says_so() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let env = Env::new();
+    for on_failure in ["continue", "refuse"] {
+        let proxy = env.proxy(
+            "allow",
+            &format!(
+                "[[rule]]\nname = \"audited\"\naudit_queries = \"statements\"\n\
+                 [audit]\nlog = \"{{audit_log}}\"\non_failure = \"{on_failure}\"\n"
+            ),
+        );
+        let (local, remote) = tokio::io::duplex(64 * 1024);
+        let (inject, mut injected) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+        let (mut sr, mut sw) = tokio::io::split(raw(proxy.addr()).await);
+        let (mut rr, mut rw) = tokio::io::split(remote);
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                let bytes = tokio::select! {
+                    n = rr.read(&mut buf) => match n {
+                        Ok(n) if n > 0 => buf[..n].to_vec(),
+                        _ => break,
+                    },
+                    Some(b) = injected.recv() => b,
+                };
+                if sw.write_all(&bytes).await.is_err() {
+                    break;
+                }
+            }
+        });
+        tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut sr, &mut rw).await;
+        });
+        let client = pg_over(local, &env.pg.password, on_failure).await.unwrap();
+        client.simple_query("select 1").await.unwrap();
+        inject.send(vec![b'Q', 0, 0, 0, 2]).unwrap();
+        let stopped = proxy.wait_audit("the stop", |e| e["event"] == "query_audit.stopped");
+        assert_eq!(stopped["why"], "the client's messages could not be framed");
+        assert_eq!(stopped["requested"]["application_name"], on_failure);
+        let end = proxy.wait_audit("the end", |e| e["event"] == "session.end");
+        assert_eq!(
+            end["query_audit"]["stopped"],
+            "the client's messages could not be framed"
+        );
+        // Under "refuse" pgbastion ends the session itself; under
+        // "continue" the server's own answer to the bad message ends it.
+        assert_eq!(
+            end["end_reason"] == "audit_unavailable",
+            on_failure == "refuse",
+            "{end}"
+        );
+        drop(client);
+    }
+}

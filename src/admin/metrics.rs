@@ -48,6 +48,7 @@ pub struct Metrics {
     cluster_up: Gauge,
     redis_latency: Histograms,
     redis_failures: Family<Labels, Counter>,
+    query_audit_stopped: Family<Labels, Counter>,
     /// The same values, for the console's SHOW CERTIFICATES.
     expiries: std::sync::Mutex<std::collections::BTreeMap<String, i64>>,
 }
@@ -101,6 +102,7 @@ impl Metrics {
             cluster_up: Gauge::default(),
             redis_latency: Family::new_with_constructor(latency_histogram),
             redis_failures: Family::default(),
+            query_audit_stopped: Family::default(),
             expiries: Default::default(),
             registry: Registry::default(),
         };
@@ -174,6 +176,11 @@ impl Metrics {
             m.redis_latency.clone(),
         );
         registry.register(
+            "pgbastion_query_audit_stopped",
+            "Audited sessions whose query audit lost its place in the protocol (later statements unrecorded), by listener.",
+            m.query_audit_stopped.clone(),
+        );
+        registry.register(
             "pgbastion_cluster_redis_failures",
             "Redis calls that failed or missed the deadline, by operation.",
             m.redis_failures.clone(),
@@ -243,6 +250,11 @@ impl Metrics {
             Event::Cancel { outcome, .. } => {
                 self.cancels
                     .get_or_create(&vec![("outcome", (*outcome).to_owned())])
+                    .inc();
+            }
+            Event::QueryAuditStopped { facts, .. } => {
+                self.query_audit_stopped
+                    .get_or_create(&vec![("listener", facts.listener.clone())])
                     .inc();
             }
             Event::Suppressed { .. }

@@ -1313,11 +1313,20 @@ impl Session {
     fn query_tracker(&self, replication: bool) -> crate::query_audit::QueryTracker {
         let shared = self.shared.clone();
         let facts = self.facts.clone();
+        let (stop_shared, stop_facts) = (shared.clone(), facts.clone());
         crate::query_audit::QueryTracker::for_session(
             self.settings.redact_queries,
             replication,
             Box::new(move |r| record_query(&shared, &facts, &r)),
         )
+        .on_stop(Box::new(move |why| {
+            warn!(session = %stop_facts.session_id, why, "the query audit lost its place; the session's later statements are not recorded");
+            let recorded = stop_shared.record(&Event::QueryAuditStopped {
+                facts: &stop_facts,
+                why,
+            });
+            recorded && stop_shared.audit.on_failure() != crate::config::AuditOnFailure::Refuse
+        }))
     }
 
     /// One of the `limit` sessions a rule allows `identity`: on this

@@ -226,11 +226,12 @@ pub struct Proxy {
 
 impl Proxy {
     /// Starts pgbastion from TOML. Unless the TOML sets them, the audit log
-    /// goes to a file in a temporary directory and the drain is short.
+    /// goes to a file in a temporary directory and the drain is short; a
+    /// TOML with its own `[audit]` may name that file as `{audit_log}`.
     pub fn start_toml(toml: &str) -> Proxy {
         let dir = tempfile::tempdir().unwrap();
         let audit_log = dir.path().join("audit.jsonl");
-        let mut toml = toml.to_owned();
+        let mut toml = toml.replace("{audit_log}", &audit_log.display().to_string());
         if !toml.contains("[audit]") {
             toml.push_str(&format!("\n[audit]\nlog = \"{}\"\n", audit_log.display()));
         }
