@@ -613,6 +613,8 @@ async fn demo(args: DemoArgs) -> Result<()> {
         password_file = "{app_password_file}"
         [timeouts]
         shutdown_drain = "2s"
+        [auth]
+        mock_key_file = "{dir}/mock_key"
         "#,
         cert = cert.display(),
         key = key.display(),

@@ -6,13 +6,12 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
 
 fn verify(files: &[&Path], key: Option<&Path>) -> (bool, String) {
-    let mut cmd = Command::new(BIN);
+    let mut cmd = bin();
     cmd.args(["audit", "verify"]).args(files);
     if let Some(k) = key {
         cmd.arg("--key").arg(k);
@@ -263,7 +262,7 @@ fn verify_refuses_a_headless_chain_and_an_empty_file() {
         said.contains("PARTIAL: the chain starts at seq 3, not 1"),
         "{said}"
     );
-    let out = Command::new(BIN)
+    let out = bin()
         .args(["audit", "verify", "--allow-partial", "--key"])
         .arg(&key)
         .arg(&headless)

@@ -123,7 +123,7 @@ fn busy_session_and_pgbastion(
     )
     .unwrap();
     let proc = Running(
-        Command::new(BIN)
+        bin()
             .arg("run")
             .arg("--config")
             .arg(&config)
@@ -218,7 +218,7 @@ fn check_config_explains_mistakes() {
         write_private(&p, text);
         p
     };
-    let out = Command::new(BIN)
+    let out = bin()
         .arg("check-config")
         .arg("--config")
         .arg(write("good.toml", &good))
@@ -296,7 +296,7 @@ fn check_config_explains_mistakes() {
         ),
     ];
     for (name, text, expect) in cases {
-        let out = Command::new(BIN)
+        let out = bin()
             .arg("check-config")
             .arg("--config")
             .arg(write(name, &text))
@@ -312,7 +312,7 @@ fn check_config_explains_mistakes() {
         "{good}auth = \"scram\"\nsecrets_file = \"{}\"\n",
         write("users.txt", "").display()
     );
-    let out = Command::new(BIN)
+    let out = bin()
         .arg("check-config")
         .arg("--config")
         .arg(write("scram.toml", &scram))
@@ -324,7 +324,7 @@ fn check_config_explains_mistakes() {
 
 #[test]
 fn run_without_anything_to_do_says_so() {
-    let out = Command::new(BIN)
+    let out = bin()
         .args(["run", "--upstream", "db:5432", "--upstream-ca", "/x"])
         .output()
         .unwrap();
@@ -334,7 +334,7 @@ fn run_without_anything_to_do_says_so() {
         "{}",
         stderr(&out)
     );
-    let help = Command::new(BIN).args(["run", "--help"]).output().unwrap();
+    let help = bin().args(["run", "--help"]).output().unwrap();
     let help = stdout(&help);
     for flag in [
         "--upstream-ca",
@@ -431,7 +431,7 @@ async fn running_out_of_file_descriptors_does_not_end_the_process() {
 fn the_demo_prints_psql_lines_that_work() {
     use std::io::BufRead;
     let mut demo = Running(
-        Command::new(BIN)
+        bin()
             .args(["demo", "--port", "0"])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -516,7 +516,7 @@ fn run_flags_come_from_the_environment_and_version_prints() {
     let env = Env::new();
     let port = pgbastion::localpg::free_port().unwrap();
     let _proc = Running(
-        Command::new(BIN)
+        bin()
             .arg("run")
             .env("PGBASTION_LISTEN", format!("127.0.0.1:{port}"))
             .env("PGBASTION_TLS_CERT", &env.proxy_cert)
@@ -535,7 +535,7 @@ fn run_flags_come_from_the_environment_and_version_prints() {
     );
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out), "from the environment");
-    let out = Command::new(BIN).arg("--version").output().unwrap();
+    let out = bin().arg("--version").output().unwrap();
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         format!("pgbastion {}", env!("CARGO_PKG_VERSION"))

@@ -532,7 +532,7 @@ async fn sighup_reloads_the_policy() {
     let write = |rules: &str| std::fs::write(&config, format!("{base}\n{rules}")).unwrap();
     write("[[rule]]\nname = \"v1\"\nusers = [\"postgres\"]\n");
     let proc = Running(
-        std::process::Command::new(BIN)
+        bin()
             .arg("run")
             .arg("--config")
             .arg(&config)

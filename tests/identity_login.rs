@@ -284,7 +284,7 @@ fn a_secret_file_others_can_read_is_refused_at_start() {
     )
     .unwrap();
     for args in [&["check-config", "--config"][..], &["run", "--config"][..]] {
-        let out = std::process::Command::new(BIN)
+        let out = bin()
             .args(args)
             .arg(&cfg)
             .env("RUST_BACKTRACE", "0")

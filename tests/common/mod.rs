@@ -226,7 +226,8 @@ pub struct Proxy {
 
 impl Proxy {
     /// Starts pgbastion from TOML. Unless the TOML sets them, the audit log
-    /// goes to a file in a temporary directory and the drain is short; a
+    /// and the mock-salt key go to files in a temporary directory and the
+    /// drain is short; a
     /// TOML with its own `[audit]` may name that file as `{audit_log}`.
     pub fn start_toml(toml: &str) -> Proxy {
         let dir = tempfile::tempdir().unwrap();
@@ -237,6 +238,15 @@ impl Proxy {
         }
         if !toml.contains("[timeouts]") {
             toml.push_str("\n[timeouts]\nshutdown_drain = \"1s\"\n");
+        }
+        if !toml.contains("[auth]") {
+            // scram mode's mock-salt key: in the test's directory, not the
+            // state directory of whoever runs the tests.
+            let key = dir.path().join("mock_key");
+            toml.push_str(&format!(
+                "\n[auth]\nmock_key_file = \"{}\"\n",
+                key.display()
+            ));
         }
         let config =
             Config::from_toml(&toml).unwrap_or_else(|e| panic!("test config: {e}\n{toml}"));
@@ -640,8 +650,23 @@ pub fn tls_server_config(issued: &pgbastion::devcerts::Issued) -> rustls::Server
 }
 
 /// `pgbastion run --config CFG`, its log (stderr) in `log`, or discarded.
-pub fn config_form(cfg: &Path, log: Option<&Path>) -> Command {
+/// The pgbastion binary, with scram mode's mock-salt key kept in a
+/// directory of the test run's (STATE_DIRECTORY), not in the state
+/// directory of whoever runs the tests.
+pub fn bin() -> Command {
+    static STATE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let state = STATE.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("pgbastion-tests-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    });
     let mut cmd = Command::new(BIN);
+    cmd.env("STATE_DIRECTORY", state);
+    cmd
+}
+
+pub fn config_form(cfg: &Path, log: Option<&Path>) -> Command {
+    let mut cmd = bin();
     cmd.args(["run", "--config"]).arg(cfg).stderr(match log {
         Some(log) => std::process::Stdio::from(std::fs::File::create(log).unwrap()),
         None => std::process::Stdio::null(),
@@ -659,9 +684,10 @@ pub fn flag_form(env: &Env, port: u16, wrapper: &[&str]) -> Command {
             c.args(args).arg(BIN);
             c
         }
-        None => Command::new(BIN),
+        None => bin(),
     };
-    cmd.args(["run", "--listen", &format!("127.0.0.1:{port}")])
+    cmd.env("STATE_DIRECTORY", env.dir.path())
+        .args(["run", "--listen", &format!("127.0.0.1:{port}")])
         .arg("--tls-cert")
         .arg(&env.proxy_cert)
         .arg("--tls-key")
