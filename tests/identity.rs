@@ -31,6 +31,30 @@ async fn create_app_roles(env: &Env) {
     direct.batch_execute("create database app").await.unwrap();
 }
 
+/// pgbastion with one mutual-TLS listener ("mtls") for `ca`'s people,
+/// naming them by `cert_identity`, and `rules`.
+fn mtls_proxy(env: &Env, ca: &std::path::Path, cert_identity: &str, rules: &str) -> Proxy {
+    Proxy::start_toml(&format!(
+        "{tls}\n[[listener]]\nname = \"mtls\"\nlisten = \"127.0.0.1:0\"\nidentity = \"client_cert\"\n\
+         client_ca = \"{ca}\"\ncert_identity = {cert_identity}\n{upstream}\n{rules}",
+        tls = env.tls_toml(),
+        ca = ca.display(),
+        upstream = env.upstream_toml()
+    ))
+}
+
+/// psql's connection string to `proxy`'s database app as `user`, with the
+/// client certificate `who`.
+fn mtls_conninfo(env: &Env, proxy: &Proxy, who: &(PathBuf, PathBuf), user: &str) -> String {
+    format!(
+        "host=localhost port={} dbname=app user={user} sslmode=verify-full sslrootcert={} channel_binding=disable sslcert={} sslkey={}",
+        proxy.addr().port(),
+        env.proxy_ca.display(),
+        who.0.display(),
+        who.1.display()
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_certificates_and_per_person_rules() {
     let env = Env::new();
@@ -41,39 +65,14 @@ async fn client_certificates_and_per_person_rules() {
     let alice = person(&people, dir, "alice");
     let bob = person(&people, dir, "bob");
     let mallory = person(&Ca::new("someone else's CA").unwrap(), dir, "mallory");
-    let proxy = Proxy::start_toml(&format!(
-        r#"{tls}
-[[listener]]
-name = "mtls"
-listen = "127.0.0.1:0"
-identity = "client_cert"
-client_ca = "{ca}"
-cert_identity = ["email", "cn"]
-{upstream}
-[[rule]]
-name = "alice-rw"
-names = ["alice@example.com"]
-databases = ["app"]
-users = ["app_rw"]
-[[rule]]
-name = "bob-ro"
-names = ["bob@example.com"]
-databases = ["app"]
-users = ["app_ro"]
-"#,
-        tls = env.tls_toml(),
-        ca = people_ca.display(),
-        upstream = env.upstream_toml()
-    ));
-    let conn = |who: &(PathBuf, PathBuf), user: &str| {
-        format!(
-            "host=localhost port={} dbname=app user={user} sslmode=verify-full sslrootcert={} channel_binding=disable sslcert={} sslkey={}",
-            proxy.addr().port(),
-            env.proxy_ca.display(),
-            who.0.display(),
-            who.1.display()
-        )
-    };
+    let proxy = mtls_proxy(
+        &env,
+        &people_ca,
+        r#"["email", "cn"]"#,
+        "[[rule]]\nname = \"alice-rw\"\nnames = [\"alice@example.com\"]\ndatabases = [\"app\"]\nusers = [\"app_rw\"]\n\
+         [[rule]]\nname = \"bob-ro\"\nnames = [\"bob@example.com\"]\ndatabases = [\"app\"]\nusers = [\"app_ro\"]\n",
+    );
+    let conn = |who: &(PathBuf, PathBuf), user: &str| mtls_conninfo(&env, &proxy, who, user);
     for (who, name, user, allowed) in [
         (&alice, "alice", "app_rw", true),
         (&alice, "alice", "app_ro", false),
@@ -142,34 +141,13 @@ async fn rules_match_only_the_names_cert_identity_selects() {
         "bob@example.com".try_into().unwrap(),
     )];
     let bob_as_ops = people.issue(p).unwrap().write(dir, "bob-as-ops").unwrap();
-    let proxy = Proxy::start_toml(&format!(
-        r#"{tls}
-[[listener]]
-name = "mtls"
-listen = "127.0.0.1:0"
-identity = "client_cert"
-client_ca = "{ca}"
-cert_identity = ["email"]
-{upstream}
-[[rule]]
-name = "ops"
-names = ["ops@example.com"]
-databases = ["app"]
-users = ["app_rw"]
-"#,
-        tls = env.tls_toml(),
-        ca = people_ca.display(),
-        upstream = env.upstream_toml()
-    ));
-    let conn = |who: &(PathBuf, PathBuf)| {
-        format!(
-            "host=localhost port={} dbname=app user=app_rw sslmode=verify-full sslrootcert={} channel_binding=disable sslcert={} sslkey={}",
-            proxy.addr().port(),
-            env.proxy_ca.display(),
-            who.0.display(),
-            who.1.display()
-        )
-    };
+    let proxy = mtls_proxy(
+        &env,
+        &people_ca,
+        r#"["email"]"#,
+        "[[rule]]\nname = \"ops\"\nnames = [\"ops@example.com\"]\ndatabases = [\"app\"]\nusers = [\"app_rw\"]\n",
+    );
+    let conn = |who: &(PathBuf, PathBuf)| mtls_conninfo(&env, &proxy, who, "app_rw");
     let out = env.psql(&conn(&ops), "select current_user");
     assert!(out.status.success(), "ops: {}", stderr(&out));
     let out = env.psql(&conn(&bob_as_ops), "select current_user");
