@@ -214,10 +214,6 @@ pub struct QueryTracker {
     /// sends up to the next Sync (postgres.c's `ignore_till_sync`), simple
     /// queries and function calls included.
     skipping: bool,
-    /// How the server reads backslashes in plain strings: its last
-    /// ParameterStatus for standard_conforming_strings (the login's is
-    /// given by `parameter_status`).
-    backslashes: sql::Backslashes,
     /// Hands a record on; false: it could not be kept and the session
     /// must not go on (see `lost`).
     emit: Box<dyn FnMut(QueryRecord) -> bool + Send>,
@@ -256,7 +252,6 @@ impl QueryTracker {
             held: 0,
             steps: 0,
             skipping: false,
-            backslashes: sql::Backslashes::Unknown,
             emit,
             on_stop: None,
         }
@@ -280,19 +275,6 @@ impl QueryTracker {
     /// or attempts at them).
     pub fn recorded(&self) -> u64 {
         self.recorded
-    }
-
-    /// A ParameterStatus the server sent (at login, before this tracker
-    /// saw the session's bytes, or later): `standard_conforming_strings`
-    /// says how plain strings' backslashes are read from now on.
-    pub fn parameter_status(&mut self, name: &str, value: &str) {
-        if name == "standard_conforming_strings" {
-            self.backslashes = match value {
-                "on" => sql::Backslashes::Literal,
-                "off" => sql::Backslashes::Escape,
-                _ => sql::Backslashes::Unknown,
-            };
-        }
     }
 
     /// The session is over: every statement forwarded to the server and
@@ -345,7 +327,7 @@ impl QueryTracker {
         let mut messages = Vec::new();
         let fed = self.server.feed(
             data,
-            |tag| matches!(tag, b'C' | b'E' | b'S').then_some(MAX_ANSWER),
+            |tag| matches!(tag, b'C' | b'E').then_some(MAX_ANSWER),
             |tag, body, _, _| messages.push((tag, body.to_vec())),
         );
         for (tag, body) in messages {
@@ -414,15 +396,9 @@ impl QueryTracker {
         if !self.redact {
             return Statement::Text(text.into());
         }
-        // The server reads this statement once it has answered the ones
-        // before it, any of which may change standard_conforming_strings:
-        // the setting is known only when none is waiting.
-        let backslashes = if self.pending.is_empty() {
-            self.backslashes
-        } else {
-            sql::Backslashes::Unknown
-        };
-        match sql::normalize_with(text, backslashes) {
+        // Read both ways: the session's standard_conforming_strings is
+        // never known for certain (see `sql::Backslashes`).
+        match sql::normalize(text) {
             Ok(n) => Statement::Text(n.text.into()),
             Err(sql::Unparsed::Unterminated) => Statement::Unparsed {
                 len,
@@ -431,6 +407,10 @@ impl QueryTracker {
             Err(sql::Unparsed::AmbiguousBackslash) => Statement::Unparsed {
                 len,
                 why: "backslash in a plain string",
+            },
+            Err(sql::Unparsed::EncodingDependentBackslash) => Statement::Unparsed {
+                len,
+                why: "backslash after a non-ASCII byte",
             },
         }
     }
@@ -706,15 +686,6 @@ impl QueryTracker {
                     // is followed by ReadyForQuery; the server skips
                     // nothing.
                     Some(Pending::Sync | Pending::CopyEnd) | None => {}
-                }
-            }
-            b'S' => {
-                let mut parts = body.split(|b| *b == 0);
-                if let (Some(name), Some(value)) = (parts.next(), parts.next()) {
-                    self.parameter_status(
-                        &String::from_utf8_lossy(name),
-                        &String::from_utf8_lossy(value),
-                    );
                 }
             }
             b'G' | b'H' | b'W' => {

@@ -24,7 +24,8 @@
 //!   included), in the same form: `E'a'` newline `'\''` is one escape
 //!   string; bit strings (`B'..'`, `X'..'`) have no doubled quotes;
 //! - a plain `'...'` string reads backslashes as the session's
-//!   `standard_conforming_strings` says (see [`Backslashes`]);
+//!   `standard_conforming_strings` says, which is read both ways (see
+//!   [`Backslashes`]);
 //! - a number is digits (with `_` since PostgreSQL 16), a fraction, an
 //!   exponent; letters run on (`123abc`, `0x1F`: an error since
 //!   PostgreSQL 15, a number and an alias before, a hex integer in 16) are
@@ -35,10 +36,12 @@
 //!   in a `$`, so `1$q$..$q$` and `$1$q$..$q$` start dollar quotes.
 //!
 //! Where the text could be read two ways (a backslash in a plain string
-//! when the session's `standard_conforming_strings` is not known), or does
-//! not end where a token does (an unterminated string, comment or dollar
-//! quote), the statement is refused as `Unparsed` rather than risk logging
-//! part of a literal.
+//! whose two readings, by `standard_conforming_strings` on and off, give
+//! different statements; a backslash after a non-ASCII byte, which some
+//! client encodings take as part of a character), or does not end where a
+//! token does (an unterminated string, comment or dollar quote), the
+//! statement is refused as `Unparsed` rather than risk logging part of a
+//! literal.
 //!
 //! Why not PostgreSQL's own parser (the `pg_query` crate, libpg_query): it
 //! builds here (about a minute, with libclang), but its normalization is
@@ -59,15 +62,23 @@ pub enum Unparsed {
     Unterminated,
     #[error("a backslash in a plain string: its meaning depends on standard_conforming_strings")]
     AmbiguousBackslash,
+    #[error("a backslash right after a non-ASCII byte: its meaning depends on client_encoding")]
+    EncodingDependentBackslash,
 }
 
 /// How the server reads a backslash in a plain `'...'` string: the
-/// session's `standard_conforming_strings`, which the server reports in
-/// ParameterStatus (at login and whenever it changes).
+/// session's `standard_conforming_strings`.
+///
+/// A proxy cannot know it for certain when a statement arrives: the server
+/// reports a change in ParameterStatus only at its next ReadyForQuery (a
+/// SET executed before a Flush, not a Sync, is in force unreported), and a
+/// configuration reload on the server changes it between any two
+/// statements. So the query audit reads every statement both ways.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backslashes {
-    /// Not known: a backslash in a plain string makes the statement
-    /// unparsed (`'a\'` ends the string or escapes its quote).
+    /// Not known: the statement is read both ways, and recorded only when
+    /// both readings agree (`'a\b'` is one constant either way; in
+    /// `'a\' , b --'` the `b` is code one way and text the other).
     Unknown,
     /// `standard_conforming_strings = on`: a backslash is a character.
     Literal,
@@ -100,23 +111,55 @@ enum Quoted {
     /// `E'...'` (and plain strings with standard_conforming_strings off):
     /// a backslash escapes the next byte, `''` is a quote.
     Escape,
-    /// A plain string when standard_conforming_strings is not known.
-    Ambiguous,
     /// `B'...'`, `X'...'`: the first quote ends it (`B'1''0'` is two
     /// strings).
     Bits,
 }
 
 /// `sql` with every constant replaced by `$n` and comments removed,
-/// with backslashes in plain strings refused (see [`normalize_with`]).
+/// whatever the session's standard_conforming_strings (see
+/// [`Backslashes::Unknown`]).
 pub fn normalize(sql: &str) -> Result<Normalized, Unparsed> {
     normalize_with(sql, Backslashes::Unknown)
 }
 
 /// `sql` with every constant replaced by `$n` and comments removed,
 /// plain strings read as `backslashes` says.
+///
+/// A backslash right after a byte of 0x80 or more is refused whatever the
+/// setting: in the client encodings whose characters may end in 0x5C
+/// (SJIS, BIG5, GBK, UHC, JOHAB, GB18030) that backslash is half of a
+/// character to the server, not an escape, and the audit cannot know the
+/// session's client_encoding for certain any more than its
+/// standard_conforming_strings.
 pub fn normalize_with(sql: &str, backslashes: Backslashes) -> Result<Normalized, Unparsed> {
-    let tokens = tokenize(sql.as_bytes(), backslashes)?;
+    let b = sql.as_bytes();
+    if b.windows(2).any(|w| w[0] >= 0x80 && w[1] == b'\\') {
+        return Err(Unparsed::EncodingDependentBackslash);
+    }
+    match backslashes {
+        Backslashes::Literal => normalize_as(sql, Quoted::Standard),
+        Backslashes::Escape => normalize_as(sql, Quoted::Escape),
+        Backslashes::Unknown if !b.contains(&b'\\') => normalize_as(sql, Quoted::Standard),
+        Backslashes::Unknown => {
+            match (
+                normalize_as(sql, Quoted::Standard),
+                normalize_as(sql, Quoted::Escape),
+            ) {
+                (Ok(a), Ok(b)) if a == b => Ok(a),
+                (Err(Unparsed::Unterminated), Err(Unparsed::Unterminated)) => {
+                    Err(Unparsed::Unterminated)
+                }
+                _ => Err(Unparsed::AmbiguousBackslash),
+            }
+        }
+    }
+}
+
+/// `sql` normalized with plain strings read as `plain` (Standard or
+/// Escape).
+fn normalize_as(sql: &str, plain: Quoted) -> Result<Normalized, Unparsed> {
+    let tokens = tokenize(sql.as_bytes(), plain)?;
     let mut next = 1 + tokens
         .iter()
         .filter_map(|t| match t {
@@ -152,12 +195,7 @@ pub fn normalize_with(sql: &str, backslashes: Backslashes) -> Result<Normalized,
 /// The tokens of `b`, lexed one after the other from the start as
 /// scan.l's INITIAL state does: every position the loop reaches begins a
 /// token, so no rule needs to look behind it.
-fn tokenize(b: &[u8], backslashes: Backslashes) -> Result<Vec<Token>, Unparsed> {
-    let plain = match backslashes {
-        Backslashes::Unknown => Quoted::Ambiguous,
-        Backslashes::Literal => Quoted::Standard,
-        Backslashes::Escape => Quoted::Escape,
-    };
+fn tokenize(b: &[u8], plain: Quoted) -> Result<Vec<Token>, Unparsed> {
     let mut tokens = Vec::new();
     let mut i = 0;
     while i < b.len() {
@@ -304,7 +342,6 @@ fn quoted_body_end(b: &[u8], i: usize, form: Quoted) -> Result<usize, Unparsed> 
         match b.get(j) {
             None => return Err(Unparsed::Unterminated),
             Some(b'\\') if form == Quoted::Escape => j += 2,
-            Some(b'\\') if form == Quoted::Ambiguous => return Err(Unparsed::AmbiguousBackslash),
             Some(b'\'') if form != Quoted::Bits && b.get(j + 1) == Some(&b'\'') => j += 2,
             Some(b'\'') => return Ok(j + 1),
             Some(_) => j += 1,

@@ -124,9 +124,6 @@ pub struct AuthPhase {
     /// The SASL mechanism the client chose, when it used SASL.
     pub mechanism: Option<String>,
     pub counts: ByteCounts,
-    /// The server's ParameterStatus for standard_conforming_strings at
-    /// login: the query audit reads plain strings by it.
-    pub standard_conforming_strings: Option<String>,
     cancel: CancelContext,
     /// The session's cancel key mapping; dropped with the session.
     registration: Option<Registration>,
@@ -165,7 +162,6 @@ impl AuthPhase {
             outcome: AuthOutcome::Incomplete,
             mechanism: None,
             counts: ByteCounts::default(),
-            standard_conforming_strings: None,
         }
     }
 
@@ -288,15 +284,6 @@ impl AuthPhase {
             let start = at;
             at += len;
             match t {
-                // ParameterStatus.
-                b'S' => {
-                    let mut parts = body.split(|b| *b == 0);
-                    if parts.next() == Some(b"standard_conforming_strings".as_slice()) {
-                        self.standard_conforming_strings = parts
-                            .next()
-                            .map(|v| String::from_utf8_lossy(v).into_owned());
-                    }
-                }
                 tag::AUTHENTICATION => match AuthRequest::parse(body) {
                     Ok(AuthRequest::Ok) => {
                         if let Some(s) = &mut self.session_slot {

@@ -648,11 +648,7 @@ impl Session {
                                 "false" | "off" | "no" | "0"
                             )
                         });
-                        let mut q = self.query_tracker(replication);
-                        if let Some(v) = &auth.standard_conforming_strings {
-                            q.parameter_status("standard_conforming_strings", v);
-                        }
-                        q
+                        self.query_tracker(replication)
                     });
                 let (end, counts) = relay::relay(
                     &mut *conn.io,

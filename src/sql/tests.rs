@@ -202,6 +202,51 @@ fn backslashes_follow_standard_conforming_strings() {
     }
 }
 
+/// Not knowing the setting, both readings are tried: a statement is
+/// normalized when they agree, and refused when they do not.
+#[test]
+fn an_unknown_setting_reads_backslashes_both_ways() {
+    for (sql, want) in [
+        ("select 'a\\b'", "select $1"),
+        (
+            "select 'a\\b', 'c' from t where x = 'd\\\\'",
+            "select $1, $2 from t where x = $3",
+        ),
+        ("select 'a\\nb' -- x", "select $1"),
+    ] {
+        assert_eq!(normalize(sql).unwrap().text, want, "{sql}");
+    }
+    for sql in [
+        "select 'x\\' , canary --'",
+        "select '\\'';create table hidden(x int);--'",
+        "select 'a\\' '",
+    ] {
+        assert_eq!(normalize(sql), Err(Unparsed::AmbiguousBackslash), "{sql}");
+    }
+}
+
+/// In SJIS (and BIG5, GBK, UHC, JOHAB, GB18030) 0x81 0x5C is one
+/// character: the server sees no backslash where the lexer sees an
+/// escape. Whatever the setting, such a statement is refused.
+#[test]
+fn a_backslash_after_a_non_ascii_byte_is_refused() {
+    let sql = "select E'\u{81}\\', 'CANARY' --'";
+    for mode in [
+        Backslashes::Unknown,
+        Backslashes::Literal,
+        Backslashes::Escape,
+    ] {
+        assert_eq!(
+            normalize_with(sql, mode),
+            Err(Unparsed::EncodingDependentBackslash)
+        );
+    }
+    assert_eq!(
+        normalize("select 'é', '\\x' from t").unwrap().text,
+        "select $1, $2 from t"
+    );
+}
+
 #[test]
 fn what_could_leak_is_refused() {
     for (sql, why) in [
