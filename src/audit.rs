@@ -303,7 +303,10 @@ pub enum Event<'a> {
     },
     /// A restart found the file's last line cut (see `audit_chain`).
     #[serde(rename = "audit.resumed")]
-    Resumed { partial_line_bytes: u64 },
+    Resumed {
+        partial_line_bytes: u64,
+        partial_line_sha256: String,
+    },
     #[serde(rename = "session.rejected")]
     Rejected {
         #[serde(flatten)]
@@ -357,19 +360,24 @@ pub struct PreparedAudit {
 /// `resume`: at start, a file that already has lines makes the chain go on
 /// from its last complete line (a restart); a reload to another file goes
 /// on with the chain as it stands, so the new file's first line links to
-/// the last line written to the old one. Returns the length of a partial
-/// last line a restart found (a crash mid-write), which it terminated.
+/// the last line written to the old one. Returns the length and digest of
+/// a partial last line a restart found (a crash mid-write), which it
+/// terminated.
 fn open_sink(
     target: &AuditTarget,
     chain: &Arc<Mutex<Chain>>,
     resume: bool,
-) -> std::io::Result<(Option<Sink>, u64)> {
+) -> std::io::Result<(Option<Sink>, Option<(u64, String)>)> {
     let chained = |t| Sink::spawn_audit(t, QUEUE_LINES, chain.clone());
     Ok(match target {
-        AuditTarget::Off => (None, 0),
-        AuditTarget::Stdout => (Some(chained(SinkTarget::Stdout)?), 0),
+        AuditTarget::Off => (None, None),
+        AuditTarget::Stdout => (Some(chained(SinkTarget::Stdout)?), None),
         AuditTarget::File(path) => {
-            let partial = if resume { resume_from(path, chain)? } else { 0 };
+            let partial = if resume {
+                resume_from(path, chain)?
+            } else {
+                None
+            };
             (Some(chained(SinkTarget::File(path.clone()))?), partial)
         }
     })
@@ -377,8 +385,11 @@ fn open_sink(
 
 /// Points `chain` at the last complete line of an existing file. A
 /// partial line after it (a crash cut it) is ended with a newline, so
-/// the next line is not glued onto it, and its length returned.
-fn resume_from(path: &std::path::Path, chain: &Mutex<Chain>) -> std::io::Result<u64> {
+/// the next line is not glued onto it, and its length and digest returned.
+fn resume_from(
+    path: &std::path::Path,
+    chain: &Mutex<Chain>,
+) -> std::io::Result<Option<(u64, String)>> {
     use std::io::Write;
     let mut f = match std::fs::OpenOptions::new()
         .read(true)
@@ -386,7 +397,7 @@ fn resume_from(path: &std::path::Path, chain: &Mutex<Chain>) -> std::io::Result<
         .open(path)
     {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
     let tail = crate::audit_chain::read_tail(&mut f)?;
@@ -402,7 +413,7 @@ fn resume_from(path: &std::path::Path, chain: &Mutex<Chain>) -> std::io::Result<
             "the audit log ended in a partial line (a crash mid-write): it was terminated and the chain goes on from the last complete line"
         );
     }
-    Ok(tail.partial)
+    Ok(tail.partial_sha256.map(|d| (tail.partial, d)))
 }
 
 impl AuditLog {
@@ -425,11 +436,13 @@ impl AuditLog {
             chain,
             reported: Mutex::new((Instant::now(), 0)),
         };
-        if partial > 0 {
-            // The first line after the cut one says so (and how long it
-            // was), so `audit verify` can tell a crash from an edit.
+        if let Some((bytes, digest)) = partial {
+            // The first line after the cut one says so (how long it was,
+            // and its digest), so `audit verify` can tell a crash from an
+            // edit.
             log.emit(&Event::Resumed {
-                partial_line_bytes: partial,
+                partial_line_bytes: bytes,
+                partial_line_sha256: digest,
             });
         }
         Ok(log)

@@ -129,9 +129,11 @@ pub const CONTINUED: &str = "audit.continued";
 
 /// What a restart records first when the file ended in a partial line (a
 /// crash mid-write): the line after the partial one, linked to the last
-/// complete line, with the partial line's length in `PARTIAL_BYTES`.
+/// complete line, with the partial line's length in `PARTIAL_BYTES` and
+/// its SHA-256 in `PARTIAL_SHA256`.
 pub const RESUMED: &str = "audit.resumed";
 pub const PARTIAL_BYTES: &str = "partial_line_bytes";
+pub const PARTIAL_SHA256: &str = "partial_line_sha256";
 
 impl Chain {
     /// The seq of the last line written (0: none yet).
@@ -155,6 +157,15 @@ pub struct Tail {
     pub last_complete: Option<Vec<u8>>,
     /// Bytes after the last newline: a line cut by a crash (0: none).
     pub partial: u64,
+    /// The SHA-256 (hex) of those bytes, which the restart records so that
+    /// `verify` can tell the cut line the crash left from one put there
+    /// later.
+    pub partial_sha256: Option<String>,
+}
+
+/// The hex SHA-256 of a cut line, as `audit.resumed` records it.
+pub fn cut_digest(bytes: &[u8]) -> String {
+    hex::encode(scram::sha256(bytes))
 }
 
 /// Reads the end of `file` backwards, a chunk at a time, until it has the
@@ -176,15 +187,18 @@ pub fn read_tail<F: std::io::Read + std::io::Seek>(file: &mut F) -> std::io::Res
             let end = newlines[0];
             let start = newlines.get(1).map_or(0, |n| n + 1);
             let line = &buf[(start - pos) as usize..(end - pos) as usize];
+            let last_complete = (!line.is_empty()).then(|| line.to_vec());
             return Ok(Tail {
-                last_complete: (!line.is_empty()).then(|| line.to_vec()),
+                last_complete,
                 partial: len - end - 1,
+                partial_sha256: digest_of_range(file, end + 1, len)?,
             });
         }
         if pos == 0 {
             return Ok(Tail {
                 last_complete: None,
                 partial: len,
+                partial_sha256: digest_of_range(file, 0, len)?,
             });
         }
         let from = pos.saturating_sub(CHUNK);
@@ -205,6 +219,32 @@ pub fn read_tail<F: std::io::Read + std::io::Seek>(file: &mut F) -> std::io::Res
             buf.truncate((end - pos) as usize + 1);
         }
     }
+}
+
+/// The `cut_digest` of bytes `[from, to)` of `file`, read forwards a
+/// chunk at a time (a cut line may be as long as the file); None when the
+/// range is empty.
+fn digest_of_range<F: std::io::Read + std::io::Seek>(
+    file: &mut F,
+    from: u64,
+    to: u64,
+) -> std::io::Result<Option<String>> {
+    use sha2::Digest as _;
+    use std::io::Read;
+    if from >= to {
+        return Ok(None);
+    }
+    file.seek(std::io::SeekFrom::Start(from))?;
+    let mut hasher = sha2::Sha256::new();
+    let mut rest = file.take(to - from);
+    let mut chunk = vec![0; 64 * 1024];
+    loop {
+        match rest.read(&mut chunk)? {
+            0 => break,
+            n => hasher.update(&chunk[..n]),
+        }
+    }
+    Ok(Some(hex::encode(hasher.finalize())))
 }
 
 /// Where a chain breaks: the file (by position in the list), the line
@@ -249,7 +289,8 @@ pub struct Verified {
 }
 
 /// Whether `line` is what a restart left when it found it cut: the next
-/// line is an `audit.resumed` event that gives its length.
+/// line is an `audit.resumed` event that gives its length and digest (so
+/// a line put in its place later, of the same length, is not skipped).
 fn cut_before(line: &[u8], next: Option<&&[u8]>) -> bool {
     let Some(next) = next else {
         return false;
@@ -257,6 +298,7 @@ fn cut_before(line: &[u8], next: Option<&&[u8]>) -> bool {
     serde_json::from_slice::<serde_json::Value>(next).is_ok_and(|v| {
         v.get("event").and_then(|e| e.as_str()) == Some(RESUMED)
             && v.get(PARTIAL_BYTES).and_then(|b| b.as_u64()) == Some(line.len() as u64)
+            && v.get(PARTIAL_SHA256).and_then(|d| d.as_str()) == Some(cut_digest(line).as_str())
     })
 }
 

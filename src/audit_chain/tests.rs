@@ -195,15 +195,30 @@ fn a_line_cut_by_a_crash_and_resumed_verifies_and_is_reported() {
         lines(&text)[2].strip_suffix(b"\n")
     );
     file.push(b'\n');
+    let cut_at = file.len() - 1 - partial;
     let mut c = Chain::resume(d.clone(), tail.last_complete.as_deref().unwrap());
+    let digest = tail.partial_sha256.clone().unwrap();
+    assert_eq!(digest, cut_digest(&file[cut_at..file.len() - 1]));
     for line in [
-        format!("{{\"event\":\"{RESUMED}\",\"{PARTIAL_BYTES}\":{partial}}}"),
+        format!(
+            "{{\"event\":\"{RESUMED}\",\"{PARTIAL_BYTES}\":{partial},\"{PARTIAL_SHA256}\":\"{digest}\"}}"
+        ),
         "{\"event\":\"y\"}".into(),
     ] {
         let stamped = c.stamp(line.as_bytes());
         c.written(&stamped);
         file.extend_from_slice(&stamped);
     }
+    // A line of the same length put in the cut line's place later (here a
+    // complete event) is a break, not a crash (adversarial L2).
+    let mut forged = file.clone();
+    let fake = format!(
+        "{{\"user\":\"ceo\",\"x\":\"{}\"}}",
+        "a".repeat(partial - 21)
+    );
+    assert_eq!(fake.len(), partial);
+    forged[cut_at..cut_at + partial].copy_from_slice(fake.as_bytes());
+    assert_eq!(check(&[&forged], &d).unwrap_err().line, 4);
     let v = check(&[&file], &d).unwrap();
     assert_eq!(v.lines, 5);
     assert_eq!(v.last_seq, Some(5));
@@ -235,7 +250,8 @@ fn the_tail_holds_the_whole_last_line_however_long() {
         tail(file.as_bytes()),
         Tail {
             last_complete: Some(long.clone().into_bytes()),
-            partial: 0
+            partial: 0,
+            partial_sha256: None,
         }
     );
     let cut = format!("{{\"a\":1}}\n{long}\n{}", &long[..200 * 1024]);
@@ -243,7 +259,8 @@ fn the_tail_holds_the_whole_last_line_however_long() {
         tail(cut.as_bytes()),
         Tail {
             last_complete: Some(long.clone().into_bytes()),
-            partial: 200 * 1024
+            partial: 200 * 1024,
+            partial_sha256: Some(cut_digest(&long.as_bytes()[..200 * 1024])),
         }
     );
     assert_eq!(tail(long.as_bytes()).last_complete, None);
@@ -260,7 +277,8 @@ fn the_tail_holds_the_whole_last_line_however_long() {
         tail(b"ab\ncd"),
         Tail {
             last_complete: Some(b"ab".to_vec()),
-            partial: 2
+            partial: 2,
+            partial_sha256: Some(cut_digest(b"cd")),
         }
     );
 }

@@ -1040,14 +1040,29 @@ impl Session {
     /// Refuses a scram-mode login: like `reject`, with how far
     /// authentication got in the audit event.
     async fn reject_auth(self, conn: &mut ClientConn, err: AuthError, facts: &AuthFacts) {
-        if let AuthError::VerifierStale { user, from, .. } = &err {
-            error!(%user, source = %from, "the database server does not accept pgbastion's verifier for this user: refresh the source");
+        // What the operator must fix is logged off the session's path,
+        // after the client has its answer: a user whose password pgbastion
+        // cannot use must take exactly as long to refuse as a wrong
+        // password (the client is told only "password authentication
+        // failed"), so the time of the answer does not say which it was.
+        let session = self.facts.session_id.clone();
+        let note: Option<Box<dyn FnOnce() + Send>> = match &err {
+            AuthError::VerifierStale { user, from, .. } => {
+                let (user, source) = (user.clone(), from.to_string());
+                Some(Box::new(move || {
+                    error!(%session, %user, %source, "the database server does not accept pgbastion's verifier for this user: refresh the source");
+                }))
+            }
+            AuthError::NotScram { user, from, .. } => {
+                let (user, source, hint) = (user.clone(), from.to_string(), err.operator_hint());
+                Some(Box::new(move || warn!(%session, %user, %source, "{hint}")))
+            }
+            _ => None,
+        };
+        self.reject_with(conn, err.into(), Some(facts)).await;
+        if let Some(note) = note {
+            tokio::spawn(async move { note() });
         }
-        if let AuthError::NotScram { user, from, .. } = &err {
-            // The client is told only "password authentication failed".
-            warn!(%user, source = %from, "{}", err.operator_hint());
-        }
-        self.reject_with(conn, err.into(), Some(facts)).await
     }
 
     /// Reads the load balancer's PROXY header, refusing untrusted sources
