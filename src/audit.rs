@@ -360,14 +360,13 @@ pub struct PreparedAudit {
 /// `resume`: at start, a file that already has lines makes the chain go on
 /// from its last complete line (a restart); a reload to another file goes
 /// on with the chain as it stands, so the new file's first line links to
-/// the last line written to the old one. Returns the length and digest of
-/// a partial last line a restart found (a crash mid-write), which it
-/// terminated.
+/// the last line written to the old one. Returns also the partial last
+/// line a restart found (a crash mid-write), which it terminated.
 fn open_sink(
     target: &AuditTarget,
     chain: &Arc<Mutex<Chain>>,
     resume: bool,
-) -> std::io::Result<(Option<Sink>, Option<(u64, String)>)> {
+) -> std::io::Result<(Option<Sink>, Option<CutLine>)> {
     let chained = |t| Sink::spawn_audit(t, QUEUE_LINES, chain.clone());
     Ok(match target {
         AuditTarget::Off => (None, None),
@@ -383,13 +382,16 @@ fn open_sink(
     })
 }
 
+/// A last line a crash cut: its length and `audit_chain::cut_digest`.
+struct CutLine {
+    bytes: u64,
+    sha256: String,
+}
+
 /// Points `chain` at the last complete line of an existing file. A
 /// partial line after it (a crash cut it) is ended with a newline, so
 /// the next line is not glued onto it, and its length and digest returned.
-fn resume_from(
-    path: &std::path::Path,
-    chain: &Mutex<Chain>,
-) -> std::io::Result<Option<(u64, String)>> {
+fn resume_from(path: &std::path::Path, chain: &Mutex<Chain>) -> std::io::Result<Option<CutLine>> {
     use std::io::Write;
     let mut f = match std::fs::OpenOptions::new()
         .read(true)
@@ -413,7 +415,10 @@ fn resume_from(
             "the audit log ended in a partial line (a crash mid-write): it was terminated and the chain goes on from the last complete line"
         );
     }
-    Ok(tail.partial_sha256.map(|d| (tail.partial, d)))
+    Ok(tail.partial_sha256.map(|sha256| CutLine {
+        bytes: tail.partial,
+        sha256,
+    }))
 }
 
 impl AuditLog {
@@ -436,13 +441,13 @@ impl AuditLog {
             chain,
             reported: Mutex::new((Instant::now(), 0)),
         };
-        if let Some((bytes, digest)) = partial {
+        if let Some(cut) = partial {
             // The first line after the cut one says so (how long it was,
             // and its digest), so `audit verify` can tell a crash from an
             // edit.
             log.emit(&Event::Resumed {
-                partial_line_bytes: bytes,
-                partial_line_sha256: digest,
+                partial_line_bytes: cut.bytes,
+                partial_line_sha256: cut.sha256,
             });
         }
         Ok(log)
