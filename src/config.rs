@@ -1316,7 +1316,7 @@ impl RawConfig {
                         "rule {:?}: {what} could let in a client of listener {:?}, whose tailnet identity \
                          is looked up from the PROXY header's address and proxy_trusted ({}) admits senders \
                          beyond a few known hosts, any of which could claim a tailnet address; list only \
-                         the balancers' or tailscaled's own addresses (networks of at most {} addresses) in \
+                         the balancers' or tailscaled's own addresses (at most {} addresses in all) in \
                          proxy_trusted, or limit the rule with listeners = [...]",
                         r.name,
                         l.name,
@@ -1389,14 +1389,21 @@ pub const MAX_TRUSTED_PROXY_ADDRESSES: u32 = 256;
 /// A few named hosts (the balancers, `tailscale serve` on this host) are a
 /// deliberate choice; a broad network is a mistake waiting for a stranger.
 fn identity_forgeable_by_proxy_header(l: &ListenerConfig) -> bool {
+    // Counted over every entry: 256 networks of 256 addresses each are as
+    // broad as one /16.
+    let senders: u128 = l
+        .proxy_trusted
+        .iter()
+        // Loopback is this host, however wide it is written.
+        .filter(|net| !net.network().is_loopback())
+        .map(|net| {
+            let host_bits = u32::from(net.max_prefix_len() - net.prefix_len());
+            1u128.checked_shl(host_bits).unwrap_or(u128::MAX)
+        })
+        .fold(0u128, u128::saturating_add);
     matches!(l.identity, ListenerIdentity::Tailscale)
         && l.proxy_protocol == ProxyProtocol::Required
-        && l.proxy_trusted.iter().any(|net| {
-            let host_bits = net.max_prefix_len() - net.prefix_len();
-            // Loopback is this host, however wide it is written.
-            !net.network().is_loopback()
-                && host_bits > MAX_TRUSTED_PROXY_ADDRESSES.trailing_zeros() as u8
-        })
+        && senders > u128::from(MAX_TRUSTED_PROXY_ADDRESSES)
 }
 
 fn check_unique<'a>(names: impl Iterator<Item = &'a str>, what: &str) -> Result<(), ConfigError> {
@@ -1910,10 +1917,12 @@ mod credential_tests {
             format!("[[rule]]\nname = \"r\"\nlisteners = [\"ts\"]\nlogin = \"identity\"\n{cred}"),
             "[[rule]]\nname = \"r\"\nlisteners = [\"ts\"]\nadmin = true\n".to_owned(),
         ] {
+            // Two /24s: more than 256 senders in all.
             for broad in [
                 "\"0.0.0.0/0\"",
                 "\"10.0.0.0/8\"",
                 "\"127.0.0.1/32\", \"::/0\"",
+                "\"192.0.2.0/24\", \"198.51.100.0/24\"",
             ] {
                 let err = with(&format!("{}{rule}", tailnet(broad)))
                     .unwrap_err()
@@ -1926,7 +1935,7 @@ mod credential_tests {
                 );
             }
             // Named hosts (a balancer pair, tailscaled on this host): a choice.
-            for narrow in ["\"127.0.0.0/8\"", "\"192.0.2.0/24\", \"2001:db8::1/128\""] {
+            for narrow in ["\"127.0.0.0/8\"", "\"192.0.2.0/25\", \"2001:db8::1/128\""] {
                 with(&format!("{}{rule}", tailnet(narrow))).unwrap();
             }
         }
