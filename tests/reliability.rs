@@ -860,6 +860,54 @@ async fn idle_sessions_logins_and_consoles_end_at_once_on_shutdown() {
     assert!(started.elapsed() < prompt, "{:?}", started.elapsed());
 }
 
+/// Issue 19 adversarial L1: a connection that had not sent its startup
+/// packet (nothing at all, half a length word, or an SSLRequest and no
+/// handshake) held the exit for the drain deadline and 3 s more. Now they
+/// are closed at once and say nothing, as PostgreSQL does; the drain here
+/// is 60 s and the startup deadline 120 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_without_a_startup_packet_do_not_delay_shutdown() {
+    let env = Env::new();
+    let proxy = env.proxy(
+        "allow",
+        "[timeouts]\nshutdown_drain = \"60s\"\nclient_startup = \"120s\"\n",
+    );
+    let addr = proxy.addr();
+    let silent = raw(addr).await;
+    let mut partial = raw(addr).await;
+    partial.write_all(&[0, 0]).await.unwrap();
+    let mut tls_pending = raw(addr).await;
+    tls_pending
+        .write_all(&pgbastion::protocol::startup::ssl_request())
+        .await
+        .unwrap();
+    // Answered: accepted, and so were the two before it.
+    assert_eq!(tls_pending.read_u8().await.unwrap(), b'S');
+
+    let started = std::time::Instant::now();
+    let stopped = tokio::task::spawn_blocking(move || drop(proxy));
+    let prompt = Duration::from_secs(15);
+    for (what, mut stream) in [
+        ("silent", silent),
+        ("partial", partial),
+        ("tls_pending", tls_pending),
+    ] {
+        let mut b = [0u8; 64];
+        let read = tokio::time::timeout(prompt, stream.read(&mut b))
+            .await
+            .unwrap_or_else(|_| panic!("the {what} connection is closed at once"));
+        assert!(
+            matches!(read, Ok(0) | Err(_)),
+            "the {what} connection is told nothing: {read:?}"
+        );
+    }
+    tokio::time::timeout(prompt, stopped)
+        .await
+        .expect("pgbastion exits without waiting for the drain deadline")
+        .unwrap();
+    assert!(started.elapsed() < prompt, "{:?}", started.elapsed());
+}
+
 /// Issue 19 "also decide": strangers spending `failed_logins_per_user`
 /// from a few addresses kept the user locked out everywhere. The real user
 /// with the right password from an address with a clean record gets in;

@@ -9,9 +9,16 @@
 //! addresses. Unless `limits.failed_logins_per_user_strict` is set, a user
 //! whose budget is spent may still log in from an address with no recent
 //! failure, with a correct proof only: such an address gets the exchange,
-//! and a wrong proof is refused as throttled (and spends the address's
-//! budget, so it is not clean any more). Guessing a locked-out user's
-//! password then costs an address with a clean record per guess.
+//! and a wrong proof is refused as throttled (and makes the address
+//! unclean). Guessing a locked-out user's password then costs an address
+//! with a clean record per guess.
+//!
+//! "No recent failure" means none within `failed_login_window`, the window
+//! the per-user budget is counted over, not "the address's bucket has
+//! refilled": that bucket refills one failure in `window / n` (6 s by
+//! default), which let three addresses make fifteen guesses in 26 s against
+//! a locked-out user (issue 19 adversarial M2). Per address, a locked-out
+//! user's password can be guessed at most once per window.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -67,6 +74,12 @@ pub fn user_admission(
 
 pub struct LoginThrottle {
     by_address: Mutex<KeyedBuckets<Option<IpAddr>>>,
+    /// One token per address, refilled over a whole window: full exactly
+    /// when the address's last failure is older than the window (a clean
+    /// record). Its eviction rules keep every address that failed within
+    /// the window; once 10,000 have, new addresses share one bucket, which
+    /// fails closed (not clean).
+    recent_failure: Mutex<KeyedBuckets<Option<IpAddr>>>,
     by_user: Mutex<KeyedBuckets<String>>,
     ipv6_prefix: AtomicU8,
     strict: AtomicBool,
@@ -100,6 +113,15 @@ fn rates(limits: &Limits) -> ((f64, f64), (f64, f64)) {
     ((a / window, a), (u / window, u))
 }
 
+/// Refill rate and burst of the clean-record table: one failure per window.
+fn clean_rate(limits: &Limits) -> (f64, f64) {
+    let window = limits
+        .failed_login_window
+        .as_secs_f64()
+        .max(f64::MIN_POSITIVE);
+    (1.0 / window, 1.0)
+}
+
 impl LoginThrottle {
     /// New limits (a reload); failures counted so far still count.
     pub fn configure(&self, limits: &Limits) {
@@ -112,6 +134,8 @@ impl LoginThrottle {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .set_rate(ur, ub);
+        let (cr, cb) = clean_rate(limits);
+        lock(&self.recent_failure).set_rate(cr, cb);
         self.ipv6_prefix
             .store(limits.ipv6_prefix, Ordering::Relaxed);
         self.strict
@@ -124,8 +148,10 @@ impl LoginThrottle {
 
     pub fn new(limits: &Limits) -> LoginThrottle {
         let ((ar, ab), (ur, ub)) = rates(limits);
+        let (cr, cb) = clean_rate(limits);
         LoginThrottle {
             by_address: Mutex::new(KeyedBuckets::new(ar, ab)),
+            recent_failure: Mutex::new(KeyedBuckets::new(cr, cb)),
             by_user: Mutex::new(KeyedBuckets::new(ur, ub)),
             ipv6_prefix: AtomicU8::new(limits.ipv6_prefix),
             strict: AtomicBool::new(limits.failed_logins_per_user_strict),
@@ -134,15 +160,17 @@ impl LoginThrottle {
 
     /// Whether a login may be tried now, and how.
     pub fn check(&self, addr: Option<IpAddr>, user: &str) -> Result<LoginCheck, Throttled> {
-        let now = Instant::now();
+        self.check_at(addr, user, Instant::now())
+    }
+
+    fn check_at(
+        &self,
+        addr: Option<IpAddr>,
+        user: &str,
+        now: Instant,
+    ) -> Result<LoginCheck, Throttled> {
         let addr = self.key(addr);
-        let (wait, clean) = {
-            let by_address = lock(&self.by_address);
-            (
-                by_address.wait(&addr, now),
-                by_address.is_untouched(&addr, now),
-            )
-        };
+        let wait = lock(&self.by_address).wait(&addr, now);
         if !wait.is_zero() {
             return Err(Throttled {
                 by: ThrottledBy::Address,
@@ -150,14 +178,22 @@ impl LoginThrottle {
             });
         }
         let wait = lock(&self.by_user).wait(&user.to_owned(), now);
+        if wait.is_zero() {
+            return Ok(LoginCheck::Open);
+        }
+        let clean = lock(&self.recent_failure).is_untouched(&addr, now);
         user_admission(wait, clean, self.strict.load(Ordering::Relaxed))
     }
 
     /// Counts a failed login against the address and the user.
     pub fn failed(&self, addr: Option<IpAddr>, user: &str) {
-        let now = Instant::now();
+        self.failed_at(addr, user, Instant::now());
+    }
+
+    fn failed_at(&self, addr: Option<IpAddr>, user: &str, now: Instant) {
         let addr = self.key(addr);
         lock(&self.by_address).take(&addr, now);
+        lock(&self.recent_failure).take(&addr, now);
         lock(&self.by_user).take(&user.to_owned(), now);
     }
 }
@@ -298,5 +334,59 @@ mod tests {
             t.check(fresh, "postgres").unwrap_err().by,
             ThrottledBy::User
         );
+    }
+
+    /// Issue 19 adversarial M2: with the default per-address budget (ten a
+    /// minute) an address's bucket is full again 6 s after a failure, and
+    /// that counted as a clean record: three addresses got fifteen guesses
+    /// in 26 s against a locked-out user. Now an address is clean only once
+    /// its last failure is a whole window old.
+    #[test]
+    fn a_locked_out_user_gets_one_guess_per_address_per_window() {
+        let t = LoginThrottle::new(&limits(10, 3));
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let attackers: Vec<_> = (1..=3u8)
+            .map(|i| Some(IpAddr::from([10, 0, 0, i])))
+            .collect();
+        let spender = Some(IpAddr::from([10, 9, 9, 9]));
+        // Someone keeps the user's budget spent all along.
+        let keep_spent = |now: Instant| {
+            while lock(&t.by_user).wait(&"app".to_owned(), now).is_zero() {
+                t.failed_at(spender, "app", now);
+            }
+        };
+        let mut guesses = 0;
+        let mut last = t0;
+        for s in 0..110 {
+            let now = at(s);
+            keep_spent(now);
+            for &a in &attackers {
+                match t.check_at(a, "app", now) {
+                    Ok(LoginCheck::ProofOnly(_)) => {
+                        guesses += 1;
+                        last = now;
+                        t.failed_at(a, "app", now);
+                    }
+                    Ok(LoginCheck::Open) => panic!("the user is locked out"),
+                    Err(e) => assert_eq!(e.by, ThrottledBy::User),
+                }
+            }
+        }
+        // At second 0, and a window later, from each address.
+        assert_eq!(guesses, 6, "one guess per address per window");
+        let a = attackers[2];
+        let almost = last + Duration::from_secs(59);
+        keep_spent(almost);
+        assert_eq!(
+            t.check_at(a, "app", almost).unwrap_err().by,
+            ThrottledBy::User
+        );
+        let after = last + Duration::from_millis(60_001);
+        keep_spent(after);
+        assert!(matches!(
+            t.check_at(a, "app", after),
+            Ok(LoginCheck::ProofOnly(_))
+        ));
     }
 }

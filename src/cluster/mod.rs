@@ -313,7 +313,11 @@ impl Cluster {
 
     /// Whether the fleet has counted too many failed logins from `addr` or
     /// for `user` in the current window (see `throttle::user_admission`
-    /// for a user whose budget is spent).
+    /// for a user whose budget is spent). The address is clean when it has
+    /// no failure in its window: as in the local throttle, not "some of its
+    /// budget refilled", and since a guess from a clean address starts a
+    /// whole window, a locked-out user gets at most one guess per address
+    /// per window (issue 19 adversarial M2).
     pub async fn check_failures(
         &self,
         addr: Option<IpAddr>,

@@ -276,10 +276,17 @@ impl Session {
             peer_cert: None,
             binding: None,
         };
+        // Until the startup packet, a shutdown closes the connection at
+        // once and says nothing, as PostgreSQL does (issue 19 adversarial
+        // L1: it held the exit for the drain deadline and 3 s more).
+        let unstarted_at_shutdown =
+            || debug!("shutting down: closed a connection that sent no startup packet");
         if self.listener.proxy_protocol == ProxyProtocol::Required {
-            let stated = match self.read_proxy_header(&mut conn).await {
-                Ok(stated) => stated,
-                Err(e) => return self.reject(&mut conn, e).await,
+            let shared = self.shared.clone();
+            let stated = match unless_shutdown(&shared, self.read_proxy_header(&mut conn)).await {
+                Some(Ok(stated)) => stated,
+                Some(Err(e)) => return self.reject(&mut conn, e).await,
+                None => return unstarted_at_shutdown(),
             };
             if let Some(ip) = stated {
                 if !pending.readdress(ip) {
@@ -293,12 +300,18 @@ impl Session {
         }
         let t = self.settings.timeouts.clone();
         let deadline = tokio::time::Instant::now() + t.client_startup;
-        let negotiated = timeout_at(
-            deadline,
-            conn.negotiate(self.listener.acceptor.as_ref(), self.listener.client_tls),
+        let negotiated = unless_shutdown(
+            &self.shared,
+            timeout_at(
+                deadline,
+                conn.negotiate(self.listener.acceptor.as_ref(), self.listener.client_tls),
+            ),
         )
-        .await
-        .unwrap_or(Err(SessionError::ClientTimeout(t.client_startup)));
+        .await;
+        let Some(negotiated) = negotiated else {
+            return unstarted_at_shutdown();
+        };
+        let negotiated = negotiated.unwrap_or(Err(SessionError::ClientTimeout(t.client_startup)));
         self.facts.client_tls = Some(conn.transport.clone());
         // Negotiation read in generous chunks; a login that stalls from
         // here on holds only what is left unread (issue 19 item 18).
