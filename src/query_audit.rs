@@ -21,6 +21,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::sql;
 
+mod names;
+use names::{Bound, Name, Overlay, Step};
+
 /// Longer statements are recorded as unparsed, with their length.
 pub const MAX_STATEMENT: usize = 256 * 1024;
 /// Server messages whose body is read (CommandComplete, ErrorResponse)
@@ -28,9 +31,9 @@ pub const MAX_STATEMENT: usize = 256 * 1024;
 const MAX_ANSWER: usize = 16 * 1024;
 /// Statements sent and not yet answered.
 pub const MAX_PENDING: usize = 10_000;
-/// Extended-protocol messages (Parse, Bind, Describe, Close) awaiting
-/// their answers: a byte each.
-const MAX_STEPS: usize = 1 << 20;
+/// Bytes of extended-protocol messages (Parse, Bind, Describe, Close)
+/// awaiting their answers (their names, and a few words each).
+const MAX_STEPS: usize = 16 << 20;
 /// Prepared statements and portals remembered per session.
 const MAX_NAMES: usize = 10_000;
 /// Statement text one session's audit holds at once (its prepared
@@ -46,7 +49,8 @@ pub enum Statement {
     Text(Arc<str>),
     /// Not recorded: too long, not UTF-8, or not safely normalizable.
     Unparsed { len: usize, why: &'static str },
-    /// A prepared statement this session's audit did not see prepared.
+    /// A prepared statement or portal this session's audit does not know:
+    /// prepared or DECLAREd in SQL, or forgotten past its bounds.
     Unknown,
 }
 
@@ -94,6 +98,10 @@ struct Waiting {
     /// Bytes of `MAX_HELD` this statement's text counts for (given back
     /// when it is recorded).
     held: usize,
+    /// An Execute of this portal: its statement is the one the portal
+    /// holds when the server runs it (or, skipped, the one the client
+    /// meant).
+    execute: Option<Name>,
 }
 
 enum Pending {
@@ -107,8 +115,8 @@ enum Pending {
     /// answers in order: `P`arse (ParseComplete), `B`ind (BindComplete),
     /// `D`escribe (RowDescription or NoData), `C`lose (CloseComplete).
     /// Their errors matter: after one the server skips to the next Sync.
-    /// Consecutive ones share an entry (one byte each).
-    Steps(VecDeque<u8>),
+    /// Consecutive ones share an entry.
+    Steps(VecDeque<Step>),
 }
 
 /// Frames one direction's byte stream into messages, keeping the bodies
@@ -189,8 +197,13 @@ pub struct QueryTracker {
     client: Frames,
     server: Frames,
     pending: VecDeque<Pending>,
+    /// Prepared statements and portals as the server has them (see
+    /// `names`).
     prepared: HashMap<String, Statement>,
-    portals: HashMap<String, String>,
+    portals: HashMap<String, Bound>,
+    /// What the client meant in a run the server skips, while there is
+    /// one.
+    overlay: Option<Overlay>,
     redact: bool,
     /// A replication connection: its simple queries are replication
     /// commands.
@@ -207,7 +220,7 @@ pub struct QueryTracker {
     recorded: u64,
     /// Statement text held, against `MAX_HELD`.
     held: usize,
-    /// Entries of the `Pending::Steps`, against `MAX_STEPS`.
+    /// Bytes of the `Pending::Steps`, against `MAX_STEPS`.
     steps: usize,
     /// The server answered an extended-protocol message with an error and
     /// no Sync has been sent since: it discards everything the client
@@ -243,6 +256,7 @@ impl QueryTracker {
             pending: VecDeque::new(),
             prepared: HashMap::new(),
             portals: HashMap::new(),
+            overlay: None,
             redact,
             replication,
             copy_in: false,
@@ -282,6 +296,8 @@ impl QueryTracker {
     /// client reset the connection, half-closed it, or the server ended
     /// the session mid-statement: the server may have run it).
     pub fn end_of_session(&mut self) {
+        // What was sent is taken as done, to record what the client meant.
+        self.overlay.get_or_insert_with(Overlay::default);
         while let Some(p) = self.pending.pop_front() {
             match p {
                 Pending::Simple(mut w) | Pending::Execute(mut w) | Pending::Call(mut w) => {
@@ -290,9 +306,11 @@ impl QueryTracker {
                     }
                     self.finish(w);
                 }
-                Pending::Sync | Pending::CopyEnd | Pending::Steps(_) => {}
+                Pending::Steps(q) => q.into_iter().for_each(|step| self.overlay(step)),
+                Pending::Sync | Pending::CopyEnd => {}
             }
         }
+        self.end_overlay();
     }
 
     /// Why tracking stopped, if it did.
@@ -327,7 +345,7 @@ impl QueryTracker {
         let mut messages = Vec::new();
         let fed = self.server.feed(
             data,
-            |tag| matches!(tag, b'C' | b'E').then_some(MAX_ANSWER),
+            |tag| matches!(tag, b'C' | b'E' | b'Z').then_some(MAX_ANSWER),
             |tag, body, _, _| messages.push((tag, body.to_vec())),
         );
         for (tag, body) in messages {
@@ -348,6 +366,7 @@ impl QueryTracker {
         self.pending.clear();
         self.prepared.clear();
         self.portals.clear();
+        self.overlay = None;
         self.held = 0;
         self.steps = 0;
         self.skipping = false;
@@ -370,13 +389,6 @@ impl QueryTracker {
                 (Statement::Text(t), n)
             }
             other => (other, 0),
-        }
-    }
-
-    /// A prepared statement is forgotten (closed, or replaced).
-    fn forget(&mut self, s: Option<Statement>) {
-        if let Some(Statement::Text(t)) = s {
-            self.held = self.held.saturating_sub(t.len());
         }
     }
 
@@ -425,8 +437,15 @@ impl QueryTracker {
                     self.finish(w);
                     return;
                 }
-                Pending::Sync => self.skipping = false,
-                Pending::CopyEnd | Pending::Steps(_) => return,
+                Pending::Sync => {
+                    self.skipping = false;
+                    self.end_overlay();
+                }
+                Pending::CopyEnd => return,
+                Pending::Steps(q) => {
+                    q.into_iter().for_each(|step| self.overlay(step));
+                    return;
+                }
             }
         }
         if self.pending.len() >= MAX_PENDING {
@@ -452,20 +471,25 @@ impl QueryTracker {
             },
             at: Instant::now(),
             held: 0,
+            execute: None,
         }
     }
 
     /// An extended-protocol message that is not a statement: its answer
     /// (or error) comes in its turn.
-    fn push_step(&mut self, step: u8) {
+    fn push_step(&mut self, step: Step) {
         if self.skipping {
+            // Skipped by the server: it changes only what the skipped
+            // run's statements meant.
+            self.overlay(step);
             return;
         }
-        if self.steps >= MAX_STEPS {
-            self.stop("more than 1048576 protocol messages waiting for answers");
+        if self.steps + step.cost() > MAX_STEPS {
+            self.forget_step(step);
+            self.stop("more than 16 MiB of protocol messages waiting for answers");
             return;
         }
-        self.steps += 1;
+        self.steps += step.cost();
         if let Some(Pending::Steps(q)) = self.pending.back_mut() {
             q.push_back(step);
         } else {
@@ -473,30 +497,52 @@ impl QueryTracker {
         }
     }
 
-    /// The answer to the step in front (`step`: which message it answers):
-    /// false when the step in front is another one.
-    fn answered_step(&mut self, step: u8) -> bool {
+    fn forget_step(&mut self, step: Step) {
+        if let Step::Parse { statement, .. } = step {
+            self.forget(Some(statement));
+        }
+    }
+
+    /// The answer to the step in front (`answer`: '1', '2', '3', or 'T'
+    /// for a Describe's): it takes effect. False when the step in front
+    /// is another one.
+    fn answered_step(&mut self, answer: u8) -> bool {
         let Some(Pending::Steps(q)) = self.pending.front_mut() else {
             return false;
         };
-        if q.front() != Some(&step) {
+        if q.front().map(Step::answer) != Some(answer) {
             return false;
         }
-        q.pop_front();
-        self.steps = self.steps.saturating_sub(1);
+        let Some(step) = q.pop_front() else {
+            return false;
+        };
         if q.is_empty() {
             self.pending.pop_front();
         }
+        self.steps = self.steps.saturating_sub(step.cost());
+        self.apply(step);
         true
+    }
+
+    /// Steps the server skips: they change only the skipped run's view.
+    fn skip_steps(&mut self, q: VecDeque<Step>) {
+        for step in q {
+            self.steps = self.steps.saturating_sub(step.cost());
+            self.overlay(step);
+        }
     }
 
     /// The server skips what the client sent up to the next Sync: the
     /// statements among it are recorded as not executed. With no Sync
     /// sent yet, what the client sends next is skipped too.
     fn skip_to_sync(&mut self) {
+        self.overlay.get_or_insert_with(Overlay::default);
         loop {
             match self.pending.front() {
-                Some(Pending::Sync) => return,
+                Some(Pending::Sync) => {
+                    self.end_overlay();
+                    return;
+                }
                 None => {
                     self.skipping = true;
                     return;
@@ -508,7 +554,7 @@ impl QueryTracker {
                         w.record.outcome = "not_executed";
                         self.finish(w);
                     }
-                    Some(Pending::Steps(q)) => self.steps = self.steps.saturating_sub(q.len()),
+                    Some(Pending::Steps(q)) => self.skip_steps(q),
                     _ => {}
                 },
             }
@@ -533,69 +579,44 @@ impl QueryTracker {
             b'P' => {
                 // name \0 query \0 (parameter types follow).
                 let mut parts = body.splitn(3, |b| *b == 0);
-                let name = String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
+                let name = names::name(parts.next().unwrap_or_default());
                 let s = match parts.next() {
                     _ if cut => self.statement(&[], len, true),
                     Some(q) => self.statement(q, q.len(), false),
                     None => Statement::Unknown,
                 };
-                if self.prepared.len() < MAX_NAMES || self.prepared.contains_key(&name) {
-                    let old = self.prepared.remove(&name);
-                    self.forget(old);
-                    let (s, _) = self.hold(s);
-                    self.prepared.insert(name, s);
-                }
-                self.push_step(b'P');
+                let (statement, _) = self.hold(s);
+                self.push_step(Step::Parse { name, statement });
             }
             b'B' => {
                 // portal \0 statement \0 ...: the parameter values after
                 // them are never looked at.
                 let mut parts = body.splitn(3, |b| *b == 0);
-                let portal = String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
-                let stmt = String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
-                if self.portals.len() < MAX_NAMES || self.portals.contains_key(&portal) {
-                    self.portals.insert(portal, stmt);
-                }
-                self.push_step(b'B');
+                let portal = names::name(parts.next().unwrap_or_default());
+                let statement = names::name(parts.next().unwrap_or_default());
+                self.push_step(Step::Bind { portal, statement });
             }
             b'E' => {
                 let portal = body.split(|b| *b == 0).next().unwrap_or_default();
-                let name = self
-                    .portals
-                    .get(String::from_utf8_lossy(portal).as_ref())
-                    .cloned()
-                    .unwrap_or_default();
-                // A name this session did not prepare (or a malformed
-                // Bind) is not repeated in the audit: it is the client's
-                // text, and the server refuses it anyway.
-                let (s, name) = match self.prepared.get(&name) {
-                    Some(s) => (s.clone(), name),
-                    None => (Statement::Unknown, String::new()),
-                };
-                self.push(Pending::Execute(Self::waiting(
-                    s,
-                    Protocol::Extended { name },
-                )));
+                let mut w = Self::waiting(
+                    Statement::Unknown,
+                    Protocol::Extended {
+                        name: String::new(),
+                    },
+                );
+                w.execute = Some(names::name(portal));
+                self.push(Pending::Execute(w));
             }
             b'C' => {
                 // Close: 'S' statement or 'P' portal, then its name.
-                if let Some((&kind, rest)) = body.split_first() {
-                    let name = String::from_utf8_lossy(rest.strip_suffix(&[0]).unwrap_or(rest))
-                        .into_owned();
-                    match kind {
-                        b'S' => {
-                            let old = self.prepared.remove(&name);
-                            self.forget(old);
-                        }
-                        b'P' => {
-                            self.portals.remove(&name);
-                        }
-                        _ => {}
-                    }
-                }
-                self.push_step(b'C');
+                let (kind, rest) = body.split_first().unwrap_or((&0, &[]));
+                let name = names::name(rest.strip_suffix(&[0]).unwrap_or(rest));
+                self.push_step(Step::Close {
+                    portal: *kind == b'P',
+                    name,
+                });
             }
-            b'D' => self.push_step(b'D'),
+            b'D' => self.push_step(Step::Describe),
             // PostgreSQL ignores a Sync while it is in COPY FROM STDIN
             // (tokio-postgres sends one right after the Execute).
             b'S' if self.copy_in => {}
@@ -611,6 +632,11 @@ impl QueryTracker {
     }
 
     fn finish(&mut self, mut w: Waiting) {
+        if let Some(portal) = w.execute.take() {
+            let (statement, name) = self.resolve(portal.as_deref());
+            w.record.statement = statement;
+            w.record.protocol = Protocol::Extended { name };
+        }
         w.record.duration = w.at.elapsed();
         self.held = self.held.saturating_sub(w.held);
         self.recorded += 1;
@@ -631,11 +657,13 @@ impl QueryTracker {
                     b'I' => (Some("EMPTY".to_owned()), None),
                     _ => (None, None),
                 };
+                let done = command.clone();
                 match self.pending.front_mut() {
                     Some(Pending::Simple(w)) => {
                         w.record.tag = command;
                         w.record.rows = rows;
                         w.record.commands += 1;
+                        self.completed(done.as_deref());
                     }
                     Some(Pending::Execute(_)) => {
                         if let Some(Pending::Execute(mut w)) = self.pending.pop_front() {
@@ -646,6 +674,7 @@ impl QueryTracker {
                                 w.record.outcome = "suspended";
                             }
                             self.finish(w);
+                            self.completed(done.as_deref());
                         }
                     }
                     _ => {}
@@ -670,8 +699,11 @@ impl QueryTracker {
                     // Execute follows in the same run, its statement is
                     // the one that failed.
                     Some(Pending::Steps(_)) => {
+                        // The failed step and those after it are skipped:
+                        // the server's names stay as they were.
+                        self.overlay.get_or_insert_with(Overlay::default);
                         if let Some(Pending::Steps(q)) = self.pending.pop_front() {
-                            self.steps = self.steps.saturating_sub(q.len());
+                            self.skip_steps(q);
                         }
                         if let Some(Pending::Execute(_)) = self.pending.front() {
                             if let Some(Pending::Execute(mut w)) = self.pending.pop_front() {
@@ -704,23 +736,24 @@ impl QueryTracker {
                     self.entered_copy_in();
                 }
             }
-            b'1' | b'2' | b'3' => {
-                let step = match tag {
-                    b'1' => b'P',
-                    b'2' => b'B',
-                    _ => b'C',
-                };
-                if !self.answered_step(step) {
-                    self.stop("an answer did not match the statements sent");
-                }
+            b'1' | b'2' | b'3' if !self.answered_step(tag) => {
+                self.stop("an answer did not match the statements sent");
             }
             // A Describe's answer; a simple query's RowDescription is not.
             b'T' | b'n' => {
-                self.answered_step(b'D');
+                self.answered_step(b'T');
             }
             b'Z' => match self.pending.pop_front() {
-                Some(Pending::Simple(w)) | Some(Pending::Call(w)) => self.finish(w),
-                Some(Pending::Sync | Pending::CopyEnd) | None => {}
+                Some(Pending::Simple(w)) => {
+                    self.finish(w);
+                    self.simple_query_ran();
+                    self.ready(body.first().copied());
+                }
+                Some(Pending::Call(w)) => {
+                    self.finish(w);
+                    self.ready(body.first().copied());
+                }
+                Some(Pending::Sync | Pending::CopyEnd) | None => self.ready(body.first().copied()),
                 Some(other @ (Pending::Execute(_) | Pending::Steps(_))) => {
                     // An Execute or a Parse, Bind, ... answered by nothing
                     // but ReadyForQuery: not a conversation this tracker

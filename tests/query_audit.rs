@@ -826,3 +826,110 @@ with psycopg.connect(sys.argv[1], autocommit=True) as conn:
     );
     assert_eq!(end["query_audit"]["statements"], events.len());
 }
+
+/// Issue 19 adversarial H3/H4/H5 through the real server: raw protocol
+/// messages written beneath psycopg on its (plaintext) socket. Each
+/// Execute is recorded with the statement the server ran, or as unknown:
+/// a portal keeps the statement it was bound to (H3); a Parse the server
+/// refuses changes nothing (H4); a portal gone with its transaction, or a
+/// cursor DECLAREd in SQL, is unknown (H5). Before, the audit recorded
+/// `select $1 as harmless` with the CREATE TABLE's tag, and the unnamed
+/// statement's text for the cursor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_execute_is_recorded_as_the_statement_the_server_ran() {
+    let env = Env::new();
+    let proxy = env.proxy(
+        "allow",
+        "[[rule]]\nname = \"audited\"\naudit_queries = \"statements\"\n",
+    );
+    let script = r#"
+import os, socket, struct, sys, psycopg
+conn = psycopg.connect(sys.argv[1], autocommit=True)
+s = socket.socket(fileno=os.dup(conn.pgconn.socket))
+s.setblocking(True)
+def m(t, b): return t + struct.pack("!i", len(b) + 4) + b
+def c(x): return x.encode() + b"\0"
+P = lambda n, q: m(b"P", c(n) + c(q) + b"\0\0")
+B = lambda p, n: m(b"B", c(p) + c(n) + b"\0\0\0\0\0\0")
+E = lambda p: m(b"E", c(p) + b"\0\0\0\0")
+CLOSE = lambda k, n: m(b"C", k + c(n))
+S = m(b"S", b"")
+Q = lambda q: m(b"Q", c(q))
+buf = b""
+def run(data):
+    global buf
+    s.sendall(data)
+    seen = []
+    while True:
+        while len(buf) < 5 or len(buf) < 1 + struct.unpack("!i", buf[1:5])[0]:
+            chunk = s.recv(65536)
+            assert chunk, seen
+            buf += chunk
+        n = 1 + struct.unpack("!i", buf[1:5])[0]
+        msg, buf = buf[:n], buf[n:]
+        if msg[:1] == b"E":
+            seen.append([f[1:].decode() for f in msg[5:].split(b"\0") if f[:1] == b"C"][0])
+        elif msg[:1] in (b"C", b"Z"):
+            seen.append(msg[5:-1].decode() if msg[:1] == b"C" else "Z")
+        if msg[:1] == b"Z":
+            print(" ".join(seen))
+            return
+# H3: the unnamed statement replaced after the Bind.
+run(P("", "create table hidden_t4a(x int)") + B("", "") + P("", "select 1 as harmless") + E("") + S)
+# H3: a named statement closed and prepared again after the Bind.
+run(Q("begin"))
+run(P("s1", "create table hidden_t4b(x int)") + B("p", "s1") + CLOSE(b"S", "s1")
+    + P("s1", "select 1 as harmless") + E("p") + S)
+run(Q("commit"))
+# H4: a refused Parse.
+run(P("s", "create table hidden_t6(x int)") + S)
+run(P("s", "select 1 as harmless") + S)
+run(B("", "s") + E("") + S)
+# H5: a portal gone with its transaction; a cursor DECLAREd in SQL.
+run(P("", "create table hidden_t7(x int)") + B("p", "") + S)
+run(E("p") + S)
+run(Q("begin"))
+run(Q("declare cur cursor for select 1 from pg_class limit 1"))
+run(P("", "select 2 as harmless") + B("", "") + E("") + S)
+run(E("cur") + S)
+run(Q("commit"))
+"#;
+    let conninfo = format!(
+        "host=localhost port={} user=postgres dbname=postgres password={} sslmode=disable \
+         application_name=raw",
+        proxy.addr().port(),
+        env.pg.password
+    );
+    let out = std::process::Command::new("python3")
+        .args(["-c", script, &conninfo])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    // What the server answered: the CREATE TABLEs ran, the refused Parse
+    // was refused, the ended portal was gone.
+    assert_eq!(
+        stdout(&out),
+        "CREATE TABLE Z\nBEGIN Z\nCREATE TABLE Z\nCOMMIT Z\nZ\n42P05 Z\nCREATE TABLE Z\n\
+         Z\n34000 Z\nBEGIN Z\nDECLARE CURSOR Z\nSELECT 1 Z\nSELECT 1 Z\nCOMMIT Z"
+    );
+    proxy.wait_audit("the session's end", |e| {
+        e["event"] == "session.end" && e["requested"]["application_name"] == "raw"
+    });
+    let want = |s: &str, t: &str, o: &str| (s.to_owned(), t.to_owned(), o.to_owned());
+    let extended: Vec<_> = of_app(&proxy, "raw")
+        .iter()
+        .filter(|e| e["protocol"] == "extended")
+        .map(brief)
+        .collect();
+    assert_eq!(
+        extended,
+        [
+            want("create table hidden_t4a(x int)", "CREATE TABLE", "ok"),
+            want("create table hidden_t4b(x int)", "CREATE TABLE", "ok"),
+            want("create table hidden_t6(x int)", "CREATE TABLE", "ok"),
+            want("-", "34000", "error"),
+            want("select $1 as harmless", "SELECT", "ok"),
+            want("-", "SELECT", "ok"),
+        ]
+    );
+}

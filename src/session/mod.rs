@@ -121,7 +121,7 @@ fn record_query(
             None,
             Some(crate::audit::Unparsed {
                 len: 0,
-                why: "prepared before the audit saw it",
+                why: "unknown to the audit: prepared or declared in SQL, ended, or past its bounds",
             }),
         ),
     };
