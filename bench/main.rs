@@ -292,7 +292,11 @@ impl Bench {
         if !verifier.starts_with("SCRAM-SHA-256$") {
             bail!("the postgres role has no SCRAM verifier: {verifier:?}");
         }
-        std::fs::write(&secrets, format!("\"postgres\" \"{verifier}\"\n"))?;
+        // A secrets file others may read is refused, like every secret.
+        pgbastion::devcerts::write_private(
+            &secrets,
+            format!("\"postgres\" \"{verifier}\"\n").as_bytes(),
+        )?;
         let audit_file = dir.join("audit.jsonl").display().to_string();
         let scram = format!(
             "auth = \"scram\"\nsecrets_file = \"{}\"\n",
@@ -368,11 +372,13 @@ impl Bench {
                 format!(
                     "[tls]\ncert = \"{}\"\nkey = \"{}\"\n[[listener]]\nlisten = \"127.0.0.1:{port}\"\n\
                      [[upstream]]\naddress = \"localhost:{}\"\nca_file = \"{}\"\n{upstream_keys}[audit]\nlog = \"{audit}\"\n\
-                     [limits]\nmax_sessions = 2000\nmax_pending = 2000\n{extra}",
+                     [limits]\nmax_sessions = 2000\nmax_pending = 2000\n\
+                     [auth]\nmock_key_file = \"{}\"\n{extra}",
                     cert.display(),
                     key.display(),
                     pg.port,
-                    pg.ca_cert.display()
+                    pg.ca_cert.display(),
+                    dir.join("mock_key").display()
                 ),
             )?;
             let mut cmd = Command::new(&exe);
