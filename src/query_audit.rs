@@ -330,9 +330,14 @@ impl QueryTracker {
             |tag, body, len, cut| messages.push((tag, body.to_vec(), len, cut)),
         );
         for (tag, body, len, cut) in messages {
+            // Once stopped, the rest of the batch means nothing (and must
+            // not stop it, and report, again).
+            if self.stopped.is_some() {
+                return;
+            }
             self.client_message(tag, &body, len, cut);
         }
-        if fed.is_err() {
+        if fed.is_err() && self.stopped.is_none() {
             self.stop("the client's messages could not be framed");
         }
     }
@@ -349,9 +354,12 @@ impl QueryTracker {
             |tag, body, _, _| messages.push((tag, body.to_vec())),
         );
         for (tag, body) in messages {
+            if self.stopped.is_some() {
+                return;
+            }
             self.server_message(tag, &body);
         }
-        if fed.is_err() {
+        if fed.is_err() && self.stopped.is_none() {
             self.stop("the server's messages could not be framed");
         }
     }
@@ -646,6 +654,11 @@ impl QueryTracker {
     }
 
     fn server_message(&mut self, tag: u8, body: &[u8]) {
+        // The server left COPY FROM STDIN on its own (an error in the
+        // data): the client need not end it, and its Syncs count again.
+        if self.copy_in && matches!(tag, b'E' | b'Z') {
+            self.copy_in = false;
+        }
         // Markers of a COPY the server never entered (it failed first).
         while matches!(self.pending.front(), Some(Pending::CopyEnd)) {
             self.pending.pop_front();
@@ -751,6 +764,9 @@ impl QueryTracker {
                 }
                 Some(Pending::Call(w)) => {
                     self.finish(w);
+                    // The function ran code, which may have changed names
+                    // as a CALL can.
+                    self.completed(Some("CALL"));
                     self.ready(body.first().copied());
                 }
                 Some(Pending::Sync | Pending::CopyEnd) | None => self.ready(body.first().copied()),

@@ -16,12 +16,17 @@ use super::*;
 /// statements are recorded as unknown): real names are short.
 pub(super) const MAX_NAME: usize = 256;
 
-/// A statement or portal name as kept: None when over `MAX_NAME` (never
-/// kept, so never matched).
+/// A statement or portal name as kept: None when over `MAX_NAME` or not
+/// UTF-8 (never kept, so never matched: in a client encoding such as
+/// LATIN1, `\xff` and `\xfe` are two names to the server, and a lossy
+/// conversion would make them one here).
 pub(super) type Name = Option<String>;
 
 pub(super) fn name(raw: &[u8]) -> Name {
-    (raw.len() <= MAX_NAME).then(|| String::from_utf8_lossy(raw).into_owned())
+    if raw.len() > MAX_NAME {
+        return None;
+    }
+    std::str::from_utf8(raw).ok().map(str::to_owned)
 }
 
 /// A portal: the statement it was bound to, captured at its Bind.
@@ -246,13 +251,16 @@ impl QueryTracker {
     /// drops or (by rolling back) loses prepared statements or cursors
     /// behind the protocol's back makes the audit forget the named ones
     /// (their Executes are then unknown, never another statement's text).
+    /// So does code run on the server (`DO`, `CALL`, a function-call
+    /// message): PL/pgSQL can `EXECUTE 'deallocate ...'` and re-prepare a
+    /// name, or close and reopen a portal through a refcursor of its name.
     /// SQL cannot name the unnamed statement; a rollback to a savepoint
     /// may drop the unnamed portal too.
     pub(super) fn completed(&mut self, command: Option<&str>) {
         let Some(command) = command else { return };
         let statements = matches!(
             command,
-            "PREPARE" | "DEALLOCATE" | "DEALLOCATE ALL" | "DISCARD ALL"
+            "PREPARE" | "DEALLOCATE" | "DEALLOCATE ALL" | "DISCARD ALL" | "DO" | "CALL"
         );
         let portals = statements
             || matches!(

@@ -355,3 +355,136 @@ fn held_text_is_counted_once_and_given_back() {
     assert_eq!(t.held, 0);
     assert!(t.portals.is_empty() && t.overlay.is_none());
 }
+
+/// Third adversarial run, F1: in LATIN1, `\xff` and `\xfe` are two names to
+/// the server; a lossy conversion made them one here, and the Execute of
+/// one was recorded as the other's statement. Names that are not UTF-8
+/// are never kept: their Executes are unknown.
+#[test]
+fn names_that_are_not_utf8_are_never_confused() {
+    let (mut t, seen) = tracker();
+    let raw_parse = |name: u8, q: &str| msg(b'P', &[vec![name, 0], cstr(q), vec![0, 0]].concat());
+    let raw_bind = |stmt: u8| msg(b'B', &[cstr(""), vec![stmt, 0], vec![0; 6]].concat());
+    t.client_bytes(
+        &[
+            raw_parse(0xff, "select 'CANARY_REALLY_RAN'"),
+            raw_parse(0xfe, "select 1 as decoy"),
+            sync(),
+        ]
+        .concat(),
+    );
+    t.server_bytes(&[ok(b'1'), ok(b'1'), ready(b"I")].concat());
+    t.client_bytes(&[raw_bind(0xff), execute(""), sync()].concat());
+    t.server_bytes(&[ok(b'2'), done("SELECT 1"), ready(b"I")].concat());
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].statement, Statement::Unknown);
+}
+
+/// Third adversarial run, F2: code run on the server (DO, CALL, a
+/// function-call message) may deallocate and re-prepare a name, or close
+/// and reopen a portal through a refcursor of its name. Named statements
+/// and portals are forgotten after it: their Executes are unknown, never
+/// the text the audit had before.
+#[test]
+fn code_run_on_the_server_makes_names_unknown() {
+    for (run, answer) in [
+        (
+            msg(b'Q', &cstr("do $$ begin execute 'deallocate s2'; end $$")),
+            [done("DO"), ready(b"T")].concat(),
+        ),
+        (
+            msg(b'Q', &cstr("call reprepare()")),
+            [done("CALL"), ready(b"T")].concat(),
+        ),
+        (
+            msg(b'F', [0, 0, 0x30, 0x39, 0, 0, 0, 0, 0, 0].as_slice()),
+            [msg(b'V', &[0xff, 0xff, 0xff, 0xff]), ready(b"T")].concat(),
+        ),
+    ] {
+        let (mut t, seen) = tracker();
+        begin(&mut t);
+        t.client_bytes(&[parse("s2", "select 1 as decoy"), bind("p1", "s2"), sync()].concat());
+        t.server_bytes(&[ok(b'1'), ok(b'2'), ready(b"T")].concat());
+        t.client_bytes(&run);
+        t.server_bytes(&answer);
+        t.client_bytes(&[bind("", "s2"), execute(""), execute("p1"), sync()].concat());
+        t.server_bytes(&[ok(b'2'), done("SELECT 1"), done("SELECT 1"), ready(b"T")].concat());
+        let seen = seen.lock().unwrap();
+        let last: Vec<_> = seen[seen.len() - 2..]
+            .iter()
+            .map(|r| &r.statement)
+            .collect();
+        assert_eq!(last, [&Statement::Unknown, &Statement::Unknown]);
+    }
+}
+
+/// Third adversarial run, F3: a COPY FROM STDIN the server ended with an
+/// error, which the client never ended (it need not): the Syncs and
+/// statements after it count again. Before, every later Sync was ignored
+/// and statements the server ran were recorded as not executed.
+#[test]
+fn a_copy_the_server_ended_needs_no_copy_done() {
+    let (mut t, seen) = tracker();
+    t.client_bytes(&msg(b'Q', &cstr("copy t from stdin")));
+    t.server_bytes(&msg(b'G', &[0, 0, 0]));
+    t.client_bytes(&msg(b'd', b"bad data\n"));
+    t.server_bytes(
+        &[
+            msg(b'E', &[b"SERROR\0C22P02\0".as_slice(), b"\0"].concat()),
+            ready(b"I"),
+        ]
+        .concat(),
+    );
+    // An extended-protocol error: the server skips to the next Sync,
+    // which it answers (it is out of COPY).
+    t.client_bytes(&[parse("", "selec 1"), sync()].concat());
+    t.server_bytes(
+        &[
+            msg(b'E', &[b"SERROR\0C42601\0".as_slice(), b"\0"].concat()),
+            ready(b"I"),
+        ]
+        .concat(),
+    );
+    t.client_bytes(
+        &[
+            parse("", "select 'RUNS_1'"),
+            bind("", ""),
+            execute(""),
+            sync(),
+        ]
+        .concat(),
+    );
+    t.server_bytes(&[ok(b'1'), ok(b'2'), done("SELECT 1"), ready(b"I")].concat());
+    t.client_bytes(&msg(b'Q', &cstr("select 'RUNS_2'")));
+    t.server_bytes(&[done("SELECT 1"), ready(b"I")].concat());
+    let seen = seen.lock().unwrap();
+    let last: Vec<_> = seen[seen.len() - 2..]
+        .iter()
+        .map(|r| (r.outcome, r.tag.clone()))
+        .collect();
+    assert_eq!(
+        last,
+        [("ok", Some("SELECT".into())), ("ok", Some("SELECT".into()))]
+    );
+    assert_eq!(seen[0].outcome, "error");
+    assert_eq!(t.stopped(), None);
+}
+
+/// Third adversarial run, F5: tracking stops once, and says so once, even
+/// when the batch that stopped it holds more messages.
+#[test]
+fn a_stop_is_reported_once() {
+    let told = Arc::new(Mutex::new(0));
+    let (t, _seen) = tracker();
+    let mut t = t.on_stop(Box::new({
+        let told = told.clone();
+        move |_| {
+            *told.lock().unwrap() += 1;
+            true
+        }
+    }));
+    t.server_bytes(&[ok(b'1'), ok(b'1'), ok(b'2')].concat());
+    assert!(t.stopped().is_some());
+    assert_eq!(*told.lock().unwrap(), 1);
+}
