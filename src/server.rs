@@ -96,11 +96,8 @@ pub fn audit_digest(config: &Config) -> Result<crate::audit_chain::Digest, Serve
 /// same rule applies in pgbastion and `audit verify`, so a chain verifies
 /// with the file it was written with.
 pub fn read_chain_key(path: &std::path::Path) -> Result<Vec<u8>, ServerError> {
-    let mut key = crate::auth::credentials::read_private_bytes(path, "chain_key_file")
+    let key = crate::auth::credentials::read_private_key(path, "chain_key_file")
         .map_err(|e| ServerError::ChainKey(Box::new(e)))?;
-    while key.last().is_some_and(|b| matches!(b, b'\r' | b'\n')) {
-        key.pop();
-    }
     if key.len() < 16 {
         return Err(ServerError::ChainKeyShort(path.to_owned()));
     }

@@ -246,11 +246,10 @@ pub(crate) fn check_private(path: &Path, what: &'static str) -> Result<(), Crede
 }
 
 pub(crate) fn read_private(path: &Path, what: &'static str) -> Result<String, CredentialError> {
-    check_private(path, what)?;
-    std::fs::read_to_string(path).map_err(|source| CredentialError::Read {
+    String::from_utf8(read_private_bytes(path, what)?).map_err(|e| CredentialError::Read {
         what,
         path: path.to_owned(),
-        source,
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
     })
 }
 
@@ -265,6 +264,22 @@ pub(crate) fn read_private_bytes(
         path: path.to_owned(),
         source,
     })
+}
+
+/// A key from a private file: its bytes, text or not (32 random bytes are
+/// a good key), without trailing CR and LF bytes (an editor's newline is
+/// not part of a key). The one rule for every key file, so a key reads the
+/// same wherever it is used (`chain_key_file` in pgbastion and `audit
+/// verify`; `[cluster] secret_file` for the fleet and for mock salts).
+pub(crate) fn read_private_key(
+    path: &Path,
+    what: &'static str,
+) -> Result<Vec<u8>, CredentialError> {
+    let mut key = read_private_bytes(path, what)?;
+    while key.last().is_some_and(|b| matches!(b, b'\r' | b'\n')) {
+        key.pop();
+    }
+    Ok(key)
 }
 
 /// The verifier on the first line, the base64 ClientKey on the second;

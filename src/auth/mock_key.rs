@@ -81,30 +81,17 @@ pub fn default_key_file() -> Option<PathBuf> {
 /// not exist yet.
 pub fn load(source: &MockKeySource) -> Result<Key, MockKeyError> {
     let secret = match source {
+        // As the fleet reads it.
         MockKeySource::ClusterSecret(path) => {
-            let mut bytes = read_private(path, "secret_file")?;
-            // As the fleet reads it: a trailing line ending is not part of it.
-            while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-                bytes.pop();
-            }
-            bytes
+            credentials::read_private_key(path, "secret_file").map_err(file_error)?
         }
         MockKeySource::KeyFile(path) => key_file(path)?,
     };
     Ok(scram::hmac(&secret, LABEL))
 }
 
-/// Reads a private (mode 0600) file's bytes.
-fn read_private(path: &Path, what: &'static str) -> Result<Vec<u8>, MockKeyError> {
-    let file = |e| MockKeyError::File(Box::new(e));
-    credentials::check_private(path, what).map_err(file)?;
-    std::fs::read(path).map_err(|source| {
-        file(CredentialError::Read {
-            what,
-            path: path.to_owned(),
-            source,
-        })
-    })
+fn file_error(e: CredentialError) -> MockKeyError {
+    MockKeyError::File(Box::new(e))
 }
 
 /// Reads the key file, or makes it: 32 random bytes written to a private
@@ -117,7 +104,7 @@ fn key_file(path: &Path) -> Result<Vec<u8>, MockKeyError> {
             source,
         })?;
     }
-    let bytes = read_private(path, "mock_key_file")?;
+    let bytes = credentials::read_private_bytes(path, "mock_key_file").map_err(file_error)?;
     if bytes.len() != KEY_LEN {
         return Err(MockKeyError::Length {
             path: path.to_owned(),

@@ -615,10 +615,9 @@ async fn background(cluster: Weak<Cluster>, mut rx: mpsc::Receiver<Op>) {
 }
 
 fn read_keys(config: &ClusterConfig) -> Result<FleetKeys, ClusterError> {
-    let text = crate::auth::credentials::read_private(&config.secret_file, "secret_file")
+    let secret = crate::auth::credentials::read_private_key(&config.secret_file, "secret_file")
         .map_err(|e| ClusterError::File(Box::new(e)))?;
-    let secret = text.trim_end_matches(['\r', '\n']);
-    FleetKeys::new(secret.as_bytes(), &config.key_prefix).map_err(|source| ClusterError::Secret {
+    FleetKeys::new(&secret, &config.key_prefix).map_err(|source| ClusterError::Secret {
         path: config.secret_file.clone(),
         source,
     })
