@@ -26,8 +26,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use pgbastion::devcerts::Ca;
-use pgbastion::localpg::{free_port, LocalPg, LocalPgOptions};
+use pgbastion::dev::certs::Ca;
+use pgbastion::dev::localpg::{free_port, LocalPg, LocalPgOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::{insecure_tls, wait_port, which, Proc};

@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use pgbastion::devcerts::Ca;
-use pgbastion::localpg::{free_port, LocalPg, LocalPgOptions};
+use pgbastion::dev::certs::Ca;
+use pgbastion::dev::localpg::{free_port, LocalPg, LocalPgOptions};
 
 mod faults;
 
@@ -293,7 +293,7 @@ impl Bench {
             bail!("the postgres role has no SCRAM verifier: {verifier:?}");
         }
         // A secrets file others may read is refused, like every secret.
-        pgbastion::devcerts::write_private(
+        pgbastion::dev::certs::write_private(
             &secrets,
             format!("\"postgres\" \"{verifier}\"\n").as_bytes(),
         )?;
@@ -317,7 +317,7 @@ impl Bench {
         procs.push(Proc(child));
         wait_port(redis_port, "redis-server")?;
         let cluster_key = dir.join("cluster.key");
-        pgbastion::devcerts::write_private(
+        pgbastion::dev::certs::write_private(
             &cluster_key,
             b"bench fleet secret, 32 bytes or more\n",
         )?;

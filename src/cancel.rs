@@ -16,6 +16,7 @@
 //! servers may share one process ID, so entries are found by process ID
 //! and then by key.
 
+use crate::sync::MutexExt;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -26,8 +27,8 @@ use subtle::ConstantTimeEq;
 
 use crate::cluster::keys::RemoteCancel;
 use crate::cluster::Cluster;
+use crate::limits::buckets::KeyedBuckets;
 use crate::protocol::startup::CancelKey;
-use crate::ratelimit::KeyedBuckets;
 use crate::upstream::Upstream;
 
 /// Key length pgbastion issues to protocol 3.2 sessions (PostgreSQL 18 uses
@@ -101,7 +102,7 @@ impl Drop for Registration {
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Nothing here can leave the maps inconsistent mid-update, so a
     // poisoned lock (a panic elsewhere) is still safe to use.
-    m.lock().unwrap_or_else(|p| p.into_inner())
+    m.locked()
 }
 
 impl CancelRegistry {

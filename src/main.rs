@@ -6,9 +6,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use pgbastion::audit::sink::{Sink, SinkTarget};
 use pgbastion::config::{AuditOnFailure, AuthMode, ClientTlsMode, Config, Flags};
 use pgbastion::server::{self, Server};
-use pgbastion::sink::{Sink, SinkTarget};
 
 #[derive(Parser)]
 #[command(
@@ -326,7 +326,7 @@ async fn run(args: RunArgs) -> Result<()> {
     handle.set_source(config_path.clone(), initial.clone());
     if initial.reload.watch {
         let debounce = initial.reload.debounce;
-        tokio::spawn(pgbastion::watch::watch(
+        tokio::spawn(pgbastion::server::config_watch::watch(
             handle.clone(),
             config_path,
             initial,
@@ -341,12 +341,12 @@ async fn run(args: RunArgs) -> Result<()> {
 /// Raises the open-files limit, and warns when it is still too low for the
 /// configured limits (sessions would fail with "too many open files").
 fn check_open_files(config: &Config) {
-    let needed = pgbastion::fd_limit::needed(
+    let needed = pgbastion::limits::fd::needed(
         config.limits.max_sessions,
         config.limits.max_pending,
         config.listeners.len(),
     );
-    match pgbastion::fd_limit::raise() {
+    match pgbastion::limits::fd::raise() {
         Ok(files) => {
             if files.before != files.now {
                 tracing::debug!(before = ?files.before, now = ?files.now, "open files limit raised");
@@ -416,7 +416,7 @@ fn audit_verify(
     key: Option<&std::path::Path>,
     allow_partial: bool,
 ) -> Result<()> {
-    use pgbastion::audit_chain::{verify, Digest, Start};
+    use pgbastion::audit::chain::{verify, Digest, Start};
     let digest = match key {
         Some(path) => Digest::from_key(Some(&server::read_chain_key(path)?)),
         None => Digest::Sha256,
@@ -528,8 +528,8 @@ fn check_config(path: PathBuf) -> Result<()> {
 }
 
 async fn demo(args: DemoArgs) -> Result<()> {
-    use pgbastion::devcerts::Ca;
-    use pgbastion::localpg::{LocalPg, LocalPgOptions};
+    use pgbastion::dev::certs::Ca;
+    use pgbastion::dev::localpg::{LocalPg, LocalPgOptions};
 
     eprintln!("starting a throwaway PostgreSQL (initdb, TLS, SCRAM)...");
     let pg = LocalPg::start(LocalPgOptions::default())?;
@@ -549,14 +549,14 @@ async fn demo(args: DemoArgs) -> Result<()> {
         pgbastion::auth::auth_query::LOOKUP_FUNCTION_SQL
     ))?;
     let auth_password_file = dir.join("pgbastion-auth-password");
-    pgbastion::devcerts::write_private(&auth_password_file, auth_password.as_bytes())?;
+    pgbastion::dev::certs::write_private(&auth_password_file, auth_password.as_bytes())?;
     let port = if args.port != 0 && std::net::TcpListener::bind(("127.0.0.1", args.port)).is_ok() {
         args.port
     } else {
         if args.port != 0 {
             eprintln!("port {} is in use; picking a free one", args.port);
         }
-        pgbastion::localpg::free_port()?
+        pgbastion::dev::localpg::free_port()?
     };
     // Identity login: a person with a client certificate from the demo's
     // "people" CA is logged in as demo_app with no password; pgbastion
@@ -566,7 +566,7 @@ async fn demo(args: DemoArgs) -> Result<()> {
         "CREATE ROLE demo_app LOGIN PASSWORD '{app_password}';"
     ))?;
     let app_password_file = dir.join("demo_app.password");
-    pgbastion::devcerts::write_private(&app_password_file, app_password.as_bytes())?;
+    pgbastion::dev::certs::write_private(&app_password_file, app_password.as_bytes())?;
     let people = Ca::new("pgbastion demo people CA")?;
     let people_ca = people.write_cert(&dir, "people-ca")?;
     let (you_cert, you_key) = {
@@ -575,7 +575,7 @@ async fn demo(args: DemoArgs) -> Result<()> {
             .push(rcgen::DnType::CommonName, "you@example.com");
         people.issue(p)?.write(&dir, "you")?
     };
-    let mtls_port = pgbastion::localpg::free_port()?;
+    let mtls_port = pgbastion::dev::localpg::free_port()?;
     let toml = format!(
         r#"
         [tls]

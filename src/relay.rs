@@ -12,7 +12,7 @@
 //!   may send a query and `shutdown(SHUT_WR)` at once);
 //! - an error on either side ends the session at once.
 
-use crate::query_audit::QueryTracker;
+use crate::audit::query::QueryTracker;
 use std::future::poll_fn;
 use std::io;
 use std::mem::MaybeUninit;

@@ -4,7 +4,7 @@
 //! it, and no comment start (the text it keeps is code, byte for byte).
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use pgbastion::sql::{normalize_with, Backslashes};
+use pgbastion::audit::normalize::{normalize_with, Backslashes};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(sql) = std::str::from_utf8(data) {

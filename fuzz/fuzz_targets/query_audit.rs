@@ -6,7 +6,7 @@
 //! a statement name the client chose.)
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use pgbastion::query_audit::QueryTracker;
+use pgbastion::audit::query::QueryTracker;
 
 fuzz_target!(|data: &[u8]| {
     let mut t = QueryTracker::new(true, Box::new(|r| {

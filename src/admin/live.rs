@@ -3,6 +3,7 @@
 //! when its guard drops. KILL flips the session's own watch channel, which
 //! its relay selects on.
 
+use crate::sync::MutexExt;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -44,10 +45,7 @@ pub struct LiveGuard {
 
 impl Drop for LiveGuard {
     fn drop(&mut self) {
-        self.entries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.id);
+        self.entries.locked().remove(&self.id);
     }
 }
 
@@ -58,8 +56,7 @@ impl LiveSessions {
         let (kill, rx) = watch::channel(false);
         let id = info.id.clone();
         self.entries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .locked()
             .insert(id.clone(), Entry { info, kill });
         (
             LiveGuard {
@@ -74,8 +71,7 @@ impl LiveSessions {
     pub fn list(&self) -> Vec<SessionInfo> {
         let mut v: Vec<SessionInfo> = self
             .entries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .locked()
             .values()
             .map(|e| e.info.clone())
             .collect();
@@ -85,12 +81,7 @@ impl LiveSessions {
 
     /// Ends session `id`; false if there is no such session.
     pub fn kill(&self, id: &str) -> bool {
-        match self
-            .entries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-        {
+        match self.entries.locked().get(id) {
             Some(e) => {
                 e.kill.send_replace(true);
                 true

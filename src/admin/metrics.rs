@@ -8,6 +8,7 @@
 //! fixed reason/outcome names from the code; never session ids, addresses
 //! or user names.
 
+use crate::sync::MutexExt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -318,17 +319,13 @@ impl Metrics {
         self.certificate_expiry
             .get_or_create(&vec![("certificate", what.clone())])
             .set(unix_time);
-        self.expiries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(what, unix_time);
+        self.expiries.locked().insert(what, unix_time);
     }
 
     /// Every certificate's expiry (Unix time), by name.
     pub fn certificate_expiries(&self) -> Vec<(String, i64)> {
         self.expiries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .locked()
             .iter()
             .map(|(k, v)| (k.clone(), *v))
             .collect()

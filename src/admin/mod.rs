@@ -26,6 +26,7 @@
 //! which takes no time) is a new one closed at once. A flood must then
 //! outpace a probe's own request, not merely outnumber it.
 
+use crate::sync::MutexExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -65,7 +66,7 @@ struct Place {
 }
 
 fn lock(m: &std::sync::Mutex<Connections>) -> std::sync::MutexGuard<'_, Connections> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+    m.locked()
 }
 
 /// How a new connection got in, if it did.
@@ -284,7 +285,7 @@ mod tests {
             crate::audit::AuditLog::open(
                 &crate::config::AuditTarget::Off,
                 crate::config::AuditOnFailure::Continue,
-                crate::audit_chain::Digest::Sha256,
+                crate::audit::chain::Digest::Sha256,
             )
             .unwrap(),
         ));

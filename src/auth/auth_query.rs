@@ -6,6 +6,7 @@
 //! round trip rather than a TLS handshake and a SCRAM exchange of its own;
 //! a reused connection that turns out dead is replaced once.
 
+use crate::sync::MutexExt;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -135,16 +136,13 @@ impl AuthQuery {
             other => other,
         };
         if result.is_ok() {
-            self.idle
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(conn);
+            self.idle.locked().push(conn);
         }
         result
     }
 
     fn take_idle(&self) -> Option<LookupConn> {
-        self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop()
+        self.idle.locked().pop()
     }
 
     async fn connect(

@@ -9,6 +9,7 @@
 //! roots, plus `AWS_CA_BUNDLE` when set); `AWS_ENDPOINT_URL_STS` overrides
 //! the regional endpoint, as in the SDKs. The response parser is pure.
 
+use crate::sync::MutexExt;
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
@@ -182,13 +183,13 @@ impl CredentialChain {
             return Err(IamError::NoCredentials);
         };
         let now = SystemTime::now();
-        if let Some((creds, expires)) = &*self.cached.lock().unwrap_or_else(|p| p.into_inner()) {
+        if let Some((creds, expires)) = &*self.cached.locked() {
             if now + RENEW_MARGIN < *expires {
                 return Ok(creds.clone());
             }
         }
         let (creds, expires) = web.assume().await?;
-        *self.cached.lock().unwrap_or_else(|p| p.into_inner()) = Some((creds.clone(), expires));
+        *self.cached.locked() = Some((creds.clone(), expires));
         Ok(creds)
     }
 }

@@ -18,7 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::audit::AuthOutcome;
 use crate::auth::scram::SCRAM_SHA_256_PLUS;
 use crate::cancel::{CancelRegistry, CancelTarget, Registration};
-use crate::keyed_slots::{KeyedPermit, KeyedSlots};
+use crate::limits::keyed_slots::{KeyedPermit, KeyedSlots};
 use crate::protocol::message::{self, tag, AuthRequest, ErrorFields, ErrorResponse, MessageError};
 use crate::relay::{self, ByteCounts};
 

@@ -9,6 +9,7 @@
 //! login so rotated credentials are used at once. A token is reused for
 //! logins of the same user while it has more than `REUSE_MARGIN` left.
 
+use crate::sync::MutexExt;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
@@ -170,7 +171,7 @@ impl TokenCache {
         creds: &AwsCredentials,
         now: SystemTime,
     ) -> Result<String, IamError> {
-        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let mut last = self.last.locked();
         if let Some(c) = last.as_ref() {
             let fresh = now
                 .duration_since(c.made)

@@ -4,6 +4,7 @@
 //! mock verifier, so the exchange looks the same for a user who does not
 //! exist as for a wrong password.
 
+use crate::sync::RwLockExt;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -99,11 +100,7 @@ impl SecretsFile {
     }
 
     fn get(&self, user: &str) -> Option<StoredSecret> {
-        self.entries
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(user)
-            .cloned()
+        self.entries.read_locked().get(user).cloned()
     }
 }
 
@@ -169,7 +166,7 @@ impl ScramAuth {
         };
         let entries = SecretsFile::read(&file.path)?;
         let n = entries.len();
-        *file.entries.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(entries);
+        *file.entries.write_locked() = Arc::new(entries);
         Ok(Some(n))
     }
 

@@ -20,13 +20,14 @@
 //! a locked-out user (issue 19 adversarial M2). Per address, a locked-out
 //! user's password can be guessed at most once per window.
 
+use crate::sync::MutexExt;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::config::Limits;
-use crate::ratelimit::KeyedBuckets;
+use crate::limits::buckets::KeyedBuckets;
 
 /// What ran out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,14 +127,8 @@ impl LoginThrottle {
     /// New limits (a reload); failures counted so far still count.
     pub fn configure(&self, limits: &Limits) {
         let ((ar, ab), (ur, ub)) = rates(limits);
-        self.by_address
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .set_rate(ar, ab);
-        self.by_user
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .set_rate(ur, ub);
+        self.by_address.locked().set_rate(ar, ab);
+        self.by_user.locked().set_rate(ur, ub);
         let (cr, cb) = clean_rate(limits);
         lock(&self.recent_failure).set_rate(cr, cb);
         self.ipv6_prefix
@@ -199,7 +194,7 @@ impl LoginThrottle {
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+    m.locked()
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@
 
 pub mod keys;
 
+use crate::sync::MutexExt;
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,8 +34,8 @@ use tracing::{info, warn};
 use crate::admin::metrics::Metrics;
 use crate::auth::throttle::{LoginCheck, Throttled, ThrottledBy};
 use crate::config::{ClusterConfig, Limits};
+use crate::limits::warn::WarnLimiter;
 use crate::protocol::startup::CancelKey;
-use crate::warn_limit::WarnLimiter;
 use keys::{FleetKeys, RemoteCancel};
 
 /// How long what an instance writes lives in Redis unless refreshed: how
@@ -565,7 +566,7 @@ impl<'a> From<&'a redis::Pipeline> for Request<'a> {
 async fn background(cluster: Weak<Cluster>, mut rx: mpsc::Receiver<Op>) {
     let mut health = tokio::time::interval(HEALTH);
     let mut refresh = tokio::time::interval(REFRESH);
-    let mut summaries = tokio::time::interval(crate::warn_limit::WINDOW);
+    let mut summaries = tokio::time::interval(crate::limits::warn::WINDOW);
     summaries.tick().await;
     health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -678,5 +679,5 @@ fn ms(d: Duration) -> u64 {
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+    m.locked()
 }

@@ -79,7 +79,7 @@ pub fn common_name(der: &[u8]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devcerts::Ca;
+    use crate::dev::certs::Ca;
     use rcgen::{CertificateParams, DnType, SanType};
     use rustls::pki_types::pem::PemObject;
 

@@ -111,9 +111,9 @@ fn identity_hangup(end: &dyn std::fmt::Display) -> String {
 fn record_query(
     shared: &Shared,
     facts: &SessionFacts,
-    r: &crate::query_audit::QueryRecord,
+    r: &crate::audit::query::QueryRecord,
 ) -> bool {
-    use crate::query_audit::{Protocol, Statement};
+    use crate::audit::query::{Protocol, Statement};
     let (statement, unparsed) = match &r.statement {
         Statement::Text(t) => (Some(&**t), None),
         Statement::Unparsed { len, why } => (None, Some(crate::audit::Unparsed { len: *len, why })),
@@ -151,7 +151,7 @@ fn record_query(
 /// A session's place under its rule's `max_sessions`, given back when
 /// dropped.
 struct IdentitySlot {
-    _local: crate::keyed_slots::KeyedPermit<String>,
+    _local: crate::limits::keyed_slots::KeyedPermit<String>,
     _fleet: Option<crate::cluster::FleetSlot>,
 }
 
@@ -1334,11 +1334,11 @@ impl Session {
 
     /// The query audit for this session: each statement becomes a `query`
     /// event with the session's facts.
-    fn query_tracker(&self, replication: bool) -> crate::query_audit::QueryTracker {
+    fn query_tracker(&self, replication: bool) -> crate::audit::query::QueryTracker {
         let shared = self.shared.clone();
         let facts = self.facts.clone();
         let (stop_shared, stop_facts) = (shared.clone(), facts.clone());
-        crate::query_audit::QueryTracker::for_session(
+        crate::audit::query::QueryTracker::for_session(
             self.settings.redact_queries,
             replication,
             Box::new(move |r| record_query(&shared, &facts, &r)),

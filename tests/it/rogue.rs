@@ -3,14 +3,12 @@
 //! records everything it receives) got the SSLRequest and nothing else: no
 //! StartupMessage, no user name, no password.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
-use pgbastion::devcerts::{date_time_ymd, Ca};
+use crate::common::*;
+use pgbastion::dev::certs::{date_time_ymd, Ca};
 use pgbastion::protocol::startup::ssl_request;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -189,7 +187,7 @@ fn setup() -> Setup {
     }
 }
 
-async fn check_rogue_cert(issued: pgbastion::devcerts::Issued, expect_in_message: &str) {
+async fn check_rogue_cert(issued: pgbastion::dev::certs::Issued, expect_in_message: &str) {
     let s = setup();
     let rogue = Rogue::start(Answer::Tls, Some(tls_server_config(&issued))).await;
     let proxy = proxy_to(&s.certs, rogue.addr, &s.trusted_path, "");
@@ -322,7 +320,7 @@ async fn upstream_that_closes_or_stays_silent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_upstream() {
     let s = setup();
-    let closed_port = pgbastion::localpg::free_port().unwrap();
+    let closed_port = pgbastion::dev::localpg::free_port().unwrap();
     let addr: SocketAddr = ([127, 0, 0, 1], closed_port).into();
     let proxy = proxy_to(&s.certs, addr, &s.trusted_path, "");
     let (code, text) = refused(&proxy, &s.certs).await;

@@ -8,6 +8,8 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::sync::MutexExt;
+
 /// The window over which lines are counted and summarised.
 pub const WINDOW: Duration = Duration::from_secs(10);
 
@@ -35,7 +37,7 @@ impl WarnLimiter {
     /// Whether this line of `kind` may be written; if not, it is counted
     /// for the next summary.
     pub fn allow(&self, kind: &'static str) -> bool {
-        let mut kinds = self.kinds.lock().unwrap_or_else(|p| p.into_inner());
+        let mut kinds = self.kinds.locked();
         let c = kinds.entry(kind).or_default();
         let now = Instant::now();
         if c.since.is_none_or(|s| now.duration_since(s) >= WINDOW) && c.suppressed == 0 {
@@ -54,7 +56,7 @@ impl WarnLimiter {
     /// What was held back since the last call, per kind; the windows of
     /// those kinds start again. Called every `WINDOW`.
     pub fn take_summaries(&self) -> Vec<(&'static str, u64)> {
-        let mut kinds = self.kinds.lock().unwrap_or_else(|p| p.into_inner());
+        let mut kinds = self.kinds.locked();
         let mut out = Vec::new();
         kinds.retain(|kind, c| {
             if c.suppressed > 0 {

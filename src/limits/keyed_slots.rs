@@ -7,6 +7,8 @@ use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex};
 
+use crate::sync::MutexExt;
+
 /// The counts, shared by everything that limits by the same key.
 #[derive(Debug)]
 pub struct KeyedSlots<K: Hash + Eq + Clone> {
@@ -39,7 +41,7 @@ pub struct KeyedPermit<K: Hash + Eq + Clone> {
 impl<K: Hash + Eq + Clone> KeyedSlots<K> {
     /// A slot for `key` if it holds fewer than `max`.
     pub fn try_acquire(&self, key: K, max: usize) -> Option<KeyedPermit<K>> {
-        let mut map = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.counts.locked();
         let n = map.entry(key.clone()).or_insert(0);
         if *n >= max {
             if *n == 0 {
@@ -56,14 +58,14 @@ impl<K: Hash + Eq + Clone> KeyedSlots<K> {
 
     /// How many slots `key` holds now.
     pub fn held(&self, key: &K) -> usize {
-        let map = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let map = self.counts.locked();
         map.get(key).copied().unwrap_or(0)
     }
 }
 
 impl<K: Hash + Eq + Clone> Drop for KeyedPermit<K> {
     fn drop(&mut self) {
-        let mut map = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.counts.locked();
         if let Some(n) = map.get_mut(&self.key) {
             *n -= 1;
             if *n == 0 {

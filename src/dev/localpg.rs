@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use rand::distributions::{Alphanumeric, DistString};
 use thiserror::Error;
 
-use crate::devcerts::{self, Ca};
+use crate::dev::certs::{self, Ca};
 
 /// How long the server may take to become ready.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -49,7 +49,7 @@ pub enum LocalPgError {
     #[error("PostgreSQL exited during start-up ({status}); its log:\n{log}")]
     Exited { status: String, log: String },
     #[error("making certificates: {0}")]
-    Certs(#[from] devcerts::CertError),
+    Certs(#[from] certs::CertError),
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> LocalPgError {
@@ -241,7 +241,7 @@ impl LocalPg {
         fs::create_dir(&socket_dir).map_err(io_err("creating the socket directory"))?;
         let password = Alphanumeric.sample_string(&mut rand::thread_rng(), 24);
         let pwfile = root.join("pwfile");
-        devcerts::write_private(&pwfile, password.as_bytes())
+        certs::write_private(&pwfile, password.as_bytes())
             .map_err(io_err("writing the password file"))?;
 
         let ca = Ca::new("pgbastion local test CA")?;

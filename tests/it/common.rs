@@ -1,9 +1,7 @@
 //! The integration-test harness: a real PostgreSQL (TLS, SCRAM, its own CA,
-//! random port) from `pgbastion::localpg`, pgbastion running in-process on
+//! random port) from `pgbastion::dev::localpg`, pgbastion running in-process on
 //! its own runtime thread, and real clients (psql and tokio-postgres).
 //! Everything started here stops when its value is dropped.
-
-#![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -12,8 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pgbastion::config::{BindAddress, Config};
-use pgbastion::devcerts::Ca;
-use pgbastion::localpg::{LocalPg, LocalPgOptions};
+use pgbastion::dev::certs::Ca;
+use pgbastion::dev::localpg::{LocalPg, LocalPgOptions};
 use pgbastion::server::Server;
 use tokio::net::TcpStream;
 
@@ -169,7 +167,7 @@ fn psql_command(conninfo: &str, sql: &str) -> Command {
 }
 
 /// A client certificate for a person: CN `name`, e-mail `name@example.com`.
-pub fn person(ca: &pgbastion::devcerts::Ca, dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+pub fn person(ca: &pgbastion::dev::certs::Ca, dir: &Path, name: &str) -> (PathBuf, PathBuf) {
     let mut p = rcgen::CertificateParams::default();
     p.distinguished_name.push(rcgen::DnType::CommonName, name);
     p.subject_alt_names = vec![rcgen::SanType::Rfc822Name(
@@ -635,7 +633,7 @@ pub fn libpq18(conninfo: &str, mode: &str) -> serde_json::Value {
 
 /// A rustls server config presenting an issued certificate (rogue and
 /// fake upstreams).
-pub fn tls_server_config(issued: &pgbastion::devcerts::Issued) -> rustls::ServerConfig {
+pub fn tls_server_config(issued: &pgbastion::dev::certs::Issued) -> rustls::ServerConfig {
     use rustls::pki_types::pem::PemObject;
     let certs = rustls::pki_types::CertificateDer::pem_slice_iter(issued.cert_pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
@@ -715,11 +713,11 @@ impl Redis {
     }
 
     /// Speaking TLS only, presenting `issued` (no client certificates).
-    pub fn start_tls(issued: &pgbastion::devcerts::Issued) -> Redis {
+    pub fn start_tls(issued: &pgbastion::dev::certs::Issued) -> Redis {
         Redis::start_with(Some(issued))
     }
 
-    fn start_with(tls: Option<&pgbastion::devcerts::Issued>) -> Redis {
+    fn start_with(tls: Option<&pgbastion::dev::certs::Issued>) -> Redis {
         let dir = tempfile::tempdir().unwrap();
         if let Some(issued) = tls {
             // Where the redis user can read them.
@@ -732,7 +730,7 @@ impl Redis {
         }
         let mut r = Redis {
             child: None,
-            port: pgbastion::localpg::free_port().unwrap(),
+            port: pgbastion::dev::localpg::free_port().unwrap(),
             tls: tls.is_some(),
             dir,
         };

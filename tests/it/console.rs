@@ -1,13 +1,11 @@
 //! The admin console (issue 12): psql to database `pgbastion` as an
 //! identity a rule marks `admin = true`.
 
-mod common;
-
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::*;
-use pgbastion::devcerts::Ca;
+use crate::common::*;
+use pgbastion::dev::certs::Ca;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admins_list_and_kill_sessions_and_reload() {
@@ -18,8 +16,8 @@ async fn admins_list_and_kill_sessions_and_reload() {
     let alice = person(&people, &dir, "alice");
     let bob = person(&people, &dir, "bob");
     let (tcp, mtls) = (
-        pgbastion::localpg::free_port().unwrap(),
-        pgbastion::localpg::free_port().unwrap(),
+        pgbastion::dev::localpg::free_port().unwrap(),
+        pgbastion::dev::localpg::free_port().unwrap(),
     );
     let audit = dir.join("audit.jsonl");
     let cfg = dir.join("pgbastion.toml");

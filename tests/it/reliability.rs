@@ -2,12 +2,10 @@
 //! its sending side still gets the reply to its last query, and a session
 //! the client ended with Terminate is audited as the client's doing.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
-use pgbastion::localpg::{LocalPg, LocalPgOptions};
+use crate::common::*;
+use pgbastion::dev::localpg::{LocalPg, LocalPgOptions};
 use pgbastion::protocol::message;
 use pgbastion::protocol::startup::{ProtocolVersion, StartupMessage};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -140,7 +138,7 @@ async fn one_session(env: &Env, port: u16) -> Result<(), tokio_postgres::Error> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_audit_and_log_reader_does_not_freeze_the_proxy() {
     let env = Env::new();
-    let port = pgbastion::localpg::free_port().unwrap();
+    let port = pgbastion::dev::localpg::free_port().unwrap();
     // stdout (the audit log) and stderr (the log, at debug level) go to
     // pipes that nobody reads: both fill up after a few dozen sessions.
     let _proc = Running(
@@ -168,7 +166,7 @@ async fn a_stalled_audit_and_log_reader_does_not_freeze_the_proxy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_on_failure_refuse_admits_no_session_it_cannot_audit() {
     let env = Env::new();
-    let port = pgbastion::localpg::free_port().unwrap();
+    let port = pgbastion::dev::localpg::free_port().unwrap();
     let mut proc = Running(
         flag_form(&env, port, &[])
             .args(["--audit-log", "-", "--audit-on-failure", "refuse"])
@@ -211,7 +209,7 @@ async fn audit_on_failure_refuse_admits_no_session_it_cannot_audit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reopens_the_audit_file_for_log_rotation() {
     let env = Env::new();
-    let port = pgbastion::localpg::free_port().unwrap();
+    let port = pgbastion::dev::localpg::free_port().unwrap();
     let (proc, audit, log) = binary_with_audit_file(&env, port);
     wait_listening(port);
     let lines = |p: &std::path::Path| {
@@ -294,7 +292,7 @@ async fn one_address_cannot_take_every_negotiating_slot() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_bad_connections_is_summarised_not_logged_line_by_line() {
     let env = Env::new();
-    let port = pgbastion::localpg::free_port().unwrap();
+    let port = pgbastion::dev::localpg::free_port().unwrap();
     let (_proc, audit, log) = binary_with_audit_file(&env, port);
     let addr = wait_listening(port);
     const N: usize = 300;
@@ -426,7 +424,7 @@ fn proc_kib(pid: u32, field: &str) -> u64 {
 /// completes, so one address gets no more than `max_pending_per_address`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_stalled_logins_fit_in_64_mib_and_real_clients_still_get_in() {
-    pgbastion::fd_limit::raise().unwrap();
+    pgbastion::limits::fd::raise().unwrap();
     let env = Env::new();
     let verifier: String = env
         .direct_client()
@@ -440,7 +438,7 @@ async fn a_thousand_stalled_logins_fit_in_64_mib_and_real_clients_still_get_in()
         .get(0);
     let secrets = env.dir.path().join("userlist.txt");
     write_private(&secrets, &format!("\"postgres\" \"{verifier}\"\n"));
-    let port = pgbastion::localpg::free_port().unwrap();
+    let port = pgbastion::dev::localpg::free_port().unwrap();
     let config = env.dir.path().join("pgbastion.toml");
     std::fs::write(
         &config,
@@ -734,12 +732,12 @@ async fn idle_sessions_logins_and_consoles_end_at_once_on_shutdown() {
         .unwrap()
         .get(0);
     let secrets = dir.join("userlist.txt");
-    pgbastion::devcerts::write_private(
+    pgbastion::dev::certs::write_private(
         &secrets,
         format!("\"postgres\" \"{verifier}\"\n").as_bytes(),
     )
     .unwrap();
-    let people = pgbastion::devcerts::Ca::new("people CA").unwrap();
+    let people = pgbastion::dev::certs::Ca::new("people CA").unwrap();
     let people_ca = people.write_cert(&dir, "people-ca").unwrap();
     let alice = person(&people, &dir, "alice");
     let scram_upstream = env

@@ -3,9 +3,7 @@
 //! command tag, row count or SQLSTATE; literals, bind parameters and COPY
 //! data never reach the audit log.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 fn queries(proxy: &Proxy) -> Vec<serde_json::Value> {
     proxy
@@ -309,7 +307,7 @@ async fn without_audit_queries_there_are_no_query_events() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_that_cannot_be_audited_is_ended_under_refuse() {
     let env = Env::new();
-    let port = pgbastion::localpg::free_port().unwrap();
+    let port = pgbastion::dev::localpg::free_port().unwrap();
     let cfg = env.dir.path().join("pgbastion.toml");
     std::fs::write(
         &cfg,
@@ -389,7 +387,7 @@ impl Gen {
 /// breaks the statement.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_lexer_agrees_with_the_server_on_token_boundaries() {
-    use pgbastion::sql::{normalize_with, Backslashes};
+    use pgbastion::audit::normalize::{normalize_with, Backslashes};
     let env = Env::new();
     let client = env.direct_client().await;
     let gaps = [
@@ -604,7 +602,7 @@ with psycopg.connect(sys.argv[1], autocommit=True) as conn:
             want("select $1 as plain", "SELECT", "ok"),
             want("set standard_conforming_strings = off", "SET", "ok"),
             // Read both ways (the setting in force is never known for
-            // certain: sql::Backslashes), these two differ: not recorded.
+            // certain: normalize::Backslashes), these two differ: not recorded.
             want("-", "SELECT", "ok"),
             want("set standard_conforming_strings = on", "SET", "ok"),
             want("-", "SELECT", "ok"),

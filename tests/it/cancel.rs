@@ -1,11 +1,9 @@
 //! Query cancellation through pgbastion: its own keys, every way clients
 //! send CancelRequests, isolation between sessions, and protocol 3.2.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use pgbastion::protocol::message;
 use pgbastion::protocol::startup::{CancelKey, ProtocolVersion, StartupMessage};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -215,7 +213,7 @@ async fn plaintext_cancel_can_be_denied_and_attempts_are_rate_limited() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn protocol_3_2_client_downgraded_by_the_server_can_still_cancel() {
-    let env_pg = pgbastion::localpg::LocalPg::start(pgbastion::localpg::LocalPgOptions {
+    let env_pg = pgbastion::dev::localpg::LocalPg::start(pgbastion::dev::localpg::LocalPgOptions {
         trust_users: vec!["raw".into()],
         ..Default::default()
     })
@@ -335,7 +333,7 @@ fn libpq_18_encrypted_cancel_protocol_3_2_and_direct_tls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_client_is_told_the_servers_process_id() {
     let env = Env {
-        pg: pgbastion::localpg::LocalPg::start(pgbastion::localpg::LocalPgOptions {
+        pg: pgbastion::dev::localpg::LocalPg::start(pgbastion::dev::localpg::LocalPgOptions {
             trust_users: vec!["raw".into()],
             ..Default::default()
         })

@@ -5,6 +5,7 @@
 //! dropped and counted, and the sink reports itself unhealthy so that the
 //! audit log's `on_failure = "refuse"` can stop admitting sessions.
 
+use crate::sync::MutexExt;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::PathBuf;
@@ -13,7 +14,7 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::audit_chain::Chain;
+use crate::audit::chain::Chain;
 
 /// A write that has not returned after this long means the sink is stuck.
 const STUCK_AFTER: Duration = Duration::from_secs(1);
@@ -287,14 +288,14 @@ fn mark_continued(
     if std::fs::metadata(path).map_or(true, |m| m.len() > 0) {
         return;
     }
-    let mut chain = chain.lock().unwrap_or_else(|p| p.into_inner());
+    let mut chain = chain.locked();
     if chain.seq() == 0 {
         return;
     }
     let line = format!(
         "{{\"ts\":\"{}\",\"event\":\"{}\"}}",
         humantime::format_rfc3339_millis(std::time::SystemTime::now()),
-        crate::audit_chain::CONTINUED
+        crate::audit::chain::CONTINUED
     );
     let stamped = chain.stamp(line.as_bytes());
     if out.write_all(&stamped).and_then(|()| out.flush()).is_ok() {
@@ -319,7 +320,7 @@ fn write_batch(
             out.write_all(&buf).and_then(|()| out.flush()).is_ok()
         }
         Some(chain) => {
-            let mut chain = chain.lock().unwrap_or_else(|p| p.into_inner());
+            let mut chain = chain.locked();
             let mut next = chain.clone();
             let mut buf = Vec::with_capacity(lines.iter().map(|l| l.len() + 100).sum());
             for line in lines {
@@ -405,7 +406,7 @@ mod tests {
     #[test]
     fn the_audit_writer_gathers_lines_into_one_write() {
         let writes = Arc::new(Mutex::new(Vec::new()));
-        let chain = Arc::new(Mutex::new(Chain::new(crate::audit_chain::Digest::Sha256)));
+        let chain = Arc::new(Mutex::new(Chain::new(crate::audit::chain::Digest::Sha256)));
         let sink = Sink::writing_to(
             "test",
             Box::new(Writes(writes.clone())),

@@ -1,17 +1,15 @@
 //! The `pgbastion` binary itself: the flag-only `run` form against a real
 //! PostgreSQL, graceful shutdown on SIGTERM, and `check-config`.
 
-mod common;
-
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flag_form_serves_and_sigterm_drains() {
     let env = Env::new();
-    let port = pgbastion::localpg::free_port().unwrap();
+    let port = pgbastion::dev::localpg::free_port().unwrap();
     let audit = env.dir.path().join("audit.jsonl");
     let mut proc = Running(
         flag_form(&env, port, &[])
@@ -109,7 +107,7 @@ fn busy_session_and_pgbastion(
     std::path::PathBuf,
     std::net::SocketAddr,
 ) {
-    let port = pgbastion::localpg::free_port().unwrap();
+    let port = pgbastion::dev::localpg::free_port().unwrap();
     let config = env.dir.path().join("drain.toml");
     let audit = env.dir.path().join("a.jsonl");
     std::fs::write(
@@ -384,7 +382,7 @@ fn readme_shows_the_lookup_function_pgbastion_installs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn running_out_of_file_descriptors_does_not_end_the_process() {
     let env = Env::new();
-    let port = pgbastion::localpg::free_port().unwrap();
+    let port = pgbastion::dev::localpg::free_port().unwrap();
     let log = env.dir.path().join("stderr.log");
     // A tiny descriptor limit, so accept() fails with EMFILE.
     let mut proc = Running(
@@ -514,7 +512,7 @@ fn the_demo_prints_psql_lines_that_work() {
 #[test]
 fn run_flags_come_from_the_environment_and_version_prints() {
     let env = Env::new();
-    let port = pgbastion::localpg::free_port().unwrap();
+    let port = pgbastion::dev::localpg::free_port().unwrap();
     let _proc = Running(
         bin()
             .arg("run")

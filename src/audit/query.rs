@@ -19,7 +19,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::sql;
+use crate::audit::normalize;
 
 mod names;
 use names::{Bound, Name, Overlay, Step};
@@ -417,18 +417,18 @@ impl QueryTracker {
             return Statement::Text(text.into());
         }
         // Read both ways: the session's standard_conforming_strings is
-        // never known for certain (see `sql::Backslashes`).
-        match sql::normalize(text) {
+        // never known for certain (see `normalize::Backslashes`).
+        match normalize::normalize(text) {
             Ok(n) => Statement::Text(n.text.into()),
-            Err(sql::Unparsed::Unterminated) => Statement::Unparsed {
+            Err(normalize::Unparsed::Unterminated) => Statement::Unparsed {
                 len,
                 why: "unterminated literal",
             },
-            Err(sql::Unparsed::AmbiguousBackslash) => Statement::Unparsed {
+            Err(normalize::Unparsed::AmbiguousBackslash) => Statement::Unparsed {
                 len,
                 why: "backslash in a plain string",
             },
-            Err(sql::Unparsed::EncodingDependentBackslash) => Statement::Unparsed {
+            Err(normalize::Unparsed::EncodingDependentBackslash) => Statement::Unparsed {
                 len,
                 why: "backslash after a non-ASCII byte",
             },

@@ -3,11 +3,9 @@
 //! TLS toward PostgreSQL, and direct TLS (PostgreSQL 17 style; the peer is a
 //! second pgbastion, which implements it, as PostgreSQL 15 here does not).
 
-mod common;
-
-use common::*;
-use pgbastion::devcerts::Ca;
-use pgbastion::localpg::{LocalPg, LocalPgOptions};
+use crate::common::*;
+use pgbastion::dev::certs::Ca;
+use pgbastion::dev::localpg::{LocalPg, LocalPgOptions};
 
 fn listener_toml() -> &'static str {
     "[[listener]]\nlisten = \"127.0.0.1:0\"\n"

@@ -3,16 +3,14 @@
 //! stand-in: tailscaled cannot run here; it serves WhoIs JSON in the shape
 //! Tailscale documents), source networks, and policy reload on SIGHUP.
 
-mod common;
-
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
-use pgbastion::devcerts::Ca;
+use crate::common::*;
+use pgbastion::dev::certs::Ca;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Creates `app`, and the roles `app_rw` and `app_ro` with the superuser's
@@ -498,7 +496,7 @@ async fn network_rules_by_cidr() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_policy() {
     let env = Env::new();
-    let port = pgbastion::localpg::free_port().unwrap();
+    let port = pgbastion::dev::localpg::free_port().unwrap();
     let config = env.dir.path().join("reload.toml");
     let log = env.dir.path().join("stderr.log");
     let base = format!(

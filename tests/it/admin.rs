@@ -2,13 +2,11 @@
 //! parser reads and that count what happened, and health probes that
 //! follow the server's life.
 
-mod common;
-
 use std::io::Write;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// /metrics through prometheus_client's OpenMetrics parser.
@@ -55,9 +53,12 @@ fn value(samples: &[serde_json::Value], name: &str, labels: &[(&str, &str)]) -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_sessions_rejections_and_cancels() {
     let env = Env::new();
-    let admin: SocketAddr = format!("127.0.0.1:{}", pgbastion::localpg::free_port().unwrap())
-        .parse()
-        .unwrap();
+    let admin: SocketAddr = format!(
+        "127.0.0.1:{}",
+        pgbastion::dev::localpg::free_port().unwrap()
+    )
+    .parse()
+    .unwrap();
     let proxy = env.proxy("require", &format!("[admin]\nlisten = \"{admin}\"\n"));
     for _ in 0..2 {
         let (client, conn) = proxy.client(&env, "").await.unwrap();
@@ -170,8 +171,8 @@ async fn metrics_count_sessions_rejections_and_cancels() {
 #[test]
 fn readyz_turns_503_at_sigterm_before_the_listeners_close() {
     let env = Env::new();
-    let port = pgbastion::localpg::free_port().unwrap();
-    let admin_port = pgbastion::localpg::free_port().unwrap();
+    let port = pgbastion::dev::localpg::free_port().unwrap();
+    let admin_port = pgbastion::dev::localpg::free_port().unwrap();
     let admin: SocketAddr = ([127, 0, 0, 1], admin_port).into();
     let cfg = env.dir.path().join("pgbastion.toml");
     std::fs::write(
@@ -220,7 +221,7 @@ fn readyz_turns_503_at_sigterm_before_the_listeners_close() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_listener_caps_connections_and_ends_slow_requests() {
     let env = Env::new();
-    let admin_port = pgbastion::localpg::free_port().unwrap();
+    let admin_port = pgbastion::dev::localpg::free_port().unwrap();
     let admin: SocketAddr = ([127, 0, 0, 1], admin_port).into();
     let _proxy = env.proxy(
         "allow",

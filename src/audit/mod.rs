@@ -5,17 +5,23 @@
 //! over which protection, and how did it end" — and never a password, key or
 //! cancel key: the types written here have no field that could hold one.
 
+pub mod chain;
+pub mod normalize;
+pub mod query;
+pub mod sink;
+
+use crate::sync::{MutexExt, RwLockExt};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::audit_chain::{Chain, Digest};
+use crate::audit::chain::{Chain, Digest};
+use crate::audit::sink::{Sink, SinkTarget};
 use crate::auth::login::LegAuth;
 use crate::config::{AuditOnFailure, AuditTarget, AuthMode};
 use crate::identity::Identity;
-use crate::sink::{Sink, SinkTarget};
 use crate::tls::TlsInfo;
 
 /// How the client leg was protected.
@@ -382,7 +388,7 @@ fn open_sink(
     })
 }
 
-/// A last line a crash cut: its length and `audit_chain::cut_digest`.
+/// A last line a crash cut: its length and `chain::cut_digest`.
 struct CutLine {
     bytes: u64,
     sha256: String,
@@ -402,9 +408,9 @@ fn resume_from(path: &std::path::Path, chain: &Mutex<Chain>) -> std::io::Result<
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
-    let tail = crate::audit_chain::read_tail(&mut f)?;
+    let tail = crate::audit::chain::read_tail(&mut f)?;
     if let Some(last) = &tail.last_complete {
-        let mut c = chain.lock().unwrap_or_else(|p| p.into_inner());
+        let mut c = chain.locked();
         *c = Chain::resume(c.digest().clone(), last);
     }
     if tail.partial > 0 {
@@ -454,7 +460,7 @@ impl AuditLog {
     }
 
     fn current(&self) -> std::sync::RwLockReadGuard<'_, Current> {
-        self.current.read().unwrap_or_else(|p| p.into_inner())
+        self.current.read_locked()
     }
 
     /// For a reload: opens `target` if it differs from the one in use
@@ -485,7 +491,7 @@ impl AuditLog {
     /// written out first (up to a second), and its counts carry over.
     pub fn retarget(&self, prepared: PreparedAudit) {
         let old = {
-            let mut cur = self.current.write().unwrap_or_else(|p| p.into_inner());
+            let mut cur = self.current.write_locked();
             let old_sink = std::mem::replace(&mut cur.sink, prepared.sink.clone());
             let same = cur.target == prepared.target;
             cur.target = prepared.target;
@@ -498,10 +504,10 @@ impl AuditLog {
         };
         if let Some(old) = old {
             old.drain(Duration::from_secs(1));
-            let mut cur = self.current.write().unwrap_or_else(|p| p.into_inner());
+            let mut cur = self.current.write_locked();
             cur.earlier.0 += old.written();
             cur.earlier.1 += old.dropped();
-            *self.reported.lock().unwrap_or_else(|p| p.into_inner()) = (Instant::now(), 0);
+            *self.reported.locked() = (Instant::now(), 0);
         }
     }
 
@@ -550,7 +556,7 @@ impl AuditLog {
         if dropped == 0 {
             return;
         }
-        let mut reported = self.reported.lock().unwrap_or_else(|p| p.into_inner());
+        let mut reported = self.reported.locked();
         if dropped > reported.1 && reported.0.elapsed() >= DROP_REPORT_EVERY {
             tracing::error!(
                 dropped = dropped - reported.1,

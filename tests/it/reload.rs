@@ -2,12 +2,10 @@
 //! CA bundles rotated on disk take effect at SIGHUP for new sessions,
 //! while open sessions keep what they started with.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
-use pgbastion::devcerts::Ca;
+use crate::common::*;
+use pgbastion::dev::certs::Ca;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_rotates_certificates_and_open_sessions_keep_working() {
@@ -20,7 +18,7 @@ async fn sighup_rotates_certificates_and_open_sessions_keep_working() {
     std::fs::copy(&env.proxy_cert, &cert).unwrap();
     std::fs::copy(&env.proxy_key, &key).unwrap();
     std::fs::copy(&env.pg.ca_cert, &upstream_ca).unwrap();
-    let port = pgbastion::localpg::free_port().unwrap();
+    let port = pgbastion::dev::localpg::free_port().unwrap();
     let log = dir.join("pgbastion.log");
     let cfg = dir.join("pgbastion.toml");
     std::fs::write(
@@ -148,7 +146,7 @@ fn watched_files_are_reloaded_without_a_signal() {
     let key = dir.join("live.key");
     std::fs::copy(&env.proxy_cert, &cert).unwrap();
     std::fs::copy(&env.proxy_key, &key).unwrap();
-    let port = pgbastion::localpg::free_port().unwrap();
+    let port = pgbastion::dev::localpg::free_port().unwrap();
     let log = dir.join("pgbastion.log");
     let cfg = dir.join("pgbastion.toml");
     std::fs::write(
@@ -195,7 +193,7 @@ fn watched_files_are_reloaded_without_a_signal() {
 fn reload_applies_settings_and_names_what_needs_a_restart() {
     let env = Env::new();
     let dir = env.dir.path().to_owned();
-    let port = pgbastion::localpg::free_port().unwrap();
+    let port = pgbastion::dev::localpg::free_port().unwrap();
     let log = dir.join("pgbastion.log");
     let cfg = dir.join("pgbastion.toml");
     let write = |extra: &str| {
@@ -229,7 +227,7 @@ fn reload_applies_settings_and_names_what_needs_a_restart() {
         "[forward]\napplication_name = \"{{application_name}} [{{identity}}]\"\n[limits]\nmax_sessions = 1\n\
          [audit]\nlog = \"{}\"\n[admin]\nlisten = \"127.0.0.1:{}\"\n",
         audit.display(),
-        pgbastion::localpg::free_port().unwrap()
+        pgbastion::dev::localpg::free_port().unwrap()
     ));
     signal(proc.0.id(), "-HUP");
     let text = wait_for("the reload", Duration::from_secs(10), || {
@@ -278,8 +276,8 @@ async fn reload_adds_and_removes_listeners() {
     let env = Env::new();
     let dir = env.dir.path().to_owned();
     let (port_a, port_b) = (
-        pgbastion::localpg::free_port().unwrap(),
-        pgbastion::localpg::free_port().unwrap(),
+        pgbastion::dev::localpg::free_port().unwrap(),
+        pgbastion::dev::localpg::free_port().unwrap(),
     );
     let log = dir.join("pgbastion.log");
     let cfg = dir.join("pgbastion.toml");
@@ -355,14 +353,14 @@ async fn reload_adds_and_removes_listeners() {
 async fn reload_moves_listeners_and_repoints_upstreams() {
     let env = Env::new();
     let other = tokio::task::block_in_place(|| {
-        pgbastion::localpg::LocalPg::start(Default::default()).expect("a second PostgreSQL")
+        pgbastion::dev::localpg::LocalPg::start(Default::default()).expect("a second PostgreSQL")
     });
     let dir = env.dir.path().to_owned();
-    let port = || pgbastion::localpg::free_port().unwrap();
+    let port = || pgbastion::dev::localpg::free_port().unwrap();
     let (port_a, port_m, port_m2, port_b) = (port(), port(), port(), port());
     let log = dir.join("pgbastion.log");
     let cfg = dir.join("pgbastion.toml");
-    let upstream = |name: &str, pg: &pgbastion::localpg::LocalPg| {
+    let upstream = |name: &str, pg: &pgbastion::dev::localpg::LocalPg| {
         format!(
             "[[upstream]]\nname = \"{name}\"\naddress = \"localhost:{}\"\nca_file = \"{}\"\n",
             pg.port,

@@ -5,12 +5,10 @@
 //! function; clients and servers that break the rules are refused; failed
 //! logins are throttled.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::*;
 use base64::Engine;
-use common::*;
 use pgbastion::auth::channel_binding::tls_server_end_point;
 use pgbastion::auth::scram::{ClientExchange, Credential, Verifier};
 use pgbastion::protocol::message::{self, AuthRequest};
@@ -416,7 +414,7 @@ async fn secrets_file_stale_verifier_and_sighup_reload_from_flags() {
     let old = Verifier::from_password(b"old-secret", b"some old salt", 4096);
     write_private(&secrets, &format!("\"app\" \"{}\"\n", old.to_text()));
 
-    let port = pgbastion::localpg::free_port().unwrap();
+    let port = pgbastion::dev::localpg::free_port().unwrap();
     let log = env.dir.path().join("stderr.log");
     let proc = Running(
         flag_form(&env, port, &[])
@@ -734,7 +732,7 @@ enum Fake {
 }
 
 /// A TLS "PostgreSQL" with a certificate from `ca`, behaving as `fake`.
-async fn fake_upstream(ca: &pgbastion::devcerts::Ca, fake: Fake) -> u16 {
+async fn fake_upstream(ca: &pgbastion::dev::certs::Ca, fake: Fake) -> u16 {
     let tls = std::sync::Arc::new(tls_server_config(&ca.server_cert(&["localhost"]).unwrap()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -788,7 +786,7 @@ async fn fake_upstream(ca: &pgbastion::devcerts::Ca, fake: Fake) -> u16 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstreams_that_cannot_prove_themselves_or_want_other_methods_are_refused() {
     let certs = ProxyCerts::new();
-    let ca = pgbastion::devcerts::Ca::new("fake upstream CA").unwrap();
+    let ca = pgbastion::dev::certs::Ca::new("fake upstream CA").unwrap();
     let ca_file = ca.write_cert(certs.dir.path(), "fake-ca").unwrap();
     let verifier = Verifier::from_password(b"pw", b"fake salt", 4096);
     let secrets = certs.dir.path().join("userlist.txt");

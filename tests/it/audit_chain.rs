@@ -3,12 +3,10 @@
 //! files and names the line where one was edited or removed, and a keyed
 //! chain does not verify without its key.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 fn verify(files: &[&Path], key: Option<&Path>) -> (bool, String) {
     let mut cmd = bin();
@@ -34,11 +32,11 @@ fn ends(path: &Path) -> usize {
 fn the_audit_chain_survives_rotation_and_restart_and_verify_finds_edits() {
     let env = Env::new();
     let dir = env.dir.path().to_owned();
-    let port = pgbastion::localpg::free_port().unwrap();
+    let port = pgbastion::dev::localpg::free_port().unwrap();
     let audit = dir.join("audit.jsonl");
     let rotated = dir.join("audit.jsonl.1");
     let key = dir.join("chain.key");
-    pgbastion::devcerts::write_private(&key, b"the operator's own chain key, kept elsewhere\n")
+    pgbastion::dev::certs::write_private(&key, b"the operator's own chain key, kept elsewhere\n")
         .unwrap();
     let cfg = dir.join("pgbastion.toml");
     std::fs::write(
@@ -182,20 +180,20 @@ fn one_run(env: &Env, cfg: &Path, port: u16) {
 fn a_restart_after_a_crash_cut_a_line_goes_on_from_the_last_whole_one() {
     let env = Env::new();
     let dir = env.dir.path().to_owned();
-    let port = pgbastion::localpg::free_port().unwrap();
+    let port = pgbastion::dev::localpg::free_port().unwrap();
     let audit = dir.join("audit.jsonl");
     let key = dir.join("chain.key");
     let key_bytes = b"a chain key of the operator's own".to_vec();
-    pgbastion::devcerts::write_private(&key, &key_bytes).unwrap();
+    pgbastion::dev::certs::write_private(&key, &key_bytes).unwrap();
     let cfg = chained_config(&env, port, &audit, &key);
     one_run(&env, &cfg, port);
 
     // What the writer would have written next: a 300 KiB event, then one
     // more, cut by the crash after 100 bytes.
-    use pgbastion::audit_chain::{Chain, Digest};
+    use pgbastion::audit::chain::{Chain, Digest};
     let digest = Digest::from_key(Some(&key_bytes));
     let text = std::fs::read(&audit).unwrap();
-    let last = pgbastion::audit_chain::last_line(&text).unwrap();
+    let last = pgbastion::audit::chain::last_line(&text).unwrap();
     let mut chain = Chain::resume(digest, last);
     let big = format!(
         "{{\"ts\":\"t\",\"event\":\"query\",\"statement\":\"{}\"}}",
@@ -243,10 +241,10 @@ fn a_restart_after_a_crash_cut_a_line_goes_on_from_the_last_whole_one() {
 fn verify_refuses_a_headless_chain_and_an_empty_file() {
     let env = Env::new();
     let dir = env.dir.path().to_owned();
-    let port = pgbastion::localpg::free_port().unwrap();
+    let port = pgbastion::dev::localpg::free_port().unwrap();
     let audit = dir.join("audit.jsonl");
     let key = dir.join("chain.key");
-    pgbastion::devcerts::write_private(&key, b"a chain key of the operator's own").unwrap();
+    pgbastion::dev::certs::write_private(&key, b"a chain key of the operator's own").unwrap();
     let cfg = chained_config(&env, port, &audit, &key);
     one_run(&env, &cfg, port);
     one_run(&env, &cfg, port);
@@ -324,8 +322,8 @@ fn a_binary_chain_key_is_a_key() {
     let mut bytes: Vec<u8> = (0..32u8).map(|i| i.wrapping_mul(37) ^ 0xa5).collect();
     bytes[0] = 0xff; // never valid UTF-8
     assert!(std::str::from_utf8(&bytes).is_err());
-    pgbastion::devcerts::write_private(&key, &bytes).unwrap();
-    use pgbastion::audit_chain::{Chain, Digest};
+    pgbastion::dev::certs::write_private(&key, &bytes).unwrap();
+    use pgbastion::audit::chain::{Chain, Digest};
     let mut chain = Chain::new(Digest::from_key(Some(&bytes)));
     let mut text = Vec::new();
     for i in 0..3 {
@@ -341,6 +339,6 @@ fn a_binary_chain_key_is_a_key() {
     // Another key does not verify it.
     let other = dir.path().join("other.key");
     bytes[5] ^= 1;
-    pgbastion::devcerts::write_private(&other, &bytes).unwrap();
+    pgbastion::dev::certs::write_private(&other, &bytes).unwrap();
     assert!(!verify(&[&audit], Some(&other)).0);
 }

@@ -1,11 +1,9 @@
 //! End-to-end: real PostgreSQL, real psql and tokio-postgres, through
 //! pgbastion.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[test]
@@ -165,7 +163,7 @@ fn audit_lines_of_accepted_session_carry_every_field() {
 fn wrong_password_outcome_is_audited() {
     let env = Env::new();
     let proxy = env.proxy("require", "");
-    let out = common::psql(
+    let out = crate::common::psql(
         &env.via_proxy(proxy.addr(), "channel_binding=disable"),
         "not-the-password",
         "select 1",
@@ -578,7 +576,7 @@ async fn a_failed_client_tls_handshake_is_audited_as_such() {
     };
     // A client that does not trust pgbastion's CA aborts with an alert.
     let other = tempfile::tempdir().unwrap();
-    let stranger = pgbastion::devcerts::Ca::new("another CA").unwrap();
+    let stranger = pgbastion::dev::certs::Ca::new("another CA").unwrap();
     let stranger_ca = other.path().join("ca.pem");
     std::fs::write(&stranger_ca, stranger.cert_pem()).unwrap();
     let mut tcp = raw(proxy.addr()).await;

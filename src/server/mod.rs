@@ -5,6 +5,9 @@
 //! pgbastion stops before it accepts anyone. `Server::run` then accepts until
 //! told to stop, and drains open sessions with a deadline.
 
+pub mod config_watch;
+
+use crate::sync::{MutexExt, RwLockExt};
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::IpAddr;
@@ -36,13 +39,13 @@ use crate::config::{
     ProxyProtocol, Timeouts,
 };
 use crate::identity::tailscale::WhoIsClient;
-use crate::keyed_slots::{KeyedPermit, KeyedSlots};
+use crate::limits::keyed_slots::{KeyedPermit, KeyedSlots};
+use crate::limits::warn::{self, WarnLimiter};
 use crate::policy::Policy;
 use crate::relay::ShutdownPhase;
 use crate::stream::BoxedIo;
 use crate::tls::{self, TlsConfigError};
 use crate::upstream::Upstream;
-use crate::warn_limit::{self, WarnLimiter};
 
 #[derive(Debug, Error)]
 pub enum ServerError {
@@ -83,11 +86,11 @@ pub enum ServerError {
 
 /// How audit lines are chained: an HMAC under `audit.chain_key_file`
 /// (mode 0600), else SHA-256.
-pub fn audit_digest(config: &Config) -> Result<crate::audit_chain::Digest, ServerError> {
+pub fn audit_digest(config: &Config) -> Result<crate::audit::chain::Digest, ServerError> {
     let Some(path) = &config.audit_chain_key else {
-        return Ok(crate::audit_chain::Digest::Sha256);
+        return Ok(crate::audit::chain::Digest::Sha256);
     };
-    read_chain_key(path).map(|k| crate::audit_chain::Digest::from_key(Some(&k)))
+    read_chain_key(path).map(|k| crate::audit::chain::Digest::from_key(Some(&k)))
 }
 
 /// The key in a chain key file: its bytes, text or not (32 random bytes
@@ -192,10 +195,7 @@ impl From<&Config> for Settings {
 impl Shared {
     /// The settings new sessions get now.
     pub fn settings(&self) -> Arc<Settings> {
-        self.settings
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.settings.read_locked().clone()
     }
 
     /// An event for the audit log and the metrics.
@@ -206,25 +206,18 @@ impl Shared {
     }
 
     pub fn policy(&self) -> Arc<Policy> {
-        self.policy
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.policy.read_locked().clone()
     }
 
     /// Every listener accepting now.
     pub fn listeners(&self) -> Vec<Arc<ListenerInfo>> {
-        self.listeners
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.listeners.read_locked().clone()
     }
 
     /// The listener of this name as it is now.
     fn listener(&self, name: &str) -> Option<Arc<ListenerInfo>> {
         self.listeners
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
+            .read_locked()
             .iter()
             .find(|l| l.name == name)
             .cloned()
@@ -232,17 +225,11 @@ impl Shared {
 
     /// Every upstream as configured now.
     pub fn upstreams(&self) -> Vec<Arc<Upstream>> {
-        self.upstreams
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.upstreams.read_locked().clone()
     }
 
     pub fn credentials(&self) -> Arc<Credentials> {
-        self.credentials
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.credentials.read_locked().clone()
     }
 }
 
@@ -425,21 +412,16 @@ impl ReloadHandle {
             tracing::info!(target = ?config.audit, on_failure = ?config.audit_on_failure, "audit log destination changed");
         }
         let n = credentials.len();
-        *self
-            .0
-            .credentials
-            .write()
-            .unwrap_or_else(|p| p.into_inner()) = Arc::new(credentials);
-        *self.0.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config.policy.clone());
-        *self.0.upstreams.write().unwrap_or_else(|p| p.into_inner()) = upstreams;
+        *self.0.credentials.write_locked() = Arc::new(credentials);
+        *self.0.policy.write_locked() = Arc::new(config.policy.clone());
+        *self.0.upstreams.write_locked() = upstreams;
         self.apply_listener_changes(listeners, bound);
         self.0.limits.store(&config.limits);
         self.0.login_throttle.configure(&config.limits);
         self.0
             .cancels
             .set_rate(config.limits.cancel_rate, config.limits.cancel_burst);
-        *self.0.settings.write().unwrap_or_else(|p| p.into_inner()) =
-            Arc::new(Settings::from(config));
+        *self.0.settings.write_locked() = Arc::new(Settings::from(config));
         record_certificate_expiry(config, &self.0.metrics);
         let mut restart_needed = Vec::new();
         if self.0.admin_bound != config.admin {
@@ -465,8 +447,8 @@ impl ReloadHandle {
         listeners: Vec<Arc<ListenerInfo>>,
         bound: Vec<(bool, Listener)>,
     ) {
-        let mut accepting = self.0.accepting.lock().unwrap_or_else(|p| p.into_inner());
-        let mut list = self.0.listeners.write().unwrap_or_else(|p| p.into_inner());
+        let mut accepting = self.0.accepting.locked();
+        let mut list = self.0.listeners.write_locked();
         if let Some(accepting) = accepting.as_mut() {
             for old in list.iter() {
                 let moved = bound.iter().any(|(moved, l)| *moved && l.name == old.name);
@@ -491,11 +473,7 @@ impl ReloadHandle {
     /// Where `reload_all` reads from: the config file, or the
     /// configuration the server started with (flags).
     pub fn set_source(&self, path: Option<std::path::PathBuf>, initial: Config) {
-        *self
-            .0
-            .reload_source
-            .write()
-            .unwrap_or_else(|p| p.into_inner()) = Some((path, initial));
+        *self.0.reload_source.write_locked() = Some((path, initial));
     }
 
     /// Everything SIGHUP (and the console's RELOAD) does: reopen the audit
@@ -513,12 +491,7 @@ impl ReloadHandle {
                 }
             }
         }
-        let source = self
-            .0
-            .reload_source
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let source = self.0.reload_source.read_locked().clone();
         let Some((path, initial)) = source else {
             return Ok("audit log reopened, secrets files re-read".into());
         };
@@ -789,7 +762,7 @@ impl PendingSlots {
     }
 }
 
-/// Log lines of one kind caused by strangers, per `warn_limit::WINDOW`.
+/// Log lines of one kind caused by strangers, per `warn::WINDOW`.
 const WARN_LINES_PER_WINDOW: u32 = 10;
 /// Audit events of one kind for connections that never named a user (and
 /// unmatched or refused cancels), per window.
@@ -797,7 +770,7 @@ const AUDIT_EVENTS_PER_WINDOW: u32 = 100;
 
 /// Writes what the limiters held back, once per window.
 async fn summarise(shared: Arc<Shared>) {
-    let mut tick = tokio::time::interval(warn_limit::WINDOW);
+    let mut tick = tokio::time::interval(warn::WINDOW);
     tick.tick().await;
     loop {
         tick.tick().await;
@@ -806,14 +779,14 @@ async fn summarise(shared: Arc<Shared>) {
                 kind,
                 count,
                 "{count} more like the above ({kind}) in the last {} s, not logged one by one",
-                warn_limit::WINDOW.as_secs()
+                warn::WINDOW.as_secs()
             );
         }
         for (kind, count) in shared.audit_limit.take_summaries() {
             shared.audit.emit(&crate::audit::Event::Suppressed {
                 kind,
                 count,
-                window_s: warn_limit::WINDOW.as_secs(),
+                window_s: warn::WINDOW.as_secs(),
             });
         }
     }
@@ -944,11 +917,7 @@ impl Server {
             for l in self.listeners {
                 accepting.start(l, self.shared.clone());
             }
-            *self
-                .shared
-                .accepting
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()) = Some(accepting);
+            *self.shared.accepting.locked() = Some(accepting);
         }
         let summaries = tokio::spawn(summarise(self.shared.clone()));
         let admin_stop = CancellationToken::new();
@@ -973,12 +942,7 @@ impl Server {
             tokio::time::sleep(unready_grace).await;
         }
         info!("shutting down: no new connections; draining open sessions");
-        let accepting = self
-            .shared
-            .accepting
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let accepting = self.shared.accepting.locked().take();
         if let Some(accepting) = accepting {
             accepting.stop_all().await;
         }
@@ -1027,7 +991,7 @@ impl Server {
             self.shared.audit.emit(&crate::audit::Event::Suppressed {
                 kind,
                 count,
-                window_s: warn_limit::WINDOW.as_secs(),
+                window_s: warn::WINDOW.as_secs(),
             });
         }
         // Blocking, but nothing else runs any more.

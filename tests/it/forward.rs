@@ -3,10 +3,8 @@
 //! `current_setting()`, and a client cannot pass its own values off as
 //! pgbastion's.
 
-mod common;
-
-use common::*;
-use pgbastion::devcerts::Ca;
+use crate::common::*;
+use pgbastion::dev::certs::Ca;
 use pgbastion::protocol::startup::{ProtocolVersion, StartupMessage};
 use tokio::io::AsyncWriteExt;
 
@@ -64,7 +62,7 @@ fn the_server_sees_the_certificate_identity() {
 /// any spelling, are replaced, not merged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_cannot_send_its_own_values() {
-    let pg = pgbastion::localpg::LocalPg::start(pgbastion::localpg::LocalPgOptions {
+    let pg = pgbastion::dev::localpg::LocalPg::start(pgbastion::dev::localpg::LocalPgOptions {
         trust_users: vec!["raw".into()],
         ..Default::default()
     })

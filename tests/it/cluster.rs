@@ -3,13 +3,11 @@
 //! Redis going away and coming back, what a Redis reader can see, and
 //! limits that count across instances.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use pgbastion::config::BindAddress;
 use tokio_postgres::tls::MakeTlsConnect;
 
@@ -36,7 +34,7 @@ impl Instance {
 
     /// `redis_keys`: the `[cluster]` lines naming Redis.
     fn start_with(env: &Env, redis_keys: &str, secret: &Path, name: &str, extra: &str) -> Instance {
-        let admin_port = pgbastion::localpg::free_port().unwrap();
+        let admin_port = pgbastion::dev::localpg::free_port().unwrap();
         let proxy = Proxy::start_toml(&format!(
             "{}\n[[listener]]\nname = \"direct\"\nlisten = \"127.0.0.1:0\"\nclient_tls = \"allow\"\n\
              [[listener]]\nname = \"lb\"\nlisten = \"127.0.0.1:0\"\nclient_tls = \"allow\"\n\
@@ -88,7 +86,7 @@ impl Instance {
 /// The fleet's shared secret, readable by its owner only.
 fn secret_file(dir: &Path) -> PathBuf {
     let path = dir.join("cluster.key");
-    pgbastion::devcerts::write_private(
+    pgbastion::dev::certs::write_private(
         &path,
         b"c2hhcmVkIGJ5IHRoZSB3aG9sZSBmbGVldCwgMzIrIGJ5dGVz\n",
     )
@@ -210,7 +208,7 @@ async fn a_cancel_reaches_the_session_from_any_instance() {
     for i in &fleet {
         i.wait_cluster(true);
     }
-    let lb_port = pgbastion::localpg::free_port().unwrap();
+    let lb_port = pgbastion::dev::localpg::free_port().unwrap();
     let servers: String = fleet
         .iter()
         .map(|i| format!("  server {} {} send-proxy-v2\n", i.name, i.lb))
@@ -550,7 +548,7 @@ async fn limits_and_login_throttling_hold_across_instances() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rediss_is_verified() {
     let env = Env::new();
-    let ca = pgbastion::devcerts::Ca::new("redis test CA").unwrap();
+    let ca = pgbastion::dev::certs::Ca::new("redis test CA").unwrap();
     let redis = Redis::start_tls(&ca.server_cert(&["localhost"]).unwrap());
     let ca_file = ca.write_cert(env.dir.path(), "redis-ca").unwrap();
     let secret = secret_file(env.dir.path());
@@ -657,8 +655,8 @@ fn a_redis_that_refuses_pgbastion_from_the_start_is_logged() {
         .query(&mut conn)
         .unwrap();
     let password = dir.join("redis-password");
-    pgbastion::devcerts::write_private(&password, b"not-the-right-one\n").unwrap();
-    let port = pgbastion::localpg::free_port().unwrap();
+    pgbastion::dev::certs::write_private(&password, b"not-the-right-one\n").unwrap();
+    let port = pgbastion::dev::localpg::free_port().unwrap();
     let cfg = dir.join("pgbastion.toml");
     std::fs::write(
         &cfg,

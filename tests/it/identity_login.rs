@@ -3,16 +3,14 @@
 //! password, and pgbastion logs in to real PostgreSQL with a credential it
 //! holds.
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use common::*;
+use crate::common::*;
 use pgbastion::auth::rds_iam::{auth_token, AwsCredentials, TokenTarget};
-use pgbastion::devcerts::Ca;
-use pgbastion::localpg::{LocalPg, LocalPgOptions};
+use pgbastion::dev::certs::Ca;
+use pgbastion::dev::localpg::{LocalPg, LocalPgOptions};
 use rcgen::{CertificateParams, DnType};
 
 /// The token pgbastion makes equals boto3's `generate_db_auth_token` for
@@ -317,7 +315,7 @@ fn credentials_reload_on_sighup_and_never_reach_the_logs() {
     let people = Ca::new("people CA").unwrap();
     let people_ca = people.write_cert(&dir, "people-ca").unwrap();
     let alice = person(&people, &dir, "alice");
-    let port = pgbastion::localpg::free_port().unwrap();
+    let port = pgbastion::dev::localpg::free_port().unwrap();
     let audit = dir.join("audit.jsonl");
     let log = dir.join("pgbastion.log");
     let cfg = dir.join("pgbastion.toml");

@@ -1,12 +1,10 @@
 //! The PROXY protocol with HAProxy as a real peer both ways, pgbastion to
 //! pgbastion, and every way a header can be wrong.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use pgbastion::protocol::proxy::{self, tlv};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -25,7 +23,7 @@ async fn haproxy_send_proxy_v2_gives_the_real_client_address() {
         &env,
         "[[rule]]\nname = \"only-07\"\nnetworks = [\"127.0.0.7/32\"]\n",
     );
-    let lb_port = pgbastion::localpg::free_port().unwrap();
+    let lb_port = pgbastion::dev::localpg::free_port().unwrap();
     let _lb = Haproxy::start(
         &format!(
             "frontend fe\n  bind 127.0.0.1:{lb_port}\n  default_backend be\nbackend be\n  server pgb {} send-proxy-v2\n",
@@ -67,7 +65,7 @@ async fn haproxy_send_proxy_v2_gives_the_real_client_address() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbastion_sends_proxy_v2_that_haproxy_reads() {
     let env = Env::new();
-    let lb_port = pgbastion::localpg::free_port().unwrap();
+    let lb_port = pgbastion::dev::localpg::free_port().unwrap();
     let lb = Haproxy::start(
         &format!(
             "frontend fe\n  bind 127.0.0.1:{lb_port} accept-proxy\n  log-format \"client=%ci:%cp\"\n  default_backend be\n\
@@ -272,7 +270,7 @@ async fn bad_headers_and_sources_are_refused_and_serving_goes_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn log_lines_name_the_client_from_the_proxy_header() {
     let env = Env::new();
-    let port = pgbastion::localpg::free_port().unwrap();
+    let port = pgbastion::dev::localpg::free_port().unwrap();
     let config = env.dir.path().join("pp.toml");
     let log = env.dir.path().join("stderr.log");
     std::fs::write(
