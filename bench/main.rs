@@ -67,6 +67,11 @@ struct Args {
     /// stalled, and what clients saw during each.
     #[arg(long, conflicts_with = "soak")]
     faults: bool,
+    /// Another pgbastion binary (e.g. the previous release) run beside this
+    /// one with the same configuration and measured in the same rounds, so
+    /// a change's cost is a same-run ratio, not a comparison across runs.
+    #[arg(long)]
+    baseline: Option<PathBuf>,
 }
 
 /// What is measured through.
@@ -90,6 +95,8 @@ enum Target {
     /// pgbastion with a rule `audit_queries = "statements"`: a `query`
     /// event per statement, redacted.
     PgbastionQueries,
+    /// The `--baseline` binary, configured exactly like `Pgbastion`.
+    Baseline,
 }
 
 impl Target {
@@ -104,6 +111,7 @@ impl Target {
             Target::PgbastionCluster => "pgbastion (cluster)",
             Target::PgbastionClusterPeer => "pgbastion (cluster, other instance)",
             Target::PgbastionQueries => "pgbastion (query audit)",
+            Target::Baseline => "pgbastion (baseline binary)",
         }
     }
 }
@@ -327,7 +335,7 @@ impl Bench {
                 cluster_key.display()
             )
         };
-        for (target, audit, upstream_keys, extra) in [
+        let mut instances = vec![
             (
                 Target::Pgbastion,
                 audit_file.clone(),
@@ -364,7 +372,12 @@ impl Bench {
                 String::new(),
                 "[[rule]]\nname = \"all\"\naudit_queries = \"statements\"\n".to_owned(),
             ),
-        ] {
+        ];
+        if args.baseline.is_some() {
+            let audit = dir.join("audit-baseline.jsonl").display().to_string();
+            instances.push((Target::Baseline, audit, String::new(), String::new()));
+        }
+        for (target, audit, upstream_keys, extra) in instances {
             let port = free_port()?;
             let cfg = dir.join(format!("pgbastion-{port}.toml"));
             std::fs::write(
@@ -381,6 +394,10 @@ impl Bench {
                     dir.join("mock_key").display()
                 ),
             )?;
+            let exe = match (target, &args.baseline) {
+                (Target::Baseline, Some(baseline)) => baseline.clone(),
+                _ => exe.clone(),
+            };
             let mut cmd = Command::new(&exe);
             if let Some(n) = args.workers {
                 cmd.env("TOKIO_WORKER_THREADS", n.to_string());
@@ -662,13 +679,18 @@ impl Bench {
             Target::PgBouncer,
             Target::HAProxy,
         ];
+        let baseline = self.ports.contains_key(&Target::Baseline);
         // Every target answers before anything is measured.
-        for t in main.iter().chain([
-            &Target::PgbastionNoAudit,
-            &Target::PgbastionScram,
-            &Target::PgbastionCluster,
-            &Target::PgbastionQueries,
-        ]) {
+        for t in main
+            .iter()
+            .chain([
+                &Target::PgbastionNoAudit,
+                &Target::PgbastionScram,
+                &Target::PgbastionCluster,
+                &Target::PgbastionQueries,
+            ])
+            .chain(baseline.then_some(&Target::Baseline))
+        {
             self.pgbench(*t, &["-S", "-c", "1", "-t", "10"])
                 .with_context(|| format!("{} does not work", t.name()))?;
         }
@@ -695,6 +717,9 @@ impl Bench {
                 }
                 if clients == 1 {
                     targets.push(Target::PgbastionQueries);
+                }
+                if baseline && clients != 64 {
+                    targets.push(Target::Baseline);
                 }
                 for &t in &targets {
                     let cpu_before = cpu_ticks(self.pids.get(&t).copied());
@@ -1257,5 +1282,23 @@ fn report(args: &Args, r: &Results) -> Result<String> {
         scram / c(Target::PgBouncer),
         scram / c(Target::Direct)
     )?;
+    if let Some(path) = &args.baseline {
+        let tps = |w, t| m(w, t, "tps");
+        writeln!(
+            s,
+            "This build vs the baseline binary ({}), same run: 8 clients {on:.0} vs {:.0} TPS \
+             ({:.3}x), proxy CPU {:.1} vs {:.1} µs per transaction ({:+.1}%); 1 client {:.0} vs \
+             {:.0} TPS ({:.3}x).",
+            path.display(),
+            tps("select 8", Target::Baseline),
+            on / tps("select 8", Target::Baseline),
+            cpu(Target::Pgbastion),
+            cpu(Target::Baseline),
+            (cpu(Target::Pgbastion) / cpu(Target::Baseline) - 1.0) * 100.0,
+            tps("select 1", Target::Pgbastion),
+            tps("select 1", Target::Baseline),
+            tps("select 1", Target::Pgbastion) / tps("select 1", Target::Baseline),
+        )?;
+    }
     Ok(s)
 }
