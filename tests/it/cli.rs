@@ -371,11 +371,14 @@ fn example_config_is_valid_toml_for_pgbastion() {
 
 #[test]
 fn readme_shows_the_lookup_function_pgbastion_installs() {
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let readme = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/authentication.md"
+    ))
+    .unwrap();
     assert!(
         readme.contains(pgbastion::auth::auth_query::LOOKUP_FUNCTION_SQL),
-        "README.md must show LOOKUP_FUNCTION_SQL verbatim"
+        "docs/authentication.md must show LOOKUP_FUNCTION_SQL verbatim"
     );
 }
 
