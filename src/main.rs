@@ -262,7 +262,7 @@ impl RunArgs {
         if let Some(path) = self.config {
             return ConfigSource::File(path);
         }
-        ConfigSource::Flags(Flags {
+        ConfigSource::Flags(Box::new(Flags {
             listen: self.listen,
             unix_dir: self.unix_dir,
             port: self.port,
@@ -294,6 +294,6 @@ impl RunArgs {
             secrets_file: self.secrets_file,
             auth_user: self.auth_user,
             auth_password_file: self.auth_password_file,
-        })
+        }))
     }
 }

@@ -15,7 +15,7 @@ pub enum ConfigSource {
     /// `--config FILE`: watched and re-read on SIGHUP.
     File(PathBuf),
     /// The flag-only form, one upstream.
-    Flags(Flags),
+    Flags(Box<Flags>),
 }
 
 impl ConfigSource {
@@ -23,6 +23,7 @@ impl ConfigSource {
         match self {
             ConfigSource::File(path) => Ok((Config::from_file(&path)?, Some(path))),
             ConfigSource::Flags(flags) => {
+                let flags = *flags;
                 if flags.listen.is_empty() && flags.unix_dir.is_none() {
                     anyhow::bail!(
                         "nothing to listen on: give --listen IP:PORT and/or --unix-dir DIR (or --config FILE)"
