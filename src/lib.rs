@@ -30,6 +30,7 @@ pub mod admin;
 pub mod audit;
 pub mod auth;
 pub mod cancel;
+pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod dev;

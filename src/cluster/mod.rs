@@ -17,6 +17,8 @@
 //!
 //! What is stored is opaque to a Redis reader (see `keys`).
 
+mod background;
+mod connect;
 pub mod keys;
 
 use crate::sync::MutexExt;
@@ -29,13 +31,15 @@ use std::time::{Duration, Instant};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use thiserror::Error;
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::admin::metrics::Metrics;
 use crate::auth::throttle::{LoginCheck, Throttled, ThrottledBy};
 use crate::config::{ClusterConfig, Limits};
 use crate::limits::warn::WarnLimiter;
 use crate::protocol::startup::CancelKey;
+use background::background;
+use connect::{read_keys, redis_client};
 use keys::{FleetKeys, RemoteCancel};
 
 /// How long what an instance writes lives in Redis unless refreshed: how
@@ -558,109 +562,6 @@ impl<'a> From<&'a mut redis::Pipeline> for Request<'a> {
 impl<'a> From<&'a redis::Pipeline> for Request<'a> {
     fn from(p: &'a redis::Pipeline) -> Self {
         Request::Pipe(p)
-    }
-}
-
-/// Writes queued changes, PINGs, and refreshes, until the cluster is
-/// dropped.
-async fn background(cluster: Weak<Cluster>, mut rx: mpsc::Receiver<Op>) {
-    let mut health = tokio::time::interval(HEALTH);
-    let mut refresh = tokio::time::interval(REFRESH);
-    let mut summaries = tokio::time::interval(crate::limits::warn::WINDOW);
-    summaries.tick().await;
-    health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    refresh.tick().await;
-    loop {
-        tokio::select! {
-            op = rx.recv() => {
-                let Some(op) = op else { return };
-                let Some(c) = cluster.upgrade() else { return };
-                let mut batch = vec![op];
-                while batch.len() < CHUNK {
-                    match rx.try_recv() {
-                        Ok(op) => batch.push(op),
-                        Err(_) => break,
-                    }
-                }
-                c.write(batch).await;
-            }
-            _ = health.tick() => {
-                let Some(c) = cluster.upgrade() else { return };
-                let pong = c.send_now::<String>("ping", &redis::cmd("PING")).await;
-                if pong.is_ok() && !c.is_up() {
-                    // Up only once everything is back in Redis, so a
-                    // cancel is never looked up before its mapping is.
-                    if c.rewrite_all().await.is_ok() {
-                        c.up.store(true, Ordering::SeqCst);
-                        c.metrics.cluster_up(true);
-                        info!("Redis is available: cancels across instances and fleet-wide limits are on");
-                    }
-                }
-            }
-            _ = refresh.tick() => {
-                let Some(c) = cluster.upgrade() else { return };
-                if c.is_up() {
-                    let _ = c.rewrite_all().await;
-                }
-            }
-            _ = summaries.tick() => {
-                // Also what lets a kind be logged again in the next window.
-                let Some(c) = cluster.upgrade() else { return };
-                for (kind, count) in c.warn.take_summaries() {
-                    warn!(kind, count, "{count} more like the above ({kind}), not logged one by one");
-                }
-            }
-        }
-    }
-}
-
-fn read_keys(config: &ClusterConfig) -> Result<FleetKeys, ClusterError> {
-    let secret = crate::auth::credentials::read_private_key(&config.secret_file, "secret_file")
-        .map_err(|e| ClusterError::File(Box::new(e)))?;
-    FleetKeys::new(&secret, &config.key_prefix).map_err(|source| ClusterError::Secret {
-        path: config.secret_file.clone(),
-        source,
-    })
-}
-
-fn redis_client(config: &ClusterConfig) -> Result<redis::Client, ClusterError> {
-    use redis::IntoConnectionInfo;
-    let redis_err = |e: redis::RedisError| ClusterError::Redis(e.to_string());
-    let mut info = config
-        .redis
-        .as_str()
-        .into_connection_info()
-        .map_err(redis_err)?;
-    if let Some(path) = &config.redis_password_file {
-        let text = crate::auth::credentials::read_private(path, "redis_password_file")
-            .map_err(|e| ClusterError::File(Box::new(e)))?;
-        let password = text.lines().next().unwrap_or("");
-        let settings = info.redis_settings().clone().set_password(password);
-        info = info.set_redis_settings(settings);
-    }
-    match &config.redis_ca_file {
-        Some(path) => {
-            let pem = std::fs::read(path).map_err(|e| ClusterError::Ca {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
-            crate::tls::load_certs(path, "cluster.redis_ca_file").map_err(|e| {
-                ClusterError::Ca {
-                    path: path.clone(),
-                    reason: e.to_string(),
-                }
-            })?;
-            redis::Client::build_with_tls(
-                info,
-                redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(pem),
-                },
-            )
-            .map_err(redis_err)
-        }
-        None => redis::Client::open(info).map_err(redis_err),
     }
 }
 

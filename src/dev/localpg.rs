@@ -226,6 +226,61 @@ fn chown_tree(path: &Path, uid: u32, gid: u32) -> Result<(), LocalPgError> {
     Ok(())
 }
 
+/// A command run as the unprivileged `user` (when root), in `dir`.
+fn as_user(program: &Path, user: Option<(u32, u32)>, dir: &Path) -> Command {
+    let mut c = Command::new(program);
+    if let Some((uid, gid)) = user {
+        c.uid(uid).gid(gid);
+    }
+    c.current_dir(dir);
+    c
+}
+
+/// Appends `conf` and the options' settings to postgresql.conf, and writes
+/// pg_hba.conf: the options' trusted and certificate users first, then
+/// SCRAM over TLS for everyone, and no plaintext TCP.
+fn configure(data: &Path, mut conf: String, opts: &LocalPgOptions) -> Result<(), LocalPgError> {
+    let mut hostssl_options = "";
+    if let Some(pem) = &opts.client_ca_pem {
+        let path = data.join("client-ca.crt");
+        fs::write(&path, pem).map_err(io_err("writing the client CA"))?;
+        conf.push_str(&format!("ssl_ca_file = '{}'\n", path.display()));
+        if opts.cert_users.is_empty() {
+            hostssl_options = " clientcert=verify-ca";
+        }
+    }
+    for line in &opts.extra_conf {
+        conf.push_str(line);
+        conf.push('\n');
+    }
+    append(&data.join("postgresql.conf"), &conf)?;
+    let trusted: String = opts
+        .extra_hba
+        .iter()
+        .map(|l| format!("{l}\n"))
+        .chain(
+            opts.trust_users
+                .iter()
+                .map(|u| format!("hostssl all {u} 127.0.0.1/32 trust\n")),
+        )
+        .chain(
+            opts.cert_users
+                .iter()
+                .map(|u| format!("hostssl all {u} 127.0.0.1/32 cert\n")),
+        )
+        .collect();
+    fs::write(
+        data.join("pg_hba.conf"),
+        format!(
+            "{trusted}local all all scram-sha-256\n\
+             hostssl all all 127.0.0.1/32 scram-sha-256{hostssl_options}\n\
+             hostssl all all ::1/128 scram-sha-256{hostssl_options}\n\
+             hostnossl all all all reject\n"
+        ),
+    )
+    .map_err(io_err("writing pg_hba.conf"))
+}
+
 impl LocalPg {
     /// Creates and starts a server. Blocks until it accepts connections.
     pub fn start(opts: LocalPgOptions) -> Result<LocalPg, LocalPgError> {
@@ -254,15 +309,7 @@ impl LocalPg {
             chown_tree(&root, uid, gid)?;
         }
 
-        let as_user = |program: &Path| {
-            let mut c = Command::new(program);
-            if let Some((uid, gid)) = user {
-                c.uid(uid).gid(gid);
-            }
-            c.current_dir(&root);
-            c
-        };
-        let mut initdb = as_user(&bin.join("initdb"));
+        let mut initdb = as_user(&bin.join("initdb"), user, &root);
         initdb
             .arg("-D")
             .arg(&data)
@@ -281,7 +328,7 @@ impl LocalPg {
             .write(&data, "server")
             .map_err(io_err("writing the server certificate"))?;
         let port = free_port()?;
-        let mut conf = format!(
+        let conf = format!(
             "\n# pgbastion local server\nlisten_addresses = '127.0.0.1'\nport = {port}\n\
              unix_socket_directories = '{}'\nssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'\n\
              password_encryption = 'scram-sha-256'\nfsync = off\nlogging_collector = off\n",
@@ -289,45 +336,7 @@ impl LocalPg {
             cert_path.display(),
             key_path.display()
         );
-        let mut hostssl_options = "";
-        if let Some(pem) = &opts.client_ca_pem {
-            let path = data.join("client-ca.crt");
-            fs::write(&path, pem).map_err(io_err("writing the client CA"))?;
-            conf.push_str(&format!("ssl_ca_file = '{}'\n", path.display()));
-            if opts.cert_users.is_empty() {
-                hostssl_options = " clientcert=verify-ca";
-            }
-        }
-        for line in &opts.extra_conf {
-            conf.push_str(line);
-            conf.push('\n');
-        }
-        append(&data.join("postgresql.conf"), &conf)?;
-        let trusted: String = opts
-            .extra_hba
-            .iter()
-            .map(|l| format!("{l}\n"))
-            .chain(
-                opts.trust_users
-                    .iter()
-                    .map(|u| format!("hostssl all {u} 127.0.0.1/32 trust\n")),
-            )
-            .chain(
-                opts.cert_users
-                    .iter()
-                    .map(|u| format!("hostssl all {u} 127.0.0.1/32 cert\n")),
-            )
-            .collect();
-        fs::write(
-            data.join("pg_hba.conf"),
-            format!(
-                "{trusted}local all all scram-sha-256\n\
-                 hostssl all all 127.0.0.1/32 scram-sha-256{hostssl_options}\n\
-                 hostssl all all ::1/128 scram-sha-256{hostssl_options}\n\
-                 hostnossl all all all reject\n"
-            ),
-        )
-        .map_err(io_err("writing pg_hba.conf"))?;
+        configure(&data, conf, &opts)?;
         if let Some((uid, gid)) = user {
             chown_tree(&data, uid, gid)?;
         }

@@ -579,3 +579,54 @@ fn the_systemd_unit_is_valid_and_sandboxed() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stderr(&out), "", "no warnings");
 }
+
+/// Issue 20: a missing certificate is said once, and RUST_BACKTRACE (meant
+/// for panics) never adds a stack backtrace; `--backtrace` does.
+#[test]
+fn check_config_says_each_cause_once_without_a_backtrace() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("missing-cert.toml");
+    std::fs::write(
+        &config,
+        "[tls]\ncert = \"/nonexistent/cert.pem\"\nkey = \"/nonexistent/key.pem\"\n\
+         [[listener]]\nname = \"public\"\nlisten = \"127.0.0.1:6432\"\n\
+         [[upstream]]\naddress = \"db.internal:5432\"\nsystem_roots = true\n",
+    )
+    .unwrap();
+    let check = |env: &[(&str, &str)], flag: bool| {
+        let mut cmd = bin();
+        cmd.env_remove("RUST_BACKTRACE")
+            .env_remove("RUST_LIB_BACKTRACE")
+            .envs(env.iter().copied());
+        if flag {
+            cmd.arg("--backtrace");
+        }
+        let out = cmd
+            .arg("check-config")
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        stderr(&out)
+    };
+    for env in [
+        &[][..],
+        &[("RUST_BACKTRACE", "1")][..],
+        &[("RUST_BACKTRACE", "full")][..],
+    ] {
+        let err = check(env, false);
+        assert_eq!(
+            err.matches("cannot read TLS certificate /nonexistent/cert.pem")
+                .count(),
+            1,
+            "{env:?}: {err}"
+        );
+        assert!(!err.contains("backtrace"), "{env:?}: {err}");
+        assert!(err.lines().count() <= 3, "{env:?}: {err}");
+    }
+    let err = check(&[], true);
+    assert!(err.contains("Stack backtrace:"), "{err}");
+    let err = check(&[("RUST_LIB_BACKTRACE", "1")], false);
+    assert!(err.contains("Stack backtrace:"), "{err}");
+}

@@ -1,0 +1,70 @@
+//! `pgbastion check-config`: loads a config file and everything it names
+//! (`server::check`) without binding or connecting, and describes what it
+//! would run.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+use crate::config::{Config, UpstreamConfig};
+
+/// Validates `path`; on success prints a summary of listeners, upstreams,
+/// rules and the cluster on standard output.
+pub fn check_config(path: &Path) -> Result<()> {
+    let config = Config::from_file(path)?;
+    crate::server::check(&config).with_context(|| format!("{} is not usable", path.display()))?;
+    println!("{}: OK", path.display());
+    for warning in config.warnings() {
+        println!("  warning: {warning}");
+    }
+    for l in &config.listeners {
+        println!(
+            "  listener {:?} on {} (client TLS: {:?}) -> upstream {:?}",
+            l.name, l.bind, l.client_tls, config.upstreams[l.upstream].name
+        );
+    }
+    for u in &config.upstreams {
+        describe_upstream(u);
+    }
+    match config.policy.len() {
+        0 => println!("  no [[rule]]: every client that passes TLS is admitted"),
+        n => println!("  {n} policy rule(s); requests no rule matches are denied"),
+    }
+    if let Some(c) = &config.cluster {
+        // The URL holds no password (config refuses one).
+        println!(
+            "  cluster: instance {:?} sharing cancels and limits through {} (Redis is not contacted here)",
+            c.instance, c.redis
+        );
+    }
+    Ok(())
+}
+
+/// An upstream's address, verified name, and where its logins' SCRAM
+/// verifiers come from.
+fn describe_upstream(u: &UpstreamConfig) {
+    println!(
+        "  upstream {:?} at {}:{} verified as {:?}",
+        u.name, u.host, u.port, u.server_name
+    );
+    let Some(s) = &u.scram else {
+        println!("    auth: passthrough (clients must set channel_binding=disable)");
+        return;
+    };
+    println!("    auth: scram (pgbastion terminates SCRAM, channel-bound on both legs)");
+    if let Some(f) = &s.secrets_file {
+        println!("    verifiers from secrets_file {}", f.display());
+    }
+    if let Some(q) = &s.auth_query {
+        println!(
+            "    verifiers from auth_query as {:?} in database {:?}: {}",
+            q.user, q.database, q.query
+        );
+    }
+    if let Some(k) = &s.mock_key {
+        println!("    unknown users' mock salts derived from {k}");
+    }
+    if s.secrets_file.is_some() && s.auth_query.is_some() {
+        println!("    auth_query also runs for users in secrets_file (equal timing; its answer is not used for them)");
+    }
+}
