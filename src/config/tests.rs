@@ -375,3 +375,220 @@ mod credential_tests {
         );
     }
 }
+
+/// Typed errors: each refusal names the place in the file it is about.
+mod key_paths {
+    use super::*;
+
+    fn refusal(text: &str) -> ConfigError {
+        Config::from_toml(text).unwrap_err()
+    }
+
+    #[test]
+    fn a_listener_key_is_named_by_the_listener_and_the_key() {
+        let err = refusal(&MINIMAL.replace("127.0.0.1:6432", "localhost"));
+        assert_eq!(
+            err.path(),
+            Some(&Section::Listener("listener0".into()).key("listen"))
+        );
+        assert_eq!(
+            err.to_string(),
+            "listener \"listener0\".listen: \"localhost\" is not IP:PORT \
+             (e.g. \"127.0.0.1:6432\" or \"[::]:6432\")"
+        );
+        let err = refusal(&MINIMAL.replace(
+            "listen = \"127.0.0.1:6432\"",
+            "listen = \"127.0.0.1:6432\"\nunix_dir = \"/run\"",
+        ));
+        assert_eq!(
+            err.path(),
+            Some(&Section::Listener("listener0".into()).whole()),
+            "a rule across keys names the section: {err}"
+        );
+    }
+
+    #[test]
+    fn singleton_sections_name_the_key_at_fault() {
+        for (extra, path, says) in [
+            (
+                "[limits]\nmax_pending = 0",
+                "limits.max_pending",
+                "must be at least 1",
+            ),
+            (
+                "[limits]\nipv6_prefix = 0",
+                "limits.ipv6_prefix",
+                "between 1 and 128",
+            ),
+            (
+                "[limits]\nfailed_login_window = \"0s\"",
+                "limits.failed_login_window",
+                "greater than zero",
+            ),
+            (
+                "[timeouts]\ncancel = \"0s\"",
+                "timeouts.cancel",
+                "greater than zero",
+            ),
+            (
+                "[admin]\nlisten = \"127.0.0.1:9090\"\nrequest_timeout = \"0s\"",
+                "admin.request_timeout",
+                "greater than zero",
+            ),
+            ("[audit]\nlog = \"\"", "audit.log", "file path"),
+            (
+                "[forward.settings]\n\"user\" = \"x\"",
+                "forward.settings.\"user\"",
+                "prefix.name",
+            ),
+            (
+                "[forward]\napplication_name = \"{who}\"",
+                "forward.application_name",
+                "unknown placeholder",
+            ),
+        ] {
+            let err = refusal(&format!("{MINIMAL}\n{extra}\n"));
+            let at = err.path().map(ToString::to_string);
+            assert_eq!(at.as_deref(), Some(path), "{extra}: {err}");
+            assert_eq!(err.to_string(), format!("{path}: {}", reason(&err)));
+            assert!(err.to_string().contains(says), "{extra}: {err}");
+        }
+    }
+
+    fn reason(err: &ConfigError) -> &str {
+        match err {
+            ConfigError::Invalid { reason, .. } => reason,
+            other => panic!("not Invalid: {other}"),
+        }
+    }
+
+    #[test]
+    fn upstream_credential_and_rule_paths() {
+        let err = refusal(&MINIMAL.replace("ca_file", "server_name = \"no way\"\nca_file"));
+        assert_eq!(
+            err.path(),
+            Some(&Section::Upstream("upstream0".into()).key("server_name"))
+        );
+        let err = refusal(&format!(
+            "{MINIMAL}\n[[credential]]\nuser = \"app\"\npassword_file = \"a\"\nupstream = \"nope\"\n"
+        ));
+        assert_eq!(
+            err.to_string(),
+            "credential 1 (user \"app\").upstream: no upstream named \"nope\""
+        );
+        let err = refusal(&format!(
+            "{MINIMAL}\n[[rule]]\nname = \"r\"\nlisteners = [\"nope\"]\n"
+        ));
+        assert_eq!(
+            err.path(),
+            Some(&Section::Rule("r".into()).key("listeners"))
+        );
+        let err = refusal(&format!(
+            "{MINIMAL}\n[cluster]\nsecret_file = \"k\"\nredis = \"redis://r\"\ninstance = \"\"\n"
+        ));
+        assert_eq!(
+            err.to_string(),
+            "cluster.instance: must be 1 to 128 characters"
+        );
+    }
+
+    #[test]
+    fn refusals_about_the_whole_file() {
+        let two = format!("{MINIMAL}\n[[upstream]]\naddress = \"b:5432\"\nname = \"upstream0\"\nca_file = \"x\"\n");
+        let err = refusal(&two);
+        assert!(
+            matches!(&err, ConfigError::DuplicateName { section: "upstream", name } if name == "upstream0"),
+            "{err}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "two upstreams are named \"upstream0\": names must be unique"
+        );
+        let err = refusal("[[upstream]]\naddress = \"db:5432\"\nsystem_roots = true\n");
+        assert!(matches!(
+            err,
+            ConfigError::Missing {
+                section: "listener"
+            }
+        ));
+        assert_eq!(err.to_string(), "at least one [[listener]] is required");
+        let err = refusal(&format!(
+            "{MINIMAL}\n[[rule]]\nname = \"r\"\nmax_sessions = 0\n"
+        ));
+        assert!(matches!(err, ConfigError::Policy(_)), "{err}");
+        assert!(err.path().is_none());
+    }
+}
+
+/// `[audit]` is one section of `Config`.
+#[test]
+fn the_audit_section_is_one_struct() {
+    let c = Config::from_toml(&format!(
+        "{MINIMAL}\n[audit]\nlog = \"off\"\non_failure = \"refuse\"\nchain_key_file = \"k\"\nredact = false\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        c.audit,
+        AuditConfig {
+            target: AuditTarget::Off,
+            on_failure: AuditOnFailure::Refuse,
+            chain_key: Some("k".into()),
+            redact: false,
+        }
+    );
+    let c = Config::from_toml(MINIMAL).unwrap();
+    assert_eq!(c.audit.on_failure, AuditOnFailure::Continue);
+    assert_eq!(c.audit.chain_key, None);
+    assert!(c.audit.redact, "redacted by default");
+    let c =
+        Config::from_toml(&format!("{MINIMAL}\n[audit]\nlog = \"/var/log/a.jsonl\"\n")).unwrap();
+    assert_eq!(c.audit.target, AuditTarget::File("/var/log/a.jsonl".into()));
+}
+
+/// `pgbastion run` flags go through the same checks as a file.
+#[test]
+fn flags_build_the_same_model() {
+    let err = Config::from_flags(Flags::default()).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "--upstream HOST:PORT is required (or use --config FILE)"
+    );
+    let flags = Flags {
+        upstream: Some("db:5432".into()),
+        upstream_system_roots: true,
+        listen: vec!["127.0.0.1:6432".into()],
+        ..Flags::default()
+    };
+    let err = Config::from_flags(Flags {
+        tls_cert: Some("c".into()),
+        ..flags.clone()
+    })
+    .unwrap_err();
+    assert_eq!(err.to_string(), "--tls-cert and --tls-key go together");
+    let err = Config::from_flags(flags.clone()).unwrap_err();
+    assert!(err.to_string().contains("requires client TLS"), "{err}");
+    let c = Config::from_flags(Flags {
+        client_tls: Some(ClientTlsMode::Allow),
+        unix_dir: Some("/run/pgb".into()),
+        port: Some(7000),
+        audit_on_failure: Some(AuditOnFailure::Refuse),
+        admin_listen: Some("127.0.0.1:9090".parse().unwrap()),
+        max_sessions: Some(7),
+        ..flags
+    })
+    .unwrap();
+    let names: Vec<_> = c.listeners.iter().map(|l| l.name.as_str()).collect();
+    assert_eq!(names, ["listener0", "unix"]);
+    assert_eq!(
+        c.listeners[1].bind,
+        BindAddress::Unix("/run/pgb/.s.PGSQL.7000".into())
+    );
+    assert_eq!(c.upstreams[0].name, "upstream");
+    assert_eq!(c.audit.on_failure, AuditOnFailure::Refuse);
+    assert_eq!(c.limits.max_sessions, 7);
+    let admin = c.admin.unwrap();
+    assert_eq!(
+        (admin.max_connections, admin.request_timeout),
+        (256, Duration::from_secs(5))
+    );
+}
