@@ -87,7 +87,7 @@ pub enum ServerError {
 /// How audit lines are chained: an HMAC under `audit.chain_key_file`
 /// (mode 0600), else SHA-256.
 pub fn audit_digest(config: &Config) -> Result<crate::audit::chain::Digest, ServerError> {
-    let Some(path) = &config.audit_chain_key else {
+    let Some(path) = &config.audit.chain_key else {
         return Ok(crate::audit::chain::Digest::Sha256);
     };
     read_chain_key(path).map(|k| crate::audit::chain::Digest::from_key(Some(&k)))
@@ -187,7 +187,7 @@ impl From<&Config> for Settings {
             }),
             application_name: config.application_name.clone(),
             forward_settings: config.forward_settings.clone(),
-            redact_queries: config.audit_redact,
+            redact_queries: config.audit.redact,
         }
     }
 }
@@ -286,7 +286,7 @@ fn load_reloadable(config: &Config, shared: &Shared) -> Result<Loaded, ServerErr
     let (acceptors, fresh) = prepare_tls(config)?;
     let audit = shared
         .audit
-        .prepare(&config.audit, config.audit_on_failure)
+        .prepare(&config.audit.target, config.audit.on_failure)
         .map_err(ServerError::Audit)?;
     let upstreams = keep_scram_state(fresh, &shared.upstreams());
     let listeners = listener_infos(config, acceptors, &upstreams);
@@ -409,7 +409,7 @@ impl ReloadHandle {
         } = loaded?;
         if let Some(audit) = audit {
             self.0.audit.retarget(audit);
-            tracing::info!(target = ?config.audit, on_failure = ?config.audit_on_failure, "audit log destination changed");
+            tracing::info!(target = ?config.audit.target, on_failure = ?config.audit.on_failure, "audit log destination changed");
         }
         let n = credentials.len();
         *self.0.credentials.write_locked() = Arc::new(credentials);
@@ -430,7 +430,7 @@ impl ReloadHandle {
         if self.0.cluster_bound != config.cluster {
             restart_needed.push("[cluster]".to_owned());
         }
-        if self.0.chain_key_bound != config.audit_chain_key {
+        if self.0.chain_key_bound != config.audit.chain_key {
             restart_needed.push("audit.chain_key_file".to_owned());
         }
         Ok(Reloaded {
@@ -810,7 +810,7 @@ impl Server {
         let infos = listener_infos(&config, acceptors, &upstreams);
         let digest = audit_digest(&config)?;
         let audit = Arc::new(
-            AuditLog::open(&config.audit, config.audit_on_failure, digest)
+            AuditLog::open(&config.audit.target, config.audit.on_failure, digest)
                 .map_err(ServerError::Audit)?,
         );
         let metrics = Arc::new(Metrics::new(audit.clone()));
@@ -856,7 +856,7 @@ impl Server {
                 ),
                 cluster,
                 cluster_bound: config.cluster.clone(),
-                chain_key_bound: config.audit_chain_key.clone(),
+                chain_key_bound: config.audit.chain_key.clone(),
                 policy: RwLock::new(Arc::new(config.policy.clone())),
                 credentials: RwLock::new(Arc::new(credentials)),
                 identity_sessions: KeyedSlots::default(),
