@@ -55,25 +55,28 @@ enum Exit {
     /// Refused: the client is told what the error says, and the refusal
     /// is logged and audited, with how far authentication got once it
     /// began.
-    Refused {
-        err: SessionError,
-        auth: Option<AuthFacts>,
-    },
+    Refused(Box<Refusal>),
+}
+
+/// A refusal: the error, and how far authentication got once it began.
+struct Refusal {
+    err: SessionError,
+    auth: Option<AuthFacts>,
 }
 
 impl Exit {
     fn refused(err: impl Into<SessionError>) -> Exit {
-        Exit::Refused {
+        Exit::Refused(Box::new(Refusal {
             err: err.into(),
             auth: None,
-        }
+        }))
     }
 
     fn refused_in_login(err: impl Into<SessionError>, auth: &AuthFacts) -> Exit {
-        Exit::Refused {
+        Exit::Refused(Box::new(Refusal {
             err: err.into(),
             auth: Some(auth.clone()),
-        }
+        }))
     }
 }
 
@@ -226,7 +229,10 @@ impl Session {
     async fn exit(self, conn: &mut ClientConn, exit: Exit) {
         match exit {
             Exit::Silent => {}
-            Exit::Refused { err, auth } => self.reject(conn, err, auth.as_ref()).await,
+            Exit::Refused(refusal) => {
+                let Refusal { err, auth } = *refusal;
+                self.reject(conn, err, auth.as_ref()).await
+            }
         }
     }
 }

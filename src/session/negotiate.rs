@@ -73,20 +73,6 @@ fn handshake_failure(e: &std::io::Error) -> String {
     }
 }
 
-/// A PROXY header is read only from a source in `proxy_trusted` (a Unix
-/// socket's peer has no address: its permissions decide).
-fn check_proxy_source(
-    peer: Option<SocketAddr>,
-    trusted: &[ipnet::IpNet],
-) -> Result<(), SessionError> {
-    match peer {
-        Some(peer) if !trusted.iter().any(|n| n.contains(&peer.ip())) => {
-            Err(SessionError::ProxyUntrusted(peer.ip().to_string()))
-        }
-        _ => Ok(()),
-    }
-}
-
 impl ClientConn {
     /// A client leg in plaintext, nothing read yet.
     pub fn new(io: BoxedIo) -> Self {
@@ -256,7 +242,13 @@ impl ClientConn {
         trusted: &[ipnet::IpNet],
         limit: Duration,
     ) -> Result<ProxyHeader, SessionError> {
-        check_proxy_source(peer, trusted)?;
+        // Only from a source in `proxy_trusted` (a Unix socket's peer has
+        // no address: its permissions decide).
+        if let Some(peer) = peer {
+            if !trusted.iter().any(|n| n.contains(&peer.ip())) {
+                return Err(SessionError::ProxyUntrusted(peer.ip().to_string()));
+            }
+        }
         tokio::time::timeout(limit, async {
             loop {
                 match proxy::parse(&self.buf) {
