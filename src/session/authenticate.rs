@@ -24,6 +24,9 @@ use crate::auth::wire;
 use crate::limits::keyed_slots::KeyedPermit;
 use crate::protocol::message::{self, AuthRequest};
 
+#[cfg(test)]
+mod tests;
+
 /// Where the session's place under `limits.max_sessions` is.
 enum SessionPlace {
     /// scram and identity logins: taken when pgbastion authenticated the
