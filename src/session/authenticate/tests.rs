@@ -101,7 +101,7 @@ async fn a_client_choosing_plus_is_refused_in_passthrough() {
     let (r, phase, server_leg) = running.await.unwrap();
     let end = r.unwrap_err();
     assert!(matches!(end, AuthEnd::ChannelBinding), "{end:?}");
-    assert_eq!(end.client_error().map(|e| e.code), Some("28000".into()));
+    assert_eq!(end.client_error().map(|e| e.code), Some("28000"));
     assert_eq!(phase.mechanism.as_deref(), Some("SCRAM-SHA-256-PLUS"));
     // Nothing of the client's choice reached the server.
     drop(server_leg);
@@ -129,7 +129,7 @@ async fn authentication_ok_with_no_session_place_left_is_53300() {
     server.write_all(&ok).await.unwrap();
     let end = running.await.unwrap().unwrap_err();
     assert!(matches!(end, AuthEnd::TooManySessions(1)), "{end:?}");
-    assert_eq!(end.client_error().map(|e| e.code), Some("53300".into()));
+    assert_eq!(end.client_error().map(|e| e.code), Some("53300"));
 }
 
 /// Trust authentication: AuthenticationOk and ReadyForQuery pass to the
