@@ -13,6 +13,15 @@ use crate::protocol::startup::StartupError;
 use crate::tls::CertificateProblem;
 use crate::upstream::UpstreamError;
 
+/// Where a rule's `max_sessions` was found reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitScope {
+    /// On this instance.
+    Instance,
+    /// Across the fleet (`[cluster]`).
+    Fleet,
+}
+
 /// Why a session was refused or ended early.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -45,8 +54,8 @@ pub enum SessionError {
         identity: String,
         limit: usize,
         rule: String,
-        /// Counted across the fleet (`[cluster]`), not this instance.
-        fleet: bool,
+        /// Where the sessions were counted.
+        scope: LimitScope,
     },
     #[error("PROXY protocol header from {0}, which is not in proxy_trusted")]
     ProxyUntrusted(String),
@@ -166,11 +175,11 @@ impl SessionError {
                 "08006",
                 format!("timed out after {} waiting for the startup packet", humantime::format_duration(*d)),
             ),
-            SessionError::IdentityLimit { identity, limit, rule, fleet } => ErrorResponse::new(
+            SessionError::IdentityLimit { identity, limit, rule, scope } => ErrorResponse::new(
                 "53300",
                 format!(
                     "{identity} already has {limit} sessions open through pgbastion{}, the most rule \"{rule}\" allows",
-                    if *fleet { " (across all instances)" } else { "" }
+                    match scope { LimitScope::Fleet => " (across all instances)", LimitScope::Instance => "" }
                 ),
             )
             .with_hint("Close a session and try again, or ask pgbastion's administrator to raise max_sessions in that rule."),
