@@ -326,7 +326,7 @@ async fn run(args: RunArgs) -> Result<()> {
     handle.set_source(config_path.clone(), initial.clone());
     if initial.reload.watch {
         let debounce = initial.reload.debounce;
-        tokio::spawn(pgbastion::server::config_watch::watch(
+        tokio::spawn(pgbastion::server::watch(
             handle.clone(),
             config_path,
             initial,

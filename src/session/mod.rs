@@ -49,12 +49,13 @@ use crate::auth::terminate::{self, AuthError};
 use crate::auth::wire;
 use crate::config::{CancelPlaintext, ListenerIdentity, ProxyProtocol, SendProxyProtocol};
 use crate::identity::{cert, Identity, IdentityError, IdentitySource};
+use crate::limits::pending::PendingPermit;
 use crate::policy::{Login, Request};
 use crate::protocol::message::{self, AuthRequest, ErrorFields};
 use crate::protocol::proxy::{self, Addresses, SslInfo};
 use crate::protocol::startup::{CancelKey, StartupMessage};
 use crate::relay::{self, ByteCounts};
-use crate::server::{ListenerInfo, PendingPermit, Shared};
+use crate::server::{ListenerInfo, Shared};
 use crate::stream::BoxedIo;
 use crate::upstream::{Upstream, UpstreamConn};
 
@@ -304,7 +305,7 @@ impl Session {
             &self.shared,
             timeout_at(
                 deadline,
-                conn.negotiate(self.listener.acceptor.as_ref(), self.listener.client_tls),
+                conn.negotiate(self.listener.acceptor(), self.listener.client_tls),
             ),
         )
         .await;
@@ -317,7 +318,7 @@ impl Session {
         // here on holds only what is left unread (issue 19 item 18).
         conn.buf.shrink_to_fit();
         if conn.is_tls() {
-            conn.binding = self.listener.binding.clone();
+            conn.binding = self.listener.binding();
         }
         let startup = match negotiated {
             Ok(Negotiated::Startup(m)) => m,
