@@ -1,14 +1,22 @@
-//! TLS on both legs: the acceptor clients talk to, and the connector that
-//! verifies upstreams (chain and host name, what libpq calls `verify-full`).
+//! TLS on both legs: pgbastion's own certificate (`ServerCert`) and the
+//! acceptors clients talk to (`ServedTls`), the connector that verifies
+//! upstreams (chain and host name, what libpq calls `verify-full`), and
+//! `tls-server-end-point` channel binding (`channel_binding`).
 //!
-//! Also owns reading certificates and keys from PEM files, and turning a
-//! failed upstream handshake into a `CertificateProblem` a human can act on.
+//! Also owns reading certificates and keys from PEM files, certificate
+//! expiry dates, and turning a failed upstream handshake into a
+//! `CertificateProblem` a human can act on.
+
+pub mod channel_binding;
+#[cfg(test)]
+mod tests;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::sign::{CertifiedKey, SingleCertAndKey};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use serde::Serialize;
 use thiserror::Error;
@@ -89,59 +97,143 @@ pub struct ClientAuth<'a> {
     pub required: bool,
 }
 
-/// Builds the acceptor for the client leg. ALPN `postgresql` is advertised;
-/// a client that offers ALPN without it is refused by the handshake. With
-/// `client_auth`, client certificates are verified against its CA.
-pub fn client_acceptor(
-    cfg: &ClientTlsConfig,
-    client_auth: Option<ClientAuth<'_>>,
-) -> Result<TlsAcceptor, TlsConfigError> {
-    let certs = load_certs(&cfg.cert, "TLS certificate")?;
-    let key = load_key(&cfg.key, "TLS key")?;
-    let builder = ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(versions(cfg.min_version))
-        .map_err(|source| TlsConfigError::Rustls {
-            what: "client TLS versions".into(),
-            source,
-        })?;
-    let builder = match client_auth {
-        None => builder.with_no_client_auth(),
-        Some(auth) => {
-            let roots = root_store(&RootSources {
-                ca_file: Some(auth.ca_file.to_owned()),
-                ca_dir: None,
-                system: false,
-            })?;
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-                Arc::new(roots),
-                provider(),
-            );
-            let verifier = if auth.required {
-                verifier
-            } else {
-                verifier.allow_unauthenticated()
-            };
-            builder.with_client_cert_verifier(verifier.build().map_err(|e| {
-                TlsConfigError::Rustls {
-                    what: format!("client CA {}", auth.ca_file.display()),
-                    source: rustls::Error::General(e.to_string()),
-                }
-            })?)
-        }
-    };
-    let mut server =
-        builder
-            .with_single_cert(certs, key)
-            .map_err(|source| TlsConfigError::Rustls {
+/// pgbastion's own certificate (`[tls]` cert and key), read once per start
+/// or reload and then used for everything that concerns it: every
+/// listener's acceptor serves its chain and key, SCRAM-SHA-256-PLUS binds
+/// to its `end_point`, and the expiry metric reports its `not_after`. Read
+/// once, so a certificate rotated on disk between two reads can never make
+/// pgbastion offer a binding for a certificate other than the one it
+/// serves (issue 20).
+pub struct ServerCert {
+    /// The chain (leaf first) and its signing key, as rustls serves them:
+    /// rustls's `CertifiedKey` holds both (`cert`, `key`), and every
+    /// acceptor built from this `ServerCert` hands out this very value.
+    certified: Arc<CertifiedKey>,
+    /// `tls-server-end-point` data of the leaf (None: a signature
+    /// algorithm for which RFC 5929 defines none; then clients are not
+    /// offered SCRAM-SHA-256-PLUS).
+    end_point: Option<Vec<u8>>,
+    /// When the first certificate of the chain to expire does (Unix time;
+    /// None if none parses).
+    not_after: Option<i64>,
+}
+
+impl ServerCert {
+    /// Reads the chain and key and checks that they belong together.
+    pub fn load(cfg: &ClientTlsConfig) -> Result<Arc<ServerCert>, TlsConfigError> {
+        let chain = load_certs(&cfg.cert, "TLS certificate")?;
+        let key = load_key(&cfg.key, "TLS key")?;
+        let end_point = chain
+            .first()
+            .and_then(|leaf| channel_binding::tls_server_end_point(leaf));
+        let not_after = earliest_not_after(&chain);
+        let certified = CertifiedKey::from_der(chain, key, &provider()).map_err(|source| {
+            TlsConfigError::Rustls {
                 what: format!(
                     "TLS certificate {} and key {}",
                     cfg.cert.display(),
                     cfg.key.display()
                 ),
                 source,
+            }
+        })?;
+        Ok(Arc::new(ServerCert {
+            certified: Arc::new(certified),
+            end_point,
+            not_after,
+        }))
+    }
+
+    /// The chain served, leaf first.
+    pub fn chain(&self) -> &[CertificateDer<'static>] {
+        &self.certified.cert
+    }
+
+    /// The `tls-server-end-point` channel binding data of the leaf.
+    pub fn end_point(&self) -> Option<&[u8]> {
+        self.end_point.as_deref()
+    }
+
+    /// The earliest expiry in the chain, as a Unix time.
+    pub fn not_after(&self) -> Option<i64> {
+        self.not_after
+    }
+
+    /// An acceptor for the client leg serving this certificate. ALPN
+    /// `postgresql` is advertised; a client that offers ALPN without it is
+    /// refused by the handshake. With `client_auth`, client certificates
+    /// are verified against its CA.
+    pub fn acceptor(
+        self: &Arc<Self>,
+        min_version: TlsVersion,
+        client_auth: Option<ClientAuth<'_>>,
+    ) -> Result<ServedTls, TlsConfigError> {
+        let builder = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(versions(min_version))
+            .map_err(|source| TlsConfigError::Rustls {
+                what: "client TLS versions".into(),
+                source,
             })?;
-    server.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(server)))
+        let builder = match client_auth {
+            None => builder.with_no_client_auth(),
+            Some(auth) => builder.with_client_cert_verifier(client_verifier(&auth)?),
+        };
+        let mut server =
+            builder.with_cert_resolver(Arc::new(SingleCertAndKey::from(self.certified.clone())));
+        server.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
+        Ok(ServedTls {
+            acceptor: TlsAcceptor::from(Arc::new(server)),
+            cert: self.clone(),
+        })
+    }
+}
+
+/// A listener's TLS: its acceptor and the `ServerCert` that acceptor
+/// serves, made together and only together (`ServerCert::acceptor`), so the
+/// channel binding a session offers is always that of the certificate its
+/// handshake presented.
+#[derive(Clone)]
+pub struct ServedTls {
+    acceptor: TlsAcceptor,
+    cert: Arc<ServerCert>,
+}
+
+impl ServedTls {
+    pub fn acceptor(&self) -> &TlsAcceptor {
+        &self.acceptor
+    }
+
+    /// The certificate the acceptor serves.
+    pub fn cert(&self) -> &ServerCert {
+        &self.cert
+    }
+
+    /// What a TLS client binds to with SCRAM-SHA-256-PLUS.
+    pub fn end_point(&self) -> Option<&[u8]> {
+        self.cert.end_point()
+    }
+}
+
+/// Verifies client certificates against `auth.ca_file`.
+fn client_verifier(
+    auth: &ClientAuth<'_>,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsConfigError> {
+    let roots = root_store(&RootSources {
+        ca_file: Some(auth.ca_file.to_owned()),
+        ca_dir: None,
+        system: false,
+    })?;
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
+    let verifier = if auth.required {
+        verifier
+    } else {
+        verifier.allow_unauthenticated()
+    };
+    verifier.build().map_err(|e| TlsConfigError::Rustls {
+        what: format!("client CA {}", auth.ca_file.display()),
+        source: rustls::Error::General(e.to_string()),
+    })
 }
 
 /// Builds the verify-full connector for one upstream.
@@ -190,8 +282,12 @@ pub fn upstream_connector_with_identity(
 /// When the first certificate of the PEM file at `path` to expire does,
 /// as a Unix time (None if the file cannot be read or parsed).
 pub fn earliest_expiry(path: &Path) -> Option<i64> {
-    load_certs(path, "certificate")
-        .ok()?
+    earliest_not_after(&load_certs(path, "certificate").ok()?)
+}
+
+/// When the first of `certs` to expire does (None if none parses).
+fn earliest_not_after(certs: &[CertificateDer<'_>]) -> Option<i64> {
+    certs
         .iter()
         .filter_map(|c| {
             x509_parser::parse_x509_certificate(c)

@@ -95,7 +95,7 @@ impl UpstreamConn {
     /// SCRAM-SHA-256-PLUS toward the server.
     pub fn channel_binding(&self) -> Option<Vec<u8>> {
         let leaf = self.stream.get_ref().1.peer_certificates()?.first()?;
-        crate::auth::channel_binding::tls_server_end_point(leaf)
+        crate::tls::channel_binding::tls_server_end_point(leaf)
     }
 }
 

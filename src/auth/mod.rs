@@ -8,7 +8,7 @@
 //!   the client with the user's verifier (`source`: a secrets file in
 //!   PgBouncer's format, `secrets`, or an `auth_query` on the server), and
 //!   the SCRAM client to the server with the ClientKey the client's proof
-//!   reveals (`login`). Both legs channel-bound (`channel_binding`); no
+//!   reveals (`login`). Both legs channel-bound (`tls::channel_binding`); no
 //!   password ever known to pgbastion; failed logins throttled (`throttle`).
 //!
 //! Either way, a rule may say `login = "identity"`: a client known by its
@@ -21,7 +21,6 @@
 
 pub mod auth_query;
 pub mod aws_sts;
-pub mod channel_binding;
 pub mod credentials;
 pub mod derive;
 pub mod identity_login;

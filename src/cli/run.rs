@@ -51,7 +51,7 @@ pub async fn run(source: ConfigSource) -> Result<()> {
     handle.set_source(config_path.clone(), initial.clone());
     if initial.reload.watch {
         let debounce = initial.reload.debounce;
-        tokio::spawn(server::config_watch::watch(
+        tokio::spawn(server::watch(
             handle.clone(),
             config_path,
             initial,

@@ -18,7 +18,7 @@ use crate::identity::{cert, Identity, IdentityError, IdentitySource};
 use crate::policy::{AuditQueries, Login, Request};
 use crate::protocol::startup::StartupMessage;
 use crate::relay;
-use crate::server::PendingPermit;
+use crate::limits::pending::PendingPermit;
 use crate::upstream::Upstream;
 
 /// What admission decided.

@@ -29,7 +29,8 @@ use tracing::Instrument;
 
 use crate::audit::{AuthFacts, ClientAddress, SessionFacts};
 use crate::relay;
-use crate::server::{ListenerInfo, PendingPermit, Shared};
+use crate::limits::pending::PendingPermit;
+use crate::server::{ListenerInfo, Shared};
 use crate::stream::BoxedIo;
 
 mod admit;

@@ -19,7 +19,7 @@ use crate::audit::{ClientAddress, ClientTransport, ProxyFacts, Requested};
 use crate::config::{ClientTlsMode, ProxyProtocol};
 use crate::protocol::proxy::{self, Addresses, ProxyHeader};
 use crate::protocol::startup::{self, CancelKey, StartupMessage, StartupPacket};
-use crate::server::PendingPermit;
+use crate::limits::pending::PendingPermit;
 use crate::session::error::SessionError;
 use crate::stream::{BoxedIo, Prefixed};
 use crate::tls::{TlsInfo, ALPN_POSTGRESQL};
@@ -299,7 +299,7 @@ impl Session {
         let limit = self.settings.timeouts.client_startup;
         let negotiated = unless_shutdown(
             &self.shared,
-            conn.negotiate_within(listener.acceptor.as_ref(), listener.client_tls, limit),
+            conn.negotiate_within(listener.acceptor(), listener.client_tls, limit),
         )
         .await
         .ok_or_else(closed_at_shutdown)?;
@@ -308,7 +308,7 @@ impl Session {
         // here on holds only what is left unread (issue 19 item 18).
         conn.buf.shrink_to_fit();
         if conn.is_tls() {
-            conn.binding = listener.binding.clone();
+            conn.binding = listener.binding();
         }
         let negotiated = negotiated.map_err(Exit::refused)?;
         if let Negotiated::Startup(startup) = &negotiated {

@@ -458,3 +458,179 @@ async fn server_port(client: &tokio_postgres::Client) -> u16 {
         .unwrap();
     row.get::<_, String>(0).parse().unwrap()
 }
+
+/// Issue 20: the channel binding pgbastion offers comes from the very
+/// certificate it serves. Clients log in with `channel_binding=require`
+/// (scram mode: pgbastion terminates SCRAM and offers SCRAM-SHA-256-PLUS,
+/// bound to its own certificate) in a loop while the certificate is
+/// rotated on disk and SIGHUP reloads it: no login fails, every session is
+/// bound on both legs, and afterwards the new certificate is the one
+/// served and the one the expiry metric reports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_rotation_under_channel_bound_logins() {
+    let env = Env::new();
+    let pw_file = install_roles(&env);
+    let dir = env.dir.path().to_owned();
+    // One CA signs both certificates, so clients trust either; they differ
+    // in key, serial and expiry.
+    let ca = Ca::new("rotation CA").unwrap();
+    let ca_file = ca.write_cert(&dir, "rotation-ca").unwrap();
+    let issue = |year: i32| {
+        let mut p = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        p.not_after = pgbastion::dev::certs::date_time_ymd(year, 1, 1);
+        ca.issue(p).unwrap()
+    };
+    let (cert, key) = issue(2041).write(&dir, "live").unwrap();
+    let (port, admin_port) = (
+        pgbastion::dev::localpg::free_port().unwrap(),
+        pgbastion::dev::localpg::free_port().unwrap(),
+    );
+    let (log, audit) = (dir.join("pgbastion.log"), dir.join("audit.jsonl"));
+    let cfg = dir.join("pgbastion.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[tls]\ncert = \"{}\"\nkey = \"{}\"\n[[listener]]\nlisten = \"127.0.0.1:{port}\"\n{}{}\
+             [admin]\nlisten = \"127.0.0.1:{admin_port}\"\n[audit]\nlog = \"{}\"\n",
+            cert.display(),
+            key.display(),
+            env.upstream_toml(),
+            auth_query_keys(&pw_file),
+            audit.display()
+        ),
+    )
+    .unwrap();
+    let proc = Running(config_form(&cfg, Some(&log)).spawn().unwrap());
+    let addr = wait_listening(port);
+    let admin: std::net::SocketAddr = ([127, 0, 0, 1], admin_port).into();
+    let old_leaf = served_leaf(addr, &ca_file).await;
+    assert_eq!(tls_expiry(admin), Some(2_240_611_200), "2041-01-01");
+
+    // Clients logging in, each login bound, until told to stop.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let logins = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let conninfo = format!(
+        "host=localhost port={port} user=app dbname=postgres password={APP_PASSWORD} \
+         sslmode=require channel_binding=require connect_timeout=20"
+    );
+    let clients: Vec<_> = (0..3)
+        .map(|_| {
+            let (stop, logins, conninfo) = (stop.clone(), logins.clone(), conninfo.clone());
+            let tls = tls_connector(&ca_file);
+            tokio::spawn(async move {
+                let mut failures = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let login = async {
+                        let (client, conn) =
+                            tokio_postgres::connect(&conninfo, tls.clone()).await?;
+                        let conn = tokio::spawn(conn);
+                        client.simple_query("select 1").await?;
+                        drop(client);
+                        let _ = conn.await;
+                        Ok::<_, tokio_postgres::Error>(())
+                    };
+                    match login.await {
+                        Ok(()) => logins.fetch_add(1, std::sync::atomic::Ordering::SeqCst),
+                        Err(e) => {
+                            failures.push(format!("{e:?}"));
+                            0
+                        }
+                    };
+                }
+                failures
+            })
+        })
+        .collect();
+    let count = || logins.load(std::sync::atomic::Ordering::SeqCst);
+    tokio::task::block_in_place(|| {
+        wait_for(
+            "logins before the rotation",
+            Duration::from_secs(30),
+            || (count() >= 6).then_some(()),
+        )
+    });
+
+    // Rotate: new certificate and key on disk, then SIGHUP.
+    let issued = issue(2042);
+    std::fs::write(&cert, &issued.cert_pem).unwrap();
+    pgbastion::dev::certs::write_private(&key, issued.key_pem.as_bytes()).unwrap();
+    signal(proc.0.id(), "-HUP");
+    tokio::task::block_in_place(|| {
+        wait_for("the reload", Duration::from_secs(10), || {
+            let text = std::fs::read_to_string(&log).ok()?;
+            text.contains("certificates re-read").then_some(())
+        })
+    });
+    let at_reload = count();
+    tokio::task::block_in_place(|| {
+        wait_for("logins after the rotation", Duration::from_secs(30), || {
+            (count() >= at_reload + 6).then_some(())
+        })
+    });
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    for client in clients {
+        let failures = client.await.unwrap();
+        assert!(failures.is_empty(), "logins failed: {failures:#?}");
+    }
+
+    // The new certificate is served, and reported.
+    let new_leaf = served_leaf(addr, &ca_file).await;
+    assert_ne!(new_leaf, old_leaf);
+    let want = pgbastion::tls::load_certs(&cert, "rotated").unwrap()[0].to_vec();
+    assert_eq!(new_leaf, want, "the rotated certificate is the one served");
+    let (_, parsed) = x509_parser::parse_x509_certificate(&new_leaf).unwrap();
+    assert_eq!(parsed.validity().not_after.timestamp(), 2_272_147_200);
+    assert_eq!(tls_expiry(admin), Some(2_272_147_200), "2042-01-01");
+
+    // Every login was bound on both legs.
+    let total = count();
+    let starts = tokio::task::block_in_place(|| {
+        wait_for("every login audited", Duration::from_secs(10), || {
+            let starts: Vec<serde_json::Value> = std::fs::read_to_string(&audit)
+                .ok()?
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter(|e| e["event"] == "session.start")
+                .collect();
+            (starts.len() >= total).then_some(starts)
+        })
+    });
+    for start in &starts {
+        for leg in ["client", "server"] {
+            assert_eq!(
+                start["auth"][leg]["mechanism"], "SCRAM-SHA-256-PLUS",
+                "{start}"
+            );
+            assert_eq!(start["auth"][leg]["channel_binding"], true, "{start}");
+        }
+    }
+}
+
+/// The leaf certificate pgbastion at `addr` presents to a TLS client.
+async fn served_leaf(addr: std::net::SocketAddr, ca: &std::path::Path) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = raw(addr).await;
+    tcp.write_all(&pgbastion::protocol::startup::ssl_request())
+        .await
+        .unwrap();
+    assert_eq!(tcp.read_u8().await.unwrap(), b'S');
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client_tls_config(ca, &[])))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+/// `pgbastion_certificate_expiry_timestamp_seconds{certificate="tls"}`.
+fn tls_expiry(admin: std::net::SocketAddr) -> Option<i64> {
+    let (_, body) = http_get(admin, "/metrics")?;
+    let line = body.lines().find(|l| {
+        l.starts_with("pgbastion_certificate_expiry_timestamp_seconds{")
+            && l.contains("certificate=\"tls\"")
+    })?;
+    line.rsplit(' ')
+        .next()?
+        .parse::<f64>()
+        .ok()
+        .map(|t| t as i64)
+}

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::common::*;
 use base64::Engine;
-use pgbastion::auth::channel_binding::tls_server_end_point;
+use pgbastion::tls::channel_binding::tls_server_end_point;
 use pgbastion::auth::scram::{ClientExchange, Credential, Verifier};
 use pgbastion::protocol::message::{self, AuthRequest};
 use pgbastion::protocol::startup::{ProtocolVersion, StartupMessage};

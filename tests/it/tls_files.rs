@@ -21,14 +21,12 @@ fn openssl(dir: &Path, args: &[&str]) {
 }
 
 fn acceptor(dir: &Path, cert: &str, key: &str) -> Result<(), String> {
-    pgbastion::tls::client_acceptor(
-        &ClientTlsConfig {
-            cert: dir.join(cert),
-            key: dir.join(key),
-            min_version: TlsVersion::Tls12,
-        },
-        None,
-    )
+    pgbastion::tls::ServerCert::load(&ClientTlsConfig {
+        cert: dir.join(cert),
+        key: dir.join(key),
+        min_version: TlsVersion::Tls12,
+    })
+    .and_then(|c| c.acceptor(TlsVersion::Tls12, None))
     .map(|_| ())
     .map_err(|e| e.to_string())
 }

@@ -57,7 +57,11 @@ fn tls(alpn: &[&[u8]]) -> (TlsAcceptor, TlsConnector, tempfile::TempDir) {
         key,
         min_version: crate::config::TlsVersion::default(),
     };
-    let acceptor = crate::tls::client_acceptor(&cfg, None).unwrap();
+    let served = crate::tls::ServerCert::load(&cfg)
+        .unwrap()
+        .acceptor(cfg.min_version, None)
+        .unwrap();
+    let acceptor = served.acceptor().clone();
     let mut roots = rustls::RootCertStore::empty();
     for c in crate::tls::load_certs(&ca_file, "CA").unwrap() {
         roots.add(c).unwrap();

@@ -2,9 +2,11 @@
 //! server's certificate, which SCRAM-SHA-256-PLUS mixes into the proof so
 //! that a proof made for one TLS server is useless at any other.
 //!
-//! pgbastion computes it twice per terminated session: for its own
-//! certificate (what clients bind to) and for the database server's (what
-//! pgbastion binds to).
+//! pgbastion uses it twice per terminated session: for its own
+//! certificate (what clients bind to, computed once per load in
+//! `ServerCert`, from the very chain the acceptors serve) and for the
+//! database server's (what pgbastion binds to, from the certificate the
+//! upstream presented on that connection).
 
 use sha2::{Digest, Sha224, Sha256, Sha384, Sha512};
 

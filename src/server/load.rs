@@ -1,0 +1,192 @@
+//! What a start or a reload reads from files before it changes anything:
+//! pgbastion's certificate (one `ServerCert`) and each listener's acceptor
+//! serving it, the upstreams (verify-full connectors and SCRAM sources),
+//! what each listener's sessions get (`ListenerInfo`), the audit chain's
+//! key, and the certificate expiry metrics; `check` reads all of it for
+//! `check-config`.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use super::error::ServerError;
+use super::state::ListenerInfo;
+use crate::admin::metrics::Metrics;
+use crate::auth::credentials::Credentials;
+use crate::auth::source::ScramAuth;
+use crate::config::{ClientCertMode, Config, CredentialSource, ListenerIdentity};
+use crate::tls::{self, ServedTls, ServerCert};
+use crate::upstream::Upstream;
+
+/// How audit lines are chained: an HMAC under `audit.chain_key_file`
+/// (mode 0600), else SHA-256.
+pub fn audit_digest(config: &Config) -> Result<crate::audit::chain::Digest, ServerError> {
+    let Some(path) = &config.audit.chain_key else {
+        return Ok(crate::audit::chain::Digest::Sha256);
+    };
+    read_chain_key(path).map(|k| crate::audit::chain::Digest::from_key(Some(&k)))
+}
+
+/// The key in a chain key file: its bytes, text or not (32 random bytes
+/// are a good key), with trailing CR and LF bytes removed, as they always
+/// were for text keys (an editor's newline is not part of the key). The
+/// same rule applies in pgbastion and `audit verify`, so a chain verifies
+/// with the file it was written with.
+pub fn read_chain_key(path: &Path) -> Result<Vec<u8>, ServerError> {
+    let key = crate::auth::credentials::read_private_key(path, "chain_key_file")
+        .map_err(|e| ServerError::ChainKey(Box::new(e)))?;
+    if key.len() < 16 {
+        return Err(ServerError::ChainKeyShort(path.to_owned()));
+    }
+    Ok(key)
+}
+
+/// Validates a config completely (reading every certificate, key and CA
+/// bundle) without binding anything: what `check-config` runs.
+pub fn check(config: &Config) -> Result<(), ServerError> {
+    prepare_tls(config)?;
+    Credentials::load(&config.credentials, &config.upstreams)?;
+    if let Some(c) = &config.cluster {
+        crate::cluster::Cluster::check(c)?;
+    }
+    audit_digest(config)?;
+    Ok(())
+}
+
+/// The TLS side of a configuration, read: pgbastion's certificate (None
+/// without `[tls]`), each listener's acceptor serving it, and every
+/// upstream.
+pub(super) struct PreparedTls {
+    pub cert: Option<Arc<ServerCert>>,
+    pub served: Vec<Option<ServedTls>>,
+    pub upstreams: Vec<Upstream>,
+}
+
+pub(super) fn prepare_tls(config: &Config) -> Result<PreparedTls, ServerError> {
+    let cert = match &config.tls {
+        Some(t) => Some(ServerCert::load(t).map_err(ServerError::Tls)?),
+        None => None,
+    };
+    Ok(PreparedTls {
+        served: served_tls(config, cert.as_ref())?,
+        upstreams: upstreams(config)?,
+        cert,
+    })
+}
+
+/// Each listener's acceptor, all serving `cert` (they differ only in the
+/// client certificates they ask for).
+fn served_tls(
+    config: &Config,
+    cert: Option<&Arc<ServerCert>>,
+) -> Result<Vec<Option<ServedTls>>, ServerError> {
+    let (Some(tls_cfg), Some(cert)) = (&config.tls, cert) else {
+        return Ok(config.listeners.iter().map(|_| None).collect());
+    };
+    config
+        .listeners
+        .iter()
+        .map(|l| {
+            let auth = match &l.identity {
+                ListenerIdentity::ClientCert { ca_file, mode, .. } => Some(tls::ClientAuth {
+                    ca_file,
+                    required: *mode == ClientCertMode::Required,
+                }),
+                _ => None,
+            };
+            cert.acceptor(tls_cfg.min_version, auth)
+                .map(Some)
+                .map_err(|source| ServerError::Listener {
+                    name: l.name.clone(),
+                    source,
+                })
+        })
+        .collect()
+}
+
+/// Every upstream: its connector, and its SCRAM source in scram mode.
+fn upstreams(config: &Config) -> Result<Vec<Upstream>, ServerError> {
+    config
+        .upstreams
+        .iter()
+        .map(|u| {
+            let mut upstream =
+                Upstream::new(u.clone()).map_err(|source| ServerError::Upstream {
+                    name: u.name.clone(),
+                    source,
+                })?;
+            if let Some(scram) = &u.scram {
+                upstream.scram = Some(Arc::new(ScramAuth::new(scram).map_err(|source| {
+                    ServerError::Auth {
+                        name: u.name.clone(),
+                        source,
+                    }
+                })?));
+            }
+            Ok(upstream)
+        })
+        .collect()
+}
+
+/// What each listener's sessions get: its acceptor with the certificate
+/// it serves, and its upstream (all from one configuration, so a session
+/// never mixes a reload's certificate with the previous one's binding).
+pub(super) fn listener_infos(
+    config: &Config,
+    served: Vec<Option<ServedTls>>,
+    upstreams: &[Arc<Upstream>],
+) -> Vec<Arc<ListenerInfo>> {
+    config
+        .listeners
+        .iter()
+        .zip(served)
+        .map(|(l, tls)| {
+            Arc::new(ListenerInfo {
+                name: l.name.clone(),
+                bind: l.bind.clone(),
+                tls,
+                identity: l.identity.clone(),
+                proxy_protocol: l.proxy_protocol,
+                proxy_trusted: l.proxy_trusted.clone(),
+                client_tls: l.client_tls,
+                cancel_plaintext: l.cancel_plaintext,
+                upstream: upstreams[l.upstream].clone(),
+            })
+        })
+        .collect()
+}
+
+/// The expiry of every certificate pgbastion uses, for the metrics: its
+/// own as loaded (the one it serves), the others as their files say.
+pub(super) fn record_certificate_expiry(
+    config: &Config,
+    cert: Option<&ServerCert>,
+    metrics: &Metrics,
+) {
+    if let Some(t) = cert.and_then(ServerCert::not_after) {
+        metrics.certificate_expires("tls".into(), t);
+    }
+    let set = |what: String, path: &Path| {
+        if let Some(t) = tls::earliest_expiry(path) {
+            metrics.certificate_expires(what, t);
+        }
+    };
+    for l in &config.listeners {
+        if let ListenerIdentity::ClientCert { ca_file, .. } = &l.identity {
+            set(format!("client_ca:{}", l.name), ca_file);
+        }
+    }
+    for u in &config.upstreams {
+        if let Some(ca) = &u.roots.ca_file {
+            set(format!("upstream_ca:{}", u.name), ca);
+        }
+        if let Some((cert, _)) = &u.client_identity {
+            set(format!("upstream_client_cert:{}", u.name), cert);
+        }
+    }
+    for c in &config.credentials {
+        if let CredentialSource::ClientCert { cert, .. } = &c.source {
+            let upstream = &config.upstreams[c.upstream].name;
+            set(format!("credential:{upstream}:{}", c.user), cert);
+        }
+    }
+}

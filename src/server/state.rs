@@ -1,0 +1,314 @@
+//! What every session of the process shares (`Shared`), what a session
+//! takes from the configuration when it starts (`Settings`) and from the
+//! listener it arrived on (`ListenerInfo`), and the console's view of all
+//! of it (`ConsoleBackend for Arc<Shared>`).
+//!
+//! One access rule: what a reload replaces (settings, policy, credentials,
+//! upstreams, listeners) is read through an accessor that returns a
+//! snapshot (`Arc`), which the session keeps; only `server` itself swaps
+//! them. What lives as long as the process (the audit log, metrics,
+//! counters, limiters) is a field.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+use super::listen::Accepting;
+use super::reload::ReloadHandle;
+use crate::admin::console::{ClusterState, ConsoleBackend, Link, ListenerRow, UpstreamRow};
+use crate::admin::metrics::Metrics;
+use crate::admin::Health;
+use crate::audit::AuditLog;
+use crate::auth::credentials::Credentials;
+use crate::auth::throttle::LoginThrottle;
+use crate::cancel::CancelRegistry;
+use crate::config::{
+    AdminConfig, BindAddress, CancelPlaintext, ClientTlsMode, ClusterConfig, Config,
+    ListenerIdentity, ProxyProtocol, Timeouts,
+};
+use crate::identity::tailscale::WhoIsClient;
+use crate::limits::keyed_slots::KeyedSlots;
+use crate::limits::pending::LiveLimits;
+use crate::limits::warn::WarnLimiter;
+use crate::policy::Policy;
+use crate::relay::ShutdownPhase;
+use crate::sync::RwLockExt;
+use crate::tls::ServedTls;
+use crate::upstream::Upstream;
+
+/// Log lines of one kind caused by strangers, per `warn::WINDOW`.
+const WARN_LINES_PER_WINDOW: u32 = 10;
+/// Audit events of one kind for connections that never named a user (and
+/// unmatched or refused cancels), per window.
+const AUDIT_EVENTS_PER_WINDOW: u32 = 100;
+
+/// What every session of the process shares.
+pub(crate) struct Shared {
+    /// Deadlines, the application_name template and the LocalAPI client:
+    /// each session keeps the one it started with.
+    pub(super) settings: RwLock<Arc<Settings>>,
+    /// A session uses the upstream its listener named when it was
+    /// accepted.
+    pub(super) upstreams: RwLock<Vec<Arc<Upstream>>>,
+    /// Sessions decide with the policy current when their StartupMessage
+    /// arrived.
+    pub(super) policy: RwLock<Arc<Policy>>,
+    /// What identity logins log in with.
+    pub(super) credentials: RwLock<Arc<Credentials>>,
+    /// Every listener accepting now, as its accept loop hands it to new
+    /// sessions.
+    pub(super) listeners: RwLock<Vec<Arc<ListenerInfo>>>,
+    /// Where a reload reads the configuration from: the file, or (started
+    /// from flags) the configuration as started, whose files are re-read.
+    pub(super) reload_source: RwLock<Option<(Option<PathBuf>, Config)>>,
+    /// What a reload needs to start and stop accept loops; set by `run`.
+    pub(super) accepting: Mutex<Option<Accepting>>,
+    /// What a reload cannot change, as started: the admin listener, the
+    /// `[cluster]` section and the audit chain's key file.
+    pub(super) admin_bound: Option<AdminConfig>,
+    pub(super) cluster_bound: Option<ClusterConfig>,
+    pub(super) chain_key_bound: Option<PathBuf>,
+    /// Counts shared by every listener's pending slots.
+    pub(super) per_address: KeyedSlots<IpAddr>,
+
+    pub(crate) audit: Arc<AuditLog>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) health: Arc<Health>,
+    /// Authenticated sessions, against `limits.max_sessions`.
+    pub(crate) sessions: KeyedSlots<()>,
+    /// The limits a reload may change, read where they are applied.
+    pub(crate) limits: Arc<LiveLimits>,
+    pub(crate) cancels: Arc<CancelRegistry>,
+    /// With `[cluster]`: the fleet's shared state in Redis.
+    pub(crate) cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// Sessions per identity name, for rules with `max_sessions`.
+    pub(crate) identity_sessions: KeyedSlots<String>,
+    /// The sessions relaying now (admin console).
+    pub(crate) live: crate::admin::live::LiveSessions,
+    /// scram mode: failed logins per address and per user.
+    pub(crate) login_throttle: LoginThrottle,
+    /// Log lines and audit events caused by strangers, summarised past a
+    /// few per kind and window.
+    pub(crate) warn_limit: WarnLimiter,
+    pub(crate) audit_limit: WarnLimiter,
+    /// Where shutting down stands; every relaying session watches it.
+    pub(crate) shutdown: watch::Sender<ShutdownPhase>,
+}
+
+/// What `Server::bind` read and opened, from which `Shared` is made.
+pub(super) struct Started {
+    pub upstreams: Vec<Arc<Upstream>>,
+    pub credentials: Credentials,
+    pub listeners: Vec<Arc<ListenerInfo>>,
+    pub audit: Arc<AuditLog>,
+    pub metrics: Arc<Metrics>,
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    pub per_address: KeyedSlots<IpAddr>,
+    pub limits: Arc<LiveLimits>,
+}
+
+impl Shared {
+    pub(super) fn new(config: &Config, started: Started) -> Shared {
+        Shared {
+            settings: RwLock::new(Arc::new(Settings::from(config))),
+            upstreams: RwLock::new(started.upstreams),
+            policy: RwLock::new(Arc::new(config.policy.clone())),
+            credentials: RwLock::new(Arc::new(started.credentials)),
+            listeners: RwLock::new(started.listeners),
+            reload_source: RwLock::new(None),
+            accepting: Mutex::new(None),
+            admin_bound: config.admin.clone(),
+            cluster_bound: config.cluster.clone(),
+            chain_key_bound: config.audit.chain_key.clone(),
+            per_address: started.per_address,
+            audit: started.audit,
+            metrics: started.metrics,
+            health: Arc::default(),
+            sessions: KeyedSlots::default(),
+            limits: started.limits,
+            cancels: CancelRegistry::new(
+                config.limits.cancel_rate,
+                config.limits.cancel_burst,
+                started.cluster.clone(),
+            ),
+            cluster: started.cluster,
+            identity_sessions: KeyedSlots::default(),
+            live: Default::default(),
+            login_throttle: LoginThrottle::new(&config.limits),
+            warn_limit: WarnLimiter::new(WARN_LINES_PER_WINDOW),
+            audit_limit: WarnLimiter::new(AUDIT_EVENTS_PER_WINDOW),
+            shutdown: watch::Sender::new(ShutdownPhase::Running),
+        }
+    }
+
+    /// The settings new sessions get now.
+    pub(crate) fn settings(&self) -> Arc<Settings> {
+        self.settings.read_locked().clone()
+    }
+
+    pub(crate) fn policy(&self) -> Arc<Policy> {
+        self.policy.read_locked().clone()
+    }
+
+    pub(crate) fn credentials(&self) -> Arc<Credentials> {
+        self.credentials.read_locked().clone()
+    }
+
+    /// Every upstream as configured now.
+    pub(crate) fn upstreams(&self) -> Vec<Arc<Upstream>> {
+        self.upstreams.read_locked().clone()
+    }
+
+    /// Every listener accepting now.
+    pub(crate) fn listeners(&self) -> Vec<Arc<ListenerInfo>> {
+        self.listeners.read_locked().clone()
+    }
+
+    /// The listener of this name as it is now.
+    pub(super) fn listener(&self, name: &str) -> Option<Arc<ListenerInfo>> {
+        self.listeners
+            .read_locked()
+            .iter()
+            .find(|l| l.name == name)
+            .cloned()
+    }
+
+    /// An event for the audit log and the metrics.
+    /// See `AuditLog::emit` for what it returns.
+    pub(crate) fn record(&self, event: &crate::audit::Event<'_>) -> bool {
+        self.metrics.observe(event);
+        self.audit.emit(event)
+    }
+}
+
+/// What a session takes from the configuration when it starts, replaced
+/// as a whole on reload: a plain value, read by its fields.
+pub(crate) struct Settings {
+    pub timeouts: Timeouts,
+    /// The failed-login limits, for the fleet-wide check (`[cluster]`).
+    pub limits: crate::config::Limits,
+    pub whois: Option<WhoIsClient>,
+    pub application_name: Option<String>,
+    pub forward_settings: Vec<(String, String)>,
+    /// Query audit: replace constants (`[audit] redact`).
+    pub redact_queries: bool,
+}
+
+impl From<&Config> for Settings {
+    fn from(config: &Config) -> Self {
+        Settings {
+            timeouts: config.timeouts.clone(),
+            limits: config.limits.clone(),
+            whois: config.tailscale.as_ref().map(|t| WhoIsClient {
+                socket: t.socket.clone(),
+                capability: t.capability.clone(),
+                timeout: t.timeout,
+            }),
+            application_name: config.application_name.clone(),
+            forward_settings: config.forward_settings.clone(),
+            redact_queries: config.audit.redact,
+        }
+    }
+}
+
+/// What a session needs to know about the listener it arrived on.
+/// Replaced as a whole on reload; each session keeps the one it was
+/// accepted with.
+pub(crate) struct ListenerInfo {
+    pub name: String,
+    /// Where it listens as configured (a reload that changes it rebinds).
+    pub bind: BindAddress,
+    /// This listener's acceptor (it differs per listener when client
+    /// certificates are verified) with the certificate it serves; None
+    /// without `[tls]`.
+    pub tls: Option<ServedTls>,
+    pub identity: ListenerIdentity,
+    pub proxy_protocol: ProxyProtocol,
+    pub proxy_trusted: Vec<ipnet::IpNet>,
+    pub client_tls: ClientTlsMode,
+    pub cancel_plaintext: CancelPlaintext,
+    pub upstream: Arc<Upstream>,
+}
+
+impl ListenerInfo {
+    pub(crate) fn acceptor(&self) -> Option<&TlsAcceptor> {
+        self.tls.as_ref().map(ServedTls::acceptor)
+    }
+
+    /// `tls-server-end-point` data of the certificate `acceptor` presents:
+    /// what a TLS client binds to with SCRAM-SHA-256-PLUS (None: no TLS,
+    /// or a signature algorithm that defines no binding).
+    pub(crate) fn binding(&self) -> Option<Vec<u8>> {
+        self.tls
+            .as_ref()
+            .and_then(ServedTls::end_point)
+            .map(<[u8]>::to_vec)
+    }
+}
+
+/// The console reads the shared state and reloads through it.
+impl ConsoleBackend for Arc<Shared> {
+    fn sessions(&self) -> Vec<crate::admin::live::SessionInfo> {
+        self.live.list()
+    }
+
+    fn upstreams(&self) -> Vec<UpstreamRow> {
+        Shared::upstreams(self)
+            .iter()
+            .map(|u| UpstreamRow {
+                name: u.config.name.clone(),
+                address: u.target(),
+                server_name: u.config.server_name.clone(),
+                auth: u.config.auth_mode(),
+            })
+            .collect()
+    }
+
+    fn listeners(&self) -> Vec<ListenerRow> {
+        Shared::listeners(self)
+            .iter()
+            .map(|l| ListenerRow {
+                name: l.name.clone(),
+                identity: l.identity.clone(),
+                client_tls: l.client_tls,
+                upstream: l.upstream.config.name.clone(),
+            })
+            .collect()
+    }
+
+    fn audit_counts(&self) -> (u64, u64) {
+        self.audit.counts()
+    }
+
+    fn cluster(&self) -> ClusterState {
+        let Some(fleet) = &self.cluster else {
+            return ClusterState::Off;
+        };
+        let (cancel_mappings, identity_slots) = fleet.held_counts();
+        ClusterState::On {
+            link: if fleet.is_up() { Link::Up } else { Link::Down },
+            instance: fleet.instance().to_owned(),
+            cancel_mappings,
+            identity_slots,
+        }
+    }
+
+    fn certificate_expiries(&self) -> Vec<(String, i64)> {
+        self.metrics.certificate_expiries()
+    }
+
+    fn kill(&self, id: &str) -> bool {
+        self.live.kill(id)
+    }
+
+    fn reload(&self) -> Result<String, String> {
+        ReloadHandle::from_shared(self).reload_all()
+    }
+
+    fn audit(&self, event: &crate::audit::Event<'_>) {
+        self.audit.emit(event);
+    }
+}
