@@ -163,7 +163,7 @@ impl Upstream {
         let started = std::time::Instant::now();
         let (tcp, addr) = self.dial(connect_timeout).await?;
         let connect = started.elapsed();
-        crate::relay::tune_tcp(&tcp);
+        crate::net::tune_tcp(&tcp);
         let connector = identity.unwrap_or(&self.connector).clone();
         match timeout(
             tls_timeout,
@@ -209,7 +209,7 @@ impl Upstream {
             // Without TCP_NODELAY the CancelRequest, written right after
             // the handshake's last flight, waits for the server's delayed
             // ACK: measured at +45 ms per cancel (bench, cancel latency).
-            crate::relay::tune_tcp(&tcp);
+            crate::net::tune_tcp(&tcp);
             let mut conn = self
                 .negotiate(&self.connector, tcp, addr, proxy_header)
                 .await?;

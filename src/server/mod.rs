@@ -79,7 +79,7 @@ pub enum ServerError {
     #[error("[cluster]: {0}")]
     Cluster(#[from] crate::cluster::ClusterError),
     #[error("[audit] {0}")]
-    ChainKey(Box<crate::auth::credentials::CredentialError>),
+    ChainKey(crate::secret_file::SecretFileError),
     #[error("[audit] chain_key_file {0} holds fewer than 16 bytes: use a random key (e.g. head -c 32 /dev/urandom | base64)")]
     ChainKeyShort(PathBuf),
 }
@@ -99,8 +99,8 @@ pub fn audit_digest(config: &Config) -> Result<crate::audit::chain::Digest, Serv
 /// same rule applies in pgbastion and `audit verify`, so a chain verifies
 /// with the file it was written with.
 pub fn read_chain_key(path: &std::path::Path) -> Result<Vec<u8>, ServerError> {
-    let key = crate::auth::credentials::read_private_key(path, "chain_key_file")
-        .map_err(|e| ServerError::ChainKey(Box::new(e)))?;
+    let key =
+        crate::secret_file::read_bytes(path, "chain_key_file").map_err(ServerError::ChainKey)?;
     if key.len() < 16 {
         return Err(ServerError::ChainKeyShort(path.to_owned()));
     }
@@ -1199,7 +1199,7 @@ async fn accept(socket: &Socket) -> std::io::Result<Accepted> {
     match socket {
         Socket::Tcp(t) => {
             let (tcp, addr) = t.accept().await?;
-            crate::relay::tune_tcp(&tcp);
+            crate::net::tune_tcp(&tcp);
             let local = tcp.local_addr().ok().map(canonical);
             Ok(Accepted {
                 io: Box::new(tcp),
