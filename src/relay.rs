@@ -21,6 +21,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+
 use crate::net::is_close;
 
 /// The most read at once. One TLS record carries up to 16 KiB of plaintext,

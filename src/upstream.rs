@@ -1,6 +1,10 @@
-//! Reaching an upstream: resolve, connect with a deadline trying every
-//! address, negotiate TLS (SSLRequest then exactly `S`, or direct TLS), and
-//! verify its certificate.
+//! Reaching an upstream, and nothing more: resolve, connect with a deadline
+//! trying every address, negotiate TLS (SSLRequest then exactly `S`, or
+//! direct TLS), verify its certificate, and forward cancel requests the
+//! same way. How sessions log in to the server is not decided here: the
+//! server's `Route` pairs this dialer with that (passthrough, or scram
+//! mode's verifier sources), and the auth code computes channel binding
+//! from the certificate this hands back.
 //!
 //! Nothing of the client's is sent here. The session sends the
 //! StartupMessage only on the verified stream this returns, so a server that
@@ -8,7 +12,6 @@
 //! alone a password.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::pki_types::ServerName;
@@ -19,7 +22,6 @@ use tokio::time::timeout;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-use crate::auth::source::ScramAuth;
 use crate::config::{SendProxyProtocol, TlsNegotiation, UpstreamConfig};
 use crate::protocol::proxy;
 use crate::protocol::startup::{ssl_request, CancelKey};
@@ -59,10 +61,6 @@ pub struct Upstream {
     pub config: UpstreamConfig,
     connector: TlsConnector,
     server_name: ServerName<'static>,
-    /// scram mode: where verifiers come from (None: passthrough). Shared
-    /// with the next reload's copy while the scram settings stay the same,
-    /// so unknown users keep their mock salts.
-    pub scram: Option<Arc<ScramAuth>>,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -91,11 +89,11 @@ pub struct ConnectTiming {
 }
 
 impl UpstreamConn {
-    /// The verified server certificate's `tls-server-end-point` data, for
-    /// SCRAM-SHA-256-PLUS toward the server.
-    pub fn channel_binding(&self) -> Option<Vec<u8>> {
+    /// The server's verified certificate (DER), which SCRAM-SHA-256-PLUS
+    /// toward the server binds to (`tls-server-end-point`).
+    pub fn server_certificate(&self) -> Option<&[u8]> {
         let leaf = self.stream.get_ref().1.peer_certificates()?.first()?;
-        crate::auth::channel_binding::tls_server_end_point(leaf)
+        Some(leaf.as_ref())
     }
 }
 
@@ -114,7 +112,6 @@ impl Upstream {
             config,
             connector,
             server_name,
-            scram: None,
         })
     }
 

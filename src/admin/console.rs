@@ -124,7 +124,7 @@ pub(crate) fn command(text: &str, shared: &Arc<Shared>) -> Result<Answer, ErrorR
                         }
                         .into(),
                         format!("{:?}", l.client_tls).to_lowercase(),
-                        l.upstream.config.name.clone(),
+                        l.route.name().to_owned(),
                     ]
                 })
                 .collect(),

@@ -6,6 +6,7 @@
 //! told to stop, and drains open sessions with a deadline.
 
 pub mod config_watch;
+pub(crate) mod route;
 
 use crate::sync::{MutexExt, RwLockExt};
 use std::collections::HashMap;
@@ -30,7 +31,6 @@ use crate::admin::Health;
 use crate::audit::{AuditLog, ClientAddress, PreparedAudit};
 use crate::auth::channel_binding::tls_server_end_point;
 use crate::auth::credentials::Credentials;
-use crate::auth::source::ScramAuth;
 use crate::auth::throttle::LoginThrottle;
 use crate::cancel::CancelRegistry;
 use crate::config::AdminConfig;
@@ -46,6 +46,7 @@ use crate::relay::ShutdownPhase;
 use crate::stream::BoxedIo;
 use crate::tls::{self, TlsConfigError};
 use crate::upstream::Upstream;
+use route::Route;
 
 #[derive(Debug, Error)]
 pub enum ServerError {
@@ -115,9 +116,9 @@ pub(crate) struct Shared {
     settings: RwLock<Arc<Settings>>,
     /// The admin listener as bound: the one thing a reload cannot change.
     admin_bound: Option<AdminConfig>,
-    /// Replaced as a whole on reload; a session uses the upstream its
+    /// Replaced as a whole on reload; a session uses the route its
     /// listener named when it was accepted.
-    upstreams: RwLock<Vec<Arc<Upstream>>>,
+    routes: RwLock<Vec<Arc<Route>>>,
     pub audit: Arc<AuditLog>,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
@@ -225,7 +226,14 @@ impl Shared {
 
     /// Every upstream as configured now.
     pub fn upstreams(&self) -> Vec<Arc<Upstream>> {
-        self.upstreams.read_locked().clone()
+        let routes = self.routes.read_locked();
+        routes.iter().map(|r| r.upstream.clone()).collect()
+    }
+
+    /// Every route (upstream and how sessions log in to it) as configured
+    /// now.
+    pub fn routes(&self) -> Vec<Arc<Route>> {
+        self.routes.read_locked().clone()
     }
 
     pub fn credentials(&self) -> Arc<Credentials> {
@@ -288,8 +296,12 @@ fn load_reloadable(config: &Config, shared: &Shared) -> Result<Loaded, ServerErr
         .audit
         .prepare(&config.audit, config.audit_on_failure)
         .map_err(ServerError::Audit)?;
-    let upstreams = keep_scram_state(fresh, &shared.upstreams());
-    let listeners = listener_infos(config, acceptors, &upstreams);
+    let old = shared.routes();
+    let routes: Vec<Arc<Route>> = fresh
+        .into_iter()
+        .map(|r| Arc::new(r.keeping_state_of(&old)))
+        .collect();
+    let listeners = listener_infos(config, acceptors, &routes);
     // Listeners that are new or moved are bound now, so an address in
     // use changes nothing.
     let current = shared.listeners();
@@ -307,38 +319,20 @@ fn load_reloadable(config: &Config, shared: &Shared) -> Result<Loaded, ServerErr
     }
     Ok(Loaded {
         credentials,
-        upstreams,
+        routes,
         listeners,
         audit,
         bound,
     })
 }
 
-/// The fresh upstreams, each sharing its predecessor's scram state (the
-/// secrets file's entries, the mock-verifier key) when its scram settings
-/// did not change.
-fn keep_scram_state(fresh: Vec<Upstream>, old: &[Arc<Upstream>]) -> Vec<Arc<Upstream>> {
-    fresh
-        .into_iter()
-        .map(|mut u| {
-            if let Some(o) = old
-                .iter()
-                .find(|o| o.config.name == u.config.name && o.config.scram == u.config.scram)
-            {
-                u.scram.clone_from(&o.scram);
-            }
-            Arc::new(u)
-        })
-        .collect()
-}
-
 /// What each listener's sessions get: its acceptor and certificate
-/// binding, and its upstream (all from one configuration, so a session
+/// binding, and its route (all from one configuration, so a session
 /// never mixes a reload's certificate with the previous one's binding).
 fn listener_infos(
     config: &Config,
     acceptors: Vec<Option<TlsAcceptor>>,
-    upstreams: &[Arc<Upstream>],
+    routes: &[Arc<Route>],
 ) -> Vec<Arc<ListenerInfo>> {
     let binding = own_binding(config);
     config
@@ -356,7 +350,7 @@ fn listener_infos(
                 proxy_trusted: l.proxy_trusted.clone(),
                 client_tls: l.client_tls,
                 cancel_plaintext: l.cancel_plaintext,
-                upstream: upstreams[l.upstream].clone(),
+                route: routes[l.upstream].clone(),
             })
         })
         .collect()
@@ -365,7 +359,7 @@ fn listener_infos(
 /// What a reload read and bound, before it changes anything.
 struct Loaded {
     credentials: Credentials,
-    upstreams: Vec<Arc<Upstream>>,
+    routes: Vec<Arc<Route>>,
     listeners: Vec<Arc<ListenerInfo>>,
     audit: Option<PreparedAudit>,
     /// Sockets for listeners that are new, or moved (true) to another
@@ -402,7 +396,7 @@ impl ReloadHandle {
         self.0.metrics.reloaded(loaded.is_ok());
         let Loaded {
             credentials,
-            upstreams,
+            routes,
             listeners,
             audit,
             bound,
@@ -414,7 +408,7 @@ impl ReloadHandle {
         let n = credentials.len();
         *self.0.credentials.write_locked() = Arc::new(credentials);
         *self.0.policy.write_locked() = Arc::new(config.policy.clone());
-        *self.0.upstreams.write_locked() = upstreams;
+        *self.0.routes.write_locked() = routes;
         self.apply_listener_changes(listeners, bound);
         self.0.limits.store(&config.limits);
         self.0.login_throttle.configure(&config.limits);
@@ -543,11 +537,11 @@ impl ReloadHandle {
     /// keeps its previous contents in use; the error says which.
     pub fn reload_secrets(&self) -> Vec<(String, Result<usize, crate::auth::source::SourceError>)> {
         self.0
-            .upstreams()
+            .routes()
             .iter()
-            .filter_map(|u| {
-                let result = u.scram.as_ref()?.reload().transpose()?;
-                Some((u.config.name.clone(), result))
+            .filter_map(|r| {
+                let result = r.scram()?.reload().transpose()?;
+                Some((r.name().to_owned(), result))
             })
             .collect()
     }
@@ -583,7 +577,8 @@ pub(crate) struct ListenerInfo {
     pub proxy_trusted: Vec<ipnet::IpNet>,
     pub client_tls: ClientTlsMode,
     pub cancel_plaintext: CancelPlaintext,
-    pub upstream: Arc<Upstream>,
+    /// The upstream its sessions go to, and how they log in to it.
+    pub route: Arc<Route>,
 }
 
 enum Socket {
@@ -611,8 +606,8 @@ pub fn check(config: &Config) -> Result<(), ServerError> {
     Ok(())
 }
 
-/// Each listener's acceptor (None: no [tls]), and every upstream.
-type PreparedTls = (Vec<Option<TlsAcceptor>>, Vec<Upstream>);
+/// Each listener's acceptor (None: no [tls]), and every route.
+type PreparedTls = (Vec<Option<TlsAcceptor>>, Vec<Route>);
 
 fn prepare_tls(config: &Config) -> Result<PreparedTls, ServerError> {
     let acceptors = config
@@ -637,27 +632,12 @@ fn prepare_tls(config: &Config) -> Result<PreparedTls, ServerError> {
                 })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let upstreams = config
+    let routes = config
         .upstreams
         .iter()
-        .map(|u| {
-            let mut upstream =
-                Upstream::new(u.clone()).map_err(|source| ServerError::Upstream {
-                    name: u.name.clone(),
-                    source,
-                })?;
-            if let Some(scram) = &u.scram {
-                upstream.scram = Some(Arc::new(ScramAuth::new(scram).map_err(|source| {
-                    ServerError::Auth {
-                        name: u.name.clone(),
-                        source,
-                    }
-                })?));
-            }
-            Ok(upstream)
-        })
+        .map(Route::new)
         .collect::<Result<Vec<_>, ServerError>>()?;
-    Ok((acceptors, upstreams))
+    Ok((acceptors, routes))
 }
 
 /// Connections not yet authenticated (negotiating TLS and startup, or in
@@ -804,10 +784,10 @@ pub struct Server {
 
 impl Server {
     pub async fn bind(config: Config) -> Result<Server, ServerError> {
-        let (acceptors, upstreams) = prepare_tls(&config)?;
+        let (acceptors, routes) = prepare_tls(&config)?;
         let credentials = Credentials::load(&config.credentials, &config.upstreams)?;
-        let upstreams: Vec<Arc<Upstream>> = upstreams.into_iter().map(Arc::new).collect();
-        let infos = listener_infos(&config, acceptors, &upstreams);
+        let routes: Vec<Arc<Route>> = routes.into_iter().map(Arc::new).collect();
+        let infos = listener_infos(&config, acceptors, &routes);
         let digest = audit_digest(&config)?;
         let audit = Arc::new(
             AuditLog::open(&config.audit, config.audit_on_failure, digest)
@@ -843,7 +823,7 @@ impl Server {
             shared: Arc::new(Shared {
                 settings: RwLock::new(Arc::new(Settings::from(&config))),
                 admin_bound: config.admin.clone(),
-                upstreams: RwLock::new(upstreams),
+                routes: RwLock::new(routes),
                 audit,
                 metrics,
                 health: Arc::default(),

@@ -38,6 +38,7 @@ use crate::audit::{
     AuthFacts, AuthOutcome, ClientAddress, ClientTransport, Event, LoginMode, ProxyFacts,
     Requested, SessionFacts, UpstreamFacts,
 };
+use crate::auth::channel_binding::tls_server_end_point;
 use crate::auth::credentials::{Found, Held};
 use crate::auth::identity_login::{self, IdentityLoginError, LoginTarget};
 use crate::auth::login::{self, LegAuth};
@@ -54,6 +55,7 @@ use crate::protocol::message::{self, AuthRequest, ErrorFields};
 use crate::protocol::proxy::{self, Addresses, SslInfo};
 use crate::protocol::startup::{CancelKey, StartupMessage};
 use crate::relay::{self, ByteCounts};
+use crate::server::route::RouteAuth;
 use crate::server::{ListenerInfo, PendingPermit, Shared};
 use crate::stream::BoxedIo;
 use crate::upstream::{Upstream, UpstreamConn};
@@ -340,8 +342,8 @@ impl Session {
             Ok(identity) => identity,
             Err(e) => return self.reject(&mut conn, e.into()).await,
         };
-        let upstream = self.listener.upstream.clone();
-        let upstream = &*upstream;
+        let route = self.listener.route.clone();
+        let upstream = &*route.upstream;
         let decision = self.shared.policy().decide(&Request {
             identity: &identity,
             client_ip: self.peer.map(|p| p.ip()),
@@ -430,8 +432,8 @@ impl Session {
         // scram mode: the client proves itself before any server connection
         // is made, so a throttled, wrong or stalling client costs no server
         // backend (and cannot use up the server's connection slots).
-        let proven = match (&upstream.scram, &credential) {
-            (Some(scram), None) => match unless_shutdown(
+        let proven = match (&route.auth, &credential) {
+            (RouteAuth::Scram(scram), None) => match unless_shutdown(
                 &self.shared.clone(),
                 timeout_at(
                     auth_deadline,
@@ -502,7 +504,7 @@ impl Session {
         let cancel = CancelContext {
             registry: self.shared.cancels.clone(),
             session_id: self.facts.session_id.clone(),
-            upstream: self.listener.upstream.clone(),
+            upstream: route.upstream.clone(),
             addr: up.addr,
         };
         let mut auth = match (proven, credential) {
@@ -898,7 +900,7 @@ impl Session {
             client_key: &client.proven.client_key,
             verifier: &client.verifier,
         };
-        let binding = up.channel_binding();
+        let binding = up.server_certificate().and_then(tls_server_end_point);
         let server_leg = login::complete(
             &mut up.stream,
             &mut server_buf,
@@ -975,7 +977,7 @@ impl Session {
             port: upstream.config.port,
             user,
         };
-        let binding = up.channel_binding();
+        let binding = up.server_certificate().and_then(tls_server_end_point);
         let leg = identity_login::log_in(
             &mut up.stream,
             &mut server_buf,
