@@ -324,3 +324,78 @@ impl Upstream {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    /// An upstream at a local port whose server answers the SSLRequest
+    /// with `reply`, then closes.
+    async fn fake_server(reply: &'static [u8]) -> (Upstream, SocketAddr) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 8];
+            tcp.read_exact(&mut request).await.unwrap();
+            assert_eq!(request.to_vec(), ssl_request(), "SSLRequest first");
+            tcp.write_all(reply).await.unwrap();
+        });
+        let config = crate::config::Config::from_toml(&format!(
+            "[[listener]]\nlisten = \"127.0.0.1:0\"\nclient_tls = \"allow\"\n[[upstream]]\naddress = \"{addr}\"\nsystem_roots = true\n"
+        ))
+        .unwrap();
+        (Upstream::new(config.upstreams[0].clone()).unwrap(), addr)
+    }
+
+    async fn connect(upstream: &Upstream) -> Result<UpstreamConn, UpstreamError> {
+        let limit = Duration::from_secs(5);
+        upstream.connect(limit, limit, None).await
+    }
+
+    /// Nothing but `S` lets TLS start; a pre-TLS error message is never
+    /// read (CVE-2024-10977).
+    #[tokio::test]
+    async fn only_s_starts_tls() {
+        let (up, addr) = fake_server(b"N").await;
+        assert!(
+            matches!(connect(&up).await, Err(UpstreamError::RefusedTls { addr: a }) if a == addr)
+        );
+        let (up, _) = fake_server(b"E\0\0\0\x08secret").await;
+        let e = connect(&up).await.err().unwrap();
+        assert!(matches!(e, UpstreamError::ErrorBeforeTls { .. }), "{e}");
+        assert!(!e.to_string().contains("secret"), "never shown: {e}");
+        let (up, _) = fake_server(b"H").await;
+        assert!(matches!(
+            connect(&up).await,
+            Err(UpstreamError::UnexpectedReply { byte: b'H', .. })
+        ));
+        let (up, _) = fake_server(b"").await;
+        assert!(matches!(
+            connect(&up).await,
+            Err(UpstreamError::Closed { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn unreachable_and_local_proxy_header() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let config = crate::config::Config::from_toml(&format!(
+            "[[listener]]\nlisten = \"127.0.0.1:0\"\nclient_tls = \"allow\"\n[[upstream]]\naddress = \"{addr}\"\nsystem_roots = true\nsend_proxy_protocol = \"v1\"\n"
+        ))
+        .unwrap();
+        let up = Upstream::new(config.upstreams[0].clone()).unwrap();
+        assert_eq!(up.target(), addr.to_string());
+        assert!(matches!(
+            connect(&up).await,
+            Err(UpstreamError::Unreachable { .. })
+        ));
+        assert_eq!(
+            up.local_proxy_header().as_deref(),
+            Some(&b"PROXY UNKNOWN\r\n"[..])
+        );
+    }
+}
