@@ -21,7 +21,8 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
+
+use crate::net::is_close;
 
 /// The most read at once. One TLS record carries up to 16 KiB of plaintext,
 /// so a 16 KiB read takes a whole record at a time.
@@ -30,30 +31,6 @@ const BUF_SIZE: usize = 16 * 1024;
 /// How long the final shutdown of the surviving side may take before the
 /// socket is simply dropped.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
-
-/// Sets TCP_NODELAY (Postgres messages are small and latency-bound) and
-/// keepalive (so a peer that vanishes without a FIN is noticed) on a socket.
-pub fn tune_tcp(tcp: &TcpStream) {
-    let sock = socket2::SockRef::from(tcp);
-    let keepalive = socket2::TcpKeepalive::new()
-        .with_time(Duration::from_secs(60))
-        .with_interval(Duration::from_secs(10))
-        .with_retries(3);
-    // Both are best effort: a socket that refuses them still works.
-    let _ = sock.set_nodelay(true);
-    let _ = sock.set_tcp_keepalive(&keepalive);
-}
-
-/// Whether a read error is just the peer closing. A TCP close without TLS
-/// close_notify surfaces as `UnexpectedEof`; many clients end that way, and
-/// Postgres's own Terminate message (not TLS) is what marks a clean end, so
-/// it counts as a close, not an error.
-pub fn is_close(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
-    )
-}
 
 /// The Terminate message, which a client sends last when it ends a session
 /// cleanly.

@@ -1,6 +1,10 @@
-//! Reaching an upstream: resolve, connect with a deadline trying every
-//! address, negotiate TLS (SSLRequest then exactly `S`, or direct TLS), and
-//! verify its certificate.
+//! Reaching an upstream, and nothing more: resolve, connect with a deadline
+//! trying every address, negotiate TLS (SSLRequest then exactly `S`, or
+//! direct TLS), verify its certificate, and forward cancel requests the
+//! same way. How sessions log in to the server is not decided here: the
+//! server's `Route` pairs this dialer with that (passthrough, or scram
+//! mode's verifier sources), and the auth code computes channel binding
+//! from the certificate this hands back.
 //!
 //! Nothing of the client's is sent here. The session sends the
 //! StartupMessage only on the verified stream this returns, so a server that
@@ -8,7 +12,6 @@
 //! alone a password.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::pki_types::ServerName;
@@ -19,7 +22,6 @@ use tokio::time::timeout;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-use crate::auth::source::ScramAuth;
 use crate::config::{SendProxyProtocol, TlsNegotiation, UpstreamConfig};
 use crate::protocol::proxy;
 use crate::protocol::startup::{ssl_request, CancelKey};
@@ -59,10 +61,6 @@ pub struct Upstream {
     pub config: UpstreamConfig,
     connector: TlsConnector,
     server_name: ServerName<'static>,
-    /// scram mode: where verifiers come from (None: passthrough). Shared
-    /// with the next reload's copy while the scram settings stay the same,
-    /// so unknown users keep their mock salts.
-    pub scram: Option<Arc<ScramAuth>>,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -91,11 +89,11 @@ pub struct ConnectTiming {
 }
 
 impl UpstreamConn {
-    /// The verified server certificate's `tls-server-end-point` data, for
-    /// SCRAM-SHA-256-PLUS toward the server.
-    pub fn channel_binding(&self) -> Option<Vec<u8>> {
+    /// The server's verified certificate (DER), which SCRAM-SHA-256-PLUS
+    /// toward the server binds to (`tls-server-end-point`).
+    pub fn server_certificate(&self) -> Option<&[u8]> {
         let leaf = self.stream.get_ref().1.peer_certificates()?.first()?;
-        crate::tls::channel_binding::tls_server_end_point(leaf)
+        Some(leaf.as_ref())
     }
 }
 
@@ -114,7 +112,6 @@ impl Upstream {
             config,
             connector,
             server_name,
-            scram: None,
         })
     }
 
@@ -163,7 +160,7 @@ impl Upstream {
         let started = std::time::Instant::now();
         let (tcp, addr) = self.dial(connect_timeout).await?;
         let connect = started.elapsed();
-        crate::relay::tune_tcp(&tcp);
+        crate::net::tune_tcp(&tcp);
         let connector = identity.unwrap_or(&self.connector).clone();
         match timeout(
             tls_timeout,
@@ -209,7 +206,7 @@ impl Upstream {
             // Without TCP_NODELAY the CancelRequest, written right after
             // the handshake's last flight, waits for the server's delayed
             // ACK: measured at +45 ms per cancel (bench, cancel latency).
-            crate::relay::tune_tcp(&tcp);
+            crate::net::tune_tcp(&tcp);
             let mut conn = self
                 .negotiate(&self.connector, tcp, addr, proxy_header)
                 .await?;
@@ -325,5 +322,80 @@ impl Upstream {
             tls,
             timing: ConnectTiming::default(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    /// An upstream at a local port whose server answers the SSLRequest
+    /// with `reply`, then closes.
+    async fn fake_server(reply: &'static [u8]) -> (Upstream, SocketAddr) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 8];
+            tcp.read_exact(&mut request).await.unwrap();
+            assert_eq!(request.to_vec(), ssl_request(), "SSLRequest first");
+            tcp.write_all(reply).await.unwrap();
+        });
+        let config = crate::config::Config::from_toml(&format!(
+            "[[listener]]\nlisten = \"127.0.0.1:0\"\nclient_tls = \"allow\"\n[[upstream]]\naddress = \"{addr}\"\nsystem_roots = true\n"
+        ))
+        .unwrap();
+        (Upstream::new(config.upstreams[0].clone()).unwrap(), addr)
+    }
+
+    async fn connect(upstream: &Upstream) -> Result<UpstreamConn, UpstreamError> {
+        let limit = Duration::from_secs(5);
+        upstream.connect(limit, limit, None).await
+    }
+
+    /// Nothing but `S` lets TLS start; a pre-TLS error message is never
+    /// read (CVE-2024-10977).
+    #[tokio::test]
+    async fn only_s_starts_tls() {
+        let (up, addr) = fake_server(b"N").await;
+        assert!(
+            matches!(connect(&up).await, Err(UpstreamError::RefusedTls { addr: a }) if a == addr)
+        );
+        let (up, _) = fake_server(b"E\0\0\0\x08secret").await;
+        let e = connect(&up).await.err().unwrap();
+        assert!(matches!(e, UpstreamError::ErrorBeforeTls { .. }), "{e}");
+        assert!(!e.to_string().contains("secret"), "never shown: {e}");
+        let (up, _) = fake_server(b"H").await;
+        assert!(matches!(
+            connect(&up).await,
+            Err(UpstreamError::UnexpectedReply { byte: b'H', .. })
+        ));
+        let (up, _) = fake_server(b"").await;
+        assert!(matches!(
+            connect(&up).await,
+            Err(UpstreamError::Closed { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn unreachable_and_local_proxy_header() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let config = crate::config::Config::from_toml(&format!(
+            "[[listener]]\nlisten = \"127.0.0.1:0\"\nclient_tls = \"allow\"\n[[upstream]]\naddress = \"{addr}\"\nsystem_roots = true\nsend_proxy_protocol = \"v1\"\n"
+        ))
+        .unwrap();
+        let up = Upstream::new(config.upstreams[0].clone()).unwrap();
+        assert_eq!(up.target(), addr.to_string());
+        assert!(matches!(
+            connect(&up).await,
+            Err(UpstreamError::Unreachable { .. })
+        ));
+        assert_eq!(
+            up.local_proxy_header().as_deref(),
+            Some(&b"PROXY UNKNOWN\r\n"[..])
+        );
     }
 }

@@ -15,13 +15,13 @@
 
 use thiserror::Error;
 
-use crate::auth::scram;
+use crate::crypto::{self, Hash, HASH_LEN};
 
 /// What each `prev` is computed with.
 #[derive(Clone)]
 pub enum Digest {
     Sha256,
-    Hmac(scram::Key),
+    Hmac(Hash),
 }
 
 impl std::fmt::Debug for Digest {
@@ -40,14 +40,14 @@ impl Digest {
     pub fn from_key(key: Option<&[u8]>) -> Digest {
         match key {
             None => Digest::Sha256,
-            Some(k) => Digest::Hmac(scram::sha256(k)),
+            Some(k) => Digest::Hmac(crypto::sha256(k)),
         }
     }
 
-    fn of(&self, line: &[u8]) -> scram::Key {
+    fn of(&self, line: &[u8]) -> Hash {
         match self {
-            Digest::Sha256 => scram::sha256(line),
-            Digest::Hmac(key) => scram::hmac(key, line),
+            Digest::Sha256 => crypto::sha256(line),
+            Digest::Hmac(key) => crypto::hmac(key, line),
         }
     }
 }
@@ -57,7 +57,7 @@ impl Digest {
 pub struct Chain {
     digest: Digest,
     seq: u64,
-    prev: scram::Key,
+    prev: Hash,
 }
 
 impl Chain {
@@ -66,7 +66,7 @@ impl Chain {
         Chain {
             digest,
             seq: 0,
-            prev: [0; scram::KEY_LEN],
+            prev: [0; HASH_LEN],
         }
     }
 
@@ -165,7 +165,7 @@ pub struct Tail {
 
 /// The hex SHA-256 of a cut line, as `audit.resumed` records it.
 pub fn cut_digest(bytes: &[u8]) -> String {
-    hex::encode(scram::sha256(bytes))
+    hex::encode(crypto::sha256(bytes))
 }
 
 /// Reads the end of `file` backwards, a chunk at a time, until it has the
@@ -311,7 +311,7 @@ fn cut_before(line: &[u8], next: Option<&&[u8]>) -> bool {
 /// listed in `cut`. No line at all is an error: an empty log proves
 /// nothing.
 pub fn verify(files: &[(String, Vec<u8>)], digest: &Digest) -> Result<Verified, Broken> {
-    let mut before: Option<(u64, scram::Key)> = None;
+    let mut before: Option<(u64, Hash)> = None;
     let mut verified = Verified {
         lines: 0,
         first_seq: None,
@@ -389,7 +389,7 @@ fn check_link(
     seq: u64,
     prev: &str,
     last_seq: u64,
-    last_digest: &scram::Key,
+    last_digest: &Hash,
     n: usize,
 ) -> Result<(), (usize, String)> {
     let expected = last_seq + 1;

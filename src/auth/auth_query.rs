@@ -154,7 +154,9 @@ impl AuthQuery {
         let mut up = upstream
             .connect(t.upstream_connect, t.upstream_tls, header.as_deref())
             .await?;
-        let binding = up.channel_binding();
+        let binding = up
+            .server_certificate()
+            .and_then(crate::tls::channel_binding::tls_server_end_point);
         let startup = StartupMessage::new(
             ProtocolVersion { major: 3, minor: 0 },
             vec![

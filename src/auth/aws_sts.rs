@@ -66,6 +66,11 @@ impl WebIdentity {
 
     /// Exchanges the token (read anew each time: it is rotated on disk)
     /// for temporary credentials and their expiry.
+    ///
+    /// The token file is not read with `secret_file`: the platform writes
+    /// it (Kubernetes projects it with mode 0644 by default), so the 0600
+    /// check would refuse every standard deployment, and it holds a
+    /// short-lived signed token, not a secret the operator keeps.
     pub async fn assume(&self) -> Result<(AwsCredentials, SystemTime), IamError> {
         let token = std::fs::read_to_string(&self.token_file).map_err(|e| {
             IamError::WebIdentity(format!(

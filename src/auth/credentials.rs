@@ -3,15 +3,14 @@
 //! the server with when a client known by its certificate or tailnet
 //! identity asks for that user. The client never sees or sends a password.
 //!
-//! Everything secret comes from files (mode 0600 or narrower, checked) or
-//! environment variables, never from the main TOML, and never reaches a log
-//! or the audit log: `Secret` has a redacting Debug and no Display. The
-//! whole set is read at start (a mistake stops pgbastion, and
-//! `check-config` says which) and again on SIGHUP (a mistake keeps the set
-//! in use).
+//! Everything secret comes from files (read by `secret_file`: mode 0600 or
+//! narrower, checked) or environment variables, never from the main TOML,
+//! and never reaches a log or the audit log: `Secret` has a redacting
+//! Debug and no Display. The whole set is read at start (a mistake stops
+//! pgbastion, and `check-config` says which) and again on SIGHUP (a mistake
+//! keeps the set in use).
 
 use std::collections::HashMap;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -24,26 +23,14 @@ use crate::auth::aws_sts::CredentialChain;
 use crate::auth::rds_iam::TokenCache;
 use crate::auth::scram::{Credential, Key, Verifier, KEY_LEN};
 use crate::config::{CredentialConfig, CredentialSource, RdsIamConfig, UpstreamConfig};
+use crate::secret_file::{self, SecretFileError};
 use crate::tls::{self, TlsConfigError};
 
 #[derive(Debug, Error)]
 pub enum CredentialError {
-    #[error("{what} {path}: {source}")]
-    Read {
-        what: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error(
-        "{what} {path} can be read by others (mode {mode:04o}); secrets must be readable by pgbastion's user only: chmod 600 {path}"
-    )]
-    Permissions {
-        what: &'static str,
-        path: PathBuf,
-        mode: u32,
-    },
-    #[error("{what} {0} is empty", what = "password_file")]
-    EmptyPasswordFile(PathBuf),
+    /// A file missing, unreadable, readable by others, or empty.
+    #[error(transparent)]
+    File(#[from] SecretFileError),
     #[error("password_env {0}: the environment variable is not set or empty")]
     EmptyPasswordEnv(String),
     #[error(
@@ -153,23 +140,19 @@ impl Credentials {
         for c in configs {
             let held = match &c.source {
                 CredentialSource::PasswordFile(path) => {
-                    let text = read_private(path, "password_file")?;
-                    let password = first_line(&text);
-                    if password.is_empty() {
-                        return Err(CredentialError::EmptyPasswordFile(path.clone()));
-                    }
-                    Held::Password(Secret(password.as_bytes().to_vec()))
+                    let password = secret_file::read_password(path, "password_file")?;
+                    Held::Password(Secret(password.into_bytes()))
                 }
                 CredentialSource::PasswordEnv(name) => match std::env::var_os(name) {
                     Some(v) if !v.is_empty() => Held::Password(Secret(v.into_encoded_bytes())),
                     _ => return Err(CredentialError::EmptyPasswordEnv(name.clone())),
                 },
                 CredentialSource::ScramSecret(path) => {
-                    let text = read_private(path, "scram_secret")?;
+                    let text = secret_file::read(path, "scram_secret")?;
                     parse_scram_secret(&text, path)?
                 }
                 CredentialSource::ClientCert { cert, key } => {
-                    check_private(key, "client_key")?;
+                    secret_file::check(key, "client_key")?;
                     let connector = tls::upstream_connector_with_identity(
                         &upstreams[c.upstream],
                         Some((cert.as_path(), key.as_path())),
@@ -221,67 +204,6 @@ fn not_after(path: &Path) -> Option<SystemTime> {
     Some(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs))
 }
 
-/// The file's first line without its line ending.
-fn first_line(text: &str) -> &str {
-    let line = text.lines().next().unwrap_or("");
-    line.strip_suffix('\r').unwrap_or(line)
-}
-
-/// Refuses a secret file others may read (group or world bits set).
-pub(crate) fn check_private(path: &Path, what: &'static str) -> Result<(), CredentialError> {
-    let meta = std::fs::metadata(path).map_err(|source| CredentialError::Read {
-        what,
-        path: path.to_owned(),
-        source,
-    })?;
-    let mode = meta.permissions().mode() & 0o7777;
-    if mode & 0o077 != 0 {
-        return Err(CredentialError::Permissions {
-            what,
-            path: path.to_owned(),
-            mode,
-        });
-    }
-    Ok(())
-}
-
-pub(crate) fn read_private(path: &Path, what: &'static str) -> Result<String, CredentialError> {
-    String::from_utf8(read_private_bytes(path, what)?).map_err(|e| CredentialError::Read {
-        what,
-        path: path.to_owned(),
-        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
-    })
-}
-
-/// The bytes of a private file (a key, which need not be text).
-pub(crate) fn read_private_bytes(
-    path: &Path,
-    what: &'static str,
-) -> Result<Vec<u8>, CredentialError> {
-    check_private(path, what)?;
-    std::fs::read(path).map_err(|source| CredentialError::Read {
-        what,
-        path: path.to_owned(),
-        source,
-    })
-}
-
-/// A key from a private file: its bytes, text or not (32 random bytes are
-/// a good key), without trailing CR and LF bytes (an editor's newline is
-/// not part of a key). The one rule for every key file, so a key reads the
-/// same wherever it is used (`chain_key_file` in pgbastion and `audit
-/// verify`; `[cluster] secret_file` for the fleet and for mock salts).
-pub(crate) fn read_private_key(
-    path: &Path,
-    what: &'static str,
-) -> Result<Vec<u8>, CredentialError> {
-    let mut key = read_private_bytes(path, what)?;
-    while key.last().is_some_and(|b| matches!(b, b'\r' | b'\n')) {
-        key.pop();
-    }
-    Ok(key)
-}
-
 /// The verifier on the first line, the base64 ClientKey on the second;
 /// the key must match the verifier's StoredKey.
 fn parse_scram_secret(text: &str, path: &Path) -> Result<Held, CredentialError> {
@@ -296,7 +218,7 @@ fn parse_scram_secret(text: &str, path: &Path) -> Result<Held, CredentialError> 
     if lines.next().is_some() {
         return Err(format());
     }
-    if crate::auth::scram::sha256(&client_key) != verifier.stored_key {
+    if crate::crypto::sha256(&client_key) != verifier.stored_key {
         return Err(CredentialError::ScramSecretMismatch(path.to_owned()));
     }
     Ok(Held::ScramKeys {
@@ -312,7 +234,7 @@ pub fn scram_secret_for(password: &[u8], iterations: u32) -> String {
     let mut salt = [0u8; 16];
     rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut salt);
     let salted = crate::auth::scram::salted_password(password, &salt, iterations);
-    let client_key = crate::auth::scram::hmac(&salted, b"Client Key");
+    let client_key = crate::crypto::hmac(&salted, b"Client Key");
     let verifier = Verifier::from_password(password, &salt, iterations);
     format!(
         "{}\n{}\n",
@@ -324,6 +246,7 @@ pub fn scram_secret_for(password: &[u8], iterations: u32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn write(dir: &Path, name: &str, text: &str, mode: u32) -> PathBuf {
         let p = dir.join(name);
@@ -366,23 +289,6 @@ mod tests {
                 "{bad:?}"
             );
         }
-    }
-
-    #[test]
-    fn files_others_can_read_are_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = write(dir.path(), "pw", "secret\n", 0o644);
-        let e = read_private(&p, "password_file").unwrap_err();
-        assert!(e.to_string().contains("mode 0644"), "{e}");
-        assert!(e.to_string().contains("chmod 600"), "{e}");
-        assert!(!e.to_string().contains("secret\n"));
-        let p = write(dir.path(), "pw2", "secret\n", 0o600);
-        assert_eq!(
-            first_line(&read_private(&p, "password_file").unwrap()),
-            "secret"
-        );
-        let p = write(dir.path(), "pw3", "secret\n", 0o640);
-        assert!(read_private(&p, "password_file").is_err());
     }
 
     #[test]

@@ -24,8 +24,8 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
-use crate::auth::credentials::{self, CredentialError};
-use crate::auth::scram::{self, Key, KEY_LEN};
+use crate::auth::scram::{Key, KEY_LEN};
+use crate::secret_file::{self, SecretFileError};
 
 /// The label the mock key is derived under.
 const LABEL: &[u8] = b"pgbastion mock SCRAM salt v1";
@@ -50,8 +50,8 @@ impl std::fmt::Display for MockKeySource {
 
 #[derive(Debug, Error)]
 pub enum MockKeyError {
-    #[error("{0}")]
-    File(Box<CredentialError>),
+    #[error(transparent)]
+    File(#[from] SecretFileError),
     #[error("mock_key_file {path}: expected exactly {KEY_LEN} bytes (pgbastion writes it), found {len}; remove it to have a new one made")]
     Length { path: PathBuf, len: usize },
     #[error("cannot create mock_key_file {path}: {source}; create it yourself (head -c 32 /dev/urandom > FILE; chmod 600 FILE) or set [auth] mock_key_file to a path pgbastion may write")]
@@ -82,16 +82,10 @@ pub fn default_key_file() -> Option<PathBuf> {
 pub fn load(source: &MockKeySource) -> Result<Key, MockKeyError> {
     let secret = match source {
         // As the fleet reads it.
-        MockKeySource::ClusterSecret(path) => {
-            credentials::read_private_key(path, "secret_file").map_err(file_error)?
-        }
+        MockKeySource::ClusterSecret(path) => secret_file::read_bytes(path, "secret_file")?,
         MockKeySource::KeyFile(path) => key_file(path)?,
     };
-    Ok(scram::hmac(&secret, LABEL))
-}
-
-fn file_error(e: CredentialError) -> MockKeyError {
-    MockKeyError::File(Box::new(e))
+    Ok(crate::crypto::hmac(&secret, LABEL))
 }
 
 /// Reads the key file, or makes it: 32 random bytes written to a private
@@ -104,7 +98,8 @@ fn key_file(path: &Path) -> Result<Vec<u8>, MockKeyError> {
             source,
         })?;
     }
-    let bytes = credentials::read_private_bytes(path, "mock_key_file").map_err(file_error)?;
+    // Exactly as written: a random key may end in a newline byte.
+    let bytes = secret_file::read_raw(path, "mock_key_file")?;
     if bytes.len() != KEY_LEN {
         return Err(MockKeyError::Length {
             path: path.to_owned(),

@@ -16,8 +16,13 @@
 //! in to the server itself with a credential it holds (`credentials`;
 //! RDS IAM tokens from `rds_iam`, AWS credentials via `aws_sts`).
 //!
-//! `scram` holds the SCRAM messages themselves, pure and exhaustively
-//! tested; `wire` reads and writes whole messages for the I/O steps.
+//! `scram` holds the SCRAM messages themselves (`scram::server` and
+//! `scram::client`, the two roles), pure and exhaustively tested; `wire`
+//! reads and writes whole messages for the I/O steps. Dialing the server is
+//! not auth's: `upstream` connects and verifies, and hands back the
+//! certificate channel binding is computed from; which upstream a session
+//! goes to and in which mode it logs in is the server's `Route`. Every
+//! secret file here is read by `secret_file` (mode 0600, one newline rule).
 
 pub mod auth_query;
 pub mod aws_sts;

@@ -20,7 +20,7 @@ use crate::auth::scram::SCRAM_SHA_256_PLUS;
 use crate::cancel::{CancelRegistry, CancelTarget, Registration};
 use crate::limits::keyed_slots::{KeyedPermit, KeyedSlots};
 use crate::protocol::message::{self, tag, AuthRequest, ErrorFields, ErrorResponse, MessageError};
-use crate::relay::{self, ByteCounts};
+use crate::relay::ByteCounts;
 
 /// The largest message accepted from a client while it authenticates:
 /// PostgreSQL's own limit for authentication messages (GSSAPI and SSPI
@@ -230,13 +230,13 @@ impl AuthPhase {
             tokio::select! {
                 r = client.read_buf(&mut self.client_buf) => match r {
                     Ok(0) => return Err(AuthEnd::ClientClosed),
-                    Err(e) if relay::is_close(&e) => return Err(AuthEnd::ClientClosed),
+                    Err(e) if crate::net::is_close(&e) => return Err(AuthEnd::ClientClosed),
                     Ok(_) => {}
                     Err(e) => return Err(AuthEnd::ClientIo(e)),
                 },
                 r = server.read_buf(&mut self.server_buf) => match r {
                     Ok(0) => return Err(AuthEnd::ServerClosed),
-                    Err(e) if relay::is_close(&e) => return Err(AuthEnd::ServerClosed),
+                    Err(e) if crate::net::is_close(&e) => return Err(AuthEnd::ServerClosed),
                     Ok(_) => {}
                     Err(e) => return Err(AuthEnd::ServerIo(e)),
                 },

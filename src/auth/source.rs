@@ -13,49 +13,29 @@ use std::sync::{Arc, RwLock};
 use thiserror::Error;
 
 use crate::auth::auth_query::{AuthQuery, AuthQueryError};
-use crate::auth::credentials::{self, CredentialError};
 use crate::auth::mock_key::{self, MockKeyError};
 use crate::auth::scram::{self, Key, Verifier};
 use crate::auth::secrets::{self, SecretsFileError, StoredSecret};
 use crate::config::{ScramConfig, Timeouts};
+use crate::secret_file::{self, SecretFileError};
 use crate::upstream::Upstream;
 
 #[derive(Debug, Error)]
 pub enum SourceError {
-    #[error("cannot read {what} {path}: {source}")]
-    Read {
-        what: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    /// The secrets file or the auth password file missing, unreadable,
+    /// readable by others (mode 0644: refused like every other secret
+    /// file), or empty.
+    #[error(transparent)]
+    File(#[from] SecretFileError),
     #[error("secrets file {path}: {source}")]
     SecretsFile {
         path: PathBuf,
         source: SecretsFileError,
     },
-    #[error("auth_password_file {0} is empty")]
-    EmptyPassword(PathBuf),
-    /// A secret others may read (mode 0644): refused like every other
-    /// secret file pgbastion reads.
-    #[error(transparent)]
-    NotPrivate(Box<CredentialError>),
     #[error("mock verifiers: {0}")]
     MockKey(#[from] Box<MockKeyError>),
     #[error("no stable secret for mock verifiers: set [auth] mock_key_file (no state directory is known: STATE_DIRECTORY, XDG_STATE_HOME and HOME are unset), or [cluster] secret_file")]
     NoMockKey,
-}
-
-/// Reads a secret file, refusing one that group or others may read
-/// (`credentials::read_private`, the check every secret file passes).
-fn read_secret(path: &Path, what: &'static str) -> Result<String, SourceError> {
-    credentials::read_private(path, what).map_err(|e| match e {
-        CredentialError::Read { source, .. } => SourceError::Read {
-            what,
-            path: path.to_owned(),
-            source,
-        },
-        other => SourceError::NotPrivate(Box::new(other)),
-    })
 }
 
 /// Which source answered, for the message that asks an operator to
@@ -92,7 +72,7 @@ struct SecretsFile {
 
 impl SecretsFile {
     fn read(path: &Path) -> Result<HashMap<String, StoredSecret>, SourceError> {
-        let text = read_secret(path, "secrets file")?;
+        let text = secret_file::read(path, "secrets file")?;
         secrets::parse_secrets_file(&text).map_err(|source| SourceError::SecretsFile {
             path: path.to_owned(),
             source,
@@ -131,15 +111,10 @@ impl ScramAuth {
         };
         let query = match &cfg.auth_query {
             Some(q) => {
-                let text = read_secret(&q.password_file, "auth_password_file")?;
-                let password = text.strip_suffix('\n').unwrap_or(&text);
-                let password = password.strip_suffix('\r').unwrap_or(password);
-                if password.is_empty() {
-                    return Err(SourceError::EmptyPassword(q.password_file.clone()));
-                }
+                let password = secret_file::read_password(&q.password_file, "auth_password_file")?;
                 Some(AuthQuery::new(
                     q.user.clone(),
-                    password.to_owned(),
+                    password,
                     q.database.clone(),
                     q.query.clone(),
                 ))
@@ -217,8 +192,9 @@ impl ScramAuth {
     /// (a prober asking twice sees the same salt, as for a real user) and
     /// matching no password.
     pub fn mock_verifier(&self, user: &str) -> Verifier {
-        let derive =
-            |label: &str| scram::hmac(&self.mock_key, format!("{label}\0{user}").as_bytes());
+        let derive = |label: &str| {
+            crate::crypto::hmac(&self.mock_key, format!("{label}\0{user}").as_bytes())
+        };
         Verifier {
             iterations: self.mock_iterations.load(Ordering::Relaxed),
             salt: derive("salt")[..16].to_vec(),
@@ -267,7 +243,10 @@ mod tests {
             };
             let e = ScramAuth::new(&cfg).err().expect("refused");
             let text = e.to_string();
-            assert!(matches!(e, SourceError::NotPrivate(_)), "{text}");
+            assert!(
+                matches!(e, SourceError::File(SecretFileError::Permissions { .. })),
+                "{text}"
+            );
             assert!(text.contains(&format!("mode {mode:04o}")), "{text}");
             assert!(text.contains("chmod 600"), "{text}");
             assert!(!text.contains(&verifier), "no secret in the error");

@@ -40,7 +40,7 @@ where
         match io.read_buf(buf).await {
             Ok(0) => return Err(WireError::Closed),
             Ok(_) => {}
-            Err(e) if crate::relay::is_close(&e) => return Err(WireError::Closed),
+            Err(e) if crate::net::is_close(&e) => return Err(WireError::Closed),
             Err(e) => return Err(WireError::Io(e)),
         }
     }

@@ -7,8 +7,8 @@ use super::ClusterError;
 use crate::config::ClusterConfig;
 
 pub(super) fn read_keys(config: &ClusterConfig) -> Result<FleetKeys, ClusterError> {
-    let secret = crate::auth::credentials::read_private_key(&config.secret_file, "secret_file")
-        .map_err(|e| ClusterError::File(Box::new(e)))?;
+    let secret = crate::secret_file::read_bytes(&config.secret_file, "secret_file")
+        .map_err(ClusterError::File)?;
     FleetKeys::new(&secret, &config.key_prefix).map_err(|source| ClusterError::Secret {
         path: config.secret_file.clone(),
         source,
@@ -24,9 +24,8 @@ pub(super) fn redis_client(config: &ClusterConfig) -> Result<redis::Client, Clus
         .into_connection_info()
         .map_err(redis_err)?;
     if let Some(path) = &config.redis_password_file {
-        let text = crate::auth::credentials::read_private(path, "redis_password_file")
-            .map_err(|e| ClusterError::File(Box::new(e)))?;
-        let password = text.lines().next().unwrap_or("");
+        let password = crate::secret_file::read_password(path, "redis_password_file")
+            .map_err(ClusterError::File)?;
         let settings = info.redis_settings().clone().set_password(password);
         info = info.set_redis_settings(settings);
     }

@@ -14,7 +14,7 @@ use ring::aead::{self, LessSafeKey, Nonce, UnboundKey, NONCE_LEN};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::auth::scram;
+use crate::crypto::{self, Hash};
 use crate::protocol::startup::CancelKey;
 
 /// The shortest shared secret accepted: 256 bits.
@@ -30,7 +30,7 @@ pub enum SecretError {
 
 /// The keys derived from the fleet's shared secret, and the key prefix.
 pub struct FleetKeys {
-    names: scram::Key,
+    names: Hash,
     seal: LessSafeKey,
     prefix: String,
 }
@@ -72,8 +72,8 @@ impl FleetKeys {
         if secret.len() < MIN_SECRET_LEN {
             return Err(SecretError::TooShort(secret.len()));
         }
-        let names = scram::hmac(secret, b"pgbastion cluster: key names v1");
-        let seal_key = scram::hmac(secret, b"pgbastion cluster: cancel seal v1");
+        let names = crypto::hmac(secret, b"pgbastion cluster: key names v1");
+        let seal_key = crypto::hmac(secret, b"pgbastion cluster: cancel seal v1");
         // 32 bytes is exactly ChaCha20-Poly1305's key length.
         let seal = UnboundKey::new(&aead::CHACHA20_POLY1305, &seal_key)
             .map(LessSafeKey::new)
@@ -96,7 +96,7 @@ impl FleetKeys {
         format!(
             "{}:{kind}:{}",
             self.prefix,
-            hex::encode(scram::hmac(&self.names, &msg))
+            hex::encode(crypto::hmac(&self.names, &msg))
         )
     }
 

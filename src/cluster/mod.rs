@@ -61,7 +61,7 @@ const CHUNK: usize = 1_000;
 pub enum ClusterError {
     /// The secret or password file (the error names which).
     #[error("{0}")]
-    File(Box<crate::auth::credentials::CredentialError>),
+    File(crate::secret_file::SecretFileError),
     #[error("cluster.secret_file {path}: {source}")]
     Secret {
         path: std::path::PathBuf,

@@ -44,7 +44,7 @@ pub enum ServerError {
     #[error("[cluster]: {0}")]
     Cluster(#[from] crate::cluster::ClusterError),
     #[error("[audit] {0}")]
-    ChainKey(Box<crate::auth::credentials::CredentialError>),
+    ChainKey(crate::secret_file::SecretFileError),
     #[error("[audit] chain_key_file {0} holds fewer than 16 bytes: use a random key (e.g. head -c 32 /dev/urandom | base64)")]
     ChainKeyShort(PathBuf),
 }

@@ -276,7 +276,7 @@ async fn accept(socket: &Socket) -> std::io::Result<Accepted> {
     match socket {
         Socket::Tcp(t) => {
             let (tcp, addr) = t.accept().await?;
-            crate::relay::tune_tcp(&tcp);
+            crate::net::tune_tcp(&tcp);
             let local = tcp.local_addr().ok().map(canonical);
             Ok(Accepted {
                 io: Box::new(tcp),

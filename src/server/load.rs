@@ -12,10 +12,9 @@ use super::error::ServerError;
 use super::state::ListenerInfo;
 use crate::admin::metrics::Metrics;
 use crate::auth::credentials::Credentials;
-use crate::auth::source::ScramAuth;
 use crate::config::{ClientCertMode, Config, CredentialSource, ListenerIdentity};
 use crate::tls::{self, ServedTls, ServerCert};
-use crate::upstream::Upstream;
+use super::route::Route;
 
 /// How audit lines are chained: an HMAC under `audit.chain_key_file`
 /// (mode 0600), else SHA-256.
@@ -32,8 +31,8 @@ pub fn audit_digest(config: &Config) -> Result<crate::audit::chain::Digest, Serv
 /// same rule applies in pgbastion and `audit verify`, so a chain verifies
 /// with the file it was written with.
 pub fn read_chain_key(path: &Path) -> Result<Vec<u8>, ServerError> {
-    let key = crate::auth::credentials::read_private_key(path, "chain_key_file")
-        .map_err(|e| ServerError::ChainKey(Box::new(e)))?;
+    let key =
+        crate::secret_file::read_bytes(path, "chain_key_file").map_err(ServerError::ChainKey)?;
     if key.len() < 16 {
         return Err(ServerError::ChainKeyShort(path.to_owned()));
     }
@@ -58,7 +57,7 @@ pub fn check(config: &Config) -> Result<(), ServerError> {
 pub(super) struct PreparedTls {
     pub cert: Option<Arc<ServerCert>>,
     pub served: Vec<Option<ServedTls>>,
-    pub upstreams: Vec<Upstream>,
+    pub routes: Vec<Route>,
 }
 
 pub(super) fn prepare_tls(config: &Config) -> Result<PreparedTls, ServerError> {
@@ -68,7 +67,7 @@ pub(super) fn prepare_tls(config: &Config) -> Result<PreparedTls, ServerError> {
     };
     Ok(PreparedTls {
         served: served_tls(config, cert.as_ref())?,
-        upstreams: upstreams(config)?,
+        routes: routes(config)?,
         cert,
     })
 }
@@ -103,37 +102,19 @@ fn served_tls(
         .collect()
 }
 
-/// Every upstream: its connector, and its SCRAM source in scram mode.
-fn upstreams(config: &Config) -> Result<Vec<Upstream>, ServerError> {
-    config
-        .upstreams
-        .iter()
-        .map(|u| {
-            let mut upstream =
-                Upstream::new(u.clone()).map_err(|source| ServerError::Upstream {
-                    name: u.name.clone(),
-                    source,
-                })?;
-            if let Some(scram) = &u.scram {
-                upstream.scram = Some(Arc::new(ScramAuth::new(scram).map_err(|source| {
-                    ServerError::Auth {
-                        name: u.name.clone(),
-                        source,
-                    }
-                })?));
-            }
-            Ok(upstream)
-        })
-        .collect()
+/// Every route: the upstream's connector, and its SCRAM source in scram
+/// mode.
+fn routes(config: &Config) -> Result<Vec<Route>, ServerError> {
+    config.upstreams.iter().map(Route::new).collect()
 }
 
 /// What each listener's sessions get: its acceptor with the certificate
-/// it serves, and its upstream (all from one configuration, so a session
+/// it serves, and its route (all from one configuration, so a session
 /// never mixes a reload's certificate with the previous one's binding).
 pub(super) fn listener_infos(
     config: &Config,
     served: Vec<Option<ServedTls>>,
-    upstreams: &[Arc<Upstream>],
+    routes: &[Arc<Route>],
 ) -> Vec<Arc<ListenerInfo>> {
     config
         .listeners
@@ -149,7 +130,7 @@ pub(super) fn listener_infos(
                 proxy_trusted: l.proxy_trusted.clone(),
                 client_tls: l.client_tls,
                 cancel_plaintext: l.cancel_plaintext,
-                upstream: upstreams[l.upstream].clone(),
+                route: routes[l.upstream].clone(),
             })
         })
         .collect()

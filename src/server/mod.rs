@@ -11,6 +11,7 @@
 
 mod error;
 mod listen;
+pub(crate) mod route;
 mod load;
 mod reload;
 mod state;
@@ -34,7 +35,7 @@ use crate::limits::pending::LiveLimits;
 use crate::limits::warn;
 use crate::relay::ShutdownPhase;
 use crate::sync::MutexExt;
-use crate::upstream::Upstream;
+use route::Route;
 
 pub use error::ServerError;
 pub(crate) use listen::canonical;
@@ -60,11 +61,11 @@ impl Server {
         let PreparedTls {
             cert,
             served,
-            upstreams,
+            routes,
         } = prepare_tls(&config)?;
         let credentials = Credentials::load(&config.credentials, &config.upstreams)?;
-        let upstreams: Vec<Arc<Upstream>> = upstreams.into_iter().map(Arc::new).collect();
-        let infos = listener_infos(&config, served, &upstreams);
+        let routes: Vec<Arc<Route>> = routes.into_iter().map(Arc::new).collect();
+        let infos = listener_infos(&config, served, &routes);
         let digest = audit_digest(&config)?;
         let audit = Arc::new(
             AuditLog::open(&config.audit.target, config.audit.on_failure, digest)
@@ -86,7 +87,7 @@ impl Server {
             .map(|l| Listener::bind(&l.name, &l.bind, &per_address, &limits))
             .collect::<Result<Vec<_>, _>>()?;
         let started = Started {
-            upstreams,
+            routes,
             credentials,
             listeners: infos,
             audit,

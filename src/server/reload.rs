@@ -16,7 +16,7 @@ use crate::audit::PreparedAudit;
 use crate::auth::credentials::Credentials;
 use crate::config::Config;
 use crate::sync::{MutexExt, RwLockExt};
-use crate::upstream::Upstream;
+use super::route::Route;
 
 /// Why a reload bound a socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,7 +31,7 @@ enum Rebind {
 /// any of it (a file, a port in use) changes nothing.
 struct Loaded {
     credentials: Credentials,
-    upstreams: Vec<Arc<Upstream>>,
+    routes: Vec<Arc<Route>>,
     listeners: Vec<Arc<ListenerInfo>>,
     audit: Option<PreparedAudit>,
     /// Sockets for listeners that are new, or moved to another address.
@@ -46,17 +46,21 @@ impl Loaded {
         let PreparedTls {
             cert,
             served,
-            upstreams,
+            routes,
         } = prepare_tls(config)?;
         let audit = shared
             .audit
             .prepare(&config.audit.target, config.audit.on_failure)
             .map_err(ServerError::Audit)?;
-        let upstreams = keep_scram_state(upstreams, &shared.upstreams());
-        let listeners = listener_infos(config, served, &upstreams);
+        let old = shared.routes();
+        let routes: Vec<Arc<Route>> = routes
+            .into_iter()
+            .map(|r| Arc::new(r.keeping_state_of(&old)))
+            .collect();
+        let listeners = listener_infos(config, served, &routes);
         Ok(Loaded {
             credentials,
-            upstreams,
+            routes,
             listeners,
             audit,
             bound: bind_changed(config, shared)?,
@@ -82,23 +86,6 @@ fn bind_changed(config: &Config, shared: &Shared) -> Result<Vec<(Rebind, Listene
     Ok(bound)
 }
 
-/// The fresh upstreams, each sharing its predecessor's scram state (the
-/// secrets file's entries, the mock-verifier key) when its scram settings
-/// did not change.
-fn keep_scram_state(fresh: Vec<Upstream>, old: &[Arc<Upstream>]) -> Vec<Arc<Upstream>> {
-    fresh
-        .into_iter()
-        .map(|mut u| {
-            if let Some(o) = old
-                .iter()
-                .find(|o| o.config.name == u.config.name && o.config.scram == u.config.scram)
-            {
-                u.scram.clone_from(&o.scram);
-            }
-            Arc::new(u)
-        })
-        .collect()
-}
 
 /// What a reload changed.
 pub struct Reloaded {
@@ -135,7 +122,7 @@ impl ReloadHandle {
         let n = loaded.credentials.len();
         *self.0.credentials.write_locked() = Arc::new(loaded.credentials);
         *self.0.policy.write_locked() = Arc::new(config.policy.clone());
-        *self.0.upstreams.write_locked() = loaded.upstreams;
+        *self.0.routes.write_locked() = loaded.routes;
         self.apply_listener_changes(loaded.listeners, loaded.bound);
         self.0.limits.store(&config.limits);
         self.0.login_throttle.configure(&config.limits);
@@ -257,11 +244,11 @@ impl ReloadHandle {
     /// keeps its previous contents in use; the error says which.
     pub fn reload_secrets(&self) -> Vec<(String, Result<usize, crate::auth::source::SourceError>)> {
         self.0
-            .upstreams()
+            .routes()
             .iter()
-            .filter_map(|u| {
-                let result = u.scram.as_ref()?.reload().transpose()?;
-                Some((u.config.name.clone(), result))
+            .filter_map(|r| {
+                let result = r.scram()?.reload().transpose()?;
+                Some((r.name().to_owned(), result))
             })
             .collect()
     }

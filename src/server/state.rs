@@ -38,6 +38,7 @@ use crate::relay::ShutdownPhase;
 use crate::sync::RwLockExt;
 use crate::tls::ServedTls;
 use crate::upstream::Upstream;
+use super::route::Route;
 
 /// Log lines of one kind caused by strangers, per `warn::WINDOW`.
 const WARN_LINES_PER_WINDOW: u32 = 10;
@@ -52,7 +53,7 @@ pub(crate) struct Shared {
     pub(super) settings: RwLock<Arc<Settings>>,
     /// A session uses the upstream its listener named when it was
     /// accepted.
-    pub(super) upstreams: RwLock<Vec<Arc<Upstream>>>,
+    pub(super) routes: RwLock<Vec<Arc<Route>>>,
     /// Sessions decide with the policy current when their StartupMessage
     /// arrived.
     pub(super) policy: RwLock<Arc<Policy>>,
@@ -100,7 +101,7 @@ pub(crate) struct Shared {
 
 /// What `Server::bind` read and opened, from which `Shared` is made.
 pub(super) struct Started {
-    pub upstreams: Vec<Arc<Upstream>>,
+    pub routes: Vec<Arc<Route>>,
     pub credentials: Credentials,
     pub listeners: Vec<Arc<ListenerInfo>>,
     pub audit: Arc<AuditLog>,
@@ -114,7 +115,7 @@ impl Shared {
     pub(super) fn new(config: &Config, started: Started) -> Shared {
         Shared {
             settings: RwLock::new(Arc::new(Settings::from(config))),
-            upstreams: RwLock::new(started.upstreams),
+            routes: RwLock::new(started.routes),
             policy: RwLock::new(Arc::new(config.policy.clone())),
             credentials: RwLock::new(Arc::new(started.credentials)),
             listeners: RwLock::new(started.listeners),
@@ -159,7 +160,14 @@ impl Shared {
 
     /// Every upstream as configured now.
     pub(crate) fn upstreams(&self) -> Vec<Arc<Upstream>> {
-        self.upstreams.read_locked().clone()
+        let routes = self.routes.read_locked();
+        routes.iter().map(|r| r.upstream.clone()).collect()
+    }
+
+    /// Every route (an upstream and how sessions log in to it) as
+    /// configured now.
+    pub(crate) fn routes(&self) -> Vec<Arc<Route>> {
+        self.routes.read_locked().clone()
     }
 
     /// Every listener accepting now.
@@ -230,7 +238,8 @@ pub(crate) struct ListenerInfo {
     pub proxy_trusted: Vec<ipnet::IpNet>,
     pub client_tls: ClientTlsMode,
     pub cancel_plaintext: CancelPlaintext,
-    pub upstream: Arc<Upstream>,
+    /// The upstream its sessions go to, and how they log in to it.
+    pub route: Arc<Route>,
 }
 
 impl ListenerInfo {
@@ -274,7 +283,7 @@ impl ConsoleBackend for Arc<Shared> {
                 name: l.name.clone(),
                 identity: l.identity.clone(),
                 client_tls: l.client_tls,
-                upstream: l.upstream.config.name.clone(),
+                upstream: l.route.name().to_owned(),
             })
             .collect()
     }

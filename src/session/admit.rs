@@ -19,7 +19,7 @@ use crate::policy::{AuditQueries, Login, Request};
 use crate::protocol::startup::StartupMessage;
 use crate::relay;
 use crate::limits::pending::PendingPermit;
-use crate::upstream::Upstream;
+use crate::server::route::Route;
 
 /// What admission decided.
 pub(super) enum Admission {
@@ -36,7 +36,7 @@ pub(super) enum Admission {
 pub(super) struct Admitted {
     /// The StartupMessage as it goes upstream (`forwarded_startup`).
     pub startup: StartupMessage,
-    pub upstream: Arc<Upstream>,
+    pub route: Arc<Route>,
     pub login: Login,
     pub audit_queries: AuditQueries,
     /// The place under the rule's `max_sessions`, held for the session.
@@ -62,12 +62,12 @@ impl Session {
             return Err(Exit::refused(SessionError::AuditUnavailable));
         }
         let identity = self.identify(peer_cert).await.map_err(Exit::refused)?;
-        let upstream = self.listener.upstream.clone();
+        let route = self.listener.route.clone();
         let decision = self.shared.policy().decide(&Request {
             identity: &identity,
             client_ip: self.peer.map(|p| p.ip()),
             listener: &self.listener.name,
-            upstream: &upstream.config.name,
+            upstream: route.name(),
             database: startup.database(),
             user: startup.user(),
             proxy: self.facts.proxy.as_ref().map(|p| &p.tlvs),
@@ -108,7 +108,7 @@ impl Session {
         };
         Ok(Admission::Session(Admitted {
             startup,
-            upstream,
+            route,
             login: decision.login,
             audit_queries: decision.audit_queries,
             _identity_slot: identity_slot,

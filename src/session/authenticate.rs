@@ -69,12 +69,15 @@ impl Session {
         let cancel = CancelContext {
             registry: self.shared.cancels.clone(),
             session_id: self.facts.session_id.clone(),
-            upstream: self.listener.upstream.clone(),
+            upstream: admitted.route.upstream.clone(),
             addr: up.conn.addr,
         };
         let user = admitted.startup.user();
         let limit = self.settings.timeouts.authentication;
-        let binding = up.conn.channel_binding();
+        let binding = up
+            .conn
+            .server_certificate()
+            .and_then(crate::tls::channel_binding::tls_server_end_point);
         let server = &mut up.conn.stream;
         let (mut phase, place) = match plan {
             LoginPlan::Passthrough => {
@@ -103,8 +106,8 @@ impl Session {
             }
             LoginPlan::Identity { credential, slot } => {
                 let target = LoginTarget {
-                    host: &admitted.upstream.config.host,
-                    port: admitted.upstream.config.port,
+                    host: &admitted.route.upstream.config.host,
+                    port: admitted.route.upstream.config.port,
                     user,
                 };
                 let login =

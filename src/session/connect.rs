@@ -30,7 +30,7 @@ impl Session {
         peer_cert: Option<&[u8]>,
         auth: &AuthFacts,
     ) -> Result<Connected, Exit> {
-        let upstream = &*admitted.upstream;
+        let upstream = &*admitted.route.upstream;
         let t = &self.settings.timeouts;
         let proxy_header = self.outbound_proxy_header(upstream, peer_cert);
         let mut up = upstream

@@ -13,6 +13,7 @@ use tracing::{error, info, warn};
 
 use super::negotiate::ClientConn;
 use super::{unless_shutdown, Admitted, Exit, Session, SessionError};
+use crate::server::route::RouteAuth;
 use crate::audit::{AuthFacts, LoginMode};
 use crate::auth::credentials::{Found, Held};
 use crate::auth::identity_login::IdentityLoginError;
@@ -99,9 +100,9 @@ impl Session {
         facts: &mut AuthFacts,
         deadline: tokio::time::Instant,
     ) -> Result<LoginPlan, Exit> {
-        let upstream = &*admitted.upstream;
+        let upstream = &*admitted.route.upstream;
         let user = admitted.startup.user();
-        match (admitted.login, &upstream.scram) {
+        match (admitted.login, &admitted.route.auth) {
             (Login::Identity, _) => {
                 facts.mode = LoginMode::Identity;
                 let credential = self
@@ -112,8 +113,8 @@ impl Session {
                 let slot = self.session_slot(facts)?;
                 Ok(LoginPlan::Identity { credential, slot })
             }
-            (Login::Password, None) => Ok(LoginPlan::Passthrough),
-            (Login::Password, Some(scram)) => {
+            (Login::Password, RouteAuth::Passthrough) => Ok(LoginPlan::Passthrough),
+            (Login::Password, RouteAuth::Scram(scram)) => {
                 let proving = timeout_at(
                     deadline,
                     self.prove_client(conn, scram, upstream, user, facts),

@@ -173,7 +173,7 @@ impl Session {
             Err(exit) => return self.exit(&mut conn, exit).await,
         };
         let deadline = tokio::time::Instant::now() + self.settings.timeouts.authentication;
-        let mut auth_facts = AuthFacts::new(admitted.upstream.config.auth_mode());
+        let mut auth_facts = AuthFacts::new(admitted.route.upstream.config.auth_mode());
         let plan = match self
             .plan_login(&mut conn, &admitted, &mut auth_facts, deadline)
             .await

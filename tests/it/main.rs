@@ -22,5 +22,6 @@ mod reliability;
 mod reload;
 mod rogue;
 mod scram;
+mod secret_files;
 mod tls_files;
 mod upstream_options;
