@@ -615,6 +615,9 @@ struct TimedEvent<'a> {
 }
 
 #[cfg(test)]
+mod golden;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
