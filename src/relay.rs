@@ -1,5 +1,10 @@
-//! The relay: after authentication, bytes are copied both ways without
-//! parsing, until the session is over.
+//! The relay: after authentication, bytes are copied both ways as they
+//! arrive, until the session is over. Nothing is changed or held back: the
+//! server's direction is framed (`protocol::framer`) only to know where the
+//! session is idle and where a message of pgbastion's own may go, and a
+//! session whose rule audits its statements hands every chunk, once
+//! written on, to its query audit (`audit::query`), which parses both
+//! directions.
 //!
 //! `tokio::io::copy_bidirectional` waits for *both* directions to finish,
 //! which leaves a session half-open for as long as one peer likes. This
@@ -10,9 +15,13 @@
 //!   to the server, and the server's reply to what the client sent last is
 //!   still relayed, until the server closes or `half_close` passes (a client
 //!   may send a query and `shutdown(SHUT_WR)` at once);
-//! - an error on either side ends the session at once.
+//! - an error on either side ends the session at once;
+//! - pgbastion stops it (`StopReason`): shutdown, an administrator's KILL,
+//!   or a statement that could not be audited; the client is told why.
 
+use crate::audit::event::EndReason;
 use crate::audit::query::QueryTracker;
+use crate::protocol::framer::Framer;
 use std::future::poll_fn;
 use std::io;
 use std::mem::MaybeUninit;
@@ -71,56 +80,38 @@ pub enum ShutdownPhase {
     Now,
 }
 
-/// Follows the server's messages as they stream past (headers only; the
-/// relay still just copies bytes), so pgbastion knows whether the session
-/// is idle between transactions and where a message of its own may go.
+/// The server's direction as the relay follows it: message boundaries,
+/// and whether the last message was ReadyForQuery saying "idle".
 #[derive(Debug, Default)]
-struct Framer {
-    header: [u8; 5],
-    /// Header bytes of the current message seen so far.
-    have: usize,
-    /// Body bytes of the current message still to come.
-    remaining: usize,
+struct ServerView {
+    framer: Framer,
     /// The last complete message was ReadyForQuery with status 'I'.
-    idle: bool,
+    ready_idle: bool,
 }
 
-impl Framer {
-    fn advance(&mut self, mut data: &[u8]) {
-        while !data.is_empty() {
-            if self.remaining == 0 {
-                let take = (5 - self.have).min(data.len());
-                self.header[self.have..self.have + take].copy_from_slice(&data[..take]);
-                self.have += take;
-                data = &data[take..];
-                if self.have < 5 {
-                    self.idle = false;
-                    return;
-                }
-                self.have = 0;
-                let len = u32::from_be_bytes([
-                    self.header[1],
-                    self.header[2],
-                    self.header[3],
-                    self.header[4],
-                ]);
-                self.remaining = usize::try_from(len).unwrap_or(usize::MAX).saturating_sub(4);
-                self.idle = false;
-            } else {
-                let take = self.remaining.min(data.len());
-                self.remaining -= take;
-                // ReadyForQuery's body is its one status byte.
-                if self.remaining == 0 && self.header[0] == b'Z' && take > 0 {
-                    self.idle = data[take - 1] == b'I';
-                }
-                data = &data[take..];
-            }
-        }
+/// The largest ReadyForQuery body looked at (it is one status byte).
+const READY_FOR_QUERY_MAX: usize = 16;
+
+impl ServerView {
+    fn advance(&mut self, data: &[u8]) {
+        let mut idle = self.ready_idle;
+        // A server whose stream cannot be framed is never between two
+        // messages again (`at_boundary`): nothing of pgbastion's goes in.
+        let _ = self.framer.feed(
+            data,
+            |tag| (tag == b'Z').then_some(READY_FOR_QUERY_MAX),
+            |m| idle = m.tag == b'Z' && m.body.last() == Some(&b'I'),
+        );
+        self.ready_idle = idle;
     }
 
-    /// Between two messages: a message of pgbastion's own may go here.
+    /// Between two messages, the last of them ReadyForQuery "idle".
+    fn idle(&self) -> bool {
+        self.ready_idle && self.framer.at_boundary()
+    }
+
     fn at_boundary(&self) -> bool {
-        self.have == 0 && self.remaining == 0
+        self.framer.at_boundary()
     }
 }
 
@@ -154,16 +145,47 @@ pub enum RelayEnd {
 }
 
 impl RelayEnd {
-    /// A short stable name for the audit log.
-    pub fn as_str(&self) -> &'static str {
+    /// The session's `end_reason`.
+    pub fn reason(&self) -> EndReason {
         match self {
-            RelayEnd::ClientClosed => "client_closed",
-            RelayEnd::ServerClosed => "server_closed",
-            RelayEnd::ClientError(_) => "client_error",
-            RelayEnd::ServerError(_) => "server_error",
-            RelayEnd::Shutdown => "shutdown",
-            RelayEnd::Killed => "killed",
-            RelayEnd::AuditUnavailable => "audit_unavailable",
+            RelayEnd::ClientClosed => EndReason::ClientClosed,
+            RelayEnd::ServerClosed => EndReason::ServerClosed,
+            RelayEnd::ClientError(_) => EndReason::ClientError,
+            RelayEnd::ServerError(_) => EndReason::ServerError,
+            RelayEnd::Shutdown => EndReason::Shutdown,
+            RelayEnd::Killed => EndReason::Killed,
+            RelayEnd::AuditUnavailable => EndReason::AuditUnavailable,
+        }
+    }
+}
+
+/// Why pgbastion itself ended a session, rather than one of its peers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopReason {
+    /// pgbastion is shutting down (SIGTERM).
+    Shutdown,
+    /// An administrator ended the session (`KILL`).
+    Killed,
+    /// A statement's query audit event could not be queued and the audit
+    /// log's `on_failure` is "refuse".
+    AuditLost,
+}
+
+impl StopReason {
+    /// What the client is told.
+    fn client_error(self) -> Vec<u8> {
+        match self {
+            StopReason::Shutdown => shutdown_error(),
+            StopReason::Killed => kill_error(),
+            StopReason::AuditLost => audit_error(),
+        }
+    }
+
+    fn end(self) -> RelayEnd {
+        match self {
+            StopReason::Shutdown => RelayEnd::Shutdown,
+            StopReason::Killed => RelayEnd::Killed,
+            StopReason::AuditLost => RelayEnd::AuditUnavailable,
         }
     }
 }
@@ -192,7 +214,7 @@ struct Pipe {
     /// the client's direction: a server closing after it was asked to).
     ends_with_terminate: bool,
     /// The server's direction follows message boundaries.
-    framer: Option<Framer>,
+    framer: Option<ServerView>,
 }
 
 enum PipeError {
@@ -220,9 +242,9 @@ impl Pipe {
     /// followed it (a query pipelined behind the login).
     fn framed(idle: bool) -> Self {
         Pipe {
-            framer: Some(Framer {
-                idle,
-                ..Framer::default()
+            framer: Some(ServerView {
+                ready_idle: idle,
+                ..ServerView::default()
             }),
             ..Pipe::new()
         }
@@ -230,7 +252,7 @@ impl Pipe {
 
     /// Everything read has been written and it ended between messages.
     fn at_boundary(&self) -> bool {
-        self.pos >= self.pending.len() && self.framer.as_ref().is_some_and(Framer::at_boundary)
+        self.pos >= self.pending.len() && self.framer.as_ref().is_some_and(ServerView::at_boundary)
     }
 
     /// Writes `data` until the writer would block; returns how much it took.
@@ -369,8 +391,8 @@ enum Step {
     /// A side ended: the server's result, or the client's.
     Server(Result<(), PipeError>),
     Client(Result<(), PipeError>),
-    /// Shutting down and the session is idle: end it now.
-    Idle,
+    /// pgbastion ends the session.
+    Stop(StopReason),
 }
 
 /// Copies both ways until the session is over (see the module doc), then
@@ -386,215 +408,249 @@ pub async fn relay<C, S>(
     shutdown: &mut tokio::sync::watch::Receiver<ShutdownPhase>,
     kill: &mut tokio::sync::watch::Receiver<bool>,
     progress: &Progress,
-    mut queries: Option<&mut QueryTracker>,
+    queries: Option<&mut QueryTracker>,
 ) -> (RelayEnd, ByteCounts)
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     S: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let mut up = Pipe::new();
-    let mut down = Pipe::framed(!progress.busy.load(std::sync::atomic::Ordering::Relaxed));
-    let mut clock = 0u64;
-    let mut watching = true;
-    let mut watching_kill = true;
-    let mut killed = false;
-    let mut audit_lost = false;
-    let step = loop {
-        let phase = *shutdown.borrow_and_update();
-        if *kill.borrow_and_update() {
-            killed = true;
-            break Step::Idle;
-        }
-        if phase == ShutdownPhase::Now {
-            break Step::Idle;
-        }
-        let draining = phase == ShutdownPhase::Draining;
-        let copy = poll_fn(|cx| {
-            let down_done = down.poll_copy(
-                cx,
-                &mut clock,
-                Pin::new(&mut *server),
-                Pin::new(&mut *client),
-                |d| {
-                    if let Some(q) = queries.as_deref_mut() {
-                        q.server_bytes(d);
-                    }
-                },
-            );
-            let up_done = up.poll_copy(
-                cx,
-                &mut clock,
-                Pin::new(&mut *client),
-                Pin::new(&mut *server),
-                |d| {
-                    if let Some(q) = queries.as_deref_mut() {
-                        q.client_bytes(d);
-                    }
-                },
-            );
-            if queries.as_deref().is_some_and(QueryTracker::lost) {
-                // No statement goes on unaudited (audit.on_failure =
-                // "refuse").
-                audit_lost = true;
-                return Poll::Ready(Step::Idle);
-            }
-            {
-                use std::sync::atomic::Ordering::Relaxed;
-                progress.client_to_server.store(up.copied, Relaxed);
-                progress.server_to_client.store(down.copied, Relaxed);
-                let idle = down.framer.as_ref().is_some_and(|f| f.idle)
-                    && up.last_active <= down.last_active;
-                progress.busy.store(!idle, Relaxed);
-            }
-            match (down_done, up_done) {
-                (Poll::Pending, Poll::Pending) => {
-                    // Idle: the server's last word was ReadyForQuery (not in
-                    // a transaction) and the client has said nothing since.
-                    let idle = down.at_boundary()
-                        && down.framer.as_ref().is_some_and(|f| f.idle)
-                        && up.last_active <= down.last_active
-                        && up.pos >= up.pending.len();
-                    if draining && idle {
-                        Poll::Ready(Step::Idle)
-                    } else {
-                        Poll::Pending
-                    }
-                }
-                (Poll::Ready(d), Poll::Pending) => Poll::Ready(Step::Server(d)),
-                (Poll::Pending, Poll::Ready(u)) => Poll::Ready(Step::Client(u)),
-                // Both ended in one wake-up: the side that spoke last caused
-                // it (a client's Terminate, or the server's FATAL).
-                (Poll::Ready(d), Poll::Ready(u)) => {
-                    Poll::Ready(if down.last_active > up.last_active {
-                        Step::Server(d)
-                    } else {
-                        Step::Client(u)
-                    })
-                }
-            }
-        });
-        let shutdown_changed = async {
-            if watching {
-                shutdown.changed().await
-            } else {
-                std::future::pending().await
-            }
-        };
-        let kill_changed = async {
-            if watching_kill {
-                kill.changed().await
-            } else {
-                std::future::pending().await
-            }
-        };
-        tokio::select! {
-            step = copy => break step,
-            changed = shutdown_changed => {
-                // No sender any more: nobody will shut this relay down.
-                watching = changed.is_ok();
-            }
-            changed = kill_changed => {
-                watching_kill = changed.is_ok();
-            }
-        }
+    let mut relay = Relay {
+        client,
+        server,
+        up: Pipe::new(),
+        down: Pipe::framed(!progress.busy.load(std::sync::atomic::Ordering::Relaxed)),
+        clock: 0,
+        queries,
     };
-    let first = match step {
-        Step::Server(d) => (Some(d), None),
-        Step::Client(u) => (None, Some(u)),
-        Step::Idle => (None, None),
-    };
-    let end = match first {
-        (Some(d), _) => {
-            // The server closed. After the client's Terminate that is the
-            // client ending the session, whichever EOF arrived first.
-            let end = server_side_end(d);
-            if end == RelayEnd::ServerClosed && up.ends_with_terminate {
-                RelayEnd::ClientClosed
-            } else {
-                end
-            }
-        }
-        (None, Some(u)) if client_half_closed(&u) => {
-            let client_end = client_side_end(u);
-            // Pass the client's EOF on (close_notify, FIN), and relay the
-            // server's answer to what came before it.
-            let _ = tokio::time::timeout(SHUTDOWN_GRACE, server.shutdown()).await;
-            let rest = tokio::time::timeout(
-                half_close,
-                poll_fn(|cx| {
-                    down.poll_copy(
-                        cx,
-                        &mut clock,
-                        Pin::new(&mut *server),
-                        Pin::new(&mut *client),
-                        |d| {
-                            if let Some(q) = queries.as_deref_mut() {
-                                q.server_bytes(d);
-                            }
-                        },
-                    )
-                }),
-            )
-            .await;
-            match rest {
-                // The server's own end after the client's is the client's
-                // doing; only a failure to deliver the reply is worth naming.
-                Ok(Err(PipeError::Write(e))) if !is_close(&e) => {
-                    RelayEnd::ClientError(e.to_string())
-                }
-                _ => client_end,
-            }
-        }
-        (_, Some(u)) => client_side_end(u),
-        (None, None) => {
-            // Shutdown. A message may only go between two of the server's;
-            // an idle session's server gets a Terminate for a clean end.
-            let idle =
-                down.framer.as_ref().is_some_and(|f| f.idle) && up.last_active <= down.last_active;
-            let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
-                if down.at_boundary() {
-                    let message = if killed {
-                        kill_error()
-                    } else if audit_lost {
-                        audit_error()
-                    } else {
-                        shutdown_error()
-                    };
-                    let _ = client.write_all(&message).await;
-                    let _ = client.flush().await;
-                }
-                if idle {
-                    let _ = server.write_all(&TERMINATE).await;
-                    let _ = server.flush().await;
-                }
-            })
-            .await;
-            if killed {
-                RelayEnd::Killed
-            } else if audit_lost {
-                RelayEnd::AuditUnavailable
-            } else {
-                RelayEnd::Shutdown
-            }
-        }
-    };
-    // Whoever ended, both sides are told now; a peer that does not take the
-    // close_notify within the grace period is dropped anyway.
-    let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
-        let _ = server.shutdown().await;
-        let _ = client.shutdown().await;
-    })
-    .await;
+    let step = relay.copy_until_step(shutdown, kill, progress).await;
+    let end = relay.end_for(step, half_close).await;
+    relay.close_both().await;
     // Statements the server was sent and never answered (the client reset
     // or half-closed, the server ended the session) are recorded too.
-    if let Some(q) = queries {
+    if let Some(q) = relay.queries {
         q.end_of_session();
     }
     let counts = ByteCounts {
-        client_to_server: up.copied,
-        server_to_client: down.copied,
+        client_to_server: relay.up.copied,
+        server_to_client: relay.down.copied,
     };
     (end, counts)
+}
+
+/// One session's relay: both sockets and both directions' state.
+struct Relay<'a, C: ?Sized, S: ?Sized> {
+    client: &'a mut C,
+    server: &'a mut S,
+    /// Client to server.
+    up: Pipe,
+    /// Server to client (framed).
+    down: Pipe,
+    /// Ticks at every read, so the two directions' `last_active` compare.
+    clock: u64,
+    queries: Option<&'a mut QueryTracker>,
+}
+
+impl<C, S> Relay<'_, C, S>
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    S: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    /// Copies until a side ends or pgbastion stops the session, following
+    /// shutdown and KILL as they change.
+    async fn copy_until_step(
+        &mut self,
+        shutdown: &mut tokio::sync::watch::Receiver<ShutdownPhase>,
+        kill: &mut tokio::sync::watch::Receiver<bool>,
+        progress: &Progress,
+    ) -> Step {
+        let mut watching = true;
+        let mut watching_kill = true;
+        loop {
+            let phase = *shutdown.borrow_and_update();
+            if *kill.borrow_and_update() {
+                return Step::Stop(StopReason::Killed);
+            }
+            if phase == ShutdownPhase::Now {
+                return Step::Stop(StopReason::Shutdown);
+            }
+            let draining = phase == ShutdownPhase::Draining;
+            let copy = poll_fn(|cx| self.poll_both(cx, draining, progress));
+            let shutdown_changed = async {
+                if watching {
+                    shutdown.changed().await
+                } else {
+                    std::future::pending().await
+                }
+            };
+            let kill_changed = async {
+                if watching_kill {
+                    kill.changed().await
+                } else {
+                    std::future::pending().await
+                }
+            };
+            tokio::select! {
+                step = copy => return step,
+                changed = shutdown_changed => {
+                    // No sender any more: nobody will shut this relay down.
+                    watching = changed.is_ok();
+                }
+                changed = kill_changed => {
+                    watching_kill = changed.is_ok();
+                }
+            }
+        }
+    }
+
+    /// One wake-up: copies what each side has, publishes progress, and
+    /// says whether the session is over.
+    fn poll_both(
+        &mut self,
+        cx: &mut Context<'_>,
+        draining: bool,
+        progress: &Progress,
+    ) -> Poll<Step> {
+        let down_done = self.poll_down(cx);
+        let queries = &mut self.queries;
+        let up_done = self.up.poll_copy(
+            cx,
+            &mut self.clock,
+            Pin::new(&mut *self.client),
+            Pin::new(&mut *self.server),
+            |d| {
+                if let Some(q) = queries.as_deref_mut() {
+                    q.client_bytes(d);
+                }
+            },
+        );
+        if self.queries.as_deref().is_some_and(QueryTracker::lost) {
+            // No statement goes on unaudited (audit.on_failure = "refuse").
+            return Poll::Ready(Step::Stop(StopReason::AuditLost));
+        }
+        {
+            use std::sync::atomic::Ordering::Relaxed;
+            progress.client_to_server.store(self.up.copied, Relaxed);
+            progress.server_to_client.store(self.down.copied, Relaxed);
+            progress.busy.store(!self.server_idle(), Relaxed);
+        }
+        match (down_done, up_done) {
+            (Poll::Pending, Poll::Pending) => {
+                // Idle: the server's last word was ReadyForQuery (not in a
+                // transaction) and the client has said nothing since.
+                let idle = self.down.at_boundary()
+                    && self.server_idle()
+                    && self.up.pos >= self.up.pending.len();
+                if draining && idle {
+                    Poll::Ready(Step::Stop(StopReason::Shutdown))
+                } else {
+                    Poll::Pending
+                }
+            }
+            (Poll::Ready(d), Poll::Pending) => Poll::Ready(Step::Server(d)),
+            (Poll::Pending, Poll::Ready(u)) => Poll::Ready(Step::Client(u)),
+            // Both ended in one wake-up: the side that spoke last caused
+            // it (a client's Terminate, or the server's FATAL).
+            (Poll::Ready(d), Poll::Ready(u)) => {
+                Poll::Ready(if self.down.last_active > self.up.last_active {
+                    Step::Server(d)
+                } else {
+                    Step::Client(u)
+                })
+            }
+        }
+    }
+
+    /// The server to client direction, its bytes shown to the query audit.
+    fn poll_down(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), PipeError>> {
+        let queries = &mut self.queries;
+        self.down.poll_copy(
+            cx,
+            &mut self.clock,
+            Pin::new(&mut *self.server),
+            Pin::new(&mut *self.client),
+            |d| {
+                if let Some(q) = queries.as_deref_mut() {
+                    q.server_bytes(d);
+                }
+            },
+        )
+    }
+
+    /// The server's last message was ReadyForQuery "idle" and the client
+    /// has sent nothing since.
+    fn server_idle(&self) -> bool {
+        self.down.framer.as_ref().is_some_and(ServerView::idle)
+            && self.up.last_active <= self.down.last_active
+    }
+
+    /// How the session ended, once the step that ended it is known.
+    async fn end_for(&mut self, step: Step, half_close: Duration) -> RelayEnd {
+        match step {
+            Step::Server(d) => {
+                // The server closed. After the client's Terminate that is
+                // the client ending the session, whichever EOF came first.
+                let end = server_side_end(d);
+                if end == RelayEnd::ServerClosed && self.up.ends_with_terminate {
+                    RelayEnd::ClientClosed
+                } else {
+                    end
+                }
+            }
+            Step::Client(u) if client_half_closed(&u) => {
+                let client_end = client_side_end(u);
+                self.finish_after_client_eof(client_end, half_close).await
+            }
+            Step::Client(u) => client_side_end(u),
+            Step::Stop(reason) => self.stop(reason).await,
+        }
+    }
+
+    /// The client closed its sending side: its EOF is passed on (close_notify,
+    /// FIN), and the server's answer to what came before it relayed.
+    async fn finish_after_client_eof(
+        &mut self,
+        client_end: RelayEnd,
+        half_close: Duration,
+    ) -> RelayEnd {
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, self.server.shutdown()).await;
+        let rest = tokio::time::timeout(half_close, poll_fn(|cx| self.poll_down(cx))).await;
+        match rest {
+            // The server's own end after the client's is the client's
+            // doing; only a failure to deliver the reply is worth naming.
+            Ok(Err(PipeError::Write(e))) if !is_close(&e) => RelayEnd::ClientError(e.to_string()),
+            _ => client_end,
+        }
+    }
+
+    /// pgbastion ends the session: the client is told why, if a message
+    /// may go between two of the server's; an idle session's server gets
+    /// a Terminate for a clean end.
+    async fn stop(&mut self, reason: StopReason) -> RelayEnd {
+        let idle = self.server_idle();
+        let at_boundary = self.down.at_boundary();
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
+            if at_boundary {
+                let _ = self.client.write_all(&reason.client_error()).await;
+                let _ = self.client.flush().await;
+            }
+            if idle {
+                let _ = self.server.write_all(&TERMINATE).await;
+                let _ = self.server.flush().await;
+            }
+        })
+        .await;
+        reason.end()
+    }
+
+    /// Whoever ended, both sides are told now; a peer that does not take
+    /// the close_notify within the grace period is dropped anyway.
+    async fn close_both(&mut self) {
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
+            let _ = self.server.shutdown().await;
+            let _ = self.client.shutdown().await;
+        })
+        .await;
+    }
 }
 
 /// What a client is told when an administrator ends its session (`KILL`
@@ -700,21 +756,27 @@ mod tests {
     }
 
     #[test]
-    fn framer_follows_messages_across_chunks() {
+    fn the_server_view_knows_when_the_session_is_idle() {
         let mut stream = msg(b'D', b"row data");
         stream.extend(msg(b'C', b"SELECT 1\0"));
         stream.extend(msg(b'Z', b"I"));
         for split in 0..stream.len() {
-            let mut f = Framer::default();
-            f.advance(&stream[..split]);
-            f.advance(&stream[split..]);
-            assert!(f.at_boundary() && f.idle, "split at {split}");
+            let mut v = ServerView::default();
+            v.advance(&stream[..split]);
+            v.advance(&stream[split..]);
+            assert!(v.at_boundary() && v.idle(), "split at {split}");
         }
-        let mut f = Framer::default();
-        f.advance(&msg(b'Z', b"T"));
-        assert!(f.at_boundary() && !f.idle, "in a transaction is not idle");
-        f.advance(&msg(b'Z', b"I")[..3]);
-        assert!(!f.at_boundary() && !f.idle);
+        let mut v = ServerView::default();
+        v.advance(&msg(b'Z', b"T"));
+        assert!(v.at_boundary() && !v.idle(), "in a transaction is not idle");
+        v.advance(&msg(b'Z', b"I")[..3]);
+        assert!(!v.at_boundary() && !v.idle());
+        let mut v = ServerView {
+            ready_idle: true,
+            ..ServerView::default()
+        };
+        v.advance(&msg(b'N', b"notice")[..3]);
+        assert!(!v.idle(), "a message under way is not idle");
     }
 
     #[tokio::test]

@@ -63,13 +63,13 @@ fn upstream() -> UpstreamFacts {
 
 fn leg(mechanism: &str, channel_binding: bool) -> Option<LegAuth> {
     Some(LegAuth {
-        mechanism: mechanism.into(),
+        mechanism: mechanism_named(mechanism),
         channel_binding,
     })
 }
 
 fn passthrough_auth() -> AuthFacts {
-    let mut a = AuthFacts::new(AuthMode::Passthrough);
+    let mut a = AuthFacts::new(crate::config::AuthMode::Passthrough);
     a.outcome = AuthOutcome::Ok;
     a.client = leg("SCRAM-SHA-256", false);
     a.server = leg("SCRAM-SHA-256", false);
@@ -77,20 +77,42 @@ fn passthrough_auth() -> AuthFacts {
 }
 
 fn scram_auth() -> AuthFacts {
-    let mut a = AuthFacts::new(AuthMode::Scram);
+    let mut a = AuthFacts::new(crate::config::AuthMode::Scram);
     a.outcome = AuthOutcome::Ok;
     a.client = leg("SCRAM-SHA-256-PLUS", true);
     a.server = leg("SCRAM-SHA-256-PLUS", true);
     a
 }
 
-fn identity_auth(credential: &'static str, mechanism: &str) -> AuthFacts {
-    let mut a = AuthFacts::new(AuthMode::Passthrough);
+fn identity_auth(credential: &str, mechanism: &str) -> AuthFacts {
+    let mut a = AuthFacts::new(crate::config::AuthMode::Passthrough);
     a.mode = LoginMode::Identity;
-    a.credential = Some(credential);
+    a.credential = Some(named(&CredentialKind::ALL, credential));
     a.outcome = AuthOutcome::Ok;
     a.server = leg(mechanism, false);
     a
+}
+
+/// The variant an audit name stands for (the lines below were written
+/// with the names, as the code before issue 20 had them).
+fn named<T: Copy + std::fmt::Display>(all: &[T], name: &str) -> T {
+    *all.iter()
+        .find(|v| v.to_string() == name)
+        .unwrap_or_else(|| panic!("no variant named {name}"))
+}
+
+fn mechanism_named(name: &str) -> Mechanism {
+    [
+        Mechanism::ScramSha256,
+        Mechanism::ScramSha256Plus,
+        Mechanism::Password,
+        Mechanism::Md5,
+        Mechanism::Cert,
+        Mechanism::Trust,
+    ]
+    .into_iter()
+    .find(|m| m.as_str() == name)
+    .unwrap_or_else(|| panic!("no mechanism named {name}"))
 }
 
 fn line(event: &Event<'_>) -> String {
@@ -106,7 +128,7 @@ fn query<'a>(facts: &'a SessionFacts) -> Event<'a> {
         facts,
         statement: Some("SELECT $1"),
         unparsed: None,
-        protocol: "simple",
+        protocol: named(&QueryProtocol::ALL, "simple"),
         prepared: None,
         started: "2026-01-02T03:04:05.000001Z".into(),
         duration_us: 42,
@@ -115,7 +137,7 @@ fn query<'a>(facts: &'a SessionFacts) -> Event<'a> {
         commands: 1,
         sqlstate: None,
         copy: None,
-        outcome: "ok",
+        outcome: named(&QueryOutcome::ALL, "ok"),
     }
 }
 
@@ -181,12 +203,12 @@ fn lines() -> Vec<String> {
             bytes_client_to_server: 100,
             bytes_server_to_client: 2000,
             duration_ms: 1234,
-            end_reason: reason,
+            end_reason: named(&EndReason::ALL, reason),
             detail,
             query_audit: Some(&stopped),
         }));
     }
-    let mut refused = AuthFacts::new(AuthMode::Passthrough);
+    let mut refused = AuthFacts::new(crate::config::AuthMode::Passthrough);
     refused.outcome = AuthOutcome::RefusedByProxy {
         sqlstate: "28000".into(),
     };
@@ -197,7 +219,7 @@ fn lines() -> Vec<String> {
         bytes_client_to_server: 0,
         bytes_server_to_client: 0,
         duration_ms: 5,
-        end_reason: "channel_binding_refused",
+        end_reason: EndReason::ChannelBindingRefused,
         detail: None,
         query_audit: None,
     }));
@@ -206,14 +228,14 @@ fn lines() -> Vec<String> {
     let failed_tls = bare_facts(ClientTransport::TlsFailed {
         error: "received fatal alert: UnknownCA".into(),
     });
-    let mut auth_error = AuthFacts::new(AuthMode::Scram);
+    let mut auth_error = AuthFacts::new(crate::config::AuthMode::Scram);
     auth_error.outcome = AuthOutcome::Error {
         sqlstate: "28P01".into(),
     };
     auth_error.client = leg("SCRAM-SHA-256", false);
-    let mut incomplete = AuthFacts::new(AuthMode::Passthrough);
+    let mut incomplete = AuthFacts::new(crate::config::AuthMode::Passthrough);
     incomplete.mode = LoginMode::Identity;
-    incomplete.credential = Some("rds_iam");
+    incomplete.credential = Some(CredentialKind::RdsIam);
     for (facts, reason, sqlstate, auth) in [
         (&plain, "tls_required", Some("28000"), None),
         (&failed_tls, "client_tls_handshake_failed", None, None),
@@ -236,7 +258,7 @@ fn lines() -> Vec<String> {
     ] {
         out.push(line(&Event::Rejected {
             facts,
-            reason,
+            reason: named(&RejectReason::ALL, reason),
             sqlstate,
             message: format!("refused: {reason}"),
             duration_ms: 7,
@@ -263,7 +285,7 @@ fn lines() -> Vec<String> {
             facts: &cancel_facts,
             target_session_id: target,
             session_instance: instance,
-            outcome,
+            outcome: named(&CancelOutcome::ALL, outcome),
             detail,
         }));
     }
@@ -275,7 +297,7 @@ fn lines() -> Vec<String> {
                 facts,
                 statement: Some("INSERT INTO t VALUES ($1)"),
                 unparsed: None,
-                protocol: "extended",
+                protocol: named(&QueryProtocol::ALL, "extended"),
                 prepared: Some("s1"),
                 started,
                 duration_us: 7,
@@ -284,7 +306,7 @@ fn lines() -> Vec<String> {
                 commands: 1,
                 sqlstate: None,
                 copy: None,
-                outcome: "ok",
+                outcome: named(&QueryOutcome::ALL, "ok"),
             },
             e => e,
         },
@@ -293,7 +315,7 @@ fn lines() -> Vec<String> {
                 facts,
                 statement: Some("COPY t FROM STDIN"),
                 unparsed: None,
-                protocol: "simple",
+                protocol: named(&QueryProtocol::ALL, "simple"),
                 prepared: None,
                 started,
                 duration_us: 9,
@@ -301,8 +323,8 @@ fn lines() -> Vec<String> {
                 rows: Some(3),
                 commands: 1,
                 sqlstate: None,
-                copy: Some("in"),
-                outcome: "ok",
+                copy: Some(named(&CopyDirection::ALL, "in")),
+                outcome: named(&QueryOutcome::ALL, "ok"),
             },
             e => e,
         },
@@ -311,7 +333,7 @@ fn lines() -> Vec<String> {
                 facts,
                 statement: Some("COPY t TO STDOUT"),
                 unparsed: None,
-                protocol: "extended",
+                protocol: named(&QueryProtocol::ALL, "extended"),
                 prepared: Some(""),
                 started,
                 duration_us: 9,
@@ -319,8 +341,8 @@ fn lines() -> Vec<String> {
                 rows: Some(3),
                 commands: 1,
                 sqlstate: None,
-                copy: Some("out"),
-                outcome: "suspended",
+                copy: Some(named(&CopyDirection::ALL, "out")),
+                outcome: named(&QueryOutcome::ALL, "suspended"),
             },
             e => e,
         },
@@ -329,7 +351,7 @@ fn lines() -> Vec<String> {
                 facts,
                 statement: Some("START_REPLICATION SLOT s LOGICAL 0/0"),
                 unparsed: None,
-                protocol: "replication",
+                protocol: named(&QueryProtocol::ALL, "replication"),
                 prepared: None,
                 started,
                 duration_us: 9,
@@ -337,8 +359,8 @@ fn lines() -> Vec<String> {
                 rows: None,
                 commands: 0,
                 sqlstate: None,
-                copy: Some("both"),
-                outcome: "unanswered",
+                copy: Some(named(&CopyDirection::ALL, "both")),
+                outcome: named(&QueryOutcome::ALL, "unanswered"),
             },
             e => e,
         },
@@ -347,7 +369,7 @@ fn lines() -> Vec<String> {
                 facts,
                 statement: Some("function call"),
                 unparsed: None,
-                protocol: "function_call",
+                protocol: named(&QueryProtocol::ALL, "function_call"),
                 prepared: None,
                 started,
                 duration_us: 9,
@@ -356,7 +378,7 @@ fn lines() -> Vec<String> {
                 commands: 0,
                 sqlstate: Some("42883"),
                 copy: None,
-                outcome: "error",
+                outcome: named(&QueryOutcome::ALL, "error"),
             },
             e => e,
         },
@@ -368,7 +390,7 @@ fn lines() -> Vec<String> {
                     len: 300000,
                     why: "too long",
                 }),
-                protocol: "extended",
+                protocol: named(&QueryProtocol::ALL, "extended"),
                 prepared: Some("big"),
                 started,
                 duration_us: 9,
@@ -377,7 +399,7 @@ fn lines() -> Vec<String> {
                 commands: 0,
                 sqlstate: None,
                 copy: None,
-                outcome: "not_executed",
+                outcome: named(&QueryOutcome::ALL, "not_executed"),
             },
             e => e,
         },
@@ -390,7 +412,7 @@ fn lines() -> Vec<String> {
                     len: 0,
                     why: "unknown to the audit: prepared or declared in SQL, ended, or past its bounds",
                 }),
-                protocol: "extended",
+                protocol: named(&QueryProtocol::ALL, "extended"),
                 prepared: Some("p"),
                 started,
                 duration_us: 9,
@@ -399,7 +421,7 @@ fn lines() -> Vec<String> {
                 commands: 1,
                 sqlstate: None,
                 copy: None,
-                outcome: "ok",
+                outcome: named(&QueryOutcome::ALL, "ok"),
             },
             e => e,
         }
@@ -409,7 +431,7 @@ fn lines() -> Vec<String> {
                 facts,
                 statement: Some("COPY t FROM STDIN"),
                 unparsed: None,
-                protocol: "simple",
+                protocol: named(&QueryProtocol::ALL, "simple"),
                 prepared: None,
                 started,
                 duration_us: 9,
@@ -417,8 +439,8 @@ fn lines() -> Vec<String> {
                 rows: None,
                 commands: 0,
                 sqlstate: Some("22P02"),
-                copy: Some("in"),
-                outcome: "error",
+                copy: Some(named(&CopyDirection::ALL, "in")),
+                outcome: named(&QueryOutcome::ALL, "error"),
             },
             e => e,
         },

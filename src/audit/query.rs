@@ -19,7 +19,9 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::audit::event::{CopyDirection, QueryOutcome};
 use crate::audit::normalize;
+use crate::protocol::framer::Framer;
 
 mod names;
 use names::{Bound, Name, Overlay, Step};
@@ -82,14 +84,9 @@ pub struct QueryRecord {
     /// CommandCompletes (a simple query may hold several statements).
     pub commands: u32,
     pub sqlstate: Option<String>,
-    /// `in`, `out` or `both` (replication streaming) when the statement
-    /// was a COPY.
-    pub copy: Option<&'static str>,
-    /// ok, error, not_executed (skipped after an earlier error in the same
-    /// pipeline), suspended (row limit reached), unanswered (forwarded to
-    /// the server, but the session ended before its answer came: it may
-    /// or may not have run).
-    pub outcome: &'static str,
+    /// The direction of data when the statement was a COPY.
+    pub copy: Option<CopyDirection>,
+    pub outcome: QueryOutcome,
 }
 
 struct Waiting {
@@ -119,83 +116,9 @@ enum Pending {
     Steps(VecDeque<Step>),
 }
 
-/// Frames one direction's byte stream into messages, keeping the bodies
-/// of the ones asked for.
-#[derive(Default)]
-struct Frames {
-    header: [u8; 5],
-    have: usize,
-    remaining: usize,
-    in_body: bool,
-    keep: bool,
-    body: Vec<u8>,
-    /// The body went past its limit: only its length is known.
-    cut: bool,
-    len: usize,
-}
-
-impl Frames {
-    /// Feeds bytes; calls `done(tag, body, len, cut)` per complete message.
-    /// Err: a length no protocol message has (the stream is not what it
-    /// should be; the server will say so; tracking stops).
-    fn feed(
-        &mut self,
-        mut data: &[u8],
-        wanted: impl Fn(u8) -> Option<usize>,
-        mut done: impl FnMut(u8, &[u8], usize, bool),
-    ) -> Result<(), ()> {
-        while !data.is_empty() {
-            if !self.in_body {
-                let n = (5 - self.have).min(data.len());
-                self.header[self.have..self.have + n].copy_from_slice(&data[..n]);
-                self.have += n;
-                data = &data[n..];
-                if self.have < 5 {
-                    return Ok(());
-                }
-                let len = u32::from_be_bytes([
-                    self.header[1],
-                    self.header[2],
-                    self.header[3],
-                    self.header[4],
-                ]) as usize;
-                if len < 4 {
-                    return Err(());
-                }
-                self.len = len - 4;
-                self.remaining = len - 4;
-                self.in_body = true;
-                self.body.clear();
-                self.cut = false;
-                self.keep = match wanted(self.header[0]) {
-                    Some(limit) if self.len <= limit => true,
-                    Some(_) => {
-                        self.cut = true;
-                        false
-                    }
-                    None => false,
-                };
-            }
-            let n = self.remaining.min(data.len());
-            if self.keep {
-                self.body.extend_from_slice(&data[..n]);
-            }
-            self.remaining -= n;
-            data = &data[n..];
-            if self.remaining == 0 {
-                done(self.header[0], &self.body, self.len, self.cut);
-                self.in_body = false;
-                self.have = 0;
-                self.body = Vec::new();
-            }
-        }
-        Ok(())
-    }
-}
-
 pub struct QueryTracker {
-    client: Frames,
-    server: Frames,
+    client: Framer,
+    server: Framer,
     pending: VecDeque<Pending>,
     /// Prepared statements and portals as the server has them (see
     /// `names`).
@@ -251,8 +174,8 @@ impl QueryTracker {
         emit: Box<dyn FnMut(QueryRecord) -> bool + Send>,
     ) -> Self {
         QueryTracker {
-            client: Frames::default(),
-            server: Frames::default(),
+            client: Framer::default(),
+            server: Framer::default(),
             pending: VecDeque::new(),
             prepared: HashMap::new(),
             portals: HashMap::new(),
@@ -301,8 +224,8 @@ impl QueryTracker {
         while let Some(p) = self.pending.pop_front() {
             match p {
                 Pending::Simple(mut w) | Pending::Execute(mut w) | Pending::Call(mut w) => {
-                    if w.record.outcome == "ok" {
-                        w.record.outcome = "unanswered";
+                    if w.record.outcome == QueryOutcome::Ok {
+                        w.record.outcome = QueryOutcome::Unanswered;
                     }
                     self.finish(w);
                 }
@@ -327,7 +250,7 @@ impl QueryTracker {
         let fed = self.client.feed(
             data,
             |tag| matches!(tag, b'Q' | b'P' | b'B' | b'E' | b'C').then_some(MAX_STATEMENT),
-            |tag, body, len, cut| messages.push((tag, body.to_vec(), len, cut)),
+            |m| messages.push((m.tag, m.body.to_vec(), m.len, m.cut)),
         );
         for (tag, body, len, cut) in messages {
             // Once stopped, the rest of the batch means nothing (and must
@@ -351,7 +274,7 @@ impl QueryTracker {
         let fed = self.server.feed(
             data,
             |tag| matches!(tag, b'C' | b'E' | b'Z').then_some(MAX_ANSWER),
-            |tag, body, _, _| messages.push((tag, body.to_vec())),
+            |m| messages.push((m.tag, m.body.to_vec())),
         );
         for (tag, body) in messages {
             if self.stopped.is_some() {
@@ -441,7 +364,7 @@ impl QueryTracker {
             // answered.
             match p {
                 Pending::Simple(mut w) | Pending::Execute(mut w) | Pending::Call(mut w) => {
-                    w.record.outcome = "not_executed";
+                    w.record.outcome = QueryOutcome::NotExecuted;
                     self.finish(w);
                     return;
                 }
@@ -475,7 +398,7 @@ impl QueryTracker {
                 commands: 0,
                 sqlstate: None,
                 copy: None,
-                outcome: "ok",
+                outcome: QueryOutcome::Ok,
             },
             at: Instant::now(),
             held: 0,
@@ -559,7 +482,7 @@ impl QueryTracker {
                     Some(
                         Pending::Simple(mut w) | Pending::Execute(mut w) | Pending::Call(mut w),
                     ) => {
-                        w.record.outcome = "not_executed";
+                        w.record.outcome = QueryOutcome::NotExecuted;
                         self.finish(w);
                     }
                     Some(Pending::Steps(q)) => self.skip_steps(q),
@@ -684,7 +607,7 @@ impl QueryTracker {
                             w.record.rows = rows;
                             w.record.commands += u32::from(tag == b'C');
                             if tag == b's' {
-                                w.record.outcome = "suspended";
+                                w.record.outcome = QueryOutcome::Suspended;
                             }
                             self.finish(w);
                             self.completed(done.as_deref());
@@ -698,12 +621,12 @@ impl QueryTracker {
                 match self.pending.front_mut() {
                     Some(Pending::Simple(w)) | Some(Pending::Call(w)) => {
                         w.record.sqlstate = code;
-                        w.record.outcome = "error";
+                        w.record.outcome = QueryOutcome::Error;
                     }
                     Some(Pending::Execute(_)) => {
                         if let Some(Pending::Execute(mut w)) = self.pending.pop_front() {
                             w.record.sqlstate = code;
-                            w.record.outcome = "error";
+                            w.record.outcome = QueryOutcome::Error;
                             self.finish(w);
                         }
                         self.skip_to_sync();
@@ -721,7 +644,7 @@ impl QueryTracker {
                         if let Some(Pending::Execute(_)) = self.pending.front() {
                             if let Some(Pending::Execute(mut w)) = self.pending.pop_front() {
                                 w.record.sqlstate = code;
-                                w.record.outcome = "error";
+                                w.record.outcome = QueryOutcome::Error;
                                 self.finish(w);
                             }
                         }
@@ -735,9 +658,9 @@ impl QueryTracker {
             }
             b'G' | b'H' | b'W' => {
                 let dir = match tag {
-                    b'G' => "in",
-                    b'H' => "out",
-                    _ => "both",
+                    b'G' => CopyDirection::In,
+                    b'H' => CopyDirection::Out,
+                    _ => CopyDirection::Both,
                 };
                 match self.pending.front_mut() {
                     Some(Pending::Simple(w)) | Some(Pending::Execute(w)) => {

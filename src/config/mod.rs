@@ -14,6 +14,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use thiserror::Error;
 
+use crate::audit::event::{CredentialKind, LoginMode};
 use crate::identity::cert::{CertName, DEFAULT_ORDER};
 use crate::identity::IdentitySource;
 use crate::policy::{Action, Login, Policy, Rule};
@@ -103,6 +104,15 @@ pub enum AuthMode {
     /// pgbastion terminates SCRAM on both legs, channel-bound, with the
     /// user's verifier.
     Scram,
+}
+
+impl From<AuthMode> for LoginMode {
+    fn from(mode: AuthMode) -> LoginMode {
+        match mode {
+            AuthMode::Passthrough => LoginMode::Passthrough,
+            AuthMode::Scram => LoginMode::Scram,
+        }
+    }
 }
 
 /// The lowest TLS version accepted on a leg.
@@ -359,12 +369,14 @@ pub enum CredentialSource {
 
 impl CredentialSource {
     /// The kind, as the audit log names it.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> CredentialKind {
         match self {
-            CredentialSource::PasswordFile(_) | CredentialSource::PasswordEnv(_) => "password",
-            CredentialSource::ScramSecret(_) => "scram_secret",
-            CredentialSource::ClientCert { .. } => "client_cert",
-            CredentialSource::RdsIam(_) => "rds_iam",
+            CredentialSource::PasswordFile(_) | CredentialSource::PasswordEnv(_) => {
+                CredentialKind::Password
+            }
+            CredentialSource::ScramSecret(_) => CredentialKind::ScramSecret,
+            CredentialSource::ClientCert { .. } => CredentialKind::ClientCert,
+            CredentialSource::RdsIam(_) => CredentialKind::RdsIam,
         }
     }
 }
@@ -1887,7 +1899,7 @@ mod credential_tests {
             "[[rule]]\nlisteners = [\"mtls\"]\nlogin = \"identity\"\n{cred}"
         ))
         .unwrap();
-        assert_eq!(c.credentials[0].source.kind(), "password");
+        assert_eq!(c.credentials[0].source.kind().as_str(), "password");
         with(&format!(
             "[[rule]]\nsources = [\"client_cert\"]\nlogin = \"identity\"\n{cred}"
         ))

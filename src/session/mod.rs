@@ -40,7 +40,8 @@ use crate::audit::{
 };
 use crate::auth::credentials::{Found, Held};
 use crate::auth::identity_login::{self, IdentityLoginError, LoginTarget};
-use crate::auth::login::{self, LegAuth};
+use crate::audit::{CancelOutcome, LegAuth, QueryProtocol};
+use crate::auth::login;
 use crate::auth::passthrough::{AuthEnd, AuthPhase, CancelContext};
 use crate::auth::scram::{Credential, Offer, Proven, Verifier};
 use crate::auth::secrets::StoredSecret;
@@ -126,10 +127,10 @@ fn record_query(
         ),
     };
     let (protocol, prepared) = match &r.protocol {
-        Protocol::Simple => ("simple", None),
-        Protocol::Extended { name } => ("extended", Some(name.as_str())),
-        Protocol::FunctionCall => ("function_call", None),
-        Protocol::Replication => ("replication", None),
+        Protocol::Simple => (QueryProtocol::Simple, None),
+        Protocol::Extended { name } => (QueryProtocol::Extended, Some(name.as_str())),
+        Protocol::FunctionCall => (QueryProtocol::FunctionCall, None),
+        Protocol::Replication => (QueryProtocol::Replication, None),
     };
     shared.record(&Event::Query {
         facts,
@@ -160,12 +161,12 @@ struct CancelDelivery {
     target_id: Option<String>,
     /// The instance the session runs on, when it is another one.
     instance: Option<String>,
-    outcome: &'static str,
+    outcome: CancelOutcome,
     detail: Option<String>,
 }
 
 impl CancelDelivery {
-    fn refused(outcome: &'static str) -> Self {
+    fn refused(outcome: CancelOutcome) -> Self {
         CancelDelivery {
             target_id: None,
             instance: None,
@@ -180,9 +181,9 @@ impl CancelDelivery {
         sent: Result<(), crate::upstream::UpstreamError>,
     ) -> Self {
         let (outcome, detail) = match (sent, instance.is_some()) {
-            (Ok(()), false) => ("forwarded", None),
-            (Ok(()), true) => ("forwarded_remote", None),
-            (Err(e), _) => ("upstream_failed", Some(e.to_string())),
+            (Ok(()), false) => (CancelOutcome::Forwarded, None),
+            (Ok(()), true) => (CancelOutcome::ForwardedRemote, None),
+            (Err(e), _) => (CancelOutcome::UpstreamFailed, Some(e.to_string())),
         };
         CancelDelivery {
             target_id: Some(session_id),
@@ -686,14 +687,14 @@ impl Session {
                 ) && counts.client_to_server == 0;
                 let detail = match &end {
                     _ if hung_up && auth_facts.mode == LoginMode::Identity => {
-                        Some(identity_hangup(&end.as_str()))
+                        Some(identity_hangup(&end.reason()))
                     }
                     relay::RelayEnd::ClientError(d) | relay::RelayEnd::ServerError(d) => {
                         Some(d.clone())
                     }
                     _ => None,
                 };
-                (end.as_str(), detail, counts)
+                (end.reason(), detail, counts)
             }
             Err(end) => {
                 if let Some(err) = end.client_error() {
@@ -715,7 +716,7 @@ impl Session {
                     _ => end.to_string(),
                 };
                 warn!(
-                    reason = end.reason(),
+                    reason = end.reason().as_str(),
                     "session ended during authentication: {detail}"
                 );
                 (end.reason(), Some(detail), ByteCounts::default())
@@ -741,7 +742,7 @@ impl Session {
             query_audit: query_audit.as_ref(),
         });
         info!(
-            reason = end_reason,
+            reason = end_reason.as_str(),
             bytes_in = total.client_to_server,
             bytes_out = total.server_to_client,
             "session ended"
@@ -1269,11 +1270,11 @@ impl Session {
             self.settings.limits.ipv6_prefix,
         );
         let delivery = if !self.shared.cancels.allow(client_ip) {
-            CancelDelivery::refused("rate_limited")
+            CancelDelivery::refused(CancelOutcome::RateLimited)
         } else if self.facts.client_tls == Some(ClientTransport::Plaintext)
             && self.listener.cancel_plaintext == CancelPlaintext::Deny
         {
-            CancelDelivery::refused("plaintext_refused")
+            CancelDelivery::refused(CancelOutcome::PlaintextRefused)
         } else {
             match self.shared.cancels.lookup(&req) {
                 Some(target) => {
@@ -1289,7 +1290,7 @@ impl Session {
                     CancelDelivery::sent(target.session_id, None, sent)
                 }
                 None => match &self.shared.cluster {
-                    None => CancelDelivery::refused("unmatched"),
+                    None => CancelDelivery::refused(CancelOutcome::Unmatched),
                     Some(fleet) => self.remote_cancel(fleet, &req).await,
                 },
             }
@@ -1309,12 +1310,12 @@ impl Session {
         let target_id = target_id.as_deref().unwrap_or("unmatched");
         // A forwarded cancel is always logged and audited; the rest
         // (unknown keys, rate limits) is what a stranger can flood.
-        let forwarded = outcome.starts_with("forwarded");
-        if forwarded || self.shared.warn_limit.allow(outcome) {
+        let forwarded = outcome.is_forwarded();
+        if forwarded || self.shared.warn_limit.allow(outcome.as_str()) {
             info!(
                 target = target_id,
                 session_instance = instance.as_deref(),
-                outcome,
+                outcome = outcome.as_str(),
                 "cancel request"
             );
         }
@@ -1325,7 +1326,7 @@ impl Session {
             outcome,
             detail,
         };
-        if forwarded || self.shared.audit_limit.allow(outcome) {
+        if forwarded || self.shared.audit_limit.allow(outcome.as_str()) {
             self.shared.record(&event);
         } else {
             self.shared.metrics.observe(&event);
@@ -1397,12 +1398,12 @@ impl Session {
     ) -> CancelDelivery {
         let found = match fleet.find_cancel(req).await {
             Err(crate::cluster::Unavailable) => {
-                return CancelDelivery::refused("cluster_unavailable")
+                return CancelDelivery::refused(CancelOutcome::ClusterUnavailable)
             }
             // Our own instance's mapping for a session that has ended (the
             // local registry no longer has it): nothing to cancel.
             Ok(Some(remote)) if remote.instance != fleet.instance() => remote,
-            Ok(_) => return CancelDelivery::refused("unmatched"),
+            Ok(_) => return CancelDelivery::refused(CancelOutcome::Unmatched),
         };
         let Some(upstream) = self
             .shared
@@ -1417,7 +1418,7 @@ impl Session {
                     found.upstream, found.instance
                 )),
                 instance: Some(found.instance),
-                outcome: "upstream_failed",
+                outcome: CancelOutcome::UpstreamFailed,
             };
         };
         let sent = upstream
@@ -1452,8 +1453,8 @@ impl Session {
             conn.send_error(bytes).await;
         }
         let sqlstate = response.as_deref().and_then(sqlstate_of);
-        if self.shared.warn_limit.allow(err.reason()) {
-            warn!(reason = err.reason(), "session refused: {err}");
+        if self.shared.warn_limit.allow(err.reason().as_str()) {
+            warn!(reason = err.reason().as_str(), "session refused: {err}");
         }
         // Refusals before a StartupMessage name no user: a flood of them is
         // summarised in the audit log too. Every refusal of a session that
@@ -1466,7 +1467,7 @@ impl Session {
             duration_ms: self.elapsed_ms(),
             auth,
         };
-        if self.facts.requested.is_none() && !self.shared.audit_limit.allow(err.reason()) {
+        if self.facts.requested.is_none() && !self.shared.audit_limit.allow(err.reason().as_str()) {
             self.shared.metrics.observe(&event);
             return;
         }
