@@ -21,7 +21,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::audit::{AuditLog, AuthFacts, Event};
+use crate::audit::{AuditLog, AuthFacts, Event, RejectReason};
 
 type Labels = Vec<(&'static str, String)>;
 type Histograms = Family<Labels, Histogram, fn() -> Histogram>;
@@ -107,87 +107,98 @@ impl Metrics {
             expiries: Default::default(),
             registry: Registry::default(),
         };
+        m.register_sessions(&mut registry);
+        m.register_operations(&mut registry);
+        registry.register_collector(Box::new(AuditCounts(audit)));
+        Metrics { registry, ..m }
+    }
+
+    /// The session metrics: counted from audit events (`observe`).
+    fn register_sessions(&self, registry: &mut Registry) {
         registry.register(
             "pgbastion_sessions_active",
             "Sessions relaying now, by listener and upstream.",
-            m.sessions_active.clone(),
+            self.sessions_active.clone(),
         );
         registry.register(
             "pgbastion_sessions",
             "Sessions that ended, by listener, upstream and end reason.",
-            m.sessions.clone(),
+            self.sessions.clone(),
         );
         registry.register(
             "pgbastion_rejections",
             "Connections refused before a session started, by listener and reason.",
-            m.rejections.clone(),
+            self.rejections.clone(),
         );
         registry.register(
             "pgbastion_client_tls_handshake_failures",
             "Client TLS handshakes that failed, by listener.",
-            m.client_tls_failures.clone(),
+            self.client_tls_failures.clone(),
         );
         registry.register(
             "pgbastion_authentications",
             "Logins by mode (passthrough, scram, identity) and result.",
-            m.auth.clone(),
+            self.auth.clone(),
         );
         registry.register_with_unit(
             "pgbastion_relayed",
             "Bytes relayed, by direction.",
             Unit::Bytes,
-            m.bytes.clone(),
+            self.bytes.clone(),
         );
         registry.register(
             "pgbastion_cancel_requests",
             "Cancel requests by outcome.",
-            m.cancels.clone(),
+            self.cancels.clone(),
         );
+    }
+
+    /// What happens around sessions: upstream dials, reloads,
+    /// certificates, the fleet's Redis, the query audit.
+    fn register_operations(&self, registry: &mut Registry) {
         registry.register_with_unit(
             "pgbastion_upstream_connect",
             "Time to open a TCP connection to an upstream.",
             Unit::Seconds,
-            m.upstream_connect.clone(),
+            self.upstream_connect.clone(),
         );
         registry.register_with_unit(
             "pgbastion_upstream_tls_handshake",
             "Time for the TLS negotiation (SSLRequest and handshake) with an upstream.",
             Unit::Seconds,
-            m.upstream_tls.clone(),
+            self.upstream_tls.clone(),
         );
         registry.register(
             "pgbastion_config_reloads",
             "Configuration reloads by result (ok, failed).",
-            m.reloads.clone(),
+            self.reloads.clone(),
         );
         registry.register(
             "pgbastion_certificate_expiry_timestamp_seconds",
             "When each certificate pgbastion uses expires (the earliest in a bundle), as a Unix time.",
-            m.certificate_expiry.clone(),
-        );
+            self.certificate_expiry.clone(),
+            );
         registry.register(
             "pgbastion_cluster_up",
             "1 while Redis answers and cancels and limits work across the fleet; 0 while down (or [cluster] is not set).",
-            m.cluster_up.clone(),
-        );
+            self.cluster_up.clone(),
+            );
         registry.register_with_unit(
             "pgbastion_cluster_redis",
             "Time of Redis calls, by operation.",
             Unit::Seconds,
-            m.redis_latency.clone(),
+            self.redis_latency.clone(),
         );
         registry.register(
             "pgbastion_query_audit_stopped",
             "Audited sessions whose query audit lost its place in the protocol (later statements unrecorded), by listener.",
-            m.query_audit_stopped.clone(),
-        );
+            self.query_audit_stopped.clone(),
+            );
         registry.register(
             "pgbastion_cluster_redis_failures",
             "Redis calls that failed or missed the deadline, by operation.",
-            m.redis_failures.clone(),
+            self.redis_failures.clone(),
         );
-        registry.register_collector(Box::new(AuditCounts(audit)));
-        Metrics { registry, ..m }
     }
 
     /// Counts what an audit event says (called for every event, including
@@ -216,7 +227,7 @@ impl Metrics {
                 let at = where_(&facts.listener, &upstream.name);
                 self.sessions_active.get_or_create(&at).dec();
                 let mut labels = at;
-                labels.push(("outcome", (*end_reason).to_owned()));
+                labels.push(("outcome", end_reason.as_str().to_owned()));
                 self.sessions.get_or_create(&labels).inc();
                 for (direction, n) in [
                     ("client_to_server", bytes_client_to_server),
@@ -236,10 +247,10 @@ impl Metrics {
                 self.rejections
                     .get_or_create(&vec![
                         ("listener", facts.listener.clone()),
-                        ("reason", (*reason).to_owned()),
+                        ("reason", reason.as_str().to_owned()),
                     ])
                     .inc();
-                if *reason == "client_tls_handshake_failed" {
+                if *reason == RejectReason::ClientTlsHandshakeFailed {
                     self.client_tls_failures
                         .get_or_create(&vec![("listener", facts.listener.clone())])
                         .inc();
@@ -250,7 +261,7 @@ impl Metrics {
             }
             Event::Cancel { outcome, .. } => {
                 self.cancels
-                    .get_or_create(&vec![("outcome", (*outcome).to_owned())])
+                    .get_or_create(&vec![("outcome", outcome.as_str().to_owned())])
                     .inc();
             }
             Event::QueryAuditStopped { facts, .. } => {
@@ -266,14 +277,8 @@ impl Metrics {
     }
 
     fn count_auth(&self, auth: &AuthFacts) {
-        let mode = serde_json::to_value(auth.mode)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_default();
-        let result = serde_json::to_value(&auth.outcome)
-            .ok()
-            .and_then(|v| v.get("result").and_then(|r| r.as_str().map(str::to_owned)))
-            .unwrap_or_default();
+        let mode = auth.mode.as_str().to_owned();
+        let result = auth.outcome.as_str().to_owned();
         self.auth
             .get_or_create(&vec![("mode", mode), ("result", result)])
             .inc();

@@ -6,6 +6,7 @@
 //! cancel key: the types written here have no field that could hold one.
 
 pub mod chain;
+pub mod event;
 pub mod normalize;
 pub mod query;
 pub mod sink;
@@ -19,10 +20,14 @@ use serde::Serialize;
 
 use crate::audit::chain::{Chain, Digest};
 use crate::audit::sink::{Sink, SinkTarget};
-use crate::auth::login::LegAuth;
-use crate::config::{AuditOnFailure, AuditTarget, AuthMode};
+use crate::config::{AuditOnFailure, AuditTarget};
 use crate::identity::Identity;
 use crate::tls::TlsInfo;
+
+pub use event::{
+    AuthFacts, AuthOutcome, CancelOutcome, CopyDirection, CredentialKind, EndReason, LegAuth,
+    LoginMode, Mechanism, QueryOutcome, QueryProtocol, RejectReason,
+};
 
 /// How the client leg was protected.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -89,64 +94,6 @@ pub struct UpstreamFacts {
     pub name: String,
     pub addr: String,
     pub tls: TlsInfo,
-}
-
-/// What the server said about authentication.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-#[serde(tag = "result", rename_all = "snake_case")]
-pub enum AuthOutcome {
-    /// The server sent AuthenticationOk.
-    Ok,
-    /// The server sent an ErrorResponse before AuthenticationOk.
-    Error { sqlstate: String },
-    /// pgbastion ended the exchange (e.g. channel binding was chosen).
-    RefusedByProxy { sqlstate: String },
-    /// Neither happened: the connection ended or timed out first.
-    Incomplete,
-}
-
-/// Who authenticated the client: the server (passthrough), pgbastion with
-/// SCRAM (scram), or nobody but the identity (identity login).
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum LoginMode {
-    Passthrough,
-    Scram,
-    Identity,
-}
-
-/// How a session authenticated: the mode, what the server said, and for
-/// each leg the SASL mechanism and whether it was bound to its TLS channel.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct AuthFacts {
-    pub mode: LoginMode,
-    /// Identity login: the kind of credential pgbastion logged in with
-    /// (`password`, `scram_secret`, `client_cert`, `rds_iam`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub credential: Option<&'static str>,
-    #[serde(flatten)]
-    pub outcome: AuthOutcome,
-    /// Client to pgbastion (scram) or client to server (passthrough).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub client: Option<LegAuth>,
-    /// pgbastion to server (scram mode).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub server: Option<LegAuth>,
-}
-
-impl AuthFacts {
-    pub fn new(mode: AuthMode) -> AuthFacts {
-        AuthFacts {
-            mode: match mode {
-                AuthMode::Passthrough => LoginMode::Passthrough,
-                AuthMode::Scram => LoginMode::Scram,
-            },
-            credential: None,
-            outcome: AuthOutcome::Incomplete,
-            client: None,
-            server: None,
-        }
-    }
 }
 
 /// A PROXY protocol header as received: the balancer that sent it (the
@@ -226,7 +173,7 @@ pub enum Event<'a> {
         bytes_client_to_server: u64,
         bytes_server_to_client: u64,
         duration_ms: u64,
-        end_reason: &'a str,
+        end_reason: EndReason,
         #[serde(skip_serializing_if = "Option::is_none")]
         detail: Option<&'a str>,
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -243,9 +190,7 @@ pub enum Event<'a> {
         /// is another one (the cancel was looked up in Redis).
         #[serde(skip_serializing_if = "Option::is_none")]
         session_instance: Option<&'a str>,
-        /// forwarded, forwarded_remote, unmatched, cluster_unavailable,
-        /// rate_limited, plaintext_refused or upstream_failed.
-        outcome: &'a str,
+        outcome: CancelOutcome,
         #[serde(skip_serializing_if = "Option::is_none")]
         detail: Option<String>,
     },
@@ -269,8 +214,7 @@ pub enum Event<'a> {
         statement: Option<&'a str>,
         #[serde(skip_serializing_if = "Option::is_none")]
         unparsed: Option<Unparsed>,
-        /// simple, extended, function_call or replication.
-        protocol: &'static str,
+        protocol: QueryProtocol,
         /// Extended protocol: the prepared statement's name ("" unnamed).
         #[serde(skip_serializing_if = "Option::is_none")]
         prepared: Option<&'a str>,
@@ -285,9 +229,8 @@ pub enum Event<'a> {
         #[serde(skip_serializing_if = "Option::is_none")]
         sqlstate: Option<&'a str>,
         #[serde(skip_serializing_if = "Option::is_none")]
-        copy: Option<&'static str>,
-        /// ok, error, not_executed, suspended, unanswered.
-        outcome: &'static str,
+        copy: Option<CopyDirection>,
+        outcome: QueryOutcome,
     },
     /// The query audit of a session lost its place in the protocol and
     /// records no more of its statements (see `query_audit`); under
@@ -317,7 +260,7 @@ pub enum Event<'a> {
     Rejected {
         #[serde(flatten)]
         facts: &'a SessionFacts,
-        reason: &'a str,
+        reason: RejectReason,
         #[serde(skip_serializing_if = "Option::is_none")]
         sqlstate: Option<&'a str>,
         message: String,
@@ -615,50 +558,7 @@ struct TimedEvent<'a> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
+mod golden;
 
-    #[test]
-    fn rejected_event_shape() {
-        let facts = SessionFacts {
-            session_id: "abc".into(),
-            listener: "l".into(),
-            client: ClientAddress::tcp("127.0.0.1:5000".parse().unwrap()),
-            client_tls: Some(ClientTransport::Plaintext),
-            requested: None,
-            identity: None,
-            proxy: None,
-            rule: None,
-        };
-        let v = serde_json::to_value(Event::Rejected {
-            facts: &facts,
-            reason: "tls_required",
-            sqlstate: Some("28000"),
-            message: "m".into(),
-            duration_ms: 3,
-            auth: None,
-        })
-        .unwrap();
-        assert_eq!(v["event"], "session.rejected");
-        assert_eq!(v["client"]["addr"], "127.0.0.1");
-        assert_eq!(v["client"]["port"], 5000);
-        assert_eq!(v["client_tls"]["mode"], "plaintext");
-        assert_eq!(v["sqlstate"], "28000");
-    }
-
-    #[test]
-    fn auth_facts_shape() {
-        let mut auth = AuthFacts::new(AuthMode::Scram);
-        auth.outcome = AuthOutcome::Ok;
-        auth.client = Some(LegAuth {
-            mechanism: "SCRAM-SHA-256-PLUS".into(),
-            channel_binding: true,
-        });
-        let v = serde_json::to_value(&auth).unwrap();
-        assert_eq!(v["mode"], "scram");
-        assert_eq!(v["result"], "ok");
-        assert_eq!(v["client"]["mechanism"], "SCRAM-SHA-256-PLUS");
-        assert_eq!(v["client"]["channel_binding"], true);
-        assert!(v.get("server").is_none());
-    }
-}
+#[cfg(test)]
+mod tests;

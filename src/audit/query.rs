@@ -19,10 +19,15 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::audit::event::{CopyDirection, QueryOutcome};
 use crate::audit::normalize;
+use crate::protocol::framer::Framer;
 
 mod names;
+mod server;
 use names::{Bound, Name, Overlay, Step};
+#[cfg(test)]
+use server::command_tag;
 
 /// Longer statements are recorded as unparsed, with their length.
 pub const MAX_STATEMENT: usize = 256 * 1024;
@@ -82,14 +87,9 @@ pub struct QueryRecord {
     /// CommandCompletes (a simple query may hold several statements).
     pub commands: u32,
     pub sqlstate: Option<String>,
-    /// `in`, `out` or `both` (replication streaming) when the statement
-    /// was a COPY.
-    pub copy: Option<&'static str>,
-    /// ok, error, not_executed (skipped after an earlier error in the same
-    /// pipeline), suspended (row limit reached), unanswered (forwarded to
-    /// the server, but the session ended before its answer came: it may
-    /// or may not have run).
-    pub outcome: &'static str,
+    /// The direction of data when the statement was a COPY.
+    pub copy: Option<CopyDirection>,
+    pub outcome: QueryOutcome,
 }
 
 struct Waiting {
@@ -119,83 +119,9 @@ enum Pending {
     Steps(VecDeque<Step>),
 }
 
-/// Frames one direction's byte stream into messages, keeping the bodies
-/// of the ones asked for.
-#[derive(Default)]
-struct Frames {
-    header: [u8; 5],
-    have: usize,
-    remaining: usize,
-    in_body: bool,
-    keep: bool,
-    body: Vec<u8>,
-    /// The body went past its limit: only its length is known.
-    cut: bool,
-    len: usize,
-}
-
-impl Frames {
-    /// Feeds bytes; calls `done(tag, body, len, cut)` per complete message.
-    /// Err: a length no protocol message has (the stream is not what it
-    /// should be; the server will say so; tracking stops).
-    fn feed(
-        &mut self,
-        mut data: &[u8],
-        wanted: impl Fn(u8) -> Option<usize>,
-        mut done: impl FnMut(u8, &[u8], usize, bool),
-    ) -> Result<(), ()> {
-        while !data.is_empty() {
-            if !self.in_body {
-                let n = (5 - self.have).min(data.len());
-                self.header[self.have..self.have + n].copy_from_slice(&data[..n]);
-                self.have += n;
-                data = &data[n..];
-                if self.have < 5 {
-                    return Ok(());
-                }
-                let len = u32::from_be_bytes([
-                    self.header[1],
-                    self.header[2],
-                    self.header[3],
-                    self.header[4],
-                ]) as usize;
-                if len < 4 {
-                    return Err(());
-                }
-                self.len = len - 4;
-                self.remaining = len - 4;
-                self.in_body = true;
-                self.body.clear();
-                self.cut = false;
-                self.keep = match wanted(self.header[0]) {
-                    Some(limit) if self.len <= limit => true,
-                    Some(_) => {
-                        self.cut = true;
-                        false
-                    }
-                    None => false,
-                };
-            }
-            let n = self.remaining.min(data.len());
-            if self.keep {
-                self.body.extend_from_slice(&data[..n]);
-            }
-            self.remaining -= n;
-            data = &data[n..];
-            if self.remaining == 0 {
-                done(self.header[0], &self.body, self.len, self.cut);
-                self.in_body = false;
-                self.have = 0;
-                self.body = Vec::new();
-            }
-        }
-        Ok(())
-    }
-}
-
 pub struct QueryTracker {
-    client: Frames,
-    server: Frames,
+    client: Framer,
+    server: Framer,
     pending: VecDeque<Pending>,
     /// Prepared statements and portals as the server has them (see
     /// `names`).
@@ -251,8 +177,8 @@ impl QueryTracker {
         emit: Box<dyn FnMut(QueryRecord) -> bool + Send>,
     ) -> Self {
         QueryTracker {
-            client: Frames::default(),
-            server: Frames::default(),
+            client: Framer::default(),
+            server: Framer::default(),
             pending: VecDeque::new(),
             prepared: HashMap::new(),
             portals: HashMap::new(),
@@ -301,8 +227,8 @@ impl QueryTracker {
         while let Some(p) = self.pending.pop_front() {
             match p {
                 Pending::Simple(mut w) | Pending::Execute(mut w) | Pending::Call(mut w) => {
-                    if w.record.outcome == "ok" {
-                        w.record.outcome = "unanswered";
+                    if w.record.outcome == QueryOutcome::Ok {
+                        w.record.outcome = QueryOutcome::Unanswered;
                     }
                     self.finish(w);
                 }
@@ -327,7 +253,7 @@ impl QueryTracker {
         let fed = self.client.feed(
             data,
             |tag| matches!(tag, b'Q' | b'P' | b'B' | b'E' | b'C').then_some(MAX_STATEMENT),
-            |tag, body, len, cut| messages.push((tag, body.to_vec(), len, cut)),
+            |m| messages.push((m.tag, m.body.to_vec(), m.len, m.cut)),
         );
         for (tag, body, len, cut) in messages {
             // Once stopped, the rest of the batch means nothing (and must
@@ -339,28 +265,6 @@ impl QueryTracker {
         }
         if fed.is_err() && self.stopped.is_none() {
             self.stop("the client's messages could not be framed");
-        }
-    }
-
-    /// What the server sent.
-    pub fn server_bytes(&mut self, data: &[u8]) {
-        if self.stopped.is_some() {
-            return;
-        }
-        let mut messages = Vec::new();
-        let fed = self.server.feed(
-            data,
-            |tag| matches!(tag, b'C' | b'E' | b'Z').then_some(MAX_ANSWER),
-            |tag, body, _, _| messages.push((tag, body.to_vec())),
-        );
-        for (tag, body) in messages {
-            if self.stopped.is_some() {
-                return;
-            }
-            self.server_message(tag, &body);
-        }
-        if fed.is_err() && self.stopped.is_none() {
-            self.stop("the server's messages could not be framed");
         }
     }
 
@@ -441,7 +345,7 @@ impl QueryTracker {
             // answered.
             match p {
                 Pending::Simple(mut w) | Pending::Execute(mut w) | Pending::Call(mut w) => {
-                    w.record.outcome = "not_executed";
+                    w.record.outcome = QueryOutcome::NotExecuted;
                     self.finish(w);
                     return;
                 }
@@ -475,7 +379,7 @@ impl QueryTracker {
                 commands: 0,
                 sqlstate: None,
                 copy: None,
-                outcome: "ok",
+                outcome: QueryOutcome::Ok,
             },
             at: Instant::now(),
             held: 0,
@@ -559,7 +463,7 @@ impl QueryTracker {
                     Some(
                         Pending::Simple(mut w) | Pending::Execute(mut w) | Pending::Call(mut w),
                     ) => {
-                        w.record.outcome = "not_executed";
+                        w.record.outcome = QueryOutcome::NotExecuted;
                         self.finish(w);
                     }
                     Some(Pending::Steps(q)) => self.skip_steps(q),
@@ -652,182 +556,6 @@ impl QueryTracker {
             self.lost = true;
         }
     }
-
-    fn server_message(&mut self, tag: u8, body: &[u8]) {
-        // The server left COPY FROM STDIN on its own (an error in the
-        // data): the client need not end it, and its Syncs count again.
-        if self.copy_in && matches!(tag, b'E' | b'Z') {
-            self.copy_in = false;
-        }
-        // Markers of a COPY the server never entered (it failed first).
-        while matches!(self.pending.front(), Some(Pending::CopyEnd)) {
-            self.pending.pop_front();
-        }
-        match tag {
-            b'C' | b'I' | b's' => {
-                let (command, rows) = match tag {
-                    b'C' => command_tag(body),
-                    b'I' => (Some("EMPTY".to_owned()), None),
-                    _ => (None, None),
-                };
-                let done = command.clone();
-                match self.pending.front_mut() {
-                    Some(Pending::Simple(w)) => {
-                        w.record.tag = command;
-                        w.record.rows = rows;
-                        w.record.commands += 1;
-                        self.completed(done.as_deref());
-                    }
-                    Some(Pending::Execute(_)) => {
-                        if let Some(Pending::Execute(mut w)) = self.pending.pop_front() {
-                            w.record.tag = command;
-                            w.record.rows = rows;
-                            w.record.commands += u32::from(tag == b'C');
-                            if tag == b's' {
-                                w.record.outcome = "suspended";
-                            }
-                            self.finish(w);
-                            self.completed(done.as_deref());
-                        }
-                    }
-                    _ => {}
-                }
-            }
-            b'E' => {
-                let code = sqlstate(body);
-                match self.pending.front_mut() {
-                    Some(Pending::Simple(w)) | Some(Pending::Call(w)) => {
-                        w.record.sqlstate = code;
-                        w.record.outcome = "error";
-                    }
-                    Some(Pending::Execute(_)) => {
-                        if let Some(Pending::Execute(mut w)) = self.pending.pop_front() {
-                            w.record.sqlstate = code;
-                            w.record.outcome = "error";
-                            self.finish(w);
-                        }
-                        self.skip_to_sync();
-                    }
-                    // A Parse, Bind, Describe or Close failed: when an
-                    // Execute follows in the same run, its statement is
-                    // the one that failed.
-                    Some(Pending::Steps(_)) => {
-                        // The failed step and those after it are skipped:
-                        // the server's names stay as they were.
-                        self.overlay.get_or_insert_with(Overlay::default);
-                        if let Some(Pending::Steps(q)) = self.pending.pop_front() {
-                            self.skip_steps(q);
-                        }
-                        if let Some(Pending::Execute(_)) = self.pending.front() {
-                            if let Some(Pending::Execute(mut w)) = self.pending.pop_front() {
-                                w.record.sqlstate = code;
-                                w.record.outcome = "error";
-                                self.finish(w);
-                            }
-                        }
-                        self.skip_to_sync();
-                    }
-                    // An error at Sync (a deferred constraint at commit)
-                    // is followed by ReadyForQuery; the server skips
-                    // nothing.
-                    Some(Pending::Sync | Pending::CopyEnd) | None => {}
-                }
-            }
-            b'G' | b'H' | b'W' => {
-                let dir = match tag {
-                    b'G' => "in",
-                    b'H' => "out",
-                    _ => "both",
-                };
-                match self.pending.front_mut() {
-                    Some(Pending::Simple(w)) | Some(Pending::Execute(w)) => {
-                        w.record.copy = Some(dir);
-                    }
-                    _ => {}
-                }
-                if tag == b'G' {
-                    self.entered_copy_in();
-                }
-            }
-            b'1' | b'2' | b'3' if !self.answered_step(tag) => {
-                self.stop("an answer did not match the statements sent");
-            }
-            // A Describe's answer; a simple query's RowDescription is not.
-            b'T' | b'n' => {
-                self.answered_step(b'T');
-            }
-            b'Z' => match self.pending.pop_front() {
-                Some(Pending::Simple(w)) => {
-                    self.finish(w);
-                    self.simple_query_ran();
-                    self.ready(body.first().copied());
-                }
-                Some(Pending::Call(w)) => {
-                    self.finish(w);
-                    // The function ran code, which may have changed names
-                    // as a CALL can.
-                    self.completed(Some("CALL"));
-                    self.ready(body.first().copied());
-                }
-                Some(Pending::Sync | Pending::CopyEnd) | None => self.ready(body.first().copied()),
-                Some(other @ (Pending::Execute(_) | Pending::Steps(_))) => {
-                    // An Execute or a Parse, Bind, ... answered by nothing
-                    // but ReadyForQuery: not a conversation this tracker
-                    // understands.
-                    self.pending.push_front(other);
-                    self.stop("an answer did not match the statements sent");
-                }
-            },
-            _ => {}
-        }
-    }
-}
-
-impl QueryTracker {
-    /// The server entered COPY FROM STDIN for the statement in front: the
-    /// Syncs the client sent after it, up to its CopyDone, are ignored by
-    /// the server, so they get no ReadyForQuery either.
-    fn entered_copy_in(&mut self) {
-        let mut i = 1;
-        while i < self.pending.len() {
-            match self.pending[i] {
-                Pending::Sync => {
-                    self.pending.remove(i);
-                }
-                Pending::CopyEnd => {
-                    self.pending.remove(i);
-                    return;
-                }
-                _ => i += 1,
-            }
-        }
-        // The client has not ended the COPY yet.
-        self.copy_in = true;
-    }
-}
-
-/// The command and row count of a CommandComplete body (`INSERT 0 5`:
-/// INSERT, 5; `CREATE TABLE`: no count).
-fn command_tag(body: &[u8]) -> (Option<String>, Option<u64>) {
-    let text = String::from_utf8_lossy(body.strip_suffix(&[0]).unwrap_or(body)).into_owned();
-    let mut words = text.split(' ');
-    let rows = text
-        .rsplit(' ')
-        .next()
-        .filter(|_| text.contains(' '))
-        .and_then(|w| w.parse().ok());
-    let command: Vec<&str> = words
-        .by_ref()
-        .take_while(|w| w.parse::<u64>().is_err())
-        .collect();
-    (Some(command.join(" ")).filter(|c| !c.is_empty()), rows)
-}
-
-/// The SQLSTATE (`C` field) of an ErrorResponse body.
-fn sqlstate(body: &[u8]) -> Option<String> {
-    crate::protocol::message::ErrorFields::parse(body)
-        .ok()
-        .map(|f| f.code)
 }
 
 #[cfg(test)]

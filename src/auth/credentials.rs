@@ -19,6 +19,7 @@ use base64::Engine;
 use thiserror::Error;
 use tokio_rustls::TlsConnector;
 
+use crate::audit::event::CredentialKind;
 use crate::auth::aws_sts::CredentialChain;
 use crate::auth::rds_iam::TokenCache;
 use crate::auth::scram::{Credential, Key, Verifier, KEY_LEN};
@@ -99,7 +100,7 @@ impl std::fmt::Debug for Held {
 /// A credential found for a login, with its kind for the audit log.
 #[derive(Debug, Clone)]
 pub struct Found {
-    pub kind: &'static str,
+    pub kind: CredentialKind,
     pub held: Arc<Held>,
 }
 

@@ -12,7 +12,8 @@ use std::time::SystemTime;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::auth::credentials::{Found, Held};
-use crate::auth::login::{self, LegAuth, LoginError};
+use crate::audit::event::{CredentialKind, LegAuth, Mechanism, RejectReason};
+use crate::auth::login::{self, LoginError};
 use crate::auth::rds_iam::{IamError, TokenTarget};
 use crate::auth::scram::Credential;
 use crate::auth::wire::WireError;
@@ -31,7 +32,7 @@ pub enum IdentityLoginError {
     #[error("the database server asked for {} but pgbastion's credential for user {user:?} is a {kind}", message::auth_method_name(*.code))]
     Unsupported {
         user: String,
-        kind: &'static str,
+        kind: CredentialKind,
         code: u32,
     },
     /// The server refused the credential (SQLSTATE class 28).
@@ -40,7 +41,7 @@ pub enum IdentityLoginError {
     )]
     Refused {
         user: String,
-        kind: &'static str,
+        kind: CredentialKind,
         message: String,
     },
     /// The server refused for its own reasons (no such database, too many
@@ -57,18 +58,18 @@ pub enum IdentityLoginError {
 
 impl IdentityLoginError {
     /// The stable name in the audit log.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> RejectReason {
         match self {
-            IdentityLoginError::NotAPerson => "identity_login_without_identity",
-            IdentityLoginError::NoCredential { .. } => "no_credential",
-            IdentityLoginError::CertificateExpired { .. } => "credential_expired",
-            IdentityLoginError::Iam { .. } => "credential_unavailable",
-            IdentityLoginError::Unsupported { .. } => "credential_unsupported",
-            IdentityLoginError::Refused { .. } => "credential_refused",
-            IdentityLoginError::ServerRefused(_) => "upstream_refused",
-            IdentityLoginError::Login(_) => "upstream_login_failed",
-            IdentityLoginError::Client(_) => "client_error",
-            IdentityLoginError::Timeout(_) => "authentication_timeout",
+            IdentityLoginError::NotAPerson => RejectReason::IdentityLoginWithoutIdentity,
+            IdentityLoginError::NoCredential { .. } => RejectReason::NoCredential,
+            IdentityLoginError::CertificateExpired { .. } => RejectReason::CredentialExpired,
+            IdentityLoginError::Iam { .. } => RejectReason::CredentialUnavailable,
+            IdentityLoginError::Unsupported { .. } => RejectReason::CredentialUnsupported,
+            IdentityLoginError::Refused { .. } => RejectReason::CredentialRefused,
+            IdentityLoginError::ServerRefused(_) => RejectReason::UpstreamRefused,
+            IdentityLoginError::Login(_) => RejectReason::UpstreamLoginFailed,
+            IdentityLoginError::Client(_) => RejectReason::ClientError,
+            IdentityLoginError::Timeout(_) => RejectReason::AuthenticationTimeout,
         }
     }
 
@@ -149,7 +150,7 @@ where
             // server that wants more is not set up for `cert`.
             return match first {
                 AuthRequest::Ok => Ok(LegAuth {
-                    mechanism: "cert".into(),
+                    mechanism: Mechanism::Cert,
                     channel_binding: false,
                 }),
                 other => Err(IdentityLoginError::Unsupported {
@@ -198,7 +199,7 @@ where
 
 /// Sorts a failed login: the credential refused (class 28), the method
 /// unsupported, or the server's own reasons.
-pub fn refusal(e: LoginError, user: &str, kind: &'static str) -> IdentityLoginError {
+pub fn refusal(e: LoginError, user: &str, kind: CredentialKind) -> IdentityLoginError {
     match e {
         LoginError::Refused { fields, .. } if fields.code.starts_with("28") => {
             IdentityLoginError::Refused {

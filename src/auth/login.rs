@@ -10,8 +10,9 @@
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use crate::audit::event::{LegAuth, Mechanism};
 use crate::auth::derive;
-use crate::auth::scram::{self, ClientExchange, Credential, ScramError};
+use crate::auth::scram::{self, ClientAwaitingFinal, ClientExchange, Credential, ScramError};
 use crate::auth::wire::{self, WireError};
 use crate::protocol::message::{self, tag, AuthRequest, ErrorFields};
 
@@ -34,16 +35,6 @@ pub enum LoginError {
     NoServerProof,
     #[error("unexpected message {0:?} from the database server during login")]
     Unexpected(char),
-}
-
-/// How one leg authenticated, for the audit log.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct LegAuth {
-    /// `SCRAM-SHA-256-PLUS`, `SCRAM-SHA-256`, `password` (cleartext) or
-    /// `md5` (a password pgbastion holds, over verified TLS), `cert` (a
-    /// role certificate) or `none` (the server asked for nothing).
-    pub mechanism: String,
-    pub channel_binding: bool,
 }
 
 /// Reads what the server sends after a StartupMessage up to its first
@@ -93,59 +84,32 @@ pub async fn complete<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let mut exchange = None;
-    let mut awaiting = None;
+    let mut scram = Scram::NotStarted;
     let mut leg = LegAuth {
-        mechanism: "none".into(),
+        mechanism: Mechanism::Trust,
         channel_binding: false,
     };
     let mut request = request;
     loop {
-        match request {
-            AuthRequest::Ok => {
-                if exchange.is_some() || awaiting.is_some() {
-                    // Started SCRAM but never saw a valid server-final.
-                    return Err(LoginError::NoServerProof);
-                }
-                return Ok(leg);
-            }
-            AuthRequest::Sasl(offered) if exchange.is_none() && awaiting.is_none() => {
+        match (request, scram) {
+            (AuthRequest::Ok, Scram::NotStarted) => return Ok(leg),
+            // Started SCRAM but never saw a valid server-final.
+            (AuthRequest::Ok, _) => return Err(LoginError::NoServerProof),
+            (AuthRequest::Sasl(offered), Scram::NotStarted) => {
                 let (ex, first) =
                     ClientExchange::start(&offered, binding.clone(), &scram::new_nonce())?;
                 leg = LegAuth {
-                    mechanism: ex.mechanism.into(),
+                    mechanism: Mechanism::named(ex.mechanism),
                     channel_binding: ex.channel_bound(),
                 };
-                wire::send(
-                    server,
-                    &message::sasl_initial_response(ex.mechanism, first.as_bytes()),
-                )
-                .await?;
-                exchange = Some(ex);
+                let initial = message::sasl_initial_response(ex.mechanism, first.as_bytes());
+                wire::send(server, &initial).await?;
+                scram = Scram::Started(ex);
             }
-            AuthRequest::SaslContinue(data) => {
-                let ex = exchange.take().ok_or(LoginError::Unexpected('R'))?;
-                // A held password is salted off the async workers (PBKDF2
-                // with the server's iteration count takes up to seconds).
-                let (salted, salt, iterations);
-                let credential = match credential {
-                    Credential::Password(p) => {
-                        (salt, iterations) = ex.server_params(&data)?;
-                        salted = derive::salted_password(p, &salt, iterations).await?;
-                        Credential::Salted {
-                            salted: &salted,
-                            salt: &salt,
-                            iterations,
-                        }
-                    }
-                    other => *other,
-                };
-                let (waiting, reply) = ex.respond(&data, &credential)?;
-                wire::send(server, &message::sasl_response(reply.as_bytes())).await?;
-                awaiting = Some(waiting);
+            (AuthRequest::SaslContinue(data), Scram::Started(ex)) => {
+                scram = Scram::Answered(answer_challenge(server, ex, &data, credential).await?);
             }
-            AuthRequest::SaslFinal(data) => {
-                let waiting = awaiting.take().ok_or(LoginError::Unexpected('R'))?;
+            (AuthRequest::SaslFinal(data), Scram::Answered(waiting)) => {
                 waiting.verify(&data)?;
                 // Proven; AuthenticationOk must follow.
                 return expect_ok(server, buf).await.map(|()| leg);
@@ -153,29 +117,17 @@ where
             // Cleartext or MD5 over verified TLS: only for a password
             // pgbastion holds (the auth_query role, identity logins),
             // never with a client's proof.
-            AuthRequest::Other(3) | AuthRequest::Md5Password(_)
-                if exchange.is_none() && awaiting.is_none() =>
-            {
-                let Credential::Password(p) = credential else {
-                    return Err(LoginError::UnsupportedMethod(request.code()));
-                };
-                let (answer, mechanism) = match request {
-                    AuthRequest::Md5Password(salt) => {
-                        (message::md5_password_message(user, p, salt), "md5")
-                    }
-                    _ => (message::password_message(p), "password"),
-                };
-                wire::send(server, &answer).await?;
-                expect_ok(server, buf).await?;
-                return Ok(LegAuth {
-                    mechanism: mechanism.into(),
-                    channel_binding: false,
-                });
-            }
-            AuthRequest::Other(_) | AuthRequest::Md5Password(_) => {
+            (
+                request @ (AuthRequest::Other(3) | AuthRequest::Md5Password(_)),
+                Scram::NotStarted,
+            ) => return answer_password(server, buf, user, request, credential).await,
+            (request @ (AuthRequest::Other(_) | AuthRequest::Md5Password(_)), _) => {
                 return Err(LoginError::UnsupportedMethod(request.code()))
             }
-            AuthRequest::Sasl(_) => return Err(LoginError::Unexpected('R')),
+            (
+                AuthRequest::Sasl(_) | AuthRequest::SaslContinue(_) | AuthRequest::SaslFinal(_),
+                _,
+            ) => return Err(LoginError::Unexpected('R')),
         }
         let (t, body) = wire::read_message(server, buf, MAX_LOGIN_MESSAGE).await?;
         request = match t {
@@ -185,6 +137,73 @@ where
             other => return Err(LoginError::Unexpected(char::from(other))),
         };
     }
+}
+/// Where the SCRAM exchange with the server stands.
+enum Scram {
+    NotStarted,
+    /// The client-first message is sent.
+    Started(ClientExchange),
+    /// The client-final message is sent; the server must prove itself.
+    Answered(ClientAwaitingFinal),
+}
+
+/// Answers the server-first message (`data`) with the client-final one.
+async fn answer_challenge<S>(
+    server: &mut S,
+    ex: ClientExchange,
+    data: &[u8],
+    credential: &Credential<'_>,
+) -> Result<ClientAwaitingFinal, LoginError>
+where
+    S: AsyncWrite + Unpin + ?Sized,
+{
+    // A held password is salted off the async workers (PBKDF2 with the
+    // server's iteration count takes up to seconds).
+    let (salted, salt, iterations);
+    let credential = match credential {
+        Credential::Password(p) => {
+            (salt, iterations) = ex.server_params(data)?;
+            salted = derive::salted_password(p, &salt, iterations).await?;
+            Credential::Salted {
+                salted: &salted,
+                salt: &salt,
+                iterations,
+            }
+        }
+        other => *other,
+    };
+    let (waiting, reply) = ex.respond(data, &credential)?;
+    wire::send(server, &message::sasl_response(reply.as_bytes())).await?;
+    Ok(waiting)
+}
+
+/// Answers a cleartext-password or MD5 request with the password
+/// pgbastion holds (never a client's proof), then reads AuthenticationOk.
+async fn answer_password<S>(
+    server: &mut S,
+    buf: &mut Vec<u8>,
+    user: &str,
+    request: AuthRequest,
+    credential: &Credential<'_>,
+) -> Result<LegAuth, LoginError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let Credential::Password(p) = credential else {
+        return Err(LoginError::UnsupportedMethod(request.code()));
+    };
+    let (answer, mechanism) = match request {
+        AuthRequest::Md5Password(salt) => {
+            (message::md5_password_message(user, p, salt), Mechanism::Md5)
+        }
+        _ => (message::password_message(p), Mechanism::Password),
+    };
+    wire::send(server, &answer).await?;
+    expect_ok(server, buf).await?;
+    Ok(LegAuth {
+        mechanism,
+        channel_binding: false,
+    })
 }
 
 /// Reads the AuthenticationOk that must come next.

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::audit::AuthOutcome;
+use crate::audit::event::{AuthOutcome, EndReason, Mechanism};
 use crate::auth::scram::SCRAM_SHA_256_PLUS;
 use crate::cancel::{CancelRegistry, CancelTarget, Registration};
 use crate::limits::keyed_slots::{KeyedPermit, KeyedSlots};
@@ -64,17 +64,18 @@ pub enum AuthEnd {
 }
 
 impl AuthEnd {
-    pub fn reason(&self) -> &'static str {
+    /// The session's `end_reason`.
+    pub fn reason(&self) -> EndReason {
         match self {
-            AuthEnd::ChannelBinding => "channel_binding_refused",
-            AuthEnd::ServerClosed => "server_closed",
-            AuthEnd::ClientClosed => "client_closed",
-            AuthEnd::ClientIo(_) => "client_error",
-            AuthEnd::ServerIo(_) => "server_error",
-            AuthEnd::Protocol { .. } => "protocol_violation",
-            AuthEnd::Timeout(_) => "authentication_timeout",
-            AuthEnd::TooManySessions(_) => "too_many_sessions",
-            AuthEnd::Shutdown => "shutdown",
+            AuthEnd::ChannelBinding => EndReason::ChannelBindingRefused,
+            AuthEnd::ServerClosed => EndReason::ServerClosed,
+            AuthEnd::ClientClosed => EndReason::ClientClosed,
+            AuthEnd::ClientIo(_) => EndReason::ClientError,
+            AuthEnd::ServerIo(_) => EndReason::ServerError,
+            AuthEnd::Protocol { .. } => EndReason::ProtocolViolation,
+            AuthEnd::Timeout(_) => EndReason::AuthenticationTimeout,
+            AuthEnd::TooManySessions(_) => EndReason::TooManySessions,
+            AuthEnd::Shutdown => EndReason::Shutdown,
         }
     }
 
@@ -122,7 +123,7 @@ pub struct AuthPhase {
     client_plaintext: bool,
     pub outcome: AuthOutcome,
     /// The SASL mechanism the client chose, when it used SASL.
-    pub mechanism: Option<String>,
+    pub mechanism: Option<Mechanism>,
     pub counts: ByteCounts,
     cancel: CancelContext,
     /// The session's cancel key mapping; dropped with the session.
@@ -261,7 +262,7 @@ impl AuthPhase {
                         side: "client",
                         error,
                     })?;
-                self.mechanism = Some(String::from_utf8_lossy(mechanism).into_owned());
+                self.mechanism = Some(Mechanism::named(&String::from_utf8_lossy(mechanism)));
                 if mechanism == SCRAM_SHA_256_PLUS.as_bytes() {
                     return Err(AuthEnd::ChannelBinding);
                 }

@@ -13,7 +13,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::auth::auth_query::AuthQueryError;
-use crate::auth::login::{LegAuth, LoginError};
+use crate::audit::event::{LegAuth, Mechanism, RejectReason};
+use crate::auth::login::LoginError;
 use crate::auth::scram::{self, Offer, Proven, ScramError, ServerExchange, Verifier};
 use crate::auth::secrets::StoredSecret;
 use crate::auth::source::SourceName;
@@ -73,23 +74,23 @@ fn round_up(d: Duration) -> Duration {
 
 impl AuthError {
     /// The stable name in the audit log.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> RejectReason {
         match self {
-            AuthError::Throttled(_) => "auth_throttled",
-            AuthError::VerifierUnavailable { .. } => "verifier_unavailable",
-            AuthError::NotScram { .. } => "verifier_not_scram",
+            AuthError::Throttled(_) => RejectReason::AuthThrottled,
+            AuthError::VerifierUnavailable { .. } => RejectReason::VerifierUnavailable,
+            AuthError::NotScram { .. } => RejectReason::VerifierNotScram,
             AuthError::ClientScram(_) | AuthError::ClientUnexpected(_) => {
-                "scram_protocol_violation"
+                RejectReason::ScramProtocolViolation
             }
-            AuthError::ClientWire(WireError::Closed) => "client_closed",
-            AuthError::ClientWire(_) => "client_error",
-            AuthError::Failed { .. } => "auth_failed",
-            AuthError::VerifierStale { .. } => "verifier_stale",
-            AuthError::ServerMethod(_) => "upstream_auth_unsupported",
-            AuthError::ServerProof(_) => "upstream_auth_unproven",
-            AuthError::ServerRefused(_) => "upstream_refused",
-            AuthError::ServerLogin(_) => "upstream_login_failed",
-            AuthError::Timeout(_) => "authentication_timeout",
+            AuthError::ClientWire(WireError::Closed) => RejectReason::ClientClosed,
+            AuthError::ClientWire(_) => RejectReason::ClientError,
+            AuthError::Failed { .. } => RejectReason::AuthFailed,
+            AuthError::VerifierStale { .. } => RejectReason::VerifierStale,
+            AuthError::ServerMethod(_) => RejectReason::UpstreamAuthUnsupported,
+            AuthError::ServerProof(_) => RejectReason::UpstreamAuthUnproven,
+            AuthError::ServerRefused(_) => RejectReason::UpstreamRefused,
+            AuthError::ServerLogin(_) => RejectReason::UpstreamLoginFailed,
+            AuthError::Timeout(_) => RejectReason::AuthenticationTimeout,
         }
     }
 
@@ -249,7 +250,7 @@ where
         )?;
         // `start` has checked that PLUS comes with binding data and only then.
         *leg = Some(LegAuth {
-            mechanism: mechanism.to_owned(),
+            mechanism: Mechanism::named(mechanism),
             channel_binding: mechanism == scram::SCRAM_SHA_256_PLUS,
         });
         started

@@ -3,6 +3,7 @@
 //! certificate, RDS IAM). Owns the credential types, the conversion from
 //! `RawCredential`, and the one-credential-per-user-and-upstream check.
 
+use crate::audit::event::CredentialKind;
 use std::path::PathBuf;
 
 use serde::Deserialize;
@@ -39,12 +40,14 @@ pub enum CredentialSource {
 
 impl CredentialSource {
     /// The kind, as the audit log names it.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> CredentialKind {
         match self {
-            CredentialSource::PasswordFile(_) | CredentialSource::PasswordEnv(_) => "password",
-            CredentialSource::ScramSecret(_) => "scram_secret",
-            CredentialSource::ClientCert { .. } => "client_cert",
-            CredentialSource::RdsIam(_) => "rds_iam",
+            CredentialSource::PasswordFile(_) | CredentialSource::PasswordEnv(_) => {
+                CredentialKind::Password
+            }
+            CredentialSource::ScramSecret(_) => CredentialKind::ScramSecret,
+            CredentialSource::ClientCert { .. } => CredentialKind::ClientCert,
+            CredentialSource::RdsIam(_) => CredentialKind::RdsIam,
         }
     }
 }

@@ -245,7 +245,7 @@ mod credential_tests {
             "[[rule]]\nlisteners = [\"mtls\"]\nlogin = \"identity\"\n{cred}"
         ))
         .unwrap();
-        assert_eq!(c.credentials[0].source.kind(), "password");
+        assert_eq!(c.credentials[0].source.kind().as_str(), "password");
         with(&format!(
             "[[rule]]\nsources = [\"client_cert\"]\nlogin = \"identity\"\n{cred}"
         ))

@@ -3,6 +3,7 @@
 //! (passthrough, or scram with a secrets file and/or `auth_query`). Owns
 //! the upstream types and the conversion from `RawUpstream`.
 
+use crate::audit::event::LoginMode;
 use std::path::PathBuf;
 
 use serde::Deserialize;
@@ -44,6 +45,17 @@ pub enum AuthMode {
     /// pgbastion terminates SCRAM on both legs, channel-bound, with the
     /// user's verifier.
     Scram,
+}
+
+/// The audit log's name for how a session logs in, from the upstream's
+/// mode (identity login is decided later, by the rule).
+impl From<AuthMode> for LoginMode {
+    fn from(mode: AuthMode) -> LoginMode {
+        match mode {
+            AuthMode::Passthrough => LoginMode::Passthrough,
+            AuthMode::Scram => LoginMode::Scram,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -9,7 +9,7 @@ use tracing::info;
 
 use super::negotiate::{ClientConn, ERROR_WRITE_TIMEOUT};
 use super::Session;
-use crate::audit::{ClientTransport, Event};
+use crate::audit::{CancelOutcome, ClientTransport, Event};
 use crate::config::CancelPlaintext;
 use crate::protocol::startup::CancelKey;
 
@@ -18,12 +18,12 @@ struct CancelDelivery {
     target_id: Option<String>,
     /// The instance the session runs on, when it is another one.
     instance: Option<String>,
-    outcome: &'static str,
+    outcome: CancelOutcome,
     detail: Option<String>,
 }
 
 impl CancelDelivery {
-    fn refused(outcome: &'static str) -> Self {
+    fn refused(outcome: CancelOutcome) -> Self {
         CancelDelivery {
             target_id: None,
             instance: None,
@@ -38,9 +38,9 @@ impl CancelDelivery {
         sent: Result<(), crate::upstream::UpstreamError>,
     ) -> Self {
         let (outcome, detail) = match (sent, instance.is_some()) {
-            (Ok(()), false) => ("forwarded", None),
-            (Ok(()), true) => ("forwarded_remote", None),
-            (Err(e), _) => ("upstream_failed", Some(e.to_string())),
+            (Ok(()), false) => (CancelOutcome::Forwarded, None),
+            (Ok(()), true) => (CancelOutcome::ForwardedRemote, None),
+            (Err(e), _) => (CancelOutcome::UpstreamFailed, Some(e.to_string())),
         };
         CancelDelivery {
             target_id: Some(session_id),
@@ -62,11 +62,11 @@ impl Session {
             self.settings.limits.ipv6_prefix,
         );
         let delivery = if !self.shared.cancels.allow(client_ip) {
-            CancelDelivery::refused("rate_limited")
+            CancelDelivery::refused(CancelOutcome::RateLimited)
         } else if self.facts.client_tls == Some(ClientTransport::Plaintext)
             && self.listener.cancel_plaintext == CancelPlaintext::Deny
         {
-            CancelDelivery::refused("plaintext_refused")
+            CancelDelivery::refused(CancelOutcome::PlaintextRefused)
         } else {
             match self.shared.cancels.lookup(&req) {
                 Some(target) => {
@@ -82,7 +82,7 @@ impl Session {
                     CancelDelivery::sent(target.session_id, None, sent)
                 }
                 None => match &self.shared.cluster {
-                    None => CancelDelivery::refused("unmatched"),
+                    None => CancelDelivery::refused(CancelOutcome::Unmatched),
                     Some(fleet) => self.remote_cancel(fleet, &req).await,
                 },
             }
@@ -102,12 +102,12 @@ impl Session {
         let target_id = target_id.as_deref().unwrap_or("unmatched");
         // A forwarded cancel is always logged and audited; the rest
         // (unknown keys, rate limits) is what a stranger can flood.
-        let forwarded = outcome.starts_with("forwarded");
-        if forwarded || self.shared.warn_limit.allow(outcome) {
+        let forwarded = outcome.is_forwarded();
+        if forwarded || self.shared.warn_limit.allow(outcome.as_str()) {
             info!(
                 target = target_id,
                 session_instance = instance.as_deref(),
-                outcome,
+                outcome = outcome.as_str(),
                 "cancel request"
             );
         }
@@ -118,7 +118,7 @@ impl Session {
             outcome,
             detail,
         };
-        if forwarded || self.shared.audit_limit.allow(outcome) {
+        if forwarded || self.shared.audit_limit.allow(outcome.as_str()) {
             self.shared.record(&event);
         } else {
             self.shared.metrics.observe(&event);
@@ -135,12 +135,12 @@ impl Session {
     ) -> CancelDelivery {
         let found = match fleet.find_cancel(req).await {
             Err(crate::cluster::Unavailable) => {
-                return CancelDelivery::refused("cluster_unavailable")
+                return CancelDelivery::refused(CancelOutcome::ClusterUnavailable)
             }
             // Our own instance's mapping for a session that has ended (the
             // local registry no longer has it): nothing to cancel.
             Ok(Some(remote)) if remote.instance != fleet.instance() => remote,
-            Ok(_) => return CancelDelivery::refused("unmatched"),
+            Ok(_) => return CancelDelivery::refused(CancelOutcome::Unmatched),
         };
         let Some(upstream) = self
             .shared
@@ -155,7 +155,7 @@ impl Session {
                     found.upstream, found.instance
                 )),
                 instance: Some(found.instance),
-                outcome: "upstream_failed",
+                outcome: CancelOutcome::UpstreamFailed,
             };
         };
         let sent = upstream

@@ -4,6 +4,7 @@
 use std::io;
 use std::time::Duration;
 
+use crate::audit::RejectReason;
 use crate::auth::identity_login::IdentityLoginError;
 use crate::auth::terminate::AuthError;
 use crate::identity::IdentityError;
@@ -94,42 +95,42 @@ pub enum SessionError {
 
 impl SessionError {
     /// A short stable name for the audit log and metrics.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> RejectReason {
         match self {
-            SessionError::Startup(_) => "bad_startup_packet",
-            SessionError::TlsRequired => "tls_required",
-            SessionError::PipelinedAfterSslRequest => "pipelined_after_sslrequest",
-            SessionError::UnexpectedPacket(_) => "unexpected_packet",
-            SessionError::DirectTlsWithoutAlpn => "direct_tls_without_alpn",
-            SessionError::TlsUnavailable => "tls_unavailable",
-            SessionError::ClientTlsHandshake(_) => "client_tls_handshake_failed",
-            SessionError::ClientClosedEarly => "client_closed",
-            SessionError::ClientIo(_) => "client_io_error",
-            SessionError::ClientTimeout(_) => "client_timeout",
-            SessionError::TooManySessions(_) => "too_many_sessions",
-            SessionError::IdentityLimit { .. } => "identity_session_limit",
-            SessionError::NotAdmin { .. } => "not_admin",
-            SessionError::ProxyUntrusted(_) => "proxy_untrusted_source",
-            SessionError::ProxyHeader(_) => "bad_proxy_header",
-            SessionError::ProxyTimeout(_) => "proxy_header_timeout",
-            SessionError::Identity(_) => "identity_failed",
-            SessionError::PolicyDenied { .. } => "policy_denied",
+            SessionError::Startup(_) => RejectReason::BadStartupPacket,
+            SessionError::TlsRequired => RejectReason::TlsRequired,
+            SessionError::PipelinedAfterSslRequest => RejectReason::PipelinedAfterSslRequest,
+            SessionError::UnexpectedPacket(_) => RejectReason::UnexpectedPacket,
+            SessionError::DirectTlsWithoutAlpn => RejectReason::DirectTlsWithoutAlpn,
+            SessionError::TlsUnavailable => RejectReason::TlsUnavailable,
+            SessionError::ClientTlsHandshake(_) => RejectReason::ClientTlsHandshakeFailed,
+            SessionError::ClientClosedEarly => RejectReason::ClientClosed,
+            SessionError::ClientIo(_) => RejectReason::ClientIoError,
+            SessionError::ClientTimeout(_) => RejectReason::ClientTimeout,
+            SessionError::TooManySessions(_) => RejectReason::TooManySessions,
+            SessionError::IdentityLimit { .. } => RejectReason::IdentitySessionLimit,
+            SessionError::NotAdmin { .. } => RejectReason::NotAdmin,
+            SessionError::ProxyUntrusted(_) => RejectReason::ProxyUntrustedSource,
+            SessionError::ProxyHeader(_) => RejectReason::BadProxyHeader,
+            SessionError::ProxyTimeout(_) => RejectReason::ProxyHeaderTimeout,
+            SessionError::Identity(_) => RejectReason::IdentityFailed,
+            SessionError::PolicyDenied { .. } => RejectReason::PolicyDenied,
             SessionError::Upstream(e) => match e {
-                UpstreamError::Certificate { .. } => "upstream_certificate_untrusted",
+                UpstreamError::Certificate { .. } => RejectReason::UpstreamCertificateUntrusted,
                 UpstreamError::RefusedTls { .. } | UpstreamError::ErrorBeforeTls { .. } => {
-                    "upstream_refused_tls"
+                    RejectReason::UpstreamRefusedTls
                 }
                 UpstreamError::Resolve { .. } | UpstreamError::Unreachable { .. } => {
-                    "upstream_unreachable"
+                    RejectReason::UpstreamUnreachable
                 }
-                UpstreamError::TlsTimeout { .. } => "upstream_timeout",
+                UpstreamError::TlsTimeout { .. } => RejectReason::UpstreamTimeout,
                 UpstreamError::Closed { .. }
                 | UpstreamError::UnexpectedReply { .. }
-                | UpstreamError::Handshake { .. } => "upstream_tls_failed",
+                | UpstreamError::Handshake { .. } => RejectReason::UpstreamTlsFailed,
             },
-            SessionError::UpstreamIo(_) => "upstream_io_error",
-            SessionError::AuditUnavailable => "audit_unavailable",
-            SessionError::ShuttingDown => "shutdown",
+            SessionError::UpstreamIo(_) => RejectReason::UpstreamIoError,
+            SessionError::AuditUnavailable => RejectReason::AuditUnavailable,
+            SessionError::ShuttingDown => RejectReason::Shutdown,
             SessionError::Auth(e) => e.reason(),
             SessionError::IdentityLogin(e) => e.reason(),
         }

@@ -15,7 +15,7 @@ use super::negotiate::{ClientConn, ERROR_WRITE_TIMEOUT};
 use super::{Admitted, Session, SessionError};
 use crate::admin::live::SessionInfo;
 use crate::audit::query::{Protocol, QueryRecord, QueryTracker, Statement};
-use crate::audit::{AuthFacts, Event, LoginMode, QueryAuditFacts, SessionFacts, Unparsed};
+use crate::audit::{AuthFacts, Event, LoginMode, QueryAuditFacts, QueryProtocol, SessionFacts, Unparsed};
 use crate::auth::passthrough::{AuthEnd, AuthPhase};
 use crate::policy::AuditQueries;
 use crate::protocol::message::ErrorFields;
@@ -25,7 +25,7 @@ use crate::server::Shared;
 
 /// How a started session ended, for its end event.
 struct Ending {
-    reason: &'static str,
+    reason: crate::audit::EndReason,
     detail: Option<String>,
     /// What the relay carried (the auth phase counts its own).
     counts: ByteCounts,
@@ -76,10 +76,10 @@ fn record_query(shared: &Shared, facts: &SessionFacts, r: &QueryRecord) -> bool 
         ),
     };
     let (protocol, prepared) = match &r.protocol {
-        Protocol::Simple => ("simple", None),
-        Protocol::Extended { name } => ("extended", Some(name.as_str())),
-        Protocol::FunctionCall => ("function_call", None),
-        Protocol::Replication => ("replication", None),
+        Protocol::Simple => (QueryProtocol::Simple, None),
+        Protocol::Extended { name } => (QueryProtocol::Extended, Some(name.as_str())),
+        Protocol::FunctionCall => (QueryProtocol::FunctionCall, None),
+        Protocol::Replication => (QueryProtocol::Replication, None),
     };
     shared.record(&Event::Query {
         facts,
@@ -125,7 +125,7 @@ async fn ended_in_auth(
         _ => end.to_string(),
     };
     warn!(
-        reason = end.reason(),
+        reason = end.reason().as_str(),
         "session ended during authentication: {detail}"
     );
     Ending {
@@ -232,12 +232,12 @@ impl Session {
         let hung_up = matches!(end, RelayEnd::ClientClosed | RelayEnd::ClientError(_))
             && counts.client_to_server == 0;
         let detail = match &end {
-            _ if hung_up && mode == LoginMode::Identity => Some(identity_hangup(&end.as_str())),
+            _ if hung_up && mode == LoginMode::Identity => Some(identity_hangup(&end.reason())),
             RelayEnd::ClientError(d) | RelayEnd::ServerError(d) => Some(d.clone()),
             _ => None,
         };
         Ending {
-            reason: end.as_str(),
+            reason: end.reason(),
             detail,
             counts,
         }
@@ -318,7 +318,7 @@ impl Session {
             query_audit: query_audit.as_ref(),
         });
         info!(
-            reason = ending.reason,
+            reason = ending.reason.as_str(),
             bytes_in = total.client_to_server,
             bytes_out = total.server_to_client,
             "session ended"
@@ -356,8 +356,8 @@ impl Session {
             conn.send_error(bytes).await;
         }
         let sqlstate = response.as_deref().and_then(sqlstate_of);
-        if self.shared.warn_limit.allow(err.reason()) {
-            warn!(reason = err.reason(), "session refused: {err}");
+        if self.shared.warn_limit.allow(err.reason().as_str()) {
+            warn!(reason = err.reason().as_str(), "session refused: {err}");
         }
         // Refusals before a StartupMessage name no user: a flood of them is
         // summarised in the audit log too. Every refusal of a session that
@@ -370,7 +370,7 @@ impl Session {
             duration_ms: self.elapsed_ms(),
             auth,
         };
-        if self.facts.requested.is_none() && !self.shared.audit_limit.allow(err.reason()) {
+        if self.facts.requested.is_none() && !self.shared.audit_limit.allow(err.reason().as_str()) {
             self.shared.metrics.observe(&event);
             return;
         }

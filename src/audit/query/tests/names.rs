@@ -461,13 +461,13 @@ fn a_copy_the_server_ended_needs_no_copy_done() {
     let seen = seen.lock().unwrap();
     let last: Vec<_> = seen[seen.len() - 2..]
         .iter()
-        .map(|r| (r.outcome, r.tag.clone()))
+        .map(|r| (r.outcome.as_str(), r.tag.clone()))
         .collect();
     assert_eq!(
         last,
         [("ok", Some("SELECT".into())), ("ok", Some("SELECT".into()))]
     );
-    assert_eq!(seen[0].outcome, "error");
+    assert_eq!(seen[0].outcome.as_str(), "error");
     assert_eq!(t.stopped(), None);
 }
 
