@@ -11,8 +11,8 @@ use std::time::SystemTime;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::auth::credentials::{Found, Held};
 use crate::audit::event::{CredentialKind, LegAuth, Mechanism, RejectReason};
+use crate::auth::credentials::{Found, Held};
 use crate::auth::login::{self, LoginError};
 use crate::auth::rds_iam::{IamError, TokenTarget};
 use crate::auth::scram::Credential;

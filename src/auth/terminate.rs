@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::auth::auth_query::AuthQueryError;
 use crate::audit::event::{LegAuth, Mechanism, RejectReason};
+use crate::auth::auth_query::AuthQueryError;
 use crate::auth::login::LoginError;
 use crate::auth::scram::{self, Offer, Proven, ScramError, ServerExchange, Verifier};
 use crate::auth::secrets::StoredSecret;

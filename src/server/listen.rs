@@ -15,7 +15,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
 use super::error::ServerError;
-use super::state::{ListenerInfo, Shared};
+use super::state::{AcceptLoop, Accepting, ListenerInfo, Shared};
 use crate::audit::ClientAddress;
 use crate::config::{BindAddress, ProxyProtocol};
 use crate::limits::keyed_slots::KeyedSlots;
@@ -111,21 +111,6 @@ pub(super) enum StopReason {
     Removed,
     /// It listens on another address now (a new loop takes over).
     Moved,
-}
-
-/// The running accept loops, for reloads that add or remove listeners.
-pub(super) struct Accepting {
-    sessions: TaskTracker,
-    stop: CancellationToken,
-    /// Each listener's own stop, its Unix socket path (removed when it
-    /// stops) and its task.
-    loops: HashMap<String, AcceptLoop>,
-}
-
-struct AcceptLoop {
-    stop: CancellationToken,
-    unix_path: Option<PathBuf>,
-    task: tokio::task::JoinHandle<()>,
 }
 
 impl Accepting {

@@ -9,12 +9,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::error::ServerError;
+use super::route::Route;
 use super::state::ListenerInfo;
 use crate::admin::metrics::Metrics;
 use crate::auth::credentials::Credentials;
 use crate::config::{ClientCertMode, Config, CredentialSource, ListenerIdentity};
 use crate::tls::{self, ServedTls, ServerCert};
-use super::route::Route;
 
 /// How audit lines are chained: an HMAC under `audit.chain_key_file`
 /// (mode 0600), else SHA-256.

@@ -9,11 +9,12 @@
 //! configuration's files: certificates, upstreams, the chain key), `reload`
 //! (swapping a new configuration in, and the file watch), `error`.
 
+mod console;
 mod error;
 mod listen;
-pub(crate) mod route;
 mod load;
 mod reload;
+pub(crate) mod route;
 mod state;
 
 use std::future::Future;
@@ -39,10 +40,11 @@ use route::Route;
 
 pub use error::ServerError;
 pub(crate) use listen::canonical;
-use listen::{Accepting, Listener};
+use listen::Listener;
 pub use load::{audit_digest, check, read_chain_key};
 use load::{listener_infos, prepare_tls, record_certificate_expiry, PreparedTls};
 pub use reload::{watch, ReloadHandle, Reloaded};
+use state::Accepting;
 use state::Started;
 pub(crate) use state::{ListenerInfo, Settings, Shared};
 

@@ -11,12 +11,12 @@ use std::time::{Duration, SystemTime};
 use super::error::ServerError;
 use super::listen::{Listener, StopReason};
 use super::load::{listener_infos, prepare_tls, record_certificate_expiry, PreparedTls};
+use super::route::Route;
 use super::state::{ListenerInfo, Settings, Shared};
 use crate::audit::PreparedAudit;
 use crate::auth::credentials::Credentials;
 use crate::config::Config;
 use crate::sync::{MutexExt, RwLockExt};
-use super::route::Route;
 
 /// Why a reload bound a socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,7 +85,6 @@ fn bind_changed(config: &Config, shared: &Shared) -> Result<Vec<(Rebind, Listene
     }
     Ok(bound)
 }
-
 
 /// What a reload changed.
 pub struct Reloaded {

@@ -9,16 +9,17 @@
 //! them. What lives as long as the process (the audit log, metrics,
 //! counters, limiters) is a field.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use super::listen::Accepting;
-use super::reload::ReloadHandle;
-use crate::admin::console::{ClusterState, ConsoleBackend, Link, ListenerRow, UpstreamRow};
+use super::route::Route;
 use crate::admin::metrics::Metrics;
 use crate::admin::Health;
 use crate::audit::AuditLog;
@@ -38,7 +39,6 @@ use crate::relay::ShutdownPhase;
 use crate::sync::RwLockExt;
 use crate::tls::ServedTls;
 use crate::upstream::Upstream;
-use super::route::Route;
 
 /// Log lines of one kind caused by strangers, per `warn::WINDOW`.
 const WARN_LINES_PER_WINDOW: u32 = 10;
@@ -258,66 +258,19 @@ impl ListenerInfo {
     }
 }
 
-/// The console reads the shared state and reloads through it.
-impl ConsoleBackend for Arc<Shared> {
-    fn sessions(&self) -> Vec<crate::admin::live::SessionInfo> {
-        self.live.list()
-    }
+/// The running accept loops, for reloads that add or remove listeners
+/// (defined here because `Shared` holds them; started and stopped by
+/// `listen`, which implements them).
+pub(super) struct Accepting {
+    pub(super) sessions: TaskTracker,
+    pub(super) stop: CancellationToken,
+    /// Each listener's own stop, its Unix socket path (removed when it
+    /// stops) and its task.
+    pub(super) loops: HashMap<String, AcceptLoop>,
+}
 
-    fn upstreams(&self) -> Vec<UpstreamRow> {
-        Shared::upstreams(self)
-            .iter()
-            .map(|u| UpstreamRow {
-                name: u.config.name.clone(),
-                address: u.target(),
-                server_name: u.config.server_name.clone(),
-                auth: u.config.auth_mode(),
-            })
-            .collect()
-    }
-
-    fn listeners(&self) -> Vec<ListenerRow> {
-        Shared::listeners(self)
-            .iter()
-            .map(|l| ListenerRow {
-                name: l.name.clone(),
-                identity: l.identity.clone(),
-                client_tls: l.client_tls,
-                upstream: l.route.name().to_owned(),
-            })
-            .collect()
-    }
-
-    fn audit_counts(&self) -> (u64, u64) {
-        self.audit.counts()
-    }
-
-    fn cluster(&self) -> ClusterState {
-        let Some(fleet) = &self.cluster else {
-            return ClusterState::Off;
-        };
-        let (cancel_mappings, identity_slots) = fleet.held_counts();
-        ClusterState::On {
-            link: if fleet.is_up() { Link::Up } else { Link::Down },
-            instance: fleet.instance().to_owned(),
-            cancel_mappings,
-            identity_slots,
-        }
-    }
-
-    fn certificate_expiries(&self) -> Vec<(String, i64)> {
-        self.metrics.certificate_expiries()
-    }
-
-    fn kill(&self, id: &str) -> bool {
-        self.live.kill(id)
-    }
-
-    fn reload(&self) -> Result<String, String> {
-        ReloadHandle::from_shared(self).reload_all()
-    }
-
-    fn audit(&self, event: &crate::audit::Event<'_>) {
-        self.audit.emit(event);
-    }
+pub(super) struct AcceptLoop {
+    pub(super) stop: CancellationToken,
+    pub(super) unix_path: Option<PathBuf>,
+    pub(super) task: tokio::task::JoinHandle<()>,
 }

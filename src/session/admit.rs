@@ -15,10 +15,10 @@ use crate::admin::console;
 use crate::audit::Event;
 use crate::config::ListenerIdentity;
 use crate::identity::{cert, Identity, IdentityError, IdentitySource};
+use crate::limits::pending::PendingPermit;
 use crate::policy::{AuditQueries, Login, Request};
 use crate::protocol::startup::StartupMessage;
 use crate::relay;
-use crate::limits::pending::PendingPermit;
 use crate::server::route::Route;
 
 /// What admission decided.

@@ -15,7 +15,9 @@ use super::negotiate::{ClientConn, ERROR_WRITE_TIMEOUT};
 use super::{Admitted, Session, SessionError};
 use crate::admin::live::SessionInfo;
 use crate::audit::query::{Protocol, QueryRecord, QueryTracker, Statement};
-use crate::audit::{AuthFacts, Event, LoginMode, QueryAuditFacts, QueryProtocol, SessionFacts, Unparsed};
+use crate::audit::{
+    AuthFacts, Event, LoginMode, QueryAuditFacts, QueryProtocol, SessionFacts, Unparsed,
+};
 use crate::auth::passthrough::{AuthEnd, AuthPhase};
 use crate::policy::AuditQueries;
 use crate::protocol::message::ErrorFields;

@@ -13,7 +13,6 @@ use tracing::{error, info, warn};
 
 use super::negotiate::ClientConn;
 use super::{unless_shutdown, Admitted, Exit, Session, SessionError};
-use crate::server::route::RouteAuth;
 use crate::audit::{AuthFacts, LoginMode};
 use crate::auth::credentials::{Found, Held};
 use crate::auth::identity_login::IdentityLoginError;
@@ -24,6 +23,7 @@ use crate::auth::terminate::{self, AuthError};
 use crate::auth::throttle::{LoginCheck, Throttled};
 use crate::limits::keyed_slots::KeyedPermit;
 use crate::policy::Login;
+use crate::server::route::RouteAuth;
 use crate::upstream::Upstream;
 
 /// How the session logs in to the server: the three modes, each with what

@@ -28,8 +28,8 @@ use std::time::Instant;
 use tracing::Instrument;
 
 use crate::audit::{AuthFacts, ClientAddress, SessionFacts};
-use crate::relay;
 use crate::limits::pending::PendingPermit;
+use crate::relay;
 use crate::server::{ListenerInfo, Shared};
 use crate::stream::BoxedIo;
 

@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use crate::common::*;
 use base64::Engine;
-use pgbastion::tls::channel_binding::tls_server_end_point;
 use pgbastion::auth::scram::{ClientExchange, Credential, Verifier};
 use pgbastion::protocol::message::{self, AuthRequest};
 use pgbastion::protocol::startup::{ProtocolVersion, StartupMessage};
+use pgbastion::tls::channel_binding::tls_server_end_point;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;

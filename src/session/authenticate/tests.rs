@@ -102,7 +102,10 @@ async fn a_client_choosing_plus_is_refused_in_passthrough() {
     let end = r.unwrap_err();
     assert!(matches!(end, AuthEnd::ChannelBinding), "{end:?}");
     assert_eq!(end.client_error().map(|e| e.code), Some("28000"));
-    assert_eq!(phase.mechanism.as_ref().map(|m| m.as_str()), Some("SCRAM-SHA-256-PLUS"));
+    assert_eq!(
+        phase.mechanism.as_ref().map(|m| m.as_str()),
+        Some("SCRAM-SHA-256-PLUS")
+    );
     // Nothing of the client's choice reached the server.
     drop(server_leg);
     let mut got = Vec::new();
