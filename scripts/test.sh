@@ -4,7 +4,8 @@
 # Installs what the tests need when it is missing (PostgreSQL server and
 # client, HAProxy, PgBouncer, Redis and OpenSSL from Debian packages; from
 # PyPI: psycopg, boto3, prometheus_client), then
-# checks formatting and lints, runs every test, smoke-runs the benchmark
+# checks formatting, lints and import circles, runs every test, builds the
+# manual and checks its links, smoke-runs the benchmark
 # harness, and runs every fuzz target briefly (installing cargo-fuzz). The tests start real PostgreSQL servers; a missing part makes them
 # fail, never skip.
 set -euo pipefail
@@ -54,6 +55,8 @@ done
 
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
+# Dependencies between modules point one way (docs/design.md, Layout).
+python3 scripts/import_cycles.py
 if command -v cargo-nextest >/dev/null 2>&1; then
     cargo nextest run --locked --no-fail-fast
 else
@@ -68,6 +71,10 @@ target/debug/examples/bench --quick --output "$smoke" >/dev/null
 grep -q "pgbench -S, 8 client(s): TPS" "$smoke"
 rm -f "$smoke"
 echo "benchmark harness smoke run: ok"
+
+# The manual builds, and no link or anchor in it (or in the README) is
+# broken (installs mdbook when missing).
+bash scripts/docs.sh
 
 # Every fuzz target for a short, bounded time (the long run is
 # `bash scripts/fuzz.sh 600`; see the README).

@@ -1,35 +1,50 @@
 //! pgbastion: a security proxy for the PostgreSQL wire protocol.
 //!
-//! Map of the crate, in the order a connection meets it:
-//! - `server`: listeners, accept loop, limits, shutdown.
-//! - `session`: one connection's state machine, from accept to audit end.
-//! - `protocol`: the wire format, pure parsing and building.
-//! - `auth`: passthrough observation, or SCRAM termination on both legs.
-//! - `tls`: the client-facing acceptor and the verify-full upstream connector.
-//! - `upstream`: dialing an upstream and negotiating TLS with it.
-//! - `relay`: the byte copy after authentication, and teardown.
+//! Map of the crate. Dependencies point down (no module imports one that
+//! imports it back: `scripts/import_cycles.py` checks), in the order a
+//! connection meets them:
+//! - `cli`: the subcommands behind `main.rs` (run, check-config, audit
+//!   verify, scram-secret, demo) and how an error is printed.
+//! - `server`: binding, the accept loops, what sessions share (`state`),
+//!   the `Route` from a listener to an upstream and how sessions log in to
+//!   it, loading and reloading configuration files, draining.
+//! - `session`: one connection as stages (negotiate, admit, login plan,
+//!   connect, authenticate, finish), each returning what the next takes;
+//!   `session::cancel` for CancelRequests.
+//! - `protocol`: the wire format, pure parsing and building (startup
+//!   packets, messages, PROXY headers) and the one incremental framer.
+//! - `auth`: passthrough observation, SCRAM on both legs, identity login,
+//!   verifier and credential sources, the failed-login throttle.
+//! - `tls`: the client-facing acceptor and the `ServerCert` it serves,
+//!   the verify-full upstream connector, channel binding.
+//! - `upstream`: dialing an upstream and verifying it (a pure dialer).
+//! - `relay`: the framed copy after authentication, and teardown.
 //! - `cancel`: pgbastion's own cancel keys and their forwarding.
-//! - `audit`: the JSON-lines audit log; `sink`: the writer threads behind
-//!   it and the text log, so a stalled reader never blocks a session.
-//! - `ratelimit`: keyed token buckets (cancel requests, failed logins);
-//!   `keyed_slots`: concurrent slots per address or identity;
-//!   `warn_limit`: log and audit lines caused by strangers, summarised.
-//! - `admin`: what operators use: the HTTP listener with the health probes
-//!   and `admin::metrics` (Prometheus), and `admin::console` (`SHOW
-//!   SESSIONS`, `KILL`, `RELOAD` on database `pgbastion`) over
-//!   `admin::live`, the sessions relaying now.
-//! - `watch`: reloading when a configuration file changes.
-//! - `config`: the one configuration model; `fd_limit`: the open-files
-//!   limit raised to what the limits need.
-//! - `localpg`, `devcerts`: a throwaway local PostgreSQL and a private CA,
-//!   for `pgbastion demo` and the tests.
+//! - `identity`, `policy`: who the client is (certificate, tailnet), and
+//!   the rules that decide what it may do.
+//! - `audit`: the audit log (events as types in `audit::event`, the hash
+//!   chain, the writer threads, the query audit and its SQL lexer).
+//! - `admin`: the HTTP listener (health probes, Prometheus metrics), the
+//!   console (`SHOW SESSIONS`, `KILL`, `RELOAD`) and the live sessions.
+//! - `cluster`: a fleet of instances sharing cancels and limits via Redis.
+//! - `limits`: token buckets, keyed and pending slots, the warn limiter,
+//!   the open-files limit.
+//! - `config`: the one configuration model, one file per section.
+//! - `net`, `crypto`, `secret_file`, `stream`, `sync`: shared helpers
+//!   (socket options, HMAC/SHA-256, the one reader of secret files, boxed
+//!   streams, poison-tolerant locks).
+//! - `dev`: a throwaway local PostgreSQL and a private CA, for `pgbastion
+//!   demo` and the tests.
+//!
+//! Modules are public only where the binary, the integration tests, the
+//! fuzz targets or the benchmark need them.
 
 #![forbid(unsafe_code)]
 
-pub mod admin;
+pub(crate) mod admin;
 pub mod audit;
 pub mod auth;
-pub mod cancel;
+pub(crate) mod cancel;
 pub mod cli;
 pub mod cluster;
 pub mod config;
@@ -38,13 +53,13 @@ pub mod dev;
 pub mod identity;
 pub mod limits;
 pub(crate) mod net;
-pub mod policy;
+pub(crate) mod policy;
 pub mod protocol;
-pub mod relay;
+pub(crate) mod relay;
 pub(crate) mod secret_file;
 pub mod server;
-pub mod session;
-pub mod stream;
-pub mod sync;
+pub(crate) mod session;
+pub(crate) mod stream;
+pub(crate) mod sync;
 pub mod tls;
-pub mod upstream;
+pub(crate) mod upstream;
