@@ -77,5 +77,5 @@ echo "benchmark harness smoke run: ok"
 bash scripts/docs.sh
 
 # Every fuzz target for a short, bounded time (the long run is
-# `bash scripts/fuzz.sh 600`; see the README).
+# `bash scripts/fuzz.sh 600`; see docs/development.md).
 bash scripts/fuzz.sh 10

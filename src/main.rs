@@ -176,7 +176,7 @@ struct RunArgs {
     #[arg(long, env = "PGBASTION_SECRETS_FILE")]
     secrets_file: Option<PathBuf>,
     /// scram: a role pgbastion logs in as to look verifiers up with auth_query
-    /// (default query: SELECT usename, passwd FROM pgbastion.lookup($1); see the README).
+    /// (default query: SELECT usename, passwd FROM pgbastion.lookup($1); see docs/authentication.md).
     #[arg(long, requires = "auth_password_file", env = "PGBASTION_AUTH_USER")]
     auth_user: Option<String>,
     /// The file holding --auth-user's password.

@@ -28,7 +28,7 @@ use crate::upstream::{Upstream, UpstreamError};
 /// pg_authid; `search_path` is pinned so nobody can slip in their own
 /// operators; roles that may not log in return no row, and an expired
 /// password (VALID UNTIL in the past) returns NULL, like PostgreSQL's own
-/// check. The README shows this text, and the demo and tests install it.
+/// check. docs/authentication.md shows this text, and the demo and tests install it.
 pub const LOOKUP_FUNCTION_SQL: &str = r#"CREATE SCHEMA IF NOT EXISTS pgbastion;
 REVOKE ALL ON SCHEMA pgbastion FROM PUBLIC;
 CREATE OR REPLACE FUNCTION pgbastion.lookup(p_user text, OUT usename name, OUT passwd text)

@@ -46,8 +46,11 @@ pub enum AuthError {
     ClientWire(#[from] WireError),
     #[error("expected a SASL response from the client, got message {0:?}")]
     ClientUnexpected(char),
-    #[error("password authentication failed for user {user:?}{}", if *.known { "" } else { " (no such user)" })]
-    Failed { user: String, known: bool },
+    #[error("password authentication failed for user {user:?}{}", match .verifier { VerifierKind::Users => "", VerifierKind::Mock => " (no such user)" })]
+    Failed {
+        user: String,
+        verifier: VerifierKind,
+    },
     #[error("the database server does not accept pgbastion's copy of the verifier of user {user:?} from {from} ({detail}); refresh it")]
     VerifierStale {
         user: String,
@@ -213,9 +216,18 @@ impl AuthError {
     }
 }
 
+/// Whose verifier a client is proved against: the user's own, or a mock
+/// one (no such user, or none usable) that no proof can match, so the
+/// exchange looks the same to the client either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VerifierKind {
+    Users,
+    Mock,
+}
+
 /// Runs the SCRAM server role toward the client: offers the mechanisms of
 /// `offer`, and checks the client's proof against `verifier`. For an
-/// unknown user (`known == false`, mock verifier) the exchange runs to the
+/// unknown user (`VerifierKind::Mock`) the exchange runs to the
 /// end and then fails exactly like a wrong password. `leg` learns the
 /// client's mechanism as soon as it is chosen, so a failed login is
 /// audited with it too.
@@ -225,7 +237,7 @@ pub async fn prove_client<C>(
     offer: Offer<'_>,
     user: &str,
     verifier: &Verifier,
-    known: bool,
+    kind: VerifierKind,
     leg: &mut Option<LegAuth>,
 ) -> Result<Proven, AuthError>
 where
@@ -263,10 +275,10 @@ where
     let body = read_sasl(client, buf).await?;
     let failed = || AuthError::Failed {
         user: user.to_owned(),
-        known,
+        verifier: kind,
     };
     match exchange.finish(&body, &verifier.stored_key, &verifier.server_key) {
-        Ok(_) if !known => Err(failed()),
+        Ok(_) if kind == VerifierKind::Mock => Err(failed()),
         Err(ScramError::InvalidProof) => Err(failed()),
         other => other.map_err(AuthError::from),
     }

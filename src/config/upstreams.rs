@@ -106,7 +106,7 @@ pub struct AuthQueryConfig {
     pub query: String,
 }
 
-/// The default `auth_query`: the lookup function the README installs.
+/// The default `auth_query`: the lookup function docs/authentication.md installs.
 pub const DEFAULT_AUTH_QUERY: &str = "SELECT usename, passwd FROM pgbastion.lookup($1)";
 
 /// Where trusted root certificates for an upstream come from. At least one

@@ -150,7 +150,7 @@ credential kind, and the person ("identity") next to the role.
 }
 
 /// scram mode with verifiers looked up on the server: the role and the
-/// lookup function of the README. Returns the role's password file.
+/// lookup function of docs/authentication.md. Returns the role's password file.
 fn create_auth_role(pg: &LocalPg, dir: &Path) -> Result<PathBuf, DemoError> {
     let auth_password = format!("{:032x}", rand::random::<u128>());
     pg.run_sql(&format!(

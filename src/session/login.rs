@@ -19,7 +19,7 @@ use crate::auth::identity_login::IdentityLoginError;
 use crate::auth::scram::{Offer, Proven, Verifier};
 use crate::auth::secrets::StoredSecret;
 use crate::auth::source::{Lookup, ScramAuth, SourceName};
-use crate::auth::terminate::{self, AuthError};
+use crate::auth::terminate::{self, AuthError, VerifierKind};
 use crate::auth::throttle::{LoginCheck, Throttled};
 use crate::limits::keyed_slots::KeyedPermit;
 use crate::policy::Login;
@@ -254,7 +254,10 @@ impl Session {
             offer,
             user,
             &found.verifier,
-            matches!(found.of, VerifierOf::Known(_)),
+            match found.of {
+                VerifierOf::Known(_) => VerifierKind::Users,
+                VerifierOf::Unknown | VerifierOf::Unusable(..) => VerifierKind::Mock,
+            },
             &mut facts.client,
         )
         .await;
@@ -276,7 +279,7 @@ impl Session {
             // prove_client never succeeds for a mock verifier.
             VerifierOf::Unknown | VerifierOf::Unusable(..) => Err(AuthError::Failed {
                 user: user.to_owned(),
-                known: false,
+                verifier: VerifierKind::Mock,
             }),
         }
     }

@@ -1,6 +1,6 @@
 //! Stage 1, the client's first packets: the load balancer's PROXY header
 //! (when the listener requires one), then SSLRequest, GSSENCRequest, direct
-//! TLS, CancelRequest and the StartupMessage under the rules of DESIGN.md,
+//! TLS, CancelRequest and the StartupMessage under the rules of docs/design.md,
 //! upgrading the client leg to TLS on the way. Also the client leg itself
 //! (`ClientConn`) and pgbastion's own ErrorResponse to it.
 //!

@@ -842,7 +842,7 @@ fn redis_user() -> (u32, u32) {
 pub const APP_PASSWORD: &str = "app-secret";
 
 /// A role `app` with a SCRAM password, and the lookup role and function
-/// exactly as the README gives them. Returns the lookup role's password
+/// exactly as docs/authentication.md gives them. Returns the lookup role's password
 /// file.
 pub fn install_roles(env: &Env) -> PathBuf {
     env.pg

@@ -1,7 +1,7 @@
 //! SCRAM termination (`auth = "scram"`) against a real PostgreSQL and real
 //! clients: default libpq settings connect with both legs channel-bound;
 //! wrong passwords, unknown users and unusable verifiers get their
-//! answers; verifiers come from a secrets file or the README's lookup
+//! answers; verifiers come from a secrets file or the lookup
 //! function; clients and servers that break the rules are refused; failed
 //! logins are throttled.
 
