@@ -97,10 +97,14 @@ impl Session {
             }
             LoginPlan::Scram { client, slot } => {
                 let login = scram_log_in(&mut conn.io, server, binding, user, &client, facts);
-                let server_leftover = timeout_at(deadline, login)
-                    .await
-                    .unwrap_or(Err(AuthError::Timeout(limit)))
-                    .map_err(|e| Exit::refused_in_login(e, facts))?;
+                let server_leftover = match timeout_at(deadline, login).await {
+                    Ok(Ok(leftover)) => leftover,
+                    Ok(Err(e)) => return Err(Exit::refused_in_login(e, facts).holding(slot)),
+                    Err(_) => {
+                        let e = AuthError::Timeout(limit);
+                        return Err(Exit::refused_in_login(e, facts).holding(slot));
+                    }
+                };
                 let phase =
                     AuthPhase::after_login(std::mem::take(&mut conn.buf), server_leftover, cancel);
                 (phase, SessionPlace::Taken(slot))
@@ -113,10 +117,14 @@ impl Session {
                 };
                 let login =
                     identity_log_in(&mut conn.io, server, binding, &target, &credential, facts);
-                let server_leftover = timeout_at(deadline, login)
-                    .await
-                    .unwrap_or(Err(IdentityLoginError::Timeout(limit)))
-                    .map_err(|e| Exit::refused_in_login(e, facts))?;
+                let server_leftover = match timeout_at(deadline, login).await {
+                    Ok(Ok(leftover)) => leftover,
+                    Ok(Err(e)) => return Err(Exit::refused_in_login(e, facts).holding(slot)),
+                    Err(_) => {
+                        let e = IdentityLoginError::Timeout(limit);
+                        return Err(Exit::refused_in_login(e, facts).holding(slot));
+                    }
+                };
                 let phase =
                     AuthPhase::after_login(std::mem::take(&mut conn.buf), server_leftover, cancel);
                 (phase, SessionPlace::Taken(slot))

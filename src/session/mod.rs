@@ -28,6 +28,7 @@ use std::time::Instant;
 use tracing::Instrument;
 
 use crate::audit::{AuthFacts, ClientAddress, SessionFacts};
+use crate::limits::keyed_slots::KeyedPermit;
 use crate::limits::pending::PendingPermit;
 use crate::relay;
 use crate::server::{ListenerInfo, Shared};
@@ -59,10 +60,14 @@ enum Exit {
     Refused(Box<Refusal>),
 }
 
-/// A refusal: the error, and how far authentication got once it began.
+/// A refusal: the error, how far authentication got once it began, and
+/// the session's place under `limits.max_sessions` if it had one: held
+/// until the client has been told, so a refused session's client and
+/// server connections never count beside the session that takes its place.
 struct Refusal {
     err: SessionError,
     auth: Option<AuthFacts>,
+    held: Option<KeyedPermit<()>>,
 }
 
 impl Exit {
@@ -70,6 +75,7 @@ impl Exit {
         Exit::Refused(Box::new(Refusal {
             err: err.into(),
             auth: None,
+            held: None,
         }))
     }
 
@@ -77,7 +83,19 @@ impl Exit {
         Exit::Refused(Box::new(Refusal {
             err: err.into(),
             auth: Some(auth.clone()),
+            held: None,
         }))
+    }
+
+    /// This refusal, keeping `slot` until the client has been told.
+    fn holding(self, slot: KeyedPermit<()>) -> Exit {
+        match self {
+            Exit::Refused(mut refusal) => {
+                refusal.held = Some(slot);
+                Exit::Refused(refusal)
+            }
+            Exit::Silent => Exit::Silent,
+        }
     }
 }
 
@@ -231,8 +249,9 @@ impl Session {
         match exit {
             Exit::Silent => {}
             Exit::Refused(refusal) => {
-                let Refusal { err, auth } = *refusal;
-                self.reject(conn, err, auth.as_ref()).await
+                let Refusal { err, auth, held } = *refusal;
+                self.reject(conn, err, auth.as_ref()).await;
+                drop(held);
             }
         }
     }
