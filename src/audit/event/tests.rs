@@ -13,27 +13,27 @@ fn names_are_unchanged_and_serde_agrees() {
             assert_eq!(serde_json::to_value(v).unwrap(), name(v), "{v:?}");
         }
     }
-    check(&RejectReason::ALL, |v| v.as_str().into(), "bad_startup_packet tls_required pipelined_after_sslrequest unexpected_packet direct_tls_without_alpn tls_unavailable client_tls_handshake_failed client_closed client_io_error client_error client_timeout proxy_untrusted_source bad_proxy_header proxy_header_timeout too_many_sessions identity_session_limit not_admin identity_failed policy_denied audit_unavailable shutdown upstream_certificate_untrusted upstream_refused_tls upstream_unreachable upstream_timeout upstream_tls_failed upstream_io_error auth_throttled verifier_unavailable verifier_not_scram scram_protocol_violation auth_failed verifier_stale upstream_auth_unsupported upstream_auth_unproven upstream_refused upstream_login_failed authentication_timeout identity_login_without_identity no_credential credential_expired credential_unavailable credential_unsupported credential_refused");
-    check(&EndReason::ALL, |v| v.as_str().into(), "client_closed server_closed client_error server_error shutdown killed audit_unavailable channel_binding_refused protocol_violation authentication_timeout too_many_sessions");
-    check(&CancelOutcome::ALL, |v| v.as_str().into(), "forwarded forwarded_remote unmatched cluster_unavailable rate_limited plaintext_refused upstream_failed");
+    check(RejectReason::ALL, |v| v.as_str().into(), "bad_startup_packet tls_required pipelined_after_sslrequest unexpected_packet direct_tls_without_alpn tls_unavailable client_tls_handshake_failed client_closed client_io_error client_error client_timeout proxy_untrusted_source bad_proxy_header proxy_header_timeout too_many_sessions identity_session_limit not_admin identity_failed policy_denied audit_unavailable shutdown upstream_certificate_untrusted upstream_refused_tls upstream_unreachable upstream_timeout upstream_tls_failed upstream_io_error auth_throttled verifier_unavailable verifier_not_scram scram_protocol_violation auth_failed verifier_stale upstream_auth_unsupported upstream_auth_unproven upstream_refused upstream_login_failed authentication_timeout identity_login_without_identity no_credential credential_expired credential_unavailable credential_unsupported credential_refused");
+    check(EndReason::ALL, |v| v.as_str().into(), "client_closed server_closed client_error server_error shutdown killed audit_unavailable channel_binding_refused protocol_violation authentication_timeout too_many_sessions");
+    check(CancelOutcome::ALL, |v| v.as_str().into(), "forwarded forwarded_remote unmatched cluster_unavailable rate_limited plaintext_refused upstream_failed");
     check(
-        &QueryOutcome::ALL,
+        QueryOutcome::ALL,
         |v| v.as_str().into(),
         "ok error not_executed suspended unanswered",
     );
     check(
-        &QueryProtocol::ALL,
+        QueryProtocol::ALL,
         |v| v.as_str().into(),
         "simple extended function_call replication",
     );
-    check(&CopyDirection::ALL, |v| v.as_str().into(), "in out both");
+    check(CopyDirection::ALL, |v| v.as_str().into(), "in out both");
     check(
-        &CredentialKind::ALL,
+        CredentialKind::ALL,
         |v| v.as_str().into(),
         "password scram_secret client_cert rds_iam",
     );
     check(
-        &LoginMode::ALL,
+        LoginMode::ALL,
         |v| v.as_str().into(),
         "passthrough scram identity",
     );
