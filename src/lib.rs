@@ -54,6 +54,7 @@ pub mod identity;
 pub mod limits;
 pub(crate) mod net;
 pub(crate) mod policy;
+pub mod pool;
 pub mod protocol;
 pub(crate) mod relay;
 pub(crate) mod secret_file;

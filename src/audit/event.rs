@@ -124,6 +124,28 @@ named_enum! {
 }
 
 named_enum! {
+    /// Why a pooled client was pinned to its server connection for the rest
+    /// of its session (`session.pinned`'s `reason`, and the `reason` label of
+    /// `pgbastion_pool_pins`): it made state on that connection that
+    /// pgbastion cannot carry to another one.
+    pub enum PinReason {
+        Listen = "listen",
+        SqlPrepare = "sql_prepare",
+        AdvisoryLock = "advisory_lock",
+        TempObject = "temp_object",
+        HoldCursor = "cursor_with_hold",
+        SetRole = "set_role",
+        SessionAuthorization = "session_authorization",
+        Load = "load",
+        /// The statement could be read two ways (see `audit::normalize`),
+        /// and one of them changes session state.
+        Unclear = "unclear_statement",
+        /// Too many session settings to carry.
+        TooManySettings = "too_many_settings",
+    }
+}
+
+named_enum! {
     /// Why a session that started ended (`session.end`'s `end_reason`, and the
     /// `outcome` label of `pgbastion_sessions`): how the relay ended, or how
     /// the authentication phase did.

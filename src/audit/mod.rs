@@ -26,7 +26,7 @@ use crate::tls::TlsInfo;
 
 pub use event::{
     AuthFacts, AuthOutcome, CancelOutcome, CopyDirection, CredentialKind, EndReason, LegAuth,
-    LoginMode, Mechanism, QueryOutcome, QueryProtocol, RejectReason,
+    LoginMode, Mechanism, PinReason, QueryOutcome, QueryProtocol, RejectReason,
 };
 
 /// How the client leg was protected.

@@ -48,7 +48,8 @@ pub use rules::MAX_TRUSTED_PROXY_ADDRESSES;
 pub use tailscale::TailscaleConfig;
 pub use tls::{ClientTlsConfig, TlsVersion};
 pub use upstreams::{
-    AuthMode, AuthQueryConfig, RootSources, ScramConfig, SendProxyProtocol, TlsNegotiation,
+    AuthMode, AuthQueryConfig, PoolConfig, PoolMode, RootSources, ScramConfig, SendProxyProtocol,
+    TlsNegotiation,
     UpstreamConfig, DEFAULT_AUTH_QUERY,
 };
 

@@ -75,6 +75,64 @@ pub struct UpstreamConfig {
     pub send_proxy_protocol: SendProxyProtocol,
     /// None: passthrough.
     pub scram: Option<ScramConfig>,
+    /// None: one server connection per client session (no pooling).
+    pub pool: Option<PoolConfig>,
+}
+
+/// How sessions share server connections (`pool_mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// A server connection per client session, borrowed from the pool and
+    /// cleaned when given back.
+    Session,
+    /// A server connection per transaction.
+    Transaction,
+}
+
+impl PoolMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PoolMode::Session => "session",
+            PoolMode::Transaction => "transaction",
+        }
+    }
+}
+
+/// An upstream's pool settings, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolConfig {
+    pub mode: PoolMode,
+    /// Server connections per (database, user) pool, in use or idle.
+    pub size: usize,
+    /// Connections each pool keeps open even when idle.
+    pub min_size: usize,
+    /// All pools of the upstream together (None: no bound beyond the
+    /// pools' own).
+    pub max_server_connections: Option<usize>,
+    /// An idle server connection is closed after this long.
+    pub server_idle_timeout: std::time::Duration,
+    /// A server connection is closed (when next idle) after this long.
+    pub server_lifetime: std::time::Duration,
+    /// How long a client waits for a free server connection.
+    pub query_wait_timeout: std::time::Duration,
+    /// Named prepared statements kept per server connection (LRU).
+    pub max_prepared_statements: usize,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            mode: PoolMode::Transaction,
+            size: 20,
+            min_size: 0,
+            max_server_connections: None,
+            server_idle_timeout: std::time::Duration::from_secs(600),
+            server_lifetime: std::time::Duration::from_secs(3600),
+            query_wait_timeout: std::time::Duration::from_secs(120),
+            max_prepared_statements: 200,
+        }
+    }
 }
 
 impl UpstreamConfig {
@@ -172,6 +230,8 @@ impl RawUpstream {
             min_tls_version,
             send_proxy_protocol,
             scram,
+            // Written from `pool_mode` and its keys by `RawUpstream::pool`.
+            pool: None,
         })
     }
 

@@ -1,0 +1,1 @@
+//! What a SQL statement does to session state (placeholder; written next).
