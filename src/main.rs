@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use pgbastion::cli::report::{self, Backtraces};
 use pgbastion::cli::run::ConfigSource;
 use pgbastion::cli::{self, LogFormat};
-use pgbastion::config::{AuditOnFailure, AuthMode, ClientTlsMode, Flags};
+use pgbastion::config::{AuditOnFailure, AuthMode, ClientTlsMode, Flags, PoolMode};
 
 #[derive(Parser)]
 #[command(
@@ -182,6 +182,41 @@ struct RunArgs {
     /// The file holding --auth-user's password.
     #[arg(long, requires = "auth_user", env = "PGBASTION_AUTH_PASSWORD_FILE")]
     auth_password_file: Option<PathBuf>,
+    /// Share server connections between clients: `transaction` (a server connection per
+    /// transaction, given back at its end) or `session` (one per client session, cleaned when
+    /// given back). Needs --auth scram: pgbastion logs in to the server on its own. Default: no
+    /// pooling, one server connection per client session. The other pool flags need this one.
+    #[arg(long, value_enum, env = "PGBASTION_POOL_MODE")]
+    pool_mode: Option<PoolModeArg>,
+    /// Server connections per (database, user) pool, in use or idle (default 20; 1 to 10000).
+    #[arg(long, env = "PGBASTION_POOL_SIZE")]
+    pool_size: Option<usize>,
+    /// Connections each pool keeps open even when idle (default 0; at most --pool-size).
+    #[arg(long, env = "PGBASTION_MIN_POOL_SIZE")]
+    min_pool_size: Option<usize>,
+    /// Server connections of all pools together (default: no bound beyond each pool's
+    /// --pool-size).
+    #[arg(long, env = "PGBASTION_MAX_SERVER_CONNECTIONS")]
+    max_server_connections: Option<usize>,
+    /// How long a client waits for a free server connection, e.g. 30s (default 120s).
+    #[arg(long, value_parser = humantime::parse_duration, env = "PGBASTION_QUERY_WAIT_TIMEOUT")]
+    query_wait_timeout: Option<std::time::Duration>,
+    /// An idle server connection is closed after this long, e.g. 5m (default 10m).
+    #[arg(long, value_parser = humantime::parse_duration, env = "PGBASTION_SERVER_IDLE_TIMEOUT")]
+    server_idle_timeout: Option<std::time::Duration>,
+    /// A server connection is closed (once idle) after this long, e.g. 30m (default 1h).
+    #[arg(long, value_parser = humantime::parse_duration, env = "PGBASTION_SERVER_LIFETIME")]
+    server_lifetime: Option<std::time::Duration>,
+    /// Named prepared statements kept per server connection, least recently used dropped
+    /// first (default 200; 1 to 10000).
+    #[arg(long, env = "PGBASTION_MAX_PREPARED_STATEMENTS")]
+    max_prepared_statements: Option<usize>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PoolModeArg {
+    Session,
+    Transaction,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -294,6 +329,17 @@ impl RunArgs {
             secrets_file: self.secrets_file,
             auth_user: self.auth_user,
             auth_password_file: self.auth_password_file,
+            pool_mode: self.pool_mode.map(|m| match m {
+                PoolModeArg::Session => PoolMode::Session,
+                PoolModeArg::Transaction => PoolMode::Transaction,
+            }),
+            pool_size: self.pool_size,
+            min_pool_size: self.min_pool_size,
+            max_server_connections: self.max_server_connections,
+            server_idle_timeout: self.server_idle_timeout,
+            server_lifetime: self.server_lifetime,
+            query_wait_timeout: self.query_wait_timeout,
+            max_prepared_statements: self.max_prepared_statements,
         }))
     }
 }

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
-use crate::config::{Config, UpstreamConfig};
+use crate::config::{Config, PoolConfig, UpstreamConfig};
 
 /// Validates `path`; on success prints a summary of listeners, upstreams,
 /// rules and the cluster on standard output.
@@ -40,13 +40,16 @@ pub fn check_config(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// An upstream's address, verified name, and where its logins' SCRAM
-/// verifiers come from.
+/// An upstream's address, verified name, pool, and where its logins'
+/// SCRAM verifiers come from.
 fn describe_upstream(u: &UpstreamConfig) {
     println!(
         "  upstream {:?} at {}:{} verified as {:?}",
         u.name, u.host, u.port, u.server_name
     );
+    if let Some(p) = &u.pool {
+        describe_pool(p);
+    }
     let Some(s) = &u.scram else {
         println!("    auth: passthrough (clients must set channel_binding=disable)");
         return;
@@ -67,4 +70,26 @@ fn describe_upstream(u: &UpstreamConfig) {
     if s.secrets_file.is_some() && s.auth_query.is_some() {
         println!("    auth_query also runs for users in secrets_file (equal timing; its answer is not used for them)");
     }
+}
+
+/// A pooled upstream's mode and bounds (unpooled upstreams print nothing:
+/// one server connection per client session, as without pgbastion).
+fn describe_pool(p: &PoolConfig) {
+    let total = match p.max_server_connections {
+        Some(n) => format!("at most {n} server connections in all"),
+        None => "no bound across pools".to_owned(),
+    };
+    println!(
+        "    pool: {} mode, {} server connections per (database, user) ({} kept open), {total}",
+        p.mode.as_str(),
+        p.size,
+        p.min_size
+    );
+    println!(
+        "    pool: idle connections closed after {}, every connection after {}; clients wait {} for one; {} prepared statements kept per connection",
+        humantime::format_duration(p.server_idle_timeout),
+        humantime::format_duration(p.server_lifetime),
+        humantime::format_duration(p.query_wait_timeout),
+        p.max_prepared_statements
+    );
 }

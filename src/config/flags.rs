@@ -4,12 +4,13 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use super::error::ConfigError;
 use super::raw::{RawAudit, RawConfig, RawListener, RawTls, RawUpstream};
 use super::{
-    AdminConfig, AuditOnFailure, AuthMode, ClientTlsMode, Config, Limits, SendProxyProtocol,
-    TlsNegotiation, TlsVersion,
+    AdminConfig, AuditOnFailure, AuthMode, ClientTlsMode, Config, Limits, PoolMode,
+    SendProxyProtocol, TlsNegotiation, TlsVersion,
 };
 
 /// The flag-only form of `pgbastion run`, for the one-upstream case.
@@ -37,6 +38,17 @@ pub struct Flags {
     pub secrets_file: Option<PathBuf>,
     pub auth_user: Option<String>,
     pub auth_password_file: Option<PathBuf>,
+    /// Server connection pooling: `--pool-mode` and the flags that tune
+    /// it, each the `[[upstream]]` key of the same name (`--pool-size` is
+    /// `pool_size`); unset: the key's default.
+    pub pool_mode: Option<PoolMode>,
+    pub pool_size: Option<usize>,
+    pub min_pool_size: Option<usize>,
+    pub max_server_connections: Option<usize>,
+    pub server_idle_timeout: Option<Duration>,
+    pub server_lifetime: Option<Duration>,
+    pub query_wait_timeout: Option<Duration>,
+    pub max_prepared_statements: Option<usize>,
 }
 
 impl Config {
@@ -126,5 +138,13 @@ fn upstream(address: String, flags: Flags) -> RawUpstream {
         auth_password_file: flags.auth_password_file,
         auth_database: None,
         auth_query: None,
+        pool_mode: flags.pool_mode,
+        pool_size: flags.pool_size,
+        min_pool_size: flags.min_pool_size,
+        max_server_connections: flags.max_server_connections,
+        server_idle_timeout: flags.server_idle_timeout,
+        server_lifetime: flags.server_lifetime,
+        query_wait_timeout: flags.query_wait_timeout,
+        max_prepared_statements: flags.max_prepared_statements,
     }
 }

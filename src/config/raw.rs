@@ -13,8 +13,8 @@ use serde::Deserialize;
 
 use super::{
     AdminConfig, AuditOnFailure, AuthMode, CancelPlaintext, ClientCertMode, ClientTlsMode, Limits,
-    ProxyProtocol, RdsIamConfig, ReloadConfig, SendProxyProtocol, Timeouts, TlsNegotiation,
-    TlsVersion,
+    PoolMode, ProxyProtocol, RdsIamConfig, ReloadConfig, SendProxyProtocol, Timeouts,
+    TlsNegotiation, TlsVersion,
 };
 use crate::identity::cert::CertName;
 use crate::identity::IdentitySource;
@@ -179,6 +179,20 @@ pub(super) struct RawUpstream {
     pub(super) auth_password_file: Option<PathBuf>,
     pub(super) auth_database: Option<String>,
     pub(super) auth_query: Option<String>,
+    /// Server connection pooling (`None`: one server connection per
+    /// client session); the keys below need it. Checked by
+    /// `RawUpstream::pool`.
+    pub(super) pool_mode: Option<PoolMode>,
+    pub(super) pool_size: Option<usize>,
+    pub(super) min_pool_size: Option<usize>,
+    pub(super) max_server_connections: Option<usize>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub(super) server_idle_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub(super) server_lifetime: Option<Duration>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub(super) query_wait_timeout: Option<Duration>,
+    pub(super) max_prepared_statements: Option<usize>,
 }
 
 /// `[audit]` as written.

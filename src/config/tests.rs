@@ -592,3 +592,273 @@ fn flags_build_the_same_model() {
         (256, Duration::from_secs(5))
     );
 }
+
+/// `[[upstream]]` pooling (issue 21): `pool_mode` and its keys, their
+/// defaults, and each refusal with the key it names.
+mod pool_tests {
+    use super::*;
+
+    const SCRAM: &str = "auth = \"scram\"\nsecrets_file = \"users.txt\"";
+
+    fn upstream(keys: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(&MINIMAL.replace("ca_file", &format!("{keys}\nca_file")))
+    }
+
+    fn pool(keys: &str) -> Option<PoolConfig> {
+        upstream(keys).unwrap().upstreams[0].pool.clone()
+    }
+
+    #[test]
+    fn unpooled_by_default_and_defaults_once_a_mode_is_set() {
+        assert_eq!(Config::from_toml(MINIMAL).unwrap().upstreams[0].pool, None);
+        assert_eq!(pool(SCRAM), None);
+        let p = pool(&format!("{SCRAM}\npool_mode = \"transaction\"")).unwrap();
+        assert_eq!(p, PoolConfig::default());
+        assert_eq!(
+            (p.size, p.min_size, p.max_server_connections),
+            (20, 0, None)
+        );
+        assert_eq!(
+            (
+                p.server_idle_timeout,
+                p.server_lifetime,
+                p.query_wait_timeout
+            ),
+            (
+                Duration::from_secs(600),
+                Duration::from_secs(3600),
+                Duration::from_secs(120)
+            )
+        );
+        assert_eq!(p.max_prepared_statements, 200);
+        let p = pool(&format!("{SCRAM}\npool_mode = \"session\"")).unwrap();
+        assert_eq!((p.mode, p.mode.as_str()), (PoolMode::Session, "session"));
+        // auth_query alone is a key of pgbastion's own too.
+        let q = "auth = \"scram\"\nauth_user = \"pgb\"\nauth_password_file = \"pw\"";
+        assert!(pool(&format!("{q}\npool_mode = \"transaction\"")).is_some());
+    }
+
+    #[test]
+    fn every_key_is_read() {
+        let p = pool(&format!(
+            "{SCRAM}\npool_mode = \"transaction\"\npool_size = 50\nmin_pool_size = 5\n\
+             max_server_connections = 30\nserver_idle_timeout = \"5m\"\n\
+             server_lifetime = \"2h 30m\"\nquery_wait_timeout = \"30s\"\n\
+             max_prepared_statements = 1000"
+        ))
+        .unwrap();
+        assert_eq!(
+            p,
+            PoolConfig {
+                mode: PoolMode::Transaction,
+                size: 50,
+                min_size: 5,
+                // Fewer than pool_size: allowed, it caps the pools together.
+                max_server_connections: Some(30),
+                server_idle_timeout: Duration::from_secs(300),
+                server_lifetime: Duration::from_secs(9000),
+                query_wait_timeout: Duration::from_secs(30),
+                max_prepared_statements: 1000,
+            }
+        );
+        // The bounds themselves are accepted.
+        let edges = pool(&format!(
+            "{SCRAM}\npool_mode = \"session\"\npool_size = 10000\nmin_pool_size = 10000\n\
+             max_server_connections = 1\nserver_idle_timeout = \"1s\"\nserver_lifetime = \"1s\"\n\
+             query_wait_timeout = \"1s\"\nmax_prepared_statements = 1"
+        ))
+        .unwrap();
+        assert_eq!((edges.size, edges.min_size), (10000, 10000));
+    }
+
+    #[test]
+    fn each_refusal_names_its_key() {
+        let pooled = format!("{SCRAM}\npool_mode = \"transaction\"");
+        for (keys, key, says) in [
+            (
+                format!("{SCRAM}\npool_size = 5"),
+                "pool_size",
+                "pool_size has no effect without pool_mode = \"transaction\" or \"session\"",
+            ),
+            (
+                "max_prepared_statements = 5".to_owned(),
+                "max_prepared_statements",
+                "no effect without pool_mode",
+            ),
+            (
+                format!("{SCRAM}\nquery_wait_timeout = \"1m\""),
+                "query_wait_timeout",
+                "no effect without pool_mode",
+            ),
+            (
+                "pool_mode = \"transaction\"".to_owned(),
+                "pool_mode",
+                "needs a key pgbastion holds",
+            ),
+            (
+                "pool_mode = \"session\"\nauth = \"passthrough\"".to_owned(),
+                "pool_mode",
+                "auth_user + auth_password_file",
+            ),
+            (
+                format!("{pooled}\nsend_proxy_protocol = \"v1\""),
+                "send_proxy_protocol",
+                "only its first client",
+            ),
+            (
+                format!("{pooled}\nsend_proxy_protocol = \"v2\""),
+                "send_proxy_protocol",
+                "[forward.settings]",
+            ),
+            (
+                format!("{pooled}\npool_size = 0"),
+                "pool_size",
+                "between 1 and 10000, not 0",
+            ),
+            (
+                format!("{pooled}\npool_size = 10001"),
+                "pool_size",
+                "between 1 and 10000",
+            ),
+            (
+                format!("{pooled}\nmin_pool_size = 21"),
+                "min_pool_size",
+                "more than pool_size (20)",
+            ),
+            (
+                format!("{pooled}\npool_size = 5\nmin_pool_size = 6"),
+                "min_pool_size",
+                "6 is more than pool_size (5)",
+            ),
+            (
+                format!("{pooled}\nmax_server_connections = 0"),
+                "max_server_connections",
+                "at least 1",
+            ),
+            (
+                format!("{pooled}\nserver_idle_timeout = \"0s\""),
+                "server_idle_timeout",
+                "at least 1s, not 0s",
+            ),
+            (
+                format!("{pooled}\nserver_lifetime = \"500ms\""),
+                "server_lifetime",
+                "at least 1s, not 500ms",
+            ),
+            (
+                format!("{pooled}\nquery_wait_timeout = \"0s\""),
+                "query_wait_timeout",
+                "at least 1s",
+            ),
+            (
+                format!("{pooled}\nmax_prepared_statements = 0"),
+                "max_prepared_statements",
+                "between 1 and 10000",
+            ),
+            (
+                format!("{pooled}\nmax_prepared_statements = 10001"),
+                "max_prepared_statements",
+                "between 1 and 10000",
+            ),
+        ] {
+            let err = upstream(&keys).unwrap_err();
+            assert_eq!(
+                err.path(),
+                Some(&Section::Upstream("upstream0".into()).key(key)),
+                "{keys}: {err}"
+            );
+            assert!(
+                err.to_string()
+                    .starts_with(&format!("upstream \"upstream0\".{key}: ")),
+                "{err}"
+            );
+            assert!(err.to_string().contains(says), "{keys}: {err}");
+        }
+        let err = upstream("pool_mode = \"transaction\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("auth = \"scram\"") && err.contains("login = \"identity\""),
+            "{err}"
+        );
+        for (keys, says) in [
+            ("pool_mode = \"statement\"", "statement"),
+            ("pool_size = -1", "pool_size"),
+            ("server_lifetime = \"forever\"", "server_lifetime"),
+            ("pool_sise = 5", "pool_sise"),
+        ] {
+            let err = upstream(&format!("{pooled}\n{keys}")).unwrap_err();
+            assert!(matches!(err, ConfigError::Parse { .. }), "{keys}: {err}");
+            assert!(err.to_string().contains(says), "{keys}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_flags_are_the_same_keys() {
+        let flags = Flags {
+            upstream: Some("db:5432".into()),
+            upstream_system_roots: true,
+            unix_dir: Some("/run/pgb".into()),
+            auth: Some(AuthMode::Scram),
+            secrets_file: Some("users.txt".into()),
+            ..Flags::default()
+        };
+        let c = Config::from_flags(flags.clone()).unwrap();
+        assert_eq!(c.upstreams[0].pool, None);
+        let c = Config::from_flags(Flags {
+            pool_mode: Some(PoolMode::Session),
+            pool_size: Some(8),
+            min_pool_size: Some(2),
+            max_server_connections: Some(100),
+            server_idle_timeout: Some(Duration::from_secs(60)),
+            server_lifetime: Some(Duration::from_secs(1800)),
+            query_wait_timeout: Some(Duration::from_secs(5)),
+            max_prepared_statements: Some(50),
+            ..flags.clone()
+        })
+        .unwrap();
+        assert_eq!(
+            c.upstreams[0].pool,
+            Some(PoolConfig {
+                mode: PoolMode::Session,
+                size: 8,
+                min_size: 2,
+                max_server_connections: Some(100),
+                server_idle_timeout: Duration::from_secs(60),
+                server_lifetime: Duration::from_secs(1800),
+                query_wait_timeout: Duration::from_secs(5),
+                max_prepared_statements: 50,
+            })
+        );
+        let at = Section::Upstream("upstream".into());
+        for (wrong, key) in [
+            (
+                Flags {
+                    pool_size: Some(8),
+                    ..flags.clone()
+                },
+                "pool_size",
+            ),
+            (
+                Flags {
+                    pool_mode: Some(PoolMode::Transaction),
+                    auth: None,
+                    secrets_file: None,
+                    ..flags.clone()
+                },
+                "pool_mode",
+            ),
+            (
+                Flags {
+                    pool_mode: Some(PoolMode::Transaction),
+                    query_wait_timeout: Some(Duration::ZERO),
+                    ..flags.clone()
+                },
+                "query_wait_timeout",
+            ),
+        ] {
+            let err = Config::from_flags(wrong).unwrap_err();
+            assert_eq!(err.path(), Some(&at.key(key)), "{err}");
+        }
+    }
+}

@@ -1,10 +1,12 @@
 //! `[[upstream]]`: the PostgreSQL servers pgbastion connects to, how their
 //! certificates are verified, and how sessions authenticate to them
-//! (passthrough, or scram with a secrets file and/or `auth_query`). Owns
-//! the upstream types and the conversion from `RawUpstream`.
+//! (passthrough, or scram with a secrets file and/or `auth_query`), and
+//! whether their server connections are pooled (`pool_mode` and its keys).
+//! Owns the upstream types and the conversion from `RawUpstream`.
 
 use crate::audit::event::LoginMode;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -218,6 +220,7 @@ impl RawUpstream {
             self.min_tls_version,
             self.send_proxy_protocol,
         );
+        let pool = self.pool(&at)?;
         let scram = self.scram(&at)?;
         Ok(UpstreamConfig {
             name,
@@ -230,8 +233,7 @@ impl RawUpstream {
             min_tls_version,
             send_proxy_protocol,
             scram,
-            // Written from `pool_mode` and its keys by `RawUpstream::pool`.
-            pool: None,
+            pool,
         })
     }
 
@@ -283,6 +285,148 @@ impl RawUpstream {
             }
         }
     }
+}
+
+/// The largest `pool_size` and `max_prepared_statements`: beyond these a
+/// value is a slip of the keyboard, not a plan (servers rarely allow more
+/// than a few thousand connections).
+const POOL_COUNT_MAX: usize = 10_000;
+
+/// The shortest pool duration: below a second, connections would be
+/// closed and reopened (or clients turned away) all the time.
+const POOL_DURATION_MIN: Duration = Duration::from_secs(1);
+
+impl RawUpstream {
+    /// `pool_mode` and its keys. Refused where sharing server connections
+    /// cannot be right: without a key of pgbastion's own to log in with
+    /// (passthrough), or with a PROXY header that would speak for one
+    /// client on a connection many use.
+    fn pool(&self, at: &Section) -> Result<Option<PoolConfig>, ConfigError> {
+        let Some(mode) = self.pool_mode else {
+            return match self.first_pool_key() {
+                Some(key) => Err(at.key(key).invalid(format!(
+                    "{key} has no effect without pool_mode = \"transaction\" or \"session\""
+                ))),
+                None => Ok(None),
+            };
+        };
+        if self.auth == AuthMode::Passthrough {
+            return Err(at.key("pool_mode").invalid(
+                "pooling needs a key pgbastion holds to log in to the server on its own, and \
+                 auth = \"passthrough\" gives it none (each client logs in end to end): set \
+                 auth = \"scram\" with secrets_file and/or auth_user + auth_password_file \
+                 (auth_query); identity login (rules with login = \"identity\") then also works",
+            ));
+        }
+        if self.send_proxy_protocol != SendProxyProtocol::Off {
+            return Err(at.key("send_proxy_protocol").invalid(
+                "a PROXY header is sent once per server connection and would describe only its \
+                 first client, yet pool_mode shares server connections between clients: leave \
+                 send_proxy_protocol out and say who the client is with [forward.settings] \
+                 (e.g. \"pgbastion.identity\" = \"{identity}\", \"pgbastion.client_addr\" = \
+                 \"{client_addr}\"), which pgbastion applies to every pooled transaction",
+            ));
+        }
+        let default = PoolConfig::default();
+        let size = count(at, "pool_size", self.pool_size, default.size)?;
+        let min_size = self.min_pool_size.unwrap_or(default.min_size);
+        if min_size > size {
+            return Err(at.key("min_pool_size").invalid(format!(
+                "{min_size} is more than pool_size ({size}): a pool cannot keep more \
+                 connections open than it may hold"
+            )));
+        }
+        if self.max_server_connections == Some(0) {
+            return Err(at.key("max_server_connections").invalid(
+                "must be at least 1 (leave it out for no bound beyond each pool's pool_size)",
+            ));
+        }
+        Ok(Some(PoolConfig {
+            mode,
+            size,
+            min_size,
+            max_server_connections: self.max_server_connections,
+            server_idle_timeout: duration(
+                at,
+                "server_idle_timeout",
+                self.server_idle_timeout,
+                default.server_idle_timeout,
+            )?,
+            server_lifetime: duration(
+                at,
+                "server_lifetime",
+                self.server_lifetime,
+                default.server_lifetime,
+            )?,
+            query_wait_timeout: duration(
+                at,
+                "query_wait_timeout",
+                self.query_wait_timeout,
+                default.query_wait_timeout,
+            )?,
+            max_prepared_statements: count(
+                at,
+                "max_prepared_statements",
+                self.max_prepared_statements,
+                default.max_prepared_statements,
+            )?,
+        }))
+    }
+
+    /// The first pool key written (they mean nothing without `pool_mode`).
+    fn first_pool_key(&self) -> Option<&'static str> {
+        [
+            ("pool_size", self.pool_size.is_some()),
+            ("min_pool_size", self.min_pool_size.is_some()),
+            (
+                "max_server_connections",
+                self.max_server_connections.is_some(),
+            ),
+            ("server_idle_timeout", self.server_idle_timeout.is_some()),
+            ("server_lifetime", self.server_lifetime.is_some()),
+            ("query_wait_timeout", self.query_wait_timeout.is_some()),
+            (
+                "max_prepared_statements",
+                self.max_prepared_statements.is_some(),
+            ),
+        ]
+        .into_iter()
+        .find_map(|(key, set)| set.then_some(key))
+    }
+}
+
+/// A pool count: `default` when not written, else 1 to `POOL_COUNT_MAX`.
+fn count(
+    at: &Section,
+    key: &'static str,
+    value: Option<usize>,
+    default: usize,
+) -> Result<usize, ConfigError> {
+    let n = value.unwrap_or(default);
+    if !(1..=POOL_COUNT_MAX).contains(&n) {
+        return Err(at
+            .key(key)
+            .invalid(format!("must be between 1 and {POOL_COUNT_MAX}, not {n}")));
+    }
+    Ok(n)
+}
+
+/// A pool duration: `default` when not written, else at least
+/// `POOL_DURATION_MIN`.
+fn duration(
+    at: &Section,
+    key: &'static str,
+    value: Option<Duration>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    let d = value.unwrap_or(default);
+    if d < POOL_DURATION_MIN {
+        return Err(at.key(key).invalid(format!(
+            "must be at least 1s, not {}",
+            humantime::format_duration(d)
+        )));
+    }
+    Ok(d)
 }
 
 /// Splits "host:port", "1.2.3.4:port" or "[v6]:port".
