@@ -35,6 +35,8 @@ pub mod tag {
     pub const NEGOTIATE_PROTOCOL_VERSION: u8 = b'v';
     /// Backend: DataRow.
     pub const DATA_ROW: u8 = b'D';
+    /// Backend: ParameterStatus.
+    pub const PARAMETER_STATUS: u8 = b'S';
 }
 
 /// Authentication request codes (the first 4 bytes of an 'R' body).

@@ -1,0 +1,798 @@
+//! The message-level relay of a pooled session, without I/O: each client
+//! message becomes what its server connection must see (statement names
+//! rewritten, missing statements prepared again, a settings switch in
+//! front), and each server message what the client must see (pgbastion's
+//! own answers hidden, answers it owes the client put in their place).
+//!
+//! Order is the whole difficulty: the server answers messages in order,
+//! skips everything after an error up to Sync, and the client expects an
+//! answer for each of its messages in the order it sent them, even those
+//! pgbastion answers itself (a Parse of a statement the connection already
+//! has, a Close of one it keeps). So every message sent to the server, and
+//! every answer owed to the client, is an `Expect` in one queue, consumed
+//! as the server's answers come; answers of pgbastion's own go out when
+//! they reach the queue's front.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+use super::classify::{self, Change};
+use super::prepared::{AddError, ClientStatements};
+use super::server::{parameter_status, parse_parameter_status, ServerConn};
+use super::settings::{Followed, SessionSettings};
+use crate::audit::PinReason;
+use crate::config::PoolMode;
+use crate::protocol::message::{self, ErrorResponse};
+
+/// A statement name nobody has: a Bind to it fails with no side effect,
+/// which puts an error exactly where PostgreSQL would raise one.
+const NO_SUCH_STATEMENT: &str = "pgbastion_refused";
+
+/// What one message sent to the server (or one answer owed) is waiting
+/// for.
+#[derive(Debug)]
+enum Expect {
+    /// The client's message, answered as PostgreSQL answers it.
+    Forwarded(Kind),
+    /// A Parse: the client's (`client` names its statement, undone if the
+    /// server refuses or skips it) or pgbastion's own (`client` None and
+    /// `hidden`: preparing a statement again).
+    Parse {
+        client: Option<Vec<u8>>,
+        server: Option<Arc<str>>,
+        hidden: bool,
+    },
+    /// A Close pgbastion sent (the least recently used statement).
+    HiddenClose,
+    /// An answer pgbastion owes the client; `undo` names a statement to
+    /// forget if it is skipped (an error earlier in the batch).
+    Owed {
+        bytes: Vec<u8>,
+        undo: Option<Vec<u8>>,
+    },
+    /// A message sent only to fail: the server's error is replaced by
+    /// this one (a refused statement), then the server skips to Sync.
+    Refused { error: Vec<u8> },
+    /// A simple Query: the client's (answered up to ReadyForQuery, its
+    /// first error replaced when refused) or pgbastion's (`hidden`).
+    Query {
+        hidden: bool,
+        replace_error: Option<Vec<u8>>,
+    },
+    Sync,
+    /// A Sync pgbastion sent after preparing a statement of its own.
+    HiddenSync,
+    FunctionCall,
+}
+
+/// The client's extended-protocol messages, by what ends their answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Bind,
+    DescribeStatement,
+    DescribePortal,
+    Execute,
+    Close,
+}
+
+impl Kind {
+    /// Whether a server message of type `tag` is the last of the answer.
+    fn ends_with(self, tag: u8) -> bool {
+        match self {
+            Kind::Bind => tag == b'2',
+            Kind::DescribeStatement | Kind::DescribePortal => matches!(tag, b'T' | b'n'),
+            Kind::Execute => matches!(tag, b'C' | b'I' | b's'),
+            Kind::Close => tag == b'3',
+        }
+    }
+}
+
+/// What the driver must do after a server message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Next {
+    Continue,
+    /// The connection is between transactions with nothing in flight:
+    /// in transaction mode, give it back.
+    Idle,
+    /// A switch pgbastion sent failed: the session cannot go on safely.
+    SwitchFailed(String),
+}
+
+/// What a client message asks of the driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ClientStep {
+    /// Sent (or answered); go on.
+    Done,
+    /// Terminate: end the session.
+    Terminate,
+    /// The client pinned itself with this statement.
+    Pinned(PinReason),
+}
+
+/// A pooled client's state as the relay follows it.
+pub(crate) struct Engine {
+    pub mode: PoolMode,
+    /// Settings as of the last committed transaction.
+    pub settings: Arc<SessionSettings>,
+    /// Changes made in the transaction in progress.
+    pending: Vec<Change>,
+    pub statements: ClientStatements,
+    protected: Arc<[String]>,
+    pub pinned: Option<PinReason>,
+    queue: VecDeque<Expect>,
+    /// What the client was told in ParameterStatus.
+    client_params: BTreeMap<String, String>,
+    /// The last ReadyForQuery status.
+    pub status: u8,
+    /// An error or a ROLLBACK in the transaction in progress: its setting
+    /// changes did not take.
+    rolled_back: bool,
+    /// Extended-protocol messages sent since the last Sync.
+    unsynced: bool,
+    /// The held connection's settings differ from the client's (a RESET
+    /// took a startup value away): switch before the next message.
+    needs_switch: bool,
+    /// Messages the client sent in COPY mode.
+    in_copy: bool,
+}
+
+impl Engine {
+    pub fn new(
+        mode: PoolMode,
+        settings: SessionSettings,
+        protected: Arc<[String]>,
+        client_params: BTreeMap<String, String>,
+    ) -> Self {
+        Engine {
+            mode,
+            settings: Arc::new(settings),
+            pending: Vec::new(),
+            statements: ClientStatements::default(),
+            protected,
+            pinned: None,
+            queue: VecDeque::new(),
+            client_params,
+            status: b'I',
+            rolled_back: false,
+            unsynced: false,
+            needs_switch: false,
+            in_copy: false,
+        }
+    }
+
+    /// Whether the held connection has nothing of this client's in flight
+    /// and is outside any transaction: it can go back to the pool (in
+    /// transaction mode) or be cleaned.
+    pub fn at_rest(&self) -> bool {
+        self.queue.is_empty() && self.status == b'I' && !self.unsynced && !self.in_copy
+    }
+
+    /// Whether the held connection may go back to the pool now.
+    pub fn may_release(&self) -> bool {
+        self.mode == PoolMode::Transaction && self.pinned.is_none() && self.at_rest()
+    }
+
+    /// Before the first message of a checkout: the settings switch, when
+    /// the connection's settings are not this client's. Returns whether
+    /// one was sent.
+    pub fn switch_if_needed(&mut self, conn: &mut ServerConn, to_server: &mut Vec<u8>) -> bool {
+        let same = conn.applied.as_deref() == Some(&*self.settings) && !self.needs_switch;
+        if same {
+            return false;
+        }
+        self.send_switch(conn, to_server);
+        true
+    }
+
+    fn send_switch(&mut self, conn: &mut ServerConn, to_server: &mut Vec<u8>) {
+        // Two queries: the first (RESET ALL, the startup and forwarded
+        // values) cannot fail, so the identity is in place whatever the
+        // second (the client's SETs) does.
+        let (base, sets) = self.settings.switch_sql();
+        push_query(to_server, &base);
+        self.queue.push_back(Expect::Query {
+            hidden: true,
+            replace_error: None,
+        });
+        if let Some(sets) = sets {
+            push_query(to_server, &sets);
+            self.queue.push_back(Expect::Query {
+                hidden: true,
+                replace_error: None,
+            });
+        }
+        conn.applied = Some(self.settings.clone());
+        self.needs_switch = false;
+    }
+
+    /// One client message (`msg` is the whole message, type byte first).
+    pub fn client_message(
+        &mut self,
+        msg: &[u8],
+        conn: &mut ServerConn,
+        to_server: &mut Vec<u8>,
+        to_client: &mut Vec<u8>,
+    ) -> ClientStep {
+        let tag = msg[0];
+        let body = &msg[5..];
+        if self.needs_switch && self.queue.is_empty() && !self.unsynced {
+            self.send_switch(conn, to_server);
+        }
+        match tag {
+            b'X' => return ClientStep::Terminate,
+            b'Q' => return self.query(msg, body, conn, to_server),
+            b'P' => return self.parse(msg, body, conn, to_server, to_client),
+            b'B' => self.bind(msg, body, conn, to_server),
+            b'D' => self.describe(msg, body, conn, to_server),
+            b'C' => self.close(msg, body, to_server, to_client),
+            b'E' => self.forward(msg, to_server, Some(Kind::Execute)),
+            b'S' => {
+                to_server.extend_from_slice(msg);
+                self.queue.push_back(Expect::Sync);
+                self.unsynced = false;
+            }
+            b'F' => {
+                to_server.extend_from_slice(msg);
+                self.queue.push_back(Expect::FunctionCall);
+            }
+            b'c' | b'f' => {
+                self.in_copy = false;
+                to_server.extend_from_slice(msg);
+            }
+            // CopyData, Flush, and anything else: as sent.
+            _ => to_server.extend_from_slice(msg),
+        }
+        ClientStep::Done
+    }
+
+    fn forward(&mut self, msg: &[u8], to_server: &mut Vec<u8>, kind: Option<Kind>) {
+        to_server.extend_from_slice(msg);
+        if let Some(kind) = kind {
+            self.queue.push_back(Expect::Forwarded(kind));
+            self.unsynced = true;
+        }
+    }
+
+    /// The statement's effects: refused, pinned, or changes to keep.
+    fn effects(&mut self, sql: &[u8]) -> (Option<Vec<u8>>, Option<PinReason>) {
+        let text = String::from_utf8_lossy(sql);
+        let effects = classify::classify(&text, &self.protected);
+        if let Some(name) = effects.forbidden {
+            let err = ErrorResponse::new(
+                "42501",
+                format!("permission denied to set parameter \"{name}\""),
+            )
+            .with_detail("pgbastion sets this parameter for every transaction to the identity of the client it serves; clients cannot change it")
+            .encode();
+            return (Some(err), None);
+        }
+        let mut pin = effects.pin;
+        self.pending.extend(effects.changes);
+        if pin.is_none() && self.pending.len() > super::settings::MAX_SETS {
+            pin = Some(PinReason::TooManySettings);
+        }
+        (None, pin)
+    }
+
+    fn pin(&mut self, reason: Option<PinReason>) -> ClientStep {
+        match reason {
+            Some(r) if self.pinned.is_none() => {
+                self.pinned = Some(r);
+                ClientStep::Pinned(r)
+            }
+            _ => ClientStep::Done,
+        }
+    }
+
+    fn query(
+        &mut self,
+        msg: &[u8],
+        body: &[u8],
+        conn: &mut ServerConn,
+        to_server: &mut Vec<u8>,
+    ) -> ClientStep {
+        let sql = body.strip_suffix(&[0]).unwrap_or(body);
+        let (refused, pin) = self.effects(sql);
+        if let Some(error) = refused {
+            // A query that fails where it stands, without side effects: the
+            // transaction fails as it would have on PostgreSQL.
+            push_query(to_server, "SELECT 1/0");
+            self.queue.push_back(Expect::Query {
+                hidden: false,
+                replace_error: Some(error),
+            });
+            return ClientStep::Done;
+        }
+        match deallocate(sql) {
+            Some(Deallocate::All) => {
+                self.statements.clear();
+                conn.statements.clear();
+            }
+            Some(Deallocate::Named(name)) => {
+                if let Some(st) = self.statements.remove(name.as_bytes()) {
+                    self.deallocate_on_server(&st, conn, to_server);
+                    return self.pin(pin);
+                }
+            }
+            None => {}
+        }
+        to_server.extend_from_slice(msg);
+        self.queue.push_back(Expect::Query {
+            hidden: false,
+            replace_error: None,
+        });
+        self.pin(pin)
+    }
+
+    /// SQL `DEALLOCATE` of one of the client's protocol-level statements:
+    /// its server statement goes (prepared first where missing, so the
+    /// client gets PostgreSQL's own answer).
+    fn deallocate_on_server(
+        &mut self,
+        st: &super::prepared::ClientStatement,
+        conn: &mut ServerConn,
+        to_server: &mut Vec<u8>,
+    ) {
+        if !conn.statements.touch(&st.server_name) {
+            self.prepare_on_server(&st.server_name, &st.parse_rest, conn, to_server, None);
+            to_server.extend_from_slice(&message::build(b'S', &[]));
+            self.queue.push_back(Expect::HiddenSync);
+            self.unsynced = false;
+        }
+        conn.statements.remove(&st.server_name);
+        push_query(to_server, &format!("DEALLOCATE {}", st.server_name));
+        self.queue.push_back(Expect::Query {
+            hidden: false,
+            replace_error: None,
+        });
+    }
+
+    fn parse(
+        &mut self,
+        msg: &[u8],
+        body: &[u8],
+        conn: &mut ServerConn,
+        to_server: &mut Vec<u8>,
+        to_client: &mut Vec<u8>,
+    ) -> ClientStep {
+        self.unsynced = true;
+        let Some((name, rest)) = split_cstr(body) else {
+            self.forward(msg, to_server, None);
+            self.queue.push_back(Expect::Parse {
+                client: None,
+                server: None,
+                hidden: false,
+            });
+            return ClientStep::Done;
+        };
+        let sql = split_cstr(rest).map_or(&[][..], |(q, _)| q);
+        let (refused, pin) = self.effects(sql);
+        if let Some(error) = refused {
+            self.refuse(error, to_server);
+            return ClientStep::Done;
+        }
+        if name.is_empty() {
+            to_server.extend_from_slice(msg);
+            self.queue.push_back(Expect::Parse {
+                client: None,
+                server: None,
+                hidden: false,
+            });
+            return self.pin(pin);
+        }
+        let statement = match self.statements.add(name, rest) {
+            Ok(s) => s,
+            Err(AddError::Exists) => {
+                let shown = String::from_utf8_lossy(name);
+                let error = ErrorResponse::new(
+                    "42P05",
+                    format!("prepared statement \"{shown}\" already exists"),
+                );
+                self.refuse(error.encode(), to_server);
+                return ClientStep::Done;
+            }
+            Err(AddError::TooMany) => {
+                let error = ErrorResponse::new(
+                    "54000",
+                    "too many prepared statements on this pooled session: close the ones no longer used",
+                );
+                self.refuse(error.encode(), to_server);
+                return ClientStep::Done;
+            }
+        };
+        if conn.statements.touch(&statement.server_name) {
+            self.owe(
+                message::build(b'1', &[]),
+                Some(name.to_vec()),
+                to_client,
+            );
+        } else {
+            self.prepare_on_server(&statement.server_name, rest, conn, to_server, Some(name));
+        }
+        self.pin(pin)
+    }
+
+    /// Sends a Parse of a statement under its server name, closing the
+    /// least recently used one past the bound.
+    fn prepare_on_server(
+        &mut self,
+        server_name: &Arc<str>,
+        rest: &[u8],
+        conn: &mut ServerConn,
+        to_server: &mut Vec<u8>,
+        client: Option<&[u8]>,
+    ) {
+        if let Some(evicted) = conn.statements.insert(server_name.clone()) {
+            let mut body = vec![b'S'];
+            push_cstr(&mut body, evicted.as_bytes());
+            to_server.extend_from_slice(&message::build(b'C', &body));
+            self.queue.push_back(Expect::HiddenClose);
+        }
+        let mut body = Vec::with_capacity(server_name.len() + 1 + rest.len());
+        push_cstr(&mut body, server_name.as_bytes());
+        body.extend_from_slice(rest);
+        to_server.extend_from_slice(&message::build(b'P', &body));
+        self.queue.push_back(Expect::Parse {
+            client: client.map(<[u8]>::to_vec),
+            server: Some(server_name.clone()),
+            hidden: client.is_none(),
+        });
+        self.unsynced = true;
+    }
+
+    /// The server name of the client's statement `name`, prepared on the
+    /// connection first if it is missing there. None: not the client's
+    /// (sent as it is: PostgreSQL's own error names it).
+    fn server_statement(
+        &mut self,
+        name: &[u8],
+        conn: &mut ServerConn,
+        to_server: &mut Vec<u8>,
+    ) -> Option<Arc<str>> {
+        let st = self.statements.get(name)?.clone();
+        if !conn.statements.touch(&st.server_name) {
+            self.prepare_on_server(&st.server_name, &st.parse_rest, conn, to_server, None);
+        }
+        Some(st.server_name)
+    }
+
+    fn bind(&mut self, msg: &[u8], body: &[u8], conn: &mut ServerConn, to_server: &mut Vec<u8>) {
+        let renamed = split_cstr(body).and_then(|(portal, rest)| {
+            let (name, params) = split_cstr(rest)?;
+            if name.is_empty() {
+                return None;
+            }
+            let server = self.server_statement(name, conn, to_server)?;
+            let mut b = Vec::with_capacity(body.len() + server.len());
+            push_cstr(&mut b, portal);
+            push_cstr(&mut b, server.as_bytes());
+            b.extend_from_slice(params);
+            Some(b)
+        });
+        match renamed {
+            Some(b) => to_server.extend_from_slice(&message::build(b'B', &b)),
+            None => to_server.extend_from_slice(msg),
+        }
+        self.queue.push_back(Expect::Forwarded(Kind::Bind));
+        self.unsynced = true;
+    }
+
+    fn describe(&mut self, msg: &[u8], body: &[u8], conn: &mut ServerConn, to_server: &mut Vec<u8>) {
+        let kind = if body.first() == Some(&b'S') {
+            Kind::DescribeStatement
+        } else {
+            Kind::DescribePortal
+        };
+        let renamed = (kind == Kind::DescribeStatement)
+            .then(|| split_cstr(&body[1..]))
+            .flatten()
+            .filter(|(name, _)| !name.is_empty())
+            .and_then(|(name, _)| self.server_statement(name, conn, to_server));
+        match renamed {
+            Some(server) => {
+                let mut b = vec![b'S'];
+                push_cstr(&mut b, server.as_bytes());
+                to_server.extend_from_slice(&message::build(b'D', &b));
+            }
+            None => to_server.extend_from_slice(msg),
+        }
+        self.queue.push_back(Expect::Forwarded(kind));
+        self.unsynced = true;
+    }
+
+    fn close(&mut self, msg: &[u8], body: &[u8], to_server: &mut Vec<u8>, to_client: &mut Vec<u8>) {
+        self.unsynced = true;
+        if body.first() == Some(&b'S') {
+            if let Some((name, _)) = split_cstr(&body[1..]).filter(|(n, _)| !n.is_empty()) {
+                // The server keeps it for whoever prepares the same text;
+                // the client's name is gone, and PostgreSQL answers a Close
+                // of an unknown name with CloseComplete too.
+                self.statements.remove(name);
+                self.owe(message::build(b'3', &[]), None, to_client);
+                return;
+            }
+        }
+        self.forward(msg, to_server, Some(Kind::Close));
+    }
+
+    /// An answer pgbastion owes the client: now, when nothing is in
+    /// flight before it, else when its turn comes.
+    fn owe(&mut self, bytes: Vec<u8>, undo: Option<Vec<u8>>, to_client: &mut Vec<u8>) {
+        if self.queue.is_empty() {
+            to_client.extend_from_slice(&bytes);
+        } else {
+            self.queue.push_back(Expect::Owed { bytes, undo });
+        }
+    }
+
+    /// Makes the server fail at this point of the batch (a Bind to a
+    /// statement nobody has), and answers with `error` in its place.
+    fn refuse(&mut self, error: Vec<u8>, to_server: &mut Vec<u8>) {
+        let mut b = Vec::new();
+        push_cstr(&mut b, b"");
+        push_cstr(&mut b, NO_SUCH_STATEMENT.as_bytes());
+        b.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+        to_server.extend_from_slice(&message::build(b'B', &b));
+        self.queue.push_back(Expect::Refused { error });
+        self.unsynced = true;
+    }
+
+    /// One server message (`msg` whole, type byte first).
+    pub fn server_message(
+        &mut self,
+        msg: &[u8],
+        conn: &mut ServerConn,
+        to_client: &mut Vec<u8>,
+    ) -> Next {
+        let tag = msg[0];
+        let body = &msg[5..];
+        let hidden = matches!(self.queue.front(), Some(Expect::Query { hidden: true, .. }));
+        match tag {
+            b'S' => {
+                self.parameter(body, conn, to_client);
+                return Next::Continue;
+            }
+            b'N' | b'A' => {
+                if !hidden {
+                    to_client.extend_from_slice(msg);
+                }
+                return Next::Continue;
+            }
+            b'E' => return self.error(msg, conn, to_client),
+            _ => {}
+        }
+        if tag == b'Z' {
+            return self.ready(msg, body, conn, to_client);
+        }
+        let Some(front) = self.queue.front() else {
+            // Nothing asked for it: pass it on (the client's business).
+            to_client.extend_from_slice(msg);
+            return Next::Continue;
+        };
+        let (forward, done) = match front {
+            Expect::Forwarded(kind) => (true, kind.ends_with(tag)),
+            Expect::Parse { hidden, .. } => (!*hidden, tag == b'1'),
+            Expect::HiddenClose => (false, tag == b'3'),
+            Expect::Query { hidden, .. } => (!*hidden, false),
+            Expect::HiddenSync => (false, false),
+            Expect::Sync | Expect::FunctionCall | Expect::Refused { .. } | Expect::Owed { .. } => {
+                (true, false)
+            }
+        };
+        if matches!(tag, b'G' | b'W') {
+            self.in_copy = true;
+        }
+        if tag == b'C' && body.starts_with(b"ROLLBACK") && forward {
+            self.rolled_back = true;
+        }
+        if forward {
+            to_client.extend_from_slice(msg);
+        }
+        if done {
+            self.queue.pop_front();
+            self.pay_owed(to_client);
+        }
+        Next::Continue
+    }
+
+    /// ParameterStatus: kept for the connection, passed on when the client
+    /// has not been told that value.
+    fn parameter(&mut self, body: &[u8], conn: &mut ServerConn, to_client: &mut Vec<u8>) {
+        let Some((name, value)) = parse_parameter_status(body) else {
+            return;
+        };
+        conn.params.insert(name.clone(), value.clone());
+        if self.client_params.get(&name) != Some(&value) {
+            to_client.extend_from_slice(&parameter_status(&name, &value));
+            self.client_params.insert(name, value);
+        }
+    }
+
+    /// ReadyForQuery: the end of a Query, Sync or FunctionCall.
+    fn ready(&mut self, msg: &[u8], body: &[u8], conn: &mut ServerConn, to_client: &mut Vec<u8>) -> Next {
+        let hidden = matches!(
+            self.queue.front(),
+            Some(Expect::Query { hidden: true, .. } | Expect::HiddenSync)
+        );
+        self.queue.pop_front();
+        self.in_copy = false;
+        if hidden {
+            self.pay_owed(to_client);
+            return Next::Continue;
+        }
+        to_client.extend_from_slice(msg);
+        self.status = body.first().copied().unwrap_or(b'I');
+        if self.status == b'I' {
+            self.end_transaction(conn);
+        }
+        self.pay_owed(to_client);
+        if self.at_rest() {
+            Next::Idle
+        } else {
+            Next::Continue
+        }
+    }
+
+    /// A transaction ended: its setting changes take, unless it failed or
+    /// rolled back.
+    fn end_transaction(&mut self, conn: &mut ServerConn) {
+        let changes = std::mem::take(&mut self.pending);
+        if self.rolled_back {
+            self.rolled_back = false;
+            if !changes.is_empty() {
+                // What the server kept is not certain (savepoints): the
+                // connection gets a full switch before its next client.
+                conn.applied = None;
+            }
+            return;
+        }
+        if changes.is_empty() {
+            return;
+        }
+        let mut settings = (*self.settings).clone();
+        match settings.apply(&changes) {
+            Followed::Yes => {}
+            Followed::NeedsSwitch => self.needs_switch = true,
+            Followed::TooMany => {
+                if self.pinned.is_none() {
+                    self.pinned = Some(PinReason::TooManySettings);
+                }
+            }
+        }
+        self.settings = Arc::new(settings);
+        conn.applied = if self.needs_switch {
+            None
+        } else {
+            Some(self.settings.clone())
+        };
+    }
+
+    /// An ErrorResponse: the client's, or one to replace; in the extended
+    /// protocol the server then skips to Sync, and so do the expectations.
+    fn error(&mut self, msg: &[u8], conn: &mut ServerConn, to_client: &mut Vec<u8>) -> Next {
+        self.rolled_back = true;
+        let Some(front) = self.queue.front_mut() else {
+            to_client.extend_from_slice(msg);
+            return Next::Continue;
+        };
+        match front {
+            Expect::Query {
+                hidden: true, ..
+            } => {
+                let fields = message::ErrorFields::parse(&msg[5..]).unwrap_or_default();
+                return Next::SwitchFailed(format!("{} ({})", fields.message, fields.code));
+            }
+            Expect::Query { replace_error, .. } => {
+                match replace_error.take() {
+                    Some(error) => to_client.extend_from_slice(&error),
+                    None => to_client.extend_from_slice(msg),
+                }
+                return Next::Continue;
+            }
+            Expect::FunctionCall | Expect::Sync | Expect::HiddenSync => {
+                to_client.extend_from_slice(msg);
+                return Next::Continue;
+            }
+            Expect::Refused { error } => {
+                let error = std::mem::take(error);
+                to_client.extend_from_slice(&error);
+            }
+            _ => to_client.extend_from_slice(msg),
+        }
+        // The failed message and everything up to Sync: never answered.
+        while let Some(e) = self.queue.front() {
+            if matches!(
+                e,
+                Expect::Sync | Expect::HiddenSync | Expect::Query { .. } | Expect::FunctionCall
+            ) {
+                break;
+            }
+            if let Some(e) = self.queue.pop_front() {
+                self.undo(e, conn);
+            }
+        }
+        Next::Continue
+    }
+
+    /// Forgets what a refused or skipped message would have made.
+    fn undo(&mut self, e: Expect, conn: &mut ServerConn) {
+        match e {
+            Expect::Parse { client, server, .. } => {
+                if let Some(server) = server {
+                    conn.statements.remove(&server);
+                }
+                if let Some(name) = client {
+                    self.statements.remove(&name);
+                }
+            }
+            Expect::Owed {
+                undo: Some(name), ..
+            } => {
+                self.statements.remove(&name);
+            }
+            _ => {}
+        }
+    }
+
+    /// Answers pgbastion owes, now at the front of the queue.
+    fn pay_owed(&mut self, to_client: &mut Vec<u8>) {
+        while let Some(Expect::Owed { .. }) = self.queue.front() {
+            if let Some(Expect::Owed { bytes, .. }) = self.queue.pop_front() {
+                to_client.extend_from_slice(&bytes);
+            }
+        }
+    }
+}
+
+/// `DEALLOCATE [PREPARE] name|ALL` or `DISCARD ALL` as a whole simple
+/// Query (the statements they drop).
+#[derive(Debug, PartialEq, Eq)]
+enum Deallocate {
+    All,
+    Named(String),
+}
+
+fn deallocate(sql: &[u8]) -> Option<Deallocate> {
+    let text = std::str::from_utf8(sql).ok()?.trim().trim_end_matches(';').trim();
+    let mut words = text.split_ascii_whitespace();
+    let first = words.next()?;
+    if first.eq_ignore_ascii_case("discard") {
+        let all = words.next()?.eq_ignore_ascii_case("all") && words.next().is_none();
+        return all.then_some(Deallocate::All);
+    }
+    if !first.eq_ignore_ascii_case("deallocate") {
+        return None;
+    }
+    let mut name = words.next()?;
+    if name.eq_ignore_ascii_case("prepare") {
+        name = words.next()?;
+    }
+    if words.next().is_some() {
+        return None;
+    }
+    if name.eq_ignore_ascii_case("all") {
+        return Some(Deallocate::All);
+    }
+    let name = match name.strip_prefix('"').and_then(|n| n.strip_suffix('"')) {
+        Some(quoted) => quoted.replace("\"\"", "\""),
+        None => name.to_ascii_lowercase(),
+    };
+    Some(Deallocate::Named(name))
+}
+
+fn push_query(out: &mut Vec<u8>, sql: &str) {
+    let mut body = Vec::with_capacity(sql.len() + 1);
+    push_cstr(&mut body, sql.as_bytes());
+    out.extend_from_slice(&message::build(b'Q', &body));
+}
+
+fn push_cstr(out: &mut Vec<u8>, s: &[u8]) {
+    out.extend_from_slice(s);
+    out.push(0);
+}
+
+/// A NUL-terminated string and what follows it.
+fn split_cstr(b: &[u8]) -> Option<(&[u8], &[u8])> {
+    let end = b.iter().position(|c| *c == 0)?;
+    Some((&b[..end], &b[end + 1..]))
+}
