@@ -49,6 +49,10 @@ pub struct CancelTarget {
     pub addr: SocketAddr,
     /// The server's real key.
     pub real: CancelKey,
+    /// A pooled session: the server connection serving it now (changes
+    /// per transaction; None between transactions), instead of
+    /// `addr`/`real`.
+    pub serving: Option<Arc<crate::pool::relay::Serving>>,
 }
 
 struct Entry {
@@ -151,7 +155,10 @@ impl CancelRegistry {
             process_id,
             secret_key: key.clone(),
         };
-        let published = self.fleet.as_ref().map(|fleet| {
+        // A pooled session's server changes per transaction: only this
+        // instance can follow it.
+        let fleet = self.fleet.as_ref().filter(|_| target.serving.is_none());
+        let published = fleet.map(|fleet| {
             fleet.publish_cancel(
                 &issued,
                 &RemoteCancel {
@@ -222,6 +229,7 @@ mod tests {
                 process_id: 1234,
                 secret_key: vec![7; key_len],
             },
+            serving: None,
         }
     }
 

@@ -408,7 +408,7 @@ where
 /// What a client is told when an administrator ends its session (`KILL`
 /// in the admin console): PostgreSQL's SQLSTATE for an administrator's
 /// termination, and who did it.
-fn kill_error() -> Vec<u8> {
+pub(crate) fn kill_error() -> Vec<u8> {
     crate::protocol::message::ErrorResponse::new(
         "57P01",
         "terminating connection: ended by an administrator of pgbastion (KILL)",

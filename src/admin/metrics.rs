@@ -50,6 +50,7 @@ pub struct Metrics {
     redis_latency: Histograms,
     redis_failures: Family<Labels, Counter>,
     query_audit_stopped: Family<Labels, Counter>,
+    pool_pins: Family<Labels, Counter>,
     /// The same values, for the console's SHOW CERTIFICATES.
     expiries: std::sync::Mutex<std::collections::BTreeMap<String, i64>>,
 }
@@ -104,6 +105,7 @@ impl Metrics {
             redis_latency: Family::new_with_constructor(latency_histogram),
             redis_failures: Family::default(),
             query_audit_stopped: Family::default(),
+            pool_pins: Family::default(),
             expiries: Default::default(),
             registry: Registry::default(),
         };
@@ -193,7 +195,12 @@ impl Metrics {
             "pgbastion_query_audit_stopped",
             "Audited sessions whose query audit lost its place in the protocol (later statements unrecorded), by listener.",
             self.query_audit_stopped.clone(),
-            );
+        );
+        registry.register(
+            "pgbastion_pool_pins",
+            "Pooled sessions pinned to their server connection, by upstream and reason (state pgbastion cannot move: LISTEN, temporary objects, ...).",
+            self.pool_pins.clone(),
+        );
         registry.register(
             "pgbastion_cluster_redis_failures",
             "Redis calls that failed or missed the deadline, by operation.",
@@ -267,6 +274,14 @@ impl Metrics {
             Event::QueryAuditStopped { facts, .. } => {
                 self.query_audit_stopped
                     .get_or_create(&vec![("listener", facts.listener.clone())])
+                    .inc();
+            }
+            Event::Pinned { reason, pool, .. } => {
+                self.pool_pins
+                    .get_or_create(&vec![
+                        ("upstream", (*pool).to_owned()),
+                        ("reason", reason.as_str().to_owned()),
+                    ])
                     .inc();
             }
             Event::Suppressed { .. }

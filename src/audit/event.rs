@@ -120,6 +120,11 @@ named_enum! {
         CredentialUnavailable = "credential_unavailable",
         CredentialUnsupported = "credential_unsupported",
         CredentialRefused = "credential_refused",
+        // Pooled upstreams.
+        PoolWaitTimeout = "pool_wait_timeout",
+        PoolUnavailable = "pool_unavailable",
+        PoolSettingsRefused = "pool_settings_refused",
+        PoolReplication = "pool_replication",
     }
 }
 
@@ -184,6 +189,9 @@ named_enum! {
         PlaintextRefused = "plaintext_refused",
         /// Matched, but the server could not be reached.
         UpstreamFailed = "upstream_failed",
+        /// Matched a pooled session that holds no server connection now
+        /// (between transactions): nothing to cancel.
+        NothingRunning = "nothing_running",
     }
 }
 

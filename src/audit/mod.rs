@@ -241,6 +241,16 @@ pub enum Event<'a> {
         facts: &'a SessionFacts,
         why: &'static str,
     },
+    /// A pooled session made state on its server connection that
+    /// pgbastion cannot carry to another (LISTEN, a temporary table, ...):
+    /// it keeps that connection until it ends.
+    #[serde(rename = "session.pinned")]
+    Pinned {
+        #[serde(flatten)]
+        facts: &'a SessionFacts,
+        reason: PinReason,
+        pool: &'a str,
+    },
     /// A command run in the admin console.
     #[serde(rename = "console.command")]
     Console {

@@ -339,6 +339,7 @@ impl AuthPhase {
                         upstream: self.cancel.upstream.clone(),
                         addr: self.cancel.addr,
                         real,
+                        serving: None,
                     });
                     self.registration = Some(registration);
                     let replacement = message::backend_key_data(&ours);

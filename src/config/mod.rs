@@ -49,8 +49,7 @@ pub use tailscale::TailscaleConfig;
 pub use tls::{ClientTlsConfig, TlsVersion};
 pub use upstreams::{
     AuthMode, AuthQueryConfig, PoolConfig, PoolMode, RootSources, ScramConfig, SendProxyProtocol,
-    TlsNegotiation,
-    UpstreamConfig, DEFAULT_AUTH_QUERY,
+    TlsNegotiation, UpstreamConfig, DEFAULT_AUTH_QUERY,
 };
 
 use crate::policy::Policy;

@@ -52,7 +52,9 @@ enum Expect {
     },
     /// A message sent only to fail: the server's error is replaced by
     /// this one (a refused statement), then the server skips to Sync.
-    Refused { error: Vec<u8> },
+    Refused {
+        error: Vec<u8>,
+    },
     /// A simple Query: the client's (answered up to ReadyForQuery, its
     /// first error replaced when refused) or pgbastion's (`hidden`).
     Query {
@@ -165,6 +167,26 @@ impl Engine {
     /// transaction mode) or be cleaned.
     pub fn at_rest(&self) -> bool {
         self.queue.is_empty() && self.status == b'I' && !self.unsynced && !self.in_copy
+    }
+
+    /// Whether every message sent has been answered.
+    pub fn nothing_in_flight(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// Whether the connection is mid-batch (extended messages without a
+    /// Sync) or in COPY: it cannot be cleaned by a query.
+    pub fn mid_protocol(&self) -> bool {
+        self.unsynced || self.in_copy
+    }
+
+    /// What the client was told at login.
+    pub fn set_client_params(&mut self, params: BTreeMap<String, String>) {
+        self.client_params = params;
+    }
+
+    pub fn client_params(&self) -> &BTreeMap<String, String> {
+        &self.client_params
     }
 
     /// Whether the held connection may go back to the pool now.
@@ -401,11 +423,7 @@ impl Engine {
             }
         };
         if conn.statements.touch(&statement.server_name) {
-            self.owe(
-                message::build(b'1', &[]),
-                Some(name.to_vec()),
-                to_client,
-            );
+            self.owe(message::build(b'1', &[]), Some(name.to_vec()), to_client);
         } else {
             self.prepare_on_server(&statement.server_name, rest, conn, to_server, Some(name));
         }
@@ -477,7 +495,13 @@ impl Engine {
         self.unsynced = true;
     }
 
-    fn describe(&mut self, msg: &[u8], body: &[u8], conn: &mut ServerConn, to_server: &mut Vec<u8>) {
+    fn describe(
+        &mut self,
+        msg: &[u8],
+        body: &[u8],
+        conn: &mut ServerConn,
+        to_server: &mut Vec<u8>,
+    ) {
         let kind = if body.first() == Some(&b'S') {
             Kind::DescribeStatement
         } else {
@@ -609,7 +633,13 @@ impl Engine {
     }
 
     /// ReadyForQuery: the end of a Query, Sync or FunctionCall.
-    fn ready(&mut self, msg: &[u8], body: &[u8], conn: &mut ServerConn, to_client: &mut Vec<u8>) -> Next {
+    fn ready(
+        &mut self,
+        msg: &[u8],
+        body: &[u8],
+        conn: &mut ServerConn,
+        to_client: &mut Vec<u8>,
+    ) -> Next {
         let hidden = matches!(
             self.queue.front(),
             Some(Expect::Query { hidden: true, .. } | Expect::HiddenSync)
@@ -676,9 +706,7 @@ impl Engine {
             return Next::Continue;
         };
         match front {
-            Expect::Query {
-                hidden: true, ..
-            } => {
+            Expect::Query { hidden: true, .. } => {
                 let fields = message::ErrorFields::parse(&msg[5..]).unwrap_or_default();
                 return Next::SwitchFailed(format!("{} ({})", fields.message, fields.code));
             }
@@ -753,7 +781,11 @@ enum Deallocate {
 }
 
 fn deallocate(sql: &[u8]) -> Option<Deallocate> {
-    let text = std::str::from_utf8(sql).ok()?.trim().trim_end_matches(';').trim();
+    let text = std::str::from_utf8(sql)
+        .ok()?
+        .trim()
+        .trim_end_matches(';')
+        .trim();
     let mut words = text.split_ascii_whitespace();
     let first = words.next()?;
     if first.eq_ignore_ascii_case("discard") {

@@ -59,8 +59,7 @@ impl ClientStatements {
             return Err(AddError::Exists);
         }
         let cost = name.len() + parse_rest.len();
-        if self.map.len() >= MAX_CLIENT_STATEMENTS
-            || self.bytes + cost > MAX_CLIENT_STATEMENT_BYTES
+        if self.map.len() >= MAX_CLIENT_STATEMENTS || self.bytes + cost > MAX_CLIENT_STATEMENT_BYTES
         {
             return Err(AddError::TooMany);
         }
@@ -171,7 +170,10 @@ mod tests {
     fn a_client_name_is_taken_until_closed() {
         let mut c = ClientStatements::default();
         let s = c.add(b"s1", b"select 1\0\0\0").unwrap();
-        assert_eq!(c.add(b"s1", b"select 2\0\0\0").unwrap_err(), AddError::Exists);
+        assert_eq!(
+            c.add(b"s1", b"select 2\0\0\0").unwrap_err(),
+            AddError::Exists
+        );
         assert_eq!(c.get(b"s1").unwrap().server_name, s.server_name);
         assert!(c.remove(b"s1").is_some());
         assert!(c.add(b"s1", b"select 2\0\0\0").is_ok());
@@ -184,9 +186,13 @@ mod tests {
     fn a_client_cannot_prepare_without_bound() {
         let mut c = ClientStatements::default();
         for i in 0..MAX_CLIENT_STATEMENTS {
-            c.add(format!("s{i}").as_bytes(), b"select 1\0\0\0").unwrap();
+            c.add(format!("s{i}").as_bytes(), b"select 1\0\0\0")
+                .unwrap();
         }
-        assert_eq!(c.add(b"one more", b"x\0\0\0").unwrap_err(), AddError::TooMany);
+        assert_eq!(
+            c.add(b"one more", b"x\0\0\0").unwrap_err(),
+            AddError::TooMany
+        );
     }
 
     #[test]

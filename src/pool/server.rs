@@ -49,6 +49,9 @@ pub(crate) struct ServerConn {
     pub id: u64,
     pub stream: TlsStream<TcpStream>,
     pub addr: SocketAddr,
+    /// The server leg's TLS and how pgbastion logged in (the audit).
+    pub tls: crate::tls::TlsInfo,
+    pub leg: crate::audit::LegAuth,
     /// The server's own cancel key, where a client's cancel goes while
     /// this connection serves it.
     pub key: CancelKey,
@@ -131,11 +134,11 @@ impl ServerConn {
                 .await
                 .map_err(PoolError::ServerIo)?;
             let mut buf = Vec::new();
-            log_in(&mut up.stream, &mut buf, target, binding).await?;
+            let leg = log_in(&mut up.stream, &mut buf, target, binding).await?;
             let (key, params) = until_ready(&mut up.stream, &mut buf).await?;
-            Ok::<_, PoolError>((key, params, buf))
+            Ok::<_, PoolError>((key, params, buf, leg))
         };
-        let (key, params, buf) = tokio::time::timeout(t.authentication, login)
+        let (key, params, buf, leg) = tokio::time::timeout(t.authentication, login)
             .await
             .map_err(|_| PoolError::LoginTimeout(t.authentication))??;
         let now = Instant::now();
@@ -143,6 +146,8 @@ impl ServerConn {
             id: next_id(),
             stream: up.stream,
             addr: up.addr,
+            tls: up.tls,
+            leg,
             key,
             params,
             created: now,
@@ -177,9 +182,9 @@ async fn log_in(
     buf: &mut Vec<u8>,
     target: &OpenTarget<'_>,
     binding: Option<Vec<u8>>,
-) -> Result<(), PoolError> {
+) -> Result<crate::audit::LegAuth, PoolError> {
     let first = login::first_request(server, buf, |_| {}).await?;
-    match target.login {
+    Ok(match target.login {
         ServerLogin::Keys {
             client_key,
             verifier,
@@ -188,7 +193,7 @@ async fn log_in(
                 client_key,
                 verifier,
             };
-            login::complete(server, buf, target.user, first, binding, &credential).await?;
+            login::complete(server, buf, target.user, first, binding, &credential).await?
         }
         ServerLogin::Identity(found) => {
             let host = &target.upstream.config.host;
@@ -199,10 +204,9 @@ async fn log_in(
             };
             identity_login::log_in(server, buf, first, binding, &to, found)
                 .await
-                .map_err(|e| PoolError::Login(e.to_string()))?;
+                .map_err(|e| PoolError::Login(e.to_string()))?
         }
-    }
-    Ok(())
+    })
 }
 
 /// After AuthenticationOk: ParameterStatus and BackendKeyData, up to

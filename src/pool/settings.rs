@@ -224,19 +224,26 @@ mod tests {
         ];
         let s = SessionSettings::from_startup(&params, Some("UTF8"));
         let names: Vec<_> = s.startup.keys().cloned().collect();
-        assert_eq!(names, ["application_name", "client_encoding", "search_path"]);
+        assert_eq!(
+            names,
+            ["application_name", "client_encoding", "search_path"]
+        );
     }
 
     #[test]
     fn switch_sql_quotes_values_so_nothing_can_break_out() {
         let mut s = SessionSettings::default();
-        s.startup.insert("a".into(), "x$pgb$;DROP TABLE t;$pgb$".into());
+        s.startup
+            .insert("a".into(), "x$pgb$;DROP TABLE t;$pgb$".into());
         s.startup.insert("b".into(), "ends$".into());
         s.startup.insert("c".into(), "x$pgb".into());
         let (sql, sets) = s.switch_sql();
         assert_eq!(sets, None);
         assert!(sql.starts_with("RESET ALL;SELECT pg_catalog.set_config($pgb$a$pgb$,"));
-        assert!(sql.contains("$pgb1$x$pgb$;DROP TABLE t;$pgb$$pgb1$"), "{sql}");
+        assert!(
+            sql.contains("$pgb1$x$pgb$;DROP TABLE t;$pgb$$pgb1$"),
+            "{sql}"
+        );
         assert!(sql.contains("$pgb$ends$$pgb$"), "{sql}");
         assert!(sql.contains("$pgb1$x$pgb$pgb1$"), "{sql}");
     }
@@ -250,11 +257,24 @@ mod tests {
             statement: st.into(),
         };
         assert_eq!(
-            s.apply(&[set("x", "SET x=1"), set("y", "SET y=1"), set("x", "SET x=2")]),
+            s.apply(&[
+                set("x", "SET x=1"),
+                set("y", "SET y=1"),
+                set("x", "SET x=2")
+            ]),
             Followed::Yes
         );
-        assert_eq!(s.sets, vec![("y".into(), "SET y=1".into()), ("x".into(), "SET x=2".into())]);
-        assert_eq!(s.apply(&[Change::Reset { name: "y".into() }]), Followed::Yes);
+        assert_eq!(
+            s.sets,
+            vec![
+                ("y".into(), "SET y=1".into()),
+                ("x".into(), "SET x=2".into())
+            ]
+        );
+        assert_eq!(
+            s.apply(&[Change::Reset { name: "y".into() }]),
+            Followed::Yes
+        );
         assert_eq!(
             s.apply(&[Change::Reset {
                 name: "search_path".into()

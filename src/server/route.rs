@@ -1,5 +1,6 @@
 //! A route: one upstream (the dialer) and how sessions log in to it
-//! (passthrough, or scram mode with its verifier sources). Built from one
+//! (passthrough, or scram mode with its verifier sources), and its
+//! server connection pools when it has `pool_mode`. Built from one
 //! `[[upstream]]` section at start and on every reload; a session keeps
 //! the route its listener named when it was accepted. This is where state
 //! that belongs to an upstream and outlives sessions hangs (scram mode's
@@ -9,6 +10,7 @@ use std::sync::Arc;
 
 use crate::auth::source::ScramAuth;
 use crate::config::UpstreamConfig;
+use crate::pool::Pools;
 use crate::upstream::Upstream;
 
 use super::ServerError;
@@ -24,6 +26,9 @@ pub(crate) enum RouteAuth {
 pub(crate) struct Route {
     pub upstream: Arc<Upstream>,
     pub auth: RouteAuth,
+    /// The upstream's server connection pools (`pool_mode`); None: a
+    /// server connection per session.
+    pub pools: Option<Arc<Pools>>,
 }
 
 impl Route {
@@ -44,9 +49,14 @@ impl Route {
                 }
             })?)),
         };
+        let pools = config
+            .pool
+            .as_ref()
+            .map(|pool| Pools::new(&config.name, pool.clone()));
         Ok(Route {
             upstream: Arc::new(upstream),
             auth,
+            pools,
         })
     }
 
@@ -74,6 +84,21 @@ impl Route {
         if let (Some(old), RouteAuth::Scram(_)) = (same, &self.auth) {
             if let RouteAuth::Scram(kept) = &old.auth {
                 self.auth = RouteAuth::Scram(kept.clone());
+            }
+        }
+        // The pools (and their open connections) stay when nothing they
+        // depend on changed: where they connect, as whom, how many.
+        let same_pools = old.iter().find(|o| {
+            let (a, b) = (&o.upstream.config, &self.upstream.config);
+            o.name() == self.name()
+                && a.pool == b.pool
+                && a.scram == b.scram
+                && (&a.host, a.port, &a.server_name) == (&b.host, b.port, &b.server_name)
+                && a.client_identity == b.client_identity
+        });
+        if let (Some(old), Some(_)) = (same_pools, &self.pools) {
+            if old.pools.is_some() {
+                self.pools = old.pools.clone();
             }
         }
         self

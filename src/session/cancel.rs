@@ -69,18 +69,25 @@ impl Session {
             CancelDelivery::refused(CancelOutcome::PlaintextRefused)
         } else {
             match self.shared.cancels.lookup(&req) {
-                Some(target) => {
-                    let upstream = target.upstream.clone();
-                    let sent = upstream
-                        .cancel(
-                            target.addr,
-                            &target.real,
-                            self.settings.timeouts.cancel,
-                            self.outbound_proxy_header(&upstream, None).as_deref(),
-                        )
-                        .await;
-                    CancelDelivery::sent(target.session_id, None, sent)
-                }
+                Some(target) => match now_serving(&target) {
+                    Some((addr, real)) => {
+                        let upstream = target.upstream.clone();
+                        let sent = upstream
+                            .cancel(
+                                addr,
+                                &real,
+                                self.settings.timeouts.cancel,
+                                self.outbound_proxy_header(&upstream, None).as_deref(),
+                            )
+                            .await;
+                        CancelDelivery::sent(target.session_id, None, sent)
+                    }
+                    None => {
+                        let mut d = CancelDelivery::refused(CancelOutcome::NothingRunning);
+                        d.target_id = Some(target.session_id);
+                        d
+                    }
+                },
                 None => match &self.shared.cluster {
                     None => CancelDelivery::refused(CancelOutcome::Unmatched),
                     Some(fleet) => self.remote_cancel(fleet, &req).await,
@@ -167,5 +174,16 @@ impl Session {
             )
             .await;
         CancelDelivery::sent(found.session_id, Some(found.instance), sent)
+    }
+}
+
+/// Where a matched cancel goes: the session's server, or for a pooled
+/// session the connection serving it at this moment (None between its
+/// transactions: nothing is cancelled).
+fn now_serving(target: &crate::cancel::CancelTarget) -> Option<(std::net::SocketAddr, CancelKey)> {
+    use crate::sync::MutexExt;
+    match &target.serving {
+        None => Some((target.addr, target.real.clone())),
+        Some(serving) => serving.locked().clone(),
     }
 }

@@ -8,6 +8,7 @@ use crate::audit::RejectReason;
 use crate::auth::identity_login::IdentityLoginError;
 use crate::auth::terminate::AuthError;
 use crate::identity::IdentityError;
+use crate::pool::PoolError;
 use crate::protocol::message::ErrorResponse;
 use crate::protocol::proxy::ProxyError;
 use crate::protocol::startup::StartupError;
@@ -91,6 +92,13 @@ pub enum SessionError {
     /// Identity login: pgbastion logging in with a credential it holds.
     #[error(transparent)]
     IdentityLogin(#[from] IdentityLoginError),
+    /// A pooled upstream: no server connection for the login.
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    #[error("the server refused the session's startup settings: {message} ({code})")]
+    PoolSettings { code: String, message: String },
+    #[error("replication connections cannot use a pooled upstream")]
+    PoolReplication,
 }
 
 impl SessionError {
@@ -115,24 +123,17 @@ impl SessionError {
             SessionError::ProxyTimeout(_) => RejectReason::ProxyHeaderTimeout,
             SessionError::Identity(_) => RejectReason::IdentityFailed,
             SessionError::PolicyDenied { .. } => RejectReason::PolicyDenied,
-            SessionError::Upstream(e) => match e {
-                UpstreamError::Certificate { .. } => RejectReason::UpstreamCertificateUntrusted,
-                UpstreamError::RefusedTls { .. } | UpstreamError::ErrorBeforeTls { .. } => {
-                    RejectReason::UpstreamRefusedTls
-                }
-                UpstreamError::Resolve { .. } | UpstreamError::Unreachable { .. } => {
-                    RejectReason::UpstreamUnreachable
-                }
-                UpstreamError::TlsTimeout { .. } => RejectReason::UpstreamTimeout,
-                UpstreamError::Closed { .. }
-                | UpstreamError::UnexpectedReply { .. }
-                | UpstreamError::Handshake { .. } => RejectReason::UpstreamTlsFailed,
-            },
+            SessionError::Upstream(e) => upstream_reason(e),
             SessionError::UpstreamIo(_) => RejectReason::UpstreamIoError,
             SessionError::AuditUnavailable => RejectReason::AuditUnavailable,
             SessionError::ShuttingDown => RejectReason::Shutdown,
             SessionError::Auth(e) => e.reason(),
             SessionError::IdentityLogin(e) => e.reason(),
+            SessionError::Pool(PoolError::WaitTimeout { .. }) => RejectReason::PoolWaitTimeout,
+            SessionError::Pool(PoolError::Upstream(e)) => upstream_reason(e),
+            SessionError::Pool(_) => RejectReason::PoolUnavailable,
+            SessionError::PoolSettings { .. } => RejectReason::PoolSettingsRefused,
+            SessionError::PoolReplication => RejectReason::PoolReplication,
         }
     }
 
@@ -203,6 +204,18 @@ impl SessionError {
             .with_detail(format!("Decided by {rule}."))
             .with_hint("Connect as a database and user the policy allows you, or ask the administrator of pgbastion's policy."),
             SessionError::Upstream(e) => upstream_client_error(e),
+            SessionError::Pool(PoolError::Upstream(e)) => upstream_client_error(e),
+            SessionError::Pool(e) => e.client_error(),
+            SessionError::PoolSettings { code, message } => ErrorResponse::new(
+                "22023",
+                format!("the database server refused a setting of this session: {message}"),
+            )
+            .with_detail(format!("SQLSTATE {code} from the server, applying the StartupMessage's parameters and options on a pooled connection.")),
+            SessionError::PoolReplication => ErrorResponse::new(
+                "0A000",
+                "replication connections cannot go through a pooled upstream",
+            )
+            .with_hint("Connect for replication through an upstream without pool_mode."),
             SessionError::AuditUnavailable => ErrorResponse::new(
                 "08004",
                 "pgbastion is not accepting sessions: its audit log cannot be written",
@@ -229,6 +242,23 @@ impl SessionError {
             | SessionError::ClientIo(_) => return None,
             SessionError::Auth(_) | SessionError::IdentityLogin(_) => return None,
         })
+    }
+}
+
+/// Why the upstream connection failed, for the audit and metrics.
+fn upstream_reason(e: &UpstreamError) -> RejectReason {
+    match e {
+        UpstreamError::Certificate { .. } => RejectReason::UpstreamCertificateUntrusted,
+        UpstreamError::RefusedTls { .. } | UpstreamError::ErrorBeforeTls { .. } => {
+            RejectReason::UpstreamRefusedTls
+        }
+        UpstreamError::Resolve { .. } | UpstreamError::Unreachable { .. } => {
+            RejectReason::UpstreamUnreachable
+        }
+        UpstreamError::TlsTimeout { .. } => RejectReason::UpstreamTimeout,
+        UpstreamError::Closed { .. }
+        | UpstreamError::UnexpectedReply { .. }
+        | UpstreamError::Handshake { .. } => RejectReason::UpstreamTlsFailed,
     }
 }
 

@@ -26,11 +26,11 @@ use crate::relay::{self, ByteCounts, RelayEnd};
 use crate::server::Shared;
 
 /// How a started session ended, for its end event.
-struct Ending {
-    reason: crate::audit::EndReason,
-    detail: Option<String>,
+pub(super) struct Ending {
+    pub reason: crate::audit::EndReason,
+    pub detail: Option<String>,
     /// What the relay carried (the auth phase counts its own).
-    counts: ByteCounts,
+    pub counts: ByteCounts,
 }
 
 /// The SQLSTATE of an encoded ErrorResponse, for the audit log.
@@ -54,7 +54,7 @@ fn identity_hangup(end: &dyn std::fmt::Display) -> String {
 
 /// Whether the StartupMessage opens a replication connection ("true" and
 /// "database" do; "false"/"off" do not).
-fn is_replication(startup: &StartupMessage) -> bool {
+pub(super) fn is_replication(startup: &StartupMessage) -> bool {
     startup.param("replication").is_some_and(|v| {
         !matches!(
             v.to_ascii_lowercase().as_str(),
@@ -65,7 +65,7 @@ fn is_replication(startup: &StartupMessage) -> bool {
 
 /// A `query` audit event from the query audit's record. False: it was lost
 /// and the audit log refuses unaudited statements.
-fn record_query(shared: &Shared, facts: &SessionFacts, r: &QueryRecord) -> bool {
+pub(super) fn record_query(shared: &Shared, facts: &SessionFacts, r: &QueryRecord) -> bool {
     let (statement, unparsed) = match &r.statement {
         Statement::Text(t) => (Some(&**t), None),
         Statement::Unparsed { len, why } => (None, Some(Unparsed { len: *len, why })),
@@ -184,7 +184,7 @@ impl Session {
             }
             Err(end) => ended_in_auth(&mut conn, &mut up, end, auth_facts.mode).await,
         };
-        self.record_end(&up, &auth_facts, &auth.counts, ending, query_audit);
+        self.record_end(&up.facts, &auth_facts, &auth.counts, ending, query_audit);
     }
 
     /// The session proper: relayed until either side ends, killed by the
@@ -273,7 +273,7 @@ impl Session {
 
     /// The query audit for this session: each statement becomes a `query`
     /// event with the session's facts.
-    fn query_tracker(&self, replication: bool) -> QueryTracker {
+    pub(super) fn query_tracker(&self, replication: bool) -> QueryTracker {
         let shared = self.shared.clone();
         let facts = self.facts.clone();
         let (stop_shared, stop_facts) = (shared.clone(), facts.clone());
@@ -292,9 +292,9 @@ impl Session {
         }))
     }
 
-    fn record_end(
+    pub(super) fn record_end(
         &self,
-        up: &Connected,
+        upstream: &crate::audit::UpstreamFacts,
         auth_facts: &AuthFacts,
         auth_counts: &ByteCounts,
         ending: Ending,
@@ -310,7 +310,7 @@ impl Session {
         }
         self.shared.record(&Event::End {
             facts: &self.facts,
-            upstream: &up.facts,
+            upstream,
             auth: auth_facts,
             bytes_client_to_server: total.client_to_server,
             bytes_server_to_client: total.server_to_client,

@@ -16,6 +16,8 @@
 //!    plan says, then relay the rest of startup message by message until
 //!    ReadyForQuery (in passthrough mode the whole authentication, watched
 //!    for its outcome and for channel binding).
+//!    A pooled upstream takes `pooled` here instead of 4–6: the client
+//!    logs in against the pool and `pool::relay` runs the session.
 //! 6. `finish`: the start event, `relay::relay` until either side ends,
 //!    the end event; or, for a session refused on the way, the rejection.
 //!
@@ -42,6 +44,7 @@ mod error;
 mod finish;
 mod login;
 mod negotiate;
+mod pooled;
 
 pub use error::SessionError;
 
@@ -199,6 +202,10 @@ impl Session {
             Ok(plan) => plan,
             Err(exit) => return self.exit(&mut conn, exit).await,
         };
+        if let Some(pools) = admitted.route.pools.clone() {
+            drop(pending);
+            return self.pooled(conn, admitted, pools, plan, auth_facts).await;
+        }
         let mut up = match self
             .connect(&admitted, &plan, conn.peer_cert.as_deref(), &auth_facts)
             .await

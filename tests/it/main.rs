@@ -15,6 +15,7 @@ mod console;
 mod forward;
 mod identity;
 mod identity_login;
+mod pool;
 mod proxy;
 mod proxy_protocol;
 mod query_audit;

@@ -1,0 +1,443 @@
+//! The I/O of a pooled session: whole client messages go through the
+//! `Engine` to whichever server connection the session holds (checked out
+//! at the first message of a transaction, given back at its end in
+//! transaction mode), and the server's answers back. Both sockets are
+//! read and written in one poll, so neither side can block the other
+//! (a client pipelining a large batch while the server answers a large
+//! result).
+
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::watch;
+
+use super::engine::{ClientStep, Engine, Next};
+use super::{Lease, Opener, Pool, PoolError};
+use crate::audit::query::QueryTracker;
+use crate::audit::PinReason;
+use crate::protocol::message::{self, ErrorResponse};
+use crate::protocol::startup::CancelKey;
+use crate::relay::{ByteCounts, Progress, RelayEnd, ShutdownPhase};
+use crate::sync::MutexExt;
+
+/// The largest message either side may send through a pooled session
+/// (messages are held whole to be rewritten; PostgreSQL's own bound is
+/// 1 GiB).
+pub(crate) const MAX_MESSAGE: usize = 256 * 1024 * 1024;
+
+/// How long the last words to a client may take before it is dropped.
+const ERROR_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Read at most this much ahead of what has been processed.
+const READ_AHEAD: usize = 64 * 1024;
+
+/// Where a cancel for this session goes right now: the server
+/// connection serving it, if any (nothing is cancelled between
+/// transactions).
+pub(crate) type Serving = Mutex<Option<(std::net::SocketAddr, CancelKey)>>;
+
+/// What the session does when it pins itself (audit, metrics).
+pub(crate) type OnPin<'a> = Box<dyn FnMut(PinReason) + Send + 'a>;
+
+pub(crate) struct PooledRelay<'a, C: ?Sized> {
+    pub client: &'a mut C,
+    pub engine: Engine,
+    pub pool: Arc<Pool>,
+    pub opener: Opener<'a>,
+    pub lease: Option<Lease>,
+    /// Client bytes read and not yet processed.
+    pub cbuf: Vec<u8>,
+    sbuf: Vec<u8>,
+    to_server: Vec<u8>,
+    to_client: Vec<u8>,
+    /// Written but not yet flushed (TLS records may wait in the stream).
+    client_unflushed: bool,
+    server_unflushed: bool,
+    pub serving: Arc<Serving>,
+    pub counts: ByteCounts,
+    pub progress: Arc<Progress>,
+    pub queries: Option<&'a mut QueryTracker>,
+    pub on_pin: OnPin<'a>,
+}
+
+/// How a pass over the sockets ended.
+enum Io {
+    Progress,
+    ClientClosed,
+    ServerClosed,
+    ClientError(String),
+    ServerError(String),
+}
+
+impl<'a, C> PooledRelay<'a, C>
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    pub fn new(
+        client: &'a mut C,
+        engine: Engine,
+        pool: Arc<Pool>,
+        opener: Opener<'a>,
+        lease: Option<Lease>,
+        cbuf: Vec<u8>,
+        serving: Arc<Serving>,
+        progress: Arc<Progress>,
+        queries: Option<&'a mut QueryTracker>,
+        on_pin: OnPin<'a>,
+    ) -> Self {
+        PooledRelay {
+            client,
+            engine,
+            pool,
+            opener,
+            lease,
+            cbuf,
+            sbuf: Vec::new(),
+            to_server: Vec::new(),
+            to_client: Vec::new(),
+            client_unflushed: false,
+            server_unflushed: false,
+            serving,
+            counts: ByteCounts::default(),
+            progress,
+            queries,
+            on_pin,
+        }
+    }
+
+    /// Runs until either side ends or pgbastion stops the session.
+    pub async fn run(
+        &mut self,
+        shutdown: &mut watch::Receiver<ShutdownPhase>,
+        kill: &mut watch::Receiver<bool>,
+    ) -> RelayEnd {
+        loop {
+            if *kill.borrow_and_update() {
+                return self
+                    .stop(RelayEnd::Killed, crate::relay::kill_error())
+                    .await;
+            }
+            let phase = *shutdown.borrow_and_update();
+            let idle = self.lease.is_none() && self.cbuf.is_empty() && self.to_client.is_empty();
+            if phase == ShutdownPhase::Now || (phase == ShutdownPhase::Draining && idle) {
+                return self
+                    .stop(RelayEnd::Shutdown, crate::relay::shutdown_error())
+                    .await;
+            }
+            if let Err(end) = self.client_messages(shutdown, kill).await {
+                return end;
+            }
+            let io = tokio::select! {
+                biased;
+                _ = kill.changed() => continue,
+                _ = shutdown.changed() => continue,
+                io = poll_fn(|cx| self.poll_io(cx)) => io,
+            };
+            match io {
+                Io::Progress => {}
+                Io::ClientClosed => return RelayEnd::ClientClosed,
+                Io::ClientError(e) => return RelayEnd::ClientError(e),
+                Io::ServerClosed => {
+                    return self.server_lost("the server closed the connection").await
+                }
+                Io::ServerError(e) => return self.server_lost(&e).await,
+            }
+            if let Err(end) = self.server_messages() {
+                return self.server_lost(&end).await;
+            }
+        }
+    }
+
+    /// Processes the complete client messages read so far, checking a
+    /// connection out first where the session holds none.
+    async fn client_messages(
+        &mut self,
+        shutdown: &mut watch::Receiver<ShutdownPhase>,
+        kill: &mut watch::Receiver<bool>,
+    ) -> Result<(), RelayEnd> {
+        let mut at = 0;
+        let result = loop {
+            if self.to_server.len() >= READ_AHEAD {
+                break Ok(());
+            }
+            let (tag, len) = match message::frame(&self.cbuf[at..], MAX_MESSAGE) {
+                Ok(Some(m)) => m,
+                Ok(None) => break Ok(()),
+                Err(e) => {
+                    let err = ErrorResponse::new(
+                        "08P01",
+                        format!("invalid message from the client: {e}"),
+                    );
+                    break Err((RelayEnd::ClientError(e.to_string()), err.encode()));
+                }
+            };
+            if tag == b'X' {
+                break Err((RelayEnd::ClientClosed, Vec::new()));
+            }
+            if self.lease.is_none() {
+                if let Err(e) = self.check_out(shutdown, kill).await {
+                    break Err(e);
+                }
+            }
+            let Some(lease) = self.lease.as_mut() else {
+                break Ok(());
+            };
+            let msg = &self.cbuf[at..at + len];
+            if let Some(q) = self.queries.as_deref_mut() {
+                q.client_bytes(msg);
+            }
+            let step = self.engine.client_message(
+                msg,
+                lease.conn(),
+                &mut self.to_server,
+                &mut self.to_client,
+            );
+            self.counts.client_to_server += len as u64;
+            at += len;
+            match step {
+                ClientStep::Done => {}
+                ClientStep::Terminate => break Err((RelayEnd::ClientClosed, Vec::new())),
+                ClientStep::Pinned(reason) => (self.on_pin)(reason),
+            }
+        };
+        self.cbuf.drain(..at);
+        match result {
+            Ok(()) => Ok(()),
+            Err((end, error)) => {
+                if !error.is_empty() {
+                    self.to_client.extend_from_slice(&error);
+                    self.flush_client().await;
+                }
+                Err(end)
+            }
+        }
+    }
+
+    /// A server connection for the next transaction, switched to this
+    /// client's settings.
+    async fn check_out(
+        &mut self,
+        shutdown: &mut watch::Receiver<ShutdownPhase>,
+        kill: &mut watch::Receiver<bool>,
+    ) -> Result<(), (RelayEnd, Vec<u8>)> {
+        let pool = self.pool.clone();
+        let got = tokio::select! {
+            biased;
+            _ = kill.wait_for(|k| *k) => return Err((RelayEnd::Killed, crate::relay::kill_error())),
+            _ = shutdown.wait_for(|p| *p == ShutdownPhase::Now) => {
+                return Err((RelayEnd::Shutdown, crate::relay::shutdown_error()))
+            }
+            got = pool.checkout(&self.opener) => got,
+        };
+        let mut lease = got.map_err(|e| pool_failure(&e))?;
+        let conn = lease.conn();
+        *self.serving.locked() = Some((conn.addr, conn.key.clone()));
+        self.sbuf = std::mem::take(&mut conn.buf);
+        self.engine.switch_if_needed(conn, &mut self.to_server);
+        self.progress
+            .busy
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.lease = Some(lease);
+        Ok(())
+    }
+
+    /// Processes the complete server messages read so far; gives the
+    /// connection back when the transaction is over.
+    fn server_messages(&mut self) -> Result<(), String> {
+        let Some(lease) = self.lease.as_mut() else {
+            return Ok(());
+        };
+        let mut at = 0;
+        let mut next = Next::Continue;
+        while let Some((_, len)) =
+            message::frame(&self.sbuf[at..], MAX_MESSAGE).map_err(|e| e.to_string())?
+        {
+            let before = self.to_client.len();
+            next = self.engine.server_message(
+                &self.sbuf[at..at + len],
+                lease.conn(),
+                &mut self.to_client,
+            );
+            if let Some(q) = self.queries.as_deref_mut() {
+                q.server_bytes(&self.to_client[before..]);
+            }
+            at += len;
+            if let Next::SwitchFailed(why) = &next {
+                return Err(format!(
+                    "the server refused the session's settings on a pooled connection: {why}"
+                ));
+            }
+        }
+        self.sbuf.drain(..at);
+        if next == Next::Idle && self.engine.may_release() && self.sbuf.is_empty() {
+            self.release();
+        }
+        Ok(())
+    }
+
+    /// Gives the connection back (transaction mode, between transactions).
+    fn release(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            *self.serving.locked() = None;
+            self.progress
+                .busy
+                .store(false, std::sync::atomic::Ordering::Relaxed);
+            lease.give_back();
+        }
+    }
+
+    /// One pass over both sockets: write what is pending, read what is
+    /// there; Ready once anything moved.
+    fn poll_io(&mut self, cx: &mut Context<'_>) -> Poll<Io> {
+        let mut moved = false;
+        match poll_write_out(
+            &mut *self.client,
+            cx,
+            &mut self.to_client,
+            &mut self.client_unflushed,
+        ) {
+            Ok(n) => {
+                self.counts.server_to_client += n as u64;
+                moved |= n > 0;
+            }
+            Err(e) => return Poll::Ready(client_error(e)),
+        }
+        if let Some(lease) = self.lease.as_mut() {
+            let server = &mut lease.conn().stream;
+            match poll_write_out(server, cx, &mut self.to_server, &mut self.server_unflushed) {
+                Ok(n) => moved |= n > 0,
+                Err(e) => return Poll::Ready(Io::ServerError(e.to_string())),
+            }
+            if self.sbuf.len() < READ_AHEAD || !frame_complete(&self.sbuf) {
+                match poll_read_into(server, cx, &mut self.sbuf) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Io::ServerClosed),
+                    Poll::Ready(Ok(_)) => moved = true,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Io::ServerError(e.to_string())),
+                    Poll::Pending => {}
+                }
+            }
+        }
+        let room = self.cbuf.len() < READ_AHEAD || !frame_complete(&self.cbuf);
+        if room && self.to_server.len() < READ_AHEAD {
+            match poll_read_into(&mut *self.client, cx, &mut self.cbuf) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Io::ClientClosed),
+                Poll::Ready(Ok(_)) => moved = true,
+                Poll::Ready(Err(e)) => return Poll::Ready(client_error(e)),
+                Poll::Pending => {}
+            }
+        }
+        if moved {
+            Poll::Ready(Io::Progress)
+        } else {
+            Poll::Pending
+        }
+    }
+
+    /// Writes what the client is owed, within a short bound (the session
+    /// is ending).
+    async fn flush_client(&mut self) {
+        let out = std::mem::take(&mut self.to_client);
+        let _ = tokio::time::timeout(ERROR_WRITE_TIMEOUT, async {
+            use tokio::io::AsyncWriteExt;
+            let _ = self.client.write_all(&out).await;
+            let _ = self.client.flush().await;
+        })
+        .await;
+    }
+
+    /// pgbastion ends the session: the client is told why.
+    async fn stop(&mut self, end: RelayEnd, error: Vec<u8>) -> RelayEnd {
+        self.to_client.extend_from_slice(&error);
+        self.flush_client().await;
+        end
+    }
+
+    /// The server connection failed mid-transaction: the client gets what
+    /// the server said (already passed on) and an error; the connection
+    /// is dropped, never reused.
+    async fn server_lost(&mut self, why: &str) -> RelayEnd {
+        self.lease = None;
+        *self.serving.locked() = None;
+        let err = ErrorResponse::new(
+            "08006",
+            format!("the pooled server connection was lost: {why}"),
+        );
+        self.to_client.extend_from_slice(&err.encode());
+        self.flush_client().await;
+        RelayEnd::ServerError(why.to_owned())
+    }
+}
+
+fn client_error(e: std::io::Error) -> Io {
+    if crate::net::is_close(&e) {
+        Io::ClientClosed
+    } else {
+        Io::ClientError(e.to_string())
+    }
+}
+
+/// The relay's end and what the client is told when no connection comes.
+fn pool_failure(e: &PoolError) -> (RelayEnd, Vec<u8>) {
+    (
+        RelayEnd::ServerError(e.to_string()),
+        e.client_error().encode(),
+    )
+}
+
+/// Whether `buf` holds at least one whole message (reading on when it
+/// does not, so a message larger than the read-ahead completes).
+fn frame_complete(buf: &[u8]) -> bool {
+    matches!(message::frame(buf, MAX_MESSAGE), Ok(Some(_)) | Err(_))
+}
+
+/// Writes as much of `out` as the socket takes now, then flushes what
+/// was written (until a flush completes, `unflushed` stays set and every
+/// pass tries again). Returns the bytes written.
+fn poll_write_out<W: AsyncWrite + Unpin + ?Sized>(
+    w: &mut W,
+    cx: &mut Context<'_>,
+    out: &mut Vec<u8>,
+    unflushed: &mut bool,
+) -> std::io::Result<usize> {
+    let mut written = 0;
+    while written < out.len() {
+        match Pin::new(&mut *w).poll_write(cx, &out[written..]) {
+            Poll::Ready(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Poll::Ready(Ok(n)) => written += n,
+            Poll::Ready(Err(e)) => return Err(e),
+            Poll::Pending => break,
+        }
+    }
+    out.drain(..written);
+    *unflushed |= written > 0;
+    if *unflushed {
+        match Pin::new(&mut *w).poll_flush(cx) {
+            Poll::Ready(Ok(())) => *unflushed = false,
+            Poll::Ready(Err(e)) => return Err(e),
+            Poll::Pending => {}
+        }
+    }
+    Ok(written)
+}
+
+/// Reads what is there into `buf`.
+fn poll_read_into<R: AsyncRead + Unpin + ?Sized>(
+    r: &mut R,
+    cx: &mut Context<'_>,
+    buf: &mut Vec<u8>,
+) -> Poll<std::io::Result<usize>> {
+    let mut chunk = [0u8; 16 * 1024];
+    let mut rb = ReadBuf::new(&mut chunk);
+    match Pin::new(r).poll_read(cx, &mut rb) {
+        Poll::Ready(Ok(())) => {
+            let n = rb.filled().len();
+            buf.extend_from_slice(rb.filled());
+            Poll::Ready(Ok(n))
+        }
+        Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+        Poll::Pending => Poll::Pending,
+    }
+}
