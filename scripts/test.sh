@@ -46,7 +46,8 @@ fi
 
 # boto3, to check pgbastion's RDS IAM auth tokens against AWS's own SDK;
 # prometheus_client, whose OpenMetrics parser reads pgbastion's /metrics.
-for module in boto3 prometheus_client; do
+# asyncpg: a driver that prepares every statement under a name (pooling).
+for module in boto3 prometheus_client asyncpg; do
     if ! python3 -c "import $module" >/dev/null 2>&1; then
         echo "installing $module"
         python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "$module"

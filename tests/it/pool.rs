@@ -69,3 +69,322 @@ async fn many_clients_share_a_small_pool_with_prepared_statements() {
         "a pool of 2 opened more connections"
     );
 }
+
+/// A pooled proxy whose listener knows people by client certificate and
+/// forwards the identity; returns it with alice's and bob's conninfo.
+fn identity_pool(env: &Env, size: usize) -> (Proxy, String, String) {
+    let dir = env.dir.path();
+    let people = pgbastion::dev::certs::Ca::new("people CA").unwrap();
+    let people_ca = people.write_cert(dir, "people-ca").unwrap();
+    let pw_file = install_roles(env);
+    let proxy = Proxy::start_toml(&format!(
+        "{}\n[[listener]]\nlisten = \"127.0.0.1:0\"\nidentity = \"client_cert\"\nclient_ca = \"{}\"\n\
+         cert_identity = [\"email\"]\n{}{}pool_mode = \"transaction\"\npool_size = {size}\n\
+         [forward.settings]\n\"pgbastion.identity\" = \"{{identity}}\"\n",
+        env.tls_toml(),
+        people_ca.display(),
+        env.upstream_toml(),
+        auth_query_keys(&pw_file),
+    ));
+    let conninfo = |who: &str| {
+        let (cert, key) = person(&people, dir, who);
+        format!(
+            "host=localhost port={} dbname=postgres user=app password={APP_PASSWORD} sslmode=require \
+             connect_timeout=20 sslcert={} sslkey={}",
+            proxy.addr().port(),
+            cert.display(),
+            key.display()
+        )
+    };
+    let (a, b) = (conninfo("alice"), conninfo("bob"));
+    (proxy, a, b)
+}
+
+async fn connect_tls(conninfo: &str, env: &Env) -> PgConn {
+    let plain: Vec<&str> = conninfo
+        .split_whitespace()
+        .filter(|kv| !kv.starts_with("sslcert=") && !kv.starts_with("sslkey="))
+        .collect();
+    let cfg: tokio_postgres::Config = plain.join(" ").parse().unwrap();
+    let tls = client_cert_connector(conninfo, &env.proxy_ca);
+    let (client, conn) = cfg.connect(tls).await.expect("connect with a certificate");
+    (client, tokio::spawn(conn))
+}
+
+/// tokio-postgres's TLS with the client certificate the conninfo names.
+fn client_cert_connector(
+    conninfo: &str,
+    ca: &std::path::Path,
+) -> tokio_postgres_rustls::MakeRustlsConnect {
+    let find = |key: &str| {
+        conninfo
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+            .map(std::path::PathBuf::from)
+            .unwrap()
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for c in pgbastion::tls::load_certs(ca, "CA").unwrap() {
+        roots.add(c).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_client_auth_cert(
+        pgbastion::tls::load_certs(&find("sslcert"), "cert").unwrap(),
+        pgbastion::tls::load_key(&find("sslkey"), "key").unwrap(),
+    )
+    .unwrap();
+    tokio_postgres_rustls::MakeRustlsConnect::new(config)
+}
+
+/// Two people share one server connection: every transaction sees the
+/// identity of the person who runs it, never the other's, and neither can
+/// set it themselves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_pooled_transaction_carries_its_own_identity() {
+    let env = Env::new();
+    let (proxy, alice, bob) = identity_pool(&env, 1);
+    let (a, _ja) = connect_tls(&alice, &env).await;
+    let (b, _jb) = connect_tls(&bob, &env).await;
+    let mut pids = std::collections::HashSet::new();
+    for _ in 0..10 {
+        for (c, who) in [(&a, "alice@example.com"), (&b, "bob@example.com")] {
+            let row = c
+                .query_one(
+                    "SELECT current_setting('pgbastion.identity'), pg_backend_pid()",
+                    &[],
+                )
+                .await
+                .unwrap();
+            assert_eq!(row.get::<_, String>(0), who);
+            pids.insert(row.get::<_, i32>(1));
+        }
+    }
+    assert_eq!(pids.len(), 1, "a pool of 1 served both from one backend");
+    for spoof in [
+        "SET pgbastion.identity = 'mallory'",
+        "set PGBASTION.IDENTITY to 'mallory'",
+        "SET \"pgbastion\".\"identity\" = 'mallory'",
+        "SET LOCAL pgbastion.identity = 'mallory'",
+        "RESET pgbastion.identity",
+        "SELECT set_config('pgbastion.identity', 'mallory', false)",
+        "SELECT pg_catalog.set_config('PGBastion.Identity', 'mallory', false)",
+        "SELECT 1; SELECT set_config($$pgbastion.identity$$, 'mallory', false)",
+    ] {
+        let err = a.batch_execute(spoof).await.unwrap_err();
+        assert_eq!(sqlstate(&err).as_deref(), Some("42501"), "{spoof}: {err}");
+        let who: String = a
+            .query_one("SELECT current_setting('pgbastion.identity')", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(who, "alice@example.com", "after {spoof}");
+    }
+    // Refused in the extended protocol too (a prepared set_config).
+    let err = a
+        .query(
+            "SELECT set_config($1, 'mallory', false)",
+            &[&"pgbastion.identity"],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("42501"), "{err}");
+    // RESET ALL leaves the identity in place.
+    a.batch_execute("RESET ALL").await.unwrap();
+    let who: String = a
+        .query_one("SELECT current_setting('pgbastion.identity')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(who, "alice@example.com");
+    drop(proxy);
+}
+
+/// SET outside a transaction stays with its client from connection to
+/// connection and never reaches another client; SET LOCAL and a rolled
+/// back SET do not stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_follow_their_client_and_nobody_else() {
+    let env = Env::new();
+    let proxy = pooled(&env, "transaction", 1, "");
+    let (a, _ja) = app(&proxy, &env, "options='-c statement_timeout=7s'").await;
+    let (b, _jb) = app(&proxy, &env, "application_name=bee").await;
+    a.batch_execute("SET search_path TO other, public")
+        .await
+        .unwrap();
+    assert_eq!(show(&b, "search_path").await, "\"$user\", public");
+    assert_eq!(show(&a, "search_path").await, "other, public");
+    assert_eq!(show(&a, "statement_timeout").await, "7s");
+    assert_eq!(show(&b, "statement_timeout").await, "0");
+    assert_eq!(show(&b, "application_name").await, "bee");
+    assert_eq!(show(&a, "application_name").await, "");
+    // search_path decides where a table goes, as on a direct connection.
+    a.batch_execute("CREATE TABLE placed (x int)")
+        .await
+        .unwrap();
+    let schema: String = b
+        .query_one(
+            "SELECT schemaname::text FROM pg_tables WHERE tablename = 'placed'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(schema, "other");
+    // SET LOCAL ends with its transaction; a SET rolled back is gone.
+    a.batch_execute("BEGIN; SET LOCAL work_mem = '7MB'; COMMIT")
+        .await
+        .unwrap();
+    a.batch_execute("BEGIN; SET work_mem = '9MB'; ROLLBACK")
+        .await
+        .unwrap();
+    assert_eq!(show(&a, "work_mem").await, "4MB");
+    // RESET goes back to the startup value, RESET ALL to every one.
+    a.batch_execute("SET statement_timeout = '1s'")
+        .await
+        .unwrap();
+    assert_eq!(show(&a, "statement_timeout").await, "1s");
+    a.batch_execute("RESET statement_timeout").await.unwrap();
+    assert_eq!(show(&a, "statement_timeout").await, "7s");
+    a.batch_execute("RESET ALL").await.unwrap();
+    assert_eq!(show(&a, "search_path").await, "\"$user\", public");
+    assert_eq!(show(&a, "statement_timeout").await, "7s");
+}
+
+async fn show(c: &tokio_postgres::Client, what: &str) -> String {
+    c.query_one(&format!("SHOW {what}"), &[])
+        .await
+        .unwrap()
+        .get::<_, String>(0)
+}
+
+/// A client that waits longer than query_wait_timeout for a connection is
+/// told which pool was full; the client holding it is unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_past_query_wait_timeout_is_a_clear_error() {
+    let env = Env::new();
+    let proxy = pooled(&env, "transaction", 1, "");
+    let (a, _ja) = app(&proxy, &env, "").await;
+    let (b, _jb) = app(&proxy, &env, "").await;
+    a.batch_execute("BEGIN").await.unwrap();
+    let started = std::time::Instant::now();
+    let err = b.batch_execute("SELECT 1").await.unwrap_err();
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(4),
+        "waited {:?}",
+        started.elapsed()
+    );
+    assert_eq!(sqlstate(&err).as_deref(), Some("53300"), "{err}");
+    let text = format!("{:?}", err);
+    assert!(
+        text.contains("postgres/app") && text.contains("pool_size 1"),
+        "{text}"
+    );
+    a.batch_execute("SELECT 1; COMMIT").await.unwrap();
+}
+
+/// The server connection of a transaction dies: that client gets an
+/// error; the others go on, and the pool opens a new connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_dies_mid_transaction_fails_only_its_client() {
+    let env = Env::new();
+    let proxy = pooled(&env, "transaction", 2, "");
+    let direct = env.direct_client().await;
+    let (a, _ja) = app(&proxy, &env, "").await;
+    let (b, _jb) = app(&proxy, &env, "").await;
+    a.batch_execute("BEGIN").await.unwrap();
+    let pid: i32 = a
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    direct
+        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    assert!(a.batch_execute("SELECT 1").await.is_err());
+    for _ in 0..5 {
+        b.batch_execute("SELECT 1").await.unwrap();
+    }
+    let (c, _jc) = app(&proxy, &env, "").await;
+    c.batch_execute("SELECT 1").await.unwrap();
+}
+
+/// A cancel reaches the connection serving the client's transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_reaches_the_serving_connection() {
+    let env = Env::new();
+    let proxy = pooled(&env, "transaction", 2, "");
+    let (a, _ja) = app(&proxy, &env, "").await;
+    let token = a.cancel_token();
+    let sleeping = tokio::spawn(async move { a.batch_execute("SELECT pg_sleep(30)").await });
+    let direct = env.direct_client().await;
+    wait_for_async("the sleep to run", std::time::Duration::from_secs(10), || async {
+        let n: i64 = direct
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (n == 1).then_some(())
+    })
+    .await;
+    token
+        .cancel_query(tls_connector(&env.certs.proxy_ca))
+        .await
+        .unwrap();
+    let err = tokio::time::timeout(std::time::Duration::from_secs(10), sleeping)
+        .await
+        .expect("the cancel ended the sleep")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "{err}");
+}
+
+/// Session mode: a client keeps one connection for its session; what it
+/// leaves behind (a temporary table, a setting, a transaction) is cleaned
+/// before the next client gets the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_cleans_a_connection_before_the_next_client() {
+    let env = Env::new();
+    let proxy = pooled(&env, "session", 1, "");
+    let first_pid;
+    {
+        let (a, ja) = app(&proxy, &env, "").await;
+        first_pid = a
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0);
+        a.batch_execute(
+            "CREATE TEMP TABLE left_behind (x int); SET work_mem = '9MB'; \
+             SELECT pg_advisory_lock(42); LISTEN somewhere; BEGIN; SELECT 1",
+        )
+        .await
+        .unwrap();
+        drop(a);
+        let _ = ja.await;
+    }
+    let (b, _jb) = app(&proxy, &env, "").await;
+    let row = b
+        .query_one(
+            "SELECT pg_backend_pid(), current_setting('work_mem'), \
+             (SELECT count(*) FROM pg_class WHERE relname = 'left_behind'), \
+             (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'), \
+             (SELECT count(*) FROM pg_listening_channels())",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i32>(0), first_pid, "the connection was reused");
+    assert_eq!(row.get::<_, String>(1), "4MB");
+    assert_eq!(row.get::<_, i64>(2), 0);
+    assert_eq!(row.get::<_, i64>(3), 0);
+    assert_eq!(row.get::<_, i64>(4), 0);
+}
