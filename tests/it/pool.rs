@@ -388,3 +388,39 @@ async fn session_mode_cleans_a_connection_before_the_next_client() {
     assert_eq!(row.get::<_, i64>(3), 0);
     assert_eq!(row.get::<_, i64>(4), 0);
 }
+
+/// Runs a scenario of tests/clients/pooled_drivers.py (psycopg, asyncpg)
+/// against the proxy as `app`; panics with the driver's error.
+fn driver_scenario(proxy: &Proxy, env: &Env, scenario: &str) -> serde_json::Value {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/pooled_drivers.py");
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .args(["localhost", &proxy.addr().port().to_string(), "app", APP_PASSWORD])
+        .arg(&env.proxy_ca)
+        .arg(scenario)
+        .output()
+        .expect("python3 must be installed");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {} {}", stdout(&out), stderr(&out)));
+    assert_eq!(report["ok"], true, "{scenario}: {report:#}");
+    report
+}
+
+/// psycopg with every query a named prepared statement, pipelines, and
+/// libpq's PQprepare of a taken name (42P05), on a pool of 2.
+#[test]
+fn psycopg_prepared_statements_work_through_a_pool() {
+    let env = Env::new();
+    let proxy = pooled(&env, "transaction", 2, "");
+    let report = driver_scenario(&proxy, &env, "psycopg");
+    assert!(report["server_pids_seen"].as_u64().unwrap() <= 2, "{report}");
+}
+
+/// asyncpg (named statements, its own pool, transactions) on a pool of 2.
+#[test]
+fn asyncpg_works_through_a_pool() {
+    let env = Env::new();
+    let proxy = pooled(&env, "transaction", 2, "");
+    driver_scenario(&proxy, &env, "asyncpg");
+}
