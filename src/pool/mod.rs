@@ -238,6 +238,11 @@ pub(crate) struct Pool {
     idle: Mutex<Vec<ServerConn>>,
     /// How the pool logs in: the latest client's proof.
     login: Mutex<Option<Arc<ServerLogin>>>,
+    /// Where the latest session dialed (for `min_pool_size`, which opens
+    /// connections with no session waiting).
+    dialer: Mutex<Option<(Arc<Upstream>, Timeouts)>>,
+    /// A background open for `min_pool_size` is under way.
+    filling: std::sync::atomic::AtomicBool,
     /// Start times of the waits in progress (maxwait).
     waits: Mutex<HashMap<u64, Instant>>,
     next_wait: AtomicU64,
@@ -246,7 +251,7 @@ pub(crate) struct Pool {
 
 /// What a checkout needs to open a connection when none is idle.
 pub(crate) struct Opener<'a> {
-    pub upstream: &'a Upstream,
+    pub upstream: &'a Arc<Upstream>,
     pub timeouts: &'a Timeouts,
 }
 
@@ -259,6 +264,8 @@ impl Pool {
             config: parent.config.clone(),
             idle: Mutex::new(Vec::new()),
             login: Mutex::new(None),
+            dialer: Mutex::new(None),
+            filling: std::sync::atomic::AtomicBool::new(false),
             waits: Mutex::new(HashMap::new()),
             next_wait: AtomicU64::new(0),
             stats: PoolStats::default(),
@@ -299,6 +306,9 @@ impl Pool {
         let got = self.wait_for_place(deadline).await;
         self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
         self.waits.locked().remove(&wait_id);
+        if self.config.min_size > 0 {
+            *self.dialer.locked() = Some((opener.upstream.clone(), opener.timeouts.clone()));
+        }
         let place = got.map_err(|()| PoolError::WaitTimeout {
             pool: self.key.to_string(),
             size: self.config.size,
@@ -465,6 +475,39 @@ impl Pool {
             self.closed(conn);
         }
     }
+
+    /// `min_pool_size`: opens one connection in the background when the
+    /// pool has fewer, once a client has logged in (the pool never logs
+    /// in for anyone no client proved itself as).
+    fn fill(self: &Arc<Self>) {
+        let paused = self.parent.upgrade().is_none_or(|p| p.is_paused());
+        if self.open() >= self.config.min_size || paused {
+            return;
+        }
+        let Some((upstream, timeouts)) = self.dialer.locked().clone() else {
+            return;
+        };
+        if self.filling.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let pool = self.clone();
+        tokio::spawn(async move {
+            // A place, so the pool never goes past pool_size.
+            if let Ok(place) = pool.places.clone().try_acquire_owned() {
+                let opener = Opener {
+                    upstream: &upstream,
+                    timeouts: &timeouts,
+                };
+                let deadline = tokio::time::Instant::now() + timeouts.authentication;
+                match pool.open_new(&opener, deadline).await {
+                    Ok(conn) => pool.give_back(conn),
+                    Err(e) => tracing::warn!(pool = %pool.key, "min_pool_size: opening a server connection failed: {e}"),
+                }
+                drop(place);
+            }
+            pool.filling.store(false, Ordering::SeqCst);
+        });
+    }
 }
 
 /// Sweeps every pool of an upstream until the upstream's pools are gone
@@ -480,6 +523,7 @@ fn spawn_sweeper(pools: Weak<Pools>) {
             let Some(pools) = pools.upgrade() else { return };
             for pool in pools.all() {
                 pool.sweep();
+                pool.fill();
             }
         }
     });
