@@ -54,6 +54,12 @@ for module in boto3 prometheus_client asyncpg; do
     fi
 done
 
+# node-postgres, for its named queries through a pooled upstream.
+if [ ! -d tests/clients/node/node_modules/pg ]; then
+    echo "installing the Node.js test clients (npm ci)"
+    (cd tests/clients/node && npm ci --no-audit --no-fund --silent)
+fi
+
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 # Dependencies between modules point one way (docs/design.md, Layout).

@@ -311,7 +311,10 @@ where
                 Ok(n) => moved |= n > 0,
                 Err(e) => return Poll::Ready(Io::ServerError(e.to_string())),
             }
-            if self.sbuf.len() < READ_AHEAD || !frame_complete(&self.sbuf) {
+            // Read on only while the client keeps up (memory per session
+            // stays bounded when a client stops reading).
+            let room = self.sbuf.len() < READ_AHEAD || !frame_complete(&self.sbuf);
+            if room && self.to_client.len() < READ_AHEAD {
                 match poll_read_into(server, cx, &mut self.sbuf) {
                     Poll::Ready(Ok(0)) => return Poll::Ready(Io::ServerClosed),
                     Poll::Ready(Ok(_)) => moved = true,

@@ -424,3 +424,21 @@ fn asyncpg_works_through_a_pool() {
     let proxy = pooled(&env, "transaction", 2, "");
     driver_scenario(&proxy, &env, "asyncpg");
 }
+
+/// node-postgres named queries from several clients on a pool of 2.
+#[test]
+fn node_postgres_named_queries_work_through_a_pool() {
+    let env = Env::new();
+    let proxy = pooled(&env, "transaction", 2, "");
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/node");
+    let out = std::process::Command::new("node")
+        .arg(format!("{dir}/pooled.js"))
+        .args(["localhost", &proxy.addr().port().to_string(), "app", APP_PASSWORD])
+        .arg(&env.proxy_ca)
+        .output()
+        .expect("node must be installed (the test command installs the npm packages)");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {} {}", stdout(&out), stderr(&out)));
+    assert_eq!(report["ok"], true, "{report:#}");
+}
