@@ -23,6 +23,9 @@ command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
 command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+# pgjdbc (and a Java runtime) for prepared statements through a pool.
+command -v java >/dev/null 2>&1 || missing+=(default-jre-headless)
+[ -f /usr/share/java/postgresql.jar ] || missing+=(libpostgresql-jdbc-java)
 if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
     # The server refuses to run as root; the package creates its user.
     missing+=(postgresql)

@@ -442,3 +442,24 @@ fn node_postgres_named_queries_work_through_a_pool() {
         .unwrap_or_else(|e| panic!("{e}: {} {}", stdout(&out), stderr(&out)));
     assert_eq!(report["ok"], true, "{report:#}");
 }
+
+/// pgjdbc with prepareThreshold=1 (named server-side statements from the
+/// first use) from several connections on a pool of 2.
+#[test]
+fn pgjdbc_prepared_statements_work_through_a_pool() {
+    let env = Env::new();
+    let proxy = pooled(&env, "transaction", 2, "");
+    let source = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/java/Pooled.java");
+    let out = std::process::Command::new("java")
+        .args(["-cp", "/usr/share/java/postgresql.jar", source])
+        .args(["localhost", &proxy.addr().port().to_string(), "app", APP_PASSWORD])
+        .arg(&env.proxy_ca)
+        .output()
+        .expect("java must be installed (the test command installs libpostgresql-jdbc-java)");
+    assert!(
+        out.status.success() && stdout(&out).trim() == "ok",
+        "{} {}",
+        stdout(&out),
+        stderr(&out)
+    );
+}
