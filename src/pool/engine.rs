@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use super::classify::{self, Change};
 use super::prepared::{AddError, ClientStatements};
-use super::server::{parameter_status, parse_parameter_status, ServerConn};
+use super::server::{parameter_status, parse_parameter_status, ConnState};
 use super::settings::{Followed, SessionSettings};
 use crate::audit::PinReason;
 use crate::config::PoolMode;
@@ -197,7 +197,7 @@ impl Engine {
     /// Before the first message of a checkout: the settings switch, when
     /// the connection's settings are not this client's. Returns whether
     /// one was sent.
-    pub fn switch_if_needed(&mut self, conn: &mut ServerConn, to_server: &mut Vec<u8>) -> bool {
+    pub fn switch_if_needed(&mut self, conn: &mut ConnState, to_server: &mut Vec<u8>) -> bool {
         let same = conn.applied.as_deref() == Some(&*self.settings) && !self.needs_switch;
         if same {
             return false;
@@ -206,7 +206,7 @@ impl Engine {
         true
     }
 
-    fn send_switch(&mut self, conn: &mut ServerConn, to_server: &mut Vec<u8>) {
+    fn send_switch(&mut self, conn: &mut ConnState, to_server: &mut Vec<u8>) {
         // Two queries: the first (RESET ALL, the startup and forwarded
         // values) cannot fail, so the identity is in place whatever the
         // second (the client's SETs) does.
@@ -231,7 +231,7 @@ impl Engine {
     pub fn client_message(
         &mut self,
         msg: &[u8],
-        conn: &mut ServerConn,
+        conn: &mut ConnState,
         to_server: &mut Vec<u8>,
         to_client: &mut Vec<u8>,
     ) -> ClientStep {
@@ -310,7 +310,7 @@ impl Engine {
         &mut self,
         msg: &[u8],
         body: &[u8],
-        conn: &mut ServerConn,
+        conn: &mut ConnState,
         to_server: &mut Vec<u8>,
     ) -> ClientStep {
         let sql = body.strip_suffix(&[0]).unwrap_or(body);
@@ -352,7 +352,7 @@ impl Engine {
     fn deallocate_on_server(
         &mut self,
         st: &super::prepared::ClientStatement,
-        conn: &mut ServerConn,
+        conn: &mut ConnState,
         to_server: &mut Vec<u8>,
     ) {
         if !conn.statements.touch(&st.server_name) {
@@ -373,7 +373,7 @@ impl Engine {
         &mut self,
         msg: &[u8],
         body: &[u8],
-        conn: &mut ServerConn,
+        conn: &mut ConnState,
         to_server: &mut Vec<u8>,
         to_client: &mut Vec<u8>,
     ) -> ClientStep {
@@ -436,7 +436,7 @@ impl Engine {
         &mut self,
         server_name: &Arc<str>,
         rest: &[u8],
-        conn: &mut ServerConn,
+        conn: &mut ConnState,
         to_server: &mut Vec<u8>,
         client: Option<&[u8]>,
     ) {
@@ -464,7 +464,7 @@ impl Engine {
     fn server_statement(
         &mut self,
         name: &[u8],
-        conn: &mut ServerConn,
+        conn: &mut ConnState,
         to_server: &mut Vec<u8>,
     ) -> Option<Arc<str>> {
         let st = self.statements.get(name)?.clone();
@@ -474,7 +474,7 @@ impl Engine {
         Some(st.server_name)
     }
 
-    fn bind(&mut self, msg: &[u8], body: &[u8], conn: &mut ServerConn, to_server: &mut Vec<u8>) {
+    fn bind(&mut self, msg: &[u8], body: &[u8], conn: &mut ConnState, to_server: &mut Vec<u8>) {
         let renamed = split_cstr(body).and_then(|(portal, rest)| {
             let (name, params) = split_cstr(rest)?;
             if name.is_empty() {
@@ -495,13 +495,7 @@ impl Engine {
         self.unsynced = true;
     }
 
-    fn describe(
-        &mut self,
-        msg: &[u8],
-        body: &[u8],
-        conn: &mut ServerConn,
-        to_server: &mut Vec<u8>,
-    ) {
+    fn describe(&mut self, msg: &[u8], body: &[u8], conn: &mut ConnState, to_server: &mut Vec<u8>) {
         let kind = if body.first() == Some(&b'S') {
             Kind::DescribeStatement
         } else {
@@ -565,7 +559,7 @@ impl Engine {
     pub fn server_message(
         &mut self,
         msg: &[u8],
-        conn: &mut ServerConn,
+        conn: &mut ConnState,
         to_client: &mut Vec<u8>,
     ) -> Next {
         let tag = msg[0];
@@ -621,7 +615,7 @@ impl Engine {
 
     /// ParameterStatus: kept for the connection, passed on when the client
     /// has not been told that value.
-    fn parameter(&mut self, body: &[u8], conn: &mut ServerConn, to_client: &mut Vec<u8>) {
+    fn parameter(&mut self, body: &[u8], conn: &mut ConnState, to_client: &mut Vec<u8>) {
         let Some((name, value)) = parse_parameter_status(body) else {
             return;
         };
@@ -637,7 +631,7 @@ impl Engine {
         &mut self,
         msg: &[u8],
         body: &[u8],
-        conn: &mut ServerConn,
+        conn: &mut ConnState,
         to_client: &mut Vec<u8>,
     ) -> Next {
         let hidden = matches!(
@@ -665,7 +659,7 @@ impl Engine {
 
     /// A transaction ended: its setting changes take, unless it failed or
     /// rolled back.
-    fn end_transaction(&mut self, conn: &mut ServerConn) {
+    fn end_transaction(&mut self, conn: &mut ConnState) {
         let changes = std::mem::take(&mut self.pending);
         if self.rolled_back {
             self.rolled_back = false;
@@ -699,7 +693,7 @@ impl Engine {
 
     /// An ErrorResponse: the client's, or one to replace; in the extended
     /// protocol the server then skips to Sync, and so do the expectations.
-    fn error(&mut self, msg: &[u8], conn: &mut ServerConn, to_client: &mut Vec<u8>) -> Next {
+    fn error(&mut self, msg: &[u8], conn: &mut ConnState, to_client: &mut Vec<u8>) -> Next {
         self.rolled_back = true;
         let Some(front) = self.queue.front_mut() else {
             to_client.extend_from_slice(msg);
@@ -743,7 +737,7 @@ impl Engine {
     }
 
     /// Forgets what a refused or skipped message would have made.
-    fn undo(&mut self, e: Expect, conn: &mut ServerConn) {
+    fn undo(&mut self, e: Expect, conn: &mut ConnState) {
         match e {
             Expect::Parse { client, server, .. } => {
                 if let Some(server) = server {
@@ -828,3 +822,6 @@ fn split_cstr(b: &[u8]) -> Option<(&[u8], &[u8])> {
     let end = b.iter().position(|c| *c == 0)?;
     Some((&b[..end], &b[end + 1..]))
 }
+
+#[cfg(test)]
+mod tests;

@@ -272,6 +272,12 @@ impl Pool {
         })
     }
 
+    /// Counts a session as the pool's client until the guard drops.
+    pub fn attach(self: &Arc<Self>) -> Attached {
+        self.stats.clients.fetch_add(1, Ordering::Relaxed);
+        Attached(self.clone())
+    }
+
     /// Keeps the latest credential a client of this user proved.
     pub fn set_login(&self, login: ServerLogin) {
         *self.login.locked() = Some(Arc::new(login));
@@ -501,12 +507,23 @@ impl Pool {
                 let deadline = tokio::time::Instant::now() + timeouts.authentication;
                 match pool.open_new(&opener, deadline).await {
                     Ok(conn) => pool.give_back(conn),
-                    Err(e) => tracing::warn!(pool = %pool.key, "min_pool_size: opening a server connection failed: {e}"),
+                    Err(e) => {
+                        tracing::warn!(pool = %pool.key, "min_pool_size: opening a server connection failed: {e}")
+                    }
                 }
                 drop(place);
             }
             pool.filling.store(false, Ordering::SeqCst);
         });
+    }
+}
+
+/// A session counted among a pool's clients.
+pub(crate) struct Attached(Arc<Pool>);
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        self.0.stats.clients.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -592,9 +609,9 @@ pub(crate) async fn clean_and_return(mut lease: Lease, engine: &engine::Engine) 
     }
     // What the client set (or a rolled-back transaction kept) is not
     // known any more: the next client gets a full switch.
-    conn.applied = None;
+    conn.state.applied = None;
     if discard {
-        conn.statements.clear();
+        conn.state.statements.clear();
         lease.pool.stats.resets.fetch_add(1, Ordering::Relaxed);
     }
     lease.give_back();

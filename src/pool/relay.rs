@@ -191,7 +191,7 @@ where
             }
             let step = self.engine.client_message(
                 msg,
-                lease.conn(),
+                &mut lease.conn().state,
                 &mut self.to_server,
                 &mut self.to_client,
             );
@@ -236,7 +236,8 @@ where
         let conn = lease.conn();
         *self.serving.locked() = Some((conn.addr, conn.key.clone()));
         self.sbuf = std::mem::take(&mut conn.buf);
-        self.engine.switch_if_needed(conn, &mut self.to_server);
+        self.engine
+            .switch_if_needed(&mut conn.state, &mut self.to_server);
         self.progress
             .busy
             .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -258,7 +259,7 @@ where
             let before = self.to_client.len();
             next = self.engine.server_message(
                 &self.sbuf[at..at + len],
-                lease.conn(),
+                &mut lease.conn().state,
                 &mut self.to_client,
             );
             if let Some(q) = self.queries.as_deref_mut() {

@@ -55,18 +55,13 @@ pub(crate) struct ServerConn {
     /// The server's own cancel key, where a client's cancel goes while
     /// this connection serves it.
     pub key: CancelKey,
-    /// What the server reported in ParameterStatus, kept current.
-    pub params: BTreeMap<String, String>,
     pub created: Instant,
     /// When it was last given back (health checks and idle timeouts).
     pub last_used: Instant,
     /// The pool's generation when opened: RECONNECT retires older ones.
     pub generation: u64,
-    /// The settings last applied for a client; None: not known (a client
-    /// changed them in a way pgbastion did not follow), so the next client
-    /// gets `RESET ALL` first.
-    pub applied: Option<Arc<SessionSettings>>,
-    pub statements: ServerStatements,
+    /// What of a client it holds between checkouts (the engine's view).
+    pub state: ConnState,
     /// Bytes read past the last whole message.
     pub buf: Vec<u8>,
     /// Its place under the upstream's `max_server_connections`.
@@ -80,6 +75,30 @@ impl std::fmt::Debug for ServerConn {
             .field("addr", &self.addr)
             .field("pid", &self.key.process_id)
             .finish_non_exhaustive()
+    }
+}
+
+/// What a server connection holds for the clients it serves: all the
+/// engine reads and changes of it (so the engine is tested without one).
+#[derive(Debug)]
+pub(crate) struct ConnState {
+    /// What the server reported in ParameterStatus, kept current.
+    pub params: BTreeMap<String, String>,
+    /// The settings last applied for a client; None: not known (a client
+    /// changed them in a way pgbastion did not follow), so the next client
+    /// gets a full switch.
+    pub applied: Option<Arc<SessionSettings>>,
+    /// The statements it has under pgbastion's names.
+    pub statements: ServerStatements,
+}
+
+impl ConnState {
+    pub fn new(params: BTreeMap<String, String>, max_prepared: usize) -> Self {
+        ConnState {
+            params,
+            applied: None,
+            statements: ServerStatements::new(max_prepared),
+        }
     }
 }
 
@@ -149,12 +168,10 @@ impl ServerConn {
             tls: up.tls,
             leg,
             key,
-            params,
+            state: ConnState::new(params, target.max_prepared),
             created: now,
             last_used: now,
             generation: target.generation,
-            applied: None,
-            statements: ServerStatements::new(target.max_prepared),
             buf,
             _total: total,
         })

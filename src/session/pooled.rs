@@ -174,11 +174,11 @@ impl Session {
         mode: PoolMode,
     ) -> Result<Engine, SessionError> {
         let server = lease.conn();
-        let encoding = server.params.get("client_encoding").cloned();
+        let encoding = server.state.params.get("client_encoding").cloned();
         let settings = SessionSettings::from_startup(&admitted.startup.params, encoding.as_deref());
         let mut engine = Engine::new(mode, settings, self.protected_settings(), BTreeMap::new());
         let mut out = Vec::new();
-        if engine.switch_if_needed(server, &mut out) {
+        if engine.switch_if_needed(&mut server.state, &mut out) {
             let limit = self.settings.timeouts.authentication;
             let switched = tokio::time::timeout(limit, run_switch(&mut engine, server, &out)).await;
             match switched {
@@ -196,7 +196,7 @@ impl Session {
                 }
             }
         }
-        engine.set_client_params(server.params.clone());
+        engine.set_client_params(server.state.params.clone());
         Ok(engine)
     }
 
@@ -249,6 +249,7 @@ impl Session {
             mode = pool.config.mode.as_str(),
             "pooled session started"
         );
+        let _attached = pool.attach();
         let progress = Arc::new(Progress::default());
         let info = self.pooled_info(&conn, admitted, progress.clone());
         let (_live, mut kill) = self.shared.live.register(info);
@@ -378,7 +379,9 @@ async fn run_switch(
                 message: fields.message,
             });
         }
-        if let Next::SwitchFailed(why) = engine.server_message(&msg, server, &mut ignored) {
+        if let Next::SwitchFailed(why) =
+            engine.server_message(&msg, &mut server.state, &mut ignored)
+        {
             return Err(SwitchError::Refused {
                 code: "XX000".into(),
                 message: why,

@@ -392,10 +392,18 @@ async fn session_mode_cleans_a_connection_before_the_next_client() {
 /// Runs a scenario of tests/clients/pooled_drivers.py (psycopg, asyncpg)
 /// against the proxy as `app`; panics with the driver's error.
 fn driver_scenario(proxy: &Proxy, env: &Env, scenario: &str) -> serde_json::Value {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/pooled_drivers.py");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/clients/pooled_drivers.py"
+    );
     let out = std::process::Command::new("python3")
         .arg(script)
-        .args(["localhost", &proxy.addr().port().to_string(), "app", APP_PASSWORD])
+        .args([
+            "localhost",
+            &proxy.addr().port().to_string(),
+            "app",
+            APP_PASSWORD,
+        ])
         .arg(&env.proxy_ca)
         .arg(scenario)
         .output()
@@ -414,7 +422,10 @@ fn psycopg_prepared_statements_work_through_a_pool() {
     let env = Env::new();
     let proxy = pooled(&env, "transaction", 2, "");
     let report = driver_scenario(&proxy, &env, "psycopg");
-    assert!(report["server_pids_seen"].as_u64().unwrap() <= 2, "{report}");
+    assert!(
+        report["server_pids_seen"].as_u64().unwrap() <= 2,
+        "{report}"
+    );
 }
 
 /// asyncpg (named statements, its own pool, transactions) on a pool of 2.
@@ -433,7 +444,12 @@ fn node_postgres_named_queries_work_through_a_pool() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/node");
     let out = std::process::Command::new("node")
         .arg(format!("{dir}/pooled.js"))
-        .args(["localhost", &proxy.addr().port().to_string(), "app", APP_PASSWORD])
+        .args([
+            "localhost",
+            &proxy.addr().port().to_string(),
+            "app",
+            APP_PASSWORD,
+        ])
         .arg(&env.proxy_ca)
         .output()
         .expect("node must be installed (the test command installs the npm packages)");
@@ -449,10 +465,18 @@ fn node_postgres_named_queries_work_through_a_pool() {
 fn pgjdbc_prepared_statements_work_through_a_pool() {
     let env = Env::new();
     let proxy = pooled(&env, "transaction", 2, "");
-    let source = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/java/Pooled.java");
+    let source = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/clients/java/Pooled.java"
+    );
     let out = std::process::Command::new("java")
         .args(["-cp", "/usr/share/java/postgresql.jar", source])
-        .args(["localhost", &proxy.addr().port().to_string(), "app", APP_PASSWORD])
+        .args([
+            "localhost",
+            &proxy.addr().port().to_string(),
+            "app",
+            APP_PASSWORD,
+        ])
         .arg(&env.proxy_ca)
         .output()
         .expect("java must be installed (the test command installs libpostgresql-jdbc-java)");
