@@ -408,7 +408,7 @@ impl Pool {
     }
 
     fn closed(&self, conn: ServerConn) {
-        drop(conn);
+        conn.close();
         self.stats.open.fetch_sub(1, Ordering::Relaxed);
         self.stats.closed.fetch_add(1, Ordering::Relaxed);
     }
@@ -588,7 +588,10 @@ const CLEAN_TIMEOUT: Duration = Duration::from_secs(5);
 /// state on it. A connection that is mid-protocol, or whose cleaning
 /// fails, is closed instead: nothing of one client ever reaches another.
 pub(crate) async fn clean_and_return(mut lease: Lease, engine: &engine::Engine) {
-    if !engine.nothing_in_flight() || engine.mid_protocol() {
+    // A loaded library cannot be unloaded (DISCARD ALL leaves it): such a
+    // connection is closed.
+    let loaded = engine.pinned == Some(crate::audit::PinReason::Load);
+    if !engine.nothing_in_flight() || engine.mid_protocol() || loaded {
         return;
     }
     let mut queries = Vec::new();

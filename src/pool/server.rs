@@ -177,6 +177,22 @@ impl ServerConn {
         })
     }
 
+    /// Closes the connection as a client should (Terminate, then TLS
+    /// close_notify), off the caller's path: the server logs no broken
+    /// connection for every connection a pool retires.
+    pub fn close(mut self) {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        tokio::spawn(async move {
+            let bye = async {
+                let _ = self.stream.write_all(&message::build(tag::TERMINATE, &[])).await;
+                let _ = self.stream.shutdown().await;
+            };
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), bye).await;
+        });
+    }
+
     /// Whether the connection is still open: a dead one (the server
     /// restarted, an idle timeout on the server, a network drop) reads as
     /// EOF or an error at once; a live idle one has nothing to read. Anything
