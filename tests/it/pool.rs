@@ -487,3 +487,66 @@ fn pgjdbc_prepared_statements_work_through_a_pool() {
         stderr(&out)
     );
 }
+
+/// Each statement that makes state pgbastion cannot move pins its client
+/// (a `session.pinned` event names why; the client keeps its backend for
+/// every later transaction), and the connection is cleaned before the
+/// next client gets it: nothing of one client reaches another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_that_cannot_move_pins_and_never_leaks() {
+    let env = Env::new();
+    let proxy = pooled(&env, "transaction", 1, "");
+    let cases = [
+        ("LISTEN somewhere", "listen"),
+        ("PREPARE p AS SELECT 1", "sql_prepare"),
+        ("SELECT pg_advisory_lock(7)", "advisory_lock"),
+        ("SELECT pg_catalog.pg_try_advisory_lock_shared(7)", "advisory_lock"),
+        ("CREATE TEMP TABLE scratch (x int)", "temp_object"),
+        ("BEGIN; DECLARE c CURSOR WITH HOLD FOR SELECT 1; COMMIT", "cursor_with_hold"),
+        ("SET ROLE app", "set_role"),
+        ("SET SESSION AUTHORIZATION app", "session_authorization"),
+    ];
+    let mut pins = 0;
+    for (statement, reason) in cases {
+        let (a, ja) = app(&proxy, &env, "").await;
+        let before = backend_pid(&a).await;
+        a.batch_execute(statement).await.unwrap();
+        pins += 1;
+        let events = proxy.wait_audit_count("session.pinned", pins, |e| e["event"] == "session.pinned");
+        let event = &events[pins - 1];
+        assert_eq!(event["reason"], reason, "{statement}");
+        assert_eq!(event["pool"], "pg");
+        for _ in 0..3 {
+            assert_eq!(backend_pid(&a).await, before, "{statement}: pinned to its backend");
+        }
+        drop(a);
+        let _ = ja.await;
+        let (b, _jb) = app(&proxy, &env, "").await;
+        let row = b
+            .query_one(
+                "SELECT pg_backend_pid(), \
+                 (SELECT count(*) FROM pg_listening_channels()), \
+                 (SELECT count(*) FROM pg_prepared_statements WHERE name = 'p'), \
+                 (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()), \
+                 (SELECT count(*) FROM pg_class WHERE relname = 'scratch'), \
+                 (SELECT count(*) FROM pg_cursors), \
+                 current_user = session_user",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, i32>(0), before, "{statement}: the one connection, cleaned");
+        for (i, what) in [(1, "listen"), (3, "advisory lock"), (4, "temp table"), (5, "cursor")] {
+            assert_eq!(row.get::<_, i64>(i), 0, "{statement}: {what} left behind");
+        }
+        assert_eq!(row.get::<_, i64>(2), 0, "{statement}: SQL prepared statement left behind");
+        assert!(row.get::<_, bool>(6), "{statement}: role left behind");
+    }
+}
+
+async fn backend_pid(c: &tokio_postgres::Client) -> i32 {
+    c.query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get::<_, i32>(0)
+}
