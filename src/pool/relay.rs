@@ -53,6 +53,8 @@ pub(crate) struct PooledRelay<'a, C: ?Sized> {
     sbuf: Vec<u8>,
     to_server: Vec<u8>,
     to_client: Vec<u8>,
+    /// How much of `to_client` the query audit has seen.
+    audited: usize,
     /// Written but not yet flushed (TLS records may wait in the stream).
     client_unflushed: bool,
     server_unflushed: bool,
@@ -98,6 +100,7 @@ where
             sbuf: Vec::new(),
             to_server: Vec::new(),
             to_client: Vec::new(),
+            audited: 0,
             client_unflushed: false,
             server_unflushed: false,
             serving,
@@ -204,6 +207,7 @@ where
             }
         };
         self.cbuf.drain(..at);
+        self.audit_client_bytes();
         match result {
             Ok(()) => Ok(()),
             Err((end, error)) => {
@@ -214,6 +218,19 @@ where
                 Err(end)
             }
         }
+    }
+
+    /// Hands the query audit what the client is about to be sent (the
+    /// server's answers and pgbastion's own, in the order the client sees
+    /// them), before any of it is written.
+    fn audit_client_bytes(&mut self) {
+        if let (Some(q), Some(new)) = (
+            self.queries.as_deref_mut(),
+            self.to_client.get(self.audited..),
+        ) {
+            q.server_bytes(new);
+        }
+        self.audited = self.to_client.len();
     }
 
     /// A server connection for the next transaction, switched to this
@@ -256,15 +273,11 @@ where
         while let Some((_, len)) =
             message::frame(&self.sbuf[at..], MAX_MESSAGE).map_err(|e| e.to_string())?
         {
-            let before = self.to_client.len();
             next = self.engine.server_message(
                 &self.sbuf[at..at + len],
                 &mut lease.conn().state,
                 &mut self.to_client,
             );
-            if let Some(q) = self.queries.as_deref_mut() {
-                q.server_bytes(&self.to_client[before..]);
-            }
             at += len;
             if let Next::SwitchFailed(why) = &next {
                 return Err(format!(
@@ -273,6 +286,7 @@ where
             }
         }
         self.sbuf.drain(..at);
+        self.audit_client_bytes();
         if next == Next::Idle && self.engine.may_release() && self.sbuf.is_empty() {
             self.release();
         }
@@ -301,6 +315,7 @@ where
             &mut self.client_unflushed,
         ) {
             Ok(n) => {
+                self.audited = self.audited.saturating_sub(n);
                 self.counts.server_to_client += n as u64;
                 moved |= n > 0;
             }

@@ -186,7 +186,10 @@ impl ServerConn {
         }
         tokio::spawn(async move {
             let bye = async {
-                let _ = self.stream.write_all(&message::build(tag::TERMINATE, &[])).await;
+                let _ = self
+                    .stream
+                    .write_all(&message::build(tag::TERMINATE, &[]))
+                    .await;
                 let _ = self.stream.shutdown().await;
             };
             let _ = tokio::time::timeout(std::time::Duration::from_secs(1), bye).await;

@@ -500,9 +500,15 @@ async fn state_that_cannot_move_pins_and_never_leaks() {
         ("LISTEN somewhere", "listen"),
         ("PREPARE p AS SELECT 1", "sql_prepare"),
         ("SELECT pg_advisory_lock(7)", "advisory_lock"),
-        ("SELECT pg_catalog.pg_try_advisory_lock_shared(7)", "advisory_lock"),
+        (
+            "SELECT pg_catalog.pg_try_advisory_lock_shared(7)",
+            "advisory_lock",
+        ),
         ("CREATE TEMP TABLE scratch (x int)", "temp_object"),
-        ("BEGIN; DECLARE c CURSOR WITH HOLD FOR SELECT 1; COMMIT", "cursor_with_hold"),
+        (
+            "BEGIN; DECLARE c CURSOR WITH HOLD FOR SELECT 1; COMMIT",
+            "cursor_with_hold",
+        ),
         ("SET ROLE app", "set_role"),
         ("SET SESSION AUTHORIZATION app", "session_authorization"),
     ];
@@ -512,12 +518,17 @@ async fn state_that_cannot_move_pins_and_never_leaks() {
         let before = backend_pid(&a).await;
         a.batch_execute(statement).await.unwrap();
         pins += 1;
-        let events = proxy.wait_audit_count("session.pinned", pins, |e| e["event"] == "session.pinned");
+        let events =
+            proxy.wait_audit_count("session.pinned", pins, |e| e["event"] == "session.pinned");
         let event = &events[pins - 1];
         assert_eq!(event["reason"], reason, "{statement}");
         assert_eq!(event["pool"], "pg");
         for _ in 0..3 {
-            assert_eq!(backend_pid(&a).await, before, "{statement}: pinned to its backend");
+            assert_eq!(
+                backend_pid(&a).await,
+                before,
+                "{statement}: pinned to its backend"
+            );
         }
         drop(a);
         let _ = ja.await;
@@ -535,11 +546,24 @@ async fn state_that_cannot_move_pins_and_never_leaks() {
             )
             .await
             .unwrap();
-        assert_eq!(row.get::<_, i32>(0), before, "{statement}: the one connection, cleaned");
-        for (i, what) in [(1, "listen"), (3, "advisory lock"), (4, "temp table"), (5, "cursor")] {
+        assert_eq!(
+            row.get::<_, i32>(0),
+            before,
+            "{statement}: the one connection, cleaned"
+        );
+        for (i, what) in [
+            (1, "listen"),
+            (3, "advisory lock"),
+            (4, "temp table"),
+            (5, "cursor"),
+        ] {
             assert_eq!(row.get::<_, i64>(i), 0, "{statement}: {what} left behind");
         }
-        assert_eq!(row.get::<_, i64>(2), 0, "{statement}: SQL prepared statement left behind");
+        assert_eq!(
+            row.get::<_, i64>(2),
+            0,
+            "{statement}: SQL prepared statement left behind"
+        );
         assert!(row.get::<_, bool>(6), "{statement}: role left behind");
     }
 }
@@ -549,4 +573,53 @@ async fn backend_pid(c: &tokio_postgres::Client) -> i32 {
         .await
         .unwrap()
         .get::<_, i32>(0)
+}
+
+/// The query audit sees a pooled session's statements as the client sent
+/// them (its own statement names, never pgbastion's switches or
+/// re-prepares), each with its outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_query_audit_records_pooled_statements_as_the_client_sent_them() {
+    let env = Env::new();
+    let proxy = pooled(
+        &env,
+        "transaction",
+        1,
+        "[[rule]]\nname = \"audited\"\naudit_queries = \"statements\"\n",
+    );
+    let (a, _ja) = app(&proxy, &env, "application_name=one").await;
+    let (b, _jb) = app(&proxy, &env, "application_name=two").await;
+    for i in 0..3i32 {
+        a.query_one("SELECT $1::int", &[&i]).await.unwrap();
+        b.batch_execute("SELECT 2").await.unwrap();
+    }
+    assert!(a.batch_execute("SELECT 1/0").await.is_err());
+    let queries = proxy.wait_audit_count("7 queries", 7, |e| e["event"] == "query");
+    let texts: Vec<&str> = queries
+        .iter()
+        .map(|q| q["statement"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        texts.iter().filter(|t| **t == "SELECT $1::int").count(),
+        3,
+        "{texts:?}"
+    );
+    assert_eq!(
+        texts.iter().filter(|t| **t == "SELECT $1").count(),
+        3,
+        "{texts:?}"
+    );
+    assert!(proxy
+        .audit_events()
+        .iter()
+        .all(|e| e["event"] != "query_audit.stopped"));
+    assert!(
+        texts
+            .iter()
+            .all(|t| !t.contains("set_config") && !t.contains("RESET")),
+        "{texts:?}"
+    );
+    let failed: Vec<_> = queries.iter().filter(|q| q["outcome"] == "error").collect();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0]["sqlstate"], "22012");
 }
