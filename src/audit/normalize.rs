@@ -98,7 +98,7 @@ pub struct Normalized {
 /// whitespace or comments, a parameter.
 enum Token {
     Keep(usize, usize),
-    Constant,
+    Constant(Literal),
     Space,
     Param(usize, usize, usize),
 }
@@ -114,6 +114,59 @@ enum Quoted {
     /// `B'...'`, `X'...'`: the first quote ends it (`B'1''0'` is two
     /// strings).
     Bits,
+}
+
+/// A constant's form, as [`lex`] reports it: how its text reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Literal {
+    /// `'...'` (or `N'...'`) read as a standard string: `''` is a quote,
+    /// a backslash is a character.
+    Standard,
+    /// `E'...'`, or `'...'` read with standard_conforming_strings off: a
+    /// backslash escapes, `''` is a quote.
+    Escape,
+    /// `B'...'`, `X'...'`.
+    Bits,
+    /// `U&'...'` (Unicode escapes, perhaps a `UESCAPE` after it).
+    Unicode,
+    /// `$tag$...$tag$`.
+    Dollar,
+    Number,
+}
+
+/// The form a plain string (or `N'...'`) is read in.
+fn plain_literal(plain: Quoted) -> Literal {
+    match plain {
+        Quoted::Escape => Literal::Escape,
+        Quoted::Standard | Quoted::Bits => Literal::Standard,
+    }
+}
+
+/// What a token of [`lex`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// A bare word: a keyword or an unquoted name.
+    Ident,
+    /// `"..."`.
+    QuotedIdent,
+    /// A constant (a string, continuations included, or a number).
+    Literal(Literal),
+    /// `$n`.
+    Param,
+    /// One byte of an operator or punctuation (`$` alone included).
+    Punct,
+    /// Whitespace.
+    Space,
+    /// A `--` or `/* */` comment.
+    Comment,
+}
+
+/// A token and where it is in the text: `sql[start..end]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Lexeme {
+    pub(crate) kind: Kind,
+    pub(crate) start: usize,
+    pub(crate) end: usize,
 }
 
 /// `sql` with every constant replaced by `$n` and comments removed,
@@ -178,7 +231,7 @@ fn normalize_as(sql: &str, plain: Quoted) -> Result<Normalized, Unparsed> {
                     out.push(' ');
                 }
             }
-            Token::Constant => {
+            Token::Constant(_) => {
                 use std::fmt::Write;
                 let _ = write!(out, "${next}");
                 next += 1;
@@ -209,6 +262,51 @@ fn tokenize(b: &[u8], plain: Quoted) -> Result<Vec<Token>, Unparsed> {
     Ok(tokens)
 }
 
+/// Every token of `sql`, whitespace and comments included, by the rules
+/// above, for readers of statement text other than the normalizer (the
+/// pool's session-state classifier). Plain strings read as `backslashes`
+/// says; `Unknown` lexes both ways and answers only if both agree.
+/// Unlike [`normalize_with`], a backslash after a non-ASCII byte is not
+/// refused: it is read as an escape where the form says so (the caller
+/// decides what the other reading means to it).
+pub(crate) fn lex(sql: &str, backslashes: Backslashes) -> Result<Vec<Lexeme>, Unparsed> {
+    let b = sql.as_bytes();
+    let plain = match backslashes {
+        Backslashes::Literal => Quoted::Standard,
+        Backslashes::Escape => Quoted::Escape,
+        Backslashes::Unknown if !b.contains(&b'\\') => Quoted::Standard,
+        Backslashes::Unknown => {
+            let one = lex(sql, Backslashes::Literal);
+            return match (one, lex(sql, Backslashes::Escape)) {
+                (Ok(a), Ok(b)) if a == b => Ok(a),
+                (Err(_), Err(_)) => Err(Unparsed::Unterminated),
+                _ => Err(Unparsed::AmbiguousBackslash),
+            };
+        }
+    };
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        let (token, end) = token_at(b, i, plain)?;
+        let kind = match token {
+            Token::Constant(l) => Kind::Literal(l),
+            Token::Param(..) => Kind::Param,
+            Token::Space if is_space(b[i]) => Kind::Space,
+            Token::Space => Kind::Comment,
+            Token::Keep(..) if b[i] == b'"' => Kind::QuotedIdent,
+            Token::Keep(..) if is_ident_start(b[i]) => Kind::Ident,
+            Token::Keep(..) => Kind::Punct,
+        };
+        out.push(Lexeme {
+            kind,
+            start: i,
+            end,
+        });
+        i = end;
+    }
+    Ok(out)
+}
+
 /// The token starting at `i`, and where the next one starts.
 fn token_at(b: &[u8], i: usize, plain: Quoted) -> Result<(Token, usize), Unparsed> {
     let at = |k: usize| b.get(i + k).copied();
@@ -216,19 +314,28 @@ fn token_at(b: &[u8], i: usize, plain: Quoted) -> Result<(Token, usize), Unparse
         c if is_space(c) => (Token::Space, i + 1),
         b'-' if at(1) == Some(b'-') => (Token::Space, line_comment_end(b, i)),
         b'/' if at(1) == Some(b'*') => (Token::Space, block_comment_end(b, i)?),
-        b'\'' => (Token::Constant, string_end(b, i, plain)?),
+        b'\'' => (
+            Token::Constant(plain_literal(plain)),
+            string_end(b, i, plain)?,
+        ),
         // E'...', B'...', X'...', N'...' (N is NCHAR then a plain
         // string), U&'...', any case.
-        b'e' | b'E' if at(1) == Some(b'\'') => {
-            (Token::Constant, string_end(b, i + 1, Quoted::Escape)?)
-        }
-        b'b' | b'B' | b'x' | b'X' if at(1) == Some(b'\'') => {
-            (Token::Constant, string_end(b, i + 1, Quoted::Bits)?)
-        }
-        b'n' | b'N' if at(1) == Some(b'\'') => (Token::Constant, string_end(b, i + 1, plain)?),
-        b'u' | b'U' if at(1) == Some(b'&') && at(2) == Some(b'\'') => {
-            (Token::Constant, string_end(b, i + 2, Quoted::Standard)?)
-        }
+        b'e' | b'E' if at(1) == Some(b'\'') => (
+            Token::Constant(Literal::Escape),
+            string_end(b, i + 1, Quoted::Escape)?,
+        ),
+        b'b' | b'B' | b'x' | b'X' if at(1) == Some(b'\'') => (
+            Token::Constant(Literal::Bits),
+            string_end(b, i + 1, Quoted::Bits)?,
+        ),
+        b'n' | b'N' if at(1) == Some(b'\'') => (
+            Token::Constant(plain_literal(plain)),
+            string_end(b, i + 1, plain)?,
+        ),
+        b'u' | b'U' if at(1) == Some(b'&') && at(2) == Some(b'\'') => (
+            Token::Constant(Literal::Unicode),
+            string_end(b, i + 2, Quoted::Standard)?,
+        ),
         // Quoted identifiers are names, not constants: kept.
         b'"' => {
             let end = quoted_ident_end(b, i)?;
@@ -248,11 +355,13 @@ fn token_at(b: &[u8], i: usize, plain: Quoted) -> Result<(Token, usize), Unparse
         // A dollar quote, or a lone `$` (scan.l's dolqfailed: `$abc` is
         // `$` then the identifier `abc`).
         b'$' => match dollar_quote_end(b, i)? {
-            Some(end) => (Token::Constant, end),
+            Some(end) => (Token::Constant(Literal::Dollar), end),
             None => (Token::Keep(i, i + 1), i + 1),
         },
-        b'0'..=b'9' => (Token::Constant, number_end(b, i)),
-        b'.' if at(1).is_some_and(|c| c.is_ascii_digit()) => (Token::Constant, number_end(b, i)),
+        b'0'..=b'9' => (Token::Constant(Literal::Number), number_end(b, i)),
+        b'.' if at(1).is_some_and(|c| c.is_ascii_digit()) => {
+            (Token::Constant(Literal::Number), number_end(b, i))
+        }
         c if is_ident_start(c) => {
             let end = ident_end(b, i);
             (Token::Keep(i, end), end)

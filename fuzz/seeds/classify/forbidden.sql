@@ -1,0 +1,1 @@
+SELECT set_config('pgbastion.identity', 'x', false); LISTEN c

@@ -1,0 +1,1 @@
+SELECT E'é\'; SET application_name = 'x'; --'

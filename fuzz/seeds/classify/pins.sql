@@ -1,0 +1,1 @@
+CREATE TEMP TABLE t (a int); DECLARE c CURSOR WITH HOLD FOR SELECT pg_advisory_lock(1); PREPARE q AS SELECT $q$;$q$

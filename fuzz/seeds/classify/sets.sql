@@ -1,0 +1,1 @@
+SET search_path TO a, b; SELECT 1; RESET work_mem

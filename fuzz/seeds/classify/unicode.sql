@@ -1,0 +1,1 @@
+SET U&"pgbastion".U&"\0069dentity" = 'x'; SELECT E'\'';--'
