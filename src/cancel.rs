@@ -15,6 +15,10 @@
 //! own NOTIFYs, and it grants nothing without the key. Two sessions on two
 //! servers may share one process ID, so entries are found by process ID
 //! and then by key.
+//!
+//! With `[cluster]` every mapping is also published for the fleet; a pooled
+//! session's only names this instance, which forwards cancels relayed to
+//! it (see `cluster::relay`) to the connection serving the session then.
 
 use crate::sync::MutexExt;
 use std::collections::HashMap;
@@ -155,22 +159,10 @@ impl CancelRegistry {
             process_id,
             secret_key: key.clone(),
         };
-        // A pooled session's server changes per transaction: only this
-        // instance can follow it.
-        let fleet = self.fleet.as_ref().filter(|_| target.serving.is_none());
-        let published = fleet.map(|fleet| {
-            fleet.publish_cancel(
-                &issued,
-                &RemoteCancel {
-                    session_id: target.session_id.clone(),
-                    instance: fleet.instance().to_owned(),
-                    upstream: target.upstream.config.name.clone(),
-                    addr: target.addr,
-                    process_id: target.real.process_id,
-                    secret_key: target.real.secret_key.clone(),
-                },
-            )
-        });
+        let published = self
+            .fleet
+            .as_ref()
+            .map(|fleet| fleet.publish_cancel(&issued, &remote(fleet, &target)));
         list.push(Entry {
             key: key.clone(),
             target,
@@ -209,6 +201,27 @@ impl CancelRegistry {
 
     pub fn live_sessions(&self) -> usize {
         self.lock_entries().values().map(Vec::len).sum()
+    }
+}
+
+/// The mapping another instance needs for `target`. A pooled session's
+/// server changes per transaction: only this instance can follow it, so
+/// its mapping says only that the cancel must be relayed here.
+fn remote(fleet: &Cluster, target: &CancelTarget) -> RemoteCancel {
+    let pooled = target.serving.is_some();
+    RemoteCancel {
+        session_id: target.session_id.clone(),
+        instance: fleet.instance().to_owned(),
+        upstream: target.upstream.config.name.clone(),
+        addr: target.addr,
+        process_id: target.real.process_id,
+        // Never a key worth anything for a pooled session.
+        secret_key: if pooled {
+            Vec::new()
+        } else {
+            target.real.secret_key.clone()
+        },
+        pooled,
     }
 }
 

@@ -192,6 +192,10 @@ named_enum! {
         /// Matched a pooled session that holds no server connection now
         /// (between transactions): nothing to cancel.
         NothingRunning = "nothing_running",
+        /// Matched a pooled session of another instance (`[cluster]`):
+        /// relayed to that instance, which forwards it to the server
+        /// connection serving the session then.
+        RelayedToInstance = "relayed_to_instance",
     }
 }
 
@@ -201,7 +205,9 @@ impl CancelOutcome {
     pub fn is_forwarded(self) -> bool {
         matches!(
             self,
-            CancelOutcome::Forwarded | CancelOutcome::ForwardedRemote
+            CancelOutcome::Forwarded
+                | CancelOutcome::ForwardedRemote
+                | CancelOutcome::RelayedToInstance
         )
     }
 }

@@ -270,6 +270,12 @@ fn lines() -> Vec<String> {
     for (target, instance, outcome, detail) in [
         ("00000000000000ab", None, "forwarded", None),
         ("00000000000000ab", Some("pgb-2"), "forwarded_remote", None),
+        (
+            "00000000000000ab",
+            Some("pgb-2"),
+            "relayed_to_instance",
+            None,
+        ),
         ("unmatched", None, "unmatched", None),
         ("unmatched", None, "cluster_unavailable", None),
         ("unmatched", None, "rate_limited", None),

@@ -4,7 +4,10 @@
 //! is sealed with ChaCha20-Poly1305 under another derived key, bound to the
 //! Redis key it is stored under. A reader of Redis learns neither the keys
 //! pgbastion gave its clients nor the servers' real keys, nor user names or
-//! client addresses; a writer cannot plant a mapping that opens.
+//! client addresses; a writer cannot plant a mapping that opens. A cancel
+//! relayed to the instance that owns a pooled session is sealed the same
+//! way, bound to that instance's channel, so a Redis client without the
+//! secret cannot inject one.
 //!
 //! Pure: no I/O, so it is tested (and fuzzed through `open`) on its own.
 
@@ -44,7 +47,9 @@ impl std::fmt::Debug for FleetKeys {
 }
 
 /// A live session's cancel mapping as another instance needs it: where the
-/// session's server is, and the server's real key.
+/// session's server is, and the server's real key; or, for a pooled
+/// session, only that the owning instance must be asked (its server
+/// connection changes per transaction).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RemoteCancel {
     pub session_id: String,
@@ -55,6 +60,38 @@ pub struct RemoteCancel {
     pub addr: SocketAddr,
     pub process_id: u32,
     pub secret_key: Vec<u8>,
+    /// A pooled session: `addr` and the key mean nothing; the cancel is
+    /// relayed to `instance`. Absent in mappings of older versions.
+    #[serde(default)]
+    pub pooled: bool,
+}
+
+/// A cancel relayed to the instance that owns a pooled session, as
+/// published on that instance's channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayedCancel {
+    /// The key the client sent (the one pgbastion issued).
+    pub process_id: u32,
+    pub secret_key: Vec<u8>,
+    /// The instance that received the CancelRequest, and that request's
+    /// session id (for the owner's log).
+    pub from: String,
+    pub request_session: String,
+    /// The PROXY header the receiving instance would have sent the
+    /// upstream (it knows the client's address), if the upstream wants one.
+    pub proxy_header: Option<Vec<u8>>,
+    /// When it was sent (Unix ms, the sender's clock): a replay is refused
+    /// once it is too old.
+    pub sent_ms: u64,
+}
+
+impl RelayedCancel {
+    pub fn key(&self) -> CancelKey {
+        CancelKey {
+            process_id: self.process_id,
+            secret_key: self.secret_key.clone(),
+        }
+    }
 }
 
 impl RemoteCancel {
@@ -120,17 +157,47 @@ impl FleetKeys {
         self.name(&format!("failed-{kind}"), &[value.as_bytes()])
     }
 
+    /// The pub/sub channel where cancels for `instance`'s pooled sessions
+    /// are relayed.
+    pub fn relay_channel(&self, instance: &str) -> String {
+        self.name("relay", &[instance.as_bytes()])
+    }
+
     /// The mapping, encrypted and bound to `redis_key`: a random nonce,
     /// then the ciphertext and tag.
     pub fn seal(&self, redis_key: &str, entry: &RemoteCancel) -> Vec<u8> {
+        self.seal_json(redis_key, entry)
+    }
+
+    /// The mapping stored under `redis_key`, or None when the value was
+    /// not sealed by this fleet for this key (altered, moved, or another
+    /// secret).
+    pub fn open(&self, redis_key: &str, value: &[u8]) -> Option<RemoteCancel> {
+        self.open_json(redis_key, value)
+    }
+
+    /// A relayed cancel, sealed and bound to the channel it is published on.
+    pub fn seal_relay(&self, channel: &str, relayed: &RelayedCancel) -> Vec<u8> {
+        self.seal_json(channel, relayed)
+    }
+
+    /// A relayed cancel received on `channel`, or None when it was not
+    /// sealed by this fleet for this channel.
+    pub fn open_relay(&self, channel: &str, message: &[u8]) -> Option<RelayedCancel> {
+        self.open_json(channel, message)
+    }
+
+    /// `value` as JSON, encrypted and bound to `aad`: a random nonce, then
+    /// the ciphertext and tag.
+    fn seal_json(&self, aad: &str, value: &impl Serialize) -> Vec<u8> {
         let mut nonce = [0u8; NONCE_LEN];
         rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut nonce);
-        // Serialising this struct to JSON cannot fail.
-        let mut data = serde_json::to_vec(entry).unwrap_or_default();
+        // Serialising these structs to JSON cannot fail.
+        let mut data = serde_json::to_vec(value).unwrap_or_default();
         // Sealing fails only for inputs larger than ChaCha20 allows (GiBs).
         let _ = self.seal.seal_in_place_append_tag(
             Nonce::assume_unique_for_key(nonce),
-            aead::Aad::from(redis_key.as_bytes()),
+            aead::Aad::from(aad.as_bytes()),
             &mut data,
         );
         let mut out = nonce.to_vec();
@@ -138,10 +205,7 @@ impl FleetKeys {
         out
     }
 
-    /// The mapping stored under `redis_key`, or None when the value was
-    /// not sealed by this fleet for this key (altered, moved, or another
-    /// secret).
-    pub fn open(&self, redis_key: &str, value: &[u8]) -> Option<RemoteCancel> {
+    fn open_json<T: serde::de::DeserializeOwned>(&self, aad: &str, value: &[u8]) -> Option<T> {
         if value.len() < NONCE_LEN {
             return None;
         }
@@ -150,7 +214,7 @@ impl FleetKeys {
         let mut data = sealed.to_vec();
         let plain = self
             .seal
-            .open_in_place(nonce, aead::Aad::from(redis_key.as_bytes()), &mut data)
+            .open_in_place(nonce, aead::Aad::from(aad.as_bytes()), &mut data)
             .ok()?;
         serde_json::from_slice(plain).ok()
     }
@@ -172,6 +236,7 @@ mod tests {
             addr: "10.0.0.5:5432".parse().unwrap(),
             process_id: 4242,
             secret_key: vec![0xA5; 32],
+            pooled: false,
         }
     }
 
@@ -206,6 +271,47 @@ mod tests {
         }
         // Two seals of the same mapping differ (random nonce).
         assert_ne!(k.seal(&at, &entry()), sealed);
+    }
+
+    /// A mapping sealed by an older version (no `pooled`) still opens, as
+    /// not pooled; a pooled one round-trips.
+    #[test]
+    fn mappings_without_the_pooled_marker_still_open() {
+        let k = keys(&[7; 32]);
+        let old = serde_json::json!({
+            "session_id": "s", "instance": "pgb-1", "upstream": "main",
+            "addr": "10.0.0.5:5432", "process_id": 1, "secret_key": [1, 2, 3, 4],
+        });
+        let sealed = k.seal_json("at", &old);
+        let opened = k.open("at", &sealed).expect("opens");
+        assert!(!opened.pooled);
+        let pooled = RemoteCancel {
+            pooled: true,
+            ..entry()
+        };
+        assert_eq!(k.open("at", &k.seal("at", &pooled)), Some(pooled));
+    }
+
+    /// A relayed cancel opens only on its channel: not on another
+    /// instance's, not as a mapping, not with another secret.
+    #[test]
+    fn relayed_cancels_open_only_on_their_channel() {
+        let k = keys(&[7; 32]);
+        let relayed = RelayedCancel {
+            process_id: 9,
+            secret_key: vec![3; 32],
+            from: "pgb-2".into(),
+            request_session: "r".into(),
+            proxy_header: None,
+            sent_ms: 1,
+        };
+        let channel = k.relay_channel("pgb-1");
+        assert!(channel.starts_with("pgbastion:relay:") && !channel.contains("pgb-1"));
+        let sealed = k.seal_relay(&channel, &relayed);
+        assert_eq!(k.open_relay(&channel, &sealed), Some(relayed));
+        assert_eq!(k.open_relay(&k.relay_channel("pgb-2"), &sealed), None);
+        assert_eq!(k.open(&channel, &sealed), None);
+        assert_eq!(keys(&[8; 32]).open_relay(&channel, &sealed), None);
     }
 
     #[test]

@@ -15,11 +15,16 @@
 //! releasing a session slot, counting a failed login) go through a
 //! background task, so a session never waits for them.
 //!
+//! A pooled session's server connection changes per transaction, so its
+//! mapping only says which instance owns it; a cancel for it is relayed to
+//! that instance over pub/sub (see `relay`).
+//!
 //! What is stored is opaque to a Redis reader (see `keys`).
 
 mod background;
 mod connect;
 pub mod keys;
+mod relay;
 
 use crate::sync::MutexExt;
 use std::collections::{HashMap, HashSet};
@@ -40,7 +45,7 @@ use crate::limits::warn::WarnLimiter;
 use crate::protocol::startup::CancelKey;
 use background::background;
 use connect::{read_keys, redis_client};
-use keys::{FleetKeys, RemoteCancel};
+use keys::{FleetKeys, RelayedCancel, RemoteCancel};
 
 /// How long what an instance writes lives in Redis unless refreshed: how
 /// long the mappings of an instance that died stay findable (a cancel
@@ -282,6 +287,44 @@ impl Cluster {
             }
             opened
         }))
+    }
+
+    /// Relays a cancel for a pooled session of `instance` to it; returns
+    /// how many subscribers got it (0: that instance is not listening now).
+    pub async fn relay_cancel(
+        &self,
+        instance: &str,
+        req: &CancelKey,
+        request_session: &str,
+        proxy_header: Option<Vec<u8>>,
+    ) -> Result<u64, Unavailable> {
+        let channel = self.keys.relay_channel(instance);
+        let message = self.keys.seal_relay(
+            &channel,
+            &RelayedCancel {
+                process_id: req.process_id,
+                secret_key: req.secret_key.clone(),
+                from: self.instance.clone(),
+                request_session: request_session.to_owned(),
+                proxy_header,
+                sent_ms: relay::now_ms(),
+            },
+        );
+        self.call(
+            "cancel_relay",
+            redis::cmd("PUBLISH").arg(&channel).arg(message),
+        )
+        .await
+    }
+
+    /// Subscribes to the cancels other instances relay to this one's
+    /// pooled sessions; each one that opened (sealed by the fleet for this
+    /// instance, fresh, not seen before) arrives once. Call once.
+    pub fn relayed_cancels(self: &Arc<Self>) -> mpsc::Receiver<RelayedCancel> {
+        relay::start(
+            Arc::downgrade(self),
+            self.keys.relay_channel(&self.instance),
+        )
     }
 
     /// Takes one of `limit` fleet-wide slots for `identity`.

@@ -137,6 +137,7 @@ impl Server {
         }
         *self.shared.accepting.locked() = Some(accepting);
         let summaries = tokio::spawn(summarise(self.shared.clone()));
+        let relayed_cancels = self.shared.serve_relayed_cancels();
         let admin_stop = CancellationToken::new();
         let unready_grace = match self.admin {
             Some((listener, config)) => serve_admin(listener, config, &self.shared, &admin_stop),
@@ -158,6 +159,9 @@ impl Server {
         stop.cancel();
         drain(&self.shared, &sessions, self.drain).await;
         summaries.abort();
+        if let Some(relayed) = relayed_cancels {
+            relayed.abort();
+        }
         final_words(&self.shared);
         admin_stop.cancel();
     }

@@ -2,16 +2,30 @@
 //! honoured only with a key pgbastion issued to a live session (here, or
 //! with `[cluster]` on another instance of the fleet), forwarded to that
 //! session's server with the real key. Like PostgreSQL, the client is told
-//! nothing either way.
+//! nothing either way. A pooled session of another instance is only
+//! reachable through that instance: the cancel is relayed to it, and the
+//! cancels relayed to this instance are forwarded here
+//! (`Shared::serve_relayed_cancels`) as local ones are.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
+use tokio::task::JoinHandle;
 use tracing::info;
 
 use super::negotiate::{ClientConn, ERROR_WRITE_TIMEOUT};
 use super::Session;
 use crate::audit::{CancelOutcome, ClientTransport, Event};
+use crate::cancel::CancelTarget;
+use crate::cluster::keys::{RelayedCancel, RemoteCancel};
+use crate::cluster::{Cluster, Unavailable};
 use crate::config::CancelPlaintext;
 use crate::protocol::startup::CancelKey;
+use crate::server::Shared;
+use crate::sync::MutexExt;
+use crate::upstream::{Upstream, UpstreamError};
 
 /// What became of a CancelRequest, for the log and the audit.
 struct CancelDelivery {
@@ -32,15 +46,18 @@ impl CancelDelivery {
         }
     }
 
-    fn sent(
+    /// A matched cancel: `sent` is None when a pooled session held no
+    /// server connection (nothing was running).
+    fn matched(
         session_id: String,
         instance: Option<String>,
-        sent: Result<(), crate::upstream::UpstreamError>,
+        sent: Option<Result<(), UpstreamError>>,
     ) -> Self {
         let (outcome, detail) = match (sent, instance.is_some()) {
-            (Ok(()), false) => (CancelOutcome::Forwarded, None),
-            (Ok(()), true) => (CancelOutcome::ForwardedRemote, None),
-            (Err(e), _) => (CancelOutcome::UpstreamFailed, Some(e.to_string())),
+            (None, _) => (CancelOutcome::NothingRunning, None),
+            (Some(Ok(())), false) => (CancelOutcome::Forwarded, None),
+            (Some(Ok(())), true) => (CancelOutcome::ForwardedRemote, None),
+            (Some(Err(e)), _) => (CancelOutcome::UpstreamFailed, Some(e.to_string())),
         };
         CancelDelivery {
             target_id: Some(session_id),
@@ -69,25 +86,13 @@ impl Session {
             CancelDelivery::refused(CancelOutcome::PlaintextRefused)
         } else {
             match self.shared.cancels.lookup(&req) {
-                Some(target) => match now_serving(&target) {
-                    Some((addr, real)) => {
-                        let upstream = target.upstream.clone();
-                        let sent = upstream
-                            .cancel(
-                                addr,
-                                &real,
-                                self.settings.timeouts.cancel,
-                                self.outbound_proxy_header(&upstream, None).as_deref(),
-                            )
-                            .await;
-                        CancelDelivery::sent(target.session_id, None, sent)
-                    }
-                    None => {
-                        let mut d = CancelDelivery::refused(CancelOutcome::NothingRunning);
-                        d.target_id = Some(target.session_id);
-                        d
-                    }
-                },
+                Some(target) => {
+                    let sent = forward(&target, self.settings.timeouts.cancel, |u| {
+                        self.outbound_proxy_header(u, None)
+                    })
+                    .await;
+                    CancelDelivery::matched(target.session_id, None, sent)
+                }
                 None => match &self.shared.cluster {
                     None => CancelDelivery::refused(CancelOutcome::Unmatched),
                     Some(fleet) => self.remote_cancel(fleet, &req).await,
@@ -135,15 +140,9 @@ impl Session {
     /// A cancel for a session of another instance of the fleet: looked up
     /// in Redis and forwarded from here, to the server and address the
     /// session uses, with the server's real key.
-    async fn remote_cancel(
-        &self,
-        fleet: &crate::cluster::Cluster,
-        req: &CancelKey,
-    ) -> CancelDelivery {
+    async fn remote_cancel(&self, fleet: &Cluster, req: &CancelKey) -> CancelDelivery {
         let found = match fleet.find_cancel(req).await {
-            Err(crate::cluster::Unavailable) => {
-                return CancelDelivery::refused(CancelOutcome::ClusterUnavailable)
-            }
+            Err(Unavailable) => return CancelDelivery::refused(CancelOutcome::ClusterUnavailable),
             // Our own instance's mapping for a session that has ended (the
             // local registry no longer has it): nothing to cancel.
             Ok(Some(remote)) if remote.instance != fleet.instance() => remote,
@@ -165,6 +164,9 @@ impl Session {
                 outcome: CancelOutcome::UpstreamFailed,
             };
         };
+        if found.pooled {
+            return self.relay_to_owner(fleet, req, found, &upstream).await;
+        }
         let sent = upstream
             .cancel(
                 found.addr,
@@ -173,15 +175,107 @@ impl Session {
                 self.outbound_proxy_header(&upstream, None).as_deref(),
             )
             .await;
-        CancelDelivery::sent(found.session_id, Some(found.instance), sent)
+        CancelDelivery::matched(found.session_id, Some(found.instance), Some(sent))
     }
+
+    /// A cancel for a pooled session of another instance: only that
+    /// instance knows which server connection serves the session now, so
+    /// the cancel is relayed to it (with the PROXY header this instance
+    /// would have sent, since only it knows the client's address).
+    async fn relay_to_owner(
+        &self,
+        fleet: &Cluster,
+        req: &CancelKey,
+        found: RemoteCancel,
+        upstream: &Upstream,
+    ) -> CancelDelivery {
+        let header = self.outbound_proxy_header(upstream, None);
+        let relayed = fleet
+            .relay_cancel(&found.instance, req, &self.facts.session_id, header)
+            .await;
+        let (outcome, detail) = match relayed {
+            Ok(n) if n > 0 => (CancelOutcome::RelayedToInstance, None),
+            Ok(_) => (
+                CancelOutcome::ClusterUnavailable,
+                Some("the instance is not subscribed to relayed cancels (starting, or its Redis subscription broke)".to_owned()),
+            ),
+            Err(Unavailable) => (CancelOutcome::ClusterUnavailable, None),
+        };
+        CancelDelivery {
+            target_id: Some(found.session_id),
+            instance: Some(found.instance),
+            outcome,
+            detail,
+        }
+    }
+}
+
+impl Shared {
+    /// With `[cluster]`: forwards the cancels other instances relay to this
+    /// one's pooled sessions, until the returned task is aborted.
+    pub(crate) fn serve_relayed_cancels(self: &Arc<Self>) -> Option<JoinHandle<()>> {
+        let mut relayed = self.cluster.as_ref()?.relayed_cancels();
+        let shared = Arc::downgrade(self);
+        Some(tokio::spawn(async move {
+            while let Some(r) = relayed.recv().await {
+                let Some(shared) = shared.upgrade() else {
+                    return;
+                };
+                // One at a time would let one unreachable server hold up
+                // the rest.
+                tokio::spawn(forward_relayed(shared, r));
+            }
+        }))
+    }
+}
+
+/// A relayed cancel, forwarded once, exactly as a local cancel would be:
+/// the sending instance already applied its rate limit and audits it.
+async fn forward_relayed(shared: Arc<Shared>, relayed: RelayedCancel) {
+    let delivery = match shared.cancels.lookup(&relayed.key()) {
+        None => CancelDelivery::refused(CancelOutcome::Unmatched),
+        Some(target) => {
+            let header = relayed.proxy_header.clone();
+            let limit = shared.settings().timeouts.cancel;
+            let sent = forward(&target, limit, |_| header).await;
+            CancelDelivery::matched(target.session_id, None, sent)
+        }
+    };
+    let outcome = delivery.outcome;
+    if outcome.is_forwarded() || shared.warn_limit.allow("relayed_cancel") {
+        info!(
+            target = delivery.target_id.as_deref().unwrap_or("unmatched"),
+            from_instance = relayed.from,
+            request_session = relayed.request_session,
+            outcome = outcome.as_str(),
+            detail = delivery.detail,
+            "relayed cancel request"
+        );
+    }
+}
+
+/// Sends a matched cancel where it must go now, with the server's real key
+/// (and the PROXY header `proxy_header` makes for the upstream). None when
+/// a pooled session holds no server connection: nothing is cancelled.
+async fn forward(
+    target: &CancelTarget,
+    limit: Duration,
+    proxy_header: impl FnOnce(&Upstream) -> Option<Vec<u8>>,
+) -> Option<Result<(), UpstreamError>> {
+    let (addr, real) = now_serving(target)?;
+    let header = proxy_header(&target.upstream);
+    Some(
+        target
+            .upstream
+            .cancel(addr, &real, limit, header.as_deref())
+            .await,
+    )
 }
 
 /// Where a matched cancel goes: the session's server, or for a pooled
 /// session the connection serving it at this moment (None between its
 /// transactions: nothing is cancelled).
-fn now_serving(target: &crate::cancel::CancelTarget) -> Option<(std::net::SocketAddr, CancelKey)> {
-    use crate::sync::MutexExt;
+fn now_serving(target: &CancelTarget) -> Option<(SocketAddr, CancelKey)> {
     match &target.serving {
         None => Some((target.addr, target.real.clone())),
         Some(serving) => serving.locked().clone(),

@@ -392,6 +392,96 @@ async fn the_fleet_survives_redis_going_away_and_recovers_by_itself() {
     }
 }
 
+/// A pooled session (issue 21) moves between server connections, so only
+/// its instance knows where its cancel goes: a cancel sent to another
+/// instance is relayed to it over Redis pub/sub, and it forwards the cancel
+/// to the connection serving the transaction then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_sessions_cancel_is_relayed_to_its_instance() {
+    let env = Env::new();
+    let mut redis = Redis::start();
+    let secret = secret_file(env.dir.path());
+    let pw_file = install_roles(&env);
+    let pool = format!(
+        "{}pool_mode = \"transaction\"\npool_size = 2\n",
+        auth_query_keys(&pw_file)
+    );
+    let a = Instance::start(&env, &redis.url(), &secret, "pgb-a", &pool);
+    let b = Instance::start(&env, &redis.url(), &secret, "pgb-b", &pool);
+    let conninfo = format!(
+        "host=localhost port={} user=app password={APP_PASSWORD} dbname=postgres sslmode=require application_name=pooled",
+        a.direct.port()
+    );
+    let (client, connection) = tokio_postgres::connect(&conninfo, tls_connector(&env.proxy_ca))
+        .await
+        .expect("connect through a's pool");
+    tokio::spawn(connection);
+    let client = std::sync::Arc::new(client);
+    let direct = env.direct_client().await;
+    // Once, then again after Redis restarted empty: the instances
+    // subscribe again by themselves.
+    for round in 0..2 {
+        if round == 1 {
+            redis.stop();
+            a.wait_cluster(false);
+            b.wait_cluster(false);
+            redis.restart();
+        }
+        wait_subscribed(&a, &b, &redis);
+        let token = client.cancel_token();
+        let running = client.clone();
+        let sleeping =
+            tokio::spawn(async move { running.batch_execute("SELECT pg_sleep(30)").await });
+        wait_for_async("the sleep to run", Duration::from_secs(10), || async {
+            let n: i64 = direct
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (n == 1).then_some(())
+        })
+        .await;
+        send_cancel(&token, b.direct, &env, true).await;
+        let err = tokio::time::timeout(Duration::from_secs(5), sleeping)
+            .await
+            .expect("the relayed cancel ended the sleep")
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "{err}");
+    }
+
+    let start = a.events("the pooled session", |e| {
+        e["event"] == "session.start" && e["requested"]["application_name"] == "pooled"
+    });
+    let cancel = b.events("the relayed cancel", |e| {
+        e["event"] == "session.cancel" && e["outcome"] == "relayed_to_instance"
+    });
+    assert_eq!(cancel["target_session_id"], start["session_id"], "{cancel}");
+    assert_eq!(cancel["session_instance"], "pgb-a", "{cancel}");
+}
+
+/// Both instances up and subscribed to their relay channels (whose names
+/// are as opaque as the keys).
+fn wait_subscribed(a: &Instance, b: &Instance, redis: &Redis) {
+    a.wait_cluster(true);
+    b.wait_cluster(true);
+    let mut conn = redis::Client::open(redis.url().as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    wait_for("both subscribers", Duration::from_secs(10), || {
+        let channels: Vec<String> = redis::cmd("PUBSUB")
+            .arg("CHANNELS")
+            .arg("pgbastion:relay:*")
+            .query(&mut conn)
+            .unwrap();
+        (channels.len() == 2).then_some(())
+    });
+}
+
 /// What a reader of Redis finds is of no use for cancelling anything:
 /// neither the key pgbastion gave the client nor the server's, in raw or
 /// hex form, nor the session's address, id or server pid.

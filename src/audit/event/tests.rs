@@ -15,7 +15,7 @@ fn names_are_unchanged_and_serde_agrees() {
     }
     check(RejectReason::ALL, |v| v.as_str().into(), "bad_startup_packet tls_required pipelined_after_sslrequest unexpected_packet direct_tls_without_alpn tls_unavailable client_tls_handshake_failed client_closed client_io_error client_error client_timeout proxy_untrusted_source bad_proxy_header proxy_header_timeout too_many_sessions identity_session_limit not_admin identity_failed policy_denied audit_unavailable shutdown upstream_certificate_untrusted upstream_refused_tls upstream_unreachable upstream_timeout upstream_tls_failed upstream_io_error auth_throttled verifier_unavailable verifier_not_scram scram_protocol_violation auth_failed verifier_stale upstream_auth_unsupported upstream_auth_unproven upstream_refused upstream_login_failed authentication_timeout identity_login_without_identity no_credential credential_expired credential_unavailable credential_unsupported credential_refused");
     check(EndReason::ALL, |v| v.as_str().into(), "client_closed server_closed client_error server_error shutdown killed audit_unavailable channel_binding_refused protocol_violation authentication_timeout too_many_sessions");
-    check(CancelOutcome::ALL, |v| v.as_str().into(), "forwarded forwarded_remote unmatched cluster_unavailable rate_limited plaintext_refused upstream_failed");
+    check(CancelOutcome::ALL, |v| v.as_str().into(), "forwarded forwarded_remote unmatched cluster_unavailable rate_limited plaintext_refused upstream_failed nothing_running relayed_to_instance");
     check(
         QueryOutcome::ALL,
         |v| v.as_str().into(),
