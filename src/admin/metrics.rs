@@ -2,21 +2,24 @@
 //! `prometheus-client` crate. Sessions, refusals, authentication results,
 //! bytes and cancels are counted from the same events the audit log gets
 //! (`observe`), so the two always agree; latencies, reloads and
-//! certificate expiry are recorded where they happen.
+//! certificate expiry are recorded where they happen. The pools' gauges
+//! and counters are read from the pools at each scrape (`PoolCollector`,
+//! through the reader the server gives `read_pools_with`); the wait for a
+//! server connection is recorded by the checkout (`pool_wait`).
 //!
 //! Label values are bounded: listener and upstream names from the config,
 //! fixed reason/outcome names from the code; never session ids, addresses
 //! or user names.
 
-use crate::sync::MutexExt;
-use std::sync::Arc;
+use crate::sync::{MutexExt, RwLockExt};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
@@ -29,6 +32,12 @@ type Histograms = Family<Labels, Histogram, fn() -> Histogram>;
 fn latency_histogram() -> Histogram {
     // 0.5 ms .. ~8 s
     Histogram::new(exponential_buckets(0.0005, 2.0, 15))
+}
+
+fn wait_histogram() -> Histogram {
+    // 0.5 ms .. ~131 s: waits up to the default query_wait_timeout (120 s)
+    // land in a bucket below +Inf.
+    Histogram::new(exponential_buckets(0.0005, 2.0, 19))
 }
 
 /// Every metric pgbastion exports.
@@ -51,6 +60,9 @@ pub struct Metrics {
     redis_failures: Family<Labels, Counter>,
     query_audit_stopped: Family<Labels, Counter>,
     pool_pins: Family<Labels, Counter>,
+    pool_wait: Histograms,
+    /// Where the pools' collector reads them.
+    pools: PoolCollector,
     /// The same values, for the console's SHOW CERTIFICATES.
     expiries: std::sync::Mutex<std::collections::BTreeMap<String, i64>>,
 }
@@ -86,6 +98,107 @@ impl Collector for AuditCounts {
     }
 }
 
+/// One pooled upstream's pools, summed (labels stay bounded: the
+/// upstream, never a database or user).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PoolSample {
+    pub upstream: String,
+    /// Server connections lent (or being opened, cleaned, checked), and
+    /// idle.
+    pub servers_active: u64,
+    pub servers_idle: u64,
+    /// Sessions holding a server connection, and waiting for one.
+    pub clients_active: u64,
+    pub clients_waiting: u64,
+    /// Since the pools were made (a reload that changes them starts
+    /// again: a counter reset, as Prometheus expects).
+    pub checkouts: u64,
+    pub resets: u64,
+    pub opened: u64,
+    pub closed: u64,
+}
+
+type PoolReader = Box<dyn Fn() -> Vec<PoolSample> + Send + Sync>;
+
+/// The pools as the reader reports them at each scrape; nothing until the
+/// server sets the reader (and nothing without pooled upstreams).
+#[derive(Clone, Default)]
+struct PoolCollector(Arc<RwLock<Option<PoolReader>>>);
+
+impl std::fmt::Debug for PoolCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PoolCollector")
+    }
+}
+
+type Sampled = fn(&PoolSample) -> u64;
+/// A gauge by upstream and state: name, help, each state's value.
+type ByState = (&'static str, &'static str, [(&'static str, Sampled); 2]);
+
+impl Collector for PoolCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let samples = match &*self.0.read_locked() {
+            Some(read) => read(),
+            None => return Ok(()),
+        };
+        if samples.is_empty() {
+            return Ok(());
+        }
+        let gauges: [ByState; 2] = [
+            (
+                "pgbastion_pool_server_connections",
+                "Pooled server connections open, by upstream and state (active: lent to a client; idle).",
+                [("active", |s| s.servers_active), ("idle", |s| s.servers_idle)],
+            ),
+            (
+                "pgbastion_pool_clients",
+                "Pooled sessions holding a server connection (active) or waiting for one, by upstream.",
+                [("active", |s| s.clients_active), ("waiting", |s| s.clients_waiting)],
+            ),
+        ];
+        for (name, help, states) in gauges {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for s in &samples {
+                for (state, value) in states {
+                    let labels = [("upstream", s.upstream.as_str()), ("state", state)];
+                    let v = i64::try_from(value(s)).unwrap_or(i64::MAX);
+                    ConstGauge::new(v).encode(family.encode_family(&labels)?)?;
+                }
+            }
+        }
+        let counters: [(&str, &str, Sampled); 4] = [
+            (
+                "pgbastion_pool_checkouts",
+                "Server connections lent to clients, by upstream.",
+                |s| s.checkouts,
+            ),
+            (
+                "pgbastion_pool_resets",
+                "Server connections cleaned (DISCARD ALL) before reuse, by upstream.",
+                |s| s.resets,
+            ),
+            (
+                "pgbastion_pool_server_opened",
+                "Pooled server connections opened, by upstream.",
+                |s| s.opened,
+            ),
+            (
+                "pgbastion_pool_server_closed",
+                "Pooled server connections closed, by upstream.",
+                |s| s.closed,
+            ),
+        ];
+        for (name, help, value) in counters {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for s in &samples {
+                let labels = [("upstream", s.upstream.as_str())];
+                ConstCounter::new(value(s)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Metrics {
     pub fn new(audit: Arc<AuditLog>) -> Metrics {
         let mut registry = Registry::default();
@@ -106,12 +219,15 @@ impl Metrics {
             redis_failures: Family::default(),
             query_audit_stopped: Family::default(),
             pool_pins: Family::default(),
+            pool_wait: Family::new_with_constructor(wait_histogram),
+            pools: PoolCollector::default(),
             expiries: Default::default(),
             registry: Registry::default(),
         };
         m.register_sessions(&mut registry);
         m.register_operations(&mut registry);
         registry.register_collector(Box::new(AuditCounts(audit)));
+        registry.register_collector(Box::new(m.pools.clone()));
         Metrics { registry, ..m }
     }
 
@@ -200,6 +316,12 @@ impl Metrics {
             "pgbastion_pool_pins",
             "Pooled sessions pinned to their server connection, by upstream and reason (state pgbastion cannot move: LISTEN, temporary objects, ...).",
             self.pool_pins.clone(),
+        );
+        registry.register_with_unit(
+            "pgbastion_pool_wait",
+            "Time pooled sessions waited for a server connection, by upstream.",
+            Unit::Seconds,
+            self.pool_wait.clone(),
         );
         registry.register(
             "pgbastion_cluster_redis_failures",
@@ -309,6 +431,20 @@ impl Metrics {
             .observe(tls.as_secs_f64());
     }
 
+    /// One checkout of a pooled server connection: how long the session
+    /// waited for it (a place under `pool_size`, the pause, opening one).
+    pub fn pool_wait(&self, upstream: &str, waited: Duration) {
+        self.pool_wait
+            .get_or_create(&vec![("upstream", upstream.to_owned())])
+            .observe(waited.as_secs_f64());
+    }
+
+    /// Where the pools' metrics are read at each scrape: the server gives
+    /// a reader of the pools as configured now (a later call replaces it).
+    pub fn read_pools_with(&self, read: impl Fn() -> Vec<PoolSample> + Send + Sync + 'static) {
+        *self.pools.0.write_locked() = Some(Box::new(read));
+    }
+
     pub fn cluster_up(&self, up: bool) {
         self.cluster_up.set(i64::from(up));
     }
@@ -365,4 +501,112 @@ fn where_(listener: &str, upstream: &str) -> Labels {
         ("listener", listener.to_owned()),
         ("upstream", upstream.to_owned()),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metrics() -> Metrics {
+        Metrics::new(Arc::new(
+            AuditLog::open(
+                &crate::config::AuditTarget::Off,
+                crate::config::AuditOnFailure::Continue,
+                crate::audit::chain::Digest::Sha256,
+            )
+            .unwrap(),
+        ))
+    }
+
+    /// The exposition's sample lines that start with `prefix`.
+    fn samples(text: &str, prefix: &str) -> Vec<String> {
+        text.lines()
+            .filter(|l| l.starts_with(prefix))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn the_pools_are_read_at_each_scrape() {
+        let m = metrics();
+        assert!(
+            !m.encode().contains("pgbastion_pool_server_connections"),
+            "nothing before the server gives a reader"
+        );
+        let checkouts = Arc::new(std::sync::atomic::AtomicU64::new(10));
+        let read = checkouts.clone();
+        m.read_pools_with(move || {
+            vec![
+                PoolSample {
+                    upstream: "pg".into(),
+                    servers_active: 3,
+                    servers_idle: 2,
+                    clients_active: 3,
+                    clients_waiting: 4,
+                    checkouts: read.load(std::sync::atomic::Ordering::Relaxed),
+                    resets: 5,
+                    opened: 9,
+                    closed: 4,
+                },
+                PoolSample {
+                    upstream: "other".into(),
+                    ..PoolSample::default()
+                },
+            ]
+        });
+        let text = m.encode();
+        assert_eq!(
+            samples(&text, "pgbastion_pool_server_connections{"),
+            [
+                "pgbastion_pool_server_connections{upstream=\"pg\",state=\"active\"} 3",
+                "pgbastion_pool_server_connections{upstream=\"pg\",state=\"idle\"} 2",
+                "pgbastion_pool_server_connections{upstream=\"other\",state=\"active\"} 0",
+                "pgbastion_pool_server_connections{upstream=\"other\",state=\"idle\"} 0",
+            ]
+        );
+        assert_eq!(
+            samples(&text, "pgbastion_pool_clients{upstream=\"pg\""),
+            [
+                "pgbastion_pool_clients{upstream=\"pg\",state=\"active\"} 3",
+                "pgbastion_pool_clients{upstream=\"pg\",state=\"waiting\"} 4",
+            ]
+        );
+        for line in [
+            "pgbastion_pool_checkouts_total{upstream=\"pg\"} 10",
+            "pgbastion_pool_resets_total{upstream=\"pg\"} 5",
+            "pgbastion_pool_server_opened_total{upstream=\"pg\"} 9",
+            "pgbastion_pool_server_closed_total{upstream=\"pg\"} 4",
+            "pgbastion_pool_checkouts_total{upstream=\"other\"} 0",
+            "# TYPE pgbastion_pool_checkouts counter",
+            "# TYPE pgbastion_pool_server_connections gauge",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+        // Live: the next scrape reads the pools again.
+        checkouts.store(11, std::sync::atomic::Ordering::Relaxed);
+        assert!(m
+            .encode()
+            .contains("pgbastion_pool_checkouts_total{upstream=\"pg\"} 11"));
+        // No pooled upstream: no pool series at all.
+        m.read_pools_with(Vec::new);
+        assert!(!m.encode().contains("pgbastion_pool_server_connections"));
+    }
+
+    #[test]
+    fn pool_wait_is_a_histogram_by_upstream() {
+        let m = metrics();
+        m.pool_wait("pg", Duration::from_millis(3));
+        m.pool_wait("pg", Duration::from_secs(119));
+        let text = m.encode();
+        assert!(text.contains("# TYPE pgbastion_pool_wait_seconds histogram"));
+        assert!(text.contains("pgbastion_pool_wait_seconds_count{upstream=\"pg\"} 2"));
+        assert!(text.contains("pgbastion_pool_wait_seconds_bucket{le=\"0.004\",upstream=\"pg\"} 1"));
+        // A wait as long as the default query_wait_timeout (120 s) has a
+        // bucket below +Inf.
+        for (le, n) in [("65.536", 1), ("131.072", 2)] {
+            let line =
+                format!("pgbastion_pool_wait_seconds_bucket{{le=\"{le}\",upstream=\"pg\"}} {n}");
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+    }
 }

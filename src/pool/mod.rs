@@ -30,6 +30,7 @@ use crate::upstream::Upstream;
 pub mod classify;
 pub(crate) mod engine;
 pub(crate) mod prepared;
+pub(crate) mod registry;
 pub(crate) mod relay;
 pub(crate) mod server;
 pub(crate) mod settings;

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::route::Route;
-use crate::admin::metrics::Metrics;
+use crate::admin::metrics::{Metrics, PoolSample};
 use crate::admin::Health;
 use crate::audit::AuditLog;
 use crate::auth::credentials::Credentials;
@@ -35,6 +35,7 @@ use crate::limits::keyed_slots::KeyedSlots;
 use crate::limits::pending::LiveLimits;
 use crate::limits::warn::WarnLimiter;
 use crate::policy::Policy;
+use crate::pool::Pools;
 use crate::relay::ShutdownPhase;
 use crate::sync::RwLockExt;
 use crate::tls::ServedTls;
@@ -52,8 +53,9 @@ pub(crate) struct Shared {
     /// each session keeps the one it started with.
     pub(super) settings: RwLock<Arc<Settings>>,
     /// A session uses the upstream its listener named when it was
-    /// accepted.
-    pub(super) routes: RwLock<Vec<Arc<Route>>>,
+    /// accepted. Shared with the metrics, which read the pools at each
+    /// scrape.
+    pub(super) routes: Arc<RwLock<Vec<Arc<Route>>>>,
     /// Sessions decide with the policy current when their StartupMessage
     /// arrived.
     pub(super) policy: RwLock<Arc<Policy>>,
@@ -113,9 +115,23 @@ pub(super) struct Started {
 
 impl Shared {
     pub(super) fn new(config: &Config, started: Started) -> Shared {
+        let routes = Arc::new(RwLock::new(started.routes));
+        // Weak: the metrics must not keep the routes (and the pools'
+        // server connections) alive past the state.
+        let read = Arc::downgrade(&routes);
+        started.metrics.read_pools_with(move || {
+            read.upgrade()
+                .map(|r| {
+                    pooled(&r.read_locked())
+                        .iter()
+                        .map(|p| pool_sample(p))
+                        .collect()
+                })
+                .unwrap_or_default()
+        });
         Shared {
             settings: RwLock::new(Arc::new(Settings::from(config))),
-            routes: RwLock::new(started.routes),
+            routes,
             policy: RwLock::new(Arc::new(config.policy.clone())),
             credentials: RwLock::new(Arc::new(started.credentials)),
             listeners: RwLock::new(started.listeners),
@@ -170,6 +186,12 @@ impl Shared {
         self.routes.read_locked().clone()
     }
 
+    /// The pools of every pooled upstream as configured now (the console's
+    /// SHOW POOLS, PAUSE, ...).
+    pub(crate) fn pooled(&self) -> Vec<Arc<Pools>> {
+        pooled(&self.routes.read_locked())
+    }
+
     /// Every listener accepting now.
     pub(crate) fn listeners(&self) -> Vec<Arc<ListenerInfo>> {
         self.listeners.read_locked().clone()
@@ -190,6 +212,40 @@ impl Shared {
         self.metrics.observe(event);
         self.audit.emit(event)
     }
+}
+
+/// The pools of these routes' pooled upstreams, once per upstream name, in
+/// the configuration's order.
+fn pooled(routes: &[Arc<Route>]) -> Vec<Arc<Pools>> {
+    let mut out: Vec<Arc<Pools>> = Vec::new();
+    for pools in routes.iter().filter_map(|r| r.pools.as_ref()) {
+        if !out.iter().any(|p| p.name == pools.name) {
+            out.push(pools.clone());
+        }
+    }
+    out
+}
+
+/// An upstream's pools summed, as the metrics read them at each scrape.
+pub(super) fn pool_sample(pools: &Pools) -> PoolSample {
+    use std::sync::atomic::Ordering::Relaxed;
+    let count = |n: usize| n as u64;
+    let mut s = PoolSample {
+        upstream: pools.name.clone(),
+        ..PoolSample::default()
+    };
+    for pool in pools.all() {
+        let (st, open, idle) = (&pool.stats, pool.open(), pool.idle_count());
+        s.servers_active += count(open.saturating_sub(idle));
+        s.servers_idle += count(idle);
+        s.clients_active += count(st.active.load(Relaxed));
+        s.clients_waiting += count(st.waiting.load(Relaxed));
+        s.checkouts += st.checkouts.load(Relaxed);
+        s.resets += st.resets.load(Relaxed);
+        s.opened += st.opened.load(Relaxed);
+        s.closed += st.closed.load(Relaxed);
+    }
+    s
 }
 
 /// What a session takes from the configuration when it starts, replaced

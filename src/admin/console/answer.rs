@@ -1,35 +1,20 @@
 //! Running a `Command` against a `ConsoleBackend`: one function per
 //! command, each turning what the backend reports into the table (or
-//! error) the client sees.
+//! error) the client sees. The pooling commands are in `pools`.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, UNIX_EPOCH};
 
 use super::backend::{ClusterState, ConsoleBackend, Link, ListenerRow, UpstreamRow};
 use super::command::{Command, UnknownCommand};
+use super::{done, pools, show, Answer};
 use crate::admin::live::SessionInfo;
 use crate::config::{AuthMode, ClientTlsMode, ListenerIdentity};
 use crate::protocol::message::ErrorResponse;
 
-/// A command's answer: a table (possibly empty) and its command tag.
-#[derive(Debug, PartialEq)]
-pub struct Answer {
-    pub columns: Vec<&'static str>,
-    pub rows: Vec<Vec<String>>,
-    pub tag: String,
-}
-
-/// A SHOW's answer: its table, tagged with the number of rows.
-fn show(columns: Vec<&'static str>, rows: Vec<Vec<String>>) -> Answer {
-    Answer {
-        tag: format!("SHOW {}", rows.len()),
-        columns,
-        rows,
-    }
-}
-
-/// Runs one command.
-pub(crate) fn execute<B>(command: Command<'_>, backend: &B) -> Result<Answer, ErrorResponse>
+/// Runs one command: PAUSE waits for the pools to drain, everything else
+/// answers at once.
+pub(crate) async fn execute<B>(command: Command<'_>, backend: &B) -> Result<Answer, ErrorResponse>
 where
     B: ConsoleBackend + ?Sized,
 {
@@ -40,8 +25,16 @@ where
         Command::ShowStats => stats(backend),
         Command::ShowCertificates => certificates(backend),
         Command::ShowVersion => version(),
+        Command::ShowPools => pools::pools(backend),
+        Command::ShowServers => pools::servers(backend),
+        Command::ShowClients => pools::clients(backend),
         Command::Kill(id) => return kill(backend, id),
         Command::Reload => return reload(backend),
+        Command::Pause(target) => {
+            return pools::pause(backend, target, pools::PAUSE_POLL, pools::PAUSE_TIMEOUT).await
+        }
+        Command::Resume(target) => return pools::resume(backend, target),
+        Command::Reconnect(target) => return pools::reconnect(backend, target),
     })
 }
 
@@ -200,11 +193,7 @@ fn version() -> Answer {
 
 fn kill<B: ConsoleBackend + ?Sized>(backend: &B, id: &str) -> Result<Answer, ErrorResponse> {
     if backend.kill(id) {
-        Ok(Answer {
-            columns: vec![],
-            rows: vec![],
-            tag: "KILL".into(),
-        })
+        Ok(done("KILL"))
     } else {
         Err(ErrorResponse::new(
             "42704",

@@ -5,7 +5,9 @@
 
 use crate::admin::live::SessionInfo;
 use crate::audit::Event;
-use crate::config::{AuthMode, ClientTlsMode, ListenerIdentity};
+use std::time::Duration;
+
+use crate::config::{AuthMode, ClientTlsMode, ListenerIdentity, PoolMode};
 
 /// One `[[upstream]]` as configured now.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +49,29 @@ pub(crate) enum ClusterState {
     },
 }
 
+/// One pool (a database and user of a pooled upstream) as its counters
+/// read now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PoolRow {
+    pub upstream: String,
+    pub database: String,
+    pub user: String,
+    pub mode: PoolMode,
+    /// `pool_size`: server connections this pool may hold.
+    pub size: usize,
+    /// The upstream is paused (PAUSE).
+    pub paused: bool,
+    /// Sessions attached, holding a server connection, waiting for one.
+    pub clients: usize,
+    pub clients_active: usize,
+    pub clients_waiting: usize,
+    /// Server connections open (in use or idle) and idle.
+    pub servers_open: usize,
+    pub servers_idle: usize,
+    /// The longest wait for a server connection in progress.
+    pub max_wait: Duration,
+}
+
 /// What a RELOAD did, or why it was refused (then nothing changed).
 pub(crate) type ReloadResult = Result<String, String>;
 
@@ -65,6 +90,18 @@ pub(crate) trait ConsoleBackend {
     fn kill(&self, id: &str) -> bool;
     /// Everything SIGHUP does.
     fn reload(&self) -> ReloadResult;
+    /// The names of the upstreams with `pool_mode`, as configured now.
+    fn pooled_upstreams(&self) -> Vec<String>;
+    /// Every pool of every pooled upstream, by upstream then key.
+    fn pools(&self) -> Vec<PoolRow>;
+    /// PAUSE, RESUME, RECONNECT on these pooled upstreams (names from
+    /// `pooled_upstreams`); they return at once.
+    fn pause(&self, upstreams: &[String]);
+    fn resume(&self, upstreams: &[String]);
+    fn reconnect(&self, upstreams: &[String]);
+    /// Server connections open in these upstreams' pools (PAUSE waits for
+    /// none).
+    fn server_connections(&self, upstreams: &[String]) -> usize;
     /// Writes an event to the audit log.
     fn audit(&self, event: &Event<'_>);
 }

@@ -5,7 +5,7 @@
 use thiserror::Error;
 
 /// What the console knows, as its error for anything else lists it.
-pub(crate) const COMMANDS: &str = "SHOW SESSIONS, SHOW UPSTREAMS, SHOW LISTENERS, SHOW STATS, SHOW CERTIFICATES, SHOW VERSION, KILL '<session id>', RELOAD";
+pub(crate) const COMMANDS: &str = "SHOW SESSIONS, SHOW UPSTREAMS, SHOW LISTENERS, SHOW STATS, SHOW CERTIFICATES, SHOW VERSION, SHOW POOLS, SHOW SERVERS, SHOW CLIENTS, KILL '<session id>', RELOAD, PAUSE [upstream], RESUME [upstream], RECONNECT [upstream]";
 
 /// One console command. Keywords are matched in any case and with any
 /// whitespace between them; trailing semicolons are ignored.
@@ -17,10 +17,22 @@ pub(crate) enum Command<'a> {
     ShowStats,
     ShowCertificates,
     ShowVersion,
+    /// The pools of every pooled upstream, one row per (database, user).
+    ShowPools,
+    /// The pools' server connections, counted by state.
+    ShowServers,
+    /// The sessions of pooled upstreams.
+    ShowClients,
     /// `KILL '<session id>'`: the id as written (quotes optional), its case
     /// kept.
     Kill(&'a str),
     Reload,
+    /// `PAUSE [upstream]`, `RESUME [upstream]`, `RECONNECT [upstream]`:
+    /// the upstream's name as written (quotes optional, case kept); None:
+    /// every pooled upstream.
+    Pause(Option<&'a str>),
+    Resume(Option<&'a str>),
+    Reconnect(Option<&'a str>),
 }
 
 /// Text that is no command: the text as the console repeats it (trimmed,
@@ -41,14 +53,36 @@ impl<'a> Command<'a> {
             ["SHOW", "STATS"] => Command::ShowStats,
             ["SHOW", "CERTIFICATES"] => Command::ShowCertificates,
             ["SHOW", "VERSION"] => Command::ShowVersion,
-            // The id as written, not upper-cased: what follows the four
-            // ASCII letters of KILL (upper-casing only changes ASCII, so
-            // they are the text's first four bytes).
-            ["KILL", _] => Command::Kill(text.get(4..).unwrap_or("").trim().trim_matches('\'')),
+            ["SHOW", "POOLS"] => Command::ShowPools,
+            ["SHOW", "SERVERS"] => Command::ShowServers,
+            ["SHOW", "CLIENTS"] => Command::ShowClients,
+            ["KILL", _] => Command::Kill(argument(text, "KILL")),
             ["RELOAD"] => Command::Reload,
+            ["PAUSE"] => Command::Pause(None),
+            ["PAUSE", _] => Command::Pause(Some(name(text, "PAUSE"))),
+            ["RESUME"] => Command::Resume(None),
+            ["RESUME", _] => Command::Resume(Some(name(text, "RESUME"))),
+            ["RECONNECT"] => Command::Reconnect(None),
+            ["RECONNECT", _] => Command::Reconnect(Some(name(text, "RECONNECT"))),
             _ => return Err(UnknownCommand(text)),
         })
     }
+}
+
+/// The one word after `keyword`, as written (not upper-cased), single
+/// quotes around it dropped. The keyword is ASCII and upper-casing only
+/// changes ASCII, so it is the text's first `keyword.len()` bytes.
+fn argument<'a>(text: &'a str, keyword: &str) -> &'a str {
+    text.get(keyword.len()..)
+        .unwrap_or("")
+        .trim()
+        .trim_matches('\'')
+}
+
+/// An upstream's name after a keyword: single or double quotes (an
+/// identifier as psql users write it) dropped.
+fn name<'a>(text: &'a str, keyword: &str) -> &'a str {
+    argument(text, keyword).trim_matches('"')
 }
 
 #[cfg(test)]
@@ -69,7 +103,13 @@ mod tests {
             ("SHOW STATS", ShowStats),
             ("SHOW CERTIFICATES", ShowCertificates),
             ("SHOW VERSION", ShowVersion),
+            ("SHOW POOLS", ShowPools),
+            ("SHOW SERVERS", ShowServers),
+            ("SHOW CLIENTS", ShowClients),
             ("RELOAD", Reload),
+            ("PAUSE", Pause(None)),
+            ("RESUME", Resume(None)),
+            ("RECONNECT", Reconnect(None)),
         ] {
             assert_eq!(parse(text), Ok(want), "{text}");
             let lower = text.to_lowercase();
@@ -128,6 +168,42 @@ mod tests {
     }
 
     #[test]
+    fn pause_resume_reconnect_keep_the_upstream_as_written() {
+        type Make = fn(Option<&'static str>) -> Command<'static>;
+        let keywords: [(&str, Make); 3] = [
+            ("PAUSE", Pause),
+            ("RESUME", Resume),
+            ("RECONNECT", Reconnect),
+        ];
+        for (keyword, make) in keywords {
+            // The keyword in any case; the name's case is kept.
+            for kw in [
+                keyword.to_owned(),
+                keyword.to_lowercase(),
+                keyword[..1].to_owned() + &keyword[1..].to_lowercase(),
+            ] {
+                for (rest, name) in [
+                    (" pg", "pg"),
+                    (" Main_DB", "Main_DB"),
+                    (" 'pg'", "pg"),
+                    (" \"Pg\";", "Pg"),
+                    ("\t'pg'\n", "pg"),
+                    ("   pg ; ", "pg"),
+                    (" ''", ""),
+                    (" é", "é"),
+                ] {
+                    let text = format!("{kw}{rest}");
+                    assert_eq!(parse(&text), Ok(make(Some(name))), "{text:?}");
+                }
+                for rest in ["", ";", " ; ", ";;", "\n"] {
+                    let text = format!("  {kw}{rest}");
+                    assert_eq!(parse(&text), Ok(make(None)), "{text:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn anything_else_is_unknown_and_repeated_trimmed() {
         for (text, repeated) in [
             ("", ""),
@@ -144,6 +220,15 @@ mod tests {
             ("KILL 'a b'", "KILL 'a b'"),
             ("KILLx y", "KILLx y"),
             ("RELOAD NOW", "RELOAD NOW"),
+            ("SHOW POOL", "SHOW POOL"),
+            ("SHOW POOLS x", "SHOW POOLS x"),
+            ("SHOW SERVER", "SHOW SERVER"),
+            ("SHOW CLIENTS; SHOW POOLS", "SHOW CLIENTS; SHOW POOLS"),
+            ("PAUSE a b", "PAUSE a b"),
+            ("PAUSE 'a b'", "PAUSE 'a b'"),
+            ("PAUSEx", "PAUSEx"),
+            ("RESUME ALL NOW", "RESUME ALL NOW"),
+            ("RECONNECTx y", "RECONNECTx y"),
             ("  DROP TABLE x;  ", "DROP TABLE x"),
             ("select 1", "select 1"),
             ("SHOW VERSİON", "SHOW VERSİON"),
@@ -159,7 +244,9 @@ mod tests {
         assert_eq!(
             UnknownCommand("DROP TABLE x").to_string(),
             "unknown command \"DROP TABLE x\"; the console knows SHOW SESSIONS, SHOW UPSTREAMS, \
-             SHOW LISTENERS, SHOW STATS, SHOW CERTIFICATES, SHOW VERSION, KILL '<session id>', RELOAD"
+             SHOW LISTENERS, SHOW STATS, SHOW CERTIFICATES, SHOW VERSION, SHOW POOLS, SHOW SERVERS, \
+             SHOW CLIENTS, KILL '<session id>', RELOAD, PAUSE [upstream], RESUME [upstream], \
+             RECONNECT [upstream]"
         );
     }
 }

@@ -3,16 +3,22 @@
 //! talks to pgbastion itself through the simple query protocol (psql
 //! works): `SHOW SESSIONS`, `SHOW UPSTREAMS`, `SHOW LISTENERS`, `SHOW
 //! STATS`, `SHOW CERTIFICATES`, `SHOW VERSION`, `KILL '<session id>'`,
-//! `RELOAD`. Every command is audited (`console.command`).
+//! `RELOAD`, and for pooled upstreams `SHOW POOLS`, `SHOW SERVERS`, `SHOW
+//! CLIENTS`, `PAUSE`, `RESUME`, `RECONNECT`. Every command is audited
+//! (`console.command`) with its result, once it has one (PAUSE: when the
+//! pools drained or the wait gave up).
 //!
-//! This module owns the message loop (`serve`) and the wire form of
-//! answers; `command` parses text into a `Command` (pure), `answer` runs it
+//! This module owns the message loop (`serve`), `Answer` and its wire
+//! form; `command` parses text into a `Command` (pure), `answer` runs it
 //! against a `ConsoleBackend` (`backend`), which the server implements: the
 //! console imports no server or session code.
 
 mod answer;
 mod backend;
 mod command;
+#[cfg(test)]
+mod pool_tests;
+mod pools;
 #[cfg(test)]
 mod tests;
 
@@ -22,8 +28,7 @@ use crate::audit::{Event, SessionFacts};
 use crate::auth::wire::{self, WireError};
 use crate::protocol::message::{self, tag, ErrorResponse};
 
-pub use answer::Answer;
-pub(crate) use backend::{ClusterState, ConsoleBackend, Link, ListenerRow, UpstreamRow};
+pub(crate) use backend::{ClusterState, ConsoleBackend, Link, ListenerRow, PoolRow, UpstreamRow};
 pub(crate) use command::Command;
 
 /// The database name that means "the console".
@@ -32,13 +37,40 @@ pub const DATABASE: &str = "pgbastion";
 /// The largest console message read.
 const MAX_MESSAGE: usize = 64 * 1024;
 
-/// Parses and runs one command.
-pub(crate) fn command<B>(text: &str, backend: &B) -> Result<Answer, ErrorResponse>
+/// A command's answer: a table (possibly empty) and its command tag.
+#[derive(Debug, PartialEq)]
+pub struct Answer {
+    pub columns: Vec<&'static str>,
+    pub rows: Vec<Vec<String>>,
+    pub tag: String,
+}
+
+/// A SHOW's answer: its table, tagged with the number of rows.
+fn show(columns: Vec<&'static str>, rows: Vec<Vec<String>>) -> Answer {
+    Answer {
+        tag: format!("SHOW {}", rows.len()),
+        columns,
+        rows,
+    }
+}
+
+/// A command's answer that is its tag alone.
+fn done(tag: &str) -> Answer {
+    Answer {
+        columns: vec![],
+        rows: vec![],
+        tag: tag.into(),
+    }
+}
+
+/// Parses and runs one command (only PAUSE takes time: it waits for the
+/// pools to drain).
+pub(crate) async fn command<B>(text: &str, backend: &B) -> Result<Answer, ErrorResponse>
 where
     B: ConsoleBackend + ?Sized,
 {
     match Command::parse(text) {
-        Ok(command) => answer::execute(command, backend),
+        Ok(command) => answer::execute(command, backend).await,
         Err(unknown) => Err(answer::unknown(unknown)),
     }
 }
@@ -111,12 +143,12 @@ fn hello() -> Vec<u8> {
 /// The reply to one simple Query (its body: the text, NUL-terminated):
 /// the answer or the error, then ReadyForQuery. The command is audited
 /// with its result.
-fn query<B>(body: &[u8], backend: &B, facts: &SessionFacts) -> Vec<u8>
+async fn query<B>(body: &[u8], backend: &B, facts: &SessionFacts) -> Vec<u8>
 where
     B: ConsoleBackend + ?Sized,
 {
     let text = String::from_utf8_lossy(body.strip_suffix(&[0]).unwrap_or(body)).into_owned();
-    let result = command(&text, backend);
+    let result = command(&text, backend).await;
     backend.audit(&Event::Console {
         facts,
         command: &text,
@@ -156,7 +188,7 @@ where
         };
         let out = match t {
             tag::TERMINATE => return "client_closed",
-            b'Q' => query(&body, backend, facts),
+            b'Q' => query(&body, backend, facts).await,
             _ => {
                 let mut out = error(&ErrorResponse::new(
                     "0A000",

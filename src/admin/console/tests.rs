@@ -1,6 +1,6 @@
 //! The console against a backend made up here: every command's table, its
 //! errors, the audit of each command, and the message loop over a duplex
-//! pipe.
+//! pipe. The pooling commands' tests are in `pool_tests`, with this fake.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -14,15 +14,31 @@ use crate::config::{AuthMode, ClientCertMode, ClientTlsMode, ListenerIdentity};
 use crate::sync::MutexExt;
 
 #[derive(Default)]
-struct Fake {
-    sessions: Vec<SessionInfo>,
-    cluster: Option<ClusterState>,
-    reload: Option<Result<String, String>>,
-    killed: Mutex<Vec<String>>,
-    audited: Mutex<Vec<String>>,
+pub(super) struct Fake {
+    pub sessions: Vec<SessionInfo>,
+    pub cluster: Option<ClusterState>,
+    pub reload: Option<Result<String, String>>,
+    pub killed: Mutex<Vec<String>>,
+    pub audited: Mutex<Vec<String>>,
+    /// The pooled upstreams and their pools.
+    pub pooled: Vec<String>,
+    pub pools: Vec<PoolRow>,
+    /// What `server_connections` answers, one value per call (the last
+    /// one repeats; none: 0).
+    pub open: Mutex<Vec<usize>>,
+    /// PAUSE, RESUME, RECONNECT as called: "pause pg,other".
+    pub actions: Mutex<Vec<String>>,
 }
 
-fn session(id: &str, upstream: &str, busy: bool) -> SessionInfo {
+impl Fake {
+    fn act(&self, what: &str, upstreams: &[String]) {
+        self.actions
+            .locked()
+            .push(format!("{what} {}", upstreams.join(",")));
+    }
+}
+
+pub(super) fn session(id: &str, upstream: &str, busy: bool) -> SessionInfo {
     let progress = Arc::new(crate::relay::Progress::default());
     progress.client_to_server.store(12, Ordering::Relaxed);
     progress.server_to_client.store(345, Ordering::Relaxed);
@@ -103,6 +119,30 @@ impl ConsoleBackend for Fake {
     fn reload(&self) -> Result<String, String> {
         self.reload.clone().unwrap_or_else(|| Ok("reloaded".into()))
     }
+    fn pooled_upstreams(&self) -> Vec<String> {
+        self.pooled.clone()
+    }
+    fn pools(&self) -> Vec<PoolRow> {
+        self.pools.clone()
+    }
+    fn pause(&self, upstreams: &[String]) {
+        self.act("pause", upstreams);
+    }
+    fn resume(&self, upstreams: &[String]) {
+        self.act("resume", upstreams);
+    }
+    fn reconnect(&self, upstreams: &[String]) {
+        self.act("reconnect", upstreams);
+    }
+    fn server_connections(&self, upstreams: &[String]) -> usize {
+        self.act("count", upstreams);
+        let mut open = self.open.locked();
+        match open.len() {
+            0 => 0,
+            1 => open[0],
+            _ => open.remove(0),
+        }
+    }
     fn audit(&self, event: &crate::audit::Event<'_>) {
         if let crate::audit::Event::Console {
             command, result, ..
@@ -113,20 +153,20 @@ impl ConsoleBackend for Fake {
     }
 }
 
-fn rows(a: &Answer) -> Vec<Vec<&str>> {
+pub(super) fn rows(a: &Answer) -> Vec<Vec<&str>> {
     a.rows
         .iter()
         .map(|r| r.iter().map(String::as_str).collect())
         .collect()
 }
 
-#[test]
-fn show_sessions() {
+#[tokio::test]
+async fn show_sessions() {
     let fake = Fake {
         sessions: vec![session("s1", "pg", false), session("s2", "other", true)],
         ..Fake::default()
     };
-    let a = command("show sessions;", &fake).unwrap();
+    let a = command("show sessions;", &fake).await.unwrap();
     assert_eq!(a.tag, "SHOW 2");
     assert_eq!(
         a.columns,
@@ -163,17 +203,17 @@ fn show_sessions() {
         ]
     );
     assert_eq!(rows(&a)[1][8], "active");
-    let none = command("SHOW SESSIONS", &Fake::default()).unwrap();
+    let none = command("SHOW SESSIONS", &Fake::default()).await.unwrap();
     assert_eq!((none.tag.as_str(), none.rows.len()), ("SHOW 0", 0));
 }
 
-#[test]
-fn show_upstreams_listeners_certificates_version() {
+#[tokio::test]
+async fn show_upstreams_listeners_certificates_version() {
     let fake = Fake {
         sessions: vec![session("s1", "pg", false), session("s2", "pg", true)],
         ..Fake::default()
     };
-    let a = command("SHOW UPSTREAMS", &fake).unwrap();
+    let a = command("SHOW UPSTREAMS", &fake).await.unwrap();
     assert_eq!(
         a.columns,
         ["name", "address", "server_name", "auth", "sessions"]
@@ -185,7 +225,7 @@ fn show_upstreams_listeners_certificates_version() {
             ["other", "[::1]:5433", "db.internal", "scram", "0"]
         ]
     );
-    let a = command("SHOW LISTENERS", &fake).unwrap();
+    let a = command("SHOW LISTENERS", &fake).await.unwrap();
     assert_eq!(a.columns, ["name", "identity", "client_tls", "upstream"]);
     assert_eq!(
         rows(&a),
@@ -196,10 +236,10 @@ fn show_upstreams_listeners_certificates_version() {
         ]
     );
     assert_eq!(a.tag, "SHOW 3");
-    let a = command("SHOW CERTIFICATES", &fake).unwrap();
+    let a = command("SHOW CERTIFICATES", &fake).await.unwrap();
     assert_eq!(a.columns, ["certificate", "expires"]);
     assert_eq!(rows(&a), [["tls", "2041-01-01T00:00:00Z"], ["odd", "-5"]]);
-    let a = command("SHOW VERSION", &fake).unwrap();
+    let a = command("SHOW VERSION", &fake).await.unwrap();
     assert_eq!(
         rows(&a),
         [[format!("pgbastion {}", env!("CARGO_PKG_VERSION"))]]
@@ -207,13 +247,13 @@ fn show_upstreams_listeners_certificates_version() {
     assert_eq!(a.tag, "SHOW 1");
 }
 
-#[test]
-fn show_stats_with_and_without_a_fleet() {
+#[tokio::test]
+async fn show_stats_with_and_without_a_fleet() {
     let fake = Fake {
         sessions: vec![session("s1", "pg", false)],
         ..Fake::default()
     };
-    let a = command("SHOW STATS", &fake).unwrap();
+    let a = command("SHOW STATS", &fake).await.unwrap();
     assert_eq!(a.columns, ["name", "value"]);
     assert_eq!(
         rows(&a),
@@ -234,7 +274,7 @@ fn show_stats_with_and_without_a_fleet() {
             }),
             ..Fake::default()
         };
-        let a = command("SHOW STATS", &fake).unwrap();
+        let a = command("SHOW STATS", &fake).await.unwrap();
         assert_eq!(
             rows(&a)[3..],
             [
@@ -248,14 +288,14 @@ fn show_stats_with_and_without_a_fleet() {
     }
 }
 
-#[test]
-fn kill_reload_and_unknown_commands() {
+#[tokio::test]
+async fn kill_reload_and_unknown_commands() {
     let fake = Fake {
         sessions: vec![session("AbC", "pg", false)],
         reload: Some(Err("bad toml".into())),
         ..Fake::default()
     };
-    let a = command("kill 'AbC'", &fake).unwrap();
+    let a = command("kill 'AbC'", &fake).await.unwrap();
     assert_eq!(
         a,
         Answer {
@@ -264,23 +304,23 @@ fn kill_reload_and_unknown_commands() {
             tag: "KILL".into()
         }
     );
-    let e = command("KILL abc", &fake).unwrap_err();
+    let e = command("KILL abc", &fake).await.unwrap_err();
     assert_eq!(e.code, "42704");
     assert_eq!(
         e.message,
         "no session with id \"abc\" (SHOW SESSIONS lists them)"
     );
     assert_eq!(*fake.killed.locked(), ["AbC", "abc"]);
-    let e = command("RELOAD", &fake).unwrap_err();
+    let e = command("RELOAD", &fake).await.unwrap_err();
     assert_eq!(
         (e.code, e.message.as_str()),
         ("F0000", "reload refused, nothing changed: bad toml")
     );
-    let a = command("reload", &Fake::default()).unwrap();
+    let a = command("reload", &Fake::default()).await.unwrap();
     assert_eq!(a.tag, "RELOAD");
     assert_eq!(a.columns, ["reload"]);
     assert_eq!(rows(&a), [["reloaded"]]);
-    let e = command(" DROP TABLE x; ", &fake).unwrap_err();
+    let e = command(" DROP TABLE x; ", &fake).await.unwrap_err();
     assert_eq!(e.code, "42601");
     assert!(
         e.message
