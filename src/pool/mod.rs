@@ -325,6 +325,7 @@ impl Pool {
             Some(conn) => conn,
             None => self.open_new(opener, deadline).await?,
         };
+        registry::state(conn.id, registry::State::Active);
         self.stats.checkouts.fetch_add(1, Ordering::Relaxed);
         self.stats.active.fetch_add(1, Ordering::Relaxed);
         Ok(Lease {
@@ -425,6 +426,7 @@ impl Pool {
             return self.closed(conn);
         }
         conn.last_used = Instant::now();
+        registry::state(conn.id, registry::State::Idle);
         self.idle.locked().push(conn);
     }
 

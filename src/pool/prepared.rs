@@ -49,6 +49,7 @@ impl ClientStatements {
         self.map.get(name)
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.map.len()
     }
@@ -111,6 +112,7 @@ impl ServerStatements {
         }
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.used.len()
     }

@@ -8,9 +8,6 @@
 //!
 //! Rows are keyed by `ServerConn::id`, unique within the process.
 
-// Until the pool calls the hooks below, only the tests use them.
-#![cfg_attr(not(test), allow(dead_code))]
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Mutex, OnceLock};

@@ -42,6 +42,26 @@ pub(crate) type Serving = Mutex<Option<(std::net::SocketAddr, CancelKey)>>;
 /// What the session does when it pins itself (audit, metrics).
 pub(crate) type OnPin<'a> = Box<dyn FnMut(PinReason) + Send + 'a>;
 
+/// What a pooled session's relay starts with.
+pub(crate) struct RelayParts<'a> {
+    pub engine: Engine,
+    pub pool: Arc<Pool>,
+    pub opener: Opener<'a>,
+    /// Session mode: the session's connection.
+    pub lease: Option<Lease>,
+    /// Client bytes read past the login.
+    pub cbuf: Vec<u8>,
+    pub serving: Arc<Serving>,
+    pub progress: Arc<Progress>,
+    pub queries: Option<&'a mut QueryTracker>,
+    pub on_pin: OnPin<'a>,
+    pub on_wait: OnWait<'a>,
+}
+
+/// What the session does with each wait for a connection (the wait
+/// histogram).
+pub(crate) type OnWait<'a> = Box<dyn FnMut(std::time::Duration) + Send + 'a>;
+
 pub(crate) struct PooledRelay<'a, C: ?Sized> {
     pub client: &'a mut C,
     pub engine: Engine,
@@ -63,6 +83,7 @@ pub(crate) struct PooledRelay<'a, C: ?Sized> {
     pub progress: Arc<Progress>,
     pub queries: Option<&'a mut QueryTracker>,
     pub on_pin: OnPin<'a>,
+    on_wait: OnWait<'a>,
 }
 
 /// How a pass over the sockets ended.
@@ -78,18 +99,19 @@ impl<'a, C> PooledRelay<'a, C>
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    pub fn new(
-        client: &'a mut C,
-        engine: Engine,
-        pool: Arc<Pool>,
-        opener: Opener<'a>,
-        lease: Option<Lease>,
-        cbuf: Vec<u8>,
-        serving: Arc<Serving>,
-        progress: Arc<Progress>,
-        queries: Option<&'a mut QueryTracker>,
-        on_pin: OnPin<'a>,
-    ) -> Self {
+    pub fn new(client: &'a mut C, parts: RelayParts<'a>) -> Self {
+        let RelayParts {
+            engine,
+            pool,
+            opener,
+            lease,
+            cbuf,
+            serving,
+            progress,
+            queries,
+            on_pin,
+            on_wait,
+        } = parts;
         PooledRelay {
             client,
             engine,
@@ -108,6 +130,7 @@ where
             progress,
             queries,
             on_pin,
+            on_wait,
         }
     }
 
@@ -241,6 +264,7 @@ where
         kill: &mut watch::Receiver<bool>,
     ) -> Result<(), (RelayEnd, Vec<u8>)> {
         let pool = self.pool.clone();
+        let started = std::time::Instant::now();
         let got = tokio::select! {
             biased;
             _ = kill.wait_for(|k| *k) => return Err((RelayEnd::Killed, crate::relay::kill_error())),
@@ -250,6 +274,7 @@ where
             got = pool.checkout(&self.opener) => got,
         };
         let mut lease = got.map_err(|e| pool_failure(&e))?;
+        (self.on_wait)(started.elapsed());
         let conn = lease.conn();
         *self.serving.locked() = Some((conn.addr, conn.key.clone()));
         self.sbuf = std::mem::take(&mut conn.buf);

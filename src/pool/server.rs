@@ -66,6 +66,18 @@ pub(crate) struct ServerConn {
     pub buf: Vec<u8>,
     /// Its place under the upstream's `max_server_connections`.
     pub _total: Option<OwnedSemaphorePermit>,
+    /// Its row in `SHOW SERVERS`, removed when it is dropped.
+    _row: Listed,
+}
+
+/// A connection's row in the registry (`SHOW SERVERS`), for as long as
+/// the connection exists, however it ends.
+struct Listed(u64);
+
+impl Drop for Listed {
+    fn drop(&mut self) {
+        super::registry::closed(self.0);
+    }
 }
 
 impl std::fmt::Debug for ServerConn {
@@ -161,8 +173,21 @@ impl ServerConn {
             .await
             .map_err(|_| PoolError::LoginTimeout(t.authentication))??;
         let now = Instant::now();
+        let id = next_id();
+        let pool = super::PoolKey {
+            database: target.database.to_owned(),
+            user: target.user.to_owned(),
+        };
+        super::registry::opened(
+            id,
+            &target.upstream.config.name,
+            &pool,
+            up.addr,
+            key.process_id,
+        );
         Ok(ServerConn {
-            id: next_id(),
+            id,
+            _row: Listed(id),
             stream: up.stream,
             addr: up.addr,
             tls: up.tls,

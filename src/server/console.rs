@@ -127,6 +127,10 @@ impl ConsoleBackend for Arc<Shared> {
         named(self, upstreams).iter().for_each(|p| p.reconnect());
     }
 
+    fn servers(&self) -> Vec<crate::pool::registry::ServerRow> {
+        crate::pool::registry::global().list()
+    }
+
     fn server_connections(&self, upstreams: &[String]) -> usize {
         named(self, upstreams)
             .iter()

@@ -26,7 +26,7 @@ use crate::config::PoolMode;
 use crate::limits::keyed_slots::KeyedPermit;
 use crate::policy::AuditQueries;
 use crate::pool::engine::{Engine, Next};
-use crate::pool::relay::{PooledRelay, Serving};
+use crate::pool::relay::{PooledRelay, RelayParts, Serving};
 use crate::pool::settings::SessionSettings;
 use crate::pool::{Lease, Opener, Pool, PoolKey, Pools, ServerLogin};
 use crate::protocol::message::{self, tag};
@@ -109,8 +109,14 @@ impl Session {
             upstream: &admitted.route.upstream,
             timeouts: &self.settings.timeouts,
         };
+        let started = std::time::Instant::now();
         let mut lease = match pool.checkout(&opener).await {
-            Ok(lease) => lease,
+            Ok(lease) => {
+                self.shared
+                    .metrics
+                    .pool_wait(&pools.name, started.elapsed());
+                lease
+            }
             Err(e) => {
                 return Err(Exit::refused_in_login(SessionError::Pool(e), facts).holding(slot))
             }
@@ -256,6 +262,7 @@ impl Session {
         let mut shutdown = self.shared.shutdown.subscribe();
         let mut queries = query_audit.is_some().then(|| self.query_tracker(false));
         let upstream_name = admitted.route.upstream.config.name.clone();
+        let upstream_name_for_wait = upstream_name.clone();
         let on_pin = Box::new(|reason: crate::audit::PinReason| {
             info!(
                 reason = reason.as_str(),
@@ -272,8 +279,9 @@ impl Session {
             timeouts: &self.settings.timeouts,
         };
         let cbuf = std::mem::take(&mut conn.buf);
-        let mut relay = PooledRelay::new(
-            &mut *conn.io,
+        let metrics = self.shared.metrics.clone();
+        let on_wait = Box::new(move |waited| metrics.pool_wait(&upstream_name_for_wait, waited));
+        let parts = RelayParts {
             engine,
             pool,
             opener,
@@ -281,9 +289,11 @@ impl Session {
             cbuf,
             serving,
             progress,
-            queries.as_mut(),
+            queries: queries.as_mut(),
             on_pin,
-        );
+            on_wait,
+        };
+        let mut relay = PooledRelay::new(&mut *conn.io, parts);
         let end = relay.run(&mut shutdown, &mut kill).await;
         let counts = relay.counts;
         if let Some(lease) = relay.lease.take() {

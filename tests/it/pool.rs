@@ -540,7 +540,7 @@ async fn state_that_cannot_move_pins_and_never_leaks() {
                  (SELECT count(*) FROM pg_prepared_statements WHERE name = 'p'), \
                  (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()), \
                  (SELECT count(*) FROM pg_class WHERE relname = 'scratch'), \
-                 (SELECT count(*) FROM pg_cursors), \
+                 (SELECT count(*) FROM pg_cursors WHERE is_holdable), \
                  current_user = session_user",
                 &[],
             )

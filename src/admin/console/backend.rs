@@ -102,6 +102,8 @@ pub(crate) trait ConsoleBackend {
     /// Server connections open in these upstreams' pools (PAUSE waits for
     /// none).
     fn server_connections(&self, upstreams: &[String]) -> usize;
+    /// Every pooled server connection open now (`SHOW SERVERS`).
+    fn servers(&self) -> Vec<crate::pool::registry::ServerRow>;
     /// Writes an event to the audit log.
     fn audit(&self, event: &Event<'_>);
 }

@@ -101,34 +101,67 @@ async fn show_pools() {
 }
 
 #[tokio::test]
-async fn show_servers_counts_by_state() {
-    let a = command("SHOW SERVERS;", &pooled()).await.unwrap();
+async fn show_servers_lists_every_connection() {
+    use crate::pool::registry::{ServerRow, State};
+    let t = std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+    let row = |id, state| ServerRow {
+        id,
+        upstream: "pg".into(),
+        database: "db".into(),
+        user: "app".into(),
+        addr: "127.0.0.1:5432".parse().unwrap(),
+        pid: 4242,
+        state,
+        connected: t,
+        since: t,
+    };
+    let fake = Fake {
+        servers: vec![row(1, State::Active), row(2, State::Idle)],
+        ..Fake::default()
+    };
+    let a = command("SHOW SERVERS;", &fake).await.unwrap();
     assert_eq!(
         a.columns,
-        ["upstream", "database", "user", "state", "count"]
+        [
+            "id",
+            "upstream",
+            "database",
+            "user",
+            "state",
+            "addr",
+            "pid",
+            "connect_time",
+            "state_since"
+        ]
     );
     assert_eq!(
         rows(&a),
         [
-            ["pg", "db", "app", "active", "3"],
-            ["pg", "db", "app", "idle", "2"],
-            ["other", "db2", "report", "active", "0"],
-            ["other", "db2", "report", "idle", "1"]
+            [
+                "1",
+                "pg",
+                "db",
+                "app",
+                "active",
+                "127.0.0.1:5432",
+                "4242",
+                "2027-01-15T08:00:00Z",
+                "2027-01-15T08:00:00Z"
+            ],
+            [
+                "2",
+                "pg",
+                "db",
+                "app",
+                "idle",
+                "127.0.0.1:5432",
+                "4242",
+                "2027-01-15T08:00:00Z",
+                "2027-01-15T08:00:00Z"
+            ]
         ]
     );
-    assert_eq!(a.tag, "SHOW 4");
-    // Idle above open (counters read at slightly different moments) is
-    // no negative count.
-    let odd = Fake {
-        pools: vec![PoolRow {
-            servers_open: 1,
-            servers_idle: 2,
-            ..pool("pg", "db", "app")
-        }],
-        ..Fake::default()
-    };
-    let a = command("SHOW SERVERS", &odd).await.unwrap();
-    assert_eq!(rows(&a)[0][4], "0");
+    assert_eq!(a.tag, "SHOW 2");
 }
 
 #[tokio::test]

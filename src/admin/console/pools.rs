@@ -67,22 +67,41 @@ fn servers_active(p: &PoolRow) -> usize {
     p.servers_open.saturating_sub(p.servers_idle)
 }
 
-/// Per pool, its server connections by state (`active`, `idle`; their sum
-/// is what the pool has open).
+/// Every pooled server connection, PgBouncer's way: where it goes, its
+/// server process, what it is doing and since when.
 pub(super) fn servers<B: ConsoleBackend + ?Sized>(backend: &B) -> Answer {
-    let mut rows = Vec::new();
-    for p in backend.pools() {
-        for (state, count) in [("active", servers_active(&p)), ("idle", p.servers_idle)] {
-            rows.push(vec![
-                p.upstream.clone(),
-                p.database.clone(),
-                p.user.clone(),
-                state.into(),
-                count.to_string(),
-            ]);
-        }
-    }
-    show(vec!["upstream", "database", "user", "state", "count"], rows)
+    let at = |t: std::time::SystemTime| humantime::format_rfc3339_seconds(t).to_string();
+    let rows = backend
+        .servers()
+        .into_iter()
+        .map(|s| {
+            vec![
+                s.id.to_string(),
+                s.upstream,
+                s.database,
+                s.user,
+                s.state.as_str().into(),
+                s.addr.to_string(),
+                s.pid.to_string(),
+                at(s.connected),
+                at(s.since),
+            ]
+        })
+        .collect();
+    show(
+        vec![
+            "id",
+            "upstream",
+            "database",
+            "user",
+            "state",
+            "addr",
+            "pid",
+            "connect_time",
+            "state_since",
+        ],
+        rows,
+    )
 }
 
 /// The sessions of pooled upstreams; `active` while a statement or

@@ -23,6 +23,7 @@ pub(super) struct Fake {
     /// The pooled upstreams and their pools.
     pub pooled: Vec<String>,
     pub pools: Vec<PoolRow>,
+    pub servers: Vec<crate::pool::registry::ServerRow>,
     /// What `server_connections` answers, one value per call (the last
     /// one repeats; none: 0).
     pub open: Mutex<Vec<usize>>,
@@ -122,6 +123,10 @@ impl ConsoleBackend for Fake {
     fn pooled_upstreams(&self) -> Vec<String> {
         self.pooled.clone()
     }
+    fn servers(&self) -> Vec<crate::pool::registry::ServerRow> {
+        self.servers.clone()
+    }
+
     fn pools(&self) -> Vec<PoolRow> {
         self.pools.clone()
     }
