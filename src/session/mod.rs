@@ -204,7 +204,9 @@ impl Session {
         };
         if let Some(pools) = admitted.route.pools.clone() {
             drop(pending);
-            return self.pooled(conn, admitted, pools, plan, auth_facts).await;
+            // Boxed: its state stays out of every session's future (a
+            // thousand stalled logins must not each carry a pooled relay).
+            return Box::pin(self.pooled(conn, admitted, pools, plan, auth_facts)).await;
         }
         let mut up = match self
             .connect(&admitted, &plan, conn.peer_cert.as_deref(), &auth_facts)
