@@ -24,6 +24,7 @@ use pgbastion::dev::certs::Ca;
 use pgbastion::dev::localpg::{free_port, LocalPg, LocalPgOptions};
 
 mod faults;
+mod pool;
 
 #[derive(Parser)]
 #[command(
@@ -72,6 +73,10 @@ struct Args {
     /// a change's cost is a same-run ratio, not a comparison across runs.
     #[arg(long)]
     baseline: Option<PathBuf>,
+    /// Only the pooling comparison (issue 21, see bench/pool.rs): pooled
+    /// pgbastion vs PgBouncer in transaction mode vs direct.
+    #[arg(long, conflicts_with_all = ["soak", "faults"])]
+    pooling: bool,
 }
 
 /// What is measured through.
@@ -97,6 +102,11 @@ enum Target {
     PgbastionQueries,
     /// The `--baseline` binary, configured exactly like `Pgbastion`.
     Baseline,
+    /// pgbastion pooling server connections (issue 21): scram, transaction
+    /// mode, `pool::POOL_SIZE` connections.
+    PgbastionPooled,
+    /// PgBouncer in transaction mode with the same pool size.
+    PgBouncerTransaction,
 }
 
 impl Target {
@@ -112,6 +122,8 @@ impl Target {
             Target::PgbastionClusterPeer => "pgbastion (cluster, other instance)",
             Target::PgbastionQueries => "pgbastion (query audit)",
             Target::Baseline => "pgbastion (baseline binary)",
+            Target::PgbastionPooled => "pgbastion (pooled)",
+            Target::PgBouncerTransaction => "pgbouncer (transaction)",
         }
     }
 }
@@ -310,6 +322,7 @@ impl Bench {
             "auth = \"scram\"\nsecrets_file = \"{}\"\n",
             secrets.display()
         );
+        let pooled = format!("{scram}{}", pool::pooled_upstream_keys());
         // Redis for the fleet (no persistence), as the server's user.
         let redis_port = free_port()?;
         let child = Command::new(which("redis-server").context("redis-server")?)
@@ -352,6 +365,12 @@ impl Bench {
                 Target::PgbastionScram,
                 audit_file.clone(),
                 scram,
+                String::new(),
+            ),
+            (
+                Target::PgbastionPooled,
+                audit_file.clone(),
+                pooled,
                 String::new(),
             ),
             (
@@ -416,45 +435,24 @@ impl Bench {
             ports.insert(target, port);
         }
 
-        // PgBouncer: session pooling, TLS both ways, verify-full upstream.
-        let port = free_port()?;
-        let userlist = dir.join("userlist.txt");
-        std::fs::write(&userlist, format!("\"postgres\" \"{}\"\n", pg.password))?;
-        let ini = dir.join("pgbouncer.ini");
-        std::fs::write(
-            &ini,
-            format!(
-                "[databases]\npostgres = host=localhost port={pgport} dbname=postgres\n\
-                 [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
-                 auth_type = scram-sha-256\nauth_file = {userlist}\npool_mode = session\n\
-                 max_client_conn = 2000\ndefault_pool_size = {pool}\nmax_db_connections = {pool}\n\
-                 client_tls_sslmode = require\nclient_tls_cert_file = {cert}\nclient_tls_key_file = {key}\n\
-                 server_tls_sslmode = verify-full\nserver_tls_ca_file = {ca}\n\
-                 logfile = {dir}/pgbouncer.log\n",
-                pgport = pg.port,
-                userlist = userlist.display(),
-                pool = args.idle_sessions + 80,
-                cert = cert.display(),
-                key = key.display(),
-                ca = pg.ca_cert.display(),
-                dir = dir.display(),
-            ),
-        )?;
-        for p in [&userlist, &ini] {
-            std::os::unix::fs::chown(p, Some(uid), Some(gid))?;
+        // PgBouncer: session pooling, TLS both ways, verify-full upstream;
+        // and in transaction mode for the pooling comparison.
+        for (target, mode, size) in [
+            (Target::PgBouncer, "session", args.idle_sessions + 80),
+            (Target::PgBouncerTransaction, "transaction", pool::POOL_SIZE),
+        ] {
+            let (proc, port) = pool::start_pgbouncer(&pool::PgBouncerSetup {
+                pg: &pg,
+                cert: &cert,
+                key: &key,
+                owner: (uid, gid),
+                mode,
+                pool: size,
+            })?;
+            pids.insert(target, proc.0.id());
+            procs.push(proc);
+            ports.insert(target, port);
         }
-        let child = Command::new(which("pgbouncer").context("pgbouncer")?)
-            .arg(&ini)
-            .uid(uid)
-            .gid(gid)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting pgbouncer")?;
-        pids.insert(Target::PgBouncer, child.id());
-        procs.push(Proc(child));
-        wait_port(port, "pgbouncer")?;
-        ports.insert(Target::PgBouncer, port);
 
         // HAProxy: plain TCP passthrough to PostgreSQL.
         let port = free_port()?;
@@ -662,7 +660,7 @@ impl Bench {
         // scram mode needs no client setting: libpq's default
         // channel_binding=prefer binds to pgbastion's certificate.
         let binding = match target {
-            Target::PgbastionScram => "",
+            Target::PgbastionScram | Target::PgbastionPooled => "",
             _ => " channel_binding=disable",
         };
         format!(
@@ -688,11 +686,20 @@ impl Bench {
                 &Target::PgbastionScram,
                 &Target::PgbastionCluster,
                 &Target::PgbastionQueries,
+                &Target::PgbastionPooled,
+                &Target::PgBouncerTransaction,
             ])
             .chain(baseline.then_some(&Target::Baseline))
         {
             self.pgbench(*t, &["-S", "-c", "1", "-t", "10"])
                 .with_context(|| format!("{} does not work", t.name()))?;
+        }
+        if args.pooling {
+            for round in 0..args.rounds {
+                eprintln!("pooling: round {} of {}", round + 1, args.rounds);
+                pool::round(self, args, &mut r)?;
+            }
+            return Ok(r);
         }
         // Memory first, while every pool is fresh (PgBouncer last: it keeps
         // its server connections after the clients leave).
@@ -786,6 +793,7 @@ impl Bench {
                 r.add("copy", t, "seconds", secs);
                 r.add("copy", t, "mb_per_s", mb / secs);
             }
+            pool::round(self, args, &mut r)?;
         }
         Ok(r)
     }
@@ -1146,9 +1154,13 @@ fn report(args: &Args, r: &Results) -> Result<String> {
     )?;
     writeln!(
         s,
-        "- {} round(s), {} s per pgbench run, medians; TLS on every client leg (sslmode=require; channel_binding=disable, except pgbastion (scram) at libpq's default: bound on both legs)\n",
+        "- {} round(s), {} s per pgbench run, medians; TLS on every client leg (sslmode=require; channel_binding=disable, except pgbastion (scram) and (pooled) at libpq's default: bound on both legs)\n",
         args.rounds, args.duration
     )?;
+    if args.pooling {
+        s.push_str(&pool::report(r)?);
+        return Ok(s);
+    }
     writeln!(
         s,
         "| workload | metric | direct | pgbastion | pgbouncer | haproxy |"
@@ -1300,5 +1312,7 @@ fn report(args: &Args, r: &Results) -> Result<String> {
             tps("select 1", Target::Pgbastion) / tps("select 1", Target::Baseline),
         )?;
     }
+    writeln!(s)?;
+    s.push_str(&pool::report(r)?);
     Ok(s)
 }

@@ -20,6 +20,7 @@ have_server || missing+=(postgresql)
 command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
 command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || missing+=(pgbouncer)
 command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
+command -v pgbench >/dev/null 2>&1 || missing+=(postgresql-client)
 command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
@@ -79,6 +80,9 @@ cargo build --locked --bin pgbastion --example bench
 smoke="$(mktemp)"
 target/debug/examples/bench --quick --output "$smoke" >/dev/null
 grep -q "pgbench -S, 8 client(s): TPS" "$smoke"
+# ... including the pooling comparison (issue 21: pooled pgbastion vs
+# PgBouncer in transaction mode).
+grep -q "^| pooled select 64 | pgbench -S, 64 clients: TPS | [0-9]" "$smoke"
 rm -f "$smoke"
 echo "benchmark harness smoke run: ok"
 

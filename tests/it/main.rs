@@ -16,6 +16,7 @@ mod forward;
 mod identity;
 mod identity_login;
 mod pool;
+mod pool_pgbench;
 mod proxy;
 mod proxy_protocol;
 mod query_audit;
