@@ -136,6 +136,9 @@ pub(crate) struct Engine {
     needs_switch: bool,
     /// Messages the client sent in COPY mode.
     in_copy: bool,
+    /// The client's startup settings have been applied once (and so
+    /// checked) by a server: later switches may be pipelined.
+    pub validated: bool,
 }
 
 impl Engine {
@@ -159,6 +162,7 @@ impl Engine {
             unsynced: false,
             needs_switch: false,
             in_copy: false,
+            validated: false,
         }
     }
 
@@ -210,14 +214,8 @@ impl Engine {
         // Two queries: the first (RESET ALL, the startup and forwarded
         // values) cannot fail, so the identity is in place whatever the
         // second (the client's SETs) does.
-        let (base, sets) = self.settings.switch_sql();
-        push_query(to_server, &base);
-        self.queue.push_back(Expect::Query {
-            hidden: true,
-            replace_error: None,
-        });
-        if let Some(sets) = sets {
-            push_query(to_server, &sets);
+        for sql in self.settings.switch_sql() {
+            push_query(to_server, &sql);
             self.queue.push_back(Expect::Query {
                 hidden: true,
                 replace_error: None,

@@ -242,12 +242,40 @@ pub(crate) struct Pool {
     /// Where the latest session dialed (for `min_pool_size`, which opens
     /// connections with no session waiting).
     dialer: Mutex<Option<(Arc<Upstream>, Timeouts)>>,
+    /// What the latest connection opened said of the server (a login that
+    /// finds no free connection is answered with it).
+    opened: Mutex<Option<Opened>>,
     /// A background open for `min_pool_size` is under way.
     filling: std::sync::atomic::AtomicBool,
     /// Start times of the waits in progress (maxwait).
     waits: Mutex<HashMap<u64, Instant>>,
     next_wait: AtomicU64,
     pub stats: PoolStats,
+}
+
+/// What a login learns from a server connection, kept by the pool so a
+/// login can be answered without one: the server's ParameterStatus at
+/// connect time, where it is, how pgbastion logged in, the cancel key's
+/// length.
+#[derive(Debug, Clone)]
+pub(crate) struct Opened {
+    pub params: std::collections::BTreeMap<String, String>,
+    pub addr: std::net::SocketAddr,
+    pub tls: crate::tls::TlsInfo,
+    pub leg: crate::audit::LegAuth,
+    pub key_len: usize,
+}
+
+impl Opened {
+    pub fn of(conn: &ServerConn) -> Opened {
+        Opened {
+            params: conn.state.params.clone(),
+            addr: conn.addr,
+            tls: conn.tls.clone(),
+            leg: conn.leg.clone(),
+            key_len: conn.key.secret_key.len(),
+        }
+    }
 }
 
 /// What a checkout needs to open a connection when none is idle.
@@ -266,6 +294,7 @@ impl Pool {
             idle: Mutex::new(Vec::new()),
             login: Mutex::new(None),
             dialer: Mutex::new(None),
+            opened: Mutex::new(None),
             filling: std::sync::atomic::AtomicBool::new(false),
             waits: Mutex::new(HashMap::new()),
             next_wait: AtomicU64::new(0),
@@ -321,6 +350,32 @@ impl Pool {
             size: self.config.size,
             waited: waited_from.elapsed(),
         })?;
+        self.lease_with(place, opener, deadline).await
+    }
+
+    /// A connection now, without waiting: an idle one, or a new one if a
+    /// place is free (None: every place is taken, or the pool is paused).
+    pub async fn try_checkout(
+        self: &Arc<Self>,
+        opener: &Opener<'_>,
+    ) -> Result<Option<Lease>, PoolError> {
+        if self.parent.upgrade().is_none_or(|p| p.is_paused()) {
+            return Ok(None);
+        }
+        let Ok(place) = self.places.clone().try_acquire_owned() else {
+            return Ok(None);
+        };
+        let deadline = tokio::time::Instant::now() + self.config.query_wait_timeout;
+        self.lease_with(place, opener, deadline).await.map(Some)
+    }
+
+    /// Lends a connection under `place`: an idle one or a new one.
+    async fn lease_with(
+        self: &Arc<Self>,
+        place: OwnedSemaphorePermit,
+        opener: &Opener<'_>,
+        deadline: tokio::time::Instant,
+    ) -> Result<Lease, PoolError> {
         let conn = match self.take_idle() {
             Some(conn) => conn,
             None => self.open_new(opener, deadline).await?,
@@ -333,6 +388,11 @@ impl Pool {
             pool: self.clone(),
             _place: place,
         })
+    }
+
+    /// What the latest connection opened said of the server, if any has.
+    pub fn opened(&self) -> Option<Opened> {
+        self.opened.locked().clone()
     }
 
     async fn wait_for_place(
@@ -398,6 +458,7 @@ impl Pool {
             max_prepared: self.config.max_prepared_statements,
         };
         let conn = ServerConn::open(&target, total).await?;
+        *self.opened.locked() = Some(Opened::of(&conn));
         self.stats.open.fetch_add(1, Ordering::Relaxed);
         self.stats.opened.fetch_add(1, Ordering::Relaxed);
         Ok(conn)

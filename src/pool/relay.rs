@@ -277,6 +277,9 @@ where
         (self.on_wait)(started.elapsed());
         let conn = lease.conn();
         *self.serving.locked() = Some((conn.addr, conn.key.clone()));
+        if !self.engine.validated {
+            self.first_switch(conn).await?;
+        }
         self.sbuf = std::mem::take(&mut conn.buf);
         self.engine
             .switch_if_needed(&mut conn.state, &mut self.to_server);
@@ -285,6 +288,31 @@ where
             .store(true, std::sync::atomic::Ordering::Relaxed);
         self.lease = Some(lease);
         Ok(())
+    }
+
+    /// The client logged in without a connection: its startup settings
+    /// are applied, and so checked, before its first message goes.
+    async fn first_switch(
+        &mut self,
+        conn: &mut super::ServerConn,
+    ) -> Result<(), (RelayEnd, Vec<u8>)> {
+        let mut out = Vec::new();
+        self.engine.switch_if_needed(&mut conn.state, &mut out);
+        let limit = self.opener.timeouts.authentication;
+        let switched = tokio::time::timeout(
+            limit,
+            switch_now(&mut self.engine, conn, &out, &mut self.to_client),
+        )
+        .await;
+        match switched {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(SwitchError::Refused { code, message })) => {
+                let err = settings_refused(&code, &message);
+                Err((RelayEnd::ServerError(message), err.encode()))
+            }
+            Ok(Err(SwitchError::Io(e))) => Err(pool_failure(&PoolError::ServerIo(e))),
+            Err(_) => Err(pool_failure(&PoolError::LoginTimeout(limit))),
+        }
     }
 
     /// Processes the complete server messages read so far; gives the
@@ -484,4 +512,70 @@ fn poll_read_into<R: AsyncRead + Unpin + ?Sized>(
         Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
         Poll::Pending => Poll::Pending,
     }
+}
+
+/// What a client is told when the server refuses one of its startup
+/// settings (on a direct connection, the login would have failed).
+pub(crate) fn settings_refused(code: &str, message: &str) -> ErrorResponse {
+    ErrorResponse::new(
+        "22023",
+        format!("the database server refused a setting of this session: {message}"),
+    )
+    .with_detail(format!(
+        "SQLSTATE {code} from the server, applying the StartupMessage's parameters and options on a pooled connection."
+    ))
+}
+
+/// Why a switch sent and awaited (`switch_now`) failed.
+#[derive(Debug)]
+pub(crate) enum SwitchError {
+    /// The server refused a setting: its SQLSTATE and message.
+    Refused {
+        code: String,
+        message: String,
+    },
+    Io(std::io::Error),
+}
+
+/// Sends a switch (`out`, from `Engine::switch_if_needed`) and reads the
+/// server's answers until it is done, before anything of the client's
+/// goes: how a client's startup settings are first applied, so one the
+/// server refuses is an error before any statement runs without it.
+/// ParameterStatus news goes to `to_client`.
+pub(crate) async fn switch_now(
+    engine: &mut Engine,
+    server: &mut super::ServerConn,
+    out: &[u8],
+    to_client: &mut Vec<u8>,
+) -> Result<(), SwitchError> {
+    use tokio::io::AsyncWriteExt;
+    server
+        .stream
+        .write_all(out)
+        .await
+        .map_err(SwitchError::Io)?;
+    server.stream.flush().await.map_err(SwitchError::Io)?;
+    let mut buf = std::mem::take(&mut server.buf);
+    while !engine.nothing_in_flight() {
+        let (t, body) = crate::auth::wire::read_message(&mut server.stream, &mut buf, MAX_MESSAGE)
+            .await
+            .map_err(|e| SwitchError::Io(std::io::Error::other(e.to_string())))?;
+        if t == message::tag::ERROR_RESPONSE {
+            let fields = message::ErrorFields::parse(&body).unwrap_or_default();
+            return Err(SwitchError::Refused {
+                code: fields.code,
+                message: fields.message,
+            });
+        }
+        let msg = message::build(t, &body);
+        if let Next::SwitchFailed(why) = engine.server_message(&msg, &mut server.state, to_client) {
+            return Err(SwitchError::Refused {
+                code: "XX000".into(),
+                message: why,
+            });
+        }
+    }
+    server.buf = buf;
+    engine.validated = true;
+    Ok(())
 }

@@ -23,8 +23,12 @@ const NOT_SETTINGS: &[&str] = &["user", "database", "options", "replication"];
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct SessionSettings {
+    /// `[forward]`'s values (the client's identity): applied first, in a
+    /// query of their own that cannot fail, and never the client's to
+    /// change.
+    pub forwarded: BTreeMap<String, String>,
     /// Name → value, from the StartupMessage (its `options` `-c`s
-    /// included) and `[forward]`: a direct connection's reset values.
+    /// included): a direct connection's reset values.
     pub startup: BTreeMap<String, String>,
     /// `SET` statements the client ran, one per setting (the last), in
     /// the order they were run.
@@ -44,15 +48,28 @@ pub(crate) enum Followed {
 }
 
 impl SessionSettings {
-    /// The settings a StartupMessage's parameters give.
-    pub fn from_startup(params: &[(String, String)], default_encoding: Option<&str>) -> Self {
+    /// The settings a StartupMessage's parameters give; `protected`
+    /// names (lower case) are `[forward]`'s, taken only from the top-level
+    /// parameters pgbastion set, never from the client's `options`.
+    pub fn from_startup(
+        params: &[(String, String)],
+        default_encoding: Option<&str>,
+        protected: &[String],
+    ) -> Self {
         let mut startup = BTreeMap::new();
+        let mut forwarded = BTreeMap::new();
+        let is_protected = |n: &str| protected.iter().any(|p| p == n);
         for (name, value) in params {
             let lower = name.to_ascii_lowercase();
             if lower == "options" {
                 for (n, v) in parse_options(value) {
-                    startup.insert(n.to_ascii_lowercase(), v);
+                    let n = n.to_ascii_lowercase();
+                    if !is_protected(&n) {
+                        startup.insert(n, v);
+                    }
                 }
+            } else if is_protected(&lower) {
+                forwarded.insert(lower, value.clone());
             } else if !NOT_SETTINGS.contains(&lower.as_str()) && !lower.starts_with("_pq_.") {
                 startup.insert(lower, value.clone());
             }
@@ -65,9 +82,25 @@ impl SessionSettings {
                 .or_insert_with(|| enc.to_owned());
         }
         SessionSettings {
+            forwarded,
             startup,
             sets: Vec::new(),
         }
+    }
+
+    /// The client's own values of the settings the server reports (those
+    /// in `reported`), for a login answered without a connection: what
+    /// the server would have said, as the client wrote them (the first
+    /// switch then reports the server's spelling, if it differs).
+    pub fn reported_values(&self, reported: &BTreeMap<String, String>) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for (name, value) in self.startup.iter().chain(self.forwarded.iter()) {
+            // Reported names keep the server's case (TimeZone, DateStyle).
+            if let Some(server_name) = reported.keys().find(|k| k.eq_ignore_ascii_case(name)) {
+                out.push((server_name.clone(), value.clone()));
+            }
+        }
+        out
     }
 
     /// Applies the changes a statement made (after it succeeded).
@@ -98,35 +131,44 @@ impl SessionSettings {
     }
 
     /// The simple Queries that switch a server connection to these
-    /// settings from any others: the base (`RESET ALL` and the startup
-    /// values, which were checked at login, so it does not fail) and the
-    /// client's `SET`s, if any (a separate Query: a failure there cannot
-    /// undo the base, which a failure in one implicit transaction would).
-    pub fn switch_sql(&self) -> (String, Option<String>) {
-        let mut sql = String::from("RESET ALL;");
+    /// settings from any others, each its own implicit transaction (a
+    /// failure in one cannot undo an earlier one): `RESET ALL` with the
+    /// forwarded values, which cannot fail, so the identity is in place
+    /// whatever follows; the startup values; the client's `SET`s.
+    pub fn switch_sql(&self) -> Vec<String> {
+        let mut queries = vec![format!("RESET ALL;{}", set_configs(&self.forwarded))];
         if !self.startup.is_empty() {
-            sql.push_str("SELECT ");
-            for (i, (name, value)) in self.startup.iter().enumerate() {
-                if i > 0 {
-                    sql.push(',');
-                }
-                sql.push_str("pg_catalog.set_config(");
-                push_literal(&mut sql, name);
-                sql.push(',');
-                push_literal(&mut sql, value);
-                sql.push_str(",false)");
-            }
+            queries.push(set_configs(&self.startup));
         }
-        let sets = (!self.sets.is_empty()).then(|| {
+        if !self.sets.is_empty() {
             let mut sets = String::new();
             for (_, statement) in &self.sets {
                 sets.push_str(statement);
                 sets.push(';');
             }
-            sets
-        });
-        (sql, sets)
+            queries.push(sets);
+        }
+        queries
     }
+}
+
+/// `SELECT set_config(...), ...` for these values (empty for none).
+fn set_configs(values: &BTreeMap<String, String>) -> String {
+    if values.is_empty() {
+        return String::new();
+    }
+    let mut sql = String::from("SELECT ");
+    for (i, (name, value)) in values.iter().enumerate() {
+        if i > 0 {
+            sql.push(',');
+        }
+        sql.push_str("pg_catalog.set_config(");
+        push_literal(&mut sql, name);
+        sql.push(',');
+        push_literal(&mut sql, value);
+        sql.push_str(",false)");
+    }
+    sql
 }
 
 /// A dollar-quoted literal, whose meaning no setting (not even
@@ -222,11 +264,43 @@ mod tests {
             ("options".to_owned(), "-c search_path=s".to_owned()),
             ("_pq_.x".to_owned(), "1".to_owned()),
         ];
-        let s = SessionSettings::from_startup(&params, Some("UTF8"));
+        let s = SessionSettings::from_startup(&params, Some("UTF8"), &[]);
         let names: Vec<_> = s.startup.keys().cloned().collect();
         assert_eq!(
             names,
             ["application_name", "client_encoding", "search_path"]
+        );
+        assert!(s.forwarded.is_empty());
+    }
+
+    #[test]
+    fn forwarded_values_come_from_pgbastion_never_from_options() {
+        let params = vec![
+            ("user".to_owned(), "alice".to_owned()),
+            (
+                "options".to_owned(),
+                "-c pgbastion.identity=mallory".to_owned(),
+            ),
+            (
+                "pgbastion.identity".to_owned(),
+                "alice@example.com".to_owned(),
+            ),
+            (
+                "options".to_owned(),
+                "-c PGBASTION.IDENTITY=mallory".to_owned(),
+            ),
+        ];
+        let protected = ["pgbastion.identity".to_owned()];
+        let s = SessionSettings::from_startup(&params, None, &protected);
+        assert_eq!(s.forwarded["pgbastion.identity"], "alice@example.com");
+        assert!(!s.startup.contains_key("pgbastion.identity"));
+        let queries = s.switch_sql();
+        assert_eq!(queries.len(), 1);
+        assert!(
+            queries[0].starts_with(
+                "RESET ALL;SELECT pg_catalog.set_config($pgb$pgbastion.identity$pgb$,$pgb$alice@example.com$pgb$,false)"
+            ),
+            "{queries:?}"
         );
     }
 
@@ -237,9 +311,10 @@ mod tests {
             .insert("a".into(), "x$pgb$;DROP TABLE t;$pgb$".into());
         s.startup.insert("b".into(), "ends$".into());
         s.startup.insert("c".into(), "x$pgb".into());
-        let (sql, sets) = s.switch_sql();
-        assert_eq!(sets, None);
-        assert!(sql.starts_with("RESET ALL;SELECT pg_catalog.set_config($pgb$a$pgb$,"));
+        let queries = s.switch_sql();
+        assert_eq!(queries[0], "RESET ALL;");
+        let sql = &queries[1];
+        assert!(sql.starts_with("SELECT pg_catalog.set_config($pgb$a$pgb$,"));
         assert!(
             sql.contains("$pgb1$x$pgb$;DROP TABLE t;$pgb$$pgb1$"),
             "{sql}"

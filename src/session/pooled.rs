@@ -25,10 +25,10 @@ use crate::cancel::{CancelTarget, Registration};
 use crate::config::PoolMode;
 use crate::limits::keyed_slots::KeyedPermit;
 use crate::policy::AuditQueries;
-use crate::pool::engine::{Engine, Next};
-use crate::pool::relay::{PooledRelay, RelayParts, Serving};
+use crate::pool::engine::Engine;
+use crate::pool::relay::{switch_now, PooledRelay, RelayParts, Serving, SwitchError};
 use crate::pool::settings::SessionSettings;
-use crate::pool::{Lease, Opener, Pool, PoolKey, Pools, ServerLogin};
+use crate::pool::{Lease, Opened, Opener, Pool, PoolError, PoolKey, Pools, ServerLogin};
 use crate::protocol::message::{self, tag};
 use crate::protocol::startup::CancelKey;
 use crate::relay::{Progress, RelayEnd};
@@ -109,42 +109,30 @@ impl Session {
             upstream: &admitted.route.upstream,
             timeouts: &self.settings.timeouts,
         };
-        let started = std::time::Instant::now();
-        let mut lease = match pool.checkout(&opener).await {
-            Ok(lease) => {
-                self.shared
-                    .metrics
-                    .pool_wait(&pools.name, started.elapsed());
-                lease
-            }
-            Err(e) => {
-                return Err(Exit::refused_in_login(SessionError::Pool(e), facts).holding(slot))
-            }
-        };
         let mode = pools.config.mode;
-        let engine = match self.first_switch(&mut lease, admitted, mode).await {
-            Ok(engine) => engine,
-            Err(e) => return Err(Exit::refused_in_login(e, facts).holding(slot)),
-        };
-        let server = lease.conn();
-        facts.server = Some(server.leg.clone());
+        let (lease, engine, opened) =
+            match self.login_connection(&pool, &opener, admitted, mode).await {
+                Ok(got) => got,
+                Err(e) => return Err(Exit::refused_in_login(e, facts).holding(slot)),
+            };
+        facts.server = Some(opened.leg.clone());
         facts.outcome = AuthOutcome::Ok;
         let upstream = UpstreamFacts {
             name: admitted.route.upstream.config.name.clone(),
-            addr: server.addr.to_string(),
-            tls: server.tls.clone(),
+            addr: opened.addr.to_string(),
+            tls: opened.tls.clone(),
         };
         let serving = Arc::new(Serving::new(None));
         let (issued, registration) = self.shared.cancels.register(CancelTarget {
             session_id: self.facts.session_id.clone(),
             upstream: admitted.route.upstream.clone(),
-            addr: server.addr,
+            addr: opened.addr,
             // Never a server's: the process ID is pgbastion's own (the
             // session moves between backends), the key's length is the
             // protocol's.
             real: CancelKey {
                 process_id: rand::random::<u32>() & 0x7fff_ffff,
-                secret_key: vec![0; server.key.secret_key.len()],
+                secret_key: vec![0; opened.key_len],
             },
             serving: Some(serving.clone()),
         });
@@ -152,12 +140,12 @@ impl Session {
         if let Err(e) = conn.io.write_all(&welcome).await {
             return Err(Exit::refused_in_login(SessionError::ClientIo(e), facts).holding(slot));
         }
-        let lease = match mode {
-            PoolMode::Session => Some(lease),
-            PoolMode::Transaction => {
+        let lease = match (mode, lease) {
+            (PoolMode::Transaction, Some(lease)) => {
                 lease.give_back();
                 None
             }
+            (_, lease) => lease,
         };
         Ok(PooledLogin {
             pool,
@@ -170,40 +158,66 @@ impl Session {
         })
     }
 
-    /// Applies the client's startup settings on the login's connection and
-    /// waits for the answer: a setting the server refuses refuses the
-    /// login, as it would on a direct connection.
-    async fn first_switch(
+    /// The login's server side. Transaction mode does not wait for a
+    /// connection: with one free, the client's startup settings are
+    /// applied (and so checked) now; with none, the login is answered
+    /// from what the pool knows of the server and the settings are
+    /// checked before the client's first statement. Session mode waits
+    /// for the session's connection.
+    async fn login_connection(
         &self,
-        lease: &mut Lease,
+        pool: &Arc<Pool>,
+        opener: &Opener<'_>,
         admitted: &Admitted,
         mode: PoolMode,
-    ) -> Result<Engine, SessionError> {
+    ) -> Result<(Option<Lease>, Engine, Opened), SessionError> {
+        let started = std::time::Instant::now();
+        let free = match (mode, pool.opened()) {
+            (PoolMode::Transaction, Some(_)) => pool.try_checkout(opener).await?,
+            _ => Some(pool.checkout(opener).await?),
+        };
+        let Some(mut lease) = free else {
+            // Only when the pool knows its server (`opened` above).
+            let opened = pool.opened().ok_or(PoolError::ShuttingDown)?;
+            let mut engine = self.new_engine(admitted, mode, &opened);
+            let mut params = opened.params.clone();
+            params.extend(engine.settings.reported_values(&opened.params));
+            engine.set_client_params(params);
+            return Ok((None, engine, opened));
+        };
+        self.shared
+            .metrics
+            .pool_wait(&admitted.route.upstream.config.name, started.elapsed());
         let server = lease.conn();
-        let encoding = server.state.params.get("client_encoding").cloned();
-        let settings = SessionSettings::from_startup(&admitted.startup.params, encoding.as_deref());
-        let mut engine = Engine::new(mode, settings, self.protected_settings(), BTreeMap::new());
+        let opened = Opened::of(server);
+        let mut engine = self.new_engine(admitted, mode, &opened);
         let mut out = Vec::new();
-        if engine.switch_if_needed(&mut server.state, &mut out) {
-            let limit = self.settings.timeouts.authentication;
-            let switched = tokio::time::timeout(limit, run_switch(&mut engine, server, &out)).await;
-            match switched {
-                Ok(Ok(())) => {}
-                Ok(Err(SwitchError::Refused { code, message })) => {
-                    return Err(SessionError::PoolSettings { code, message })
-                }
-                Ok(Err(SwitchError::Io(e))) => {
-                    return Err(SessionError::Pool(crate::pool::PoolError::ServerIo(e)))
-                }
-                Err(_) => {
-                    return Err(SessionError::Pool(crate::pool::PoolError::LoginTimeout(
-                        limit,
-                    )))
-                }
+        engine.switch_if_needed(&mut server.state, &mut out);
+        let limit = self.settings.timeouts.authentication;
+        let switched = tokio::time::timeout(
+            limit,
+            switch_now(&mut engine, server, &out, &mut Vec::new()),
+        )
+        .await;
+        match switched {
+            Ok(Ok(())) => {}
+            Ok(Err(SwitchError::Refused { code, message })) => {
+                return Err(SessionError::PoolSettings { code, message })
             }
+            Ok(Err(SwitchError::Io(e))) => return Err(PoolError::ServerIo(e).into()),
+            Err(_) => return Err(PoolError::LoginTimeout(limit).into()),
         }
         engine.set_client_params(server.state.params.clone());
-        Ok(engine)
+        Ok((Some(lease), engine, opened))
+    }
+
+    /// The engine for this client: its settings from the StartupMessage.
+    fn new_engine(&self, admitted: &Admitted, mode: PoolMode, opened: &Opened) -> Engine {
+        let encoding = opened.params.get("client_encoding").map(String::as_str);
+        let protected = self.protected_settings();
+        let settings =
+            SessionSettings::from_startup(&admitted.startup.params, encoding, &protected);
+        Engine::new(mode, settings, protected, BTreeMap::new())
     }
 
     /// The settings a client may not change: `[forward]`'s.
@@ -351,55 +365,6 @@ impl Session {
             progress,
         }
     }
-}
-
-/// Why the login's settings switch failed.
-enum SwitchError {
-    Refused { code: String, message: String },
-    Io(std::io::Error),
-}
-
-/// Sends the switch and reads the server's answers until it is done.
-async fn run_switch(
-    engine: &mut Engine,
-    server: &mut crate::pool::ServerConn,
-    out: &[u8],
-) -> Result<(), SwitchError> {
-    server
-        .stream
-        .write_all(out)
-        .await
-        .map_err(SwitchError::Io)?;
-    server.stream.flush().await.map_err(SwitchError::Io)?;
-    let mut buf = std::mem::take(&mut server.buf);
-    let mut ignored = Vec::new();
-    while !engine.nothing_in_flight() {
-        let (t, body) = crate::auth::wire::read_message(
-            &mut server.stream,
-            &mut buf,
-            crate::pool::relay::MAX_MESSAGE,
-        )
-        .await
-        .map_err(|e| SwitchError::Io(std::io::Error::other(e.to_string())))?;
-        let msg = message::build(t, &body);
-        if t == tag::ERROR_RESPONSE {
-            let fields = message::ErrorFields::parse(&body).unwrap_or_default();
-            return Err(SwitchError::Refused {
-                code: fields.code,
-                message: fields.message,
-            });
-        }
-        if let Next::SwitchFailed(why) =
-            engine.server_message(&msg, &mut server.state, &mut ignored)
-        {
-            return Err(SwitchError::Refused {
-                code: "XX000".into(),
-                message: why,
-            });
-        }
-    }
-    server.buf = buf;
-    Ok(())
 }
 
 /// What the client is sent to end its login: the end of SCRAM (or

@@ -623,3 +623,53 @@ async fn the_query_audit_records_pooled_statements_as_the_client_sent_them() {
     assert_eq!(failed.len(), 1);
     assert_eq!(failed[0]["sqlstate"], "22012");
 }
+
+/// A startup setting the server refuses is refused as on a direct
+/// connection (at login when a connection is free, else before the
+/// client's first statement runs), and a forwarded setting a client puts
+/// in its `options` is ignored: the identity is pgbastion's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_settings_are_checked_and_forwarded_ones_are_pgbastions() {
+    let env = Env::new();
+    let proxy = pooled(
+        &env,
+        "transaction",
+        1,
+        "[forward.settings]\n\"pgbastion.who\" = \"{client_addr}\"\n",
+    );
+    let conninfo = |extra: &str| {
+        format!(
+            "host=localhost port={} user=app password={APP_PASSWORD} dbname=postgres sslmode=require connect_timeout=20 {extra}",
+            proxy.addr().port()
+        )
+    };
+    let tls = || tls_connector(&env.certs.proxy_ca);
+    // With the one connection free: refused at login.
+    let err = tokio_postgres::connect(&conninfo("options='-c work_mem=banana'"), tls())
+        .await
+        .err()
+        .expect("a setting the server refuses");
+    assert_eq!(sqlstate(&err).as_deref(), Some("22023"), "{err}");
+    // With it busy: refused before the first statement runs.
+    let (holder, _jh) = app(&proxy, &env, "").await;
+    holder.batch_execute("BEGIN").await.unwrap();
+    let (c, conn) = tokio_postgres::connect(&conninfo("options='-c work_mem=banana'"), tls())
+        .await
+        .expect("a login answered without a connection");
+    let _jc = tokio::spawn(conn);
+    let waiting = tokio::spawn(async move { c.batch_execute("SELECT 1").await });
+    holder.batch_execute("COMMIT").await.unwrap();
+    let err = waiting.await.unwrap().unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("22023"), "{err}");
+    // The forwarded value wins over the client's options.
+    let (c, conn) = tokio_postgres::connect(&conninfo("options='-c pgbastion.who=mallory'"), tls())
+        .await
+        .unwrap();
+    let _jd = tokio::spawn(conn);
+    let who: String = c
+        .query_one("SELECT current_setting('pgbastion.who')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(who, "127.0.0.1");
+}

@@ -269,16 +269,10 @@ async fn pgbench_new_connection_per_transaction_through_a_pool_of_4() {
 }
 
 /// `-C` with four clients per pgbench thread (`-j 2`): a client's
-/// connect blocks its thread (PQconnectdb), and a pooled login waits for
-/// a free server connection, while the thread's other clients sit in
-/// open transactions (BEGIN ... END) holding all 4 of them.
-#[ignore = "BUG: a pooled login waits for a pool place (session/pooled.rs \
-            pooled_login: pool.checkout before first_switch and the welcome), so \
-            `pgbench -C -c 8 -j 2` (TPC-B, BEGIN..END) through a pool of 4 stalls: \
-            half the clients abort 'timeout expired' while establishing their \
-            connection (connect_timeout=20), ~200/400 transactions; with -j 8 it \
-            passes. PgBouncer logs a client in without a server connection once it \
-            has the server's parameters"]
+/// connect blocks its thread (PQconnectdb) while the thread's other
+/// clients sit in open transactions (BEGIN ... END) holding all 4
+/// connections: a pooled login must not wait for a connection (it is
+/// answered from what the pool knows of the server).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbench_connect_per_transaction_with_four_clients_per_thread() {
     let env = Env::new();

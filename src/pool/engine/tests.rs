@@ -307,9 +307,10 @@ fn a_switch_is_pipelined_and_unseen_but_for_changed_parameters() {
     );
     h.conn.applied = None;
     assert!(h.engine.switch_if_needed(&mut h.conn, &mut h.to_server));
-    assert_eq!(h.client(&[query("select 1")]), "QQ");
+    assert_eq!(h.client(&[query("select 1")]), "QQQ");
     let (seen, _) = h.server(&[
         complete("RESET"),
+        ready(b'I'),
         msg(b'T', b"\0\0"),
         msg(b'D', b"\0\0"),
         complete("SELECT 1"),
