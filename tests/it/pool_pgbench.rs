@@ -61,9 +61,14 @@ struct Run {
 
 /// pgbench as `app` through `proxy` (TLS), with `args`; blocks.
 fn pgbench(proxy: &Proxy, args: &[&str]) -> Run {
+    pgbench_at(proxy.addr(), args)
+}
+
+/// pgbench as `app` through pgbastion at `addr` (TLS), with `args`.
+fn pgbench_at(addr: std::net::SocketAddr, args: &[&str]) -> Run {
     let conn = format!(
         "host=localhost port={} user=app dbname=pgbench sslmode=require connect_timeout=20",
-        proxy.addr().port()
+        addr.port()
     );
     let out = std::process::Command::new("pgbench")
         .arg("-n")
@@ -284,4 +289,72 @@ async fn pgbench_connect_per_transaction_with_four_clients_per_thread() {
     .unwrap();
     assert_eq!(run.failed, 0, "failed transactions:\n{}", run.output);
     assert_eq!(run.processed, 400, "{}", run.output);
+}
+
+/// PAUSE, a PostgreSQL restart, RESUME, all under pgbench: running
+/// transactions finish, new ones wait, the pool's connections close
+/// before the restart and open again after it; pgbench sees latency,
+/// never an error.
+#[test]
+fn pause_restart_resume_under_pgbench_loses_nothing() {
+    let mut env = Env::new();
+    // The tables and grants, through the usual pooled proxy (dropped).
+    drop(pooled_pgbench(&env));
+    let dir = env.dir.path().to_owned();
+    let people = pgbastion::dev::certs::Ca::new("people CA").unwrap();
+    let people_ca = people.write_cert(&dir, "people-ca").unwrap();
+    let alice = person(&people, &dir, "alice");
+    let pw_file = dir.join("auth-password");
+    let proxy = Proxy::start_toml(&format!(
+        "{tls}\n[[listener]]\nname = \"tcp\"\nlisten = \"127.0.0.1:0\"\nclient_tls = \"require\"\n\
+         [[listener]]\nname = \"mtls\"\nlisten = \"127.0.0.1:0\"\nidentity = \"client_cert\"\n\
+         client_ca = \"{ca}\"\ncert_identity = [\"email\"]\n\
+         {upstream}{auth}pool_mode = \"transaction\"\npool_size = {POOL_SIZE}\nquery_wait_timeout = \"60s\"\n\
+         [[rule]]\nname = \"admins\"\nlisteners = [\"mtls\"]\nnames = [\"alice@example.com\"]\nadmin = true\n\
+         [[rule]]\nname = \"others\"\n",
+        tls = env.tls_toml(),
+        ca = people_ca.display(),
+        upstream = env.upstream_toml(),
+        auth = auth_query_keys(&pw_file),
+    ));
+    let console_port = proxy
+        .addrs
+        .iter()
+        .find_map(|(name, a)| match a {
+            pgbastion::config::BindAddress::Tcp(a) if name == "mtls" => Some(a.port()),
+            _ => None,
+        })
+        .expect("the mtls listener");
+    let console_conninfo = format!(
+        "host=localhost port={console_port} dbname=pgbastion user=admin sslmode=verify-full \
+         sslrootcert={} sslcert={} sslkey={}",
+        env.proxy_ca.display(),
+        alice.0.display(),
+        alice.1.display()
+    );
+    let console = |sql: &str| {
+        let out = psql_without_password(&console_conninfo, sql);
+        assert!(out.status.success(), "{sql}: {}", stderr(&out));
+        stdout(&out)
+    };
+    let bench = {
+        let addr = proxy.addr();
+        std::thread::spawn(move || pgbench_at(addr, &["-c", "8", "-j", "8", "-T", "10"]))
+    };
+    // pgbench is running once the pool has connections.
+    wait_for("pgbench to start", Duration::from_secs(20), || {
+        (console("SHOW SERVERS").lines().count() > 1).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    console("PAUSE");
+    env.pg.restart().expect("restart PostgreSQL");
+    console("RESUME");
+    let run = bench.join().unwrap();
+    assert_eq!(run.failed, 0, "{}", run.output);
+    assert!(run.processed > 0, "{}", run.output);
+    assert!(
+        !run.output.contains("aborted"),
+        "a client aborted:\n{}",
+        run.output
+    );
 }
