@@ -139,6 +139,9 @@ pub(crate) struct Engine {
     /// The client's startup settings have been applied once (and so
     /// checked) by a server: later switches may be pipelined.
     pub validated: bool,
+    /// A pin that came from a server's answer (the settings bound passed
+    /// when a transaction committed), not yet reported.
+    new_pin: Option<PinReason>,
 }
 
 impl Engine {
@@ -163,6 +166,7 @@ impl Engine {
             needs_switch: false,
             in_copy: false,
             validated: false,
+            new_pin: None,
         }
     }
 
@@ -171,6 +175,12 @@ impl Engine {
     /// transaction mode) or be cleaned.
     pub fn at_rest(&self) -> bool {
         self.queue.is_empty() && self.status == b'I' && !self.unsynced && !self.in_copy
+    }
+
+    /// A pin made by a server's answer since last asked (the audit event
+    /// and the metric are the relay's to record).
+    pub fn take_new_pin(&mut self) -> Option<PinReason> {
+        self.new_pin.take()
     }
 
     /// Whether every message sent has been answered.
@@ -678,6 +688,7 @@ impl Engine {
             Followed::TooMany => {
                 if self.pinned.is_none() {
                     self.pinned = Some(PinReason::TooManySettings);
+                    self.new_pin = Some(PinReason::TooManySettings);
                 }
             }
         }

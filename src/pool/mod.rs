@@ -334,6 +334,11 @@ impl Pool {
     /// A server connection for one transaction (or session), waiting up
     /// to `query_wait_timeout` for a place (and while the pool is paused).
     pub async fn checkout(self: &Arc<Self>, opener: &Opener<'_>) -> Result<Lease, PoolError> {
+        // The common case, a place free and no pause, takes no timer and
+        // no wait registration.
+        if let Some(lease) = self.try_checkout(opener).await? {
+            return Ok(lease);
+        }
         let waited_from = Instant::now();
         let deadline = tokio::time::Instant::now() + self.config.query_wait_timeout;
         let wait_id = self.next_wait.fetch_add(1, Ordering::Relaxed);
@@ -348,7 +353,8 @@ impl Pool {
         let place = got.map_err(|()| PoolError::WaitTimeout {
             pool: self.key.to_string(),
             size: self.config.size,
-            waited: waited_from.elapsed(),
+            // Whole seconds: "2m", not "2m 3ms 120us".
+            waited: Duration::from_secs(waited_from.elapsed().as_secs()),
         })?;
         self.lease_with(place, opener, deadline).await
     }
@@ -380,7 +386,7 @@ impl Pool {
             Some(conn) => conn,
             None => self.open_new(opener, deadline).await?,
         };
-        registry::state(conn.id, registry::State::Active);
+        conn.listed.set(registry::State::Active);
         self.stats.checkouts.fetch_add(1, Ordering::Relaxed);
         self.stats.active.fetch_add(1, Ordering::Relaxed);
         Ok(Lease {
@@ -487,7 +493,7 @@ impl Pool {
             return self.closed(conn);
         }
         conn.last_used = Instant::now();
-        registry::state(conn.id, registry::State::Idle);
+        conn.listed.set(registry::State::Idle);
         self.idle.locked().push(conn);
     }
 

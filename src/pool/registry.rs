@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::SystemTime;
 
 use super::PoolKey;
@@ -51,19 +51,53 @@ pub(crate) struct ServerRow {
     pub since: SystemTime,
 }
 
+/// One connection's entry: what does not change, and its state, which
+/// only the connection's holder changes (a lock of its own, never taken
+/// by another connection: lending and giving back touch nothing shared).
+#[derive(Debug)]
+pub(crate) struct Row {
+    fixed: ServerRow,
+    live: Mutex<(State, SystemTime)>,
+}
+
+impl Row {
+    /// The connection was lent (`Active`) or came back (`Idle`).
+    pub fn set(&self, state: State) {
+        let mut live = self.live.locked();
+        if live.0 != state {
+            *live = (state, SystemTime::now());
+        }
+    }
+
+    fn snapshot(&self) -> ServerRow {
+        let (state, since) = *self.live.locked();
+        ServerRow {
+            state,
+            since,
+            ..self.fixed.clone()
+        }
+    }
+}
+
 /// The rows; one per process (`global`), or one of its own in tests.
 #[derive(Debug, Default)]
 pub(crate) struct Registry {
-    rows: Mutex<HashMap<u64, ServerRow>>,
+    rows: Mutex<HashMap<u64, Arc<Row>>>,
 }
 
 impl Registry {
     /// A connection opened (for a client that is about to use it: active).
-    pub fn opened(&self, id: u64, upstream: &str, pool: &PoolKey, addr: SocketAddr, pid: u32) {
+    pub fn opened(
+        &self,
+        id: u64,
+        upstream: &str,
+        pool: &PoolKey,
+        addr: SocketAddr,
+        pid: u32,
+    ) -> Arc<Row> {
         let now = SystemTime::now();
-        self.rows.locked().insert(
-            id,
-            ServerRow {
+        let row = Arc::new(Row {
+            fixed: ServerRow {
                 id,
                 upstream: upstream.to_owned(),
                 database: pool.database.clone(),
@@ -74,18 +108,10 @@ impl Registry {
                 connected: now,
                 since: now,
             },
-        );
-    }
-
-    /// A connection was lent (`Active`) or came back (`Idle`); unknown ids
-    /// are ignored.
-    pub fn state(&self, id: u64, state: State) {
-        if let Some(row) = self.rows.locked().get_mut(&id) {
-            if row.state != state {
-                row.state = state;
-                row.since = SystemTime::now();
-            }
-        }
+            live: Mutex::new((State::Active, now)),
+        });
+        self.rows.locked().insert(id, row.clone());
+        row
     }
 
     pub fn closed(&self, id: u64) {
@@ -94,7 +120,8 @@ impl Registry {
 
     /// Every row, by upstream, database, user, then id.
     pub fn list(&self) -> Vec<ServerRow> {
-        let mut rows: Vec<ServerRow> = self.rows.locked().values().cloned().collect();
+        let rows: Vec<Arc<Row>> = self.rows.locked().values().cloned().collect();
+        let mut rows: Vec<ServerRow> = rows.iter().map(|r| r.snapshot()).collect();
         rows.sort_by(|a, b| {
             (&a.upstream, &a.database, &a.user, a.id).cmp(&(
                 &b.upstream,
@@ -113,19 +140,26 @@ pub(crate) fn global() -> &'static Registry {
     GLOBAL.get_or_init(Registry::default)
 }
 
-/// `global().opened(..)`: call where a connection has logged in.
-pub(crate) fn opened(id: u64, upstream: &str, pool: &PoolKey, addr: SocketAddr, pid: u32) {
-    global().opened(id, upstream, pool, addr, pid);
+/// A connection's row in the process's registry, for as long as the
+/// connection exists, however it ends (dropped with it).
+#[derive(Debug)]
+pub(crate) struct Listed(Arc<Row>);
+
+impl Listed {
+    /// Lists a connection that has logged in.
+    pub fn new(id: u64, upstream: &str, pool: &PoolKey, addr: SocketAddr, pid: u32) -> Listed {
+        Listed(global().opened(id, upstream, pool, addr, pid))
+    }
+
+    pub fn set(&self, state: State) {
+        self.0.set(state);
+    }
 }
 
-/// `global().state(..)`: call where a connection is lent or given back.
-pub(crate) fn state(id: u64, state: State) {
-    global().state(id, state);
-}
-
-/// `global().closed(..)`: call wherever a connection is dropped.
-pub(crate) fn closed(id: u64) {
-    global().closed(id);
+impl Drop for Listed {
+    fn drop(&mut self) {
+        global().closed(self.0.fixed.id);
+    }
 }
 
 #[cfg(test)]
@@ -143,9 +177,9 @@ mod tests {
     fn a_connection_from_open_to_close() {
         let r = Registry::default();
         let addr: SocketAddr = "192.0.2.7:5432".parse().unwrap();
-        r.opened(2, "pg", &key("db", "app"), addr, 4242);
-        r.opened(1, "pg", &key("db", "app"), addr, 4243);
-        r.opened(3, "other", &key("db", "app"), addr, 4244);
+        let _ = r.opened(2, "pg", &key("db", "app"), addr, 4242);
+        let _ = r.opened(1, "pg", &key("db", "app"), addr, 4243);
+        let _ = r.opened(3, "other", &key("db", "app"), addr, 4244);
         let rows = r.list();
         assert_eq!(
             rows.iter().map(|r| r.id).collect::<Vec<_>>(),
@@ -156,8 +190,9 @@ mod tests {
             (rows[1].state, rows[1].pid, rows[1].addr),
             (State::Active, 4243, addr)
         );
-        r.state(1, State::Idle);
-        r.state(99, State::Idle);
+        let one = r.list().into_iter().find(|x| x.id == 1).unwrap();
+        assert_eq!(one.state, State::Active);
+        r.rows.locked()[&1].set(State::Idle);
         assert_eq!(r.list()[1].state.as_str(), "idle");
         assert!(r.list()[1].since >= r.list()[1].connected);
         r.closed(1);
@@ -165,17 +200,17 @@ mod tests {
         assert_eq!(r.list().len(), 2);
     }
 
-    /// The process's registry through the free functions the pool calls
-    /// (ids far from any a test's pool would get).
+    /// A listed connection is in the process's registry until it is
+    /// dropped (ids far from any a test's pool would get).
     #[test]
-    fn the_hooks_reach_the_global_registry() {
+    fn a_listed_connection_leaves_the_registry_when_dropped() {
         let id = u64::MAX - 7;
         let addr: SocketAddr = "[::1]:5432".parse().unwrap();
-        opened(id, "pg", &key("db", "app"), addr, 1);
-        state(id, State::Idle);
+        let listed = Listed::new(id, "pg", &key("db", "app"), addr, 1);
+        listed.set(State::Idle);
         let row = global().list().into_iter().find(|r| r.id == id);
         assert_eq!(row.map(|r| r.state), Some(State::Idle));
-        closed(id);
+        drop(listed);
         assert!(!global().list().iter().any(|r| r.id == id));
     }
 }

@@ -11,7 +11,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 
 use super::engine::{ClientStep, Engine, Next};
@@ -30,6 +30,11 @@ pub(crate) const MAX_MESSAGE: usize = 256 * 1024 * 1024;
 
 /// How long the last words to a client may take before it is dropped.
 const ERROR_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The room made for one read: a whole TLS record.
+const READ_CHUNK: usize = 16 * 1024;
+/// The room made for a read while nothing is pending.
+const IDLE_CHUNK: usize = 2 * 1024;
 
 /// Read at most this much ahead of what has been processed.
 const READ_AHEAD: usize = 64 * 1024;
@@ -86,6 +91,51 @@ pub(crate) struct PooledRelay<'a, C: ?Sized> {
     on_wait: OnWait<'a>,
 }
 
+/// pgbastion stopping a session: an administrator's KILL, or shutdown
+/// (draining: idle sessions end; now: every session ends).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Signal {
+    Kill,
+    Draining,
+    Now,
+}
+
+type Signals<'s> = std::pin::Pin<Box<dyn std::future::Future<Output = Signal> + Send + 's>>;
+
+/// The next stop signal (`draining`: the drain has been seen; only KILL
+/// or the end of the drain are news).
+fn stop_signals<'s>(
+    kill: &'s mut watch::Receiver<bool>,
+    shutdown: &'s mut watch::Receiver<ShutdownPhase>,
+    draining: bool,
+) -> Signals<'s> {
+    Box::pin(async move {
+        let phase = move |p: &ShutdownPhase| {
+            if draining {
+                *p == ShutdownPhase::Now
+            } else {
+                *p != ShutdownPhase::Running
+            }
+        };
+        let killed = async { kill.wait_for(|k| *k).await.ok().map(|_| Signal::Kill) };
+        let stopping = async {
+            let now = shutdown
+                .wait_for(phase)
+                .await
+                .ok()
+                .map(|p| *p == ShutdownPhase::Now)?;
+            Some(if now { Signal::Now } else { Signal::Draining })
+        };
+        tokio::select! {
+            biased;
+            Some(signal) = killed => signal,
+            Some(signal) = stopping => signal,
+            // Both senders gone: pgbastion is past caring about this session.
+            else => std::future::pending().await,
+        }
+    })
+}
+
 /// How a pass over the sockets ended.
 enum Io {
     Progress,
@@ -140,26 +190,35 @@ where
         shutdown: &mut watch::Receiver<ShutdownPhase>,
         kill: &mut watch::Receiver<bool>,
     ) -> RelayEnd {
+        // One future for pgbastion's own stop signals, kept across wake-ups:
+        // polling it again costs nothing, where a fresh `changed()` per
+        // wake-up would register with the process-wide shutdown watch each
+        // time.
+        let mut draining = false;
+        let mut signals = stop_signals(kill, shutdown, draining);
         loop {
-            if *kill.borrow_and_update() {
-                return self
-                    .stop(RelayEnd::Killed, crate::relay::kill_error())
-                    .await;
-            }
-            let phase = *shutdown.borrow_and_update();
             let idle = self.lease.is_none() && self.cbuf.is_empty() && self.to_client.is_empty();
-            if phase == ShutdownPhase::Now || (phase == ShutdownPhase::Draining && idle) {
+            if draining && idle {
                 return self
                     .stop(RelayEnd::Shutdown, crate::relay::shutdown_error())
                     .await;
             }
-            if let Err(end) = self.client_messages(shutdown, kill).await {
+            if let Err(end) = self.client_messages(&mut signals).await {
                 return end;
             }
             let io = tokio::select! {
                 biased;
-                _ = kill.changed() => continue,
-                _ = shutdown.changed() => continue,
+                signal = &mut signals => match signal {
+                    Signal::Kill => return self.stop(RelayEnd::Killed, crate::relay::kill_error()).await,
+                    Signal::Now => return self.stop(RelayEnd::Shutdown, crate::relay::shutdown_error()).await,
+                    Signal::Draining => {
+                        // Idle sessions end now; busy ones at their end.
+                        draining = true;
+                        drop(signals);
+                        signals = stop_signals(kill, shutdown, draining);
+                        continue;
+                    }
+                },
                 io = poll_fn(|cx| self.poll_io(cx)) => io,
             };
             match io {
@@ -174,16 +233,15 @@ where
             if let Err(end) = self.server_messages() {
                 return self.server_lost(&end).await;
             }
+            if let Some(reason) = self.engine.take_new_pin() {
+                (self.on_pin)(reason);
+            }
         }
     }
 
     /// Processes the complete client messages read so far, checking a
     /// connection out first where the session holds none.
-    async fn client_messages(
-        &mut self,
-        shutdown: &mut watch::Receiver<ShutdownPhase>,
-        kill: &mut watch::Receiver<bool>,
-    ) -> Result<(), RelayEnd> {
+    async fn client_messages(&mut self, signals: &mut Signals<'_>) -> Result<(), RelayEnd> {
         let mut at = 0;
         let result = loop {
             if self.to_server.len() >= READ_AHEAD {
@@ -204,7 +262,7 @@ where
                 break Err((RelayEnd::ClientClosed, Vec::new()));
             }
             if self.lease.is_none() {
-                if let Err(e) = self.check_out(shutdown, kill).await {
+                if let Err(e) = self.check_out(signals).await {
                     break Err(e);
                 }
             }
@@ -258,19 +316,17 @@ where
 
     /// A server connection for the next transaction, switched to this
     /// client's settings.
-    async fn check_out(
-        &mut self,
-        shutdown: &mut watch::Receiver<ShutdownPhase>,
-        kill: &mut watch::Receiver<bool>,
-    ) -> Result<(), (RelayEnd, Vec<u8>)> {
+    async fn check_out(&mut self, signals: &mut Signals<'_>) -> Result<(), (RelayEnd, Vec<u8>)> {
         let pool = self.pool.clone();
         let started = std::time::Instant::now();
         let got = tokio::select! {
             biased;
-            _ = kill.wait_for(|k| *k) => return Err((RelayEnd::Killed, crate::relay::kill_error())),
-            _ = shutdown.wait_for(|p| *p == ShutdownPhase::Now) => {
-                return Err((RelayEnd::Shutdown, crate::relay::shutdown_error()))
-            }
+            signal = signals => return Err(match signal {
+                Signal::Kill => (RelayEnd::Killed, crate::relay::kill_error()),
+                // Waiting for a connection, its transaction not begun: a
+                // drain ends it as an idle session.
+                Signal::Draining | Signal::Now => (RelayEnd::Shutdown, crate::relay::shutdown_error()),
+            }),
             got = pool.checkout(&self.opener) => got,
         };
         let mut lease = got.map_err(|e| pool_failure(&e))?;
@@ -348,6 +404,13 @@ where
 
     /// Gives the connection back (transaction mode, between transactions).
     fn release(&mut self) {
+        // Between transactions a session keeps no buffer it does not need
+        // (the memory of an idle pooled client).
+        for buf in [&mut self.cbuf, &mut self.sbuf, &mut self.to_server] {
+            if buf.is_empty() && buf.capacity() > IDLE_CHUNK {
+                *buf = Vec::new();
+            }
+        }
         if let Some(lease) = self.lease.take() {
             *self.serving.locked() = None;
             self.progress
@@ -495,23 +558,21 @@ fn poll_write_out<W: AsyncWrite + Unpin + ?Sized>(
     Ok(written)
 }
 
-/// Reads what is there into `buf`.
+/// Reads what is there into `buf`'s spare room, with nothing zeroed or
+/// copied on the way: a little room while nothing is pending (an idle
+/// session waiting for its client holds 2 KiB, not a record's worth),
+/// a whole TLS record's once a message is arriving.
 fn poll_read_into<R: AsyncRead + Unpin + ?Sized>(
     r: &mut R,
     cx: &mut Context<'_>,
     buf: &mut Vec<u8>,
 ) -> Poll<std::io::Result<usize>> {
-    let mut chunk = [0u8; 16 * 1024];
-    let mut rb = ReadBuf::new(&mut chunk);
-    match Pin::new(r).poll_read(cx, &mut rb) {
-        Poll::Ready(Ok(())) => {
-            let n = rb.filled().len();
-            buf.extend_from_slice(rb.filled());
-            Poll::Ready(Ok(n))
-        }
-        Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-        Poll::Pending => Poll::Pending,
-    }
+    buf.reserve(if buf.is_empty() {
+        IDLE_CHUNK
+    } else {
+        READ_CHUNK
+    });
+    tokio_util::io::poll_read_buf(Pin::new(r), cx, buf)
 }
 
 /// What a client is told when the server refuses one of its startup

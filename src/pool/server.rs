@@ -67,17 +67,7 @@ pub(crate) struct ServerConn {
     /// Its place under the upstream's `max_server_connections`.
     pub _total: Option<OwnedSemaphorePermit>,
     /// Its row in `SHOW SERVERS`, removed when it is dropped.
-    _row: Listed,
-}
-
-/// A connection's row in the registry (`SHOW SERVERS`), for as long as
-/// the connection exists, however it ends.
-struct Listed(u64);
-
-impl Drop for Listed {
-    fn drop(&mut self) {
-        super::registry::closed(self.0);
-    }
+    pub listed: super::registry::Listed,
 }
 
 impl std::fmt::Debug for ServerConn {
@@ -178,7 +168,7 @@ impl ServerConn {
             database: target.database.to_owned(),
             user: target.user.to_owned(),
         };
-        super::registry::opened(
+        let listed = super::registry::Listed::new(
             id,
             &target.upstream.config.name,
             &pool,
@@ -187,7 +177,7 @@ impl ServerConn {
         );
         Ok(ServerConn {
             id,
-            _row: Listed(id),
+            listed,
             stream: up.stream,
             addr: up.addr,
             tls: up.tls,

@@ -1,14 +1,17 @@
 //! A pooled client's session settings, kept by pgbastion so any server
-//! connection can be switched to them: the StartupMessage's parameters
-//! (with `[forward]`'s values, which the client cannot change) as the
-//! server would have taken them at connect time, and the `SET`s the client
-//! ran since, replayed as it wrote them.
+//! connection can be switched to them: `[forward]`'s values (the client's
+//! identity, which it cannot change), the StartupMessage's parameters as
+//! the server would have taken them at connect time, and the `SET`s the
+//! client ran since, replayed as it wrote them.
 //!
-//! Switching is one simple Query pipelined before the client's first
-//! message: `RESET ALL`, the startup values with `set_config` (which takes
-//! a value as a StartupMessage or `options` does, so `search_path=a,b`
-//! means two schemas), then the client's `SET`s in order. Two clients with
-//! the same settings share connections without any switch.
+//! Switching is up to three simple Queries pipelined before the client's
+//! first message, each its own implicit transaction, so a failure in one
+//! cannot undo an earlier one: `RESET ALL` with the forwarded values
+//! (which cannot fail: the identity is in place first), the startup values
+//! with `set_config` (which takes a value as a StartupMessage or `options`
+//! does, so `search_path=a,b` means two schemas), then the client's `SET`s
+//! in order. Two clients with the same settings share connections without
+//! any switch.
 
 use std::collections::BTreeMap;
 

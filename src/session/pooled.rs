@@ -293,8 +293,9 @@ impl Session {
             timeouts: &self.settings.timeouts,
         };
         let cbuf = std::mem::take(&mut conn.buf);
-        let metrics = self.shared.metrics.clone();
-        let on_wait = Box::new(move |waited| metrics.pool_wait(&upstream_name_for_wait, waited));
+        let waits = self.shared.metrics.pool_wait_of(&upstream_name_for_wait);
+        let on_wait =
+            Box::new(move |waited: std::time::Duration| waits.observe(waited.as_secs_f64()));
         let parts = RelayParts {
             engine,
             pool,
