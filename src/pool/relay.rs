@@ -136,6 +136,12 @@ fn stop_signals<'s>(
     })
 }
 
+/// What woke the relay.
+enum Step {
+    Io(Io),
+    Signal(Signal),
+}
+
 /// How a pass over the sockets ended.
 enum Io {
     Progress,
@@ -196,6 +202,7 @@ where
         // time.
         let mut draining = false;
         let mut signals = stop_signals(kill, shutdown, draining);
+        let mut passes: u32 = 0;
         loop {
             let idle = self.lease.is_none() && self.cbuf.is_empty() && self.to_client.is_empty();
             if draining && idle {
@@ -206,20 +213,43 @@ where
             if let Err(end) = self.client_messages(&mut signals).await {
                 return end;
             }
-            let io = tokio::select! {
-                biased;
-                signal = &mut signals => match signal {
-                    Signal::Kill => return self.stop(RelayEnd::Killed, crate::relay::kill_error()).await,
-                    Signal::Now => return self.stop(RelayEnd::Shutdown, crate::relay::shutdown_error()).await,
-                    Signal::Draining => {
-                        // Idle sessions end now; busy ones at their end.
-                        draining = true;
-                        drop(signals);
-                        signals = stop_signals(kill, shutdown, draining);
-                        continue;
-                    }
-                },
-                io = poll_fn(|cx| self.poll_io(cx)) => io,
+            // The sockets first: a wake-up for them (nearly every one)
+            // then never touches the signals' shared watch. Every 64th
+            // pass looks at the signals first, so a session whose sockets
+            // are always ready still sees a KILL or a shutdown.
+            passes = passes.wrapping_add(1);
+            let step = if passes % 64 == 0 {
+                tokio::select! {
+                    biased;
+                    signal = &mut signals => Step::Signal(signal),
+                    io = poll_fn(|cx| self.poll_io(cx)) => Step::Io(io),
+                }
+            } else {
+                tokio::select! {
+                    biased;
+                    io = poll_fn(|cx| self.poll_io(cx)) => Step::Io(io),
+                    signal = &mut signals => Step::Signal(signal),
+                }
+            };
+            let io = match step {
+                Step::Io(io) => io,
+                Step::Signal(Signal::Kill) => {
+                    return self
+                        .stop(RelayEnd::Killed, crate::relay::kill_error())
+                        .await
+                }
+                Step::Signal(Signal::Now) => {
+                    return self
+                        .stop(RelayEnd::Shutdown, crate::relay::shutdown_error())
+                        .await
+                }
+                Step::Signal(Signal::Draining) => {
+                    // Idle sessions end now; busy ones at their end.
+                    draining = true;
+                    drop(signals);
+                    signals = stop_signals(kill, shutdown, draining);
+                    continue;
+                }
             };
             match io {
                 Io::Progress => {}

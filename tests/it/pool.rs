@@ -673,3 +673,23 @@ async fn startup_settings_are_checked_and_forwarded_ones_are_pgbastions() {
         .get(0);
     assert_eq!(who, "127.0.0.1");
 }
+
+/// Shutting down ends an idle pooled session at once with PostgreSQL's
+/// own 57P01, as for unpooled ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_an_idle_pooled_session_with_57p01() {
+    let env = Env::new();
+    let proxy = pooled(&env, "transaction", 2, "");
+    let (a, ja) = app(&proxy, &env, "").await;
+    a.batch_execute("SELECT 1").await.unwrap();
+    let started = std::time::Instant::now();
+    let stopping = std::thread::spawn(move || drop(proxy));
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(10), ja)
+        .await
+        .expect("the session ended")
+        .unwrap();
+    let err = ended.expect_err("the connection ended with an error");
+    assert_eq!(sqlstate(&err).as_deref(), Some("57P01"), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    stopping.join().unwrap();
+}
