@@ -142,6 +142,11 @@ named_enum! {
         SetRole = "set_role",
         SessionAuthorization = "session_authorization",
         Load = "load",
+        /// A `DO` block: code the server runs, which pgbastion cannot see
+        /// into (it may leave any state behind).
+        DoBlock = "do_block",
+        /// A FunctionCall message (the protocol's fast-path call).
+        FunctionCall = "function_call",
         /// The statement could be read two ways (see `audit::normalize`),
         /// and one of them changes session state.
         Unclear = "unclear_statement",

@@ -194,10 +194,13 @@ impl Acc<'_> {
         found.is_some()
     }
 
-    /// Forbidden whatever the list holds (unless it is empty): what is
-    /// changed could be any setting.
+    /// Forbidden whatever the list holds: what is changed could be any
+    /// setting. With nothing protected, it still could be `role`: the
+    /// client is pinned.
     fn check_unknown(&mut self) {
-        if !self.protected.is_empty() {
+        if self.protected.is_empty() {
+            self.pin(PinReason::Unclear);
+        } else {
             self.forbid("set_config".to_owned());
         }
     }
@@ -243,6 +246,7 @@ impl Stmt<'_> {
             }
             Some("declare") => self.declare(acc),
             Some("load") => acc.pin(PinReason::Load),
+            Some("do") => acc.pin(PinReason::DoBlock),
             Some("create") => self.create(acc),
             Some("alter") if self.is_routine(1) => self.routine_settings(acc),
             _ => {}
@@ -290,6 +294,13 @@ impl Stmt<'_> {
         match self.string(open + 1) {
             Some(name) => {
                 acc.check(&name);
+                // RESET ALL leaves these alone: only a pin keeps them from
+                // the next client.
+                if name.eq_ignore_ascii_case("role") {
+                    acc.pin(PinReason::SetRole);
+                } else if name.eq_ignore_ascii_case("session_authorization") {
+                    acc.pin(PinReason::SessionAuthorization);
+                }
             }
             None => acc.check_unknown(),
         }

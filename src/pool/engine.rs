@@ -25,8 +25,17 @@ use crate::config::PoolMode;
 use crate::protocol::message::{self, ErrorResponse};
 
 /// A statement name nobody has: a Bind to it fails with no side effect,
-/// which puts an error exactly where PostgreSQL would raise one.
-const NO_SUCH_STATEMENT: &str = "pgbastion_refused";
+/// which puts an error exactly where PostgreSQL would raise one. Random
+/// per process, so no client can prepare it first (and turn a refusal
+/// into its own statement's answer).
+fn no_such_statement() -> &'static str {
+    static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| format!("pgbastion_refused_{:016x}", rand::random::<u64>()))
+}
+
+/// `pg_catalog.set_config(text, text, bool)`, whose OID is fixed in
+/// PostgreSQL's catalog.
+const SET_CONFIG_OID: u32 = 2078;
 
 /// What one message sent to the server (or one answer owed) is waiting
 /// for.
@@ -60,6 +69,10 @@ enum Expect {
     Query {
         hidden: bool,
         replace_error: Option<Vec<u8>>,
+        /// A query of pgbastion's own whose failure changes nothing that
+        /// matters (re-applying forwarded values inside a transaction that
+        /// already failed, which rolls back what they would restore).
+        tolerant: bool,
     },
     Sync,
     /// A Sync pgbastion sent after preparing a statement of its own.
@@ -212,12 +225,32 @@ impl Engine {
     /// the connection's settings are not this client's. Returns whether
     /// one was sent.
     pub fn switch_if_needed(&mut self, conn: &mut ConnState, to_server: &mut Vec<u8>) -> bool {
+        self.forget_dropped_statements(conn, to_server);
         let same = conn.applied.as_deref() == Some(&*self.settings) && !self.needs_switch;
         if same {
             return false;
         }
         self.send_switch(conn, to_server);
         true
+    }
+
+    /// After SQL that may have dropped prepared statements (a DEALLOCATE
+    /// or DISCARD pgbastion did not follow): pgbastion's statements on the
+    /// connection are deallocated and forgotten, so what it knows is what
+    /// the server has (every client's statements are prepared again where
+    /// used). Only pgbastion's own: a pinned client's SQL PREPAREs stay.
+    fn forget_dropped_statements(&mut self, conn: &mut ConnState, to_server: &mut Vec<u8>) {
+        if !conn.statements_dirty {
+            return;
+        }
+        conn.statements_dirty = false;
+        conn.statements.clear();
+        push_query(to_server, FORGET_STATEMENTS);
+        self.queue.push_back(Expect::Query {
+            hidden: true,
+            replace_error: None,
+            tolerant: false,
+        });
     }
 
     fn send_switch(&mut self, conn: &mut ConnState, to_server: &mut Vec<u8>) {
@@ -229,6 +262,7 @@ impl Engine {
             self.queue.push_back(Expect::Query {
                 hidden: true,
                 replace_error: None,
+                tolerant: false,
             });
         }
         conn.applied = Some(self.settings.clone());
@@ -245,8 +279,11 @@ impl Engine {
     ) -> ClientStep {
         let tag = msg[0];
         let body = &msg[5..];
-        if self.needs_switch && self.queue.is_empty() && !self.unsynced {
-            self.send_switch(conn, to_server);
+        if self.queue.is_empty() && !self.unsynced {
+            if self.needs_switch {
+                self.send_switch(conn, to_server);
+            }
+            self.forget_dropped_statements(conn, to_server);
         }
         match tag {
             b'X' => return ClientStep::Terminate,
@@ -261,10 +298,7 @@ impl Engine {
                 self.queue.push_back(Expect::Sync);
                 self.unsynced = false;
             }
-            b'F' => {
-                to_server.extend_from_slice(msg);
-                self.queue.push_back(Expect::FunctionCall);
-            }
+            b'F' => return self.function_call(msg, body, to_server),
             b'c' | b'f' => {
                 self.in_copy = false;
                 to_server.extend_from_slice(msg);
@@ -273,6 +307,32 @@ impl Engine {
             _ => to_server.extend_from_slice(msg),
         }
         ClientStep::Done
+    }
+
+    /// A FunctionCall (the protocol's fast path, by function OID): what it
+    /// runs is not SQL pgbastion can read, so it pins; `set_config` is
+    /// refused outright when settings are forwarded (it could set them).
+    fn function_call(&mut self, msg: &[u8], body: &[u8], to_server: &mut Vec<u8>) -> ClientStep {
+        let oid = body.first_chunk::<4>().map(|b| u32::from_be_bytes(*b));
+        if oid == Some(SET_CONFIG_OID) && !self.protected.is_empty() {
+            let err = ErrorResponse::new(
+                "42501",
+                "permission denied to call set_config through a FunctionCall on this pooled upstream",
+            )
+            .with_detail("pgbastion sets some parameters for every transaction to the identity of the client it serves; clients cannot change them")
+            .encode_with_severity("ERROR");
+            push_query(to_server, "SELECT 1/0");
+            self.queue.push_back(Expect::Query {
+                hidden: false,
+                replace_error: Some(err),
+                tolerant: false,
+            });
+            // A FunctionCall is answered up to ReadyForQuery, as a query is.
+            return ClientStep::Done;
+        }
+        to_server.extend_from_slice(msg);
+        self.queue.push_back(Expect::FunctionCall);
+        self.pin(Some(PinReason::FunctionCall))
     }
 
     fn forward(&mut self, msg: &[u8], to_server: &mut Vec<u8>, kind: Option<Kind>) {
@@ -293,7 +353,7 @@ impl Engine {
                 format!("permission denied to set parameter \"{name}\""),
             )
             .with_detail("pgbastion sets this parameter for every transaction to the identity of the client it serves; clients cannot change it")
-            .encode();
+            .encode_with_severity("ERROR");
             return (Some(err), None);
         }
         let mut pin = effects.pin;
@@ -323,6 +383,7 @@ impl Engine {
     ) -> ClientStep {
         let sql = body.strip_suffix(&[0]).unwrap_or(body);
         let (refused, pin) = self.effects(sql);
+        let refused = refused.or_else(|| self.reset_all_not_last(sql));
         if let Some(error) = refused {
             // A query that fails where it stands, without side effects: the
             // transaction fails as it would have on PostgreSQL.
@@ -330,6 +391,7 @@ impl Engine {
             self.queue.push_back(Expect::Query {
                 hidden: false,
                 replace_error: Some(error),
+                tolerant: false,
             });
             return ClientStep::Done;
         }
@@ -344,14 +406,61 @@ impl Engine {
                     return self.pin(pin);
                 }
             }
-            None => {}
+            None => conn.statements_dirty |= drops_statements(sql),
         }
         to_server.extend_from_slice(msg);
         self.queue.push_back(Expect::Query {
             hidden: false,
             replace_error: None,
+            tolerant: false,
         });
+        if resets_all(sql) {
+            self.reapply_forwarded(to_server);
+        }
         self.pin(pin)
+    }
+
+    fn reset_all_refusal(&self) -> Vec<u8> {
+        ErrorResponse::new(
+            "42501",
+            "on this pooled upstream, RESET ALL and DISCARD ALL must be sent as a simple query",
+        )
+        .with_detail("pgbastion puts the parameters it forwards back right after RESET ALL, which it can do only for a simple query")
+        .encode_with_severity("ERROR")
+    }
+
+    /// With settings forwarded, `RESET ALL` / `DISCARD ALL` must end the
+    /// query (pgbastion puts the forwarded values back right after it;
+    /// statements after it in the same query would run without them).
+    fn reset_all_not_last(&self, sql: &[u8]) -> Option<Vec<u8>> {
+        if self.settings.forwarded.is_empty() || !mentions_reset_all(sql) || resets_all(sql) {
+            return None;
+        }
+        let err = ErrorResponse::new(
+            "42501",
+            "on this pooled upstream, RESET ALL and DISCARD ALL must be the last statement of a query",
+        )
+        .with_detail("pgbastion puts the parameters it forwards back right after RESET ALL; statements after it in the same query would run without them")
+        .with_hint("Send RESET ALL (or DISCARD ALL) as a query of its own, or last.")
+        .encode_with_severity("ERROR");
+        Some(err)
+    }
+
+    /// The forwarded values again, right after a client's `RESET ALL`, in
+    /// the same transaction (so a rollback undoes both together).
+    fn reapply_forwarded(&mut self, to_server: &mut Vec<u8>) {
+        if self.settings.forwarded.is_empty() {
+            return;
+        }
+        push_query(
+            to_server,
+            &super::settings::set_configs(&self.settings.forwarded),
+        );
+        self.queue.push_back(Expect::Query {
+            hidden: true,
+            replace_error: None,
+            tolerant: true,
+        });
     }
 
     /// SQL `DEALLOCATE` of one of the client's protocol-level statements:
@@ -374,6 +483,7 @@ impl Engine {
         self.queue.push_back(Expect::Query {
             hidden: false,
             replace_error: None,
+            tolerant: false,
         });
     }
 
@@ -397,6 +507,13 @@ impl Engine {
         };
         let sql = split_cstr(rest).map_or(&[][..], |(q, _)| q);
         let (refused, pin) = self.effects(sql);
+        let refused = refused.or_else(|| {
+            // In the extended protocol pgbastion cannot follow it with the
+            // forwarded values before the next statement.
+            (!self.settings.forwarded.is_empty() && mentions_reset_all(sql))
+                .then(|| self.reset_all_refusal())
+        });
+        conn.statements_dirty |= drops_statements(sql);
         if let Some(error) = refused {
             self.refuse(error, to_server);
             return ClientStep::Done;
@@ -418,7 +535,7 @@ impl Engine {
                     "42P05",
                     format!("prepared statement \"{shown}\" already exists"),
                 );
-                self.refuse(error.encode(), to_server);
+                self.refuse(error.encode_with_severity("ERROR"), to_server);
                 return ClientStep::Done;
             }
             Err(AddError::TooMany) => {
@@ -426,7 +543,7 @@ impl Engine {
                     "54000",
                     "too many prepared statements on this pooled session: close the ones no longer used",
                 );
-                self.refuse(error.encode(), to_server);
+                self.refuse(error.encode_with_severity("ERROR"), to_server);
                 return ClientStep::Done;
             }
         };
@@ -556,7 +673,7 @@ impl Engine {
     fn refuse(&mut self, error: Vec<u8>, to_server: &mut Vec<u8>) {
         let mut b = Vec::new();
         push_cstr(&mut b, b"");
-        push_cstr(&mut b, NO_SUCH_STATEMENT.as_bytes());
+        push_cstr(&mut b, no_such_statement().as_bytes());
         b.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
         to_server.extend_from_slice(&message::build(b'B', &b));
         self.queue.push_back(Expect::Refused { error });
@@ -709,6 +826,11 @@ impl Engine {
             return Next::Continue;
         };
         match front {
+            Expect::Query {
+                hidden: true,
+                tolerant: true,
+                ..
+            } => return Next::Continue,
             Expect::Query { hidden: true, .. } => {
                 let fields = message::ErrorFields::parse(&msg[5..]).unwrap_or_default();
                 return Next::SwitchFailed(format!("{} ({})", fields.message, fields.code));
@@ -730,12 +852,11 @@ impl Engine {
             }
             _ => to_client.extend_from_slice(msg),
         }
-        // The failed message and everything up to Sync: never answered.
+        // The failed message and everything up to Sync, simple queries
+        // and function calls included (the server ignores every message
+        // until Sync): never answered.
         while let Some(e) = self.queue.front() {
-            if matches!(
-                e,
-                Expect::Sync | Expect::HiddenSync | Expect::Query { .. } | Expect::FunctionCall
-            ) {
+            if matches!(e, Expect::Sync | Expect::HiddenSync) {
                 break;
             }
             if let Some(e) = self.queue.pop_front() {
@@ -773,6 +894,52 @@ impl Engine {
             }
         }
     }
+}
+
+/// Deallocates every statement prepared under pgbastion's names, and no
+/// other.
+const FORGET_STATEMENTS: &str = "DO $pgb$DECLARE n text; BEGIN FOR n IN SELECT name FROM pg_catalog.pg_prepared_statements WHERE name LIKE $l$pgbastion\\_%$l$ LOOP EXECUTE pg_catalog.format($f$DEALLOCATE %I$f$, n); END LOOP; END$pgb$";
+
+/// Whether SQL may drop prepared statements pgbastion made (DEALLOCATE
+/// or DISCARD anywhere, even in a string: a false alarm costs one
+/// re-prepare per statement).
+fn drops_statements(sql: &[u8]) -> bool {
+    contains_word(sql, b"deallocate") || contains_word(sql, b"discard")
+}
+
+/// Whether SQL mentions RESET ALL or DISCARD ALL anywhere.
+fn mentions_reset_all(sql: &[u8]) -> bool {
+    let lower = sql.to_ascii_lowercase();
+    let words: Vec<&[u8]> = lower
+        .split(|c| !c.is_ascii_alphanumeric() && *c != b'_')
+        .filter(|w| !w.is_empty())
+        .collect();
+    words
+        .windows(2)
+        .any(|w| (w[0] == b"reset" || w[0] == b"discard") && w[1] == b"all")
+}
+
+/// Whether SQL ends with RESET ALL or DISCARD ALL (trailing semicolons and
+/// white space aside).
+fn resets_all(sql: &[u8]) -> bool {
+    let lower = sql.to_ascii_lowercase();
+    let end = lower
+        .iter()
+        .rposition(|c| !c.is_ascii_whitespace() && *c != b';')
+        .map_or(0, |i| i + 1);
+    let words: Vec<&[u8]> = lower[..end]
+        .split(|c| c.is_ascii_whitespace())
+        .filter(|w| !w.is_empty())
+        .collect();
+    matches!(words.as_slice(), [.., a, b] if (*a == b"reset" || *a == b"discard") && *b == b"all")
+        && words.len() >= 2
+        && (words.len() == 2 || lower[..end].contains(&b';'))
+}
+
+fn contains_word(sql: &[u8], word: &[u8]) -> bool {
+    sql.to_ascii_lowercase()
+        .split(|c| !c.is_ascii_alphanumeric() && *c != b'_')
+        .any(|w| w == word)
 }
 
 /// `DEALLOCATE [PREPARE] name|ALL` or `DISCARD ALL` as a whole simple

@@ -92,6 +92,9 @@ pub(crate) struct ConnState {
     pub applied: Option<Arc<SessionSettings>>,
     /// The statements it has under pgbastion's names.
     pub statements: ServerStatements,
+    /// SQL that may have dropped some of them ran (see
+    /// `Engine::forget_dropped_statements`).
+    pub statements_dirty: bool,
 }
 
 impl ConnState {
@@ -100,6 +103,7 @@ impl ConnState {
             params,
             applied: None,
             statements: ServerStatements::new(max_prepared),
+            statements_dirty: false,
         }
     }
 }

@@ -139,24 +139,29 @@ impl SessionSettings {
     /// forwarded values, which cannot fail, so the identity is in place
     /// whatever follows; the startup values; the client's `SET`s.
     pub fn switch_sql(&self) -> Vec<String> {
-        let mut queries = vec![format!("RESET ALL;{}", set_configs(&self.forwarded))];
+        // RESET ALL leaves the role alone; nothing a client did should
+        // reach this point with one set (it pins), but no client's role
+        // ever reaches another.
+        let mut queries = vec![format!(
+            "RESET ALL;RESET SESSION AUTHORIZATION;RESET ROLE;{}",
+            set_configs(&self.forwarded)
+        )];
         if !self.startup.is_empty() {
             queries.push(set_configs(&self.startup));
         }
-        if !self.sets.is_empty() {
-            let mut sets = String::new();
-            for (_, statement) in &self.sets {
-                sets.push_str(statement);
-                sets.push(';');
-            }
-            queries.push(sets);
+        // Each SET a query of its own, as the client sent it alone: joined,
+        // one statement's quotes could run into the next (its reading
+        // depends on standard_conforming_strings), and what was a string
+        // in each could become code.
+        for (_, statement) in &self.sets {
+            queries.push(statement.clone());
         }
         queries
     }
 }
 
 /// `SELECT set_config(...), ...` for these values (empty for none).
-fn set_configs(values: &BTreeMap<String, String>) -> String {
+pub(crate) fn set_configs(values: &BTreeMap<String, String>) -> String {
     if values.is_empty() {
         return String::new();
     }
@@ -301,7 +306,7 @@ mod tests {
         assert_eq!(queries.len(), 1);
         assert!(
             queries[0].starts_with(
-                "RESET ALL;SELECT pg_catalog.set_config($pgb$pgbastion.identity$pgb$,$pgb$alice@example.com$pgb$,false)"
+                "RESET ALL;RESET SESSION AUTHORIZATION;RESET ROLE;SELECT pg_catalog.set_config($pgb$pgbastion.identity$pgb$,$pgb$alice@example.com$pgb$,false)"
             ),
             "{queries:?}"
         );
@@ -315,7 +320,10 @@ mod tests {
         s.startup.insert("b".into(), "ends$".into());
         s.startup.insert("c".into(), "x$pgb".into());
         let queries = s.switch_sql();
-        assert_eq!(queries[0], "RESET ALL;");
+        assert_eq!(
+            queries[0],
+            "RESET ALL;RESET SESSION AUTHORIZATION;RESET ROLE;"
+        );
         let sql = &queries[1];
         assert!(sql.starts_with("SELECT pg_catalog.set_config($pgb$a$pgb$,"));
         assert!(

@@ -693,3 +693,90 @@ async fn shutdown_ends_an_idle_pooled_session_with_57p01() {
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
     stopping.join().unwrap();
 }
+
+/// What an adversarial review found, each now held: a replayed SET whose
+/// quotes would run into the next statement under another
+/// standard_conforming_strings cannot change the identity; `set_config`
+/// of the role and DO blocks pin (nothing of theirs reaches the next
+/// client); one client's DEALLOCATE ALL does not break another's
+/// prepared statements.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_adversarial_review_found_is_held() {
+    let env = Env::new();
+    let (proxy, alice, _bob) = identity_pool(&env, 1);
+    let (a, _ja) = connect_tls(
+        &format!("{alice} options='-c standard_conforming_strings=off -c statement_timeout=0'"),
+        &env,
+    )
+    .await;
+    a.batch_execute("SET standard_conforming_strings = on")
+        .await
+        .unwrap();
+    a.batch_execute(
+        "SET search_path = 'x\\'; /* ' */ SET application_name = '; SELECT pg_catalog.set_config($$pgbastion.identity$$,$$bob@example.com$$,false); --'",
+    )
+    .await
+    .unwrap();
+    a.batch_execute("RESET statement_timeout").await.unwrap();
+    let who: String = a
+        .query_one("SELECT current_setting('pgbastion.identity')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(who, "alice@example.com");
+}
+
+/// More of the review: `set_config` of the role and DO blocks pin, and
+/// one client's DEALLOCATE ALL does not break another's statements.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_adversarial_review_found_is_held_without_forwarding() {
+    let env = Env::new();
+    let proxy = pooled(&env, "transaction", 1, "");
+    env.pg
+        .run_sql("DO $$BEGIN CREATE ROLE other_role; EXCEPTION WHEN duplicate_object THEN NULL; END$$; GRANT other_role TO app;")
+        .unwrap();
+    for (statement, reason) in [
+        ("SELECT set_config('role', 'other_role', false)", "set_role"),
+        (
+            "DO $$BEGIN CREATE TEMP TABLE leak_t(x text); PERFORM pg_advisory_lock(4242); END$$",
+            "do_block",
+        ),
+    ] {
+        let (c, jc) = app(&proxy, &env, "").await;
+        c.batch_execute(statement).await.unwrap();
+        proxy.wait_audit(reason, |e| {
+            e["event"] == "session.pinned" && e["reason"] == reason
+        });
+        drop(c);
+        let _ = jc.await;
+        let (next, _jn) = app(&proxy, &env, "").await;
+        let row = next
+            .query_one(
+                "SELECT current_user::text, \
+                 (SELECT count(*) FROM pg_class WHERE relname = 'leak_t'), \
+                 (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid())",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, String>(0), "app", "{statement}");
+        assert_eq!(row.get::<_, i64>(1), 0, "{statement}");
+        assert_eq!(row.get::<_, i64>(2), 0, "{statement}");
+    }
+    // Two clients on one connection: one's DEALLOCATE ALL, the other's
+    // statement still runs.
+    let (b, _jb) = app(&proxy, &env, "").await;
+    let (m, _jm) = app(&proxy, &env, "").await;
+    let st = b.prepare("SELECT $1::int * 2").await.unwrap();
+    assert_eq!(
+        b.query_one(&st, &[&21i32]).await.unwrap().get::<_, i32>(0),
+        42
+    );
+    m.batch_execute("SELECT 1; DEALLOCATE ALL").await.unwrap();
+    for _ in 0..3 {
+        assert_eq!(
+            b.query_one(&st, &[&5i32]).await.unwrap().get::<_, i32>(0),
+            10
+        );
+    }
+}

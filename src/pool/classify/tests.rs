@@ -31,6 +31,19 @@ fn pins() {
     let cases: &[(&str, PinReason)] = &[
         ("LISTEN chan", Listen),
         ("listen \"Chan\"", Listen),
+        // Code the server runs where pgbastion cannot look.
+        ("DO $body$ BEGIN LISTEN x; END $body$", DoBlock),
+        ("do language plpgsql 'begin perform 1; end'", DoBlock),
+        // RESET ALL leaves role and session_authorization alone.
+        ("SELECT set_config('role', 'other', false)", SetRole),
+        (
+            "SELECT pg_catalog.set_config('ROLE', 'other', false)",
+            SetRole,
+        ),
+        (
+            "SELECT set_config('session_authorization', 'x', false)",
+            SessionAuthorization,
+        ),
         ("  /* c */ LiStEn x", Listen),
         ("PREPARE q AS SELECT 1", SqlPrepare),
         ("prepare q (int) as select $1", SqlPrepare),
@@ -99,6 +112,14 @@ fn pins() {
     for (sql, why) in cases {
         assert_eq!(run(sql).pin, Some(*why), "{sql}");
     }
+    // A computed name could be `role`: refused when settings are
+    // protected (see `forbidden`), pinned when none is.
+    for sql in [
+        "SELECT set_config($1, 'x', false)",
+        "UPDATE pg_settings SET setting = 'x' WHERE name = 'role'",
+    ] {
+        assert_eq!(classify(sql, &[]).pin, Some(Unclear), "{sql}");
+    }
 }
 
 #[test]
@@ -128,7 +149,6 @@ fn lookalikes_do_not_pin() {
         "SELECT 'LISTEN x'",
         "SELECT 1 -- LISTEN x",
         "SELECT 1 /* LISTEN /* nested */ x */",
-        "DO $body$ BEGIN LISTEN x; END $body$",
         "\"listen\" x",
         "\"LISTEN\" x",
         "NOTIFY chan",

@@ -361,3 +361,145 @@ fn deallocate_and_discard_are_read_whole() {
     assert_eq!(deallocate(b"SELECT 1"), None);
     assert_eq!(deallocate(b""), None);
 }
+
+fn function_call(oid: u32) -> Vec<u8> {
+    let mut b = oid.to_be_bytes().to_vec();
+    b.extend([0, 0, 0, 0, 0, 0]);
+    msg(b'F', &b)
+}
+
+#[test]
+fn a_function_call_pins_and_set_config_by_oid_is_refused_when_settings_are_forwarded() {
+    let mut h = Harness::with_protected(&["pgbastion.identity"]);
+    let mut settings = SessionSettings::default();
+    settings
+        .forwarded
+        .insert("pgbastion.identity".into(), "alice".into());
+    h.engine.settings = Arc::new(settings.clone());
+    h.conn.applied = Some(Arc::new(settings));
+    // set_config (OID 2078): a query that fails in its place instead.
+    let step = h.engine.client_message(
+        &function_call(2078),
+        &mut h.conn,
+        &mut h.to_server,
+        &mut h.to_client,
+    );
+    assert_eq!(step, ClientStep::Done);
+    assert_eq!(tags(&std::mem::take(&mut h.to_server)), "Q");
+    let (seen, _) = h.server(&[error("22012"), ready(b'I')]);
+    assert_eq!(seen, "EZ");
+    assert_eq!(sqlstate(&h.take_client()), "42501");
+    // Any other function: sent, and the client is pinned.
+    let step = h.engine.client_message(
+        &function_call(2880),
+        &mut h.conn,
+        &mut h.to_server,
+        &mut h.to_client,
+    );
+    assert_eq!(step, ClientStep::Pinned(PinReason::FunctionCall));
+    let (seen, _) = h.server(&[msg(b'V', &[0, 0, 0, 1, 1]), ready(b'I')]);
+    assert_eq!(seen, "VZ");
+}
+
+#[test]
+fn a_query_after_an_extended_error_is_skipped_like_the_server_skips_it() {
+    let mut h = Harness::new();
+    // Parse fails; the server ignores the Query and answers the Sync.
+    assert_eq!(
+        h.client(&[parse("", "selec broken"), query("select 1"), sync()]),
+        "PQS"
+    );
+    let (seen, next) = h.server(&[error("XX000"), ready(b'I')]);
+    assert_eq!(seen, "EZ");
+    assert_eq!(next, Next::Idle);
+    assert!(h.engine.may_release());
+}
+
+#[test]
+fn in_session_refusals_are_errors_not_fatal() {
+    let mut h = Harness::new();
+    h.client(&[parse("a", "select 1"), sync()]);
+    h.server(&[msg(b'1', &[]), ready(b'I')]);
+    h.take_client();
+    h.client(&[parse("a", "select 2"), sync()]);
+    h.server(&[error("26000"), ready(b'I')]);
+    let out = h.take_client();
+    let fields = message::ErrorFields::parse(&out[5..]).unwrap();
+    assert_eq!(fields.code, "42P05");
+    assert!(out.windows(6).any(|w| w == b"SERROR"), "severity ERROR");
+}
+
+#[test]
+fn reset_all_must_end_its_query_and_the_forwarded_values_follow_it() {
+    let mut h = Harness::with_protected(&["pgbastion.identity"]);
+    let mut settings = SessionSettings::default();
+    settings
+        .forwarded
+        .insert("pgbastion.identity".into(), "alice".into());
+    h.engine.settings = Arc::new(settings.clone());
+    h.conn.applied = Some(Arc::new(settings));
+    // Last: sent, and the forwarded values go right after it (unseen).
+    assert_eq!(h.client(&[query("UNLISTEN *; RESET ALL;")]), "QQ");
+    let (seen, _) = h.server(&[complete("UNLISTEN"), complete("RESET"), ready(b'I')]);
+    assert_eq!(seen, "CCZ");
+    let (seen, next) = h.server(&[
+        msg(b'T', b"\0\0"),
+        msg(b'D', b"\0\0"),
+        complete("SELECT 1"),
+        ready(b'I'),
+    ]);
+    assert_eq!(seen, "CCZ", "the re-apply is not the client's");
+    assert_eq!(next, Next::Continue);
+    // (RESET ALL also took the startup values: a full switch comes before
+    // the next message; not what this test is about.)
+    assert!(h.engine.needs_switch);
+    h.engine.needs_switch = false;
+    // Not last: refused where it stands.
+    h.take_client();
+    assert_eq!(
+        h.client(&[query(
+            "RESET ALL; SELECT current_setting('pgbastion.identity')"
+        )]),
+        "Q"
+    );
+    h.server(&[error("22012"), ready(b'I')]);
+    assert_eq!(sqlstate(&h.take_client()), "42501");
+    // In the extended protocol: refused.
+    h.client(&[parse("", "RESET ALL"), sync()]);
+    h.server(&[error("26000"), ready(b'I')]);
+    assert_eq!(sqlstate(&h.take_client()), "42501");
+}
+
+#[test]
+fn sql_that_may_drop_statements_makes_pgbastion_forget_its_own() {
+    let mut h = Harness::new();
+    h.client(&[parse("a", "select 1"), sync()]);
+    h.server(&[msg(b'1', &[]), ready(b'I')]);
+    h.client(&[query("SELECT 1; DEALLOCATE ALL")]);
+    h.server(&[
+        complete("SELECT 1"),
+        complete("DEALLOCATE ALL"),
+        ready(b'I'),
+    ]);
+    assert!(h.conn.statements_dirty);
+    // Before the next message: pgbastion's statements go, and "a" is
+    // prepared again where it is used.
+    assert_eq!(h.client(&[bind("a"), execute(), sync()]), "QPBES");
+    assert!(!h.conn.statements_dirty);
+}
+
+#[test]
+fn reset_all_is_found_where_it_ends_a_query() {
+    assert!(resets_all(b"RESET ALL"));
+    assert!(resets_all(b"  reset   all ;; "));
+    assert!(resets_all(
+        b"SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL;"
+    ));
+    assert!(resets_all(b"DISCARD ALL"));
+    assert!(!resets_all(b"RESET ALL; SELECT 1"));
+    assert!(!resets_all(b"SELECT 1"));
+    assert!(mentions_reset_all(b"reset all; select 1"));
+    assert!(!mentions_reset_all(b"reset search_path"));
+    assert!(drops_statements(b"select 1; DEALLOCATE x"));
+    assert!(!drops_statements(b"select deallocated from t"));
+}
