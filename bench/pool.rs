@@ -138,9 +138,31 @@ impl SessionCount {
     }
 }
 
+/// Clients held open at once for the memory figure (and the "many
+/// clients on a pool of 20" check): each logs in and runs `select 1`.
+fn idle_clients(args: &Args) -> usize {
+    if args.idle_sessions <= 50 {
+        args.idle_sessions
+    } else {
+        1000
+    }
+}
+
 /// One round of the pooling workloads against every target, interleaved.
 pub fn round(bench: &Bench, args: &Args, r: &mut Results) -> Result<()> {
     let d = args.duration.to_string();
+    // Memory once, before the workloads: every client idle after one
+    // query, all of them on the pool's 20 server connections.
+    if r.median("pooled idle", Target::PgbastionPooled, "kib_per_client")
+        .is_none()
+    {
+        for t in [Target::PgbastionPooled, Target::PgBouncerTransaction] {
+            match bench.idle_memory(t, idle_clients(args)) {
+                Ok(kib) => r.add("pooled idle", t, "kib_per_client", kib),
+                Err(e) => eprintln!("idle clients through {} failed: {e:#}", t.name()),
+            }
+        }
+    }
     for &t in &TARGETS {
         let cpu_before = super::cpu_ticks(bench.pids.get(&t).copied());
         let out = bench.pgbench(t, &["-S", "-c", "64", "-j", "2", "-T", &d])?;
@@ -258,6 +280,17 @@ pub fn report(r: &Results) -> Result<String> {
         "pgbench -S -M prepared, 8 clients: TPS",
         "tps",
         true,
+    )?;
+    writeln!(
+        s,
+        "| pooled idle | RSS per idle client (every one logged in and ran `select 1`; a pool of {POOL_SIZE}), KiB | {} |",
+        TARGETS
+            .iter()
+            .map(|&t| r
+                .median("pooled idle", t, "kib_per_client")
+                .map_or("—".to_owned(), |v| format!("{v:.1}")))
+            .collect::<Vec<_>>()
+            .join(" | ")
     )?;
     let m = |w: &str, t, k| r.median(w, t, k).unwrap_or(f64::NAN);
     let (p, b) = (Target::PgbastionPooled, Target::PgBouncerTransaction);

@@ -218,7 +218,7 @@ where
             // pass looks at the signals first, so a session whose sockets
             // are always ready still sees a KILL or a shutdown.
             passes = passes.wrapping_add(1);
-            let step = if passes % 64 == 0 {
+            let step = if passes.is_multiple_of(64) {
                 tokio::select! {
                     biased;
                     signal = &mut signals => Step::Signal(signal),

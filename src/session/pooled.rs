@@ -242,14 +242,6 @@ impl Session {
         login: PooledLogin,
         auth_facts: AuthFacts,
     ) {
-        let PooledLogin {
-            pool,
-            lease,
-            engine,
-            serving,
-            upstream,
-            ..
-        } = login;
         let mut query_audit =
             (admitted.audit_queries == AuditQueries::Statements).then_some(QueryAuditFacts {
                 mode: "statements",
@@ -258,63 +250,22 @@ impl Session {
             });
         self.shared.record(&Event::Start {
             facts: &self.facts,
-            upstream: &upstream,
+            upstream: &login.upstream,
             auth: &auth_facts,
             query_audit: query_audit.as_ref(),
         });
         info!(
             user = %admitted.startup.user(),
             database = %admitted.startup.database(),
-            pool = %pool.key,
-            mode = pool.config.mode.as_str(),
+            pool = %login.pool.key,
+            mode = login.pool.config.mode.as_str(),
             "pooled session started"
         );
-        let _attached = pool.attach();
-        let progress = Arc::new(Progress::default());
-        let info = self.pooled_info(&conn, admitted, progress.clone());
-        let (_live, mut kill) = self.shared.live.register(info);
-        let mut shutdown = self.shared.shutdown.subscribe();
+        let upstream = login.upstream.clone();
         let mut queries = query_audit.is_some().then(|| self.query_tracker(false));
-        let upstream_name = admitted.route.upstream.config.name.clone();
-        let upstream_name_for_wait = upstream_name.clone();
-        let on_pin = Box::new(|reason: crate::audit::PinReason| {
-            info!(
-                reason = reason.as_str(),
-                "pooled session pinned to its server connection"
-            );
-            self.shared.record(&Event::Pinned {
-                facts: &self.facts,
-                reason,
-                pool: &upstream_name,
-            });
-        });
-        let opener = Opener {
-            upstream: &admitted.route.upstream,
-            timeouts: &self.settings.timeouts,
-        };
-        let cbuf = std::mem::take(&mut conn.buf);
-        let waits = self.shared.metrics.pool_wait_of(&upstream_name_for_wait);
-        let on_wait =
-            Box::new(move |waited: std::time::Duration| waits.observe(waited.as_secs_f64()));
-        let parts = RelayParts {
-            engine,
-            pool,
-            opener,
-            lease,
-            cbuf,
-            serving,
-            progress,
-            queries: queries.as_mut(),
-            on_pin,
-            on_wait,
-        };
-        let mut relay = PooledRelay::new(&mut *conn.io, parts);
-        let end = relay.run(&mut shutdown, &mut kill).await;
-        let counts = relay.counts;
-        if let Some(lease) = relay.lease.take() {
-            crate::pool::clean_and_return(lease, &relay.engine).await;
-        }
-        drop(relay);
+        let (end, counts) = self
+            .run_pooled(&mut conn, admitted, login, queries.as_mut())
+            .await;
         let _ =
             tokio::time::timeout(super::negotiate::ERROR_WRITE_TIMEOUT, conn.io.shutdown()).await;
         if let (Some(q), Some(facts)) = (&mut queries, &mut query_audit) {
@@ -334,13 +285,68 @@ impl Session {
             detail,
             counts,
         };
-        self.record_end(
-            &upstream,
-            &auth_facts,
-            &Default::default(),
-            ending,
-            query_audit,
-        );
+        let no_auth_bytes = Default::default();
+        self.record_end(&upstream, &auth_facts, &no_auth_bytes, ending, query_audit);
+    }
+
+    /// The relay, registered for the console (KILL) and the drain, with
+    /// the pin and wait reporting; then the held connection cleaned.
+    async fn run_pooled(
+        &self,
+        conn: &mut ClientConn,
+        admitted: &Admitted,
+        login: PooledLogin,
+        queries: Option<&mut crate::audit::query::QueryTracker>,
+    ) -> (RelayEnd, crate::relay::ByteCounts) {
+        let PooledLogin {
+            pool,
+            lease,
+            engine,
+            serving,
+            ..
+        } = login;
+        let _attached = pool.attach();
+        let progress = Arc::new(Progress::default());
+        let info = self.pooled_info(conn, admitted, progress.clone());
+        let (_live, mut kill) = self.shared.live.register(info);
+        let mut shutdown = self.shared.shutdown.subscribe();
+        let upstream_name = &admitted.route.upstream.config.name;
+        let on_pin = Box::new(move |reason: crate::audit::PinReason| {
+            info!(
+                reason = reason.as_str(),
+                "pooled session pinned to its server connection"
+            );
+            self.shared.record(&Event::Pinned {
+                facts: &self.facts,
+                reason,
+                pool: upstream_name,
+            });
+        });
+        let waits = self.shared.metrics.pool_wait_of(upstream_name);
+        let on_wait =
+            Box::new(move |waited: std::time::Duration| waits.observe(waited.as_secs_f64()));
+        let parts = RelayParts {
+            engine,
+            pool,
+            opener: Opener {
+                upstream: &admitted.route.upstream,
+                timeouts: &self.settings.timeouts,
+            },
+            lease,
+            cbuf: std::mem::take(&mut conn.buf),
+            serving,
+            progress,
+            queries,
+            on_pin,
+            on_wait,
+        };
+        let mut relay = PooledRelay::new(&mut *conn.io, parts);
+        let end = relay.run(&mut shutdown, &mut kill).await;
+        let counts = relay.counts;
+        if let Some(lease) = relay.lease.take() {
+            crate::pool::clean_and_return(lease, &relay.engine).await;
+        }
+        (end, counts)
     }
 
     fn pooled_info(

@@ -703,7 +703,7 @@ async fn shutdown_ends_an_idle_pooled_session_with_57p01() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_the_adversarial_review_found_is_held() {
     let env = Env::new();
-    let (proxy, alice, _bob) = identity_pool(&env, 1);
+    let (_proxy, alice, _bob) = identity_pool(&env, 1);
     let (a, _ja) = connect_tls(
         &format!("{alice} options='-c standard_conforming_strings=off -c statement_timeout=0'"),
         &env,
