@@ -465,7 +465,10 @@ impl Pool {
             generation: self.generation(),
             max_prepared: self.config.max_prepared_statements,
         };
-        let conn = ServerConn::open(&target, total).await?;
+        // Boxed: dialing and logging in is a large future, and every
+        // checkout's future (held by each session between transactions)
+        // would otherwise be as large as it.
+        let conn = Box::pin(ServerConn::open(&target, total)).await?;
         *self.opened.locked() = Some(Opened::of(&conn));
         self.stats.open.fetch_add(1, Ordering::Relaxed);
         self.stats.opened.fetch_add(1, Ordering::Relaxed);

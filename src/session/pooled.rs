@@ -55,9 +55,10 @@ impl Session {
         plan: LoginPlan,
         mut auth_facts: AuthFacts,
     ) {
-        let login = self
-            .pooled_login(&mut conn, &admitted, &pools, plan, &mut auth_facts)
-            .await;
+        // Boxed: the login's futures (a checkout that may dial, the first
+        // switch) are freed once it is done, not kept with the session.
+        let login =
+            Box::pin(self.pooled_login(&mut conn, &admitted, &pools, plan, &mut auth_facts)).await;
         match login {
             Ok(login) => {
                 self.pooled_session(conn, &admitted, login, auth_facts)
