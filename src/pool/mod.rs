@@ -238,7 +238,10 @@ pub(crate) struct Pool {
     /// `pool_size` places; a client holds one while it holds a connection.
     places: Arc<Semaphore>,
     /// Idle connections, the most recently used last.
-    idle: Mutex<Vec<ServerConn>>,
+    /// (Boxed: a connection with its TLS state is large, and it moves
+    /// between this list and a lease at every checkout.)
+    #[allow(clippy::vec_box)]
+    idle: Mutex<Vec<Box<ServerConn>>>,
     /// How the pool logs in: the latest client's proof.
     login: Mutex<Option<Arc<ServerLogin>>>,
     /// Where the latest session dialed (for `min_pool_size`, which opens
@@ -422,7 +425,7 @@ impl Pool {
     }
 
     /// The most recently used idle connection that is still good.
-    fn take_idle(&self) -> Option<ServerConn> {
+    fn take_idle(&self) -> Option<Box<ServerConn>> {
         let generation = self.generation();
         loop {
             let mut conn = self.idle.locked().pop()?;
@@ -441,7 +444,7 @@ impl Pool {
         &self,
         opener: &Opener<'_>,
         deadline: tokio::time::Instant,
-    ) -> Result<ServerConn, PoolError> {
+    ) -> Result<Box<ServerConn>, PoolError> {
         let parent = self.parent.upgrade().ok_or(PoolError::ShuttingDown)?;
         let total = parent
             .total_place(deadline)
@@ -470,6 +473,7 @@ impl Pool {
         // would otherwise be as large as it.
         let conn = Box::pin(ServerConn::open(&target, total)).await?;
         *self.opened.locked() = Some(Opened::of(&conn));
+        let conn = Box::new(conn);
         self.stats.open.fetch_add(1, Ordering::Relaxed);
         self.stats.opened.fetch_add(1, Ordering::Relaxed);
         Ok(conn)
@@ -481,7 +485,7 @@ impl Pool {
             .map_or(0, |p| p.generation.load(Ordering::SeqCst))
     }
 
-    fn closed(&self, conn: ServerConn) {
+    fn closed(&self, conn: Box<ServerConn>) {
         conn.close();
         self.stats.open.fetch_sub(1, Ordering::Relaxed);
         self.stats.closed.fetch_add(1, Ordering::Relaxed);
@@ -489,7 +493,7 @@ impl Pool {
 
     /// Takes back a connection after a transaction or session: kept idle
     /// unless the pool is paused, it is past its lifetime or generation.
-    fn give_back(&self, mut conn: ServerConn) {
+    fn give_back(&self, mut conn: Box<ServerConn>) {
         let parent = self.parent.upgrade();
         let retire = parent.as_ref().is_none_or(|p| p.is_paused())
             || conn.created.elapsed() >= self.config.server_lifetime
@@ -503,7 +507,7 @@ impl Pool {
     }
 
     fn close_idle(&self, which: impl Fn(&ServerConn) -> bool) {
-        let closing: Vec<ServerConn> = {
+        let closing: Vec<Box<ServerConn>> = {
             let mut idle = self.idle.locked();
             let (close, keep) = std::mem::take(&mut *idle)
                 .into_iter()
@@ -534,7 +538,7 @@ impl Pool {
         let min = self.config.min_size;
         let idle_timeout = self.config.server_idle_timeout;
         let lifetime = self.config.server_lifetime;
-        let closing: Vec<ServerConn> = {
+        let closing: Vec<Box<ServerConn>> = {
             let mut idle = self.idle.locked();
             let mut open = self.open();
             let mut keep = Vec::new();
@@ -625,7 +629,9 @@ fn spawn_sweeper(pools: Weak<Pools>) {
 /// once clean; dropped otherwise (the connection closes: it may hold the
 /// client's state, so it is never handed to anyone else).
 pub(crate) struct Lease {
-    conn: Option<ServerConn>,
+    /// Boxed: a lease moves with its session (login, relay), and a
+    /// connection with its TLS state is large.
+    conn: Option<Box<ServerConn>>,
     pub pool: Arc<Pool>,
     _place: OwnedSemaphorePermit,
 }

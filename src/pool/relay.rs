@@ -364,7 +364,9 @@ where
         let conn = lease.conn();
         *self.serving.locked() = Some((conn.addr, conn.key.clone()));
         if !self.engine.validated {
-            self.first_switch(conn).await?;
+            // Boxed: once per session at most, and the relay's future is
+            // held by every idle session.
+            Box::pin(self.first_switch(conn)).await?;
         }
         self.sbuf = std::mem::take(&mut conn.buf);
         self.engine

@@ -199,7 +199,7 @@ impl ServerConn {
     /// Closes the connection as a client should (Terminate, then TLS
     /// close_notify), off the caller's path: the server logs no broken
     /// connection for every connection a pool retires.
-    pub fn close(mut self) {
+    pub fn close(mut self: Box<Self>) {
         if tokio::runtime::Handle::try_current().is_err() {
             return;
         }

@@ -181,26 +181,28 @@ impl Session {
     async fn run(mut self, io: BoxedIo, pending: PendingPermit) {
         let mut pending = pending;
         let mut conn = ClientConn::new(io);
-        let startup = match self.negotiate(&mut conn, &mut pending).await {
+        let startup = match Box::pin(self.negotiate(&mut conn, &mut pending)).await {
             Ok(Negotiated::Startup(startup)) => startup,
-            Ok(Negotiated::Cancel(key)) => return self.cancel(conn, key).await,
-            Err(exit) => return self.exit(&mut conn, exit).await,
+            Ok(Negotiated::Cancel(key)) => return Box::pin(self.cancel(conn, key)).await,
+            Err(exit) => return Box::pin(self.exit(&mut conn, exit)).await,
         };
         let admitted = match self.admit(conn.peer_cert.as_deref(), startup).await {
             Ok(Admission::Session(admitted)) => admitted,
             Ok(Admission::Console { admin, identity }) => {
-                return self.console(conn, admin, identity, pending).await
+                return Box::pin(self.console(conn, admin, identity, pending)).await
             }
-            Err(exit) => return self.exit(&mut conn, exit).await,
+            Err(exit) => return Box::pin(self.exit(&mut conn, exit)).await,
         };
         let deadline = tokio::time::Instant::now() + self.settings.timeouts.authentication;
         let mut auth_facts = AuthFacts::new(admitted.route.upstream.config.auth_mode());
-        let plan = match self
-            .plan_login(&mut conn, &admitted, &mut auth_facts, deadline)
+        // Boxed, like every stage that only a login or a refusal needs: a
+        // session's future is as large as its largest stage, for as long as
+        // the session lives (proving a SCRAM client is about 12 KiB of it).
+        let plan = match Box::pin(self.plan_login(&mut conn, &admitted, &mut auth_facts, deadline))
             .await
         {
             Ok(plan) => plan,
-            Err(exit) => return self.exit(&mut conn, exit).await,
+            Err(exit) => return Box::pin(self.exit(&mut conn, exit)).await,
         };
         if let Some(pools) = admitted.route.pools.clone() {
             drop(pending);
@@ -208,12 +210,26 @@ impl Session {
             // thousand stalled logins must not each carry a pooled relay).
             return Box::pin(self.pooled(conn, admitted, pools, plan, auth_facts)).await;
         }
+        // Boxed too: a pooled session need not carry this path's state.
+        Box::pin(self.direct(conn, admitted, plan, auth_facts, pending, deadline)).await;
+    }
+
+    /// Stages 4–6 with a server connection of the session's own.
+    async fn direct(
+        self,
+        mut conn: ClientConn,
+        admitted: Admitted,
+        plan: login::LoginPlan,
+        mut auth_facts: AuthFacts,
+        pending: PendingPermit,
+        deadline: tokio::time::Instant,
+    ) {
         let mut up = match self
             .connect(&admitted, &plan, conn.peer_cert.as_deref(), &auth_facts)
             .await
         {
             Ok(up) => up,
-            Err(exit) => return self.exit(&mut conn, exit).await,
+            Err(exit) => return Box::pin(self.exit(&mut conn, exit)).await,
         };
         let mut logged_in = match self
             .log_in(
@@ -227,7 +243,7 @@ impl Session {
             .await
         {
             Ok(logged_in) => logged_in,
-            Err(exit) => return self.exit(&mut conn, exit).await,
+            Err(exit) => return Box::pin(self.exit(&mut conn, exit)).await,
         };
         let authenticated = self
             .auth_phase(

@@ -64,7 +64,9 @@ impl Session {
                 self.pooled_session(conn, &admitted, login, auth_facts)
                     .await
             }
-            Err(exit) => self.exit(&mut conn, exit).await,
+            // Boxed, as the login is: a session's future is as large as its
+            // largest part, and this one is only for refusals.
+            Err(exit) => Box::pin(self.exit(&mut conn, exit)).await,
         }
     }
 
@@ -345,7 +347,9 @@ impl Session {
         let end = relay.run(&mut shutdown, &mut kill).await;
         let counts = relay.counts;
         if let Some(lease) = relay.lease.take() {
-            crate::pool::clean_and_return(lease, &relay.engine).await;
+            // Boxed: only a session that still holds a connection at its
+            // end needs it (see `pooled`'s refusals).
+            Box::pin(crate::pool::clean_and_return(lease, &relay.engine)).await;
         }
         (end, counts)
     }
