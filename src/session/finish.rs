@@ -149,18 +149,7 @@ impl Session {
         auth_facts: AuthFacts,
         authenticated: Result<(), AuthEnd>,
     ) {
-        let mut query_audit =
-            (admitted.audit_queries == AuditQueries::Statements).then_some(QueryAuditFacts {
-                mode: "statements",
-                statements: None,
-                stopped: None,
-            });
-        self.shared.record(&Event::Start {
-            facts: &self.facts,
-            upstream: &up.facts,
-            auth: &auth_facts,
-            query_audit: query_audit.as_ref(),
-        });
+        let mut query_audit = self.record_start(admitted, &up.facts, &auth_facts);
         info!(
             user = %admitted.startup.user(),
             database = %admitted.startup.database(),
@@ -185,6 +174,29 @@ impl Session {
             Err(end) => ended_in_auth(&mut conn, &mut up, end, auth_facts.mode).await,
         };
         self.record_end(&up.facts, &auth_facts, &auth.counts, ending, query_audit);
+    }
+
+    /// The start event, pooled or not; returns the query audit's facts
+    /// when the session's rule audits its statements.
+    pub(super) fn record_start(
+        &self,
+        admitted: &Admitted,
+        upstream: &crate::audit::UpstreamFacts,
+        auth: &AuthFacts,
+    ) -> Option<QueryAuditFacts> {
+        let query_audit =
+            (admitted.audit_queries == AuditQueries::Statements).then_some(QueryAuditFacts {
+                mode: "statements",
+                statements: None,
+                stopped: None,
+            });
+        self.shared.record(&Event::Start {
+            facts: &self.facts,
+            upstream,
+            auth,
+            query_audit: query_audit.as_ref(),
+        });
+        query_audit
     }
 
     /// The session proper: relayed until either side ends, killed by the

@@ -19,12 +19,11 @@ use super::login::LoginPlan;
 use super::negotiate::ClientConn;
 use super::{Admitted, Exit, Session, SessionError};
 use crate::admin::live::SessionInfo;
-use crate::audit::{AuthFacts, AuthOutcome, Event, QueryAuditFacts, UpstreamFacts};
+use crate::audit::{AuthFacts, AuthOutcome, Event, UpstreamFacts};
 use crate::auth::scram::Proven;
 use crate::cancel::{CancelTarget, Registration};
 use crate::config::PoolMode;
 use crate::limits::keyed_slots::KeyedPermit;
-use crate::policy::AuditQueries;
 use crate::pool::engine::Engine;
 use crate::pool::relay::{switch_now, PooledRelay, RelayParts, Serving, SwitchError};
 use crate::pool::settings::SessionSettings;
@@ -245,18 +244,7 @@ impl Session {
         login: PooledLogin,
         auth_facts: AuthFacts,
     ) {
-        let mut query_audit =
-            (admitted.audit_queries == AuditQueries::Statements).then_some(QueryAuditFacts {
-                mode: "statements",
-                statements: None,
-                stopped: None,
-            });
-        self.shared.record(&Event::Start {
-            facts: &self.facts,
-            upstream: &login.upstream,
-            auth: &auth_facts,
-            query_audit: query_audit.as_ref(),
-        });
+        let mut query_audit = self.record_start(admitted, &login.upstream, &auth_facts);
         info!(
             user = %admitted.startup.user(),
             database = %admitted.startup.database(),
