@@ -222,6 +222,12 @@ fn remote(fleet: &Cluster, target: &CancelTarget) -> RemoteCancel {
             target.real.secret_key.clone()
         },
         pooled,
+        endpoint: target
+            .upstream
+            .config
+            .endpoint
+            .as_ref()
+            .map(|e| e.as_str().to_owned()),
     }
 }
 

@@ -56,6 +56,7 @@ pub(crate) mod net;
 pub(crate) mod policy;
 pub mod pool;
 pub mod protocol;
+pub mod routing;
 pub(crate) mod relay;
 pub(crate) mod secret_file;
 pub mod server;

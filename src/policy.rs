@@ -50,7 +50,12 @@ pub struct Rule {
     /// Through a PROXY header: the GCP Private Service Connect id.
     pub gcp_psc_ids: Option<Vec<u64>>,
     // What.
+    /// The upstream the session is routed to (by its listener or a
+    /// `[[route]]`).
     pub upstreams: Option<Vec<String>>,
+    /// Globs on the session's endpoint (from the TLS server name or
+    /// `options=endpoint=`); a session without one matches none.
+    pub endpoints: Option<Vec<String>>,
     /// Globs on the requested database.
     pub databases: Option<Vec<String>>,
     /// Globs on the requested database user.
@@ -108,6 +113,8 @@ pub struct Request<'a> {
     pub client_ip: Option<IpAddr>,
     pub listener: &'a str,
     pub upstream: &'a str,
+    /// The endpoint routing found (None: the session names none).
+    pub endpoint: Option<&'a str>,
     pub database: &'a str,
     pub user: &'a str,
     /// The TLVs of the connection's PROXY header, if it had one.
@@ -263,6 +270,10 @@ impl Rule {
             .upstreams
             .as_ref()
             .is_none_or(|us| us.iter().any(|u| u == req.upstream))
+            && self.endpoints.as_ref().is_none_or(|ps| {
+                req.endpoint
+                    .is_some_and(|e| ps.iter().any(|p| glob(p, e)))
+            })
             && any_glob(&self.databases, req.database)
             && any_glob(&self.users, req.user)
             && (!self.from_grants || granted(&id.grants, req.database, req.user));
@@ -345,10 +356,34 @@ mod tests {
             client_ip: Some("10.1.2.3".parse().unwrap()),
             listener: "public",
             upstream: "main",
+            endpoint: None,
             database: db,
             user,
             proxy: None,
         }
+    }
+
+    #[test]
+    fn endpoints_limit_a_rule_to_the_sessions_of_those_tenants() {
+        let policy = Policy::new(vec![Rule {
+            name: "alice-t1".into(),
+            names: Some(vec!["alice".into()]),
+            endpoints: Some(vec!["t1".into()]),
+            ..serde_json::from_str::<Rule>("{}").unwrap()
+        }])
+        .unwrap();
+        let alice = Identity {
+            name: "alice".into(),
+            ..Identity::network(None)
+        };
+        let decide = |endpoint| {
+            let mut r = req(&alice, "app", "app");
+            r.endpoint = endpoint;
+            policy.decide(&r).allowed
+        };
+        assert!(decide(Some("t1")));
+        assert!(!decide(Some("t2")), "another tenant");
+        assert!(!decide(None), "a session without an endpoint");
     }
 
     fn rules(toml_text: &str) -> Policy {

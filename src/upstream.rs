@@ -25,6 +25,7 @@ use tokio_rustls::TlsConnector;
 use crate::config::{SendProxyProtocol, TlsNegotiation, UpstreamConfig};
 use crate::protocol::proxy;
 use crate::protocol::startup::{ssl_request, CancelKey};
+use crate::routing::Endpoint;
 use crate::tls::{self, CertificateProblem, TlsConfigError, TlsInfo};
 
 #[derive(Debug, Error)]
@@ -100,14 +101,32 @@ impl UpstreamConn {
 impl Upstream {
     pub fn new(config: UpstreamConfig) -> Result<Upstream, TlsConfigError> {
         let connector = tls::upstream_connector(&config)?;
+        Upstream::with_connector(config, connector)
+    }
+
+    /// This templated upstream for one endpoint, sharing its connector
+    /// (the CA bundle and client certificate do not depend on the
+    /// endpoint, so they are read once, not per tenant).
+    pub fn for_endpoint(&self, endpoint: &Endpoint) -> Result<Upstream, TlsConfigError> {
+        Upstream::with_connector(self.config.for_endpoint(endpoint), self.connector.clone())
+    }
+
+    fn with_connector(
+        config: UpstreamConfig,
+        connector: TlsConnector,
+    ) -> Result<Upstream, TlsConfigError> {
         // Validated in config; re-checked here so this type cannot exist
-        // without a valid name.
-        let server_name =
-            ServerName::try_from(config.server_name.clone()).map_err(|e| TlsConfigError::Read {
-                what: "upstream server_name",
-                path: config.server_name.clone().into(),
-                reason: e.to_string(),
-            })?;
+        // without a valid name. A template is never dialed: it carries the
+        // name a sample endpoint makes.
+        let name = match config.is_templated() {
+            true => config.for_endpoint(&Endpoint::sample()).server_name,
+            false => config.server_name.clone(),
+        };
+        let server_name = ServerName::try_from(name).map_err(|e| TlsConfigError::Read {
+            what: "upstream server_name",
+            path: config.server_name.clone().into(),
+            reason: e.to_string(),
+        })?;
         Ok(Upstream {
             config,
             connector,

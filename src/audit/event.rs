@@ -125,6 +125,11 @@ named_enum! {
         PoolUnavailable = "pool_unavailable",
         PoolSettingsRefused = "pool_settings_refused",
         PoolReplication = "pool_replication",
+        // Routing (issue 22).
+        RouteNone = "route_none",
+        RouteConflict = "route_conflict",
+        RouteBadEndpoint = "route_bad_endpoint",
+        RouteEndpointRequired = "route_endpoint_required",
     }
 }
 

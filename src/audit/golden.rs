@@ -32,6 +32,13 @@ fn facts() -> SessionFacts {
         }),
         proxy: None,
         rule: Some("staff".into()),
+        route: Some(RouteFacts {
+            name: Some("shop".into()),
+            server_name: Some("db.example.com".into()),
+            endpoint: None,
+            upstream: "main".into(),
+            database: "shop".into(),
+        }),
     }
 }
 
@@ -45,6 +52,7 @@ fn bare_facts(transport: ClientTransport) -> SessionFacts {
         identity: None,
         proxy: None,
         rule: None,
+        route: None,
     }
 }
 

@@ -88,6 +88,24 @@ pub struct Requested {
     pub protocol: String,
 }
 
+/// How routing placed a session (issue 22): what it matched on and
+/// where it went.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct RouteFacts {
+    /// The `[[route]]` that matched (None: the listener's upstream).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The TLS server name the client sent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    pub upstream: String,
+    /// The database as forwarded to the server (an upstream's `database`
+    /// may differ from the one the client asked for).
+    pub database: String,
+}
+
 /// The upstream a session used.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct UpstreamFacts {
@@ -147,6 +165,9 @@ pub struct SessionFacts {
     /// The policy rule that admitted (or refused) the session.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rule: Option<String>,
+    /// Where routing sent the session, once it was routed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub route: Option<RouteFacts>,
 }
 
 #[derive(Debug, Serialize)]

@@ -13,6 +13,7 @@ fn rejected_event_shape() {
         identity: None,
         proxy: None,
         rule: None,
+        route: None,
     };
     let v = serde_json::to_value(Event::Rejected {
         facts: &facts,

@@ -103,6 +103,16 @@ impl AuthQuery {
         }
     }
 
+    /// The same lookup with no connection yet (for another server).
+    pub fn fresh(&self) -> AuthQuery {
+        AuthQuery::new(
+            self.user.clone(),
+            self.password.clone(),
+            self.database.clone(),
+            self.query.clone(),
+        )
+    }
+
     pub fn user(&self) -> &str {
         &self.user
     }

@@ -86,7 +86,9 @@ impl SecretsFile {
 
 /// One upstream's verifier sources.
 pub struct ScramAuth {
-    secrets: Option<SecretsFile>,
+    /// Shared with the same upstream's per-endpoint copies (`for_endpoint`),
+    /// so one SIGHUP re-read serves them all.
+    secrets: Option<Arc<SecretsFile>>,
     query: Option<AuthQuery>,
     /// Makes mock verifiers: the same fake salt for the same unknown user
     /// from every instance and across restarts, as PostgreSQL's from its
@@ -103,10 +105,10 @@ impl ScramAuth {
     /// either stops pgbastion at start (and `check-config`).
     pub fn new(cfg: &ScramConfig) -> Result<ScramAuth, SourceError> {
         let secrets = match &cfg.secrets_file {
-            Some(path) => Some(SecretsFile {
+            Some(path) => Some(Arc::new(SecretsFile {
                 entries: RwLock::new(Arc::new(SecretsFile::read(path)?)),
                 path: path.clone(),
-            }),
+            })),
             None => None,
         };
         let query = match &cfg.auth_query {
@@ -131,6 +133,19 @@ impl ScramAuth {
             mock_key,
             mock_iterations: AtomicU32::new(scram::DEFAULT_ITERATIONS),
         })
+    }
+
+    /// These sources for one endpoint of a templated upstream: the same
+    /// secrets file and mock key, and an auth_query of its own, since
+    /// each endpoint's server holds its own roles (and a lookup
+    /// connection to one tenant's server must never answer for another).
+    pub fn for_endpoint(&self) -> ScramAuth {
+        ScramAuth {
+            secrets: self.secrets.clone(),
+            query: self.query.as_ref().map(AuthQuery::fresh),
+            mock_key: self.mock_key,
+            mock_iterations: AtomicU32::new(self.mock_iterations.load(Ordering::Relaxed)),
+        }
     }
 
     /// Re-reads the secrets file (SIGHUP). On error the entries in use

@@ -18,11 +18,16 @@ pub fn check_config(path: &Path) -> Result<()> {
         println!("  warning: {warning}");
     }
     for l in &config.listeners {
+        let to = match l.upstream {
+            Some(u) => format!("upstream {:?}", config.upstreams[u].name),
+            None => "routes only".to_owned(),
+        };
         println!(
-            "  listener {:?} on {} (client TLS: {:?}) -> upstream {:?}",
-            l.name, l.bind, l.client_tls, config.upstreams[l.upstream].name
+            "  listener {:?} on {} (client TLS: {:?}) -> {to}",
+            l.name, l.bind, l.client_tls
         );
     }
+    describe_routes(&config);
     for u in &config.upstreams {
         describe_upstream(u);
     }
@@ -40,6 +45,38 @@ pub fn check_config(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The `[[route]]`s in the order they are tried.
+fn describe_routes(config: &Config) {
+    let routes = config.routes.routes();
+    if routes.len() > 20 {
+        println!("  {} routes (first match wins, in file order)", routes.len());
+        return;
+    }
+    for r in routes {
+        let mut when = Vec::new();
+        if let Some(n) = &r.server_name {
+            when.push(format!("server name {n}"));
+        }
+        if let Some(e) = &r.endpoint {
+            when.push(format!("endpoint {e}"));
+        }
+        if let Some(d) = &r.database {
+            when.push(format!("database {d:?}"));
+        }
+        if let Some(ls) = &r.listeners {
+            when.push(format!("on listeners {ls:?}"));
+        }
+        let when = match when.is_empty() {
+            true => "every connection".to_owned(),
+            false => when.join(", "),
+        };
+        println!(
+            "  route {:?}: {when} -> upstream {:?}",
+            r.name, config.upstreams[r.upstream].name
+        );
+    }
+}
+
 /// An upstream's address, verified name, pool, and where its logins'
 /// SCRAM verifiers come from.
 fn describe_upstream(u: &UpstreamConfig) {
@@ -47,6 +84,12 @@ fn describe_upstream(u: &UpstreamConfig) {
         "  upstream {:?} at {}:{} verified as {:?}",
         u.name, u.host, u.port, u.server_name
     );
+    if let Some(d) = &u.database {
+        println!("    asks the server for database {d:?}");
+    }
+    if u.is_templated() {
+        println!("    a template: {{endpoint}} is each session's endpoint");
+    }
     if let Some(p) = &u.pool {
         describe_pool(p);
     }

@@ -64,6 +64,10 @@ pub struct RemoteCancel {
     /// relayed to `instance`. Absent in mappings of older versions.
     #[serde(default)]
     pub pooled: bool,
+    /// The session's endpoint, for a templated upstream (whose server and
+    /// verified name depend on it). Absent in mappings of older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
 }
 
 /// A cancel relayed to the instance that owns a pooled session, as
@@ -237,6 +241,7 @@ mod tests {
             process_id: 4242,
             secret_key: vec![0xA5; 32],
             pooled: false,
+            endpoint: None,
         }
     }
 

@@ -64,6 +64,8 @@ pub enum Section {
     Listener(String),
     /// An `[[upstream]]`, by name.
     Upstream(String),
+    /// A `[[route]]`, by name.
+    Route(String),
     /// A `[[credential]]`: its position (from 1) and user.
     Credential {
         number: usize,
@@ -104,6 +106,7 @@ impl fmt::Display for Section {
             Section::Tls => f.write_str("tls"),
             Section::Listener(name) => write!(f, "listener {name:?}"),
             Section::Upstream(name) => write!(f, "upstream {name:?}"),
+            Section::Route(name) => write!(f, "route {name:?}"),
             Section::Credential { number, user } => {
                 write!(f, "credential {number} (user {user:?})")
             }

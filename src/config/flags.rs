@@ -120,6 +120,7 @@ fn upstream(address: String, flags: Flags) -> RawUpstream {
         name: Some("upstream".into()),
         address,
         server_name: flags.upstream_server_name,
+        database: None,
         ca_file: flags.upstream_ca,
         ca_dir: flags.upstream_ca_dir,
         system_roots: flags.upstream_system_roots,

@@ -87,8 +87,9 @@ pub struct ListenerConfig {
     pub proxy_protocol: ProxyProtocol,
     /// Networks a PROXY header is accepted from (TCP listeners).
     pub proxy_trusted: Vec<ipnet::IpNet>,
-    /// Index into `Config::upstreams`.
-    pub upstream: usize,
+    /// Index into `Config::upstreams`: where sessions go when no
+    /// `[[route]]` matches (None: only routed sessions are served).
+    pub upstream: Option<usize>,
 }
 
 /// How a listener establishes who its clients are.
@@ -105,11 +106,14 @@ pub enum ListenerIdentity {
 
 impl RawListener {
     /// The listener at `index` (0-based; unnamed listeners are
-    /// `listener<index>`), its upstream looked up by name.
+    /// `listener<index>`), its upstream looked up by name. With `routed`
+    /// (the file has `[[route]]`s), a listener may have no upstream of
+    /// its own.
     pub(super) fn validate(
         self,
         index: usize,
         upstreams: &[UpstreamConfig],
+        routed: bool,
     ) -> Result<ListenerConfig, ConfigError> {
         let name = self
             .name
@@ -123,7 +127,7 @@ impl RawListener {
             BindAddress::Tcp(_) => ClientTlsMode::Require,
             BindAddress::Unix(_) => ClientTlsMode::Allow,
         });
-        let upstream = self.upstream_index(&at, upstreams)?;
+        let upstream = self.upstream_index(&at, upstreams, routed)?;
         let identity = self.identity(&at)?;
         self.check_proxy_protocol(&at, &bind)?;
         Ok(ListenerConfig {
@@ -170,16 +174,22 @@ impl RawListener {
         &self,
         at: &Section,
         upstreams: &[UpstreamConfig],
-    ) -> Result<usize, ConfigError> {
+        routed: bool,
+    ) -> Result<Option<usize>, ConfigError> {
         match &self.upstream {
-            Some(u) => upstreams.iter().position(|x| &x.name == u).ok_or_else(|| {
-                at.key("upstream")
-                    .invalid(format!("no upstream named {u:?}"))
-            }),
-            None if upstreams.len() == 1 => Ok(0),
-            None => Err(at
-                .key("upstream")
-                .invalid("several upstreams exist, so set `upstream = \"NAME\"`")),
+            Some(u) => upstreams
+                .iter()
+                .position(|x| &x.name == u)
+                .map(Some)
+                .ok_or_else(|| {
+                    at.key("upstream")
+                        .invalid(format!("no upstream named {u:?}"))
+                }),
+            None if upstreams.len() == 1 => Ok(Some(0)),
+            None if routed => Ok(None),
+            None => Err(at.key("upstream").invalid(
+                "several upstreams exist, so set `upstream = \"NAME\"` (or add [[route]]s)",
+            )),
         }
     }
 

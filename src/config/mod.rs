@@ -6,7 +6,7 @@
 //! type of the sections so callers name them `crate::config::X`. The file
 //! format is in `raw` (unknown keys are refused, so a typo never silently
 //! becomes a default), flags in `flags`, and each section's types,
-//! conversion and checks in its own file (`listeners`, `upstreams`,
+//! conversion and checks in its own file (`listeners`, `upstreams`, `routes`,
 //! `credentials`, `rules`, `limits`, `audit`, `forward`, `cluster`,
 //! `tailscale`, `admin`, `tls`), wired together by `validate`. Files named
 //! in the config (certificates, keys) are read later by `crate::tls`, but
@@ -25,6 +25,7 @@ mod forward;
 mod limits;
 mod listeners;
 mod raw;
+mod routes;
 mod rules;
 mod tailscale;
 mod tls;
@@ -49,7 +50,7 @@ pub use tailscale::TailscaleConfig;
 pub use tls::{ClientTlsConfig, TlsVersion};
 pub use upstreams::{
     AuthMode, AuthQueryConfig, PoolConfig, PoolMode, RootSources, ScramConfig, SendProxyProtocol,
-    TlsNegotiation, UpstreamConfig, DEFAULT_AUTH_QUERY,
+    TlsNegotiation, UpstreamConfig, DEFAULT_AUTH_QUERY, ENDPOINT_PLACEHOLDER,
 };
 
 use crate::policy::Policy;
@@ -60,6 +61,9 @@ pub struct Config {
     pub tls: Option<ClientTlsConfig>,
     pub listeners: Vec<ListenerConfig>,
     pub upstreams: Vec<UpstreamConfig>,
+    /// `[[route]]`s in file order (shared: a reload's sessions keep the
+    /// table they were routed with).
+    pub routes: std::sync::Arc<crate::routing::Table>,
     pub limits: Limits,
     pub timeouts: Timeouts,
     pub audit: AuditConfig,

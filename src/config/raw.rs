@@ -29,6 +29,8 @@ pub(super) struct RawConfig {
     pub(super) listeners: Vec<RawListener>,
     #[serde(default, rename = "upstream")]
     pub(super) upstreams: Vec<RawUpstream>,
+    #[serde(default, rename = "route")]
+    pub(super) routes: Vec<RawRoute>,
     #[serde(default)]
     pub(super) limits: Limits,
     #[serde(default)]
@@ -153,6 +155,18 @@ pub(super) struct RawListener {
     pub(super) proxy_trusted: Vec<ipnet::IpNet>,
 }
 
+/// A `[[route]]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRoute {
+    pub(super) name: Option<String>,
+    pub(super) listeners: Option<Vec<String>>,
+    pub(super) server_name: Option<String>,
+    pub(super) endpoint: Option<String>,
+    pub(super) database: Option<String>,
+    pub(super) upstream: String,
+}
+
 /// An `[[upstream]]` as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -160,6 +174,9 @@ pub(super) struct RawUpstream {
     pub(super) name: Option<String>,
     pub(super) address: String,
     pub(super) server_name: Option<String>,
+    /// The database to ask the server for instead of the client's (may
+    /// name `{endpoint}`).
+    pub(super) database: Option<String>,
     pub(super) ca_file: Option<PathBuf>,
     pub(super) ca_dir: Option<PathBuf>,
     #[serde(default)]

@@ -60,16 +60,27 @@ impl From<AuthMode> for LoginMode {
     }
 }
 
+/// What `address`, `server_name` and `database` may contain: the
+/// session's endpoint, so one upstream serves a database per tenant.
+pub const ENDPOINT_PLACEHOLDER: &str = "{endpoint}";
+
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
     pub name: String,
     /// Host (DNS name or IP) and port, as written: resolved per connection
-    /// so DNS changes (failovers of managed databases) are followed.
+    /// so DNS changes (failovers of managed databases) are followed. The
+    /// host may hold `{endpoint}` (see `for_endpoint`).
     pub host: String,
     pub port: u16,
     /// The name the upstream certificate must carry: `server_name` if set,
     /// else the host.
     pub server_name: String,
+    /// The database asked of the server instead of the client's (None:
+    /// the client's).
+    pub database: Option<String>,
+    /// The endpoint this configuration was made for by `for_endpoint`
+    /// (None: as written).
+    pub endpoint: Option<crate::routing::Endpoint>,
     pub roots: RootSources,
     pub client_identity: Option<(PathBuf, PathBuf)>,
     pub tls_negotiation: TlsNegotiation,
@@ -138,6 +149,30 @@ impl Default for PoolConfig {
 }
 
 impl UpstreamConfig {
+    /// Whether this upstream is a template: `{endpoint}` in its address,
+    /// server_name or database, filled in per session.
+    pub fn is_templated(&self) -> bool {
+        self.endpoint.is_none()
+            && [&self.host, &self.server_name]
+                .into_iter()
+                .chain(self.database.as_ref())
+                .any(|v| v.contains(ENDPOINT_PLACEHOLDER))
+    }
+
+    /// This upstream for one endpoint: `{endpoint}` replaced everywhere it
+    /// may appear. An endpoint is a DNS label (`Endpoint`), so the host it
+    /// makes is one the configuration's check already accepted the shape of.
+    pub fn for_endpoint(&self, endpoint: &crate::routing::Endpoint) -> UpstreamConfig {
+        let fill = |v: &str| v.replace(ENDPOINT_PLACEHOLDER, endpoint.as_str());
+        UpstreamConfig {
+            host: fill(&self.host),
+            server_name: fill(&self.server_name),
+            database: self.database.as_deref().map(fill),
+            endpoint: Some(endpoint.clone()),
+            ..self.clone()
+        }
+    }
+
     pub fn auth_mode(&self) -> AuthMode {
         match self.scram {
             Some(_) => AuthMode::Scram,
@@ -193,11 +228,19 @@ impl RawUpstream {
                 self.address
             ))
         })?;
+        self.check_templates(&at)?;
         let server_name = self.server_name.clone().unwrap_or_else(|| host.clone());
-        if rustls::pki_types::ServerName::try_from(server_name.as_str()).is_err() {
+        // A template is checked as a sample endpoint would fill it.
+        let sample = server_name.replace(ENDPOINT_PLACEHOLDER, "endpoint");
+        if rustls::pki_types::ServerName::try_from(sample.as_str()).is_err() {
             return Err(at.key("server_name").invalid(format!(
                 "{server_name:?} is neither a DNS name nor an IP address"
             )));
+        }
+        if self.database.as_deref() == Some("") {
+            return Err(at.key("database").invalid(
+                "must not be empty (leave it out to ask for the database the client names)",
+            ));
         }
         let roots = RootSources {
             ca_file: self.ca_file.clone(),
@@ -221,12 +264,15 @@ impl RawUpstream {
             self.send_proxy_protocol,
         );
         let pool = self.pool(&at)?;
+        let database = self.database.clone();
         let scram = self.scram(&at)?;
         Ok(UpstreamConfig {
             name,
             host,
             port,
             server_name,
+            database,
+            endpoint: None,
             roots,
             client_identity,
             tls_negotiation,
@@ -235,6 +281,51 @@ impl RawUpstream {
             scram,
             pool,
         })
+    }
+
+    /// `{endpoint}` only where it is filled in (the host of `address`,
+    /// `server_name`, `database`), and no other `{...}` anywhere: a typo
+    /// such as `{endpiont}` would otherwise reach DNS as written.
+    fn check_templates(&self, at: &Section) -> Result<(), ConfigError> {
+        let (host, port) = self
+            .address
+            .rsplit_once(':')
+            .unwrap_or((self.address.as_str(), ""));
+        let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.to_string_lossy().into_owned());
+        let templated = [
+            ("address", Some(host.to_owned())),
+            ("server_name", self.server_name.clone()),
+            ("database", self.database.clone()),
+        ];
+        let plain = [
+            ("name", self.name.clone()),
+            ("address", Some(port.to_owned())),
+            ("auth_user", self.auth_user.clone()),
+            ("auth_database", self.auth_database.clone()),
+            ("ca_file", path(&self.ca_file)),
+            ("ca_dir", path(&self.ca_dir)),
+            ("client_cert", path(&self.client_cert)),
+            ("client_key", path(&self.client_key)),
+            ("secrets_file", path(&self.secrets_file)),
+            ("auth_password_file", path(&self.auth_password_file)),
+        ];
+        for (key, value) in templated {
+            let Some(value) = value else { continue };
+            if value.replace(ENDPOINT_PLACEHOLDER, "").contains(['{', '}']) {
+                return Err(at.key(key).invalid(format!(
+                    "{value:?}: the only placeholder is {ENDPOINT_PLACEHOLDER}"
+                )));
+            }
+        }
+        for (key, value) in plain {
+            if value.is_some_and(|v| v.contains(ENDPOINT_PLACEHOLDER)) {
+                return Err(at.key(key).invalid(format!(
+                    "does not take {ENDPOINT_PLACEHOLDER}: only the host of address, \
+                     server_name and database are filled in per endpoint"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// `auth` and where scram mode finds verifiers.

@@ -9,7 +9,7 @@ use std::collections::HashSet;
 
 use super::error::ConfigError;
 use super::raw::RawConfig;
-use super::{credentials, listeners, rules, Config, UpstreamConfig};
+use super::{credentials, listeners, routes, rules, Config, UpstreamConfig};
 
 impl RawConfig {
     pub(super) fn validate(self) -> Result<Config, ConfigError> {
@@ -34,9 +34,17 @@ impl RawConfig {
             .listeners
             .into_iter()
             .enumerate()
-            .map(|(i, l)| l.validate(i, &upstreams))
+            .map(|(i, l)| l.validate(i, &upstreams, !self.routes.is_empty()))
             .collect::<Result<Vec<_>, _>>()?;
         check_unique(listeners.iter().map(|l| l.name.as_str()), "listener")?;
+        let routes = self
+            .routes
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| r.validate(i, &upstreams))
+            .collect::<Result<Vec<_>, _>>()?;
+        check_unique(routes.iter().map(|r| r.name.as_str()), "route")?;
+        let routes = routes::table(routes, &listeners)?;
         let tls = self.tls.map(|t| t.into_config());
         listeners::check_client_tls(&listeners, tls.as_ref())?;
         self.limits.check()?;
@@ -61,6 +69,7 @@ impl RawConfig {
             tls,
             listeners,
             upstreams,
+            routes: std::sync::Arc::new(routes),
             limits: self.limits,
             timeouts: self.timeouts,
             audit,

@@ -88,15 +88,20 @@ impl PoolError {
     }
 }
 
-/// Which pool of an upstream.
+/// Which pool of an upstream: per endpoint too for a templated upstream,
+/// whose endpoints are different servers.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub(crate) struct PoolKey {
+    pub endpoint: Option<crate::routing::Endpoint>,
     pub database: String,
     pub user: String,
 }
 
 impl std::fmt::Display for PoolKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(e) = &self.endpoint {
+            write!(f, "{e}:")?;
+        }
         write!(f, "{}/{}", self.database, self.user)
     }
 }

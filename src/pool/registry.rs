@@ -168,6 +168,7 @@ mod tests {
 
     fn key(database: &str, user: &str) -> PoolKey {
         PoolKey {
+            endpoint: None,
             database: database.into(),
             user: user.into(),
         }

@@ -169,6 +169,7 @@ impl ServerConn {
         let now = Instant::now();
         let id = next_id();
         let pool = super::PoolKey {
+            endpoint: target.upstream.config.endpoint.clone(),
             database: target.database.to_owned(),
             user: target.user.to_owned(),
         };

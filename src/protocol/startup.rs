@@ -126,6 +126,17 @@ impl StartupMessage {
         StartupMessage::new(self.version, params)
     }
 
+    /// The same message without a parameter (every spelling of it).
+    pub fn without_param(&self, name: &str) -> StartupMessage {
+        let params = self
+            .params
+            .iter()
+            .filter(|(k, _)| !k.eq_ignore_ascii_case(name))
+            .cloned()
+            .collect();
+        StartupMessage::new(self.version, params)
+    }
+
     pub fn param(&self, name: &str) -> Option<&str> {
         self.params
             .iter()

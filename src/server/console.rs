@@ -31,7 +31,11 @@ fn pool_rows(pools: &Pools) -> Vec<PoolRow> {
         .map(|pool| {
             let st = &pool.stats;
             PoolRow {
-                upstream: pools.name.clone(),
+                // A templated upstream's pools are per endpoint.
+                upstream: match &pool.key.endpoint {
+                    Some(e) => format!("{}:{e}", pools.name),
+                    None => pools.name.clone(),
+                },
                 database: pool.key.database.clone(),
                 user: pool.key.user.clone(),
                 mode: pool.config.mode,
@@ -73,7 +77,10 @@ impl ConsoleBackend for Arc<Shared> {
                 name: l.name.clone(),
                 identity: l.identity.clone(),
                 client_tls: l.client_tls,
-                upstream: l.route.name().to_owned(),
+                upstream: match &l.route {
+                    Some(route) => route.name().to_owned(),
+                    None => "(routes only)".to_owned(),
+                },
             })
             .collect()
     }
@@ -154,6 +161,7 @@ mod tests {
 
     fn key(database: &str, user: &str) -> PoolKey {
         PoolKey {
+            endpoint: None,
             database: database.into(),
             user: user.into(),
         }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use super::error::ServerError;
 use super::route::Route;
+use super::router::Router;
 use super::state::ListenerInfo;
 use crate::admin::metrics::Metrics;
 use crate::auth::credentials::Credentials;
@@ -116,6 +117,7 @@ pub(super) fn listener_infos(
     served: Vec<Option<ServedTls>>,
     routes: &[Arc<Route>],
 ) -> Vec<Arc<ListenerInfo>> {
+    let router = Arc::new(Router::new(config.routes.clone(), routes.to_vec()));
     config
         .listeners
         .iter()
@@ -130,7 +132,8 @@ pub(super) fn listener_infos(
                 proxy_trusted: l.proxy_trusted.clone(),
                 client_tls: l.client_tls,
                 cancel_plaintext: l.cancel_plaintext,
-                route: routes[l.upstream].clone(),
+                route: l.upstream.map(|u| routes[u].clone()),
+                router: router.clone(),
             })
         })
         .collect()

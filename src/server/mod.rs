@@ -15,6 +15,7 @@ mod listen;
 mod load;
 mod reload;
 pub(crate) mod route;
+pub(crate) mod router;
 mod state;
 
 use std::future::Future;

@@ -2,16 +2,29 @@
 //! (passthrough, or scram mode with its verifier sources), and its
 //! server connection pools when it has `pool_mode`. Built from one
 //! `[[upstream]]` section at start and on every reload; a session keeps
-//! the route its listener named when it was accepted. This is where state
+//! the route it was routed to when it was accepted. This is where state
 //! that belongs to an upstream and outlives sessions hangs (scram mode's
-//! secrets file entries and mock-salt key today; a pool next).
+//! secrets file entries and mock-salt key, the pools).
+//!
+//! A templated upstream (`{endpoint}` in its address, server_name or
+//! database) is a route no session uses as is: `for_endpoint` makes (and
+//! keeps) the route of each endpoint, sharing the template's secrets,
+//! mock key and pools.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use crate::auth::source::ScramAuth;
 use crate::config::UpstreamConfig;
 use crate::pool::Pools;
+use crate::routing::{Endpoint, RouteError};
+use crate::sync::MutexExt;
 use crate::upstream::Upstream;
+
+/// Endpoint routes a templated upstream keeps. Past this, routes no
+/// session uses are dropped to make room (and when every one is in use, a
+/// session gets a route of its own that is not kept).
+const MAX_ENDPOINT_ROUTES: usize = 10_000;
 
 use super::ServerError;
 
@@ -27,8 +40,11 @@ pub(crate) struct Route {
     pub upstream: Arc<Upstream>,
     pub auth: RouteAuth,
     /// The upstream's server connection pools (`pool_mode`); None: a
-    /// server connection per session.
+    /// server connection per session. An endpoint's route shares its
+    /// template's (its pools are keyed by endpoint too).
     pub pools: Option<Arc<Pools>>,
+    /// A templated upstream's routes per endpoint (None: not a template).
+    endpoints: Option<Arc<Mutex<HashMap<Endpoint, Arc<Route>>>>>,
 }
 
 impl Route {
@@ -57,6 +73,60 @@ impl Route {
             upstream: Arc::new(upstream),
             auth,
             pools,
+            endpoints: config.is_templated().then(Arc::default),
+        })
+    }
+
+    /// The route a session with `endpoint` uses: this one, or for a
+    /// templated upstream the endpoint's own (made on first use). Err: a
+    /// template and no endpoint to fill it with (`sent` describes what the
+    /// client sent, for the message).
+    pub fn for_endpoint(
+        self: &Arc<Self>,
+        endpoint: Option<&Endpoint>,
+        sent: impl FnOnce() -> String,
+    ) -> Result<Arc<Route>, RouteError> {
+        let Some(made) = &self.endpoints else {
+            return Ok(self.clone());
+        };
+        let Some(endpoint) = endpoint else {
+            return Err(RouteError::EndpointRequired {
+                upstream: self.name().to_owned(),
+                sent: sent(),
+            });
+        };
+        let mut made = made.locked();
+        if let Some(route) = made.get(endpoint) {
+            return Ok(route.clone());
+        }
+        let route = Arc::new(self.made_for(endpoint)?);
+        if made.len() >= MAX_ENDPOINT_ROUTES {
+            made.retain(|_, r| Arc::strong_count(r) > 1);
+        }
+        if made.len() < MAX_ENDPOINT_ROUTES {
+            made.insert(endpoint.clone(), route.clone());
+        }
+        Ok(route)
+    }
+
+    /// The endpoint's route: the template filled in, its dialer's
+    /// connector, secrets, mock key and pools shared.
+    fn made_for(&self, endpoint: &Endpoint) -> Result<Route, RouteError> {
+        let upstream =
+            self.upstream
+                .for_endpoint(endpoint)
+                .map_err(|e| RouteError::BadEndpoint {
+                    from: "the upstream's template",
+                    reason: e.to_string(),
+                })?;
+        Ok(Route {
+            upstream: Arc::new(upstream),
+            auth: match &self.auth {
+                RouteAuth::Passthrough => RouteAuth::Passthrough,
+                RouteAuth::Scram(scram) => RouteAuth::Scram(Arc::new(scram.for_endpoint())),
+            },
+            pools: self.pools.clone(),
+            endpoints: None,
         })
     }
 
@@ -94,6 +164,7 @@ impl Route {
                 && a.pool == b.pool
                 && a.scram == b.scram
                 && (&a.host, a.port, &a.server_name) == (&b.host, b.port, &b.server_name)
+                && a.database == b.database
                 && a.client_identity == b.client_identity
         });
         if let (Some(old), Some(_)) = (same_pools, &self.pools) {
@@ -101,6 +172,8 @@ impl Route {
                 self.pools = old.pools.clone();
             }
         }
+        // A template's endpoint routes are made afresh (cheaply, on first
+        // use): they hold the connector, which a reload may have re-read.
         self
     }
 }

@@ -294,8 +294,11 @@ pub(crate) struct ListenerInfo {
     pub proxy_trusted: Vec<ipnet::IpNet>,
     pub client_tls: ClientTlsMode,
     pub cancel_plaintext: CancelPlaintext,
-    /// The upstream its sessions go to, and how they log in to it.
-    pub route: Arc<Route>,
+    /// The upstream its sessions go to when no `[[route]]` matches, and
+    /// how they log in to it (None: only routed sessions are served).
+    pub route: Option<Arc<Route>>,
+    /// The `[[route]]` table of the configuration it was made with.
+    pub router: Arc<super::router::Router>,
 }
 
 impl ListenerInfo {

@@ -1,7 +1,8 @@
 //! Stage 2, admission: who the client is (by the listener's identity
-//! source), whether the policy lets it in, the admin console branch, and
-//! the place under its rule's `max_sessions`. Decided before any upstream
-//! is used. Also the StartupMessage as the server will see it.
+//! source), where it is routed (`route`), whether the policy lets it go
+//! there, the admin console branch, and the place under its rule's
+//! `max_sessions`. Decided before any upstream is used. Also the
+//! StartupMessage as the server will see it.
 
 use std::sync::Arc;
 
@@ -62,13 +63,28 @@ impl Session {
             return Err(Exit::refused(SessionError::AuditUnavailable));
         }
         let identity = self.identify(peer_cert).await.map_err(Exit::refused)?;
-        let route = self.listener.route.clone();
+        let requested = startup.database().to_owned();
+        // The console is pgbastion's own: it is routed nowhere.
+        let (startup, destination) = if requested == console::DATABASE {
+            (startup, None)
+        } else {
+            let routed = self.route(startup)?;
+            (routed.startup, Some(routed.destination))
+        };
+        let upstream = match &destination {
+            Some(d) => d.route.name(),
+            None => self.listener.route.as_ref().map_or("", |r| r.name()),
+        };
         let decision = self.shared.policy().decide(&Request {
             identity: &identity,
             client_ip: self.peer.map(|p| p.ip()),
             listener: &self.listener.name,
-            upstream: route.name(),
-            database: startup.database(),
+            upstream,
+            endpoint: destination
+                .as_ref()
+                .and_then(|d| d.endpoint.as_ref())
+                .map(|e| e.as_str()),
+            database: &requested,
             user: startup.user(),
             proxy: self.facts.proxy.as_ref().map(|p| &p.tlvs),
         });
@@ -78,19 +94,19 @@ impl Session {
         if !decision.allowed {
             return Err(Exit::refused(SessionError::PolicyDenied {
                 identity: identity_text,
-                database: startup.database().to_owned(),
+                database: requested,
                 user: startup.user().to_owned(),
                 rule: decision
                     .rule
                     .map_or_else(|| "no rule matched".to_owned(), |r| format!("rule \"{r}\"")),
             }));
         }
-        if startup.database() == console::DATABASE {
+        let Some(destination) = destination else {
             return Ok(Admission::Console {
                 admin: decision.admin,
                 identity: identity_text,
             });
-        }
+        };
         let startup = self.forwarded_startup(startup);
         let identity_slot = match decision.max_sessions {
             None => None,
@@ -108,7 +124,7 @@ impl Session {
         };
         Ok(Admission::Session(Admitted {
             startup,
-            route,
+            route: destination.route,
             login: decision.login,
             audit_queries: decision.audit_queries,
             _identity_slot: identity_slot,

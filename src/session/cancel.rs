@@ -25,6 +25,7 @@ use crate::config::CancelPlaintext;
 use crate::protocol::startup::CancelKey;
 use crate::server::Shared;
 use crate::sync::MutexExt;
+use crate::routing::Endpoint;
 use crate::upstream::{Upstream, UpstreamError};
 
 /// What became of a CancelRequest, for the log and the audit.
@@ -148,21 +149,16 @@ impl Session {
             Ok(Some(remote)) if remote.instance != fleet.instance() => remote,
             Ok(_) => return CancelDelivery::refused(CancelOutcome::Unmatched),
         };
-        let Some(upstream) = self
-            .shared
-            .upstreams()
-            .into_iter()
-            .find(|u| u.config.name == found.upstream)
-        else {
-            return CancelDelivery {
-                target_id: Some(found.session_id),
-                detail: Some(format!(
-                    "upstream {:?} of instance {:?} is not configured here: every instance needs the same upstreams",
-                    found.upstream, found.instance
-                )),
-                instance: Some(found.instance),
-                outcome: CancelOutcome::UpstreamFailed,
-            };
+        let upstream = match self.remote_upstream(&found) {
+            Ok(upstream) => upstream,
+            Err(detail) => {
+                return CancelDelivery {
+                    target_id: Some(found.session_id),
+                    detail: Some(detail),
+                    instance: Some(found.instance),
+                    outcome: CancelOutcome::UpstreamFailed,
+                }
+            }
         };
         if found.pooled {
             return self.relay_to_owner(fleet, req, found, &upstream).await;
@@ -176,6 +172,31 @@ impl Session {
             )
             .await;
         CancelDelivery::matched(found.session_id, Some(found.instance), Some(sent))
+    }
+
+    /// The upstream another instance's session uses, by name (every
+    /// instance has the same upstreams) and, for a templated one, filled
+    /// in for the session's endpoint. Err: why it cannot be found here.
+    fn remote_upstream(&self, found: &RemoteCancel) -> Result<Arc<Upstream>, String> {
+        let route = self
+            .shared
+            .routes()
+            .into_iter()
+            .find(|r| r.name() == found.upstream)
+            .ok_or_else(|| {
+                format!(
+                    "upstream {:?} of instance {:?} is not configured here: every instance needs the same upstreams",
+                    found.upstream, found.instance
+                )
+            })?;
+        let endpoint = match &found.endpoint {
+            Some(e) => Some(Endpoint::parse(e)?),
+            None => None,
+        };
+        let route = route
+            .for_endpoint(endpoint.as_ref(), || "a cancel request".to_owned())
+            .map_err(|e| e.to_string())?;
+        Ok(route.upstream.clone())
     }
 
     /// A cancel for a pooled session of another instance: only that

@@ -12,6 +12,7 @@ use crate::pool::PoolError;
 use crate::protocol::message::ErrorResponse;
 use crate::protocol::proxy::ProxyError;
 use crate::protocol::startup::StartupError;
+use crate::routing::RouteError;
 use crate::tls::CertificateProblem;
 use crate::upstream::UpstreamError;
 
@@ -99,6 +100,10 @@ pub enum SessionError {
     PoolSettings { code: String, message: String },
     #[error("replication connections cannot use a pooled upstream")]
     PoolReplication,
+    /// Routing: no upstream for what the client sent, or what it sent
+    /// contradicts itself.
+    #[error(transparent)]
+    Route(#[from] crate::routing::RouteError),
 }
 
 impl SessionError {
@@ -134,6 +139,7 @@ impl SessionError {
             SessionError::Pool(_) => RejectReason::PoolUnavailable,
             SessionError::PoolSettings { .. } => RejectReason::PoolSettingsRefused,
             SessionError::PoolReplication => RejectReason::PoolReplication,
+            SessionError::Route(e) => route_reason(e),
         }
     }
 
@@ -211,6 +217,7 @@ impl SessionError {
                 format!("the database server refused a setting of this session: {message}"),
             )
             .with_detail(format!("SQLSTATE {code} from the server, applying the StartupMessage's parameters and options on a pooled connection.")),
+            SessionError::Route(e) => route_client_error(e),
             SessionError::PoolReplication => ErrorResponse::new(
                 "0A000",
                 "replication connections cannot go through a pooled upstream",
@@ -246,6 +253,40 @@ impl SessionError {
 }
 
 /// Why the upstream connection failed, for the audit and metrics.
+fn route_reason(e: &RouteError) -> RejectReason {
+    match e {
+        RouteError::NoRoute { .. } => RejectReason::RouteNone,
+        RouteError::EndpointRequired { .. } => RejectReason::RouteEndpointRequired,
+        RouteError::EndpointConflict { .. } | RouteError::TwoEndpoints(..) => {
+            RejectReason::RouteConflict
+        }
+        RouteError::BadEndpoint { .. } => RejectReason::RouteBadEndpoint,
+    }
+}
+
+/// How a client names where it wants to go, for every routing refusal
+/// that is about a missing or unknown name (as Neon words it: both
+/// fixes, since which one works depends on the client library).
+const ROUTE_HINT: &str = "Connect with a host name pgbastion routes (libpq sends the host name as the TLS server name when it is a name, not an IP address), or name the endpoint in options: options=endpoint%3D<id> in a connection URI, options='endpoint=<id>' in a keyword/value string.";
+
+/// What a client is told when it cannot be routed: SQLSTATE 08004 (the
+/// server rejected the connection), what it sent, and how to fix it.
+fn route_client_error(e: &RouteError) -> ErrorResponse {
+    let message = format!("cannot route this connection: {e}");
+    match e {
+        RouteError::NoRoute { .. } | RouteError::EndpointRequired { .. } => {
+            ErrorResponse::new("08004", message).with_hint(ROUTE_HINT)
+        }
+        RouteError::EndpointConflict { .. } => ErrorResponse::new("08004", message)
+            .with_hint("Name one endpoint: remove endpoint= from options, or make it match the host name."),
+        RouteError::TwoEndpoints(..) => ErrorResponse::new("08004", message)
+            .with_hint("Name one endpoint in options."),
+        RouteError::BadEndpoint { .. } => ErrorResponse::new("08004", message).with_hint(
+            "An endpoint id is 1 to 63 characters of a-z, 0-9 and -: the first label of a routed host name.",
+        ),
+    }
+}
+
 fn upstream_reason(e: &UpstreamError) -> RejectReason {
     match e {
         UpstreamError::Certificate { .. } => RejectReason::UpstreamCertificateUntrusted,

@@ -5,8 +5,9 @@
 //!    GSSENCRequest, direct TLS, CancelRequest, StartupMessage), upgrading
 //!    the client leg to TLS. A CancelRequest takes the short path in
 //!    `cancel`.
-//! 2. `admit`: identity and policy, the admin console branch, the rule's
-//!    per-identity session limit.
+//! 2. `admit`: identity, routing (`route`: which upstream, from the TLS
+//!    server name, `options=endpoint=` and the database), policy, the
+//!    admin console branch, the rule's per-identity session limit.
 //! 3. `login::plan`: how the client logs in (`LoginPlan`). scram mode
 //!    proves the client here and identity login finds its credential, so
 //!    an unauthenticated client never costs a server connection.
@@ -45,6 +46,7 @@ mod finish;
 mod login;
 mod negotiate;
 mod pooled;
+mod route;
 
 pub use error::SessionError;
 
@@ -148,6 +150,7 @@ pub(crate) async fn handle(
             identity: None,
             proxy: None,
             rule: None,
+            route: None,
         },
         peer,
         local,

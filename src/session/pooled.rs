@@ -102,6 +102,7 @@ impl Session {
             return Err(Exit::refused_in_login(SessionError::PoolReplication, facts).holding(slot));
         }
         let key = PoolKey {
+            endpoint: admitted.route.upstream.config.endpoint.clone(),
             database: admitted.startup.database().to_owned(),
             user: admitted.startup.user().to_owned(),
         };

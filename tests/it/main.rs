@@ -22,6 +22,7 @@ mod proxy_protocol;
 mod query_audit;
 mod reliability;
 mod reload;
+mod routing;
 mod rogue;
 mod scram;
 mod secret_files;

@@ -331,6 +331,7 @@ async fn the_pooling_commands_are_audited() {
         identity: None,
         proxy: None,
         rule: None,
+        route: None,
     };
     for text in [
         "PAUSE pg",

@@ -403,6 +403,7 @@ async fn the_message_loop() {
         identity: None,
         proxy: None,
         rule: None,
+        route: None,
     };
     let backend = fake.clone();
     let served = tokio::spawn(async move {
