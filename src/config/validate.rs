@@ -37,7 +37,7 @@ impl RawConfig {
             .map(|(i, l)| l.validate(i, &upstreams))
             .collect::<Result<Vec<_>, _>>()?;
         check_unique(listeners.iter().map(|l| l.name.as_str()), "listener")?;
-        let tls = self.tls.map(|t| t.into_config());
+        let tls = self.tls.map(|t| t.into_config()).transpose()?;
         listeners::check_client_tls(&listeners, tls.as_ref())?;
         self.limits.check()?;
         if let Some(admin) = &self.admin {

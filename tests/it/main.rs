@@ -25,5 +25,6 @@ mod reload;
 mod rogue;
 mod scram;
 mod secret_files;
+mod sni;
 mod tls_files;
 mod upstream_options;
