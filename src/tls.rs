@@ -1,4 +1,5 @@
-//! TLS on both legs: pgbastion's own certificate (`ServerCert`) and the
+//! TLS on both legs: pgbastion's own certificates (`ServerCert`, and the
+//! set of them a client's SNI picks from, `sni::ServerCerts`) and the
 //! acceptors clients talk to (`ServedTls`), the connector that verifies
 //! upstreams (chain and host name, what libpq calls `verify-full`), and
 //! `tls-server-end-point` channel binding (`channel_binding`).
@@ -8,6 +9,7 @@
 //! `CertificateProblem` a human can act on.
 
 pub mod channel_binding;
+mod sni;
 #[cfg(test)]
 mod tests;
 
@@ -16,13 +18,15 @@ use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::sign::{CertifiedKey, SingleCertAndKey};
-use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, RootCertStore};
 use serde::Serialize;
 use thiserror::Error;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::config::{ClientTlsConfig, RootSources, TlsVersion, UpstreamConfig};
+
+pub use sni::ServerCerts;
 
 /// The ALPN protocol name PostgreSQL uses (required for direct TLS).
 pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
@@ -97,10 +101,11 @@ pub struct ClientAuth<'a> {
     pub required: bool,
 }
 
-/// pgbastion's own certificate (`[tls]` cert and key), read once per start
-/// or reload and then used for everything that concerns it: every
-/// listener's acceptor serves its chain and key, SCRAM-SHA-256-PLUS binds
-/// to its `end_point`, and the expiry metric reports its `not_after`. Read
+/// One of pgbastion's own certificates (`[tls]` or a `[[tls.sni]]` cert
+/// and key), read once per start or reload and then used for everything
+/// that concerns it: the acceptors serve its chain and key to the clients
+/// whose SNI picks it, SCRAM-SHA-256-PLUS binds to its `end_point`, and
+/// the expiry metric reports its `not_after`. Read
 /// once, so a certificate rotated on disk between two reads can never make
 /// pgbastion offer a binding for a certificate other than the one it
 /// serves (issue 20).
@@ -116,23 +121,34 @@ pub struct ServerCert {
     /// When the first certificate of the chain to expire does (Unix time;
     /// None if none parses).
     not_after: Option<i64>,
+    /// The file the chain was read from (named in `check-config`'s
+    /// findings).
+    path: PathBuf,
+    /// The DNS names the leaf is valid for, lowercase.
+    dns_names: Vec<String>,
 }
 
 impl ServerCert {
-    /// Reads the chain and key and checks that they belong together.
+    /// Reads `[tls]`'s chain and key and checks that they belong together.
     pub fn load(cfg: &ClientTlsConfig) -> Result<Arc<ServerCert>, TlsConfigError> {
-        let chain = load_certs(&cfg.cert, "TLS certificate")?;
-        let key = load_key(&cfg.key, "TLS key")?;
+        ServerCert::load_files(&cfg.cert, &cfg.key)
+    }
+
+    /// Reads a chain and key and checks that they belong together.
+    pub fn load_files(cert: &Path, key: &Path) -> Result<Arc<ServerCert>, TlsConfigError> {
+        let chain = load_certs(cert, "TLS certificate")?;
+        let key_der = load_key(key, "TLS key")?;
         let end_point = chain
             .first()
             .and_then(|leaf| channel_binding::tls_server_end_point(leaf));
         let not_after = earliest_not_after(&chain);
-        let certified = CertifiedKey::from_der(chain, key, &provider()).map_err(|source| {
+        let dns_names = chain.first().map(leaf_dns_names).unwrap_or_default();
+        let certified = CertifiedKey::from_der(chain, key_der, &provider()).map_err(|source| {
             TlsConfigError::Rustls {
                 what: format!(
                     "TLS certificate {} and key {}",
-                    cfg.cert.display(),
-                    cfg.key.display()
+                    cert.display(),
+                    key.display()
                 ),
                 source,
             }
@@ -141,6 +157,8 @@ impl ServerCert {
             certified: Arc::new(certified),
             end_point,
             not_after,
+            path: cert.to_owned(),
+            dns_names,
         }))
     }
 
@@ -159,43 +177,64 @@ impl ServerCert {
         self.not_after
     }
 
-    /// An acceptor for the client leg serving this certificate. ALPN
-    /// `postgresql` is advertised; a client that offers ALPN without it is
-    /// refused by the handshake. With `client_auth`, client certificates
-    /// are verified against its CA.
+    /// The certificate file it was read from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The DNS names the leaf is valid for (its subjectAltName DNS
+    /// entries; its common name only when it has none), lowercase.
+    pub fn dns_names(&self) -> &[String] {
+        &self.dns_names
+    }
+
+    /// An acceptor serving this certificate alone, whatever the SNI (see
+    /// `ServerCerts::acceptor`).
     pub fn acceptor(
         self: &Arc<Self>,
         min_version: TlsVersion,
         client_auth: Option<ClientAuth<'_>>,
     ) -> Result<ServedTls, TlsConfigError> {
-        let builder = ServerConfig::builder_with_provider(provider())
-            .with_protocol_versions(versions(min_version))
-            .map_err(|source| TlsConfigError::Rustls {
-                what: "client TLS versions".into(),
-                source,
-            })?;
-        let builder = match client_auth {
-            None => builder.with_no_client_auth(),
-            Some(auth) => builder.with_client_cert_verifier(client_verifier(&auth)?),
-        };
-        let mut server =
-            builder.with_cert_resolver(Arc::new(SingleCertAndKey::from(self.certified.clone())));
-        server.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
-        Ok(ServedTls {
-            acceptor: TlsAcceptor::from(Arc::new(server)),
-            cert: self.clone(),
-        })
+        Arc::new(ServerCerts::only(self.clone())).acceptor(min_version, client_auth)
     }
 }
 
-/// A listener's TLS: its acceptor and the `ServerCert` that acceptor
-/// serves, made together and only together (`ServerCert::acceptor`), so the
-/// channel binding a session offers is always that of the certificate its
-/// handshake presented.
+/// The DNS names `leaf` is valid for: its subjectAltName DNS entries, or
+/// its common names when it has none (what libpq checks too), lowercase.
+fn leaf_dns_names(leaf: &CertificateDer<'_>) -> Vec<String> {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(leaf) else {
+        return Vec::new();
+    };
+    let sans: Vec<String> = match cert.subject_alternative_name() {
+        Ok(Some(ext)) => ext
+            .value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_ascii_lowercase()),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    if !sans.is_empty() {
+        return sans;
+    }
+    cert.subject()
+        .iter_common_name()
+        .filter_map(|cn| cn.as_str().ok())
+        .map(str::to_ascii_lowercase)
+        .collect()
+}
+
+/// A listener's TLS: its acceptor and the `ServerCerts` that acceptor
+/// serves from, made together and only together (`ServerCerts::acceptor`),
+/// so the channel binding a session offers (`end_point_for` its SNI) is
+/// always that of the certificate its handshake presented.
 #[derive(Clone)]
 pub struct ServedTls {
     acceptor: TlsAcceptor,
-    cert: Arc<ServerCert>,
+    certs: Arc<ServerCerts>,
 }
 
 impl ServedTls {
@@ -203,14 +242,16 @@ impl ServedTls {
         &self.acceptor
     }
 
-    /// The certificate the acceptor serves.
-    pub fn cert(&self) -> &ServerCert {
-        &self.cert
+    /// The certificates the acceptor serves from.
+    pub fn certs(&self) -> &ServerCerts {
+        &self.certs
     }
 
-    /// What a TLS client binds to with SCRAM-SHA-256-PLUS.
-    pub fn end_point(&self) -> Option<&[u8]> {
-        self.cert.end_point()
+    /// What a TLS client whose SNI was `sni` binds to with
+    /// SCRAM-SHA-256-PLUS: the binding of the certificate that SNI was
+    /// served.
+    pub fn end_point_for(&self, sni: Option<&str>) -> Option<&[u8]> {
+        self.certs.for_name(sni).end_point()
     }
 }
 

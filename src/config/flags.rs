@@ -63,6 +63,7 @@ impl Config {
                 cert,
                 key,
                 min_version: TlsVersion::default(),
+                sni: Vec::new(),
             }),
             (None, None) => None,
             _ => {

@@ -47,7 +47,7 @@ pub use listeners::{
 };
 pub use rules::MAX_TRUSTED_PROXY_ADDRESSES;
 pub use tailscale::TailscaleConfig;
-pub use tls::{ClientTlsConfig, TlsVersion};
+pub use tls::{ClientTlsConfig, SniCertConfig, TlsVersion};
 pub use upstreams::{
     AuthMode, AuthQueryConfig, PoolConfig, PoolMode, RootSources, ScramConfig, SendProxyProtocol,
     TlsNegotiation, UpstreamConfig, DEFAULT_AUTH_QUERY, ENDPOINT_PLACEHOLDER,
@@ -113,6 +113,9 @@ impl Config {
         let mut files = Vec::new();
         if let Some(t) = &self.tls {
             files.extend([t.cert.clone(), t.key.clone()]);
+            for s in &t.sni {
+                files.extend([s.cert.clone(), s.key.clone()]);
+            }
         }
         for l in &self.listeners {
             if let ListenerIdentity::ClientCert { ca_file, .. } = &l.identity {

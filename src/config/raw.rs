@@ -130,6 +130,19 @@ pub(super) struct RawTls {
     pub(super) key: PathBuf,
     #[serde(default)]
     pub(super) min_version: TlsVersion,
+    #[serde(default)]
+    pub(super) sni: Vec<RawSni>,
+}
+
+/// A `[[tls.sni]]` as written: a certificate for the names a client's
+/// SNI may ask for.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSni {
+    #[serde(default)]
+    pub(super) names: Vec<String>,
+    pub(super) cert: PathBuf,
+    pub(super) key: PathBuf,
 }
 
 /// A `[[listener]]` as written.

@@ -862,3 +862,79 @@ mod pool_tests {
         }
     }
 }
+
+#[test]
+fn tls_sni_names_are_lowercase_dns_names_or_wildcards_each_in_one_entry() {
+    let with = |sni: &str| {
+        Config::from_toml(&MINIMAL.replace("[[listener]]", &format!("{sni}\n[[listener]]")))
+    };
+    let c = with(
+        r#"
+        [[tls.sni]]
+        names = ["Orders.Test", "billing.test"]
+        cert = "orders.crt"
+        key = "orders.key"
+        [[tls.sni]]
+        names = ["*.tenants.test"]
+        cert = "tenants.crt"
+        key = "tenants.key"
+        "#,
+    )
+    .unwrap();
+    let tls = c.tls.as_ref().unwrap();
+    assert_eq!(
+        tls.sni,
+        [
+            SniCertConfig {
+                names: vec!["orders.test".into(), "billing.test".into()],
+                cert: "orders.crt".into(),
+                key: "orders.key".into(),
+            },
+            SniCertConfig {
+                names: vec!["*.tenants.test".into()],
+                cert: "tenants.crt".into(),
+                key: "tenants.key".into(),
+            },
+        ]
+    );
+    let files = c.referenced_files();
+    for f in ["orders.crt", "orders.key", "tenants.crt", "tenants.key"] {
+        assert!(files.contains(&f.into()), "{f}");
+    }
+    assert!(Config::from_toml(MINIMAL)
+        .unwrap()
+        .tls
+        .unwrap()
+        .sni
+        .is_empty());
+
+    let entry =
+        |names: &str| format!("[[tls.sni]]\nnames = {names}\ncert = \"a.crt\"\nkey = \"a.key\"\n");
+    for (sni, index, words) in [
+        (entry("[]"), 0, "lists no name"),
+        (entry(r#"["a..test"]"#), 0, "not a DNS name"),
+        (entry(r#"["db.test."]"#), 0, "not a DNS name"),
+        (entry(r#"["*"]"#), 0, "not a DNS name"),
+        (entry(r#"["a.*.test"]"#), 0, "not a DNS name"),
+        (entry(r#"["*a.test"]"#), 0, "not a DNS name"),
+        (entry(r#"["-a.test"]"#), 0, "not a DNS name"),
+        (entry(r#"["a b.test"]"#), 0, "not a DNS name"),
+        (entry(r#"["a.test", "A.test"]"#), 0, "listed twice"),
+        (
+            entry(r#"["a.test"]"#) + &entry(r#"["*.x.test", "A.TEST"]"#),
+            1,
+            "\"A.TEST\" is also in tls.sni[0]",
+        ),
+    ] {
+        let err = with(&sni).unwrap_err();
+        assert_eq!(
+            err.path(),
+            Some(&Section::Tls.key(format!("sni[{index}].names"))),
+            "{err}"
+        );
+        assert!(err.to_string().contains(words), "{sni}: {err}");
+    }
+    // An entry needs its files.
+    let err = with("[[tls.sni]]\nnames = [\"a.test\"]\ncert = \"a.crt\"\n").unwrap_err();
+    assert!(err.to_string().contains("key"), "{err}");
+}

@@ -45,7 +45,7 @@ impl RawConfig {
             .collect::<Result<Vec<_>, _>>()?;
         check_unique(routes.iter().map(|r| r.name.as_str()), "route")?;
         let routes = routes::table(routes, &listeners)?;
-        let tls = self.tls.map(|t| t.into_config());
+        let tls = self.tls.map(|t| t.into_config()).transpose()?;
         listeners::check_client_tls(&listeners, tls.as_ref())?;
         self.limits.check()?;
         if let Some(admin) = &self.admin {

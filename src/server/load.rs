@@ -1,6 +1,6 @@
 //! What a start or a reload reads from files before it changes anything:
-//! pgbastion's certificate (one `ServerCert`) and each listener's acceptor
-//! serving it, the upstreams (verify-full connectors and SCRAM sources),
+//! pgbastion's certificates (one `ServerCerts`: `[tls]`'s and those of
+//! `[[tls.sni]]`) and each listener's acceptor serving them, the upstreams (verify-full connectors and SCRAM sources),
 //! what each listener's sessions get (`ListenerInfo`), the audit chain's
 //! key, and the certificate expiry metrics; `check` reads all of it for
 //! `check-config`.
@@ -15,7 +15,7 @@ use super::state::ListenerInfo;
 use crate::admin::metrics::Metrics;
 use crate::auth::credentials::Credentials;
 use crate::config::{ClientCertMode, Config, CredentialSource, ListenerIdentity};
-use crate::tls::{self, ServedTls, ServerCert};
+use crate::tls::{self, ServedTls, ServerCerts};
 
 /// How audit lines are chained: an HMAC under `audit.chain_key_file`
 /// (mode 0600), else SHA-256.
@@ -52,34 +52,34 @@ pub fn check(config: &Config) -> Result<(), ServerError> {
     Ok(())
 }
 
-/// The TLS side of a configuration, read: pgbastion's certificate (None
-/// without `[tls]`), each listener's acceptor serving it, and every
+/// The TLS side of a configuration, read: pgbastion's certificates (None
+/// without `[tls]`), each listener's acceptor serving them, and every
 /// upstream.
 pub(super) struct PreparedTls {
-    pub cert: Option<Arc<ServerCert>>,
+    pub certs: Option<Arc<ServerCerts>>,
     pub served: Vec<Option<ServedTls>>,
     pub routes: Vec<Route>,
 }
 
 pub(super) fn prepare_tls(config: &Config) -> Result<PreparedTls, ServerError> {
-    let cert = match &config.tls {
-        Some(t) => Some(ServerCert::load(t).map_err(ServerError::Tls)?),
+    let certs = match &config.tls {
+        Some(t) => Some(ServerCerts::load(t).map_err(ServerError::Tls)?),
         None => None,
     };
     Ok(PreparedTls {
-        served: served_tls(config, cert.as_ref())?,
+        served: served_tls(config, certs.as_ref())?,
         routes: routes(config)?,
-        cert,
+        certs,
     })
 }
 
-/// Each listener's acceptor, all serving `cert` (they differ only in the
-/// client certificates they ask for).
+/// Each listener's acceptor, all serving from `certs` (they differ only in
+/// the client certificates they ask for).
 fn served_tls(
     config: &Config,
-    cert: Option<&Arc<ServerCert>>,
+    certs: Option<&Arc<ServerCerts>>,
 ) -> Result<Vec<Option<ServedTls>>, ServerError> {
-    let (Some(tls_cfg), Some(cert)) = (&config.tls, cert) else {
+    let (Some(tls_cfg), Some(certs)) = (&config.tls, certs) else {
         return Ok(config.listeners.iter().map(|_| None).collect());
     };
     config
@@ -93,7 +93,8 @@ fn served_tls(
                 }),
                 _ => None,
             };
-            cert.acceptor(tls_cfg.min_version, auth)
+            certs
+                .acceptor(tls_cfg.min_version, auth)
                 .map(Some)
                 .map_err(|source| ServerError::Listener {
                     name: l.name.clone(),
@@ -140,14 +141,22 @@ pub(super) fn listener_infos(
 }
 
 /// The expiry of every certificate pgbastion uses, for the metrics: its
-/// own as loaded (the one it serves), the others as their files say.
+/// own as loaded (the ones it serves: `tls`, and `tls_sni:<first name>`
+/// per `[[tls.sni]]`), the others as their files say.
 pub(super) fn record_certificate_expiry(
     config: &Config,
-    cert: Option<&ServerCert>,
+    certs: Option<&ServerCerts>,
     metrics: &Metrics,
 ) {
-    if let Some(t) = cert.and_then(ServerCert::not_after) {
-        metrics.certificate_expires("tls".into(), t);
+    if let Some(certs) = certs {
+        if let Some(t) = certs.default_cert().not_after() {
+            metrics.certificate_expires("tls".into(), t);
+        }
+        for (name, cert) in certs.per_name() {
+            if let Some(t) = cert.not_after() {
+                metrics.certificate_expires(format!("tls_sni:{name}"), t);
+            }
+        }
     }
     let set = |what: String, path: &Path| {
         if let Some(t) = tls::earliest_expiry(path) {

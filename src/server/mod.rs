@@ -62,7 +62,7 @@ pub struct Server {
 impl Server {
     pub async fn bind(config: Config) -> Result<Server, ServerError> {
         let PreparedTls {
-            cert,
+            certs,
             served,
             routes,
         } = prepare_tls(&config)?;
@@ -75,7 +75,7 @@ impl Server {
                 .map_err(ServerError::Audit)?,
         );
         let metrics = Arc::new(Metrics::new(audit.clone()));
-        record_certificate_expiry(&config, cert.as_deref(), &metrics);
+        record_certificate_expiry(&config, certs.as_deref(), &metrics);
         let cluster = match &config.cluster {
             Some(c) => Some(crate::cluster::Cluster::start(c, metrics.clone())?),
             None => None,

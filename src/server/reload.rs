@@ -36,15 +36,15 @@ struct Loaded {
     audit: Option<PreparedAudit>,
     /// Sockets for listeners that are new, or moved to another address.
     bound: Vec<(Rebind, Listener)>,
-    /// pgbastion's certificate as loaded, for the expiry metric.
-    cert: Option<Arc<crate::tls::ServerCert>>,
+    /// pgbastion's certificates as loaded, for the expiry metrics.
+    certs: Option<Arc<crate::tls::ServerCerts>>,
 }
 
 impl Loaded {
     fn read(config: &Config, shared: &Shared) -> Result<Loaded, ServerError> {
         let credentials = Credentials::load(&config.credentials, &config.upstreams)?;
         let PreparedTls {
-            cert,
+            certs,
             served,
             routes,
         } = prepare_tls(config)?;
@@ -64,7 +64,7 @@ impl Loaded {
             listeners,
             audit,
             bound: bind_changed(config, shared)?,
-            cert,
+            certs,
         })
     }
 }
@@ -129,7 +129,7 @@ impl ReloadHandle {
             .cancels
             .set_rate(config.limits.cancel_rate, config.limits.cancel_burst);
         *self.0.settings.write_locked() = Arc::new(Settings::from(config));
-        record_certificate_expiry(config, loaded.cert.as_deref(), &self.0.metrics);
+        record_certificate_expiry(config, loaded.certs.as_deref(), &self.0.metrics);
         Ok(Reloaded {
             credentials: n,
             restart_needed: self.restart_needed(config),

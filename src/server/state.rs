@@ -306,13 +306,14 @@ impl ListenerInfo {
         self.tls.as_ref().map(ServedTls::acceptor)
     }
 
-    /// `tls-server-end-point` data of the certificate `acceptor` presents:
-    /// what a TLS client binds to with SCRAM-SHA-256-PLUS (None: no TLS,
-    /// or a signature algorithm that defines no binding).
-    pub(crate) fn binding(&self) -> Option<Vec<u8>> {
+    /// `tls-server-end-point` data of the certificate `acceptor` presents
+    /// to a client whose SNI was `sni`: what that client binds to with
+    /// SCRAM-SHA-256-PLUS (None: no TLS, or a signature algorithm that
+    /// defines no binding).
+    pub(crate) fn binding_for(&self, sni: Option<&str>) -> Option<Vec<u8>> {
         self.tls
             .as_ref()
-            .and_then(ServedTls::end_point)
+            .and_then(|t| t.end_point_for(sni))
             .map(<[u8]>::to_vec)
     }
 }

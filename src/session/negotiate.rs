@@ -307,8 +307,8 @@ impl Session {
         // Negotiation read in generous chunks; a login that stalls from
         // here on holds only what is left unread (issue 19 item 18).
         conn.buf.shrink_to_fit();
-        if conn.is_tls() {
-            conn.binding = listener.binding();
+        if let ClientTransport::Tls(info) = &conn.transport {
+            conn.binding = listener.binding_for(info.sni.as_deref());
         }
         let negotiated = negotiated.map_err(Exit::refused)?;
         if let Negotiated::Startup(startup) = &negotiated {

@@ -26,5 +26,6 @@ mod routing;
 mod rogue;
 mod scram;
 mod secret_files;
+mod sni;
 mod tls_files;
 mod upstream_options;

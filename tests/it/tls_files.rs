@@ -25,6 +25,7 @@ fn acceptor(dir: &Path, cert: &str, key: &str) -> Result<(), String> {
         cert: dir.join(cert),
         key: dir.join(key),
         min_version: TlsVersion::Tls12,
+        sni: Vec::new(),
     })
     .and_then(|c| c.acceptor(TlsVersion::Tls12, None))
     .map(|_| ())

@@ -56,6 +56,7 @@ fn tls(alpn: &[&[u8]]) -> (TlsAcceptor, TlsConnector, tempfile::TempDir) {
         cert,
         key,
         min_version: crate::config::TlsVersion::default(),
+        sni: Vec::new(),
     };
     let served = crate::tls::ServerCert::load(&cfg)
         .unwrap()
