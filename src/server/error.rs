@@ -29,6 +29,12 @@ pub enum ServerError {
         name: String,
         source: crate::auth::source::SourceError,
     },
+    /// A route's server name that no certificate pgbastion serves covers,
+    /// so `sslmode=verify-full` clients could never reach it.
+    #[error("route {route:?}: {reason}; add a [[tls.sni]] certificate that covers it")]
+    RouteCertificate { route: String, reason: String },
+    #[error("route {0:?} routes by server_name, which clients send only over TLS: set [tls] cert and key")]
+    RouteWithoutTls(String),
     #[error("[[credential]]: {0}")]
     Credential(#[from] crate::auth::credentials::CredentialError),
     #[error("cannot open audit log: {0}")]

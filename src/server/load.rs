@@ -66,11 +66,33 @@ pub(super) fn prepare_tls(config: &Config) -> Result<PreparedTls, ServerError> {
         Some(t) => Some(ServerCerts::load(t).map_err(ServerError::Tls)?),
         None => None,
     };
+    check_routed_names(config, certs.as_deref())?;
     Ok(PreparedTls {
         served: served_tls(config, certs.as_ref())?,
         routes: routes(config)?,
         certs,
     })
+}
+
+/// Every name a route matches is one a certificate pgbastion serves
+/// covers (else clients with `sslmode=verify-full`, the only safe mode,
+/// could never use the route).
+fn check_routed_names(config: &Config, certs: Option<&ServerCerts>) -> Result<(), ServerError> {
+    for route in config.routes.routes() {
+        let Some(name) = &route.server_name else {
+            continue;
+        };
+        let Some(certs) = certs else {
+            return Err(ServerError::RouteWithoutTls(route.name.clone()));
+        };
+        if let Some(reason) = certs.uncovered(&name.to_string()) {
+            return Err(ServerError::RouteCertificate {
+                route: route.name.clone(),
+                reason,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Each listener's acceptor, all serving from `certs` (they differ only in
