@@ -369,3 +369,91 @@ async fn a_route_added_by_sighup_applies_to_new_sessions() {
         .get(0);
     assert_eq!(db, "postgres");
 }
+
+/// A pooled templated upstream: each endpoint's sessions share that
+/// endpoint's pool (keyed by endpoint, database and user), never another
+/// tenant's server connections; scram mode's auth_query runs per
+/// endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_template_keeps_each_tenant_on_its_own_connections() {
+    let env = Env::new();
+    create_databases(&env).await;
+    let pw_file = install_roles(&env);
+    let certs = routed_certs(&["localhost", "127.0.0.1", "*.tenants.test"]);
+    let proxy = Proxy::start_toml(&format!(
+        "{}\n[[listener]]\nlisten = \"127.0.0.1:0\"\n\
+         [[upstream]]\nname = \"tenants\"\naddress = \"localhost:{}\"\nca_file = \"{}\"\n\
+         database = \"{{endpoint}}\"\n{}pool_mode = \"transaction\"\npool_size = 2\n\
+         [[route]]\nserver_name = \"*.tenants.test\"\nupstream = \"tenants\"\n",
+        certs.tls_toml,
+        env.pg.port,
+        env.pg.ca_cert.display(),
+        auth_query_keys(&pw_file)
+    ));
+    let connect = |tenant: &'static str| {
+        let conninfo = format!(
+            "host={tenant}.tenants.test hostaddr=127.0.0.1 port={} user=app password={APP_PASSWORD} dbname=postgres sslmode=require connect_timeout=20",
+            proxy.addr().port()
+        );
+        let tls = tls_connector(&certs.ca);
+        async move {
+            let (client, conn) = tokio_postgres::connect(&conninfo, tls)
+                .await
+                .unwrap_or_else(|e| panic!("{tenant}: {e}"));
+            tokio::spawn(conn);
+            (tenant, client)
+        }
+    };
+    let mut clients = Vec::new();
+    for tenant in ["t1", "t2", "t1", "t2", "t1", "t2"] {
+        clients.push(connect(tenant).await);
+    }
+    for _round in 0..5 {
+        for (tenant, client) in &clients {
+            let db: String = client
+                .query_one("SELECT current_database()", &[])
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(&db, tenant, "a pooled transaction landed on another tenant");
+        }
+    }
+    let direct = env.direct_client().await;
+    let rows = direct
+        .query(
+            "SELECT datname, count(*) FROM pg_stat_activity WHERE usename = 'app' GROUP BY datname",
+            &[],
+        )
+        .await
+        .unwrap();
+    let counts: Vec<(String, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert!(
+        counts.iter().all(|(db, n)| (db == "t1" || db == "t2") && *n <= 2),
+        "each tenant's pool holds at most pool_size connections to its own database: {counts:?}"
+    );
+}
+
+/// check-config refuses a routed name that no certificate pgbastion
+/// serves covers, naming the route and the fix.
+#[test]
+fn check_config_refuses_a_routed_name_no_certificate_covers() {
+    let env = Env::new();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("pgbastion.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{}\n[[listener]]\nlisten = \"127.0.0.1:0\"\n{}\n\
+             [[route]]\nname = \"billing\"\nserver_name = \"billing.test\"\nupstream = \"pg\"\n",
+            env.tls_toml(),
+            env.upstream_toml()
+        ),
+    )
+    .unwrap();
+    let out = bin().arg("check-config").arg("--config").arg(&cfg).output().unwrap();
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("route \"billing\""), "{err}");
+    assert!(err.contains("does not cover it"), "{err}");
+    assert!(err.contains("[[tls.sni]]"), "{err}");
+}
