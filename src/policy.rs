@@ -270,10 +270,10 @@ impl Rule {
             .upstreams
             .as_ref()
             .is_none_or(|us| us.iter().any(|u| u == req.upstream))
-            && self.endpoints.as_ref().is_none_or(|ps| {
-                req.endpoint
-                    .is_some_and(|e| ps.iter().any(|p| glob(p, e)))
-            })
+            && self
+                .endpoints
+                .as_ref()
+                .is_none_or(|ps| req.endpoint.is_some_and(|e| ps.iter().any(|p| glob(p, e))))
             && any_glob(&self.databases, req.database)
             && any_glob(&self.users, req.user)
             && (!self.from_grants || granted(&id.grants, req.database, req.user));

@@ -49,7 +49,10 @@ pub fn check_config(path: &Path) -> Result<()> {
 fn describe_routes(config: &Config) {
     let routes = config.routes.routes();
     if routes.len() > 20 {
-        println!("  {} routes (first match wins, in file order)", routes.len());
+        println!(
+            "  {} routes (first match wins, in file order)",
+            routes.len()
+        );
         return;
     }
     for r in routes {

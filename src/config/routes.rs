@@ -41,9 +41,9 @@ impl RawRoute {
             return Err(at.key("database").invalid("must not be empty"));
         }
         if self.listeners.as_ref().is_some_and(Vec::is_empty) {
-            return Err(at
-                .key("listeners")
-                .invalid("is empty, so the route applies nowhere; leave it out for every listener"));
+            return Err(at.key("listeners").invalid(
+                "is empty, so the route applies nowhere; leave it out for every listener",
+            ));
         }
         Ok(RouteSpec {
             name,
@@ -67,10 +67,12 @@ pub(super) fn table(
     for r in &routes {
         for l in r.listeners.iter().flatten() {
             if !listeners.iter().any(|x| &x.name == l) {
-                return Err(Section::Route(r.name.clone()).key("listeners").invalid(format!(
-                    "no listener named {l:?} (listeners: {})",
-                    names(listeners.iter().map(|l| l.name.as_str()))
-                )));
+                return Err(Section::Route(r.name.clone())
+                    .key("listeners")
+                    .invalid(format!(
+                        "no listener named {l:?} (listeners: {})",
+                        names(listeners.iter().map(|l| l.name.as_str()))
+                    )));
             }
         }
     }
@@ -84,11 +86,10 @@ pub(super) fn table(
         )));
     }
     for l in listeners.iter().filter(|l| l.upstream.is_none()) {
-        let applies = table.routes().iter().any(|r| {
-            r.listeners
-                .as_ref()
-                .is_none_or(|ls| ls.contains(&l.name))
-        });
+        let applies = table
+            .routes()
+            .iter()
+            .any(|r| r.listeners.as_ref().is_none_or(|ls| ls.contains(&l.name)));
         if !applies {
             return Err(Section::Listener(l.name.clone()).key("upstream").invalid(
                 "no route applies to this listener and it has no upstream of its own: \

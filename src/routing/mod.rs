@@ -61,7 +61,9 @@ pub enum RouteError {
     TwoEndpoints(String, String),
     #[error("no route for {sent} and listener {listener:?} has no upstream of its own")]
     NoRoute { sent: String, listener: String },
-    #[error("upstream {upstream:?} serves one database per endpoint, and {sent} names no endpoint")]
+    #[error(
+        "upstream {upstream:?} serves one database per endpoint, and {sent} names no endpoint"
+    )]
     EndpointRequired { upstream: String, sent: String },
 }
 

@@ -120,7 +120,8 @@ impl fmt::Display for ServerNameMatch {
 
 /// `a.b.c` -> (`a`, `b.c`); None for a single label.
 pub fn split_first_label(name: &str) -> Option<(&str, &str)> {
-    name.split_once('.').filter(|(l, rest)| !l.is_empty() && !rest.is_empty())
+    name.split_once('.')
+        .filter(|(l, rest)| !l.is_empty() && !rest.is_empty())
 }
 
 /// Labels of letters, digits and hyphens (not at either end), 1 to 63

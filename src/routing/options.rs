@@ -59,9 +59,8 @@ fn standalone(options: &str) -> Vec<(&str, Option<String>)> {
             out.push((raw, None));
             continue;
         }
-        argument_next = word.len() == 2
-            && word.starts_with('-')
-            && FLAGS_WITH_ARGUMENT.contains(&word[1..]);
+        argument_next =
+            word.len() == 2 && word.starts_with('-') && FLAGS_WITH_ARGUMENT.contains(&word[1..]);
         out.push((raw, Some(word)));
     }
     out
@@ -149,7 +148,10 @@ mod tests {
             take_endpoint("endpoint=a endpoint=b"),
             Err(("a".into(), "b".into()))
         );
-        assert_eq!(split("endpoint=a endpoint=a").endpoint.as_deref(), Some("a"));
+        assert_eq!(
+            split("endpoint=a endpoint=a").endpoint.as_deref(),
+            Some("a")
+        );
     }
 
     proptest! {

@@ -130,16 +130,19 @@ impl Table {
     /// The endpoint, from the server name (its first label, when the rest
     /// is a routed wildcard's suffix) or from `options`; both must agree.
     fn facts<'q>(&self, query: &'q Query<'q>) -> Result<Facts<'q>, RouteError> {
-        let under = query.sni.and_then(split_first_label).filter(|(_, suffix)| {
-            self.index.contains_key(&Key::Suffix((*suffix).to_owned()))
-        });
+        let under = query
+            .sni
+            .and_then(split_first_label)
+            .filter(|(_, suffix)| self.index.contains_key(&Key::Suffix((*suffix).to_owned())));
         let from_sni = match under {
-            Some((label, _)) => Some(Endpoint::parse(label).map_err(|reason| {
-                RouteError::BadEndpoint {
-                    from: "the TLS server name",
-                    reason,
-                }
-            })?),
+            Some((label, _)) => {
+                Some(
+                    Endpoint::parse(label).map_err(|reason| RouteError::BadEndpoint {
+                        from: "the TLS server name",
+                        reason,
+                    })?,
+                )
+            }
             None => None,
         };
         let endpoint = match (from_sni, query.options_endpoint) {
@@ -175,7 +178,9 @@ impl Table {
                     None => q.options_endpoint.is_some(),
                 },
             }
-            && r.endpoint.as_ref().is_none_or(|e| f.endpoint.as_ref() == Some(e))
+            && r.endpoint
+                .as_ref()
+                .is_none_or(|e| f.endpoint.as_ref() == Some(e))
             && r.database.as_ref().is_none_or(|d| d == q.database)
     }
 

@@ -26,6 +26,9 @@ use crate::upstream::Upstream;
 /// session gets a route of its own that is not kept).
 const MAX_ENDPOINT_ROUTES: usize = 10_000;
 
+/// A template's routes, by endpoint.
+type EndpointRoutes = Mutex<HashMap<Endpoint, Arc<Route>>>;
+
 use super::ServerError;
 
 /// How sessions routed here log in to the server.
@@ -44,7 +47,7 @@ pub(crate) struct Route {
     /// template's (its pools are keyed by endpoint too).
     pub pools: Option<Arc<Pools>>,
     /// A templated upstream's routes per endpoint (None: not a template).
-    endpoints: Option<Arc<Mutex<HashMap<Endpoint, Arc<Route>>>>>,
+    endpoints: Option<Arc<EndpointRoutes>>,
 }
 
 impl Route {

@@ -59,5 +59,4 @@ impl Router {
             endpoint: routed.endpoint,
         })
     }
-
 }

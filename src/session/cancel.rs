@@ -23,9 +23,9 @@ use crate::cluster::keys::{RelayedCancel, RemoteCancel};
 use crate::cluster::{Cluster, Unavailable};
 use crate::config::CancelPlaintext;
 use crate::protocol::startup::CancelKey;
+use crate::routing::Endpoint;
 use crate::server::Shared;
 use crate::sync::MutexExt;
-use crate::routing::Endpoint;
 use crate::upstream::{Upstream, UpstreamError};
 
 /// What became of a CancelRequest, for the log and the audit.

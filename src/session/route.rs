@@ -119,7 +119,12 @@ mod tests {
 
     #[test]
     fn an_endpoint_that_is_no_dns_label_is_refused_before_any_lookup() {
-        for bad in ["endpoint=T1", "endpoint=a.b", "endpoint=", "endpoint=a endpoint=b"] {
+        for bad in [
+            "endpoint=T1",
+            "endpoint=a.b",
+            "endpoint=",
+            "endpoint=a endpoint=b",
+        ] {
             assert!(take_endpoint(startup(Some(bad))).is_err(), "{bad:?}");
         }
     }

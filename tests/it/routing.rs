@@ -108,9 +108,21 @@ name = \"main\"
 listeners = [\"main\"]
 ",
         tls = certs.tls_toml,
-        tenants = upstream("tenants", &format!("localhost:{port}"), "database = \"{endpoint}\""),
-        orders = upstream("orders", &format!("localhost:{port}"), "database = \"orders\""),
-        reporting = upstream("reporting", &format!("localhost:{port}"), "database = \"analytics\""),
+        tenants = upstream(
+            "tenants",
+            &format!("localhost:{port}"),
+            "database = \"{endpoint}\""
+        ),
+        orders = upstream(
+            "orders",
+            &format!("localhost:{port}"),
+            "database = \"orders\""
+        ),
+        reporting = upstream(
+            "reporting",
+            &format!("localhost:{port}"),
+            "database = \"analytics\""
+        ),
         byhost = upstream("byhost", &format!("{{endpoint}}:{port}"), ""),
         pg = upstream("pg", &format!("localhost:{port}"), ""),
     )
@@ -150,7 +162,10 @@ async fn server_names_endpoints_and_databases_reach_their_databases() {
     let proxy = start(&env, &certs);
     let main = listener(&proxy, "main");
     let db_of = |host: &str, rest: &str| {
-        let out = env.psql(&conninfo(&certs, main, host, rest), "SELECT current_database()");
+        let out = env.psql(
+            &conninfo(&certs, main, host, rest),
+            "SELECT current_database()",
+        );
         assert!(out.status.success(), "{host} {rest}: {}", stderr(&out));
         stdout(&out).trim().to_owned()
     };
@@ -163,15 +178,28 @@ async fn server_names_endpoints_and_databases_reach_their_databases() {
         assert_eq!(db_of("127.0.0.1", "dbname=reports"), "analytics");
         // No server name (an IP address): the endpoint in options, the
         // rest of options forwarded without it.
-        assert_eq!(db_of("127.0.0.1", "dbname=postgres options=endpoint=t2"), "t2");
+        assert_eq!(
+            db_of("127.0.0.1", "dbname=postgres options=endpoint=t2"),
+            "t2"
+        );
         let out = env.psql(
-            &conninfo(&certs, main, "127.0.0.1", "dbname=postgres options='endpoint=t1 -c search_path=tenant_schema'"),
+            &conninfo(
+                &certs,
+                main,
+                "127.0.0.1",
+                "dbname=postgres options='endpoint=t1 -c search_path=tenant_schema'",
+            ),
             "SELECT current_database() || ' ' || current_setting('search_path')",
         );
         assert_eq!(stdout(&out).trim(), "t1 tenant_schema", "{}", stderr(&out));
         // A templated address: {endpoint} is the host, resolved per session.
         let out = env.psql(
-            &conninfo(&certs, main, "127.0.0.1", "dbname=postgres options=endpoint=localhost"),
+            &conninfo(
+                &certs,
+                main,
+                "127.0.0.1",
+                "dbname=postgres options=endpoint=localhost",
+            ),
             "SELECT current_database()",
         );
         assert_eq!(stdout(&out).trim(), "postgres", "{}", stderr(&out));
@@ -213,8 +241,14 @@ async fn what_cannot_be_routed_is_refused_naming_what_was_sent_and_the_fix() {
     };
     tokio::task::block_in_place(|| {
         let err = refused("127.0.0.1", "dbname=nowhere");
-        assert!(err.contains("no route for no TLS server name, database \"nowhere\""), "{err}");
-        assert!(err.contains("options=endpoint%3D<id>"), "the fix is named: {err}");
+        assert!(
+            err.contains("no route for no TLS server name, database \"nowhere\""),
+            "{err}"
+        );
+        assert!(
+            err.contains("options=endpoint%3D<id>"),
+            "the fix is named: {err}"
+        );
         assert!(err.contains("host name"), "the other fix is named: {err}");
         let err = refused("t1.tenants.test", "dbname=postgres options=endpoint=t2");
         assert!(
@@ -316,7 +350,10 @@ async fn a_route_added_by_sighup_applies_to_new_sessions() {
     create_databases(&env).await;
     let certs = routed_certs(&["localhost", "127.0.0.1", "*.tenants.test", "orders.test"]);
     let dir = tempfile::tempdir().unwrap();
-    let (cfg, log) = (dir.path().join("pgbastion.toml"), dir.path().join("pgbastion.log"));
+    let (cfg, log) = (
+        dir.path().join("pgbastion.toml"),
+        dir.path().join("pgbastion.log"),
+    );
     let port = pgbastion::dev::localpg::free_port().unwrap();
     let write = |routes: &str| {
         let body = format!(
@@ -360,7 +397,11 @@ async fn a_route_added_by_sighup_applies_to_new_sessions() {
                 .filter(|t| t.contains("certificates re-read"))
         });
         assert_eq!(db_of("orders.test"), "orders", "the new route applies");
-        assert_eq!(db_of("localhost"), "postgres", "the listener's upstream still applies");
+        assert_eq!(
+            db_of("localhost"),
+            "postgres",
+            "the listener's upstream still applies"
+        );
     });
     let db: String = held
         .query_one("SELECT current_database()", &[])
@@ -428,7 +469,9 @@ async fn a_pooled_template_keeps_each_tenant_on_its_own_connections() {
         .unwrap();
     let counts: Vec<(String, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
     assert!(
-        counts.iter().all(|(db, n)| (db == "t1" || db == "t2") && *n <= 2),
+        counts
+            .iter()
+            .all(|(db, n)| (db == "t1" || db == "t2") && *n <= 2),
         "each tenant's pool holds at most pool_size connections to its own database: {counts:?}"
     );
 }
@@ -450,7 +493,12 @@ fn check_config_refuses_a_routed_name_no_certificate_covers() {
         ),
     )
     .unwrap();
-    let out = bin().arg("check-config").arg("--config").arg(&cfg).output().unwrap();
+    let out = bin()
+        .arg("check-config")
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(err.contains("route \"billing\""), "{err}");

@@ -73,7 +73,11 @@ fn routes_are_read_in_order_and_a_listener_may_have_no_upstream() {
     assert!(t.is_templated() && !c.upstreams[0].is_templated());
     let t1 = t.for_endpoint(&crate::routing::Endpoint::parse("t1").unwrap());
     assert_eq!(
-        (t1.host.as_str(), t1.server_name.as_str(), t1.database.as_deref()),
+        (
+            t1.host.as_str(),
+            t1.server_name.as_str(),
+            t1.database.as_deref()
+        ),
         ("t1.tenants.internal", "t1.tenants.internal", Some("db_t1"))
     );
     assert!(!t1.is_templated());
@@ -104,8 +108,9 @@ fn a_route_must_name_what_exists() {
         ("database", "\"\"", "must not be empty"),
         ("listeners", "[]", "applies nowhere"),
     ] {
-        let (path, msg) =
-            refused(&format!("[[route]]\nname = \"r\"\n{key} = {value}\nupstream = \"orders\""));
+        let (path, msg) = refused(&format!(
+            "[[route]]\nname = \"r\"\n{key} = {value}\nupstream = \"orders\""
+        ));
         assert_eq!(path, format!("route \"r\".{key}"));
         assert!(msg.contains(says), "{key}: {msg}");
     }
@@ -148,7 +153,10 @@ fn endpoint_templates_only_where_they_are_filled_in() {
              [[upstream]]\nname = \"u\"\nca_file = \"ca.pem\"\n{keys}"
         ))
     };
-    assert!(upstream("address = \"{endpoint}.internal:5432\"\nserver_name = \"{endpoint}.db.test\"").is_ok());
+    assert!(upstream(
+        "address = \"{endpoint}.internal:5432\"\nserver_name = \"{endpoint}.db.test\""
+    )
+    .is_ok());
     for (keys, key, says) in [
         ("address = \"{endpiont}.internal:5432\"", "address", "only placeholder"),
         ("address = \"db:5432\"\ndatabase = \"{tenant}\"", "database", "only placeholder"),

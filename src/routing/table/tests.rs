@@ -64,20 +64,32 @@ fn tenants() -> Table {
 fn exact_names_wildcards_endpoints_and_databases_route() {
     let t = tenants();
     let some = |s| Some(String::from(s));
-    assert_eq!(lookup(&t, &q(Some("orders.db.test"), None, "x")), (some("orders"), None));
-    assert_eq!(lookup(&t, &q(None, None, "analytics")), (some("analytics"), None));
+    assert_eq!(
+        lookup(&t, &q(Some("orders.db.test"), None, "x")),
+        (some("orders"), None)
+    );
+    assert_eq!(
+        lookup(&t, &q(None, None, "analytics")),
+        (some("analytics"), None)
+    );
     assert_eq!(
         lookup(&t, &q(Some("t1.tenants.test"), None, "x")),
         (some("tenants"), some("t1"))
     );
     // No server name: the endpoint in options reaches the wildcard route.
     let t1 = ep("t1");
-    assert_eq!(lookup(&t, &q(None, Some(&t1), "x")), (some("tenants"), some("t1")));
+    assert_eq!(
+        lookup(&t, &q(None, Some(&t1), "x")),
+        (some("tenants"), some("t1"))
+    );
     // Nothing routed: the listener's own upstream applies.
     assert_eq!(lookup(&t, &q(Some("other.test"), None, "x")), (None, None));
     assert_eq!(lookup(&t, &q(None, None, "x")), (None, None));
     // Two labels under the suffix are not one tenant.
-    assert_eq!(lookup(&t, &q(Some("a.b.tenants.test"), None, "x")), (None, None));
+    assert_eq!(
+        lookup(&t, &q(Some("a.b.tenants.test"), None, "x")),
+        (None, None)
+    );
 }
 
 #[test]
@@ -85,12 +97,16 @@ fn the_first_route_in_file_order_wins_across_keys() {
     let t = tenants();
     // "analytics" (route 1) comes before the wildcard (route 2).
     assert_eq!(
-        lookup(&t, &q(Some("t1.tenants.test"), None, "analytics")).0.as_deref(),
+        lookup(&t, &q(Some("t1.tenants.test"), None, "analytics"))
+            .0
+            .as_deref(),
         Some("analytics")
     );
     // "orders" (route 0) comes before "analytics".
     assert_eq!(
-        lookup(&t, &q(Some("orders.db.test"), None, "analytics")).0.as_deref(),
+        lookup(&t, &q(Some("orders.db.test"), None, "analytics"))
+            .0
+            .as_deref(),
         Some("orders")
     );
     // The wildcard (route 2) takes endpoint "legacy" by name before the
@@ -116,11 +132,15 @@ fn a_server_name_and_options_that_disagree_are_refused() {
     }
     // Agreeing is fine.
     let t1 = ep("t1");
-    assert!(t.lookup(&q(Some("t1.tenants.test"), Some(&t1), "x")).is_ok());
+    assert!(t
+        .lookup(&q(Some("t1.tenants.test"), Some(&t1), "x"))
+        .is_ok());
     // A server name outside every routed suffix names no endpoint, so the
     // options' endpoint stands alone.
     assert_eq!(
-        lookup(&t, &q(Some("proxy.test"), Some(&t2), "x")).1.as_deref(),
+        lookup(&t, &q(Some("proxy.test"), Some(&t2), "x"))
+            .1
+            .as_deref(),
         Some("t2")
     );
 }
@@ -144,7 +164,10 @@ fn listeners_limit_a_route() {
         },
         route("everyone"),
     ]);
-    assert_eq!(lookup(&t, &q(None, None, "x")).0.as_deref(), Some("everyone"));
+    assert_eq!(
+        lookup(&t, &q(None, None, "x")).0.as_deref(),
+        Some("everyone")
+    );
     let mut on_other = q(None, None, "x");
     on_other.listener = "other";
     assert_eq!(lookup(&t, &on_other).0.as_deref(), Some("other-only"));
@@ -152,11 +175,7 @@ fn listeners_limit_a_route() {
 
 #[test]
 fn routes_an_earlier_one_hides_are_found() {
-    let hidden = |routes: Vec<RouteSpec>| {
-        Table::new(routes)
-            .unreachable()
-            .map(|(b, a)| (b, a))
-    };
+    let hidden = |routes: Vec<RouteSpec>| Table::new(routes).unreachable();
     // An exact name under an earlier wildcard.
     assert_eq!(
         hidden(vec![
@@ -167,14 +186,23 @@ fn routes_an_earlier_one_hides_are_found() {
     );
     // The same wildcard twice; a catch-all before anything.
     assert_eq!(
-        hidden(vec![sni(route("w"), "*.t.test"), sni(route("w2"), "*.t.test")]),
+        hidden(vec![
+            sni(route("w"), "*.t.test"),
+            sni(route("w2"), "*.t.test")
+        ]),
         Some((1, 0))
     );
-    assert_eq!(hidden(vec![route("all"), sni(route("a"), "a.test")]), Some((1, 0)));
+    assert_eq!(
+        hidden(vec![route("all"), sni(route("a"), "a.test")]),
+        Some((1, 0))
+    );
     // Narrower first is fine; a listener-limited route hides nothing
     // for other listeners.
     assert_eq!(
-        hidden(vec![sni(route("a"), "a.t.test"), sni(route("w"), "*.t.test")]),
+        hidden(vec![
+            sni(route("a"), "a.t.test"),
+            sni(route("w"), "*.t.test")
+        ]),
         None
     );
     assert_eq!(
@@ -192,7 +220,10 @@ fn routes_an_earlier_one_hides_are_found() {
         database: Some("d".into()),
         ..sni(route("w"), "*.t.test")
     };
-    assert_eq!(hidden(vec![by_db.clone(), sni(route("a"), "a.t.test")]), None);
+    assert_eq!(
+        hidden(vec![by_db.clone(), sni(route("a"), "a.t.test")]),
+        None
+    );
     let same_db = RouteSpec {
         database: Some("d".into()),
         ..sni(route("a"), "a.t.test")
