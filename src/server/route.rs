@@ -180,3 +180,73 @@ impl Route {
         self
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    /// A templated upstream's route (its CA file written to `dir`).
+    fn template(dir: &std::path::Path) -> Arc<Route> {
+        let ca = crate::dev::certs::Ca::new("route test CA").unwrap();
+        let ca_file = ca.write_cert(dir, "ca").unwrap();
+        let config = Config::from_toml(&format!(
+            "[[listener]]\nlisten = \"127.0.0.1:0\"\nclient_tls = \"allow\"\n\
+             [[upstream]]\nname = \"tenants\"\naddress = \"{{endpoint}}.internal:5432\"\n\
+             database = \"db_{{endpoint}}\"\nca_file = \"{}\"\n",
+            ca_file.display()
+        ))
+        .unwrap();
+        Arc::new(Route::new(&config.upstreams[0]).unwrap())
+    }
+
+    fn ep(s: &str) -> Endpoint {
+        Endpoint::parse(s).unwrap()
+    }
+
+    #[test]
+    fn a_template_is_filled_per_endpoint_and_each_route_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = template(dir.path());
+        let err = t.for_endpoint(None, || "what was sent".into()).err();
+        assert!(
+            matches!(err, Some(RouteError::EndpointRequired { ref sent, .. }) if sent == "what was sent"),
+            "{err:?}"
+        );
+        let t1 = t.for_endpoint(Some(&ep("t1")), String::new).unwrap();
+        let c = &t1.upstream.config;
+        assert_eq!(
+            (
+                c.host.as_str(),
+                c.server_name.as_str(),
+                c.database.as_deref()
+            ),
+            ("t1.internal", "t1.internal", Some("db_t1"))
+        );
+        assert_eq!(c.name, "tenants", "metrics and cancels name the template");
+        let again = t.for_endpoint(Some(&ep("t1")), String::new).unwrap();
+        assert!(Arc::ptr_eq(&t1, &again), "made once, then kept");
+        let t2 = t.for_endpoint(Some(&ep("t2")), String::new).unwrap();
+        assert_eq!(t2.upstream.config.host, "t2.internal");
+        // An endpoint's route is no template: it serves itself.
+        let same = t1.for_endpoint(None, String::new).unwrap();
+        assert!(Arc::ptr_eq(&t1, &same));
+    }
+
+    #[test]
+    fn endpoint_routes_are_bounded_and_those_in_use_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = template(dir.path());
+        let held = t.for_endpoint(Some(&ep("held")), String::new).unwrap();
+        for i in 0..MAX_ENDPOINT_ROUTES + 10 {
+            t.for_endpoint(Some(&ep(&format!("e{i}"))), String::new)
+                .unwrap();
+        }
+        let made = t.endpoints.as_ref().unwrap().locked();
+        assert!(made.len() <= MAX_ENDPOINT_ROUTES, "{}", made.len());
+        assert!(
+            made.get(&ep("held")).is_some_and(|r| Arc::ptr_eq(r, &held)),
+            "a route a session holds is never dropped"
+        );
+    }
+}

@@ -8,6 +8,7 @@
 use super::{Exit, Session, SessionError};
 use crate::audit::{ClientTransport, RouteFacts};
 use crate::protocol::startup::StartupMessage;
+use crate::routing::name::truncated;
 use crate::routing::{options, Endpoint, Query, RouteError};
 use crate::server::router::Destination;
 
@@ -74,7 +75,8 @@ fn take_endpoint(
     let Some(sent) = startup.param("options") else {
         return Ok((None, startup));
     };
-    let split = options::take_endpoint(sent).map_err(|(a, b)| RouteError::TwoEndpoints(a, b))?;
+    let split = options::take_endpoint(sent)
+        .map_err(|(a, b)| RouteError::TwoEndpoints(truncated(&a), truncated(&b)))?;
     let Some(id) = split.endpoint else {
         return Ok((None, startup));
     };
