@@ -115,10 +115,22 @@ pub struct Request<'a> {
     pub upstream: &'a str,
     /// The endpoint routing found (None: the session names none).
     pub endpoint: Option<&'a str>,
+    /// The database the client asked for.
     pub database: &'a str,
+    /// The database the server is asked for, when an upstream's `database`
+    /// (an alias, or `{endpoint}`) makes it another.
+    pub forwarded_database: Option<&'a str>,
     pub user: &'a str,
     /// The TLVs of the connection's PROXY header, if it had one.
     pub proxy: Option<&'a Tlvs>,
+}
+
+impl Request<'_> {
+    /// The database names the session has: the one asked for and, when
+    /// different, the one forwarded.
+    fn databases(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.database).chain(self.forwarded_database)
+    }
 }
 
 /// The outcome, with the rule that decided it (None: no rule matched, or
@@ -274,10 +286,22 @@ impl Rule {
                 .endpoints
                 .as_ref()
                 .is_none_or(|ps| req.endpoint.is_some_and(|e| ps.iter().any(|p| glob(p, e))))
-            && any_glob(&self.databases, req.database)
+            && self.databases_match(req)
             && any_glob(&self.users, req.user)
-            && (!self.from_grants || granted(&id.grants, req.database, req.user));
+            && (!self.from_grants || req.databases().all(|db| granted(&id.grants, db, req.user)));
         who && what
+    }
+
+    /// `databases` against both names a session has when an upstream
+    /// renames its database: an allow rule must allow both (the name the
+    /// client asked for, and the one it is given), a deny rule refuses
+    /// either, so neither an alias nor a template reaches a database a
+    /// rule keeps people from.
+    fn databases_match(&self, req: &Request<'_>) -> bool {
+        match self.action {
+            Action::Allow => req.databases().all(|db| any_glob(&self.databases, db)),
+            Action::Deny => req.databases().any(|db| any_glob(&self.databases, db)),
+        }
     }
 }
 
@@ -358,6 +382,7 @@ mod tests {
             upstream: "main",
             endpoint: None,
             database: db,
+            forwarded_database: None,
             user,
             proxy: None,
         }
@@ -384,6 +409,37 @@ mod tests {
         assert!(decide(Some("t1")));
         assert!(!decide(Some("t2")), "another tenant");
         assert!(!decide(None), "a session without an endpoint");
+    }
+
+    #[test]
+    fn an_alias_or_template_cannot_reach_a_database_a_rule_keeps_from() {
+        let policy = Policy::new(vec![
+            Rule {
+                name: "no-payroll".into(),
+                action: Action::Deny,
+                databases: Some(vec!["payroll".into()]),
+                ..serde_json::from_str::<Rule>("{}").unwrap()
+            },
+            Rule {
+                name: "t1".into(),
+                databases: Some(vec!["t1".into()]),
+                ..serde_json::from_str::<Rule>("{}").unwrap()
+            },
+        ])
+        .unwrap();
+        let who = Identity::network(None);
+        let decide = |asked, forwarded| {
+            let mut r = req(&who, asked, "app");
+            r.forwarded_database = forwarded;
+            policy.decide(&r)
+        };
+        // Asking for an alias of payroll is asking for payroll.
+        let d = decide("reports", Some("payroll"));
+        assert_eq!((d.allowed, d.rule.as_deref()), (false, Some("no-payroll")));
+        // Named t1, given t2 by a template: the allow rule does not hold.
+        assert!(!decide("t1", Some("t2")).allowed);
+        assert!(decide("t1", None).allowed);
+        assert!(decide("t1", Some("t1")).allowed);
     }
 
     fn rules(toml_text: &str) -> Policy {

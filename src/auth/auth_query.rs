@@ -7,7 +7,8 @@
 //! a reused connection that turns out dead is replaced once.
 
 use crate::sync::MutexExt;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use thiserror::Error;
@@ -74,7 +75,12 @@ pub struct AuthQuery {
     database: String,
     query: String,
     idle: Mutex<Vec<LookupConn>>,
-    slots: Semaphore,
+    /// Lookups at once, and (`kept`) idle connections: shared by a
+    /// templated upstream's per-endpoint copies (`fresh`), so strangers
+    /// naming a thousand endpoints still hold at most this many
+    /// connections to the servers, not that many per endpoint.
+    slots: Arc<Semaphore>,
+    kept: Arc<AtomicUsize>,
 }
 
 impl std::fmt::Debug for AuthQuery {
@@ -83,6 +89,15 @@ impl std::fmt::Debug for AuthQuery {
             .field("user", &self.user)
             .field("database", &self.database)
             .finish_non_exhaustive()
+    }
+}
+
+/// A dropped lookup (an endpoint's route evicted, a reload) gives its
+/// idle connections' share of the budget back.
+impl Drop for AuthQuery {
+    fn drop(&mut self) {
+        let n = self.idle.locked().len();
+        self.kept.fetch_sub(n, Ordering::AcqRel);
     }
 }
 
@@ -99,18 +114,23 @@ impl AuthQuery {
             database,
             query,
             idle: Mutex::new(Vec::new()),
-            slots: Semaphore::new(MAX_LOOKUP_CONNECTIONS),
+            slots: Arc::new(Semaphore::new(MAX_LOOKUP_CONNECTIONS)),
+            kept: Arc::default(),
         }
     }
 
-    /// The same lookup with no connection yet (for another server).
+    /// The same lookup with no connection yet (for another server of the
+    /// same templated upstream), sharing this one's bounds.
     pub fn fresh(&self) -> AuthQuery {
-        AuthQuery::new(
-            self.user.clone(),
-            self.password.clone(),
-            self.database.clone(),
-            self.query.clone(),
-        )
+        AuthQuery {
+            user: self.user.clone(),
+            password: self.password.clone(),
+            database: self.database.clone(),
+            query: self.query.clone(),
+            idle: Mutex::new(Vec::new()),
+            slots: self.slots.clone(),
+            kept: self.kept.clone(),
+        }
     }
 
     pub fn user(&self) -> &str {
@@ -146,13 +166,27 @@ impl AuthQuery {
             other => other,
         };
         if result.is_ok() {
-            self.idle.locked().push(conn);
+            self.keep(conn);
         }
         result
     }
 
+    /// Keeps a connection for the next lookup, unless the shared budget of
+    /// idle connections is spent (it is then closed).
+    fn keep(&self, conn: LookupConn) {
+        if self.kept.fetch_add(1, Ordering::AcqRel) < MAX_LOOKUP_CONNECTIONS {
+            self.idle.locked().push(conn);
+        } else {
+            self.kept.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
     fn take_idle(&self) -> Option<LookupConn> {
-        self.idle.locked().pop()
+        let conn = self.idle.locked().pop();
+        if conn.is_some() {
+            self.kept.fetch_sub(1, Ordering::AcqRel);
+        }
+        conn
     }
 
     async fn connect(

@@ -317,6 +317,7 @@ impl RawUpstream {
                 )));
             }
         }
+        check_host_template(at, host)?;
         for (key, value) in plain {
             if value.is_some_and(|v| v.contains(ENDPOINT_PLACEHOLDER)) {
                 return Err(at.key(key).invalid(format!(
@@ -484,6 +485,33 @@ impl RawUpstream {
         .into_iter()
         .find_map(|(key, set)| set.then_some(key))
     }
+}
+
+/// A templated host puts `{endpoint}` in a label of its own next to at
+/// least one fixed label (`{endpoint}.tenants.internal`): a host that is
+/// the endpoint alone would let a client name any single-label host the
+/// resolver completes, or an IP address (`2130706433` and `0x7f000001`
+/// are 127.0.0.1 to the C library).
+fn check_host_template(at: &Section, host: &str) -> Result<(), ConfigError> {
+    if !host.contains(ENDPOINT_PLACEHOLDER) {
+        return Ok(());
+    }
+    let labels: Vec<&str> = host.split('.').collect();
+    let whole = labels
+        .iter()
+        .all(|l| *l == ENDPOINT_PLACEHOLDER || !l.contains(ENDPOINT_PLACEHOLDER));
+    let fixed = labels.iter().any(|l| !l.contains(ENDPOINT_PLACEHOLDER));
+    let sample = host
+        .replace(ENDPOINT_PLACEHOLDER, "endpoint")
+        .to_ascii_lowercase();
+    if !(whole && fixed && crate::routing::name::is_dns_name(&sample)) {
+        return Err(at.key("address").invalid(format!(
+            "{host:?}: {ENDPOINT_PLACEHOLDER} must be a whole label of a DNS name with at least \
+             one fixed label (\"{ENDPOINT_PLACEHOLDER}.tenants.internal:5432\"), so the host a client \
+             names is always under your domain"
+        )));
+    }
+    Ok(())
 }
 
 /// A pool count: `default` when not written, else 1 to `POOL_COUNT_MAX`.

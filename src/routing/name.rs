@@ -9,8 +9,9 @@ use std::fmt;
 /// The longest DNS label (RFC 1035).
 const MAX_LABEL: usize = 63;
 
-/// An endpoint id: `[a-z0-9-]{1,63}`, so it can be put in a host name
-/// (`{endpoint}.internal`) without any lookup ever seeing something else.
+/// An endpoint id: a lowercase DNS label (`[a-z0-9-]{1,63}`, no `-` at
+/// either end), so it can be put in a host name (`{endpoint}.internal`)
+/// without any lookup ever seeing something else.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Endpoint(String);
 
@@ -32,6 +33,11 @@ impl Endpoint {
             return Err(format!(
                 "{:?} is not an endpoint id: {c:?} is not allowed (only a-z, 0-9 and -)",
                 truncated(s)
+            ));
+        }
+        if s.starts_with('-') || s.ends_with('-') {
+            return Err(format!(
+                "{s:?} is not an endpoint id: it cannot start or end with '-'"
             ));
         }
         Ok(Endpoint(s.to_owned()))
@@ -124,6 +130,11 @@ pub fn split_first_label(name: &str) -> Option<(&str, &str)> {
         .filter(|(l, rest)| !l.is_empty() && !rest.is_empty())
 }
 
+/// Whether `name` is a lowercase DNS name (see `check_dns_name`).
+pub fn is_dns_name(name: &str) -> bool {
+    check_dns_name(name).is_ok()
+}
+
 /// Labels of letters, digits and hyphens (not at either end), 1 to 63
 /// characters each, 253 in all.
 fn check_dns_name(name: &str) -> Result<(), &'static str> {
@@ -156,7 +167,18 @@ mod tests {
         for ok in ["t1", "a", "tenant-42", &"x".repeat(63)] {
             assert_eq!(Endpoint::parse(ok).unwrap().as_str(), ok);
         }
-        for bad in ["", "T1", "t_1", "t.1", "t 1", "é", &"x".repeat(64), "a\0b"] {
+        for bad in [
+            "",
+            "T1",
+            "t_1",
+            "t.1",
+            "t 1",
+            "é",
+            &"x".repeat(64),
+            "a\0b",
+            "-a",
+            "a-",
+        ] {
             assert!(Endpoint::parse(bad).is_err(), "{bad:?} accepted");
         }
         let long = "Y".repeat(500);

@@ -66,20 +66,26 @@ fn standalone(options: &str) -> Vec<(&str, Option<String>)> {
     out
 }
 
+/// PostgreSQL's `isspace` in the C locale: ASCII whitespace only (a
+/// no-break space is part of a word to the server, so it is here too).
+fn is_space(c: char) -> bool {
+    matches!(c, ' ' | '\t' | '\n' | '\x0b' | '\x0c' | '\r')
+}
+
 /// Each word: its text as sent (escapes included) and as PostgreSQL
 /// reads it (escapes resolved).
 fn words(options: &str) -> Vec<(&str, String)> {
     let mut out = Vec::new();
     let mut chars = options.char_indices().peekable();
     loop {
-        while chars.next_if(|(_, c)| c.is_whitespace()).is_some() {}
+        while chars.next_if(|(_, c)| is_space(*c)).is_some() {}
         let Some(&(start, _)) = chars.peek() else {
             return out;
         };
         let mut word = String::new();
         let mut end = options.len();
         while let Some((i, c)) = chars.next() {
-            if c.is_whitespace() {
+            if is_space(c) {
                 end = i;
                 break;
             }
@@ -138,6 +144,11 @@ mod tests {
             assert_eq!((s.endpoint, s.rest.as_str()), (None, sent));
         }
         assert_eq!(split("-c a=b endpoint=t1").rest, "-c a=b");
+        // Only ASCII whitespace separates words, as in PostgreSQL.
+        assert_eq!(
+            split("-c application_name=a\u{a0}b endpoint=t1").rest,
+            "-c application_name=a\u{a0}b"
+        );
         // A trailing backslash escapes nothing.
         assert_eq!(split("a\\").rest, "a\\");
     }

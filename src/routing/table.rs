@@ -190,6 +190,7 @@ impl Table {
     /// route implies, so ten thousand routes check in linear time.
     pub fn unreachable(&self) -> Option<(usize, usize)> {
         for (b, route) in self.routes.iter().enumerate() {
+            let endpoint = self.endpoint_of(route);
             let mut keys = vec![Key::Any];
             match &route.server_name {
                 Some(ServerNameMatch::Exact(n)) => {
@@ -201,13 +202,13 @@ impl Table {
                 Some(ServerNameMatch::Wildcard(s)) => keys.push(Key::Suffix(s.clone())),
                 None => {}
             }
-            keys.extend(route.endpoint.clone().map(Key::Endpoint));
+            keys.extend(endpoint.clone().map(Key::Endpoint));
             keys.extend(route.database.clone().map(Key::Database));
             let earlier = keys
                 .iter()
                 .filter_map(|k| self.index.get(k))
                 .flat_map(|list| list.iter().copied().take_while(|&a| a < b))
-                .filter(|&a| covers(&self.routes[a], route))
+                .filter(|&a| covers(&self.routes[a], route, endpoint.as_ref()))
                 .min();
             if let Some(a) = earlier {
                 return Some((b, a));
@@ -215,10 +216,29 @@ impl Table {
         }
         None
     }
+
+    /// The endpoint every connection a route matches has: its own
+    /// `endpoint`, or the first label of an exact name under a routed
+    /// wildcard (a connection with that name always carries it).
+    fn endpoint_of(&self, route: &RouteSpec) -> Option<Endpoint> {
+        if route.endpoint.is_some() {
+            return route.endpoint.clone();
+        }
+        let Some(ServerNameMatch::Exact(n)) = &route.server_name else {
+            return None;
+        };
+        let (label, suffix) = split_first_label(n)?;
+        if !self.index.contains_key(&Key::Suffix(suffix.to_owned())) {
+            return None;
+        }
+        Endpoint::parse(label).ok()
+    }
 }
 
-/// Whether every connection `b` matches is one `a` matches too.
-fn covers(a: &RouteSpec, b: &RouteSpec) -> bool {
+/// Whether every connection `b` (whose connections all have
+/// `b_endpoint`, when known) matches is one `a` matches too. Best effort:
+/// a route hidden only by several earlier ones together is not found.
+fn covers(a: &RouteSpec, b: &RouteSpec, b_endpoint: Option<&Endpoint>) -> bool {
     let listeners = match (&a.listeners, &b.listeners) {
         (None, _) => true,
         (Some(_), None) => false,
@@ -232,7 +252,7 @@ fn covers(a: &RouteSpec, b: &RouteSpec) -> bool {
     };
     listeners
         && server_name
-        && (a.endpoint.is_none() || a.endpoint == b.endpoint)
+        && (a.endpoint.is_none() || a.endpoint.as_ref() == b_endpoint)
         && (a.database.is_none() || a.database == b.database)
 }
 

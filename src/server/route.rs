@@ -118,9 +118,14 @@ impl Route {
         let upstream =
             self.upstream
                 .for_endpoint(endpoint)
-                .map_err(|e| RouteError::BadEndpoint {
-                    from: "the upstream's template",
-                    reason: e.to_string(),
+                .map_err(|e| {
+                    // The template's host names are the operator's
+                    // business, not a stranger's: the log has them.
+                    tracing::warn!(upstream = self.name(), %endpoint, "filling the upstream's template failed: {e}");
+                    RouteError::BadEndpoint {
+                        from: "the TLS server name or options",
+                        reason: format!("{:?} does not make a valid server name", endpoint.as_str()),
+                    }
                 })?;
         Ok(Route {
             upstream: Arc::new(upstream),
@@ -131,6 +136,11 @@ impl Route {
             pools: self.pools.clone(),
             endpoints: None,
         })
+    }
+
+    /// Whether this is a template, filled in per endpoint.
+    pub fn is_templated(&self) -> bool {
+        self.endpoints.is_some()
     }
 
     /// The upstream's configured name.

@@ -21,6 +21,8 @@ pub(crate) struct Destination {
     pub route: Arc<Route>,
     /// The `[[route]]` that matched (None: the listener's upstream).
     pub entry: Option<String>,
+    /// The session's endpoint, when it chose where the session went (see
+    /// `route`); None otherwise, whatever the client sent.
     pub endpoint: Option<Endpoint>,
 }
 
@@ -37,13 +39,14 @@ impl Router {
         fallback: Option<&Arc<Route>>,
     ) -> Result<Destination, RouteError> {
         let routed = self.table.lookup(query)?;
-        let (route, entry) = match routed.route {
+        let (route, entry, by_endpoint) = match routed.route {
             Some(i) => {
                 let spec = &self.table.routes()[i];
-                (&self.routes[spec.upstream], Some(spec.name.clone()))
+                let route = &self.routes[spec.upstream];
+                (route, Some(spec.name.clone()), spec.endpoint.is_some())
             }
             None => match fallback {
-                Some(route) => (route, None),
+                Some(route) => (route, None, false),
                 None => {
                     return Err(RouteError::NoRoute {
                         sent: query.described(),
@@ -52,11 +55,18 @@ impl Router {
                 }
             },
         };
-        let route = route.for_endpoint(routed.endpoint.as_ref(), || query.described())?;
+        // The endpoint is the session's only where it chose the server (a
+        // template filled with it, or a route picked by it): elsewhere a
+        // client could name any endpoint in `options` and have rules with
+        // `endpoints = [...]` judge a destination it does not lead to.
+        let endpoint = routed
+            .endpoint
+            .filter(|_| by_endpoint || route.is_templated());
+        let route = route.for_endpoint(endpoint.as_ref(), || query.described())?;
         Ok(Destination {
             route,
             entry,
-            endpoint: routed.endpoint,
+            endpoint,
         })
     }
 }

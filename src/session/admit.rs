@@ -85,6 +85,7 @@ impl Session {
                 .and_then(|d| d.endpoint.as_ref())
                 .map(|e| e.as_str()),
             database: &requested,
+            forwarded_database: Some(startup.database()).filter(|db| *db != requested),
             user: startup.user(),
             proxy: self.facts.proxy.as_ref().map(|p| &p.tlvs),
         });

@@ -72,6 +72,10 @@ listen = \"127.0.0.1:0\"
 name = \"strict\"
 listen = \"127.0.0.1:0\"
 
+[[listener]]
+name = \"dbs\"
+listen = \"127.0.0.1:0\"
+
 {tenants}{orders}{reporting}{byhost}{pg}
 [[route]]
 name = \"orders\"
@@ -85,7 +89,7 @@ upstream = \"reporting\"
 
 [[route]]
 name = \"byhost\"
-endpoint = \"localhost\"
+endpoint = \"ghost\"
 upstream = \"byhost\"
 
 [[route]]
@@ -102,6 +106,11 @@ upstream = \"pg\"
 name = \"strict-t1\"
 listeners = [\"strict\"]
 endpoints = [\"t1\"]
+
+[[rule]]
+name = \"dbs-t1\"
+listeners = [\"dbs\"]
+databases = [\"t1\"]
 
 [[rule]]
 name = \"main\"
@@ -123,7 +132,7 @@ listeners = [\"main\"]
             &format!("localhost:{port}"),
             "database = \"analytics\""
         ),
-        byhost = upstream("byhost", &format!("{{endpoint}}:{port}"), ""),
+        byhost = upstream("byhost", &format!("{{endpoint}}.invalid:{port}"), ""),
         pg = upstream("pg", &format!("localhost:{port}"), ""),
     )
 }
@@ -192,21 +201,17 @@ async fn server_names_endpoints_and_databases_reach_their_databases() {
             "SELECT current_database() || ' ' || current_setting('search_path')",
         );
         assert_eq!(stdout(&out).trim(), "t1 tenant_schema", "{}", stderr(&out));
-        // A templated address: {endpoint} is the host, resolved per session.
+        // A templated address: {endpoint} fills the host, resolved per
+        // session (`.invalid` never resolves: the refusal names the host).
         let out = env.psql(
-            &conninfo(
-                &certs,
-                main,
-                "127.0.0.1",
-                "dbname=postgres options=endpoint=localhost",
-            ),
-            "SELECT current_database()",
+            &conninfo(&certs, main, "127.0.0.1", "dbname=postgres options=endpoint=ghost"),
+            "SELECT 1",
         );
-        assert_eq!(stdout(&out).trim(), "postgres", "{}", stderr(&out));
+        assert!(!out.status.success(), "ghost.invalid resolved");
         // The database route "plain" for everything else.
         assert_eq!(db_of("localhost", "dbname=postgres"), "postgres");
     });
-    let starts = proxy.wait_audit_count("8 session starts", 8, |e| e["event"] == "session.start");
+    let starts = proxy.wait_audit_count("7 session starts", 7, |e| e["event"] == "session.start");
     let t1 = starts
         .iter()
         .find(|e| e["route"]["endpoint"] == "t1" && e["route"]["server_name"].is_string())
@@ -219,12 +224,11 @@ async fn server_names_endpoints_and_databases_reach_their_databases() {
         })
     );
     assert_eq!(t1["requested"]["database"], "postgres");
-    let by_host = starts
-        .iter()
-        .find(|e| e["route"]["name"] == "byhost")
-        .expect("the templated address's start event");
-    assert_eq!(by_host["route"]["upstream"], "byhost");
-    assert!(by_host["route"].get("server_name").is_none(), "{by_host}");
+    let ghost = proxy.wait_audit("the templated address's refusal", |e| {
+        e["event"] == "session.rejected" && e["route"]["name"] == "byhost"
+    });
+    assert_eq!(ghost["route"]["endpoint"], "ghost");
+    assert!(ghost.to_string().contains("ghost.invalid"), "{ghost}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -290,6 +294,10 @@ async fn a_rule_with_endpoints_admits_one_tenant_only() {
             ("127.0.0.1", "dbname=postgres options=endpoint=t2"),
             // No endpoint at all: a rule with endpoints does not match.
             ("orders.test", "dbname=postgres"),
+            // An endpoint in options that does not choose the server (an
+            // exact name's route, a database route) is no endpoint.
+            ("orders.test", "dbname=postgres options=endpoint=t1"),
+            ("127.0.0.1", "dbname=reports options=endpoint=t1"),
         ] {
             let out = env.psql(&conninfo(&certs, strict, host, rest), "SELECT 1");
             assert!(!out.status.success(), "{host} {rest} was admitted");
@@ -299,6 +307,28 @@ async fn a_rule_with_endpoints_admits_one_tenant_only() {
                 stderr(&out)
             );
         }
+    });
+}
+
+/// A rule's `databases` holds for the database a template or an alias
+/// gives the session, not only for the name the client typed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_rule_holds_for_the_database_given() {
+    let env = Env::new();
+    create_databases(&env).await;
+    let certs = routed_certs(&["localhost", "127.0.0.1", "*.tenants.test", "orders.test"]);
+    let proxy = start(&env, &certs);
+    let dbs = listener(&proxy, "dbs");
+    tokio::task::block_in_place(|| {
+        let ok = env.psql(
+            &conninfo(&certs, dbs, "t1.tenants.test", "dbname=t1"),
+            "SELECT current_database()",
+        );
+        assert_eq!(stdout(&ok).trim(), "t1", "{}", stderr(&ok));
+        // Typed t1, given t2 by the template: refused.
+        let out = env.psql(&conninfo(&certs, dbs, "t2.tenants.test", "dbname=t1"), "SELECT 1");
+        assert!(!out.status.success(), "t2 reached through a rule for t1");
+        assert!(stderr(&out).contains("policy does not allow"), "{}", stderr(&out));
     });
 }
 
@@ -504,4 +534,50 @@ fn check_config_refuses_a_routed_name_no_certificate_covers() {
     assert!(err.contains("route \"billing\""), "{err}");
     assert!(err.contains("does not cover it"), "{err}");
     assert!(err.contains("[[tls.sni]]"), "{err}");
+}
+
+/// Strangers naming many endpoints of a template with auth_query make
+/// pgbastion look verifiers up on each endpoint's server, but the lookup
+/// connections it keeps are bounded per upstream, not per endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookup_connections_are_bounded_across_endpoints() {
+    let env = Env::new();
+    let pw_file = install_roles(&env);
+    let certs = routed_certs(&["localhost", "127.0.0.1", "*.tenants.test"]);
+    let proxy = Proxy::start_toml(&format!(
+        "{}\n[[listener]]\nlisten = \"127.0.0.1:0\"\n\
+         [[upstream]]\nname = \"tenants\"\naddress = \"localhost:{}\"\nca_file = \"{}\"\n\
+         database = \"{{endpoint}}\"\n{}\n\
+         [[route]]\nserver_name = \"*.tenants.test\"\nupstream = \"tenants\"\n\
+         [limits]\nfailed_logins_per_address = 1000\nfailed_logins_per_user = 1000\n",
+        certs.tls_toml,
+        env.pg.port,
+        env.pg.ca_cert.display(),
+        auth_query_keys(&pw_file)
+    ));
+    let addr = proxy.addr();
+    tokio::task::block_in_place(|| {
+        for i in 0..12 {
+            let out = psql(
+                &conninfo(&certs, addr, &format!("x{i}.tenants.test"), "user=app dbname=postgres")
+                    .replace("user=postgres ", ""),
+                "wrong-password",
+                "SELECT 1",
+            );
+            assert!(stderr(&out).contains("password authentication failed"), "{}", stderr(&out));
+        }
+    });
+    let direct = env.direct_client().await;
+    let lookups: i64 = direct
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = 'pgbastion_auth'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        (1..=4).contains(&lookups),
+        "{lookups} lookup connections kept for 12 endpoints"
+    );
 }

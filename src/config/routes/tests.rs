@@ -166,6 +166,9 @@ fn endpoint_templates_only_where_they_are_filled_in() {
             "does not take {endpoint}",
         ),
         ("address = \"db:{endpoint}\"", "address", "is not HOST:PORT"),
+        ("address = \"{endpoint}:5432\"", "address", "whole label"),
+        ("address = \"db-{endpoint}.internal:5432\"", "address", "whole label"),
+        ("address = \"{endpoint}.{endpoint}:5432\"", "address", "whole label"),
         ("address = \"db:5432\"\nserver_name = \"{endpoint} x.test\"", "server_name", "neither a DNS name"),
         ("address = \"db:5432\"\ndatabase = \"\"", "database", "must not be empty"),
     ] {

@@ -196,6 +196,19 @@ fn routes_an_earlier_one_hides_are_found() {
         hidden(vec![route("all"), sni(route("a"), "a.test")]),
         Some((1, 0))
     );
+    // An exact name under a routed wildcard always carries its label as
+    // the endpoint, so an earlier route for that endpoint takes it.
+    assert_eq!(
+        hidden(vec![
+            RouteSpec {
+                endpoint: Some(ep("x")),
+                ..route("x")
+            },
+            sni(route("name"), "x.t.test"),
+            sni(route("w"), "*.t.test"),
+        ]),
+        Some((1, 0))
+    );
     // Narrower first is fine; a listener-limited route hides nothing
     // for other listeners.
     assert_eq!(
