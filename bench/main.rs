@@ -25,6 +25,7 @@ use pgbastion::dev::localpg::{free_port, LocalPg, LocalPgOptions};
 
 mod faults;
 mod pool;
+mod routing;
 
 #[derive(Parser)]
 #[command(
@@ -77,6 +78,10 @@ struct Args {
     /// pgbastion vs PgBouncer in transaction mode vs direct.
     #[arg(long, conflicts_with_all = ["soak", "faults"])]
     pooling: bool,
+    /// Only the routing comparison (issue 22, see bench/routing.rs): one
+    /// route vs 10,000 exact routes and a wildcard, session setup.
+    #[arg(long, conflicts_with_all = ["soak", "faults", "pooling"])]
+    routing: bool,
 }
 
 /// What is measured through.
@@ -107,6 +112,10 @@ enum Target {
     PgbastionPooled,
     /// PgBouncer in transaction mode with the same pool size.
     PgBouncerTransaction,
+    /// pgbastion with a single `[[route]]` (issue 22, bench/routing.rs).
+    PgbastionOneRoute,
+    /// pgbastion with 10,000 exact routes and a wildcard route.
+    PgbastionRoutes,
 }
 
 impl Target {
@@ -124,6 +133,8 @@ impl Target {
             Target::Baseline => "pgbastion (baseline binary)",
             Target::PgbastionPooled => "pgbastion (pooled)",
             Target::PgBouncerTransaction => "pgbouncer (transaction)",
+            Target::PgbastionOneRoute => "pgbastion (1 route)",
+            Target::PgbastionRoutes => "pgbastion (10,000 routes)",
         }
     }
 }
@@ -670,6 +681,9 @@ impl Bench {
     }
 
     fn run(&self, args: &Args) -> Result<Results> {
+        if args.routing {
+            return routing::run(self, args);
+        }
         let mut r = Results::default();
         let main = [
             Target::Direct,
@@ -1159,6 +1173,10 @@ fn report(args: &Args, r: &Results) -> Result<String> {
     )?;
     if args.pooling {
         s.push_str(&pool::report(r)?);
+        return Ok(s);
+    }
+    if args.routing {
+        s.push_str(&routing::report(r)?);
         return Ok(s);
     }
     writeln!(
