@@ -204,7 +204,12 @@ async fn server_names_endpoints_and_databases_reach_their_databases() {
         // A templated address: {endpoint} fills the host, resolved per
         // session (`.invalid` never resolves: the refusal names the host).
         let out = env.psql(
-            &conninfo(&certs, main, "127.0.0.1", "dbname=postgres options=endpoint=ghost"),
+            &conninfo(
+                &certs,
+                main,
+                "127.0.0.1",
+                "dbname=postgres options=endpoint=ghost",
+            ),
             "SELECT 1",
         );
         assert!(!out.status.success(), "ghost.invalid resolved");
@@ -326,9 +331,16 @@ async fn a_database_rule_holds_for_the_database_given() {
         );
         assert_eq!(stdout(&ok).trim(), "t1", "{}", stderr(&ok));
         // Typed t1, given t2 by the template: refused.
-        let out = env.psql(&conninfo(&certs, dbs, "t2.tenants.test", "dbname=t1"), "SELECT 1");
+        let out = env.psql(
+            &conninfo(&certs, dbs, "t2.tenants.test", "dbname=t1"),
+            "SELECT 1",
+        );
         assert!(!out.status.success(), "t2 reached through a rule for t1");
-        assert!(stderr(&out).contains("policy does not allow"), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("policy does not allow"),
+            "{}",
+            stderr(&out)
+        );
     });
 }
 
@@ -559,12 +571,21 @@ async fn lookup_connections_are_bounded_across_endpoints() {
     tokio::task::block_in_place(|| {
         for i in 0..12 {
             let out = psql(
-                &conninfo(&certs, addr, &format!("x{i}.tenants.test"), "user=app dbname=postgres")
-                    .replace("user=postgres ", ""),
+                &conninfo(
+                    &certs,
+                    addr,
+                    &format!("x{i}.tenants.test"),
+                    "user=app dbname=postgres",
+                )
+                .replace("user=postgres ", ""),
                 "wrong-password",
                 "SELECT 1",
             );
-            assert!(stderr(&out).contains("password authentication failed"), "{}", stderr(&out));
+            assert!(
+                stderr(&out).contains("password authentication failed"),
+                "{}",
+                stderr(&out)
+            );
         }
     });
     let direct = env.direct_client().await;
