@@ -17,10 +17,11 @@ use crate::audit::Event;
 use crate::config::ListenerIdentity;
 use crate::identity::{cert, Identity, IdentityError, IdentitySource};
 use crate::limits::pending::PendingPermit;
-use crate::policy::{AuditQueries, Login, Request};
+use crate::policy::{AuditQueries, Decision, Login, Request};
 use crate::protocol::startup::StartupMessage;
 use crate::relay;
 use crate::server::route::Route;
+use crate::server::router::Destination;
 
 /// What admission decided.
 pub(super) enum Admission {
@@ -52,8 +53,8 @@ struct IdentitySlot {
 }
 
 impl Session {
-    /// Stage 2: identity and policy, then the console branch and the
-    /// rule's per-identity limit.
+    /// Stage 2: identity, routing and policy, then the console branch and
+    /// the rule's per-identity limit.
     pub(super) async fn admit(
         &mut self,
         peer_cert: Option<&[u8]>,
@@ -71,24 +72,7 @@ impl Session {
             let routed = self.route(startup)?;
             (routed.startup, Some(routed.destination))
         };
-        let upstream = match &destination {
-            Some(d) => d.route.name(),
-            None => self.listener.route.as_ref().map_or("", |r| r.name()),
-        };
-        let decision = self.shared.policy().decide(&Request {
-            identity: &identity,
-            client_ip: self.peer.map(|p| p.ip()),
-            listener: &self.listener.name,
-            upstream,
-            endpoint: destination
-                .as_ref()
-                .and_then(|d| d.endpoint.as_ref())
-                .map(|e| e.as_str()),
-            database: &requested,
-            forwarded_database: Some(startup.database()).filter(|db| *db != requested),
-            user: startup.user(),
-            proxy: self.facts.proxy.as_ref().map(|p| &p.tlvs),
-        });
+        let decision = self.decide(&identity, &requested, &startup, destination.as_ref());
         self.facts.rule = decision.rule.clone();
         let identity_text = identity.to_string();
         self.facts.identity = Some(identity);
@@ -130,6 +114,35 @@ impl Session {
             audit_queries: decision.audit_queries,
             _identity_slot: identity_slot,
         }))
+    }
+
+    /// The policy's decision for this identity going to `destination`
+    /// (None: the console), judged on the database asked for and the one
+    /// forwarded.
+    fn decide(
+        &self,
+        identity: &Identity,
+        requested: &str,
+        startup: &StartupMessage,
+        destination: Option<&Destination>,
+    ) -> Decision {
+        let upstream = match destination {
+            Some(d) => d.route.name(),
+            None => self.listener.route.as_ref().map_or("", |r| r.name()),
+        };
+        self.shared.policy().decide(&Request {
+            identity,
+            client_ip: self.peer.map(|p| p.ip()),
+            listener: &self.listener.name,
+            upstream,
+            endpoint: destination
+                .and_then(|d| d.endpoint.as_ref())
+                .map(|e| e.as_str()),
+            database: requested,
+            forwarded_database: Some(startup.database()).filter(|db| *db != requested),
+            user: startup.user(),
+            proxy: self.facts.proxy.as_ref().map(|p| &p.tlvs),
+        })
     }
 
     /// Establishes who the client is, by the listener's identity source.
