@@ -139,6 +139,26 @@ impl Target {
     }
 }
 
+/// `pgbastion run --config CFG`, quiet, with `workers` runtime threads
+/// when given.
+fn spawn_pgbastion(
+    exe: &std::path::Path,
+    cfg: &std::path::Path,
+    workers: Option<usize>,
+) -> Result<Child> {
+    let mut cmd = Command::new(exe);
+    if let Some(n) = workers {
+        cmd.env("TOKIO_WORKER_THREADS", n.to_string());
+    }
+    cmd.args(["run", "--config"])
+        .arg(cfg)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", exe.display()))
+}
+
 /// A process started for the benchmark, killed on drop.
 struct Proc(Child);
 
@@ -428,18 +448,7 @@ impl Bench {
                 (Target::Baseline, Some(baseline)) => baseline.clone(),
                 _ => exe.clone(),
             };
-            let mut cmd = Command::new(&exe);
-            if let Some(n) = args.workers {
-                cmd.env("TOKIO_WORKER_THREADS", n.to_string());
-            }
-            let child = cmd
-                .args(["run", "--config"])
-                .arg(&cfg)
-                .env("RUST_LOG", "warn")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .with_context(|| format!("starting {}", exe.display()))?;
+            let child = spawn_pgbastion(&exe, &cfg, args.workers)?;
             pids.insert(target, child.id());
             procs.push(Proc(child));
             wait_port(port, "pgbastion")?;

@@ -14,7 +14,7 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -240,14 +240,7 @@ fn start(bench: &Bench, r: &mut Results) -> Result<Instances> {
         let cfg = dir.join(format!("pgbastion-routing-{routes}.toml"));
         std::fs::write(&cfg, &text)?;
         let started = Instant::now();
-        let child = Command::new(&exe)
-            .args(["run", "--config"])
-            .arg(&cfg)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {}", exe.display()))?;
+        let child = super::spawn_pgbastion(&exe, &cfg, None)?;
         let pid = child.id();
         inst._procs.push(Proc(child));
         wait_port(port, "pgbastion (routing)")?;

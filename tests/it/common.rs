@@ -871,6 +871,21 @@ pub fn auth_query_keys(password_file: &std::path::Path) -> String {
     )
 }
 
+/// `pgbastion_certificate_expiry_timestamp_seconds{certificate="..."}` as
+/// the admin listener reports it now (None: not reported, or unreachable).
+pub fn certificate_expiry(admin: SocketAddr, certificate: &str) -> Option<i64> {
+    let (_, body) = http_get(admin, "/metrics")?;
+    let label = format!("certificate=\"{certificate}\"");
+    let line = body.lines().find(|l| {
+        l.starts_with("pgbastion_certificate_expiry_timestamp_seconds{") && l.contains(&label)
+    })?;
+    line.rsplit(' ')
+        .next()?
+        .parse::<f64>()
+        .ok()
+        .map(|t| t as i64)
+}
+
 /// GET `path` from the admin listener: status code and body.
 pub fn http_get(admin: SocketAddr, path: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};

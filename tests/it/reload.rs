@@ -504,7 +504,11 @@ async fn certificate_rotation_under_channel_bound_logins() {
     let addr = wait_listening(port);
     let admin: std::net::SocketAddr = ([127, 0, 0, 1], admin_port).into();
     let old_leaf = served_leaf(addr, &ca_file).await;
-    assert_eq!(tls_expiry(admin), Some(2_240_611_200), "2041-01-01");
+    assert_eq!(
+        certificate_expiry(admin, "tls"),
+        Some(2_240_611_200),
+        "2041-01-01"
+    );
 
     // Clients logging in, each login bound, until told to stop.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -580,7 +584,11 @@ async fn certificate_rotation_under_channel_bound_logins() {
     assert_eq!(new_leaf, want, "the rotated certificate is the one served");
     let (_, parsed) = x509_parser::parse_x509_certificate(&new_leaf).unwrap();
     assert_eq!(parsed.validity().not_after.timestamp(), 2_272_147_200);
-    assert_eq!(tls_expiry(admin), Some(2_272_147_200), "2042-01-01");
+    assert_eq!(
+        certificate_expiry(admin, "tls"),
+        Some(2_272_147_200),
+        "2042-01-01"
+    );
 
     // Every login was bound on both legs.
     let total = count();
@@ -619,18 +627,4 @@ async fn served_leaf(addr: std::net::SocketAddr, ca: &std::path::Path) -> Vec<u8
         .await
         .unwrap();
     tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
-}
-
-/// `pgbastion_certificate_expiry_timestamp_seconds{certificate="tls"}`.
-fn tls_expiry(admin: std::net::SocketAddr) -> Option<i64> {
-    let (_, body) = http_get(admin, "/metrics")?;
-    let line = body.lines().find(|l| {
-        l.starts_with("pgbastion_certificate_expiry_timestamp_seconds{")
-            && l.contains("certificate=\"tls\"")
-    })?;
-    line.rsplit(' ')
-        .next()?
-        .parse::<f64>()
-        .ok()
-        .map(|t| t as i64)
 }

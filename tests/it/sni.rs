@@ -140,18 +140,7 @@ async fn sighup_rereads_the_per_name_certificates() {
     };
     let out = connect(&certs.ca);
     assert!(out.status.success(), "{}", stderr(&out));
-    let expiry = || {
-        let (_, body) = http_get(admin, "/metrics")?;
-        let line = body.lines().find(|l| {
-            l.starts_with("pgbastion_certificate_expiry_timestamp_seconds{")
-                && l.contains("certificate=\"tls_sni:orders.test\"")
-        })?;
-        line.rsplit(' ')
-            .next()?
-            .parse::<f64>()
-            .ok()
-            .map(|t| t as i64)
-    };
+    let expiry = || certificate_expiry(admin, "tls_sni:orders.test");
     let before = wait_for("the sni expiry metric", Duration::from_secs(10), expiry);
 
     // orders.test's certificate and key replaced by one from another CA,
