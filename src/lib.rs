@@ -15,8 +15,11 @@
 //!   packets, messages, PROXY headers) and the one incremental framer.
 //! - `auth`: passthrough observation, SCRAM on both legs, identity login,
 //!   verifier and credential sources, the failed-login throttle.
-//! - `tls`: the client-facing acceptor and the `ServerCert` it serves,
-//!   the verify-full upstream connector, channel binding.
+//! - `tls`: the client-facing acceptor and the `ServerCerts` it serves
+//!   (one per TLS server name, `tls::sni`), the verify-full upstream
+//!   connector, channel binding.
+//! - `routing`: which upstream a connection goes to (server name,
+//!   `options=endpoint=`, database), pure: names, options, the route table.
 //! - `upstream`: dialing an upstream and verifying it (a pure dialer).
 //! - `relay`: the framed copy after authentication, and teardown.
 //! - `cancel`: pgbastion's own cancel keys and their forwarding.

@@ -3,8 +3,9 @@
 //! that a proof made for one TLS server is useless at any other.
 //!
 //! pgbastion uses it twice per terminated session: for its own
-//! certificate (what clients bind to, computed once per load in
-//! `ServerCert`, from the very chain the acceptors serve) and for the
+//! certificate (what clients bind to, computed once per load in each
+//! `ServerCert` of the `ServerCerts` set, and picked by the client's
+//! server name exactly as the served chain is) and for the
 //! database server's (what pgbastion binds to, from the certificate the
 //! upstream presented on that connection).
 
