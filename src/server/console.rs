@@ -228,4 +228,28 @@ mod tests {
         pools.resume();
         assert!(!pool_rows(&pools)[0].paused);
     }
+
+    /// A templated upstream's pools are per endpoint: SHOW POOLS names the
+    /// endpoint, the metrics sample stays under the upstream's name.
+    #[test]
+    fn a_templates_pools_show_their_endpoint_and_count_under_its_name() {
+        let pools = Pools::new("tenants", PoolConfig::default());
+        for (e, n) in [("t1", 1), ("t2", 2)] {
+            let pool = pools.pool(PoolKey {
+                endpoint: Some(crate::routing::Endpoint::parse(e).unwrap()),
+                ..key(e, "app")
+            });
+            pool.stats.active.store(n, Relaxed);
+        }
+        let rows = pool_rows(&pools);
+        assert_eq!(
+            rows.iter().map(|r| r.upstream.as_str()).collect::<Vec<_>>(),
+            ["tenants:t1", "tenants:t2"]
+        );
+        let sample = super::super::state::pool_sample(&pools);
+        assert_eq!(
+            (sample.upstream.as_str(), sample.clients_active),
+            ("tenants", 3)
+        );
+    }
 }
