@@ -96,6 +96,14 @@ impl Table {
     /// no route did, and the listener's own upstream applies), with the
     /// session's endpoint.
     pub fn lookup(&self, query: &Query<'_>) -> Result<Routed, RouteError> {
+        // Without routes (most configurations) no key is built: the
+        // endpoint can only be the one `options` named.
+        if self.routes.is_empty() {
+            return Ok(Routed {
+                route: None,
+                endpoint: query.options_endpoint.cloned(),
+            });
+        }
         let facts = self.facts(query)?;
         let mut candidates: Vec<usize> = Vec::new();
         let mut add = |key: Key| {

@@ -369,6 +369,17 @@ impl Drop for Proxy {
     }
 }
 
+/// Waits (10 s at most) until pgbastion's log at `log` contains `line`
+/// (what a reload writes when it is done: "certificates re-read", ...),
+/// and returns the log's text.
+pub fn wait_log(log: &Path, line: &str) -> String {
+    wait_for(line, Duration::from_secs(10), || {
+        std::fs::read_to_string(log)
+            .ok()
+            .filter(|t| t.contains(line))
+    })
+}
+
 /// Polls `check` until it returns Some, or panics after `limit`.
 pub fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();

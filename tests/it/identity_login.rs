@@ -364,11 +364,7 @@ fn credentials_reload_on_sighup_and_never_reach_the_logs() {
     // The administrator fixes the file and sends SIGHUP.
     std::fs::write(&file, format!("{RW_PASSWORD}\n")).unwrap();
     signal(proc.0.id(), "-HUP");
-    wait_for("the reload", Duration::from_secs(10), || {
-        std::fs::read_to_string(&log)
-            .ok()
-            .filter(|l| l.contains("policy and credentials reloaded"))
-    });
+    wait_log(&log, "policy and credentials reloaded");
     let out = psql_without_password(&conn("app_file"), "select current_user");
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out), "app_file");

@@ -230,11 +230,7 @@ fn reload_applies_settings_and_names_what_needs_a_restart() {
         pgbastion::dev::localpg::free_port().unwrap()
     ));
     signal(proc.0.id(), "-HUP");
-    let text = wait_for("the reload", Duration::from_secs(10), || {
-        std::fs::read_to_string(&log)
-            .ok()
-            .filter(|t| t.contains("these changes take a restart"))
-    });
+    let text = wait_log(&log, "these changes take a restart");
     assert_eq!(app_name(), "report [127.0.0.1]");
     wait_for(
         "the session in the new audit file",
@@ -315,13 +311,7 @@ async fn reload_adds_and_removes_listeners() {
 
     write(&[("b", port_b)]);
     signal(proc.0.id(), "-HUP");
-    tokio::task::block_in_place(|| {
-        wait_for("the reload", Duration::from_secs(10), || {
-            std::fs::read_to_string(&log)
-                .ok()
-                .filter(|t| t.contains("certificates re-read"))
-        })
-    });
+    tokio::task::block_in_place(|| wait_log(&log, "certificates re-read"));
     let (new, conn) = tokio_postgres::connect(&conninfo(port_b), tls_connector(&env.proxy_ca))
         .await
         .expect("the added listener accepts");
@@ -404,13 +394,7 @@ async fn reload_moves_listeners_and_repoints_upstreams() {
             + &upstream("first", &env.pg),
     );
     signal(proc.0.id(), "-HUP");
-    let text = tokio::task::block_in_place(|| {
-        wait_for("the reload", Duration::from_secs(10), || {
-            std::fs::read_to_string(&log)
-                .ok()
-                .filter(|t| t.contains("certificates re-read"))
-        })
-    });
+    let text = tokio::task::block_in_place(|| wait_log(&log, "certificates re-read"));
     assert!(!text.contains("take a restart"), "{text}");
 
     // New sessions follow the new configuration.
@@ -559,12 +543,7 @@ async fn certificate_rotation_under_channel_bound_logins() {
     std::fs::write(&cert, &issued.cert_pem).unwrap();
     pgbastion::dev::certs::write_private(&key, issued.key_pem.as_bytes()).unwrap();
     signal(proc.0.id(), "-HUP");
-    tokio::task::block_in_place(|| {
-        wait_for("the reload", Duration::from_secs(10), || {
-            let text = std::fs::read_to_string(&log).ok()?;
-            text.contains("certificates re-read").then_some(())
-        })
-    });
+    tokio::task::block_in_place(|| wait_log(&log, "certificates re-read"));
     let at_reload = count();
     tokio::task::block_in_place(|| {
         wait_for("logins after the rotation", Duration::from_secs(30), || {

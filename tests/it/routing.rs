@@ -159,16 +159,28 @@ fn conninfo(certs: &RoutedCerts, addr: std::net::SocketAddr, host: &str, rest: &
     )
 }
 
-fn start(env: &Env, certs: &RoutedCerts) -> Proxy {
-    Proxy::start_toml(&routed_config(env, certs))
+/// The routed configuration running, with its databases and certificates
+/// (fields in drop order: pgbastion stops before PostgreSQL).
+struct Routed {
+    proxy: Proxy,
+    certs: RoutedCerts,
+    env: Env,
+}
+
+async fn routed() -> Routed {
+    let env = Env::new();
+    create_databases(&env).await;
+    let certs = routed_certs(&["localhost", "127.0.0.1", "*.tenants.test", "orders.test"]);
+    Routed {
+        proxy: Proxy::start_toml(&routed_config(&env, &certs)),
+        certs,
+        env,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_names_endpoints_and_databases_reach_their_databases() {
-    let env = Env::new();
-    create_databases(&env).await;
-    let certs = routed_certs(&["localhost", "127.0.0.1", "*.tenants.test", "orders.test"]);
-    let proxy = start(&env, &certs);
+    let Routed { proxy, certs, env } = routed().await;
     let main = listener(&proxy, "main");
     let db_of = |host: &str, rest: &str| {
         let out = env.psql(
@@ -238,10 +250,7 @@ async fn server_names_endpoints_and_databases_reach_their_databases() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_cannot_be_routed_is_refused_naming_what_was_sent_and_the_fix() {
-    let env = Env::new();
-    create_databases(&env).await;
-    let certs = routed_certs(&["localhost", "127.0.0.1", "*.tenants.test", "orders.test"]);
-    let proxy = start(&env, &certs);
+    let Routed { proxy, certs, env } = routed().await;
     let main = listener(&proxy, "main");
     let refused = |host: &str, rest: &str| {
         let out = env.psql(&conninfo(&certs, main, host, rest), "SELECT 1");
@@ -283,10 +292,7 @@ async fn what_cannot_be_routed_is_refused_naming_what_was_sent_and_the_fix() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rule_with_endpoints_admits_one_tenant_only() {
-    let env = Env::new();
-    create_databases(&env).await;
-    let certs = routed_certs(&["localhost", "127.0.0.1", "*.tenants.test", "orders.test"]);
-    let proxy = start(&env, &certs);
+    let Routed { proxy, certs, env } = routed().await;
     let strict = listener(&proxy, "strict");
     tokio::task::block_in_place(|| {
         let ok = env.psql(
@@ -319,10 +325,7 @@ async fn a_rule_with_endpoints_admits_one_tenant_only() {
 /// gives the session, not only for the name the client typed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_rule_holds_for_the_database_given() {
-    let env = Env::new();
-    create_databases(&env).await;
-    let certs = routed_certs(&["localhost", "127.0.0.1", "*.tenants.test", "orders.test"]);
-    let proxy = start(&env, &certs);
+    let Routed { proxy, certs, env } = routed().await;
     let dbs = listener(&proxy, "dbs");
     tokio::task::block_in_place(|| {
         let ok = env.psql(
@@ -348,10 +351,7 @@ async fn a_database_rule_holds_for_the_database_given() {
 /// to (through the templated upstream's endpoint route).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_reaches_a_routed_session() {
-    let env = Env::new();
-    create_databases(&env).await;
-    let certs = routed_certs(&["localhost", "127.0.0.1", "*.tenants.test", "orders.test"]);
-    let proxy = start(&env, &certs);
+    let Routed { proxy, certs, env } = routed().await;
     let main = listener(&proxy, "main");
     let conninfo = format!(
         "host=t2.tenants.test hostaddr=127.0.0.1 port={} user=postgres password={} dbname=postgres sslmode=require channel_binding=disable application_name=routed-cancel",
@@ -433,11 +433,7 @@ async fn a_route_added_by_sighup_applies_to_new_sessions() {
     write("[[route]]\nname = \"orders\"\nserver_name = \"orders.test\"\nupstream = \"orders\"\n");
     signal(proc.0.id(), "-HUP");
     tokio::task::block_in_place(|| {
-        wait_for("the reload", Duration::from_secs(10), || {
-            std::fs::read_to_string(&log)
-                .ok()
-                .filter(|t| t.contains("certificates re-read"))
-        });
+        wait_log(&log, "certificates re-read");
         assert_eq!(db_of("orders.test"), "orders", "the new route applies");
         assert_eq!(
             db_of("localhost"),

@@ -465,12 +465,7 @@ async fn secrets_file_stale_verifier_and_sighup_reload_from_flags() {
     )
     .unwrap();
     signal(proc.0.id(), "-HUP");
-    wait_for("the reload", Duration::from_secs(10), || {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("secrets file reloaded")
-            .then_some(())
-    });
+    wait_log(&log, "secrets file reloaded");
     let (client, _conn) = connect(APP_PASSWORD)
         .await
         .expect("the refreshed verifier works");

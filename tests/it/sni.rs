@@ -153,12 +153,7 @@ async fn sighup_rereads_the_per_name_certificates() {
     std::fs::write(&certs.orders.0, &issued.cert_pem).unwrap();
     std::fs::write(&certs.orders.1, &issued.key_pem).unwrap();
     signal(proc.0.id(), "-HUP");
-    tokio::task::block_in_place(|| {
-        wait_for("the reload", Duration::from_secs(10), || {
-            let text = std::fs::read_to_string(&log).ok()?;
-            text.contains("certificates re-read").then_some(())
-        })
-    });
+    tokio::task::block_in_place(|| wait_log(&log, "certificates re-read"));
     let out = connect(&new_ca_file);
     assert!(out.status.success(), "{}", stderr(&out));
     let out = connect(&certs.ca);
