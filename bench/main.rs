@@ -23,9 +23,12 @@ use clap::Parser;
 use pgbastion::dev::certs::Ca;
 use pgbastion::dev::localpg::{free_port, LocalPg, LocalPgOptions};
 
+mod chart;
 mod faults;
 mod pool;
+mod relay;
 mod routing;
+mod serverless;
 
 #[derive(Parser)]
 #[command(
@@ -58,6 +61,10 @@ struct Args {
     /// pgbastion's own default.
     #[arg(long)]
     workers: Option<usize>,
+    /// `pgbastion run --runtime` for this build's instances (not the
+    /// baseline binary's, which may predate the flag): shared or per-core.
+    #[arg(long)]
+    runtime: Option<String>,
     /// Instead of the benchmark: a soak of this many minutes. Steady load
     /// through pgbastion plus reconnect churn through pgbastion (scram),
     /// RSS and open files of both sampled every 30 s, PostgreSQL stopped
@@ -82,6 +89,21 @@ struct Args {
     /// route vs 10,000 exact routes and a wildcard, session setup.
     #[arg(long, conflicts_with_all = ["soak", "faults", "pooling"])]
     routing: bool,
+    /// Only the serverless comparison (issue 23, see bench/serverless.rs):
+    /// SQL over HTTP and WebSocket sessions on the https listener vs the
+    /// TCP listener and direct.
+    #[arg(long, conflicts_with_all = ["soak", "faults", "pooling", "routing"])]
+    serverless: bool,
+    /// Only the relay-cost rounds (issue 24, see bench/relay.rs): pgbench
+    /// -S at 1, 8 and 64 clients through every proxy, CPU per transaction,
+    /// latency percentiles, memory per idle session and the chart.
+    #[arg(long, conflicts_with_all = ["soak", "faults", "pooling", "routing", "serverless"])]
+    relay: bool,
+    /// With the benchmark: profile pgbastion (and the baseline binary)
+    /// with `perf record -g` during each 8-client run, and write flame
+    /// graphs (`inferno`, if installed) into this directory.
+    #[arg(long)]
+    perf: Option<PathBuf>,
 }
 
 /// What is measured through.
@@ -116,6 +138,9 @@ enum Target {
     PgbastionOneRoute,
     /// pgbastion with 10,000 exact routes and a wildcard route.
     PgbastionRoutes,
+    /// pgbastion's https listener (issue 23, bench/serverless.rs): SQL
+    /// over HTTP and WebSocket sessions.
+    PgbastionHttps,
 }
 
 impl Target {
@@ -135,6 +160,7 @@ impl Target {
             Target::PgBouncerTransaction => "pgbouncer (transaction)",
             Target::PgbastionOneRoute => "pgbastion (1 route)",
             Target::PgbastionRoutes => "pgbastion (10,000 routes)",
+            Target::PgbastionHttps => "pgbastion (https listener)",
         }
     }
 }
@@ -145,14 +171,17 @@ fn spawn_pgbastion(
     exe: &std::path::Path,
     cfg: &std::path::Path,
     workers: Option<usize>,
+    runtime: Option<&str>,
 ) -> Result<Child> {
     let mut cmd = Command::new(exe);
     if let Some(n) = workers {
         cmd.env("TOKIO_WORKER_THREADS", n.to_string());
     }
-    cmd.args(["run", "--config"])
-        .arg(cfg)
-        .env("RUST_LOG", "warn")
+    cmd.args(["run", "--config"]).arg(cfg);
+    if let Some(r) = runtime {
+        cmd.args(["--runtime", r]);
+    }
+    cmd.env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -444,11 +473,11 @@ impl Bench {
                     dir.join("mock_key").display()
                 ),
             )?;
-            let exe = match (target, &args.baseline) {
-                (Target::Baseline, Some(baseline)) => baseline.clone(),
-                _ => exe.clone(),
+            let (exe, runtime) = match (target, &args.baseline) {
+                (Target::Baseline, Some(baseline)) => (baseline.clone(), None),
+                _ => (exe.clone(), args.runtime.as_deref()),
             };
-            let child = spawn_pgbastion(&exe, &cfg, args.workers)?;
+            let child = spawn_pgbastion(&exe, &cfg, args.workers, runtime)?;
             pids.insert(target, child.id());
             procs.push(Proc(child));
             wait_port(port, "pgbastion")?;
@@ -693,6 +722,9 @@ impl Bench {
         if args.routing {
             return routing::run(self, args);
         }
+        if args.serverless {
+            return serverless::run(self, args);
+        }
         let mut r = Results::default();
         let main = [
             Target::Direct,
@@ -726,63 +758,52 @@ impl Bench {
         }
         // Memory first, while every pool is fresh (PgBouncer last: it keeps
         // its server connections after the clients leave).
-        for t in [Target::Pgbastion, Target::HAProxy, Target::PgBouncer] {
+        let memory = [Target::Pgbastion, Target::HAProxy]
+            .into_iter()
+            .chain(baseline.then_some(Target::Baseline))
+            .chain([Target::PgBouncer]);
+        for t in memory {
             match self.idle_memory(t, args.idle_sessions) {
                 Ok(kib) => r.add("memory", t, "kib_per_session", kib),
                 Err(e) => eprintln!("memory measurement through {} failed: {e:#}", t.name()),
             }
         }
         let d = args.duration.to_string();
+        let logs = tempfile::tempdir()?;
         for round in 0..args.rounds {
             eprintln!("round {} of {}", round + 1, args.rounds);
             for (clients, jobs) in [(1, 1), (8, 2), (64, 2)] {
-                let workload = format!("select {clients}");
                 let mut targets = main.to_vec();
-                if clients == 8 {
+                if args.relay {
+                    // Only the proxies the relay is compared with.
+                } else if clients == 8 {
                     targets.extend([
                         Target::PgbastionNoAudit,
                         Target::PgbastionCluster,
                         Target::PgbastionQueries,
                     ]);
                 }
-                if clients == 1 {
+                if clients == 1 && !args.relay {
                     targets.push(Target::PgbastionQueries);
                 }
-                if baseline && clients != 64 {
+                if baseline && (clients != 64 || args.relay) {
                     targets.push(Target::Baseline);
                 }
                 for &t in &targets {
-                    let cpu_before = cpu_ticks(self.pids.get(&t).copied());
-                    let out = self.pgbench(
-                        t,
-                        &[
-                            "-S",
-                            "-c",
-                            &clients.to_string(),
-                            "-j",
-                            &jobs.to_string(),
-                            "-T",
-                            &d,
-                        ],
-                    )?;
-                    let cpu_after = cpu_ticks(self.pids.get(&t).copied());
-                    r.add(&workload, t, "tps", out.tps);
-                    r.add(&workload, t, "latency_ms", out.latency_ms);
-                    if let (Some((ua, sa)), Some((ub, sb))) = (cpu_before, cpu_after) {
-                        if out.transactions > 0 {
-                            let per_txn = |ticks: u64| {
-                                ticks as f64 * 1e6 / clk_tck() / out.transactions as f64
-                            };
-                            r.add(
-                                &workload,
-                                t,
-                                "cpu_us_per_txn",
-                                per_txn((ub - ua) + (sb - sa)),
-                            );
-                            r.add(&workload, t, "sys_us_per_txn", per_txn(sb - sa));
+                    let profile = match &args.perf {
+                        Some(dir) if clients == 8 && relay::profiled(t) => {
+                            Some(relay::Profile::start(dir, t, self.pids[&t], args.duration)?)
                         }
+                        _ => None,
+                    };
+                    self.select_run(&mut r, t, clients, jobs, &d, logs.path())?;
+                    if let Some(p) = profile {
+                        p.finish()?;
                     }
                 }
+            }
+            if args.relay {
+                continue;
             }
             for &t in main
                 .iter()
@@ -819,6 +840,58 @@ impl Bench {
             pool::round(self, args, &mut r)?;
         }
         Ok(r)
+    }
+
+    /// One `pgbench -S` run at `clients`: TPS, average latency and the
+    /// proxy's CPU per transaction (user and system), and at 1 client the
+    /// latency percentiles from pgbench's per-transaction log.
+    fn select_run(
+        &self,
+        r: &mut Results,
+        t: Target,
+        clients: usize,
+        jobs: usize,
+        seconds: &str,
+        logs: &Path,
+    ) -> Result<()> {
+        let workload = format!("select {clients}");
+        let (c, j) = (clients.to_string(), jobs.to_string());
+        let mut extra: Vec<String> = ["-S", "-c", &c, "-j", &j, "-T", seconds]
+            .map(String::from)
+            .to_vec();
+        if clients == 1 {
+            extra.extend(relay::latency_log_args(logs));
+        }
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let cpu_before = cpu_ticks(self.pids.get(&t).copied());
+        let out = self.pgbench(t, &extra)?;
+        let cpu_after = cpu_ticks(self.pids.get(&t).copied());
+        r.add(&workload, t, "tps", out.tps);
+        r.add(&workload, t, "latency_ms", out.latency_ms);
+        if clients == 1 {
+            let lat = relay::take_latencies(logs)?;
+            if let (Some(p50), Some(p99)) =
+                (relay::quantile(&lat, 0.5), relay::quantile(&lat, 0.99))
+            {
+                r.add(&workload, t, "p50_us", p50);
+                r.add(&workload, t, "p99_us", p99);
+            }
+        }
+        if let (Some((ua, sa)), Some((ub, sb))) = (cpu_before, cpu_after) {
+            if out.transactions > 0 {
+                let tck = clk_tck();
+                let per_txn = |ticks: u64| ticks as f64 * 1e6 / tck / out.transactions as f64;
+                r.add(
+                    &workload,
+                    t,
+                    "cpu_us_per_txn",
+                    per_txn((ub - ua) + (sb - sa)),
+                );
+                r.add(&workload, t, "user_us_per_txn", per_txn(ub - ua));
+                r.add(&workload, t, "sys_us_per_txn", per_txn(sb - sa));
+            }
+        }
+        Ok(())
     }
 
     fn pgbench(&self, target: Target, extra: &[&str]) -> Result<PgbenchOut> {
@@ -1188,6 +1261,14 @@ fn report(args: &Args, r: &Results) -> Result<String> {
         s.push_str(&routing::report(r)?);
         return Ok(s);
     }
+    if args.serverless {
+        s.push_str(&serverless::report(args, r)?);
+        return Ok(s);
+    }
+    if args.relay {
+        s.push_str(&relay_section(args, r)?);
+        return Ok(s);
+    }
     writeln!(
         s,
         "| workload | metric | direct | pgbastion | pgbouncer | haproxy |"
@@ -1340,6 +1421,23 @@ fn report(args: &Args, r: &Results) -> Result<String> {
         )?;
     }
     writeln!(s)?;
+    s.push_str(&relay_section(args, r)?);
+    writeln!(s)?;
     s.push_str(&pool::report(r)?);
     Ok(s)
+}
+
+/// The relay-cost section, with its chart written beside the report (a
+/// chart that cannot be drawn is said, not fatal: the tables are the
+/// record).
+fn relay_section(args: &Args, r: &Results) -> Result<String> {
+    let (path, link) = relay::chart_path(&args.output);
+    let chart = match chart::write(r, &relay::proxies(r), &path) {
+        Ok(()) => Some(link),
+        Err(e) => {
+            eprintln!("the chart was not written: {e:#}");
+            None
+        }
+    };
+    relay::report(r, chart.as_deref())
 }

@@ -240,7 +240,7 @@ fn start(bench: &Bench, r: &mut Results) -> Result<Instances> {
         let cfg = dir.join(format!("pgbastion-routing-{routes}.toml"));
         std::fs::write(&cfg, &text)?;
         let started = Instant::now();
-        let child = super::spawn_pgbastion(&exe, &cfg, None)?;
+        let child = super::spawn_pgbastion(&exe, &cfg, None, None)?;
         let pid = child.id();
         inst._procs.push(Proc(child));
         wait_port(port, "pgbastion (routing)")?;

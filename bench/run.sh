@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The benchmark: pgbastion side by side with a direct connection, PgBouncer
 # and HAProxy, in one run (and pgbastion with [cluster] against a Redis). Writes BENCHMARKS.md (see bench/main.rs).
-# Arguments go to the harness: --quick, --rounds N, --duration S, --output F.
+# Arguments go to the harness: --quick, --rounds N, --duration S, --output F,
+# or one comparison alone: --pooling, --routing, --serverless.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 missing=()

@@ -2,8 +2,9 @@
 # The test command (README, and what CI runs through .ci/run).
 #
 # Installs what the tests need when it is missing (PostgreSQL server and
-# client, HAProxy, PgBouncer, Redis and OpenSSL from Debian packages; from
-# PyPI: psycopg, boto3, prometheus_client), then
+# client, HAProxy, PgBouncer, Redis, OpenSSL, Node.js and npm from Debian
+# packages; from PyPI: psycopg, boto3, prometheus_client; from npm: the
+# Node.js test clients and Neon's serverless driver), then
 # checks formatting, lints and import circles, runs every test, builds the
 # manual and checks its links, smoke-runs the benchmark
 # harness, and runs every fuzz target briefly (installing cargo-fuzz). The tests start real PostgreSQL servers; a missing part makes them
@@ -27,6 +28,11 @@ command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 # pgjdbc (and a Java runtime) for prepared statements through a pool.
 command -v java >/dev/null 2>&1 || missing+=(default-jre-headless)
 [ -f /usr/share/java/postgresql.jar ] || missing+=(libpostgresql-jdbc-java)
+# Node.js and npm for the real client drivers (node-postgres; Neon's
+# serverless driver, which wants Node.js 19 or later: the machine's own
+# Node.js is used when there is one).
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
 if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
     # The server refuses to run as root; the package creates its user.
     missing+=(postgresql)
@@ -64,6 +70,13 @@ if [ ! -d tests/clients/node/node_modules/pg ]; then
     (cd tests/clients/node && npm ci --no-audit --no-fund --silent)
 fi
 
+# Neon's serverless driver and ws, for the https listener's WebSocket and
+# SQL-over-HTTP tests (tests/it/serverless.rs).
+if [ ! -d tests/clients/serverless/node_modules/@neondatabase/serverless ]; then
+    echo "installing Neon's serverless driver (npm ci in tests/clients/serverless)"
+    (cd tests/clients/serverless && npm ci --no-audit --no-fund --silent)
+fi
+
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 # Dependencies between modules point one way (docs/design.md, Layout).
@@ -83,6 +96,9 @@ grep -q "pgbench -S, 8 client(s): TPS" "$smoke"
 # ... including the pooling comparison (issue 21: pooled pgbastion vs
 # PgBouncer in transaction mode).
 grep -q "^| pooled select 64 | pgbench -S, 64 clients: TPS | [0-9]" "$smoke"
+# ... and the relay's cost against the peers, with its chart (issue 24).
+grep -q "^| 8 | total µs/tx | [0-9]" "$smoke"
+grep -q "^Chart (TPS and proxy CPU" "$smoke"
 rm -f "$smoke"
 echo "benchmark harness smoke run: ok"
 

@@ -53,6 +53,7 @@ pub mod cluster;
 pub mod config;
 pub(crate) mod crypto;
 pub mod dev;
+pub mod http;
 pub mod identity;
 pub mod limits;
 pub(crate) mod net;

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use pgbastion::cli::report::{self, Backtraces};
-use pgbastion::cli::run::ConfigSource;
+use pgbastion::cli::run::{ConfigSource, SessionThreads};
 use pgbastion::cli::{self, LogFormat};
 use pgbastion::config::{AuditOnFailure, AuthMode, ClientTlsMode, Flags, PoolMode};
 
@@ -211,6 +211,22 @@ struct RunArgs {
     /// first (default 200; 1 to 10000).
     #[arg(long, env = "PGBASTION_MAX_PREPARED_STATEMENTS")]
     max_prepared_statements: Option<usize>,
+    /// Where sessions run. `shared`: one runtime with a worker thread per core, sessions moving
+    /// between workers as they wake. `per-core`: a single-threaded runtime per core, each session
+    /// staying on the thread it was given when accepted, so its wake-ups never cross threads
+    /// (measured: docs/performance.md, "The relay's cost"). Either works with a config file or
+    /// flags; a reload cannot change it.
+    #[arg(long, value_enum, default_value = "shared", env = "PGBASTION_RUNTIME")]
+    runtime: RuntimeArg,
+    /// With --runtime per-core: how many session threads (default: one per core, 1 to 1024).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024), env = "PGBASTION_SESSION_THREADS")]
+    session_threads: Option<u16>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum RuntimeArg {
+    Shared,
+    PerCore,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -255,10 +271,13 @@ fn main() -> ExitCode {
         Ok(log) => log,
         Err(e) => return fail(&e, backtraces),
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if matches!(&cli.command, Command::Run(a) if a.runtime == RuntimeArg::PerCore) {
+        // Sessions have threads of their own; what stays here (accept
+        // loops, admin, reloads, Redis) needs one.
+        builder.worker_threads(1);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => return fail(&e.into(), backtraces),
     };
@@ -278,7 +297,10 @@ fn fail(err: &anyhow::Error, backtraces: Backtraces) -> ExitCode {
 
 async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Run(args) => cli::run::run(args.source()).await?,
+        Command::Run(args) => {
+            let threads = args.session_threads()?;
+            cli::run::run(args.source(), threads).await?
+        }
         Command::Demo(args) => cli::demo(args.port).await?,
         Command::CheckConfig { config } => cli::check_config::check_config(&config)?,
         Command::ScramSecret { iterations } => cli::scram_secret(iterations)?,
@@ -292,6 +314,21 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
 }
 
 impl RunArgs {
+    /// Where sessions run; a thread count without per-core is a mistake
+    /// worth saying, not ignoring.
+    fn session_threads(&self) -> anyhow::Result<SessionThreads> {
+        Ok(match self.runtime {
+            RuntimeArg::Shared if self.session_threads.is_some() => {
+                anyhow::bail!("--session-threads needs --runtime per-core (the shared runtime sizes itself: TOKIO_WORKER_THREADS)")
+            }
+            RuntimeArg::Shared => SessionThreads::Shared,
+            RuntimeArg::PerCore => SessionThreads::PerCore(self.session_threads.map_or_else(
+                || std::thread::available_parallelism().map_or(1, |n| n.get()),
+                usize::from,
+            )),
+        })
+    }
+
     /// A config file, or the flags as one.
     fn source(self) -> ConfigSource {
         if let Some(path) = self.config {

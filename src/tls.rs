@@ -30,6 +30,8 @@ pub use sni::ServerCerts;
 
 /// The ALPN protocol name PostgreSQL uses (required for direct TLS).
 pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
+/// The ALPN protocol name of HTTP/1.1 (https listeners).
+pub const ALPN_HTTP1: &[u8] = b"http/1.1";
 
 #[derive(Debug, Error)]
 pub enum TlsConfigError {
@@ -245,6 +247,19 @@ impl ServedTls {
     /// The certificates the acceptor serves from.
     pub fn certs(&self) -> &ServerCerts {
         &self.certs
+    }
+
+    /// The same certificates and client-certificate checks for an https
+    /// listener: ALPN `http/1.1` instead of `postgresql`, so browsers,
+    /// Node's `fetch` and WebSocket clients (which offer `http/1.1`, or
+    /// `h2` and `http/1.1`) are not refused by the handshake.
+    pub fn for_http(&self) -> ServedTls {
+        let mut config = (**self.acceptor.config()).clone();
+        config.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
+        ServedTls {
+            acceptor: TlsAcceptor::from(Arc::new(config)),
+            certs: self.certs.clone(),
+        }
     }
 
     /// What a TLS client whose SNI was `sni` binds to with

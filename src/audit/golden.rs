@@ -16,6 +16,8 @@ fn facts() -> SessionFacts {
             sni: Some("db.example.com".into()),
             alpn: None,
         })),
+        transport: None,
+        forwarded_by: None,
         requested: Some(Requested {
             user: "app".into(),
             database: "shop".into(),
@@ -48,6 +50,8 @@ fn bare_facts(transport: ClientTransport) -> SessionFacts {
         listener: "public".into(),
         client: ClientAddress::unix(),
         client_tls: Some(transport),
+        transport: None,
+        forwarded_by: None,
         requested: None,
         identity: None,
         proxy: None,

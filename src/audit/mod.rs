@@ -44,6 +44,16 @@ pub enum ClientTransport {
     },
 }
 
+/// What carried a session to an https listener.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Carrier {
+    /// The Postgres byte stream in WebSocket binary frames (`wss`).
+    WebSocket,
+    /// One SQL-over-HTTP request (`POST /sql`), run as a session of its own.
+    Http,
+}
+
 /// Where the client came from.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct ClientAddress {
@@ -154,6 +164,14 @@ pub struct SessionFacts {
     pub client: ClientAddress,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client_tls: Option<ClientTransport>,
+    /// How an https listener carried the session (absent: the PostgreSQL
+    /// protocol on its own socket).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transport: Option<Carrier>,
+    /// The balancer whose `X-Forwarded-For` header stated `client` (only
+    /// from the listener's `http.forwarded_for_trusted` networks).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forwarded_by: Option<ClientAddress>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub requested: Option<Requested>,
     /// Who the client is (see `identity`).

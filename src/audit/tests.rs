@@ -9,6 +9,8 @@ fn rejected_event_shape() {
         listener: "l".into(),
         client: ClientAddress::tcp("127.0.0.1:5000".parse().unwrap()),
         client_tls: Some(ClientTransport::Plaintext),
+        transport: None,
+        forwarded_by: None,
         requested: None,
         identity: None,
         proxy: None,

@@ -32,6 +32,7 @@ pub mod identity_login;
 pub mod login;
 pub mod mock_key;
 pub mod passthrough;
+pub mod proven_keys;
 pub mod rds_iam;
 pub mod scram;
 pub mod secrets;

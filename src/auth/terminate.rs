@@ -10,11 +10,14 @@
 
 use std::time::Duration;
 
+use subtle::ConstantTimeEq;
+
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::audit::event::{LegAuth, Mechanism, RejectReason};
 use crate::auth::auth_query::AuthQueryError;
 use crate::auth::login::LoginError;
+use crate::auth::proven_keys;
 use crate::auth::scram::{self, Offer, Proven, ScramError, ServerExchange, Verifier};
 use crate::auth::secrets::StoredSecret;
 use crate::auth::source::SourceName;
@@ -284,6 +287,101 @@ where
     }
 }
 
+/// Checks the cleartext password a carried client sent with its
+/// StartupMessage (the Neon driver's `pipelineConnect: "password"`, and
+/// every SQL-over-HTTP request) against `verifier`, the way a SCRAM
+/// server would: SaltedPassword with the verifier's salt and iterations
+/// (off the async workers), ClientKey, StoredKey, compared in constant
+/// time. The ClientKey is then all pgbastion needs to log in to the
+/// server with SCRAM (bound to the server's certificate), exactly as for
+/// a client that ran SCRAM itself; the password is dropped here.
+///
+/// Only for streams inside TLS (a WebSocket's `wss`, HTTPS): the caller
+/// never takes this path for a plaintext client. AuthenticationCleartext-
+/// Password is still sent first, as a server would (the driver has
+/// already answered it and ignores it).
+pub async fn prove_cleartext<C>(
+    client: &mut C,
+    buf: &mut Vec<u8>,
+    user: &str,
+    verifier: &Verifier,
+    kind: VerifierKind,
+    leg: &mut Option<LegAuth>,
+) -> Result<Proven, AuthError>
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    *leg = Some(LegAuth {
+        mechanism: Mechanism::Password,
+        channel_binding: false,
+    });
+    let mut password = read_cleartext(client, buf).await?;
+    let client_key = cleartext_client_key(&password, verifier, kind).await;
+    password.iter_mut().for_each(|b| *b = 0);
+    let Some(client_key) = client_key? else {
+        return Err(AuthError::Failed {
+            user: user.to_owned(),
+            verifier: kind,
+        });
+    };
+    Ok(Proven {
+        client_key,
+        server_final: None,
+        channel_bound: false,
+    })
+}
+
+/// The ClientKey `password` proves against `verifier`, or None when it
+/// does not match. A password proven recently (`proven_keys`) skips the
+/// derivation; a mock verifier never matches and is never remembered.
+async fn cleartext_client_key(
+    password: &[u8],
+    verifier: &Verifier,
+    kind: VerifierKind,
+) -> Result<Option<crate::crypto::Hash>, AuthError> {
+    let (salt, iterations) = (&verifier.salt, verifier.iterations);
+    if kind != VerifierKind::Mock {
+        if let Some(key) = proven_keys::recall(password, salt, iterations, &verifier.stored_key) {
+            return Ok(Some(key));
+        }
+    }
+    let salted = crate::auth::derive::salted_password(password, salt, iterations).await?;
+    let client_key = crate::crypto::hmac(&salted, b"Client Key");
+    let matches = crate::crypto::sha256(&client_key).ct_eq(&verifier.stored_key);
+    if !bool::from(matches) || kind == VerifierKind::Mock {
+        return Ok(None);
+    }
+    proven_keys::remember(password, salt, iterations, client_key);
+    Ok(Some(client_key))
+}
+
+/// Asks for a cleartext password (AuthenticationCleartextPassword) and
+/// reads the client's PasswordMessage: the password, which the caller
+/// wipes once used.
+pub async fn read_cleartext<C>(client: &mut C, buf: &mut Vec<u8>) -> Result<Vec<u8>, AuthError>
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    wire::send(client, &message::authentication_cleartext_password()).await?;
+    let mut body = read_sasl(client, buf).await?;
+    let password = message::parse_password(&body)
+        .map(<[u8]>::to_vec)
+        .map_err(WireError::from);
+    body.iter_mut().for_each(|b| *b = 0);
+    Ok(password?)
+}
+
+/// Reads and wipes a PasswordMessage nobody asked for (a carried client
+/// pipelines one even where pgbastion logs in by identity).
+pub async fn discard_cleartext<C>(client: &mut C, buf: &mut Vec<u8>) -> Result<(), AuthError>
+where
+    C: AsyncRead + Unpin + ?Sized,
+{
+    let mut body = read_sasl(client, buf).await?;
+    body.iter_mut().for_each(|b| *b = 0);
+    Ok(())
+}
+
 /// Reads the client's next SASL message ('p'), bounded in size.
 async fn read_sasl<C>(client: &mut C, buf: &mut Vec<u8>) -> Result<Vec<u8>, AuthError>
 where
@@ -306,7 +404,10 @@ pub async fn welcome_client<C>(client: &mut C, proven: &Proven) -> Result<(), Wi
 where
     C: AsyncWrite + Unpin + ?Sized,
 {
-    let mut out = message::authentication_sasl_data(true, proven.server_final.as_bytes());
+    let mut out = match &proven.server_final {
+        Some(server_final) => message::authentication_sasl_data(true, server_final.as_bytes()),
+        None => Vec::new(),
+    };
     out.extend(message::authentication_ok());
     wire::send(client, &out).await
 }

@@ -22,10 +22,16 @@ pub fn check_config(path: &Path) -> Result<()> {
             Some(u) => format!("upstream {:?}", config.upstreams[u].name),
             None => "routes only".to_owned(),
         };
-        println!(
-            "  listener {:?} on {} (client TLS: {:?}) -> {to}",
-            l.name, l.bind, l.client_tls
-        );
+        match &l.protocol {
+            crate::config::ListenerProtocol::Postgres => println!(
+                "  listener {:?} on {} (client TLS: {:?}) -> {to}",
+                l.name, l.bind, l.client_tls
+            ),
+            crate::config::ListenerProtocol::Https(h) => println!(
+                "  listener {:?} on {} (https: WebSocket and POST /sql; {} WebSockets, {} requests at once) -> {to}",
+                l.name, l.bind, h.max_websockets, h.max_requests
+            ),
+        }
     }
     describe_routes(&config);
     for u in &config.upstreams {

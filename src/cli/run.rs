@@ -35,15 +35,27 @@ impl ConfigSource {
     }
 }
 
+/// Where sessions run (`--runtime`): on the runtime `run` is called on, or
+/// on a single-threaded runtime per core (`server::Cores`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionThreads {
+    Shared,
+    PerCore(usize),
+}
+
 /// Binds every listener and serves until SIGTERM/SIGINT.
-pub async fn run(source: ConfigSource) -> Result<()> {
+pub async fn run(source: ConfigSource, threads: SessionThreads) -> Result<()> {
     let (config, config_path) = source.load()?;
     check_open_files(&config);
     for warning in config.warnings() {
         tracing::warn!("{warning}");
     }
     let initial = config.clone();
-    let server = Server::bind(config).await?;
+    let mut server = Server::bind(config).await?;
+    if let SessionThreads::PerCore(n) = threads {
+        server = server.with_cores(server::Cores::start(n)?);
+        tracing::info!(threads = n, "sessions run thread-per-core");
+    }
     for (name, addr) in server.local_addrs() {
         tracing::info!(listener = %name, address = %addr, "bound");
     }

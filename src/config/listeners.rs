@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 use super::error::{ConfigError, Section};
+use super::http::{ListenerProtocol, ListenerProtocolName};
 use super::raw::RawListener;
 use super::{ClientTlsConfig, UpstreamConfig};
 use crate::identity::cert::{CertName, DEFAULT_ORDER};
@@ -90,6 +91,8 @@ pub struct ListenerConfig {
     /// Index into `Config::upstreams`: where sessions go when no
     /// `[[route]]` matches (None: only routed sessions are served).
     pub upstream: Option<usize>,
+    /// The PostgreSQL protocol, or HTTPS (WebSocket and SQL over HTTP).
+    pub protocol: ListenerProtocol,
 }
 
 /// How a listener establishes who its clients are.
@@ -130,6 +133,7 @@ impl RawListener {
         let upstream = self.upstream_index(&at, upstreams, routed)?;
         let identity = self.identity(&at)?;
         self.check_proxy_protocol(&at, &bind)?;
+        let protocol = self.protocol(&at, &bind)?;
         Ok(ListenerConfig {
             name,
             bind,
@@ -139,7 +143,35 @@ impl RawListener {
             proxy_protocol: self.proxy_protocol,
             proxy_trusted: self.proxy_trusted,
             upstream,
+            protocol,
         })
+    }
+
+    /// An https listener is TCP and always TLS (the WebSocket's `wss` and
+    /// HTTPS are the client leg's protection); `[listener.http]` belongs
+    /// to https listeners only.
+    fn protocol(&self, at: &Section, bind: &BindAddress) -> Result<ListenerProtocol, ConfigError> {
+        match self.protocol {
+            ListenerProtocolName::Postgres => match self.http {
+                Some(_) => Err(at.key("http").invalid("is only for protocol = \"https\"")),
+                None => Ok(ListenerProtocol::Postgres),
+            },
+            ListenerProtocolName::Https => {
+                if matches!(bind, BindAddress::Unix(_)) {
+                    return Err(at.key("protocol").invalid(
+                        "\"https\" needs a TCP listener (`listen = \"IP:PORT\"`), not unix_dir",
+                    ));
+                }
+                if self.client_tls == Some(ClientTlsMode::Allow) {
+                    return Err(at.key("client_tls").invalid(
+                        "an https listener is always TLS; remove client_tls = \"allow\"",
+                    ));
+                }
+                let settings = self.http.clone().unwrap_or_default();
+                settings.check(at)?;
+                Ok(ListenerProtocol::Https(settings))
+            }
+        }
     }
 
     fn bind(&self, at: &Section) -> Result<BindAddress, ConfigError> {

@@ -22,6 +22,7 @@ mod credentials;
 mod error;
 mod flags;
 mod forward;
+mod http;
 mod limits;
 mod listeners;
 mod raw;
@@ -40,6 +41,7 @@ pub use credentials::{CredentialConfig, CredentialSource, RdsIamConfig};
 pub use error::{ConfigError, KeyPath, Section};
 pub use flags::Flags;
 pub use forward::FORWARD_PLACEHOLDERS;
+pub use http::{HttpSettings, ListenerProtocol, ListenerProtocolName};
 pub use limits::{Limits, Timeouts};
 pub use listeners::{
     BindAddress, CancelPlaintext, ClientCertMode, ClientTlsMode, ListenerConfig, ListenerIdentity,

@@ -166,6 +166,9 @@ pub(super) struct RawListener {
     pub(super) proxy_protocol: ProxyProtocol,
     #[serde(default)]
     pub(super) proxy_trusted: Vec<ipnet::IpNet>,
+    #[serde(default)]
+    pub(super) protocol: super::http::ListenerProtocolName,
+    pub(super) http: Option<super::http::HttpSettings>,
 }
 
 /// A `[[route]]` as written.

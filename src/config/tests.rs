@@ -938,3 +938,56 @@ fn tls_sni_names_are_lowercase_dns_names_or_wildcards_each_in_one_entry() {
     let err = with("[[tls.sni]]\nnames = [\"a.test\"]\ncert = \"a.crt\"\n").unwrap_err();
     assert!(err.to_string().contains("key"), "{err}");
 }
+
+#[test]
+fn https_listeners_take_their_http_table_and_refuse_what_they_cannot_serve() {
+    let https = |keys: &str| {
+        Config::from_toml(&format!(
+            r#"
+            [tls]
+            cert = "proxy.crt"
+            key = "proxy.key"
+
+            [[listener]]
+            name = "web"
+            listen = "127.0.0.1:8443"
+            protocol = "https"
+            {keys}
+
+            [[upstream]]
+            address = "db.example.com:5432"
+            ca_file = "ca.pem"
+            "#
+        ))
+    };
+    let c = https("").unwrap();
+    match &c.listeners[0].protocol {
+        ListenerProtocol::Https(h) => assert_eq!(h, &HttpSettings::default()),
+        other => panic!("{other:?}"),
+    }
+    let c = https("[listener.http]\nmax_request_bytes = 1024\nrequest_timeout = \"5s\"").unwrap();
+    let ListenerProtocol::Https(h) = &c.listeners[0].protocol else {
+        panic!("https")
+    };
+    assert_eq!(h.max_request_bytes, 1024);
+    assert_eq!(h.request_timeout, Duration::from_secs(5));
+    let err = https("client_tls = \"allow\"").unwrap_err().to_string();
+    assert!(err.contains("always TLS"), "{err}");
+    let err = https("[listener.http]\nmax_requests = 0")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("listener \"web\".http.max_requests"), "{err}");
+    let err = https("[listener.http]\nmax_reqests = 1")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("max_reqests"), "{err}");
+    // `[listener.http]` only on https listeners.
+    let err = Config::from_toml(&format!("{MINIMAL}\n[listener.http]\nmax_requests = 1"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("only for protocol = \"https\""), "{err}");
+    assert_eq!(
+        Config::from_toml(MINIMAL).unwrap().listeners[0].protocol,
+        ListenerProtocol::Postgres
+    );
+}

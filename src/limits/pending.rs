@@ -71,6 +71,46 @@ impl PendingPermit {
     }
 }
 
+/// The pending slot of a connection that may start more than one session
+/// (an https listener's: each WebSocket upgrade is a session of its own),
+/// with the slots to take a new one from once the first is given back.
+pub(crate) struct ConnectionPending {
+    held: Option<PendingPermit>,
+    slots: Arc<PendingSlots>,
+}
+
+impl ConnectionPending {
+    pub(crate) fn new(permit: PendingPermit, slots: Arc<PendingSlots>) -> Self {
+        ConnectionPending {
+            held: Some(permit),
+            slots,
+        }
+    }
+
+    /// The permit the connection arrived with, while it is held.
+    pub(crate) fn held_mut(&mut self) -> Option<&mut PendingPermit> {
+        self.held.as_mut()
+    }
+
+    /// Gives the connection's permit back: what it serves next is not a
+    /// session waiting to authenticate.
+    pub(crate) fn release(&mut self) {
+        self.held = None;
+    }
+
+    /// A permit for a new session of the connection, from `ip`: the one it
+    /// arrived with if still held, else a new one under the same limits.
+    pub(crate) fn for_session(
+        &mut self,
+        ip: Option<IpAddr>,
+    ) -> Result<PendingPermit, PendingRefusal> {
+        match self.held.take() {
+            Some(permit) => Ok(permit),
+            None => self.slots.try_acquire(ip),
+        }
+    }
+}
+
 /// Why a connection got no pending slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum PendingRefusal {
@@ -165,6 +205,31 @@ mod tests {
             "a dropped permit frees both"
         );
         assert_eq!(PendingRefusal::Listener.limit(), "limits.max_pending");
+    }
+
+    /// An https connection: its first permit serves its first WebSocket;
+    /// once given back, each later WebSocket session is counted anew.
+    #[test]
+    fn a_connection_counts_each_session_it_starts() {
+        let per_address = KeyedSlots::default();
+        let slots = Arc::new(PendingSlots::new(&per_address, &limits(10, 2)));
+        let mut conn = ConnectionPending::new(slots.try_acquire(Some(A)).unwrap(), slots.clone());
+        let _other = slots.try_acquire(Some(A)).unwrap();
+        // The permit it arrived with serves the first session ...
+        let first = conn.for_session(Some(A)).unwrap();
+        // ... and the next must find a place of its own: A has none.
+        assert_eq!(
+            conn.for_session(Some(A)).err(),
+            Some(PendingRefusal::Address)
+        );
+        drop(first);
+        let _second = conn.for_session(Some(A)).unwrap();
+        // A connection that gave its permit back holds no place.
+        let mut idle = ConnectionPending::new(slots.try_acquire(Some(B)).unwrap(), slots.clone());
+        idle.release();
+        assert!(idle.held_mut().is_none());
+        let _b1 = slots.try_acquire(Some(B)).unwrap();
+        let _b2 = slots.try_acquire(Some(B)).unwrap();
     }
 
     #[test]

@@ -45,6 +45,7 @@ const AUTH_SASL: u32 = 10;
 const AUTH_SASL_CONTINUE: u32 = 11;
 const AUTH_SASL_FINAL: u32 = 12;
 const AUTH_MD5: u32 = 5;
+const AUTH_CLEARTEXT: u32 = 3;
 
 /// A human name for an authentication request code, for messages that
 /// say what a server asked for.
@@ -296,6 +297,11 @@ pub fn authentication_sasl(mechanisms: &[String]) -> Vec<u8> {
     build(tag::AUTHENTICATION, &body)
 }
 
+/// AuthenticationCleartextPassword.
+pub fn authentication_cleartext_password() -> Vec<u8> {
+    build(tag::AUTHENTICATION, &AUTH_CLEARTEXT.to_be_bytes())
+}
+
 /// AuthenticationOk.
 pub fn authentication_ok() -> Vec<u8> {
     build(tag::AUTHENTICATION, &AUTH_OK.to_be_bytes())
@@ -335,6 +341,16 @@ pub fn password_message(password: &[u8]) -> Vec<u8> {
     let mut body = password.to_vec();
     body.push(0);
     build(tag::PASSWORD, &body)
+}
+
+/// The password of a PasswordMessage body: everything before its NUL,
+/// which must be the body's last byte (a SASLInitialResponse, which has
+/// bytes after its first NUL, is not a password).
+pub fn parse_password(body: &[u8]) -> Result<&[u8], MessageError> {
+    match body.iter().position(|b| *b == 0) {
+        Some(end) if end + 1 == body.len() => Ok(&body[..end]),
+        _ => Err(MessageError::Malformed("PasswordMessage")),
+    }
 }
 
 /// Parses a SASLInitialResponse body: the mechanism name and the initial

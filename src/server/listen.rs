@@ -14,12 +14,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
+use super::cores::{Cores, Detached};
 use super::error::ServerError;
 use super::state::{AcceptLoop, Accepting, ListenerInfo, Shared};
 use crate::audit::ClientAddress;
 use crate::config::{BindAddress, ProxyProtocol};
 use crate::limits::keyed_slots::KeyedSlots;
-use crate::limits::pending::{LiveLimits, PendingPermit, PendingSlots};
+use crate::limits::pending::{ConnectionPending, LiveLimits, PendingPermit, PendingSlots};
 use crate::stream::BoxedIo;
 
 pub(super) enum Socket {
@@ -32,7 +33,7 @@ pub(super) enum Socket {
 pub(super) struct Listener {
     pub name: String,
     pub socket: Socket,
-    pending: PendingSlots,
+    pending: Arc<PendingSlots>,
 }
 
 impl Listener {
@@ -47,7 +48,7 @@ impl Listener {
         Ok(Listener {
             name: name.to_owned(),
             socket: bind_socket(name, bind)?,
-            pending: PendingSlots::new(per_address, limits),
+            pending: Arc::new(PendingSlots::new(per_address, limits)),
         })
     }
 
@@ -116,9 +117,14 @@ pub(super) enum StopReason {
 impl Accepting {
     /// No loops yet; sessions are spawned on `sessions`, and every loop
     /// ends when `stop` is cancelled.
-    pub(super) fn new(sessions: TaskTracker, stop: CancellationToken) -> Accepting {
+    pub(super) fn new(
+        sessions: TaskTracker,
+        cores: Option<Arc<Cores>>,
+        stop: CancellationToken,
+    ) -> Accepting {
         Accepting {
             sessions,
+            cores,
             stop,
             loops: HashMap::new(),
         }
@@ -132,7 +138,13 @@ impl Accepting {
         };
         info!(listener = %l.name, "listening");
         let name = l.name.clone();
-        let task = tokio::spawn(accept_loop(l, shared, self.sessions.clone(), own.clone()));
+        let task = tokio::spawn(accept_loop(
+            l,
+            shared,
+            self.sessions.clone(),
+            self.cores.clone(),
+            own.clone(),
+        ));
         self.loops.insert(
             name,
             AcceptLoop {
@@ -174,6 +186,7 @@ async fn accept_loop(
     l: Listener,
     shared: Arc<Shared>,
     sessions: TaskTracker,
+    cores: Option<Arc<Cores>>,
     stop: CancellationToken,
 ) {
     loop {
@@ -194,14 +207,19 @@ async fn accept_loop(
         let Some((info, permit)) = admit(&l, &shared, accepted.peer) else {
             continue;
         };
-        sessions.spawn(crate::session::handle(
-            accepted.io,
-            accepted.peer,
-            accepted.local,
-            info,
-            shared.clone(),
-            permit,
-        ));
+        let (peer, local, shared) = (accepted.peer, accepted.local, shared.clone());
+        let cores = cores.as_deref();
+        if info.http.is_some() {
+            let pending = ConnectionPending::new(permit, l.pending.clone());
+            let tracker = sessions.clone();
+            spawn_on(cores, &sessions, accepted.io, move |io| {
+                crate::http::serve::connection(io, peer, local, info, shared, pending, tracker)
+            });
+            continue;
+        }
+        spawn_on(cores, &sessions, accepted.io, move |io| {
+            crate::session::handle(io, peer, local, info, shared, permit)
+        });
     }
 }
 
@@ -251,10 +269,50 @@ pub(crate) fn canonical(addr: SocketAddr) -> SocketAddr {
 
 /// One accepted connection; the addresses are None for Unix sockets.
 struct Accepted {
-    io: BoxedIo,
+    io: Conn,
     peer: Option<SocketAddr>,
     /// The address the client connected to (PROXY headers carry it on).
     local: Option<SocketAddr>,
+}
+
+/// An accepted socket, still registered with the shared runtime.
+enum Conn {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+impl Conn {
+    fn boxed(self) -> BoxedIo {
+        match self {
+            Conn::Tcp(s) => Box::new(s),
+            Conn::Unix(s) => Box::new(s),
+        }
+    }
+
+    /// Off the shared runtime's reactor, for a core to register.
+    fn detach(self) -> std::io::Result<Detached> {
+        Ok(match self {
+            Conn::Tcp(s) => Detached::Tcp(s.into_std()?),
+            Conn::Unix(s) => Detached::Unix(s.into_std()?),
+        })
+    }
+}
+
+/// Starts a connection's task: on the shared runtime, or with `cores` on
+/// the least loaded core (issue 24).
+fn spawn_on<F, Fut>(cores: Option<&Cores>, sessions: &TaskTracker, conn: Conn, task: F)
+where
+    F: FnOnce(BoxedIo) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let Some(cores) = cores else {
+        sessions.spawn(task(conn.boxed()));
+        return;
+    };
+    match conn.detach() {
+        Ok(detached) => cores.spawn(sessions, detached, task),
+        Err(e) => warn!(error = %e, "cannot hand an accepted connection to a core; closed"),
+    }
 }
 
 async fn accept(socket: &Socket) -> std::io::Result<Accepted> {
@@ -264,7 +322,7 @@ async fn accept(socket: &Socket) -> std::io::Result<Accepted> {
             crate::net::tune_tcp(&tcp);
             let local = tcp.local_addr().ok().map(canonical);
             Ok(Accepted {
-                io: Box::new(tcp),
+                io: Conn::Tcp(tcp),
                 peer: Some(canonical(addr)),
                 local,
             })
@@ -272,7 +330,7 @@ async fn accept(socket: &Socket) -> std::io::Result<Accepted> {
         Socket::Unix(u, _) => {
             let (s, _) = u.accept().await?;
             Ok(Accepted {
-                io: Box::new(s),
+                io: Conn::Unix(s),
                 peer: None,
                 local: None,
             })

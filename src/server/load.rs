@@ -14,7 +14,8 @@ use super::router::Router;
 use super::state::ListenerInfo;
 use crate::admin::metrics::Metrics;
 use crate::auth::credentials::Credentials;
-use crate::config::{ClientCertMode, Config, CredentialSource, ListenerIdentity};
+use crate::config::{ClientCertMode, Config, CredentialSource, ListenerIdentity, ListenerProtocol};
+use crate::http::HttpListener;
 use crate::tls::{self, ServedTls, ServerCerts};
 
 /// How audit lines are chained: an HMAC under `audit.chain_key_file`
@@ -115,9 +116,10 @@ fn served_tls(
                 }),
                 _ => None,
             };
+            let https = matches!(l.protocol, ListenerProtocol::Https(_));
             certs
                 .acceptor(tls_cfg.min_version, auth)
-                .map(Some)
+                .map(|served| Some(if https { served.for_http() } else { served }))
                 .map_err(|source| ServerError::Listener {
                     name: l.name.clone(),
                     source,
@@ -157,6 +159,12 @@ pub(super) fn listener_infos(
                 cancel_plaintext: l.cancel_plaintext,
                 route: l.upstream.map(|u| routes[u].clone()),
                 router: router.clone(),
+                http: match &l.protocol {
+                    ListenerProtocol::Https(settings) => {
+                        Some(Arc::new(HttpListener::new(settings.clone())))
+                    }
+                    ListenerProtocol::Postgres => None,
+                },
             })
         })
         .collect()

@@ -10,6 +10,7 @@
 //! (swapping a new configuration in, and the file watch), `error`.
 
 mod console;
+mod cores;
 mod error;
 mod listen;
 mod load;
@@ -39,6 +40,7 @@ use crate::relay::ShutdownPhase;
 use crate::sync::MutexExt;
 use route::Route;
 
+pub use cores::Cores;
 pub use error::ServerError;
 pub(crate) use listen::canonical;
 use listen::Listener;
@@ -57,6 +59,7 @@ pub struct Server {
     listeners: Vec<Listener>,
     drain: Duration,
     admin: Option<(TcpListener, AdminConfig)>,
+    cores: Option<Arc<Cores>>,
 }
 
 impl Server {
@@ -104,7 +107,15 @@ impl Server {
             listeners,
             drain: config.timeouts.shutdown_drain,
             admin,
+            cores: None,
         })
+    }
+
+    /// Runs every session on `cores` (thread-per-core) instead of the
+    /// runtime `run` is called on.
+    pub fn with_cores(mut self, cores: Cores) -> Server {
+        self.cores = Some(Arc::new(cores));
+        self
     }
 
     /// A handle to end every session at once while draining.
@@ -132,7 +143,10 @@ impl Server {
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let stop = CancellationToken::new();
         let sessions = TaskTracker::new();
-        let mut accepting = Accepting::new(sessions.clone(), stop.clone());
+        // Kept until the drain is over: the cores stop when the last
+        // holder lets go, and sessions run on them until then.
+        let cores = self.cores;
+        let mut accepting = Accepting::new(sessions.clone(), cores.clone(), stop.clone());
         for l in self.listeners {
             accepting.start(l, self.shared.clone());
         }
@@ -165,6 +179,10 @@ impl Server {
         }
         final_words(&self.shared);
         admin_stop.cancel();
+        if let Some(cores) = cores {
+            // Joining the core threads blocks; they stop at once.
+            let _ = tokio::task::spawn_blocking(move || drop(cores)).await;
+        }
     }
 }
 

@@ -299,6 +299,8 @@ pub(crate) struct ListenerInfo {
     pub route: Option<Arc<Route>>,
     /// The `[[route]]` table of the configuration it was made with.
     pub router: Arc<super::router::Router>,
+    /// An https listener's limits and what they count (None: Postgres).
+    pub http: Option<Arc<crate::http::HttpListener>>,
 }
 
 impl ListenerInfo {
@@ -323,6 +325,8 @@ impl ListenerInfo {
 /// `listen`, which implements them).
 pub(super) struct Accepting {
     pub(super) sessions: TaskTracker,
+    /// With `--runtime per-core`, where sessions run.
+    pub(super) cores: Option<Arc<super::cores::Cores>>,
     pub(super) stop: CancellationToken,
     /// Each listener's own stop, its Unix socket path (removed when it
     /// stops) and its task.

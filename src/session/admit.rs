@@ -276,7 +276,7 @@ impl Session {
         mut conn: ClientConn,
         admin: bool,
         identity: String,
-        pending: PendingPermit,
+        pending: Option<PendingPermit>,
     ) {
         if !admin || !self.is_person() {
             let err = SessionError::NotAdmin { identity };

@@ -109,6 +109,20 @@ impl Session {
                     AuthPhase::after_login(std::mem::take(&mut conn.buf), server_leftover, cancel);
                 (phase, SessionPlace::Taken(slot))
             }
+            LoginPlan::Password { password } => {
+                let login =
+                    password_log_in(&mut conn.io, server, binding, user, password.bytes(), facts);
+                let server_leftover = match timeout_at(deadline, login).await {
+                    Ok(Ok(leftover)) => leftover,
+                    Ok(Err(e)) => return Err(Exit::refused_in_login(e, facts)),
+                    Err(_) => return Err(Exit::refused_in_login(AuthError::Timeout(limit), facts)),
+                };
+                // The server said AuthenticationOk: the session's place.
+                let slot = self.session_slot(facts)?;
+                let phase =
+                    AuthPhase::after_login(std::mem::take(&mut conn.buf), server_leftover, cancel);
+                (phase, SessionPlace::Taken(slot))
+            }
             LoginPlan::Identity { credential, slot } => {
                 let target = LoginTarget {
                     host: &admitted.route.upstream.config.host,
@@ -165,7 +179,7 @@ impl Session {
             };
         }
         facts.outcome = auth.outcome.clone();
-        if facts.mode == LoginMode::Passthrough {
+        if facts.mode == LoginMode::Passthrough && auth.mechanism.is_some() {
             // One exchange, end to end: the same mechanism on both legs,
             // never bound (pgbastion refuses -PLUS in this mode).
             let leg = auth.mechanism.take().map(|mechanism| LegAuth {
@@ -217,6 +231,39 @@ where
         .map_err(|e| AuthError::from_server(e, user, &proven.source))?;
     facts.server = Some(server_leg);
     terminate::welcome_client(client, &proven.proven).await?;
+    facts.outcome = AuthOutcome::Ok;
+    Ok(server_buf)
+}
+
+/// Passthrough for a carried client that pipelined its password: log in
+/// with it (the server judges it), then tell the client AuthenticationOk.
+/// A refusal is the server's own ErrorResponse, passed on as it is.
+pub(super) async fn password_log_in<C, S>(
+    client: &mut C,
+    server: &mut S,
+    binding: Option<Vec<u8>>,
+    user: &str,
+    password: &[u8],
+    facts: &mut AuthFacts,
+) -> Result<Vec<u8>, AuthError>
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    S: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let mut server_buf = Vec::new();
+    let mut early = Vec::new();
+    let first = login::first_request(server, &mut server_buf, |m| early.extend(m))
+        .await
+        .map_err(AuthError::before_proof)?;
+    if !early.is_empty() {
+        wire::send(client, &early).await?;
+    }
+    let credential = Credential::Password(password);
+    let leg = login::complete(server, &mut server_buf, user, first, binding, &credential)
+        .await
+        .map_err(AuthError::before_proof)?;
+    facts.server = Some(leg);
+    wire::send(client, &message::authentication_ok()).await?;
     facts.outcome = AuthOutcome::Ok;
     Ok(server_buf)
 }

@@ -46,6 +46,27 @@ pub(super) enum LoginPlan {
         credential: Found,
         slot: KeyedPermit<()>,
     },
+    /// Passthrough with a carried client that pipelined its password
+    /// (`ClientConn::pipelined_password`): the server cannot be asked to
+    /// take a cleartext password its SCRAM exchange did not ask for, so
+    /// pgbastion logs in with it (SCRAM, bound to the server's certificate
+    /// where offered) and the server alone decides, as in passthrough.
+    Password { password: ClientPassword },
+}
+
+/// A carried client's cleartext password, wiped when dropped.
+pub(super) struct ClientPassword(Vec<u8>);
+
+impl ClientPassword {
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for ClientPassword {
+    fn drop(&mut self) {
+        self.0.iter_mut().for_each(|b| *b = 0);
+    }
 }
 
 impl LoginPlan {
@@ -57,7 +78,7 @@ impl LoginPlan {
                 Held::ClientCert { connector, .. } => Some(connector),
                 _ => None,
             },
-            LoginPlan::Passthrough | LoginPlan::Scram { .. } => None,
+            LoginPlan::Passthrough | LoginPlan::Scram { .. } | LoginPlan::Password { .. } => None,
         }
     }
 }
@@ -91,6 +112,15 @@ struct FoundVerifier {
     proof_only: Option<Throttled>,
 }
 
+/// The client leg of a carried client that sent its password in the
+/// clear (inside TLS).
+fn note_password_leg(facts: &mut AuthFacts) {
+    facts.client = Some(crate::audit::LegAuth {
+        mechanism: crate::audit::event::Mechanism::Password,
+        channel_binding: false,
+    });
+}
+
 impl Session {
     /// Stage 3: the login plan, with the client's side of it done.
     pub(super) async fn plan_login(
@@ -110,8 +140,24 @@ impl Session {
                     .map_err(|e| Exit::refused_in_login(e, facts))?;
                 // Known by certificate or tailnet: authenticated now.
                 facts.credential = Some(credential.kind);
+                if conn.pipelined_password() {
+                    // Sent unasked (the serverless driver always does):
+                    // read and wiped, never forwarded to the server.
+                    let (io, buf) = (&mut conn.io, &mut conn.buf);
+                    let discarding = terminate::discard_cleartext(io, buf);
+                    self.client_step(deadline, discarding, facts).await?;
+                }
                 let slot = self.session_slot(facts)?;
                 Ok(LoginPlan::Identity { credential, slot })
+            }
+            (Login::Password, RouteAuth::Passthrough) if conn.pipelined_password() => {
+                note_password_leg(facts);
+                let (io, buf) = (&mut conn.io, &mut conn.buf);
+                let taking = terminate::read_cleartext(io, buf);
+                let password = self.client_step(deadline, taking, facts).await?;
+                Ok(LoginPlan::Password {
+                    password: ClientPassword(password),
+                })
             }
             (Login::Password, RouteAuth::Passthrough) => Ok(LoginPlan::Passthrough),
             (Login::Password, RouteAuth::Scram(scram)) => {
@@ -131,10 +177,30 @@ impl Session {
         }
     }
 
+    /// One read of the client's during login, bounded by the
+    /// authentication deadline and by shutdown.
+    async fn client_step<T>(
+        &self,
+        deadline: tokio::time::Instant,
+        step: impl std::future::Future<Output = Result<T, AuthError>>,
+        facts: &AuthFacts,
+    ) -> Result<T, Exit> {
+        let bounded = timeout_at(deadline, step);
+        match unless_shutdown(&self.shared.clone(), bounded).await {
+            Some(Ok(Ok(done))) => Ok(done),
+            Some(Ok(Err(e))) => Err(Exit::refused_in_login(e, facts)),
+            Some(Err(_)) => {
+                let e = AuthError::Timeout(self.settings.timeouts.authentication);
+                Err(Exit::refused_in_login(e, facts))
+            }
+            None => Err(Exit::refused_in_login(SessionError::ShuttingDown, facts)),
+        }
+    }
+
     /// The session's place under `limits.max_sessions`, for a client
     /// authenticated by pgbastion (issue 19 item 8: counted only once
     /// authenticated, so strangers never take the places of sessions).
-    fn session_slot(&self, facts: &AuthFacts) -> Result<KeyedPermit<()>, Exit> {
+    pub(super) fn session_slot(&self, facts: &AuthFacts) -> Result<KeyedPermit<()>, Exit> {
         let max_sessions = self.shared.limits.max_sessions.load(Ordering::SeqCst);
         self.shared
             .sessions
@@ -245,22 +311,30 @@ impl Session {
         facts: &mut AuthFacts,
     ) -> Result<ProvenClient, AuthError> {
         let found = self.find_verifier(scram, upstream, user).await?;
-        let offer = Offer {
-            binding: conn.binding.as_deref(),
+        let kind = match found.of {
+            VerifierOf::Known(_) => VerifierKind::Users,
+            VerifierOf::Unknown | VerifierOf::Unusable(..) => VerifierKind::Mock,
         };
-        let proved = terminate::prove_client(
-            &mut conn.io,
-            &mut conn.buf,
-            offer,
-            user,
-            &found.verifier,
-            match found.of {
-                VerifierOf::Known(_) => VerifierKind::Users,
-                VerifierOf::Unknown | VerifierOf::Unusable(..) => VerifierKind::Mock,
-            },
-            &mut facts.client,
-        )
-        .await;
+        let proved = if conn.pipelined_password() {
+            let (io, buf) = (&mut conn.io, &mut conn.buf);
+            terminate::prove_cleartext(io, buf, user, &found.verifier, kind, &mut facts.client)
+                .await
+        } else {
+            let offer = Offer {
+                binding: conn.binding.as_deref(),
+            };
+            let (io, buf) = (&mut conn.io, &mut conn.buf);
+            terminate::prove_client(
+                io,
+                buf,
+                offer,
+                user,
+                &found.verifier,
+                kind,
+                &mut facts.client,
+            )
+            .await
+        };
         let proven = match proved {
             Ok(p) => p,
             Err(e) => return Err(self.failed_proof(e, user, found)),

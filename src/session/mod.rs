@@ -30,7 +30,7 @@ use std::time::Instant;
 
 use tracing::Instrument;
 
-use crate::audit::{AuthFacts, ClientAddress, SessionFacts};
+use crate::audit::{AuthFacts, Carrier, ClientAddress, SessionFacts};
 use crate::limits::keyed_slots::KeyedPermit;
 use crate::limits::pending::PendingPermit;
 use crate::relay;
@@ -51,7 +51,8 @@ mod route;
 pub use error::SessionError;
 
 use admit::{Admission, Admitted};
-use negotiate::{ClientConn, Negotiated};
+pub(crate) use negotiate::ClientConn;
+use negotiate::Negotiated;
 
 /// How a session leaves before its relay.
 enum Exit {
@@ -135,34 +136,54 @@ pub(crate) async fn handle(
     shared: Arc<Shared>,
     pending: PendingPermit,
 ) {
-    let client = peer.map_or_else(ClientAddress::unix, ClientAddress::tcp);
-    let id = new_session_id();
-    let span =
-        tracing::info_span!("session", id = %id, client = %client, listener = %listener.name);
-    let session = Session {
-        started: Instant::now(),
-        facts: SessionFacts {
-            session_id: id,
-            listener: listener.name.clone(),
-            client,
-            client_tls: None,
-            requested: None,
-            identity: None,
-            proxy: None,
-            rule: None,
-            route: None,
-        },
-        peer,
-        local,
-        listener,
-        settings: shared.settings(),
-        shared,
-    };
-    session.run(io, pending).instrument(span).await
+    let session = Session::new(peer, local, listener, shared);
+    let span = session.span();
+    let conn = ClientConn::new(io);
+    session.run(conn, Some(pending)).instrument(span).await
+}
+
+/// A client stream an https listener carries to a session (`crate::http`):
+/// already inside TLS, past any PROXY header, its client address settled.
+pub(crate) struct Carried {
+    pub io: BoxedIo,
+    pub carrier: Carrier,
+    pub tls: crate::tls::TlsInfo,
+    /// The verified client certificate (leaf), when one was presented.
+    pub peer_cert: Option<Vec<u8>>,
+    /// The name routing uses for the TLS server name: the SNI, else the
+    /// WebSocket's `Host`; for SQL over HTTP the connection string's host.
+    pub server_name: Option<String>,
+    /// What the balancer's PROXY header said (its source is `peer`).
+    pub proxy: Option<crate::audit::ProxyFacts>,
+    /// The balancer whose `X-Forwarded-For` stated `peer`.
+    pub forwarded_by: Option<ClientAddress>,
+}
+
+/// Runs a carried client stream (a WebSocket, or one SQL-over-HTTP
+/// request) through the same stages as a socket, from the StartupMessage
+/// on. `pending`: the connection's slot, when it still holds one.
+pub(crate) async fn handle_carried(
+    carried: Carried,
+    peer: Option<std::net::SocketAddr>,
+    local: Option<std::net::SocketAddr>,
+    listener: Arc<ListenerInfo>,
+    shared: Arc<Shared>,
+    pending: Option<PendingPermit>,
+) {
+    let mut session = Session::new(peer, local, listener, shared);
+    session.facts.transport = Some(carried.carrier);
+    session.facts.proxy = carried.proxy;
+    session.facts.forwarded_by = carried.forwarded_by;
+    session.routing_name = carried.server_name;
+    let span = session.span();
+    let conn = ClientConn::carried(carried.io, carried.carrier, carried.tls, carried.peer_cert);
+    session.run(conn, pending).instrument(span).await
 }
 
 struct Session {
     started: Instant,
+    /// Stands in for the TLS server name in routing (carried sessions).
+    routing_name: Option<String>,
     facts: SessionFacts,
     /// The client's address: the socket's peer, or what a PROXY header
     /// says it is.
@@ -176,15 +197,53 @@ struct Session {
 }
 
 impl Session {
+    fn new(
+        peer: Option<std::net::SocketAddr>,
+        local: Option<std::net::SocketAddr>,
+        listener: Arc<ListenerInfo>,
+        shared: Arc<Shared>,
+    ) -> Session {
+        let client = peer.map_or_else(ClientAddress::unix, ClientAddress::tcp);
+        Session {
+            started: Instant::now(),
+            routing_name: None,
+            facts: SessionFacts {
+                session_id: new_session_id(),
+                listener: listener.name.clone(),
+                client,
+                client_tls: None,
+                transport: None,
+                forwarded_by: None,
+                requested: None,
+                identity: None,
+                proxy: None,
+                rule: None,
+                route: None,
+            },
+            peer,
+            local,
+            listener,
+            settings: shared.settings(),
+            shared,
+        }
+    }
+
+    /// The span every log line of the session is in.
+    fn span(&self) -> tracing::Span {
+        tracing::info_span!("session", id = %self.facts.session_id, client = %self.facts.client, listener = %self.listener.name)
+    }
+
     fn elapsed_ms(&self) -> u64 {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     /// The stages, in order; each failure ends the session through `exit`.
-    async fn run(mut self, io: BoxedIo, pending: PendingPermit) {
-        let mut pending = pending;
-        let mut conn = ClientConn::new(io);
-        let startup = match Box::pin(self.negotiate(&mut conn, &mut pending)).await {
+    async fn run(mut self, mut conn: ClientConn, mut pending: Option<PendingPermit>) {
+        let negotiated = match conn.carrier {
+            None => Box::pin(self.negotiate(&mut conn, &mut pending)).await,
+            Some(_) => Box::pin(self.negotiate_carried(&mut conn)).await,
+        };
+        let startup = match negotiated {
             Ok(Negotiated::Startup(startup)) => startup,
             Ok(Negotiated::Cancel(key)) => return Box::pin(self.cancel(conn, key)).await,
             Err(exit) => return Box::pin(self.exit(&mut conn, exit)).await,
@@ -224,7 +283,7 @@ impl Session {
         admitted: Admitted,
         plan: login::LoginPlan,
         mut auth_facts: AuthFacts,
-        pending: PendingPermit,
+        pending: Option<PendingPermit>,
         deadline: tokio::time::Instant,
     ) {
         let mut up = match self

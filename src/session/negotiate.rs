@@ -15,7 +15,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
 use super::{unless_shutdown, Exit, Session};
-use crate::audit::{ClientAddress, ClientTransport, ProxyFacts, Requested};
+use crate::audit::{Carrier, ClientAddress, ClientTransport, ProxyFacts, Requested};
 use crate::config::{ClientTlsMode, ProxyProtocol};
 use crate::limits::pending::PendingPermit;
 use crate::protocol::proxy::{self, Addresses, ProxyHeader};
@@ -61,6 +61,9 @@ pub struct ClientConn {
     /// on this connection (taken at the handshake, so a certificate
     /// rotated meanwhile does not change what the client binds to).
     pub binding: Option<Vec<u8>>,
+    /// What carries the stream when an https listener does (None: the
+    /// client's own socket).
+    pub carrier: Option<Carrier>,
 }
 
 /// Why a client's TLS handshake failed, for the audit: the TLS alert the
@@ -82,6 +85,24 @@ impl ClientConn {
             transport: ClientTransport::Plaintext,
             peer_cert: None,
             binding: None,
+            carrier: None,
+        }
+    }
+
+    /// A stream an https listener carries, already inside its TLS.
+    pub fn carried(
+        io: BoxedIo,
+        carrier: Carrier,
+        tls: TlsInfo,
+        peer_cert: Option<Vec<u8>>,
+    ) -> Self {
+        ClientConn {
+            io,
+            buf: Vec::new(),
+            transport: ClientTransport::Tls(tls),
+            peer_cert,
+            binding: None,
+            carrier: Some(carrier),
         }
     }
 
@@ -100,6 +121,14 @@ impl ClientConn {
             }
         }
         Ok(())
+    }
+
+    /// A carried client (inside `wss` or HTTPS) sent a PasswordMessage
+    /// right behind its StartupMessage without being asked: the Neon
+    /// driver's `pipelineConnect: "password"` (its writes of one turn
+    /// arrive as one WebSocket message), and every SQL-over-HTTP request.
+    pub fn pipelined_password(&self) -> bool {
+        self.carrier.is_some() && self.buf.first() == Some(&crate::protocol::message::tag::PASSWORD)
     }
 
     pub fn is_tls(&self) -> bool {
@@ -152,6 +181,11 @@ impl ClientConn {
     /// Answers an SSLRequest: 'S' and the handshake, or 'N' without a
     /// certificate.
     async fn ssl_request(&mut self, acceptor: Option<&TlsAcceptor>) -> Result<(), SessionError> {
+        if self.carrier.is_some() {
+            // Already inside the WebSocket's TLS (`wss`): a driver that
+            // asks anyway is told no, as Neon's proxy does, and goes on.
+            return self.decline().await;
+        }
         if self.is_tls() {
             return Err(SessionError::UnexpectedPacket("SSLRequest inside TLS"));
         }
@@ -168,12 +202,16 @@ impl ClientConn {
                     .map_err(SessionError::ClientIo)?;
                 self.start_tls(acceptor).await
             }
-            None => self
-                .io
-                .write_all(b"N")
-                .await
-                .map_err(SessionError::ClientIo),
+            None => self.decline().await,
         }
+    }
+
+    /// 'N': no TLS (or GSS encryption) from this answer on.
+    async fn decline(&mut self) -> Result<(), SessionError> {
+        self.io
+            .write_all(b"N")
+            .await
+            .map_err(SessionError::ClientIo)
     }
 
     /// Reads the client's first packets until a StartupMessage or a
@@ -201,14 +239,12 @@ impl ClientConn {
             match packet {
                 StartupPacket::SslRequest => self.ssl_request(acceptor).await?,
                 StartupPacket::GssEncRequest => {
-                    if self.is_tls() || gssenc == GssEnc::Declined {
+                    let carried_once = self.carrier.is_some() && gssenc == GssEnc::NotAsked;
+                    if (self.is_tls() && !carried_once) || gssenc == GssEnc::Declined {
                         return Err(SessionError::UnexpectedPacket("GSSENCRequest"));
                     }
                     gssenc = GssEnc::Declined;
-                    self.io
-                        .write_all(b"N")
-                        .await
-                        .map_err(SessionError::ClientIo)?;
+                    self.decline().await?;
                 }
                 StartupPacket::Cancel(c) => return Ok(Negotiated::Cancel(c)),
                 StartupPacket::Startup(m) => {
@@ -290,7 +326,7 @@ impl Session {
     pub(super) async fn negotiate(
         &mut self,
         conn: &mut ClientConn,
-        pending: &mut PendingPermit,
+        pending: &mut Option<PendingPermit>,
     ) -> Result<Negotiated, Exit> {
         if self.listener.proxy_protocol == ProxyProtocol::Required {
             self.proxy_header(conn, pending).await?;
@@ -310,7 +346,34 @@ impl Session {
         if let ClientTransport::Tls(info) = &conn.transport {
             conn.binding = listener.binding_for(info.sni.as_deref());
         }
-        let negotiated = negotiated.map_err(Exit::refused)?;
+        self.note_startup(negotiated.map_err(Exit::refused)?)
+    }
+
+    /// Stage 1 for a stream an https listener carries: TLS and the PROXY
+    /// header are behind it, so only the first packets remain (an
+    /// SSLRequest is answered 'N'; direct TLS inside TLS is refused as a
+    /// protocol error).
+    pub(super) async fn negotiate_carried(
+        &mut self,
+        conn: &mut ClientConn,
+    ) -> Result<Negotiated, Exit> {
+        let limit = self.settings.timeouts.client_startup;
+        let negotiated = unless_shutdown(
+            &self.shared,
+            conn.negotiate_within(None, ClientTlsMode::Allow, limit),
+        )
+        .await
+        .ok_or_else(closed_at_shutdown)?;
+        self.facts.client_tls = Some(conn.transport.clone());
+        conn.buf.shrink_to_fit();
+        if let ClientTransport::Tls(info) = &conn.transport {
+            conn.binding = self.listener.binding_for(info.sni.as_deref());
+        }
+        self.note_startup(negotiated.map_err(Exit::refused)?)
+    }
+
+    /// The StartupMessage's user and database go into the session's facts.
+    fn note_startup(&mut self, negotiated: Negotiated) -> Result<Negotiated, Exit> {
         if let Negotiated::Startup(startup) = &negotiated {
             self.facts.requested = Some(Requested {
                 user: startup.user().to_owned(),
@@ -328,7 +391,7 @@ impl Session {
     async fn proxy_header(
         &mut self,
         conn: &mut ClientConn,
-        pending: &mut PendingPermit,
+        pending: &mut Option<PendingPermit>,
     ) -> Result<(), Exit> {
         let shared = self.shared.clone();
         let read = conn.read_proxy_header(
@@ -341,7 +404,7 @@ impl Session {
             .ok_or_else(closed_at_shutdown)?
             .map_err(Exit::refused)?;
         if let Some(ip) = self.take_proxy_header(header) {
-            if !pending.readdress(ip) {
+            if !pending.as_mut().is_none_or(|p| p.readdress(ip)) {
                 let limit = "limits.max_pending_per_address";
                 if self.shared.warn_limit.allow(limit) {
                     warn!(limit, "too many unauthenticated connections; closing");

@@ -91,7 +91,7 @@ impl Session {
                 (ServerLogin::Identity(credential), slot, None)
             }
             // check-config refuses pool_mode on passthrough upstreams.
-            LoginPlan::Passthrough => {
+            LoginPlan::Passthrough | LoginPlan::Password { .. } => {
                 let e = crate::pool::PoolError::Login(
                     "a pooled upstream needs auth = \"scram\"".into(),
                 );
@@ -389,16 +389,13 @@ fn welcome(
     if startup.version.minor > 0 || !options.is_empty() {
         out.extend(negotiate_protocol_version(&options));
     }
-    match proven {
-        Some(p) => {
-            out.extend(message::authentication_sasl_data(
-                true,
-                p.server_final.as_bytes(),
-            ));
-            out.extend(message::authentication_ok());
-        }
-        None => out.extend(message::authentication_ok()),
+    if let Some(server_final) = proven.and_then(|p| p.server_final.as_ref()) {
+        out.extend(message::authentication_sasl_data(
+            true,
+            server_final.as_bytes(),
+        ));
     }
+    out.extend(message::authentication_ok());
     for (name, value) in engine.client_params() {
         out.extend(crate::pool::server::parameter_status(name, value));
     }

@@ -56,6 +56,9 @@ impl Session {
     /// The TLS server name the client sent, lowercased (DNS names are
     /// case-insensitive).
     fn server_name(&self) -> Option<String> {
+        if let Some(name) = &self.routing_name {
+            return Some(name.to_ascii_lowercase());
+        }
         match &self.facts.client_tls {
             Some(ClientTransport::Tls(info)) => info.sni.as_ref().map(|s| s.to_ascii_lowercase()),
             _ => None,

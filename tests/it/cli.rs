@@ -355,7 +355,7 @@ fn example_config_is_valid_toml_for_pgbastion() {
     ))
     .unwrap();
     let config = pgbastion::config::Config::from_toml(&text).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(config.listeners.len(), 4);
+    assert_eq!(config.listeners.len(), 5);
     assert_eq!(config.policy.len(), 7);
     assert_eq!(config.credentials.len(), 2);
     assert!(config.admin.is_some());

@@ -146,14 +146,32 @@ async fn sleep_and_cancel(
     tls: bool,
 ) -> Result<Vec<tokio_postgres::SimpleQueryMessage>, tokio_postgres::Error> {
     let token = client.cancel_token();
-    let running = client.clone();
-    let query = tokio::spawn(async move { running.simple_query("select pg_sleep(30)").await });
-    wait_active(direct, app).await;
+    let (query, _) = start_sleep(client, direct, app).await;
     send_cancel(&token, to, env, tls).await;
     tokio::time::timeout(Duration::from_secs(10), query)
         .await
         .expect("the query ends")
         .unwrap()
+}
+
+type Sleep =
+    tokio::task::JoinHandle<Result<Vec<tokio_postgres::SimpleQueryMessage>, tokio_postgres::Error>>;
+
+/// Starts `select pg_sleep(30)` on `client` and waits until the server runs
+/// it; returns the query and its server pid. A query that ends before the
+/// server is seen running it fails the test with how it ended (a stray
+/// cancel, a closed session), not with a 15 s timeout that says nothing.
+async fn start_sleep(
+    client: &std::sync::Arc<tokio_postgres::Client>,
+    direct: &tokio_postgres::Client,
+    app: &str,
+) -> (Sleep, i32) {
+    let running = client.clone();
+    let mut query = tokio::spawn(async move { running.simple_query("select pg_sleep(30)").await });
+    tokio::select! {
+        pid = wait_active(direct, app) => (query, pid),
+        ended = &mut query => panic!("{app}: pg_sleep ended before it ran: {ended:?}"),
+    }
 }
 
 async fn send_cancel(token: &tokio_postgres::CancelToken, to: SocketAddr, env: &Env, tls: bool) {
@@ -331,9 +349,7 @@ async fn the_fleet_survives_redis_going_away_and_recovers_by_itself() {
     // One sent to the other instance cannot be looked up: nothing happens
     // to the query, and the client is told nothing (as PostgreSQL does).
     let token = client.cancel_token();
-    let running = client.clone();
-    let query = tokio::spawn(async move { running.simple_query("select pg_sleep(30)").await });
-    let pid = wait_active(&direct, "held").await;
+    let (query, pid) = start_sleep(&client, &direct, "held").await;
     send_cancel(&token, b.direct, &env, false).await;
     b.events("the failed lookup", |e| {
         e["outcome"] == "cluster_unavailable"

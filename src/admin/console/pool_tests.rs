@@ -327,6 +327,8 @@ async fn the_pooling_commands_are_audited() {
         listener: "mtls".into(),
         client: crate::audit::ClientAddress::unix(),
         client_tls: None,
+        transport: None,
+        forwarded_by: None,
         requested: None,
         identity: None,
         proxy: None,

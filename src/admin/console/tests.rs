@@ -399,6 +399,8 @@ async fn the_message_loop() {
         listener: "mtls".into(),
         client: crate::audit::ClientAddress::unix(),
         client_tls: None,
+        transport: None,
+        forwarded_by: None,
         requested: None,
         identity: None,
         proxy: None,

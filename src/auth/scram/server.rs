@@ -49,8 +49,9 @@ pub struct Proven {
     /// The key the client proved it holds: enough to log in to any server
     /// that stores the same verifier.
     pub client_key: Key,
-    /// The `v=` message to send back to the client.
-    pub server_final: String,
+    /// The `v=` message to send back to the client (None: the client sent
+    /// its password in cleartext, and expects only AuthenticationOk).
+    pub server_final: Option<String>,
     pub channel_bound: bool,
 }
 
@@ -156,10 +157,10 @@ impl ServerExchange {
         }
         Ok(Proven {
             client_key,
-            server_final: format!(
+            server_final: Some(format!(
                 "v={}",
                 BASE64.encode(hmac(server_key, auth_message.as_bytes()))
-            ),
+            )),
             channel_bound: self.flag == ChannelBindingFlag::Bound,
         })
     }
