@@ -104,6 +104,11 @@ struct Args {
     /// graphs (`inferno`, if installed) into this directory.
     #[arg(long)]
     perf: Option<PathBuf>,
+    /// With the relay rounds: also measure the relay floor, bench/probe's
+    /// minimal TLS relay with epoll and with io_uring (the
+    /// `relay-probe` example, built by bench/run.sh).
+    #[arg(long)]
+    probes: bool,
 }
 
 /// What is measured through.
@@ -141,6 +146,10 @@ enum Target {
     /// pgbastion's https listener (issue 23, bench/serverless.rs): SQL
     /// over HTTP and WebSocket sessions.
     PgbastionHttps,
+    /// The relay floor with tokio's epoll reactor (bench/probe, `--probes`).
+    ProbeEpoll,
+    /// The relay floor with io_uring.
+    ProbeUring,
 }
 
 impl Target {
@@ -161,6 +170,8 @@ impl Target {
             Target::PgbastionOneRoute => "pgbastion (1 route)",
             Target::PgbastionRoutes => "pgbastion (10,000 routes)",
             Target::PgbastionHttps => "pgbastion (https listener)",
+            Target::ProbeEpoll => "floor (epoll)",
+            Target::ProbeUring => "floor (io_uring)",
         }
     }
 }
@@ -527,6 +538,18 @@ impl Bench {
         wait_port(port, "haproxy")?;
         ports.insert(Target::HAProxy, port);
 
+        if args.probes {
+            let exe = exe.with_file_name("examples").join("relay-probe");
+            for (target, io) in [(Target::ProbeEpoll, "epoll"), (Target::ProbeUring, "uring")] {
+                let port = free_port()?;
+                let child = relay::start_probe(&exe, io, port, &pg, (&cert, &key))?;
+                pids.insert(target, child.id());
+                procs.push(Proc(child));
+                wait_port(port, target.name())?;
+                ports.insert(target, port);
+            }
+        }
+
         Ok(Bench {
             pg,
             ports,
@@ -733,6 +756,10 @@ impl Bench {
             Target::HAProxy,
         ];
         let baseline = self.ports.contains_key(&Target::Baseline);
+        let probes: Vec<Target> = [Target::ProbeEpoll, Target::ProbeUring]
+            .into_iter()
+            .filter(|t| self.ports.contains_key(t))
+            .collect();
         // Every target answers before anything is measured.
         for t in main
             .iter()
@@ -745,6 +772,7 @@ impl Bench {
                 &Target::PgBouncerTransaction,
             ])
             .chain(baseline.then_some(&Target::Baseline))
+            .chain(&probes)
         {
             self.pgbench(*t, &["-S", "-c", "1", "-t", "10"])
                 .with_context(|| format!("{} does not work", t.name()))?;
@@ -761,6 +789,7 @@ impl Bench {
         let memory = [Target::Pgbastion, Target::HAProxy]
             .into_iter()
             .chain(baseline.then_some(Target::Baseline))
+            .chain(probes.iter().copied())
             .chain([Target::PgBouncer]);
         for t in memory {
             match self.idle_memory(t, args.idle_sessions) {
@@ -789,6 +818,7 @@ impl Bench {
                 if baseline && (clients != 64 || args.relay) {
                     targets.push(Target::Baseline);
                 }
+                targets.extend(&probes);
                 for &t in &targets {
                     let profile = match &args.perf {
                         Some(dir) if clients == 8 && relay::profiled(t) => {

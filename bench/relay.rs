@@ -13,6 +13,8 @@ use std::process::{Child, Command, Stdio};
 
 use anyhow::{Context, Result};
 
+use pgbastion::dev::localpg::LocalPg;
+
 use crate::{Results, Target};
 
 /// The client counts every relay figure is measured at.
@@ -71,10 +73,37 @@ pub fn quantile(sorted: &[f64], q: f64) -> Option<f64> {
 /// The proxies compared, with the baseline binary when there is one.
 pub fn proxies(r: &Results) -> Vec<Target> {
     let mut t = vec![Target::Pgbastion, Target::PgBouncer, Target::HAProxy];
-    if r.median("select 8", Target::Baseline, "tps").is_some() {
-        t.push(Target::Baseline);
+    for extra in [Target::Baseline, Target::ProbeEpoll, Target::ProbeUring] {
+        if r.median("select 8", extra, "tps").is_some() {
+            t.push(extra);
+        }
     }
     t
+}
+
+/// Starts the relay floor (bench/probe) with `io` on `port`, in front of
+/// `pg` with the proxies' certificate, two threads as pgbastion has.
+pub fn start_probe(
+    exe: &Path,
+    io: &str,
+    port: u16,
+    pg: &LocalPg,
+    (cert, key): (&Path, &Path),
+) -> Result<Child> {
+    Command::new(exe)
+        .args(["--io", io, "--threads", "2", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--upstream")
+        .arg(format!("127.0.0.1:{}", pg.port))
+        .arg("--cert")
+        .arg(cert)
+        .arg("--key")
+        .arg(key)
+        .arg("--ca")
+        .arg(&pg.ca_cert)
+        .stdout(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {} (built by bench/run.sh)", exe.display()))
 }
 
 /// The section: tables, the verdict, and a link to the chart.
@@ -124,6 +153,7 @@ pub fn report(r: &Results, chart: Option<&str>) -> Result<String> {
     }
     writeln!(s)?;
     latency_lines(&mut s, r, &targets)?;
+    memory_line(&mut s, r, &targets)?;
     verdict(&mut s, r)?;
     if let Some(chart) = chart {
         writeln!(
@@ -148,6 +178,22 @@ fn latency_lines(s: &mut String, r: &Results, targets: &[Target]) -> Result<()> 
     writeln!(
         s,
         "Latency at 1 client, p50 / p99 µs (pgbench -l): {}.",
+        parts.join(", ")
+    )?;
+    Ok(())
+}
+
+fn memory_line(s: &mut String, r: &Results, targets: &[Target]) -> Result<()> {
+    let parts: Vec<String> = targets
+        .iter()
+        .filter_map(|&t| {
+            let kib = r.median("memory", t, "kib_per_session")?;
+            Some(format!("{} {kib:.1}", t.name()))
+        })
+        .collect();
+    writeln!(
+        s,
+        "Memory per idle TLS session, KiB (RSS growth over the idle sessions held): {}.",
         parts.join(", ")
     )?;
     Ok(())

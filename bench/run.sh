@@ -19,5 +19,5 @@ if [ "${#missing[@]}" -gt 0 ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-cargo build --release --bin pgbastion --example bench
+cargo build --release --bin pgbastion --example bench --example relay-probe
 exec target/release/examples/bench "$@"
