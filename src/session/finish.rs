@@ -139,17 +139,19 @@ async fn ended_in_auth(
 
 impl Session {
     /// Stage 6: the start event, the relay (or the auth phase's failure),
-    /// the end event.
+    /// the end event. Everything by reference: the caller's future holds
+    /// it already, and a second copy here would last as long as the
+    /// session (see `Session::run`).
     pub(super) async fn finish(
-        self,
-        mut conn: ClientConn,
-        mut up: Connected,
+        &self,
+        conn: &mut ClientConn,
+        up: &mut Connected,
         admitted: &Admitted,
-        mut auth: AuthPhase,
-        auth_facts: AuthFacts,
+        auth: &mut AuthPhase,
+        auth_facts: &AuthFacts,
         authenticated: Result<(), AuthEnd>,
     ) {
-        let mut query_audit = self.record_start(admitted, &up.facts, &auth_facts);
+        let mut query_audit = self.record_start(admitted, &up.facts, auth_facts);
         info!(
             user = %admitted.startup.user(),
             database = %admitted.startup.database(),
@@ -161,19 +163,12 @@ impl Session {
         let ending = match authenticated {
             Ok(()) => {
                 let mode = auth_facts.mode;
-                self.relay(
-                    &mut conn,
-                    &mut up,
-                    admitted,
-                    &mut auth,
-                    mode,
-                    &mut query_audit,
-                )
-                .await
+                self.relay(conn, up, admitted, auth, mode, &mut query_audit)
+                    .await
             }
-            Err(end) => ended_in_auth(&mut conn, &mut up, end, auth_facts.mode).await,
+            Err(end) => ended_in_auth(conn, up, end, auth_facts.mode).await,
         };
-        self.record_end(&up.facts, &auth_facts, &auth.counts, ending, query_audit);
+        self.record_end(&up.facts, auth_facts, &auth.counts, ending, query_audit);
     }
 
     /// The start event, pooled or not; returns the query audit's facts
@@ -223,9 +218,10 @@ impl Session {
         let info = self.live_info(conn, up, &admitted.startup, progress.clone());
         let (_live, mut kill) = self.shared.live.register(info);
         // Query audit only for sessions whose rule asks for it; the others'
-        // relay never looks at the bytes.
+        // relay never looks at the bytes. Boxed: the others' futures do not
+        // carry a tracker's worth of room for it either.
         let mut queries = (admitted.audit_queries == AuditQueries::Statements)
-            .then(|| self.query_tracker(is_replication(&admitted.startup)));
+            .then(|| Box::new(self.query_tracker(is_replication(&admitted.startup))));
         let (end, counts) = relay::relay(
             &mut *conn.io,
             &mut up.conn.stream,
@@ -233,7 +229,7 @@ impl Session {
             &mut shutdown,
             &mut kill,
             &progress,
-            queries.as_mut(),
+            queries.as_deref_mut(),
         )
         .await;
         if let (Some(q), Some(facts)) = (&queries, query_audit) {

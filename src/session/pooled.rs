@@ -9,6 +9,7 @@
 //! open) is cleaned before anyone else gets it.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::Arc;
 
 use tokio::io::AsyncWriteExt;
@@ -45,27 +46,33 @@ struct PooledLogin {
 }
 
 impl Session {
-    /// Stages 4–6 for a pooled upstream.
-    pub(super) async fn pooled(
-        self,
+    /// Stages 4–6 for a pooled upstream (not an `async fn`: see
+    /// `Session::run`).
+    // Written out on purpose: an `async fn` keeps its arguments twice.
+    #[allow(clippy::manual_async_fn)]
+    pub(super) fn pooled(
+        &self,
         mut conn: ClientConn,
         admitted: Admitted,
         pools: Arc<Pools>,
         plan: LoginPlan,
         mut auth_facts: AuthFacts,
-    ) {
-        // Boxed: the login's futures (a checkout that may dial, the first
-        // switch) are freed once it is done, not kept with the session.
-        let login =
-            Box::pin(self.pooled_login(&mut conn, &admitted, &pools, plan, &mut auth_facts)).await;
-        match login {
-            Ok(login) => {
-                self.pooled_session(conn, &admitted, login, auth_facts)
-                    .await
+    ) -> impl Future<Output = ()> + '_ {
+        async move {
+            // Boxed: the login's futures (a checkout that may dial, the first
+            // switch) are freed once it is done, not kept with the session.
+            let login =
+                Box::pin(self.pooled_login(&mut conn, &admitted, &pools, plan, &mut auth_facts))
+                    .await;
+            match login {
+                Ok(login) => {
+                    self.pooled_session(&mut conn, &admitted, login, &auth_facts)
+                        .await
+                }
+                // Boxed, as the login is: a session's future is as large as its
+                // largest part, and this one is only for refusals.
+                Err(exit) => Box::pin(self.exit(&mut conn, exit)).await,
             }
-            // Boxed, as the login is: a session's future is as large as its
-            // largest part, and this one is only for refusals.
-            Err(exit) => Box::pin(self.exit(&mut conn, exit)).await,
         }
     }
 
@@ -238,47 +245,52 @@ impl Session {
     }
 
     /// The pooled session proper: start event, relay, clean-up, end event.
-    async fn pooled_session(
-        self,
-        mut conn: ClientConn,
-        admitted: &Admitted,
+    /// Not an `async fn`, and the session borrowed: see `Session::run`.
+    // Written out on purpose: an `async fn` keeps its arguments twice.
+    #[allow(clippy::manual_async_fn)]
+    fn pooled_session<'a>(
+        &'a self,
+        conn: &'a mut ClientConn,
+        admitted: &'a Admitted,
         login: PooledLogin,
-        auth_facts: AuthFacts,
-    ) {
-        let mut query_audit = self.record_start(admitted, &login.upstream, &auth_facts);
-        info!(
-            user = %admitted.startup.user(),
-            database = %admitted.startup.database(),
-            pool = %login.pool.key,
-            mode = login.pool.config.mode.as_str(),
-            "pooled session started"
-        );
-        let upstream = login.upstream.clone();
-        let mut queries = query_audit.is_some().then(|| self.query_tracker(false));
-        let (end, counts) = self
-            .run_pooled(&mut conn, admitted, login, queries.as_mut())
-            .await;
-        let _ =
-            tokio::time::timeout(super::negotiate::ERROR_WRITE_TIMEOUT, conn.io.shutdown()).await;
-        if let (Some(q), Some(facts)) = (&mut queries, &mut query_audit) {
-            q.end_of_session();
-            facts.statements = Some(q.recorded());
-            facts.stopped = q.stopped();
+        auth_facts: &'a AuthFacts,
+    ) -> impl Future<Output = ()> + 'a {
+        async move {
+            let mut query_audit = self.record_start(admitted, &login.upstream, auth_facts);
+            info!(
+                user = %admitted.startup.user(),
+                database = %admitted.startup.database(),
+                pool = %login.pool.key,
+                mode = login.pool.config.mode.as_str(),
+                "pooled session started"
+            );
+            let upstream = login.upstream.clone();
+            let mut queries = query_audit.is_some().then(|| self.query_tracker(false));
+            let (end, counts) = self
+                .run_pooled(conn, admitted, login, queries.as_mut())
+                .await;
+            let _ = tokio::time::timeout(super::negotiate::ERROR_WRITE_TIMEOUT, conn.io.shutdown())
+                .await;
+            if let (Some(q), Some(facts)) = (&mut queries, &mut query_audit) {
+                q.end_of_session();
+                facts.statements = Some(q.recorded());
+                facts.stopped = q.stopped();
+            }
+            let detail = match &end {
+                RelayEnd::ClientError(d) | RelayEnd::ServerError(d) => Some(d.clone()),
+                _ => None,
+            };
+            if let RelayEnd::ServerError(d) = &end {
+                warn!("pooled session ended: {d}");
+            }
+            let ending = Ending {
+                reason: end.reason(),
+                detail,
+                counts,
+            };
+            let no_auth_bytes = Default::default();
+            self.record_end(&upstream, auth_facts, &no_auth_bytes, ending, query_audit);
         }
-        let detail = match &end {
-            RelayEnd::ClientError(d) | RelayEnd::ServerError(d) => Some(d.clone()),
-            _ => None,
-        };
-        if let RelayEnd::ServerError(d) = &end {
-            warn!("pooled session ended: {d}");
-        }
-        let ending = Ending {
-            reason: end.reason(),
-            detail,
-            counts,
-        };
-        let no_auth_bytes = Default::default();
-        self.record_end(&upstream, &auth_facts, &no_auth_bytes, ending, query_audit);
     }
 
     /// The relay, registered for the console (KILL) and the drain, with
