@@ -356,6 +356,11 @@ impl Session {
                 authenticated,
             )
             .await;
+            // The connections close before the session's slot comes back
+            // (a new client may take it at once), as when they were moved.
+            drop(logged_in);
+            drop(up);
+            drop(conn);
         }
     }
 

@@ -265,9 +265,12 @@ impl Session {
                 "pooled session started"
             );
             let upstream = login.upstream.clone();
-            let mut queries = query_audit.is_some().then(|| self.query_tracker(false));
+            // Boxed, as in `finish`: no room for a tracker in the others.
+            let mut queries = query_audit
+                .is_some()
+                .then(|| Box::new(self.query_tracker(false)));
             let (end, counts) = self
-                .run_pooled(conn, admitted, login, queries.as_mut())
+                .run_pooled(conn, admitted, login, queries.as_deref_mut())
                 .await;
             let _ = tokio::time::timeout(super::negotiate::ERROR_WRITE_TIMEOUT, conn.io.shutdown())
                 .await;
