@@ -111,7 +111,10 @@ impl ConsoleBackend for Arc<Shared> {
     }
 
     fn reload(&self) -> Result<String, String> {
-        ReloadHandle::from_shared(self).reload_all()
+        // The accept loops and pools a reload starts belong to the
+        // process, not to the core of the console session that asked.
+        self.process
+            .enter(|| ReloadHandle::from_shared(self).reload_all())
     }
 
     fn pooled_upstreams(&self) -> Vec<String> {

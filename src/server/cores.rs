@@ -55,6 +55,28 @@ impl Detached {
     }
 }
 
+/// The runtime that owns what lives as long as the process: accept loops,
+/// pools and their sweepers. A console `RELOAD` arrives on a session, which
+/// with `--runtime per-core` runs on a core; what the reload starts must
+/// not live there (a core is for its sessions, and stops after the drain).
+#[derive(Clone, Debug)]
+pub(crate) struct ProcessRuntime(Option<Handle>);
+
+impl ProcessRuntime {
+    /// The runtime this is called on (the one `Server` is made on), if any.
+    pub fn current() -> ProcessRuntime {
+        ProcessRuntime(Handle::try_current().ok())
+    }
+
+    /// Runs `f` (synchronous) with the process runtime current, so what it
+    /// spawns or registers with a reactor goes to that runtime, whichever
+    /// thread calls.
+    pub fn enter<R>(&self, f: impl FnOnce() -> R) -> R {
+        let _entered = self.0.as_ref().map(Handle::enter);
+        f()
+    }
+}
+
 impl Cores {
     /// Starts `n` session runtimes (at least one), each on a thread named
     /// `pgb-core-N`.
@@ -189,5 +211,45 @@ mod tests {
         })
         .await
         .expect("no task left on the cores");
+    }
+
+    /// What a session on a core starts through `ProcessRuntime::enter`
+    /// runs on the process runtime; what it spawns otherwise stays on the
+    /// core.
+    #[test]
+    fn work_entered_from_a_core_lands_on_the_process_runtime() {
+        let process = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("pgb-process")
+            .enable_all()
+            .build()
+            .unwrap();
+        let on_process = process.block_on(async { ProcessRuntime::current() });
+        let cores = Cores::start(1).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        cores.cores[0].handle.spawn(async move {
+            let (entered, plain) = (tx.clone(), tx);
+            on_process.enter(|| {
+                tokio::spawn(async move {
+                    let name = std::thread::current().name().map(str::to_owned);
+                    let _ = entered.send(("entered", name));
+                })
+            });
+            tokio::spawn(async move {
+                let name = std::thread::current().name().map(str::to_owned);
+                let _ = plain.send(("plain", name));
+            });
+        });
+        let mut seen: Vec<_> = (0..2)
+            .map(|_| rx.recv_timeout(Duration::from_secs(5)).unwrap())
+            .collect();
+        seen.sort();
+        assert_eq!(
+            seen,
+            [
+                ("entered", Some("pgb-process".to_owned())),
+                ("plain", Some("pgb-core-0".to_owned())),
+            ]
+        );
     }
 }

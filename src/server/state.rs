@@ -99,6 +99,9 @@ pub(crate) struct Shared {
     pub(crate) audit_limit: WarnLimiter,
     /// Where shutting down stands; every relaying session watches it.
     pub(crate) shutdown: watch::Sender<ShutdownPhase>,
+    /// Where process-wide work goes when a session starts it (a console
+    /// `RELOAD` on a per-core session thread).
+    pub(crate) process: super::cores::ProcessRuntime,
 }
 
 /// What `Server::bind` read and opened, from which `Shared` is made.
@@ -158,6 +161,7 @@ impl Shared {
             warn_limit: WarnLimiter::new(WARN_LINES_PER_WINDOW),
             audit_limit: WarnLimiter::new(AUDIT_EVENTS_PER_WINDOW),
             shutdown: watch::Sender::new(ShutdownPhase::Running),
+            process: super::cores::ProcessRuntime::current(),
         }
     }
 
