@@ -210,15 +210,14 @@ where
     S: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
     let mut server_buf = Vec::new();
-    // What the server says before asking for authentication
-    // (NegotiateProtocolVersion, notices) belongs to the client.
-    let mut early = Vec::new();
-    let first = login::first_request(server, &mut server_buf, |m| early.extend(m))
-        .await
-        .map_err(AuthError::before_proof)?;
-    if !early.is_empty() {
-        wire::send(client, &early).await?;
-    }
+    let first = first_request(
+        client,
+        server,
+        &mut server_buf,
+        AuthError::before_proof,
+        AuthError::from,
+    )
+    .await?;
     if let AuthRequest::Other(_) | AuthRequest::Md5Password(_) = first {
         return Err(AuthError::ServerMethod(first.code()));
     }
@@ -251,13 +250,14 @@ where
     S: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
     let mut server_buf = Vec::new();
-    let mut early = Vec::new();
-    let first = login::first_request(server, &mut server_buf, |m| early.extend(m))
-        .await
-        .map_err(AuthError::before_proof)?;
-    if !early.is_empty() {
-        wire::send(client, &early).await?;
-    }
+    let first = first_request(
+        client,
+        server,
+        &mut server_buf,
+        AuthError::before_proof,
+        AuthError::from,
+    )
+    .await?;
     let credential = Credential::Password(password);
     let leg = login::complete(server, &mut server_buf, user, first, binding, &credential)
         .await
@@ -284,15 +284,14 @@ where
     S: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
     let mut server_buf = Vec::new();
-    let mut early = Vec::new();
-    let first = login::first_request(server, &mut server_buf, |m| early.extend(m))
-        .await
-        .map_err(|e| identity_login::refusal(e, target.user, found.kind))?;
-    if !early.is_empty() {
-        wire::send(client, &early)
-            .await
-            .map_err(IdentityLoginError::Client)?;
-    }
+    let first = first_request(
+        client,
+        server,
+        &mut server_buf,
+        |e| identity_login::refusal(e, target.user, found.kind),
+        IdentityLoginError::Client,
+    )
+    .await?;
     let leg =
         identity_login::log_in(server, &mut server_buf, first, binding, target, found).await?;
     facts.server = Some(leg);
@@ -301,4 +300,30 @@ where
         .map_err(IdentityLoginError::Client)?;
     facts.outcome = AuthOutcome::Ok;
     Ok(server_buf)
+}
+
+/// The server's first authentication request, for every login pgbastion
+/// makes itself. What the server says before it (NegotiateProtocolVersion,
+/// notices) belongs to the client and is sent on. `refused` and
+/// `client_failed` say what a server's refusal and a failed write to the
+/// client are to the caller.
+async fn first_request<C, S, E>(
+    client: &mut C,
+    server: &mut S,
+    server_buf: &mut Vec<u8>,
+    refused: impl FnOnce(login::LoginError) -> E,
+    client_failed: impl FnOnce(wire::WireError) -> E,
+) -> Result<AuthRequest, E>
+where
+    C: AsyncWrite + Unpin + ?Sized,
+    S: AsyncRead + Unpin + ?Sized,
+{
+    let mut early = Vec::new();
+    let first = login::first_request(server, server_buf, |m| early.extend(m))
+        .await
+        .map_err(refused)?;
+    if !early.is_empty() {
+        wire::send(client, &early).await.map_err(client_failed)?;
+    }
+    Ok(first)
 }
