@@ -10,6 +10,7 @@
 
 pub mod channel_binding;
 mod sni;
+pub mod stream;
 #[cfg(test)]
 mod tests;
 
@@ -22,11 +23,11 @@ use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore};
 use serde::Serialize;
 use thiserror::Error;
-use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::config::{ClientTlsConfig, RootSources, TlsVersion, UpstreamConfig};
 
 pub use sni::ServerCerts;
+pub use stream::{ClientTlsStream, ServerTlsStream, TlsAcceptor, TlsConnector};
 
 /// The ALPN protocol name PostgreSQL uses (required for direct TLS).
 pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";

@@ -19,14 +19,14 @@ use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
-use tokio_rustls::client::TlsStream;
-use tokio_rustls::TlsConnector;
 
 use crate::config::{SendProxyProtocol, TlsNegotiation, UpstreamConfig};
 use crate::protocol::proxy;
 use crate::protocol::startup::{ssl_request, CancelKey};
 use crate::routing::Endpoint;
-use crate::tls::{self, CertificateProblem, TlsConfigError, TlsInfo};
+use crate::tls::{
+    self, CertificateProblem, ClientTlsStream, TlsConfigError, TlsConnector, TlsInfo,
+};
 
 #[derive(Debug, Error)]
 pub enum UpstreamError {
@@ -75,7 +75,7 @@ impl std::fmt::Debug for Upstream {
 
 /// A verified TLS connection to an upstream.
 pub struct UpstreamConn {
-    pub stream: TlsStream<TcpStream>,
+    pub stream: ClientTlsStream<TcpStream>,
     pub addr: SocketAddr,
     pub tls: TlsInfo,
     /// How long the TCP connect and the TLS negotiation took (metrics).

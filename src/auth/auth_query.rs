@@ -7,13 +7,13 @@
 //! a reused connection that turns out dead is replaced once.
 
 use crate::sync::MutexExt;
+use crate::tls::ClientTlsStream;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use thiserror::Error;
 use tokio::sync::Semaphore;
-use tokio_rustls::client::TlsStream;
 
 use crate::auth::login::{self, LoginError};
 use crate::auth::scram::Credential;
@@ -102,7 +102,7 @@ impl Drop for AuthQuery {
 }
 
 struct LookupConn {
-    stream: TlsStream<tokio::net::TcpStream>,
+    stream: ClientTlsStream<tokio::net::TcpStream>,
     buf: Vec<u8>,
 }
 

@@ -17,7 +17,6 @@ use std::time::SystemTime;
 
 use base64::Engine;
 use thiserror::Error;
-use tokio_rustls::TlsConnector;
 
 use crate::audit::event::CredentialKind;
 use crate::auth::aws_sts::CredentialChain;
@@ -25,7 +24,7 @@ use crate::auth::rds_iam::TokenCache;
 use crate::auth::scram::{Credential, Key, Verifier, KEY_LEN};
 use crate::config::{CredentialConfig, CredentialSource, RdsIamConfig, UpstreamConfig};
 use crate::secret_file::{self, SecretFileError};
-use crate::tls::{self, TlsConfigError};
+use crate::tls::{self, TlsConfigError, TlsConnector};
 
 #[derive(Debug, Error)]
 pub enum CredentialError {

@@ -14,7 +14,6 @@ use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
-use tokio_rustls::client::TlsStream;
 
 use super::prepared::ServerStatements;
 use super::settings::SessionSettings;
@@ -27,6 +26,7 @@ use crate::auth::wire;
 use crate::config::Timeouts;
 use crate::protocol::message::{self, tag, ErrorFields};
 use crate::protocol::startup::{CancelKey, ProtocolVersion, StartupMessage};
+use crate::tls::ClientTlsStream;
 use crate::upstream::Upstream;
 
 /// The largest message read while a server connection logs in.
@@ -47,7 +47,7 @@ pub(crate) enum ServerLogin {
 pub(crate) struct ServerConn {
     /// Unique within the process (SHOW SERVERS).
     pub id: u64,
-    pub stream: TlsStream<TcpStream>,
+    pub stream: ClientTlsStream<TcpStream>,
     pub addr: SocketAddr,
     /// The server leg's TLS and how pgbastion logged in (the audit).
     pub tls: crate::tls::TlsInfo,
@@ -234,7 +234,7 @@ impl ServerConn {
 
 /// The login itself, as the pool's credential says.
 async fn log_in(
-    server: &mut TlsStream<TcpStream>,
+    server: &mut ClientTlsStream<TcpStream>,
     buf: &mut Vec<u8>,
     target: &OpenTarget<'_>,
     binding: Option<Vec<u8>>,
@@ -268,7 +268,7 @@ async fn log_in(
 /// After AuthenticationOk: ParameterStatus and BackendKeyData, up to
 /// ReadyForQuery.
 async fn until_ready(
-    server: &mut TlsStream<TcpStream>,
+    server: &mut ClientTlsStream<TcpStream>,
     buf: &mut Vec<u8>,
 ) -> Result<(CancelKey, BTreeMap<String, String>), PoolError> {
     let mut params = BTreeMap::new();

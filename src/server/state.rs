@@ -15,7 +15,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::watch;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -38,7 +37,7 @@ use crate::policy::Policy;
 use crate::pool::Pools;
 use crate::relay::ShutdownPhase;
 use crate::sync::RwLockExt;
-use crate::tls::ServedTls;
+use crate::tls::{ServedTls, TlsAcceptor};
 use crate::upstream::Upstream;
 
 /// Log lines of one kind caused by strangers, per `warn::WINDOW`.

@@ -72,7 +72,7 @@ impl Drop for ClientPassword {
 impl LoginPlan {
     /// The client certificate pgbastion presents to the server, for an
     /// identity login with one.
-    pub fn presenting(&self) -> Option<&tokio_rustls::TlsConnector> {
+    pub fn presenting(&self) -> Option<&crate::tls::TlsConnector> {
         match self {
             LoginPlan::Identity { credential, .. } => match &*credential.held {
                 Held::ClientCert { connector, .. } => Some(connector),

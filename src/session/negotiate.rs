@@ -11,7 +11,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
 use super::{unless_shutdown, Exit, Session};
@@ -22,7 +21,7 @@ use crate::protocol::proxy::{self, Addresses, ProxyHeader};
 use crate::protocol::startup::{self, CancelKey, StartupMessage, StartupPacket};
 use crate::session::error::SessionError;
 use crate::stream::{BoxedIo, Prefixed};
-use crate::tls::{TlsInfo, ALPN_POSTGRESQL};
+use crate::tls::{TlsAcceptor, TlsInfo, ALPN_POSTGRESQL};
 
 #[cfg(test)]
 mod tests;

@@ -14,11 +14,10 @@ use std::sync::Arc;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
-use tokio_rustls::TlsAcceptor;
 
 use super::{
-    client_verifier, provider, versions, ClientAuth, ServedTls, ServerCert, TlsConfigError,
-    ALPN_POSTGRESQL,
+    client_verifier, provider, versions, ClientAuth, ServedTls, ServerCert, TlsAcceptor,
+    TlsConfigError, ALPN_POSTGRESQL,
 };
 use crate::config::{ClientTlsConfig, TlsVersion};
 

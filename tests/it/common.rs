@@ -296,10 +296,12 @@ impl Proxy {
             .expect("a TCP listener")
     }
 
-    /// The audit events written so far, parsed.
+    /// The audit events written so far, parsed. A line still being
+    /// written (no newline yet) is not one of them.
     pub fn audit_events(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&self.audit_log)
-            .unwrap_or_default()
+        let text = std::fs::read_to_string(&self.audit_log).unwrap_or_default();
+        let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+        complete
             .lines()
             .map(|l| {
                 serde_json::from_str(l)

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
-use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_rustls::TlsConnector;
+
+use crate::tls::TlsAcceptor;
 
 use super::*;
 use crate::protocol::startup::{ProtocolVersion, CANCEL_REQUEST_CODE, GSSENC_REQUEST_CODE};
