@@ -200,6 +200,12 @@ struct Engine<C> {
     /// Encrypted, not yet written.
     outgoing: Pending,
     read: ReadEnd,
+    /// The error that ended the connection. rustls's unbuffered
+    /// connection does not remember every error, and the ciphertext it had
+    /// not discarded is gone with it, so rustls is never called again:
+    /// reads and writes return this error, a shutdown only closes the
+    /// socket.
+    failed: Option<rustls::Error>,
 }
 
 /// How far the peer's direction has come.
@@ -464,6 +470,7 @@ impl<C: Role, IO: AsyncRead + AsyncWrite + Unpin> TlsStream<C, IO> {
                 plaintext: Pending::default(),
                 outgoing: Pending::default(),
                 read: ReadEnd::Open,
+                failed: None,
             },
             incoming: Vec::new(),
             close_sent: false,
@@ -480,6 +487,7 @@ impl<C: Role, IO: AsyncRead + AsyncWrite + Unpin> TlsStream<C, IO> {
         loop {
             let drive = self.process_incoming(None, cx)?;
             ready!(self.poll_send(cx))?;
+            ready!(Pin::new(&mut self.io).poll_flush(cx))?;
             if !self.engine.conn.is_handshaking() {
                 return Poll::Ready(Ok(()));
             }
@@ -544,11 +552,18 @@ impl<C: Role, IO: AsyncRead + AsyncWrite + Unpin> TlsStream<C, IO> {
         Poll::Ready(Ok(()))
     }
 
-    /// The I/O error for a TLS error, after one try at sending the alert.
+    /// The I/O error for a TLS error, after one try at sending the alert;
+    /// from now on the stream only gives that error.
     fn fail(&mut self, e: rustls::Error, cx: &mut Context<'_>) -> io::Error {
         let _ = self.engine.queued();
         let _ = self.poll_send(cx);
+        self.engine.failed = Some(e.clone());
         invalid_data(e)
+    }
+
+    /// The error the stream failed with, again.
+    fn failure(&self) -> Option<io::Error> {
+        self.engine.failed.clone().map(invalid_data)
     }
 
     /// The socket and the rustls connection, as tokio-rustls gives them.
@@ -613,6 +628,9 @@ impl<C: Role, IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<C, IO>
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if let Some(e) = this.failure() {
+            return Poll::Ready(Err(e));
+        }
         if buf.remaining() == 0 {
             return Poll::Ready(Ok(()));
         }
@@ -622,11 +640,9 @@ impl<C: Role, IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<C, IO>
             if !this.engine.plaintext.is_empty() {
                 this.engine.plaintext.take_into(buf);
             }
-            // A KeyUpdate the peer asked for: answered as soon as it can
-            // be (a failure shows on the next write).
-            if !this.engine.outgoing.is_empty() {
-                let _ = this.poll_send(cx);
-            }
+            // What rustls queued while reading (a warning alert) goes out
+            // with the next write or flush: polling the socket's write side
+            // here would take the writer's waker.
             if buf.filled().len() > before
                 || drive == Drive::Closed
                 || this.engine.read == ReadEnd::CloseNotify
@@ -648,6 +664,9 @@ impl<C: Role, IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<C, IO
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
+        if let Some(e) = this.failure() {
+            return Poll::Ready(Err(e));
+        }
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
@@ -674,7 +693,7 @@ impl<C: Role, IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<C, IO
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if !this.close_sent {
+        if !this.close_sent && this.engine.failed.is_none() {
             ready!(this.poll_send(cx))?;
             let result = this.engine.close_notify(&mut this.incoming);
             result.map_err(|e| this.fail(e, cx))?;

@@ -389,7 +389,16 @@ async fn garbage_from_the_peer_is_an_invalid_data_error() {
             .unwrap()
             .downcast_ref::<rustls::Error>()
             .is_some());
-        drop(peer.await.unwrap());
+        // The error sticks, whatever the caller does next, and a shutdown
+        // still closes the socket (the peer reads to its end).
+        let again = ours.read(&mut buf).await.unwrap_err();
+        assert_eq!(again.to_string(), err.to_string());
+        let write = ours.write_all(b"more").await.unwrap_err();
+        assert_eq!(write.to_string(), err.to_string());
+        ours.shutdown().await.unwrap();
+        let mut raw = peer.await.unwrap();
+        let mut rest = Vec::new();
+        raw.read_to_end(&mut rest).await.unwrap();
     }
 }
 
