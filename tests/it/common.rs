@@ -228,6 +228,12 @@ impl Proxy {
     /// drain is short; a
     /// TOML with its own `[audit]` may name that file as `{audit_log}`.
     pub fn start_toml(toml: &str) -> Proxy {
+        Proxy::start_toml_on(toml, None)
+    }
+
+    /// The same, with sessions on `cores` single-threaded runtimes of
+    /// their own (`--runtime per-core`) when given.
+    pub fn start_toml_on(toml: &str, cores: Option<usize>) -> Proxy {
         let dir = tempfile::tempdir().unwrap();
         let audit_log = dir.path().join("audit.jsonl");
         let mut toml = toml.replace("{audit_log}", &audit_log.display().to_string());
@@ -257,7 +263,13 @@ impl Proxy {
                 .build()
                 .unwrap();
             rt.block_on(async move {
-                match Server::bind(config).await {
+                let bound = Server::bind(config).await.map(|server| match cores {
+                    Some(n) => server.with_cores(
+                        pgbastion::server::Cores::start(n).expect("start the session cores"),
+                    ),
+                    None => server,
+                });
+                match bound {
                     Ok(server) => {
                         let _ = addr_tx.send(Ok(server.local_addrs()));
                         server

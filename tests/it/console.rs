@@ -9,23 +9,47 @@ use pgbastion::dev::certs::Ca;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admins_list_and_kill_sessions_and_reload() {
+    admins_list_and_kill_sessions_and_reload_on(&[]).await;
+}
+
+/// Per-core (issue 24): the console runs in a session on a core, and what
+/// its RELOAD starts (here a new listener's accept loop) lives on the
+/// process runtime, so it serves as on the shared runtime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admins_list_and_kill_sessions_and_reload_per_core() {
+    admins_list_and_kill_sessions_and_reload_on(&[
+        "--runtime",
+        "per-core",
+        "--session-threads",
+        "2",
+    ])
+    .await;
+}
+
+async fn admins_list_and_kill_sessions_and_reload_on(runtime: &[&str]) {
     let env = Env::new();
     let dir = env.dir.path().to_owned();
     let people = Ca::new("people CA").unwrap();
     let people_ca = people.write_cert(&dir, "people-ca").unwrap();
     let alice = person(&people, &dir, "alice");
     let bob = person(&people, &dir, "bob");
-    let (tcp, mtls) = (
+    let (tcp, mtls, late) = (
+        pgbastion::dev::localpg::free_port().unwrap(),
         pgbastion::dev::localpg::free_port().unwrap(),
         pgbastion::dev::localpg::free_port().unwrap(),
     );
     let audit = dir.join("audit.jsonl");
     let cfg = dir.join("pgbastion.toml");
+    // The second version also adds a listener, which a RELOAD starts.
     let write_config = |admins: &str| {
+        let added = match admins.contains("bob") {
+            true => format!("[[listener]]\nname = \"late\"\nlisten = \"127.0.0.1:{late}\"\n"),
+            false => String::new(),
+        };
         std::fs::write(
             &cfg,
             format!(
-                "{tls}\n[[listener]]\nname = \"tcp\"\nlisten = \"127.0.0.1:{tcp}\"\n\
+                "{tls}\n{added}[[listener]]\nname = \"tcp\"\nlisten = \"127.0.0.1:{tcp}\"\n\
                  [[listener]]\nname = \"mtls\"\nlisten = \"127.0.0.1:{mtls}\"\nidentity = \"client_cert\"\n\
                  client_ca = \"{ca}\"\ncert_identity = [\"email\"]\n{upstream}\n\
                  [[rule]]\nname = \"admins\"\nlisteners = [\"mtls\"]\nnames = [{admins}]\nadmin = true\n\
@@ -39,7 +63,7 @@ async fn admins_list_and_kill_sessions_and_reload() {
         .unwrap()
     };
     write_config("\"alice@example.com\"");
-    let _proc = Running(config_form(&cfg, None).spawn().unwrap());
+    let _proc = Running(config_form(&cfg, None).args(runtime).spawn().unwrap());
     wait_listening(tcp);
     wait_listening(mtls);
     let console = |who: &(PathBuf, PathBuf), sql: &str| {
@@ -148,6 +172,18 @@ async fn admins_list_and_kill_sessions_and_reload() {
     assert!(stdout(&out).contains("reloaded"), "{}", stdout(&out));
     let out = tokio::task::block_in_place(|| console(&bob, "SHOW VERSION"));
     assert!(out.status.success(), "{}", stderr(&out));
+    // The listener the RELOAD added serves sessions.
+    wait_listening(late);
+    let through_late = conninfo.replace(&format!("port={tcp}"), &format!("port={late}"));
+    let (late_client, late_conn) =
+        tokio_postgres::connect(&through_late, tls_connector(&env.proxy_ca))
+            .await
+            .unwrap();
+    let late_conn = tokio::spawn(late_conn);
+    let rows = late_client.simple_query("select 1").await.unwrap();
+    assert!(!rows.is_empty());
+    drop(late_client);
+    late_conn.await.unwrap().unwrap();
 
     // Every command is audited with who ran it (bob's, the last, once
     // the audit writer has written it).

@@ -27,6 +27,11 @@ enum Auth {
 /// `[listener.http]` table) in front of the environment's PostgreSQL, the
 /// role `app` and the tables the scenarios write to.
 fn https_proxy(env: &Env, auth: Auth, http_keys: &str) -> Proxy {
+    https_proxy_on(env, auth, http_keys, None)
+}
+
+/// The same, with sessions on `cores` runtimes of their own when given.
+fn https_proxy_on(env: &Env, auth: Auth, http_keys: &str, cores: Option<usize>) -> Proxy {
     let pw_file = install_roles(env);
     env.pg
         .run_sql(
@@ -41,12 +46,15 @@ fn https_proxy(env: &Env, auth: Auth, http_keys: &str) -> Proxy {
         ),
         Auth::Passthrough => String::new(),
     };
-    Proxy::start_toml(&format!(
-        "{}\n[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nprotocol = \"https\"\n\
+    Proxy::start_toml_on(
+        &format!(
+            "{}\n[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nprotocol = \"https\"\n\
          [listener.http]\n{http_keys}\n{}{upstream_keys}",
-        env.tls_toml(),
-        env.upstream_toml(),
-    ))
+            env.tls_toml(),
+            env.upstream_toml(),
+        ),
+        cores,
+    )
 }
 
 /// Where the driver and the scenarios live.
@@ -167,6 +175,22 @@ fn websocket_pool_and_client_with_a_pipelined_password() {
     // The password came pipelined with the StartupMessage and was checked
     // against the verifier.
     assert_websocket_audit(&proxy, 2, "scram", "password");
+}
+
+/// Per-core (issue 24): WebSocket sessions and SQL-over-HTTP requests
+/// are carried into sessions on the cores as TCP clients are.
+#[test]
+fn the_https_listener_serves_both_carriers_on_a_per_core_runtime() {
+    let env = Env::new();
+    let proxy = https_proxy_on(&env, Auth::ScramPooled, "", Some(2));
+    assert_queries(&scenario(&proxy, &env, "ws-queries", "password"));
+    assert_websocket_audit(&proxy, 2, "scram", "password");
+    let r = scenario(&proxy, &env, "http-types", "password");
+    assert_eq!(r["row"]["int"], 7, "{r:#}");
+    assert!(
+        !starts(&proxy, "http").is_empty(),
+        "SQL-over-HTTP sessions audited"
+    );
 }
 
 #[test]
