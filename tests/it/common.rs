@@ -672,7 +672,10 @@ pub fn tls_server_config(issued: &pgbastion::dev::certs::Issued) -> rustls::Serv
         .unwrap()
 }
 
-/// `pgbastion run --config CFG`, its log (stderr) in `log`, or discarded.
+/// `pgbastion run`'s arguments for sessions on two single-threaded runtimes
+/// of their own (issue 24).
+pub const PER_CORE: [&str; 4] = ["--runtime", "per-core", "--session-threads", "2"];
+
 /// The pgbastion binary, with scram mode's mock-salt key kept in a
 /// directory of the test run's (STATE_DIRECTORY), not in the state
 /// directory of whoever runs the tests.
@@ -688,6 +691,7 @@ pub fn bin() -> Command {
     cmd
 }
 
+/// `pgbastion run --config CFG`, its log (stderr) in `log`, or discarded.
 pub fn config_form(cfg: &Path, log: Option<&Path>) -> Command {
     let mut cmd = bin();
     cmd.args(["run", "--config"]).arg(cfg).stderr(match log {

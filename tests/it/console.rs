@@ -17,13 +17,7 @@ async fn admins_list_and_kill_sessions_and_reload() {
 /// process runtime, so it serves as on the shared runtime.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admins_list_and_kill_sessions_and_reload_per_core() {
-    admins_list_and_kill_sessions_and_reload_on(&[
-        "--runtime",
-        "per-core",
-        "--session-threads",
-        "2",
-    ])
-    .await;
+    admins_list_and_kill_sessions_and_reload_on(&PER_CORE).await;
 }
 
 async fn admins_list_and_kill_sessions_and_reload_on(runtime: &[&str]) {
@@ -40,9 +34,9 @@ async fn admins_list_and_kill_sessions_and_reload_on(runtime: &[&str]) {
     );
     let audit = dir.join("audit.jsonl");
     let cfg = dir.join("pgbastion.toml");
-    // The second version also adds a listener, which a RELOAD starts.
-    let write_config = |admins: &str| {
-        let added = match admins.contains("bob") {
+    // `with_late` adds a listener, which a RELOAD starts.
+    let write_config = |admins: &str, with_late: bool| {
+        let added = match with_late {
             true => format!("[[listener]]\nname = \"late\"\nlisten = \"127.0.0.1:{late}\"\n"),
             false => String::new(),
         };
@@ -62,7 +56,7 @@ async fn admins_list_and_kill_sessions_and_reload_on(runtime: &[&str]) {
         )
         .unwrap()
     };
-    write_config("\"alice@example.com\"");
+    write_config("\"alice@example.com\"", false);
     let _proc = Running(config_form(&cfg, None).args(runtime).spawn().unwrap());
     wait_listening(tcp);
     wait_listening(mtls);
@@ -166,7 +160,7 @@ async fn admins_list_and_kill_sessions_and_reload_on(runtime: &[&str]) {
         "{}",
         stderr(&out)
     );
-    write_config("\"alice@example.com\", \"bob@example.com\"");
+    write_config("\"alice@example.com\", \"bob@example.com\"", true);
     let out = tokio::task::block_in_place(|| console(&alice, "RELOAD"));
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("reloaded"), "{}", stdout(&out));

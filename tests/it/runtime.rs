@@ -28,7 +28,7 @@ async fn per_core_sessions_relay_cancel_and_drain() {
     let audit = env.dir.path().join("audit.jsonl");
     let mut proc = Running(
         flag_form(&env, port, &[])
-            .args(["--runtime", "per-core", "--session-threads", "2"])
+            .args(PER_CORE)
             .arg("--audit-log")
             .arg(&audit)
             .stdout(Stdio::null())
